@@ -1,0 +1,682 @@
+"""Seeded star-field simulator: the data source for tests, benchmarks and the demo.
+
+It makes frames with a known truth: star positions and fluxes, the noiseless sky, the variance,
+the area touched by each defect, and each frame's exact WCS. Everything but the WCS projection of
+the truth catalog runs in torch on the requested device.
+
+Model of one frame (all in ADU)::
+
+    image = Poisson(gain * (sky + stars + defects)) / gain + Normal(0, read_noise / gain)
+
+then clipped at ``saturation`` (saturated pixels are flagged in ``mask``).
+
+* Stars: magnitudes follow a power law ``dN/dm ~ 10**(alpha * m)`` between ``mag_range``; flux
+  ``F = 10**(-0.4 * (m - zeropoint))``. PSFs are integrated over pixels: a Gaussian exactly (a
+  product of error-function differences, separable), a Moffat by 5x5 sub-pixel sampling. Each
+  PSF stamp is normalised to unit sum, so the truth ``flux`` is the total flux in the image.
+* Sky: a level plus a linear gradient (``sky_gradient`` = fractional change across the frame in x
+  and y) plus an optional smooth large-scale ripple (``sky_ripple``).
+* Defects (what the quality scorer must catch), each with an amplitude in [0, 1]:
+  ``"moonlight"`` (a strong exponential glow from one side), ``"clouds"`` (smooth patches that
+  dim stars and add scattered light), ``"shutter"`` (a shadow band where the exposure is short),
+  ``"defocus"`` (a broad, ring-like PSF over the whole frame), ``"trail"`` (a bright satellite
+  streak). ``SimFrame.defect_mask`` marks the pixels each defect changes markedly.
+* WCS: TAN with the GWAC plate scale (11.7"/px) by default, optionally with SIP distortion.
+  Epoch pairs share the sky; the second frame's WCS is shifted by ``shift`` pixels and rotated by
+  ``rotation`` degrees around the frame centre.
+
+Pixel coordinates are 0-based (x = column, y = row). The FITS headers use FITS' 1-based CRPIX.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from astropy.io import fits
+from astropy.wcs import WCS
+from torch import Tensor
+
+__all__ = [
+    "SimFrame",
+    "SimPair",
+    "GWAC_SHAPE",
+    "DEFECTS",
+    "make_header",
+    "render_stars",
+    "simulate_frame",
+    "simulate_pair",
+]
+
+#: GWAC detector size as (H, W) = (rows, columns).
+GWAC_SHAPE = (4136, 4096)
+#: Defect names understood by ``simulate_frame(defects=...)``.
+DEFECTS = ("moonlight", "clouds", "shutter", "defocus", "trail")
+
+DefectSpec = Union[None, Sequence[str], Mapping[str, float], Sequence[tuple]]
+
+
+@dataclass
+class SimFrame:
+    """One simulated frame and its truth.
+
+    Attributes:
+        image: noisy frame ``(1, 1, H, W)`` in ADU.
+        background: true sky (including defect light) ``(1, 1, H, W)``.
+        noiseless: ``background`` plus stars ``(1, 1, H, W)``, before clipping at saturation.
+        variance: per-pixel noise variance in ADU^2 ``(1, 1, H, W)``.
+        mask: bool ``(1, 1, H, W)``, True at saturated pixels.
+        defect_mask: bool ``(1, 1, H, W)``, True where a defect changes the frame markedly.
+        catalog: dict of 1-D tensors ``x, y`` (0-based pixels), ``flux`` (ADU), ``mag``,
+            ``ra, dec`` (degrees), ``peak`` (ADU above sky), ``kind`` (0 star, 1 transient,
+            2 moving object).
+        header: FITS header with the frame's WCS, GAIN, SATURATE, RDNOISE, FWHM, EXPTIME.
+        fwhm: PSF FWHM in pixels.
+        gain: electrons per ADU.
+    """
+
+    image: Tensor
+    background: Tensor
+    noiseless: Tensor
+    variance: Tensor
+    mask: Tensor
+    defect_mask: Tensor
+    catalog: dict
+    header: fits.Header
+    fwhm: float
+    gain: float
+    defects: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.image.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def wcs(self):
+        """The frame's exact WCS as a ``TanWCS`` (built from ``header`` on first use)."""
+        cached = getattr(self, "_wcs", None)
+        if cached is None:
+            from .wcs import TanWCS
+
+            cached = TanWCS.from_header(self.header).to(device=self.image.device)
+            object.__setattr__(self, "_wcs", cached)
+        return cached
+
+
+@dataclass
+class SimPair:
+    """An epoch pair of the same field: ``reference`` and ``science`` frames.
+
+    ``transients`` holds the truth of sources present only in the science frame (``x, y`` in science
+    pixels, ``x_ref, y_ref`` in reference pixels, ``flux``, ``mag``); ``moving`` holds objects that
+    move between epochs (``x_ref, y_ref`` in the reference frame, ``x, y`` in the science frame).
+    """
+
+    reference: SimFrame
+    science: SimFrame
+    transients: dict
+    moving: dict
+
+
+# --------------------------------------------------------------------------------------------
+# WCS
+# --------------------------------------------------------------------------------------------
+def make_header(
+    shape: tuple[int, int],
+    *,
+    ra: float = 150.0,
+    dec: float = 30.0,
+    pixel_scale: float = 11.7,
+    rotation: float = 0.0,
+    crpix_offset: tuple[float, float] = (0.0, 0.0),
+    sip: Union[bool, float] = False,
+) -> fits.Header:
+    """A FITS header with a TAN (or TAN-SIP) WCS for a frame of ``shape = (H, W)``.
+
+    ``pixel_scale`` in arcsec/px; ``rotation`` in degrees (position angle of the y axis, counter-
+    clockwise); ``crpix_offset = (dx, dy)`` shifts the reference pixel, so a star at pixel ``(x, y)``
+    of an unshifted frame lies at ``(x + dx, y + dy)``. ``sip`` adds a quadratic+cubic SIP
+    distortion whose size at the frame corner is about ``sip`` pixels (``True`` means 2 px), with
+    its AP/BP inverse fitted by astropy.
+    """
+    h, w = shape
+    hdr = fits.Header()
+    hdr["NAXIS"] = 2
+    hdr["NAXIS1"] = w
+    hdr["NAXIS2"] = h
+    hdr["CTYPE1"] = "RA---TAN"
+    hdr["CTYPE2"] = "DEC--TAN"
+    hdr["CUNIT1"] = "deg"
+    hdr["CUNIT2"] = "deg"
+    # FITS is 1-based: the centre of a W-pixel axis is at (W + 1) / 2.
+    hdr["CRPIX1"] = (w + 1) / 2.0 + crpix_offset[0]
+    hdr["CRPIX2"] = (h + 1) / 2.0 + crpix_offset[1]
+    hdr["CRVAL1"] = ra
+    hdr["CRVAL2"] = dec
+    s = pixel_scale / 3600.0
+    t = math.radians(rotation)
+    # East to the left (RA decreases with x), north up, then rotated.
+    hdr["CD1_1"] = -s * math.cos(t)
+    hdr["CD1_2"] = s * math.sin(t)
+    hdr["CD2_1"] = s * math.sin(t)
+    hdr["CD2_2"] = s * math.cos(t)
+    hdr["RADESYS"] = "ICRS"
+    hdr["EQUINOX"] = 2000.0
+    if sip:
+        size = 2.0 if sip is True else float(sip)
+        r = 0.5 * math.hypot(h, w)
+        hdr["CTYPE1"] = "RA---TAN-SIP"
+        hdr["CTYPE2"] = "DEC--TAN-SIP"
+        hdr["A_ORDER"] = 3
+        hdr["B_ORDER"] = 3
+        # Quadratic terms give ~size/2 px at the corner, cubic (radial) terms another ~size/2.
+        q = 0.5 * size / r**2
+        c = 0.5 * size / r**3
+        hdr["A_2_0"] = q * 0.6
+        hdr["A_1_1"] = -q * 0.3
+        hdr["A_0_2"] = q * 0.2
+        hdr["B_2_0"] = q * 0.25
+        hdr["B_1_1"] = q * 0.4
+        hdr["B_0_2"] = -q * 0.5
+        hdr["A_3_0"] = c
+        hdr["A_1_2"] = c
+        hdr["B_2_1"] = c
+        hdr["B_0_3"] = c
+        _add_sip_inverse(hdr, shape)
+    return hdr
+
+
+def _add_sip_inverse(hdr: fits.Header, shape: tuple[int, int], order: int = 4) -> None:
+    """Fit the AP/BP inverse polynomials of a SIP header by least squares on a pixel grid."""
+    h, w = shape
+    wcs = WCS(hdr)
+    ys, xs = np.mgrid[0 : h : max(h // 40, 1), 0 : w : max(w // 40, 1)]
+    x = xs.ravel().astype(float)
+    y = ys.ravel().astype(float)
+    crpix = wcs.wcs.crpix - 1.0
+    u, v = x - crpix[0], y - crpix[1]
+    fu, fv = wcs.sip.pix2foc(np.stack([x, y], 1), 0).T - crpix[:, None]
+    # AP/BP map focal-plane offsets (U, V) back to pixel offsets: u = U + AP(U, V).
+    terms = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+    design = np.stack([fu**i * fv**j for i, j in terms], 1)
+    ap = np.linalg.lstsq(design, u - fu, rcond=None)[0]
+    bp = np.linalg.lstsq(design, v - fv, rcond=None)[0]
+    hdr["AP_ORDER"] = order
+    hdr["BP_ORDER"] = order
+    for (i, j), a, b in zip(terms, ap, bp):
+        hdr[f"AP_{i}_{j}"] = float(a)
+        hdr[f"BP_{i}_{j}"] = float(b)
+
+
+# --------------------------------------------------------------------------------------------
+# PSF rendering
+# --------------------------------------------------------------------------------------------
+def _gaussian_profiles(center: Tensor, sigma: float, radius: int) -> tuple[Tensor, Tensor]:
+    """Pixel-integrated 1-D Gaussian profiles around ``center`` (N,) -> (start (N,), prof (N, 2r+1))."""
+    start = torch.round(center).long() - radius
+    offs = torch.arange(2 * radius + 1, device=center.device, dtype=center.dtype)
+    pix = start.to(center.dtype)[:, None] + offs[None, :]
+    scale = 1.0 / (math.sqrt(2.0) * sigma)
+    lo = (pix - 0.5 - center[:, None]) * scale
+    hi = (pix + 0.5 - center[:, None]) * scale
+    prof = 0.5 * (torch.erf(hi) - torch.erf(lo))
+    return start, prof
+
+
+def _moffat_stamps(x: Tensor, y: Tensor, fwhm: float, beta: float, radius: int, sub: int = 5):
+    """Moffat stamps (N, s, s) integrated by ``sub`` x ``sub`` sampling, normalised to unit sum."""
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    s = 2 * radius + 1
+    x0 = torch.round(x).long() - radius
+    y0 = torch.round(y).long() - radius
+    o = (torch.arange(sub, device=x.device, dtype=x.dtype) + 0.5) / sub - 0.5
+    grid = torch.arange(s, device=x.device, dtype=x.dtype)
+    fine = (grid[:, None] + o[None, :]).reshape(-1)  # (s*sub,)
+    dx = x0.to(x.dtype)[:, None] + fine[None, :] - x[:, None]  # (N, s*sub)
+    dy = y0.to(x.dtype)[:, None] + fine[None, :] - y[:, None]
+    r2 = dy[:, :, None] ** 2 + dx[:, None, :] ** 2
+    prof = (1.0 + r2 / alpha**2) ** (-beta)
+    prof = prof.reshape(-1, s, sub, s, sub).sum(dim=(2, 4))
+    prof = prof / prof.sum(dim=(1, 2), keepdim=True)
+    return x0, y0, prof
+
+
+def render_stars(
+    shape: tuple[int, int],
+    x: Tensor,
+    y: Tensor,
+    flux: Tensor,
+    *,
+    fwhm: float = 2.5,
+    psf: str = "gaussian",
+    beta: float = 2.5,
+    out: Optional[Tensor] = None,
+    chunk: int = 8192,
+) -> Tensor:
+    """Add pixel-integrated PSFs of total ``flux`` at 0-based ``(x, y)`` to an ``(H, W)`` image.
+
+    ``psf`` is ``"gaussian"`` (exact pixel integral) or ``"moffat"`` (``beta``; 5x5 sub-pixel
+    sampling) or ``"donut"`` (a defocused annulus: a Gaussian ring of radius ``fwhm``). Stamps are
+    truncated at the frame edge; their flux outside the frame is lost, as on a detector.
+    """
+    h, w = shape
+    if out is None:
+        out = torch.zeros(h * w, device=x.device, dtype=flux.dtype)
+    else:
+        out = out.reshape(-1)
+    if x.numel() == 0:
+        return out.reshape(h, w)
+    sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    for i in range(0, x.numel(), chunk):
+        xs, ys, fs = x[i : i + chunk], y[i : i + chunk], flux[i : i + chunk]
+        if psf == "gaussian":
+            radius = int(math.ceil(5.0 * sigma))
+            x0, px = _gaussian_profiles(xs, sigma, radius)
+            y0, py = _gaussian_profiles(ys, sigma, radius)
+            stamps = py[:, :, None] * px[:, None, :]
+            stamps = stamps / stamps.sum(dim=(1, 2), keepdim=True)
+        elif psf == "moffat":
+            radius = int(math.ceil(3.0 * fwhm + 4))
+            x0, y0, stamps = _moffat_stamps(xs, ys, fwhm, beta, radius)
+        elif psf == "donut":
+            radius = int(math.ceil(2.0 * fwhm + 4))
+            x0, y0, stamps = _donut_stamps(xs, ys, fwhm, radius)
+        else:
+            raise ValueError(f"psf must be 'gaussian', 'moffat' or 'donut', got {psf!r}")
+        s = stamps.shape[-1]
+        offs = torch.arange(s, device=x.device)
+        cols = x0[:, None] + offs[None, :]  # (N, s)
+        rows = y0[:, None] + offs[None, :]
+        valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        idx = rows[:, :, None] * w + cols[:, None, :]
+        vals = stamps * fs[:, None, None].to(stamps.dtype)
+        out.index_put_((idx[valid],), vals[valid].to(out.dtype), accumulate=True)
+    return out.reshape(h, w)
+
+
+def _donut_stamps(x: Tensor, y: Tensor, radius_px: float, radius: int, sub: int = 3):
+    s = 2 * radius + 1
+    x0 = torch.round(x).long() - radius
+    y0 = torch.round(y).long() - radius
+    o = (torch.arange(sub, device=x.device, dtype=x.dtype) + 0.5) / sub - 0.5
+    grid = torch.arange(s, device=x.device, dtype=x.dtype)
+    fine = (grid[:, None] + o[None, :]).reshape(-1)
+    dx = x0.to(x.dtype)[:, None] + fine[None, :] - x[:, None]
+    dy = y0.to(x.dtype)[:, None] + fine[None, :] - y[:, None]
+    r = torch.sqrt(dy[:, :, None] ** 2 + dx[:, None, :] ** 2)
+    prof = torch.exp(-0.5 * ((r - radius_px) / (0.35 * radius_px)) ** 2)
+    prof = prof.reshape(-1, s, sub, s, sub).sum(dim=(2, 4))
+    return x0, y0, prof / prof.sum(dim=(1, 2), keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sky and defects
+# --------------------------------------------------------------------------------------------
+def _coords(shape, device, dtype):
+    h, w = shape
+    yy = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)[:, None]
+    xx = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)[None, :]
+    return yy, xx
+
+
+def _sky(shape, sky, gradient, ripple, gen, device, dtype) -> Tensor:
+    yy, xx = _coords(shape, device, dtype)
+    gx, gy = gradient
+    bg = sky * (1.0 + 0.5 * gx * xx + 0.5 * gy * yy)
+    if ripple:
+        ph = torch.rand(2, generator=gen).tolist()
+        bg = bg + sky * ripple * torch.sin(2 * math.pi * (0.6 * xx + ph[0])) * torch.cos(2 * math.pi * (0.4 * yy + ph[1]))
+    return bg.expand(shape).clone()
+
+
+def _smooth_field(shape, n_blobs, scale, gen, device, dtype) -> Tensor:
+    """Sum of random Gaussian blobs of size ``scale`` (fraction of the frame), values in ~[0, 1]."""
+    yy, xx = _coords(shape, device, dtype)
+    field_ = torch.zeros(shape, device=device, dtype=dtype)
+    params = torch.rand(n_blobs, 4, generator=gen, dtype=torch.float64)
+    for cx, cy, s, a in params.tolist():
+        cx, cy = 2 * cx - 1, 2 * cy - 1
+        sig = scale * (0.5 + s)
+        field_ += (0.5 + 0.5 * a) * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sig**2))
+    return field_.clamp(max=1.0)
+
+
+def _parse_defects(defects: DefectSpec) -> dict[str, float]:
+    if defects is None:
+        return {}
+    if isinstance(defects, Mapping):
+        items = dict(defects)
+    else:
+        items = {}
+        for d in defects:
+            if isinstance(d, str):
+                items[d] = 0.5
+            else:
+                name, amp = d
+                items[name] = float(amp)
+    for name, amp in items.items():
+        if name not in DEFECTS:
+            raise ValueError(f"defects: unknown defect {name!r}; choose from {DEFECTS}")
+        if not 0.0 <= float(amp) <= 1.0:
+            raise ValueError(f"defects: amplitude of {name!r} must lie in [0, 1], got {amp}")
+    return {k: float(v) for k, v in items.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------------------------
+def _draw_catalog(n_stars, shape, mag_range, alpha, zeropoint, gen, margin=-8.0):
+    h, w = shape
+    u = torch.rand(n_stars, generator=gen, dtype=torch.float64)
+    m0, m1 = mag_range
+    # Inverse CDF of dN/dm ~ 10**(alpha m) on [m0, m1].
+    a0, a1 = 10 ** (alpha * m0), 10 ** (alpha * m1)
+    mag = torch.log10(a0 + u * (a1 - a0)) / alpha
+    x = torch.rand(n_stars, generator=gen, dtype=torch.float64) * (w - 1 - 2 * margin) + margin
+    y = torch.rand(n_stars, generator=gen, dtype=torch.float64) * (h - 1 - 2 * margin) + margin
+    flux = 10 ** (-0.4 * (mag - zeropoint))
+    return x, y, mag, flux
+
+
+def _make_frame(
+    shape,
+    header: fits.Header,
+    x: Tensor,
+    y: Tensor,
+    flux: Tensor,
+    mag: Tensor,
+    kind: Tensor,
+    ra: Tensor,
+    dec: Tensor,
+    *,
+    fwhm: float,
+    psf: str,
+    beta: float,
+    sky: float,
+    sky_gradient,
+    sky_ripple: float,
+    gain: float,
+    read_noise: float,
+    saturation: Optional[float],
+    defects: dict,
+    gen: torch.Generator,
+    device,
+    dtype,
+) -> SimFrame:
+    h, w = shape
+    work = torch.float32 if dtype == torch.float32 else torch.float64
+    bg = _sky(shape, sky, sky_gradient, sky_ripple, gen, "cpu", work).to(device)
+    defect_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    star_gain = torch.ones(shape, dtype=work, device=device)  # multiplicative throughput
+    yy, xx = _coords(shape, device, work)
+    fl = flux.to(device=device, dtype=work)
+    xs, ys = x.to(device=device, dtype=work), y.to(device=device, dtype=work)
+
+    psf_kind, psf_fwhm = psf, fwhm
+    if "defocus" in defects:
+        amp = defects["defocus"]
+        psf_kind, psf_fwhm = "donut", fwhm * (1.5 + 4.0 * amp)
+        defect_mask[:] = True
+
+    if "moonlight" in defects:
+        amp = defects["moonlight"]
+        side = torch.randint(0, 4, (1,), generator=gen).item()
+        t = [xx, -xx, yy, -yy][side].expand(shape)
+        glow = sky * (0.5 + 4.5 * amp) * torch.exp(2.5 * (t - 1.0))
+        bg = bg + glow
+        defect_mask |= glow > 0.25 * sky
+    if "clouds" in defects:
+        amp = defects["clouds"]
+        cloud = _smooth_field(shape, 4, 0.18, gen, device, work)
+        ext = 1.0 - (0.3 + 0.65 * amp) * cloud
+        star_gain = star_gain * ext
+        bg = bg + sky * (0.3 + 1.5 * amp) * cloud
+        defect_mask |= cloud > 0.3
+    if "shutter" in defects:
+        amp = defects["shutter"]
+        side = torch.randint(0, 4, (1,), generator=gen).item()
+        t = [xx, -xx, yy, -yy][side].expand(shape)
+        edge = 1.0 - 2.0 * (0.25 + 0.3 * amp)  # shadow covers 25-55% of the frame
+        shade = torch.sigmoid((t - edge) * 40.0)
+        throughput = 1.0 - (0.5 + 0.45 * amp) * shade
+        star_gain = star_gain * throughput
+        bg = bg * throughput
+        defect_mask |= shade > 0.5
+
+    img = render_stars(shape, xs, ys, fl, fwhm=psf_fwhm, psf=psf_kind, beta=beta)
+    stars = img * star_gain
+    if "trail" in defects:
+        amp = defects["trail"]
+        p = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+        ang = math.pi * p[0]
+        cx, cy = (p[1] * 0.6 + 0.2) * (w - 1), (p[2] * 0.6 + 0.2) * (h - 1)
+        X = torch.arange(w, device=device, dtype=work)[None, :]
+        Y = torch.arange(h, device=device, dtype=work)[:, None]
+        d = (X - cx) * math.sin(ang) - (Y - cy) * math.cos(ang)
+        width = 1.0 + 2.0 * amp
+        trail = sky * (0.3 + 3.0 * amp) * torch.exp(-0.5 * (d / width) ** 2)
+        stars = stars + trail
+        defect_mask |= d.abs() < 3 * width + 2
+
+    noiseless = bg + stars
+    # Noise: Poisson in electrons plus Gaussian read noise (electrons), back to ADU.
+    electrons = torch.poisson((noiseless * gain).clamp(min=0).to(torch.float32), generator=_device_gen(gen, device))
+    noise = torch.randn(shape, generator=_device_gen(gen, device), device=device, dtype=torch.float32) * read_noise
+    image = (electrons.to(work) + noise.to(work)) / gain
+    variance = noiseless.clamp(min=0) / gain + (read_noise / gain) ** 2
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    if saturation is not None:
+        mask = image >= saturation
+        image = image.clamp(max=saturation)
+
+    sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    peak = fl * star_gain[ys.round().long().clamp(0, h - 1), xs.round().long().clamp(0, w - 1)] / (2 * math.pi * sigma**2)
+    catalog = {
+        "x": xs.to(dtype), "y": ys.to(dtype), "flux": fl.to(dtype), "mag": mag.to(device=device, dtype=dtype),
+        "ra": ra.to(device=device, dtype=torch.float64), "dec": dec.to(device=device, dtype=torch.float64),
+        "peak": peak.to(dtype), "kind": kind.to(device),
+    }
+    header = header.copy()
+    header["GAIN"] = (gain, "e-/ADU")
+    header["RDNOISE"] = (read_noise, "read noise, e-")
+    header["SATURATE"] = (float(saturation) if saturation is not None else 0.0, "ADU")
+    header["FWHM"] = (fwhm, "PSF FWHM, pixels")
+    header["SKYLEVEL"] = (sky, "mean sky, ADU")
+    header["EXPTIME"] = 18.0
+
+    def b(t):
+        return t.reshape(1, 1, h, w).to(dtype)
+
+    return SimFrame(
+        image=b(image), background=b(bg), noiseless=b(noiseless), variance=b(variance),
+        mask=mask.reshape(1, 1, h, w), defect_mask=defect_mask.reshape(1, 1, h, w),
+        catalog=catalog, header=header, fwhm=fwhm, gain=gain, defects=dict(defects),
+    )
+
+
+def _device_gen(gen: torch.Generator, device) -> torch.Generator:
+    device = torch.device(device)
+    if device.type == "cpu":
+        return gen
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen).item()))
+    return g
+
+
+def _check_shape(shape) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair (H, W) of ints, got {shape!r}") from None
+    if h < 8 or w < 8:
+        raise ValueError(f"shape must be at least (8, 8), got {shape!r}")
+    return h, w
+
+
+def _sky_positions(header: fits.Header, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    ra, dec = WCS(header).all_pix2world(x.numpy(), y.numpy(), 0)
+    return torch.from_numpy(np.asarray(ra, dtype=np.float64)), torch.from_numpy(np.asarray(dec, dtype=np.float64))
+
+
+def _pixel_positions(header: fits.Header, ra: Tensor, dec: Tensor) -> tuple[Tensor, Tensor]:
+    x, y = WCS(header).all_world2pix(ra.numpy(), dec.numpy(), 0, tolerance=1e-10, maxiter=50)
+    return torch.from_numpy(np.asarray(x, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.float64))
+
+
+def simulate_frame(
+    shape: tuple[int, int] = GWAC_SHAPE,
+    *,
+    n_stars: int = 20000,
+    fwhm: float = 2.5,
+    psf: str = "gaussian",
+    beta: float = 2.5,
+    mag_range: tuple[float, float] = (8.0, 17.5),
+    alpha: float = 0.35,
+    zeropoint: float = 25.0,
+    sky: float = 1000.0,
+    sky_gradient: tuple[float, float] = (0.1, -0.05),
+    sky_ripple: float = 0.0,
+    gain: float = 1.5,
+    read_noise: float = 10.0,
+    saturation: Optional[float] = 60000.0,
+    defects: DefectSpec = None,
+    ra: float = 150.0,
+    dec: float = 30.0,
+    pixel_scale: float = 11.7,
+    rotation: float = 0.0,
+    sip: Union[bool, float] = False,
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> SimFrame:
+    """Simulate one GWAC-like frame with ``n_stars`` stars (see the module docstring for the model).
+
+    Args:
+        shape: ``(H, W)`` in pixels (GWAC: 4136 x 4096).
+        n_stars: number of stars drawn from the magnitude power law.
+        fwhm: PSF FWHM in pixels.
+        psf: ``"gaussian"`` or ``"moffat"`` (with ``beta``).
+        mag_range, alpha, zeropoint: magnitude range, power-law slope and zero point (flux 1 ADU).
+        sky: mean sky level in ADU; ``sky_gradient``: fractional change across the frame (x, y);
+            ``sky_ripple``: amplitude of a smooth large-scale variation, as a fraction of ``sky``.
+        gain: electrons per ADU; ``read_noise`` in electrons; ``saturation`` in ADU (None: none).
+        defects: names, ``{name: amplitude}`` or ``[(name, amplitude)]`` with amplitudes in [0, 1].
+        ra, dec, pixel_scale, rotation, sip: the WCS (see :func:`make_header`).
+        seed: seeds every random draw (same seed, same frame).
+        device, dtype: where and in which float type the frame is made.
+    """
+    shape = _check_shape(shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    header = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, rotation=rotation, sip=sip)
+    x, y, mag, flux = _draw_catalog(int(n_stars), shape, mag_range, alpha, zeropoint, gen)
+    ra_t, dec_t = _sky_positions(header, x, y)
+    kind = torch.zeros(x.numel(), dtype=torch.int8)
+    return _make_frame(
+        shape, header, x, y, flux, mag, kind, ra_t, dec_t, fwhm=fwhm, psf=psf, beta=beta, sky=sky,
+        sky_gradient=sky_gradient, sky_ripple=sky_ripple, gain=gain, read_noise=read_noise,
+        saturation=saturation, defects=_parse_defects(defects), gen=gen,
+        device=torch.device(device) if device is not None else torch.device("cpu"), dtype=dtype,
+    )
+
+
+def simulate_pair(
+    shape: tuple[int, int] = GWAC_SHAPE,
+    *,
+    n_stars: int = 20000,
+    fwhm: tuple[float, float] = (2.5, 3.0),
+    psf: str = "gaussian",
+    beta: float = 2.5,
+    mag_range: tuple[float, float] = (8.0, 17.5),
+    alpha: float = 0.35,
+    zeropoint: float = 25.0,
+    sky: tuple[float, float] = (1000.0, 1200.0),
+    sky_gradient: tuple[tuple[float, float], tuple[float, float]] = ((0.1, -0.05), (-0.05, 0.1)),
+    gain: float = 1.5,
+    read_noise: float = 10.0,
+    saturation: Optional[float] = 60000.0,
+    shift: tuple[float, float] = (3.3, -2.7),
+    rotation: float = 0.0,
+    n_transients: int = 20,
+    transient_mag_range: tuple[float, float] = (11.0, 14.5),
+    n_moving: int = 5,
+    moving_speed: tuple[float, float] = (5.0, 30.0),
+    defects: tuple[DefectSpec, DefectSpec] = (None, None),
+    sip: Union[bool, float] = False,
+    ra: float = 150.0,
+    dec: float = 30.0,
+    pixel_scale: float = 11.7,
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> SimPair:
+    """Simulate a reference and a science epoch of the same field.
+
+    The science frame's WCS has its reference pixel moved by ``shift = (dx, dy)`` pixels and is
+    rotated by ``rotation`` degrees, so a star at reference pixel ``p`` lies near ``R p + shift`` in
+    the science frame. ``fwhm``, ``sky`` and ``sky_gradient`` are per epoch ``(reference, science)``.
+    ``n_transients`` point sources appear only in the science frame, at random positions inside the
+    frame (away from the edges) with magnitudes in ``transient_mag_range``; ``n_moving`` objects move
+    by ``moving_speed`` pixels between the epochs (present in both).
+    """
+    shape = _check_shape(shape)
+    h, w = shape
+    gen = torch.Generator().manual_seed(int(seed))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    hdr_ref = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, sip=sip)
+    hdr_sci = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, rotation=rotation,
+                          crpix_offset=tuple(shift), sip=sip)
+    # Stars cover a slightly larger area so that both frames are filled after the offset.
+    margin = -(abs(shift[0]) + abs(shift[1]) + 8.0 + 0.5 * abs(math.radians(rotation)) * max(h, w))
+    x, y, mag, flux = _draw_catalog(int(n_stars), shape, mag_range, alpha, zeropoint, gen, margin=margin)
+    ra_s, dec_s = _sky_positions(hdr_ref, x, y)
+    kind = torch.zeros(x.numel(), dtype=torch.int8)
+
+    # Transients: only in the science frame.
+    nt = int(n_transients)
+    edge = 24.0
+    tx = torch.rand(nt, generator=gen, dtype=torch.float64) * (w - 1 - 2 * edge) + edge
+    ty = torch.rand(nt, generator=gen, dtype=torch.float64) * (h - 1 - 2 * edge) + edge
+    tm = transient_mag_range[0] + torch.rand(nt, generator=gen, dtype=torch.float64) * (transient_mag_range[1] - transient_mag_range[0])
+    tf = 10 ** (-0.4 * (tm - zeropoint))
+    t_ra, t_dec = _sky_positions(hdr_sci, tx, ty)
+    tx_ref, ty_ref = _pixel_positions(hdr_ref, t_ra, t_dec)
+
+    # Moving objects: reference position, then a displacement in pixels.
+    nm = int(n_moving)
+    mx = torch.rand(nm, generator=gen, dtype=torch.float64) * (w - 1 - 2 * 60) + 60
+    my = torch.rand(nm, generator=gen, dtype=torch.float64) * (h - 1 - 2 * 60) + 60
+    speed = moving_speed[0] + torch.rand(nm, generator=gen, dtype=torch.float64) * (moving_speed[1] - moving_speed[0])
+    ang = torch.rand(nm, generator=gen, dtype=torch.float64) * 2 * math.pi
+    mmag = transient_mag_range[0] + torch.rand(nm, generator=gen, dtype=torch.float64) * (transient_mag_range[1] - transient_mag_range[0])
+    mflux = 10 ** (-0.4 * (mmag - zeropoint))
+    m_ra0, m_dec0 = _sky_positions(hdr_ref, mx, my)
+    mx1_ref, my1_ref = mx + speed * torch.cos(ang), my + speed * torch.sin(ang)
+    m_ra1, m_dec1 = _sky_positions(hdr_ref, mx1_ref, my1_ref)
+    mx_sci, my_sci = _pixel_positions(hdr_sci, m_ra1, m_dec1)
+
+    xs_sci, ys_sci = _pixel_positions(hdr_sci, ra_s, dec_s)
+    common = dict(psf=psf, beta=beta, gain=gain, read_noise=read_noise, saturation=saturation, gen=gen, device=dev, dtype=dtype, sky_ripple=0.0)
+    ref = _make_frame(
+        shape, hdr_ref,
+        torch.cat([x, mx]), torch.cat([y, my]), torch.cat([flux, mflux]), torch.cat([mag, mmag]),
+        torch.cat([kind, torch.full((nm,), 2, dtype=torch.int8)]),
+        torch.cat([ra_s, m_ra0]), torch.cat([dec_s, m_dec0]),
+        fwhm=fwhm[0], sky=sky[0], sky_gradient=sky_gradient[0], defects=_parse_defects(defects[0]), **common,
+    )
+    sci = _make_frame(
+        shape, hdr_sci,
+        torch.cat([xs_sci, tx, mx_sci]), torch.cat([ys_sci, ty, my_sci]),
+        torch.cat([flux, tf, mflux]), torch.cat([mag, tm, mmag]),
+        torch.cat([kind, torch.ones(nt, dtype=torch.int8), torch.full((nm,), 2, dtype=torch.int8)]),
+        torch.cat([ra_s, t_ra, m_ra1]), torch.cat([dec_s, t_dec, m_dec1]),
+        fwhm=fwhm[1], sky=sky[1], sky_gradient=sky_gradient[1], defects=_parse_defects(defects[1]), **common,
+    )
+    f = dict(device=dev, dtype=torch.float64)
+    transients = {"x": tx.to(**f), "y": ty.to(**f), "x_ref": tx_ref.to(**f), "y_ref": ty_ref.to(**f),
+                  "flux": tf.to(**f), "mag": tm.to(**f), "ra": t_ra.to(**f), "dec": t_dec.to(**f)}
+    moving = {"x_ref": mx.to(**f), "y_ref": my.to(**f), "x": mx_sci.to(**f), "y": my_sci.to(**f),
+              "flux": mflux.to(**f), "mag": mmag.to(**f)}
+    return SimPair(reference=ref, science=sci, transients=transients, moving=moving)

@@ -1,0 +1,103 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from astropy.wcs import WCS
+
+from astroprep_torch import sim
+
+
+def test_frame_shapes_and_truth():
+    f = sim.simulate_frame((128, 160), n_stars=50, seed=3)
+    assert f.image.shape == (1, 1, 128, 160)
+    assert f.image.dtype == torch.float32
+    for name in ("background", "noiseless", "variance"):
+        assert getattr(f, name).shape == f.image.shape
+    assert f.mask.dtype == torch.bool and f.defect_mask.dtype == torch.bool
+    assert f.catalog["x"].shape == (50,)
+    # Noise matches the variance model: (image - noiseless) / sqrt(var) ~ N(0, 1).
+    z = (f.image - f.noiseless) / f.variance.sqrt()
+    z = z[~f.mask]
+    assert abs(z.mean().item()) < 0.05
+    assert abs(z.std().item() - 1.0) < 0.05
+
+
+def test_seeded_and_dtype():
+    a = sim.simulate_frame((64, 64), n_stars=20, seed=7)
+    b = sim.simulate_frame((64, 64), n_stars=20, seed=7)
+    c = sim.simulate_frame((64, 64), n_stars=20, seed=8)
+    assert torch.equal(a.image, b.image)
+    assert not torch.equal(a.image, c.image)
+    d = sim.simulate_frame((64, 64), n_stars=20, seed=7, dtype=torch.float64)
+    assert d.image.dtype == torch.float64
+
+
+@pytest.mark.parametrize("psf", ["gaussian", "moffat"])
+def test_render_flux_and_centroid(psf):
+    x = torch.tensor([20.3, 40.75], dtype=torch.float64)
+    y = torch.tensor([30.6, 12.2], dtype=torch.float64)
+    flux = torch.tensor([1000.0, 500.0], dtype=torch.float64)
+    img = sim.render_stars((64, 64), x[:1], y[:1], flux[:1], fwhm=2.5, psf=psf)
+    assert img.sum().item() == pytest.approx(1000.0, rel=1e-9)
+    yy, xx = torch.meshgrid(torch.arange(64.0, dtype=torch.float64), torch.arange(64.0, dtype=torch.float64), indexing="ij")
+    cx = (img * xx).sum() / img.sum()
+    cy = (img * yy).sum() / img.sum()
+    # Moffat wings are truncated at the stamp edge (0.5% of the flux for beta=2.5), which moves the
+    # centroid by a few thousandths of a pixel; the Gaussian is exact.
+    tol = 2e-4 if psf == "gaussian" else 5e-3
+    assert cx.item() == pytest.approx(20.3, abs=tol)
+    assert cy.item() == pytest.approx(30.6, abs=tol)
+
+
+def test_gaussian_fwhm():
+    img = sim.render_stars((41, 41), torch.tensor([20.0], dtype=torch.float64), torch.tensor([20.0], dtype=torch.float64),
+                           torch.tensor([1.0], dtype=torch.float64), fwhm=3.0)
+    yy, xx = torch.meshgrid(torch.arange(41.0, dtype=torch.float64), torch.arange(41.0, dtype=torch.float64), indexing="ij")
+    var = (img * (xx - 20) ** 2).sum()
+    # Pixel integration adds 1/12 px^2 to the variance of the continuous Gaussian.
+    sigma = math.sqrt(var.item() - 1.0 / 12.0)
+    assert 2.3548 * sigma == pytest.approx(3.0, rel=1e-3)
+
+
+def test_pair_geometry_matches_wcs():
+    p = sim.simulate_pair((256, 256), n_stars=100, shift=(4.5, -2.25), rotation=1.0, n_transients=5, n_moving=2, sip=True, seed=1)
+    ref, sci = p.reference, p.science
+    wr, ws = WCS(ref.header), WCS(sci.header)
+    stars = ref.catalog["kind"] == 0
+    ra, dec = wr.all_pix2world(ref.catalog["x"][stars].double().numpy(), ref.catalog["y"][stars].double().numpy(), 0)
+    xs, ys = ws.all_world2pix(ra, dec, 0, tolerance=1e-10)
+    sstars = sci.catalog["kind"] == 0
+    np.testing.assert_allclose(xs, sci.catalog["x"][sstars].double().numpy(), atol=1e-3)
+    np.testing.assert_allclose(ys, sci.catalog["y"][sstars].double().numpy(), atol=1e-3)
+    # Transients appear only in the science catalog.
+    assert int((sci.catalog["kind"] == 1).sum()) == 5 and int((ref.catalog["kind"] == 1).sum()) == 0
+    assert p.transients["x"].shape == (5,)
+    # Different seeing per epoch.
+    assert ref.header["FWHM"] == 2.5 and sci.header["FWHM"] == 3.0
+
+
+@pytest.mark.parametrize("defect", sim.DEFECTS)
+def test_defects_change_the_frame(defect):
+    good = sim.simulate_frame((128, 128), n_stars=60, seed=5)
+    bad = sim.simulate_frame((128, 128), n_stars=60, seed=5, defects={defect: 0.5})
+    assert bad.defect_mask.any()
+    diff = (bad.noiseless - good.noiseless).abs()
+    assert diff[bad.defect_mask].mean() > 5 * diff[~bad.defect_mask].mean().nan_to_num(0.0) or not (~bad.defect_mask).any() or defect == "defocus"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        sim.simulate_frame((4,), n_stars=1)
+    with pytest.raises(ValueError, match="unknown defect"):
+        sim.simulate_frame((64, 64), n_stars=1, defects=["rain"])
+    with pytest.raises(ValueError, match="amplitude"):
+        sim.simulate_frame((64, 64), n_stars=1, defects={"clouds": 2.0})
+    with pytest.raises(ValueError, match="psf"):
+        sim.render_stars((8, 8), torch.zeros(1), torch.zeros(1), torch.ones(1), psf="airy")
+
+
+def test_saturation_masked():
+    f = sim.simulate_frame((128, 128), n_stars=30, mag_range=(6.0, 8.0), saturation=20000.0, seed=2)
+    assert f.mask.any()
+    assert f.image.max().item() <= 20000.0
