@@ -20,7 +20,9 @@ then clipped at ``saturation`` (saturated pixels are flagged in ``mask``).
   ``"moonlight"`` (a strong exponential glow from one side), ``"clouds"`` (smooth patches that
   dim stars and add scattered light), ``"shutter"`` (a shadow band where the exposure is short),
   ``"defocus"`` (a broad, ring-like PSF over the whole frame), ``"trail"`` (a bright satellite
-  streak). ``SimFrame.defect_mask`` marks the pixels each defect changes markedly.
+  streak). ``SimFrame.defect_mask`` marks the pixels a defect changes markedly: where it changes
+  the sky level or the throughput by more than 10%, within 3 widths of a trail, and the whole frame
+  when defocused.
 * WCS: TAN with the GWAC plate scale (11.7"/px) by default, optionally with SIP distortion.
   Epoch pairs share the sky; the second frame's WCS is shifted by ``shift`` pixels and rotated by
   ``rotation`` degrees around the frame centre.
@@ -427,14 +429,14 @@ def _make_frame(
         t = [xx, -xx, yy, -yy][side].expand(shape)
         glow = sky * (0.5 + 4.5 * amp) * torch.exp(2.5 * (t - 1.0))
         bg = bg + glow
-        defect_mask |= glow > 0.25 * sky
+        defect_mask |= glow > 0.1 * sky
     if "clouds" in defects:
         amp = defects["clouds"]
         cloud = _smooth_field(shape, 4, 0.18, gen, device, work)
         ext = 1.0 - (0.3 + 0.65 * amp) * cloud
         star_gain = star_gain * ext
         bg = bg + sky * (0.3 + 1.5 * amp) * cloud
-        defect_mask |= cloud > 0.3
+        defect_mask |= (cloud * (0.3 + 1.5 * amp) > 0.1) | (cloud * (0.3 + 0.65 * amp) > 0.1)
     if "shutter" in defects:
         amp = defects["shutter"]
         side = torch.randint(0, 4, (1,), generator=gen).item()
@@ -444,7 +446,7 @@ def _make_frame(
         throughput = 1.0 - (0.5 + 0.45 * amp) * shade
         star_gain = star_gain * throughput
         bg = bg * throughput
-        defect_mask |= shade > 0.5
+        defect_mask |= (1.0 - throughput) > 0.1
 
     img = render_stars(shape, xs, ys, fl, fwhm=psf_fwhm, psf=psf_kind, beta=beta)
     stars = img * star_gain

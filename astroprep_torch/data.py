@@ -1,0 +1,225 @@
+"""Datasets and LightningDataModules for pipeline mode.
+
+* :class:`FitsFrameDataset` / :class:`FitsFrameDataModule` -- FITS frames from paths, globs, folders
+  or a list file, read by worker processes (``num_workers``, ``prefetch_factor``, pinned memory) so
+  that reading hides behind computation. A file that cannot be read does not stop the run: its item
+  carries ``error`` (the reason) and the pipeline records it in the manifest and moves on.
+* :class:`SimulatedFrameDataset` -- an endless, seeded stream of simulated frames (training data).
+
+An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool (True = bad),
+``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
+(the file stem, used to name outputs), ``path`` and ``error`` (``""`` when the read succeeded).
+:func:`collate_frames` stacks same-shape images into ``(B, 1, H, W)`` and keeps the rest as lists.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+try:  # Lightning is a runtime dependency, but keep the dataset usable without it.
+    import lightning as L
+    _DataModuleBase = L.LightningDataModule
+except Exception:  # pragma: no cover
+    _DataModuleBase = object  # type: ignore[assignment,misc]
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fits.fz", ".fz")
+
+PathLike = Union[str, os.PathLike]
+
+
+def resolve_inputs(inputs: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+    """Expand ``inputs`` into a sorted, de-duplicated list of FITS paths.
+
+    Each entry may be a file, a folder (its FITS files, not recursive), a glob pattern, or a text
+    file ending in ``.txt`` / ``.lst`` listing one path per line (``#`` starts a comment). A
+    missing file or a pattern that matches nothing raises ``FileNotFoundError`` naming it.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out: list[Path] = []
+    for entry in inputs:
+        s = str(entry)
+        p = Path(s).expanduser()
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and q.name.lower().endswith(FITS_SUFFIXES))
+        elif p.is_file() and p.suffix.lower() in (".txt", ".lst"):
+            for line in p.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    q = Path(line).expanduser()
+                    out.append(q if q.is_absolute() else p.parent / q)
+        elif p.is_file():
+            out.append(p)
+        elif any(ch in s for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(s)))
+            if not matches:
+                raise FileNotFoundError(f"inputs: the pattern {s!r} matches no file")
+            out += [m for m in matches if m.is_file()]
+        else:
+            raise FileNotFoundError(f"inputs: {s!r} is neither a file, a folder, a list file nor a glob pattern that matches")
+    seen, unique = set(), []
+    for q in out:
+        key = str(q.resolve())
+        if key not in seen:
+            seen.add(key)
+            unique.append(q)
+    return unique
+
+
+def frame_name(path: PathLike) -> str:
+    """The output stem of a frame: its file name without the FITS suffix(es)."""
+    name = Path(path).name
+    for suf in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+class FitsFrameDataset(Dataset):
+    """Map-style dataset of FITS frames (see the module docstring for the item layout).
+
+    Args:
+        paths: FITS paths (use :func:`resolve_inputs` for globs, folders and list files).
+        hdu: HDU index or name; ``None`` picks the first image HDU.
+        skip: optional callable ``name -> bool``; frames for which it is True are left out
+            (pipeline mode uses it to resume: finished frames are skipped).
+    """
+
+    def __init__(self, paths: Sequence[PathLike], hdu=None, skip: Optional[Callable[[str], bool]] = None):
+        paths = [Path(p) for p in paths]
+        if skip is not None:
+            paths = [p for p in paths if not skip(frame_name(p))]
+        self.paths = paths
+        self.hdu = hdu
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        from .io import read_fits
+
+        path = self.paths[index]
+        item = {"name": frame_name(path), "path": str(path), "error": "", "header": ""}
+        try:
+            f = read_fits(path, hdu=self.hdu)
+            item["image"] = f.data[0]
+            item["mask"] = f.mask[0]
+            item["header"] = f.header.tostring()
+        except Exception as exc:  # a bad file is reported, never fatal
+            item["error"] = f"{type(exc).__name__}: {exc}"
+            item["image"] = torch.zeros(1, 1, 1)
+            item["mask"] = torch.ones(1, 1, 1, dtype=torch.bool)
+        return item
+
+
+def collate_frames(items: list[dict]) -> dict:
+    """Stack frames of one shape into ``(B, 1, H, W)``; other fields become lists.
+
+    Frames whose read failed (``error`` set) keep a placeholder; frames of different shapes cannot
+    share a batch: use ``batch_size=1`` for heterogeneous inputs (the error says so).
+    """
+    batch: dict = {k: [it[k] for it in items] for k in items[0] if k not in ("image", "mask")}
+    good = [it for it in items if not it["error"]]
+    shapes = {tuple(it["image"].shape) for it in good}
+    if len(shapes) > 1:
+        raise ValueError(f"collate_frames: frames of different shapes {sorted(shapes)} cannot share a batch; use batch_size=1")
+    if good:
+        shape = next(iter(shapes))
+        images, masks = [], []
+        for it in items:
+            if it["error"]:
+                images.append(torch.zeros(shape))
+                masks.append(torch.ones(shape, dtype=torch.bool))
+            else:
+                images.append(it["image"])
+                masks.append(it["mask"])
+        batch["image"] = torch.stack(images)
+        batch["mask"] = torch.stack(masks)
+    else:
+        batch["image"] = torch.stack([it["image"] for it in items])
+        batch["mask"] = torch.stack([it["mask"] for it in items])
+    return batch
+
+
+class FitsFrameDataModule(_DataModuleBase):
+    """LightningDataModule over FITS frames for ``Trainer.predict`` (pipeline mode).
+
+    Args:
+        inputs: a path, folder, glob, list file, or a sequence of them (:func:`resolve_inputs`).
+        batch_size: frames per batch (same-shape frames only when > 1).
+        num_workers: reader processes; with ``>= 1`` reading overlaps computation.
+        prefetch_factor: batches read ahead per worker.
+        pin_memory: pin host memory (useful with a GPU).
+        hdu: HDU to read (default: the first image HDU).
+        skip: callable ``name -> bool`` marking finished frames (resume).
+    """
+
+    def __init__(self, inputs=(), batch_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
+                 pin_memory: bool = False, hdu=None, skip: Optional[Callable[[str], bool]] = None):
+        super().__init__()
+        self.inputs = inputs
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = int(prefetch_factor)
+        self.pin_memory = bool(pin_memory)
+        self.hdu = hdu
+        self.skip = skip
+        self.dataset: Optional[FitsFrameDataset] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.dataset is None:
+            self.dataset = FitsFrameDataset(resolve_inputs(self.inputs), hdu=self.hdu, skip=self.skip)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup("predict")
+        kw = dict(batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                  collate_fn=collate_frames, pin_memory=self.pin_memory)
+        if self.num_workers > 0:
+            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        return DataLoader(self.dataset, **kw)
+
+    test_dataloader = predict_dataloader
+
+
+class SimulatedFrameDataset(IterableDataset):
+    """An endless stream of simulated frames ``{"image", "mask", "defect_mask", "defects"}``.
+
+    Each frame is seeded by ``seed + index`` (and the worker id), so streams are reproducible.
+    ``defects`` is a sequence of ``{name: amplitude}`` dicts (or None) drawn in turn.
+    """
+
+    def __init__(self, shape=(512, 512), n_stars: int = 300, defects: Sequence = (None,), seed: int = 0,
+                 length: Optional[int] = None, **sim_kwargs):
+        self.shape = tuple(shape)
+        self.n_stars = n_stars
+        self.defects = list(defects)
+        self.seed = seed
+        self.length = length
+        self.sim_kwargs = sim_kwargs
+
+    def __iter__(self) -> Iterable[dict]:
+        from . import sim
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = wid
+        while self.length is None or i < self.length:
+            d = self.defects[i % len(self.defects)]
+            f = sim.simulate_frame(self.shape, n_stars=self.n_stars, defects=d, seed=self.seed + i, **self.sim_kwargs)
+            yield {"image": f.image[0], "mask": f.mask[0], "defect_mask": f.defect_mask[0], "index": i}
+            i += nw
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("SimulatedFrameDataset is endless; give length= to make it sized")
+        return self.length
+
+
+__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "SimulatedFrameDataset", "collate_frames", "frame_name", "resolve_inputs"]

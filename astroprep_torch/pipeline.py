@@ -1,0 +1,719 @@
+"""Pipeline mode: a Hydra-configured graph of named stages over a dictionary of tensors.
+
+The graph is the one place where the flow of data is visible. Each :class:`Stage` wraps a module
+(any stage of this package, or a small glue module below) and declares what it *reads* from the
+batch dictionary (``{argument: key}``) and what it *writes* (``{result field: key}``, a list of keys
+for tuple results, or one key). :class:`Pipeline` runs the stages in order, so a reader can draw the
+paper's Fig. 5 from ``configs/pipeline/gwac.yaml`` alone::
+
+    quality -> mask bad patches -> background (science, reference) -> align science to reference
+      -> subtract -> detect on the difference (candidates + triplet cutouts)
+      -> detect on the science frame (catalog for light curves) -> grey-scale products
+
+Batch keys used by the default graph (B frames of one field, one reference):
+
+===================  ==============================================================
+``science``          ``(B, 1, H, W)`` frames in ADU
+``science_mask``     bool ``(B, 1, H, W)``, True = bad
+``science_wcs``      :class:`~astroprep_torch.wcs.TanWCS` with B elements (or absent)
+``reference``        ``(B, 1, H', W')`` the reference, repeated per frame
+``reference_wcs``    :class:`~astroprep_torch.wcs.TanWCS` with B elements (or absent)
+===================  ==============================================================
+
+and the stages add ``quality_*``, ``*_background``, ``*_rms``, ``aligned``, ``difference``,
+``difference_variance``, ``candidates``, ``triplets``, ``catalog``, ``science_norm``, ...
+
+:class:`PreprocessModule` runs a pipeline in ``Trainer.predict`` over a
+:class:`~astroprep_torch.data.FitsFrameDataModule`; :class:`FrameWriter` writes each frame's
+products atomically (FITS with WCS, ECSV catalogs, tensor shards) and a manifest, so that a rerun
+skips finished frames and a bad file is reported, never fatal. :func:`run_from_config` is what
+``astroprep run`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+try:
+    import lightning as L
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    _LightningModule = L.LightningModule
+except Exception:  # pragma: no cover
+    _LightningModule = nn.Module  # type: ignore[assignment,misc]
+    BasePredictionWriter = object  # type: ignore[assignment,misc]
+
+Reads = Union[Mapping[str, str], Sequence[str]]
+Writes = Union[Mapping[str, str], Sequence[str], str]
+
+
+# --------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------
+class Stage(nn.Module):
+    """One node of the graph: call ``module`` with inputs read from the batch, store its outputs.
+
+    Args:
+        module: the stage (an ``nn.Module`` or any callable).
+        reads: ``{argument name: batch key}`` (a list means argument name = key). A key ending in
+            ``?`` is optional: the argument is left out when the key is missing or None.
+        writes: where the result goes: a key (the whole result), a list of keys (a tuple result,
+            in order) or ``{field: key}`` (fields of a NamedTuple/dataclass/dict result).
+        enabled: ``False`` skips the stage (handy from the command line:
+            ``pipeline.stages.quality.enabled=false``).
+    """
+
+    def __init__(self, module, reads: Reads = (), writes: Writes = (), enabled: bool = True):
+        super().__init__()
+        self.module = module
+        self.reads = {k: k for k in reads} if not isinstance(reads, Mapping) else dict(reads)
+        if isinstance(writes, str):
+            self.writes: Union[str, list, dict] = writes
+        elif isinstance(writes, Mapping):
+            self.writes = dict(writes)
+        else:
+            self.writes = list(writes)
+        self.enabled = bool(enabled)
+
+    def inputs(self, batch: Mapping[str, Any]) -> dict:
+        kwargs = {}
+        for arg, key in self.reads.items():
+            optional = key.endswith("?")
+            key = key.rstrip("?")
+            if key not in batch or batch[key] is None:
+                if optional:
+                    continue
+                raise KeyError(f"stage needs batch key {key!r} for argument {arg!r}; the batch has {sorted(batch)}")
+            kwargs[arg] = batch[key]
+        return kwargs
+
+    def forward(self, batch: dict) -> dict:
+        out = self.module(**self.inputs(batch))
+        if isinstance(self.writes, str):
+            if self.writes:
+                batch[self.writes] = out
+        elif isinstance(self.writes, list):
+            if self.writes:
+                values = list(out) if isinstance(out, (tuple, list)) else [out]
+                if len(values) < len(self.writes):
+                    raise ValueError(f"stage returned {len(values)} values, but writes lists {len(self.writes)} keys")
+                for key, value in zip(self.writes, values):
+                    batch[key] = value
+        else:
+            for field, key in self.writes.items():
+                if isinstance(out, Mapping):
+                    batch[key] = out[field]
+                else:
+                    batch[key] = getattr(out, field)
+        return batch
+
+
+class Pipeline(nn.Module):
+    """Named stages run in order over a batch dictionary.
+
+    Args:
+        stages: ``{name: Stage}`` in running order (a list of ``(name, Stage)`` works too).
+        timed: record each stage's wall time (seconds) in ``self.timings`` on every call.
+
+    ``forward(batch) -> batch``: the same dictionary with every stage's outputs added.
+    ``skip=`` (a set of names) skips stages for one call.
+    """
+
+    def __init__(self, stages: Union[Mapping[str, Stage], Sequence], timed: bool = True):
+        super().__init__()
+        items = list(stages.items() if isinstance(stages, Mapping) else stages)
+        names = [str(k) for k, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for name, st in items:
+            if not isinstance(st, Stage):
+                raise TypeError(f"stage {name!r} must be a pipeline.Stage, got {type(st).__name__}")
+        # A ModuleList (not a ModuleDict) so that any name works, "double" or "to" included.
+        self.names = names
+        self._stages = nn.ModuleList([st for _, st in items])
+        self.timed = timed
+        self.timings: dict[str, float] = {}
+
+    @property
+    def stages(self) -> "OrderedDict[str, Stage]":
+        """``{name: Stage}`` in running order."""
+        return OrderedDict(zip(self.names, self._stages))
+
+    def forward(self, batch: dict, skip: Sequence[str] = ()) -> dict:
+        batch = dict(batch)
+        self.timings = {}
+        for name, stage in self.stages.items():
+            if not stage.enabled or name in skip:
+                continue
+            if self.timed:
+                _sync(batch)
+                t0 = time.perf_counter()
+            try:
+                stage(batch)
+            except Exception as exc:
+                raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            if self.timed:
+                _sync(batch)
+                self.timings[name] = time.perf_counter() - t0
+        return batch
+
+    def describe(self) -> str:
+        """One line per stage: ``name: reads -> writes`` (the graph as text)."""
+        lines = []
+        for name, st in self.stages.items():
+            w = st.writes if isinstance(st.writes, str) else (list(st.writes.values()) if isinstance(st.writes, dict) else st.writes)
+            state = "" if st.enabled else "  (disabled)"
+            lines.append(f"{name}: {sorted(set(k.rstrip('?') for k in st.reads.values()))} -> {w}{state}")
+        return "\n".join(lines)
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it."""
+
+
+def _sync(batch: Mapping) -> None:
+    if torch.cuda.is_available():
+        for v in batch.values():
+            if isinstance(v, Tensor) and v.is_cuda:
+                torch.cuda.synchronize(v.device)
+                return
+
+
+# --------------------------------------------------------------------------------------------
+# Glue modules: the small steps between stages, so that the config spells out the whole flow
+# --------------------------------------------------------------------------------------------
+class MaskUnion(nn.Module):
+    """``a | b`` for bool masks (either may be None)."""
+
+    def forward(self, a: Optional[Tensor] = None, b: Optional[Tensor] = None) -> Optional[Tensor]:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a | b
+
+
+class SubtractMap(nn.Module):
+    """``image - other`` (e.g. the background)."""
+
+    def forward(self, image: Tensor, other: Tensor) -> Tensor:
+        return image - other
+
+
+class Square(nn.Module):
+    """``x ** 2`` (rms -> variance)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * x
+
+
+class SquareRoot(nn.Module):
+    """``sqrt(clamp(x, 0))`` (variance -> rms)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(min=0).sqrt()
+
+
+class AlignedFrames(NamedTuple):
+    """Output of :class:`AlignToReference`: frames on the reference grid.
+
+    ``image`` ``(B, 1, H, W)`` (0 where not covered), ``extra`` the other maps aligned with it
+    (``(B, C, H, W)`` or None), ``mask`` bool (True where not fully covered or bad), ``footprint``
+    in [0, 1], and ``method`` (``"wcs"`` or ``"stars"``).
+    """
+
+    image: Tensor
+    extra: Optional[Tensor]
+    mask: Tensor
+    footprint: Tensor
+    method: str
+
+
+class AlignToReference(nn.Module):
+    """Bring frames onto the reference grid: WCS reprojection, or star matching without a WCS.
+
+    Args:
+        method: ``"auto"`` (WCS when both WCS are given, else stars), ``"wcs"`` or ``"stars"``.
+        interpolation: resampling kernel (``"bilinear"``, ``"bicubic"``, ``"lanczos3"``, ``"nearest"``).
+        grid_step: WCS mapping evaluated every ``grid_step`` pixels and interpolated (None: exact).
+        transform: ``"similarity"`` or ``"affine"`` for star matching.
+
+    ``forward(image, reference, mask=None, reference_mask=None, src_wcs=None, dst_wcs=None,
+    extra=None) -> AlignedFrames``: ``extra`` ``(B, C, H, W)`` maps (e.g. the rms) go along.
+    """
+
+    def __init__(self, method: str = "auto", interpolation: str = "bilinear", grid_step: Optional[int] = 16,
+                 transform: str = "similarity"):
+        super().__init__()
+        if method not in ("auto", "wcs", "stars"):
+            raise ValueError(f"method must be 'auto', 'wcs' or 'stars', got {method!r}")
+        self.method, self.interpolation, self.grid_step, self.transform = method, interpolation, grid_step, transform
+
+    def forward(self, image: Tensor, reference: Tensor, mask: Optional[Tensor] = None,
+                reference_mask: Optional[Tensor] = None, src_wcs=None, dst_wcs=None,
+                extra: Optional[Tensor] = None) -> AlignedFrames:
+        from . import align
+
+        c = image.shape[1]
+        stack = image if extra is None else torch.cat([image, extra], dim=1)
+        use_wcs = self.method == "wcs" or (self.method == "auto" and src_wcs is not None and dst_wcs is not None)
+        if use_wcs:
+            if src_wcs is None or dst_wcs is None:
+                raise ValueError("AlignToReference(method='wcs') needs src_wcs and dst_wcs")
+            r = align.reproject(stack, src_wcs, dst_wcs, tuple(reference.shape[-2:]), mask,
+                                interpolation=self.interpolation, grid_step=self.grid_step)
+            out, footprint, method = r.image, r.footprint, "wcs"
+        else:
+            r = align.register(image, reference, mask, reference_mask, transform=self.transform,
+                               interpolation=self.interpolation)
+            out, footprint, method = r.image, r.footprint, "stars"
+            if extra is not None:
+                import kornia
+
+                warped = kornia.geometry.transform.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]),
+                                                               mode="bilinear", align_corners=True)
+                out = torch.cat([out, warped], dim=1)
+        bad = ~torch.isfinite(out[:, :c]).all(dim=1, keepdim=True) | (footprint < 0.999)
+        if reference_mask is not None:
+            bad = bad | reference_mask
+        out = torch.nan_to_num(out, nan=0.0)
+        return AlignedFrames(out[:, :c], out[:, c:] if extra is not None else None, bad, footprint, method)
+
+
+class CandidateTriplets(nn.Module):
+    """Science / reference / difference cutouts ``(N, 3, size, size)`` at catalog positions."""
+
+    def __init__(self, size: int = 63):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, science: Tensor, reference: Tensor, difference: Tensor, catalog) -> Tensor:
+        from .cutouts import make_triplets
+
+        xy = torch.stack([catalog["x"], catalog["y"]], dim=1)
+        return make_triplets(science, reference, difference, xy, size=self.size, batch_index=catalog["batch_index"]).stamps
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline mode with Lightning: predict over FITS frames, write products, keep a manifest
+# --------------------------------------------------------------------------------------------
+#: What the writer can write: batch key -> (kind, file suffix, pixel grid).
+#: kind: "fits" (image with the grid's WCS), "catalog" (ECSV), "tensor" (a .pt shard).
+DEFAULT_PRODUCTS = {
+    "difference": ("fits", "diff", "reference"),
+    "difference_variance": ("fits", "diffvar", "reference"),
+    "science_background": ("fits", "bkg", "science"),
+    "science_rms": ("fits", "rms", "science"),
+    "candidates": ("catalog", "candidates", "reference"),
+    "catalog": ("catalog", "cat", "science"),
+    "triplets": ("tensor", "triplets", "reference"),
+    "science_norm": ("tensor", "norm", "science"),
+}
+
+
+def _per_frame(value, i: int, n: int):
+    """The part of a batched value that belongs to frame ``i`` of ``n``."""
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n:
+        return value[i : i + 1]
+    return value
+
+
+class PreprocessModule(_LightningModule):
+    """Runs a :class:`Pipeline` in ``Trainer.predict`` over batches from ``FitsFrameDataModule``.
+
+    Args:
+        pipeline: the graph.
+        reference: optional ``(1, 1, H, W)`` reference frame (repeated over each batch).
+        reference_mask: its bool mask; ``reference_header``: its FITS header (for its WCS).
+        compile: ``torch.compile`` each stage's module (falls back to eager for a stage that fails
+            to compile, with a warning).
+
+    ``predict_step`` returns ``{"names", "paths", "outputs", "failed", "timings"}``; frames whose
+    file could not be read, or whose batch failed in a stage, are listed in ``failed`` with the
+    reason and the run goes on.
+    """
+
+    def __init__(self, pipeline: Pipeline, reference: Optional[Tensor] = None, reference_mask: Optional[Tensor] = None,
+                 reference_header=None, compile: bool = False):
+        super().__init__()
+        self.pipeline = pipeline
+        self.reference = reference
+        self.reference_mask = reference_mask
+        self.reference_header = reference_header
+        self.compiled = bool(compile)
+        if compile:
+            for stage in self.pipeline.stages.values():
+                if isinstance(stage.module, nn.Module) and not isinstance(stage.module, (MaskUnion, SubtractMap, Square, SquareRoot)):
+                    stage.module = torch.compile(stage.module)
+
+    def forward(self, batch: dict) -> dict:
+        return self.pipeline(batch)
+
+    def make_inputs(self, images: Tensor, masks: Tensor, headers: Sequence[str]) -> dict:
+        from astropy.io import fits
+
+        b = images.shape[0]
+        inputs = {"science": images, "science_mask": masks}
+        hdrs = [fits.Header.fromstring(h) if isinstance(h, str) else h for h in headers]
+        inputs["science_wcs"] = _try_wcs(hdrs, images)
+        if self.reference is not None:
+            ref = self.reference.to(images.device, images.dtype)
+            inputs["reference"] = ref.expand(b, -1, -1, -1)
+            rm = self.reference_mask if self.reference_mask is not None else torch.zeros_like(self.reference, dtype=torch.bool)
+            inputs["reference_mask"] = rm.to(images.device).expand(b, -1, -1, -1)
+            if self.reference_header is not None:
+                inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
+        return inputs
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
+        names, paths, errors = batch["name"], batch["path"], batch["error"]
+        failed = [(n, p, e) for n, p, e in zip(names, paths, errors) if e]
+        good = [i for i, e in enumerate(errors) if not e]
+        result = {"names": [names[i] for i in good], "paths": [paths[i] for i in good], "outputs": {},
+                  "failed": failed, "timings": {}, "headers": [batch["header"][i] for i in good]}
+        if not good:
+            return result
+        idx = torch.tensor(good, device=batch["image"].device)
+        try:
+            inputs = self.make_inputs(batch["image"].index_select(0, idx), batch["mask"].index_select(0, idx),
+                                      [batch["header"][i] for i in good])
+            with torch.no_grad():
+                result["outputs"] = self.pipeline(inputs)
+            result["timings"] = dict(self.pipeline.timings)
+        except Exception as exc:  # the whole batch failed in a stage: report, go on
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("batch %d failed: %s", batch_idx, reason)
+            result["failed"] += [(names[i], paths[i], reason) for i in good]
+            result["names"], result["paths"], result["outputs"] = [], [], {}
+        return result
+
+
+def _try_wcs(headers, like: Tensor):
+    """A batched TanWCS from headers, or None when any header lacks a supported celestial WCS."""
+    try:
+        from .wcs import TanWCS
+
+        return TanWCS.from_header(list(headers)).to(device=like.device)
+    except Exception:
+        return None
+
+
+class FrameWriter(BasePredictionWriter):
+    """Writes each frame's products atomically and appends a manifest row per frame.
+
+    Products are named ``<frame>.<suffix>.<ext>`` in ``output_dir`` (``DEFAULT_PRODUCTS`` lists what
+    each batch key becomes: e.g. ``<frame>.diff.fits``, ``<frame>.candidates.ecsv``,
+    ``<frame>.cat.ecsv``, ``<frame>.triplets.pt``). FITS products carry the WCS of their pixel grid
+    (the science frame's or the reference's). The manifest (``manifest.rank<r>.jsonl``, merged by
+    :func:`read_manifest`) holds one JSON row per frame: name, input path, status (``ok`` /
+    ``failed``), reason, outputs, per-stage timings. A frame counts as finished when its row says
+    ``ok`` and its outputs exist, so a rerun skips it (:meth:`finished`).
+    """
+
+    def __init__(self, output_dir, products: Optional[Mapping[str, Sequence]] = None, reference_header=None):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.products = {k: tuple(v) for k, v in (products or DEFAULT_PRODUCTS).items()}
+        self.reference_header = reference_header
+        self.rows: list[dict] = []
+
+    # -- resume --------------------------------------------------------------------------------
+    def finished(self, name: str) -> bool:
+        row = read_manifest(self.output_dir).get(name)
+        return bool(row) and row["status"] == "ok" and all((self.output_dir / p).exists() for p in row["outputs"])
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
+        self.write_prediction(prediction, rank)
+
+    def write_prediction(self, prediction: dict, rank: int = 0) -> list[dict]:
+        from astropy.io import fits
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        outputs = prediction["outputs"]
+        n = len(prediction["names"])
+        for i, (name, path) in enumerate(zip(prediction["names"], prediction["paths"])):
+            written, reason = [], ""
+            try:
+                sci_header = fits.Header.fromstring(prediction["headers"][i]) if prediction.get("headers") else None
+                for key, (kind, suffix, grid) in self.products.items():
+                    if key not in outputs or outputs[key] is None:
+                        continue
+                    header = self.reference_header if grid == "reference" and self.reference_header is not None else sci_header
+                    written.append(self._write_one(name, outputs[key], kind, suffix, header, i, n, outputs))
+                status = "ok"
+            except Exception as exc:
+                status, reason = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
+            rows.append({"name": name, "path": path, "status": status, "reason": reason, "outputs": written,
+                         "timings": prediction.get("timings", {}), "rank": rank})
+        for name, path, reason in prediction["failed"]:
+            rows.append({"name": name, "path": path, "status": "failed", "reason": reason, "outputs": [], "rank": rank})
+        _append_jsonl(self.output_dir / f"manifest.rank{rank}.jsonl", rows)
+        self.rows += rows
+        return rows
+
+    def _write_one(self, name, value, kind, suffix, header, i, n, outputs) -> str:
+        from .io import write_fits
+
+        if kind == "fits":
+            fname = f"{name}.{suffix}.fits"
+            img = _per_frame(value, i, n)
+            write_fits(self.output_dir / fname, img.detach().float().cpu(), header=_image_header(header), overwrite=True)
+        elif kind == "catalog":
+            fname = f"{name}.{suffix}.ecsv"
+            table = value.to_table(batch_index=i)
+            _atomic(self.output_dir / fname, lambda p: table.write(p, format="ascii.ecsv", overwrite=True))
+        elif kind == "tensor":
+            fname = f"{name}.{suffix}.pt"
+            if kind == "tensor" and suffix == "triplets" and outputs.get("candidates") is not None:
+                t = value[outputs["candidates"]["batch_index"] == i]  # the cutouts of this frame's candidates
+            else:
+                t = _per_frame(value, i, n)[0] if isinstance(value, Tensor) and value.shape[0] == n else value
+            _atomic(self.output_dir / fname, lambda p: torch.save(t.detach().cpu().contiguous(), p))
+        else:
+            raise ValueError(f"unknown product kind {kind!r}")
+        return fname
+
+
+def _image_header(header):
+    """A header to write an image with: the input's keywords minus structural ones."""
+    if header is None:
+        return None
+    h = header.copy()
+    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "BZERO", "BSCALE", "BLANK", "XTENSION",
+                "PCOUNT", "GCOUNT", "CHECKSUM", "DATASUM"):
+        h.remove(key, ignore_missing=True, remove_all=True)
+    return h
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` then rename onto ``path`` (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_manifest(output_dir) -> dict[str, dict]:
+    """The merged manifest of a run: ``{frame name: last row}`` over every rank's file."""
+    rows: dict[str, dict] = {}
+    for f in sorted(Path(output_dir).glob("manifest.rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a row cut short by an interruption
+                continue
+            rows[r["name"]] = r
+    return rows
+
+
+class SharedReference(nn.Module):
+    """Run ``module`` once on the first batch element and repeat its tensor outputs over the batch.
+
+    The reference is the same for every frame of a batch; this avoids B identical computations
+    (its background, for instance). Every tensor argument is sliced to its first element.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        b = next(v.shape[0] for v in kwargs.values() if isinstance(v, Tensor))
+        out = self.module(**{k: (v[:1] if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
+
+        def rep(v):
+            return v.expand(b, *v.shape[1:]) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == 1 else v
+
+        if isinstance(out, tuple) and hasattr(out, "_fields"):
+            return type(out)(*[rep(v) for v in out])
+        if isinstance(out, tuple):
+            return tuple(rep(v) for v in out)
+        return rep(out)
+
+
+# --------------------------------------------------------------------------------------------
+# `astroprep run`
+# --------------------------------------------------------------------------------------------
+def pick_reference(paths: Sequence, scorer=None) -> Path:
+    """Choose a reference among frames: the best quality score, then the smallest FWHM (header
+    ``FWHM``/``SEEING`` when present)."""
+    from .io import read_fits
+
+    best, best_key = None, None
+    for p in paths:
+        try:
+            f = read_fits(p)
+        except Exception:
+            continue
+        q = float(scorer(f.data, f.mask).score[0]) if scorer is not None else 0.0
+        fwhm = float(f.header.get("FWHM", f.header.get("SEEING", 0.0)) or 0.0)
+        key = (q, fwhm)
+        if best_key is None or key < best_key:
+            best, best_key = Path(p), key
+    if best is None:
+        raise FileNotFoundError("pick_reference: none of the inputs could be read")
+    return best
+
+
+def run_from_config(cfg) -> dict:
+    """What ``astroprep run`` does: see the module docstring and ``configs/config.yaml``."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from . import data as data_mod
+    from .io import read_fits
+
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.set_num_threads(int(cfg.get("threads", 0)) or torch.get_num_threads())
+    truth = None
+    inputs, reference_path = cfg.get("input"), cfg.get("reference")
+    if inputs is None:  # the embedded demo: a simulated GWAC-like two-epoch field
+        from ._runners import write_simulated_pair
+
+        t0 = time.perf_counter()
+        pair = instantiate(cfg.sim)
+        paths = write_simulated_pair(pair, out_dir / "inputs")
+        print(f"[astroprep] simulated a {pair.science.shape[0]}x{pair.science.shape[1]} two-epoch field "
+              f"({time.perf_counter() - t0:.1f} s) -> {out_dir / 'inputs'}")
+        inputs, reference_path, truth = [str(paths["science"])], str(paths["reference"]), pair.transients
+    paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    if not paths:
+        raise FileNotFoundError(f"input: no FITS files in {inputs}")
+    pipeline: Pipeline = instantiate(cfg.pipeline)
+    if reference_path is None:
+        reference_path = pick_reference(paths)
+        print(f"[astroprep] picked the reference: {reference_path}")
+    ref = read_fits(reference_path)
+    paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
+    writer = FrameWriter(out_dir, products=cfg.get("products") or None, reference_header=ref.header)
+    dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                      prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
+                                      skip=writer.finished if cfg.get("resume", True) else None)
+    module = PreprocessModule(pipeline, reference=ref.data, reference_mask=ref.mask, reference_header=ref.header,
+                              compile=bool(cfg.get("compile", False)))
+    trainer = instantiate(cfg.trainer, callbacks=[writer])
+    t0 = time.perf_counter()
+    dm.setup("predict")
+    n_todo = len(dm.dataset)
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+    wall = time.perf_counter() - t0
+    summary = summarize(writer.rows, wall, n_todo, len(paths))
+    if truth is not None:
+        summary.update(_truth_summary(writer.rows, out_dir, truth))
+    if cfg.get("quicklook", True) and trainer.global_rank == 0:
+        summary["quicklook"] = _quicklook(out_dir, writer.rows, ref)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if trainer.global_rank == 0:
+        print(format_summary(summary, pipeline))
+    return summary
+
+
+def summarize(rows: Sequence[dict], wall: float, n_todo: int, n_inputs: int) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    stages: dict[str, list] = {}
+    for r in ok:
+        for k, v in r.get("timings", {}).items():
+            stages.setdefault(k, []).append(v)
+    return {
+        "inputs": n_inputs, "skipped_finished": n_inputs - n_todo, "processed": len(ok),
+        "failed": [{"name": r["name"], "reason": r["reason"]} for r in rows if r["status"] != "ok"],
+        "wall_seconds": wall,
+        "stage_seconds": {k: sum(v) / len(v) for k, v in stages.items()},
+    }
+
+
+def _truth_summary(rows, out_dir: Path, truth: dict) -> dict:
+    from astropy.table import Table
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {}
+    name = ok[0]["name"]
+    res = {}
+    cand = out_dir / f"{name}.candidates.ecsv"
+    if cand.exists():
+        t = Table.read(cand, format="ascii.ecsv")
+        res["candidates"] = len(t)
+        if len(t) and "X_IMAGE" in t.colnames:
+            x = torch.as_tensor(t["X_IMAGE"].data - 1.0)
+            y = torch.as_tensor(t["Y_IMAGE"].data - 1.0)
+            d = torch.cdist(torch.stack([truth["x_ref"].cpu(), truth["y_ref"].cpu()], 1).double(), torch.stack([x, y], 1).double())
+            res["transients_injected"] = int(truth["x_ref"].numel())
+            res["transients_recovered"] = int((d.min(dim=1).values < 2.0).sum()) if d.numel() else 0
+    cat = out_dir / f"{name}.cat.ecsv"
+    if cat.exists():
+        res["catalog_sources"] = len(Table.read(cat, format="ascii.ecsv"))
+    return res
+
+
+def _quicklook(out_dir: Path, rows, ref) -> Optional[str]:
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    name = ok[0]["name"]
+    diff = out_dir / f"{name}.diff.fits"
+    if not diff.exists():
+        return None
+    try:
+        from . import viz
+        from .io import read_fits
+
+        d = read_fits(diff).data
+        sci = read_fits(ok[0]["path"]).data
+        png = out_dir / f"{name}.quicklook.png"
+        viz.plot_triplet(sci if sci.shape == d.shape else d, ref.data, d, path=png)
+        return str(png)
+    except Exception as exc:  # a figure must never fail the run
+        log.warning("quick-look figure failed: %s", exc)
+        return None
+
+
+def format_summary(summary: dict, pipeline: Optional[Pipeline] = None) -> str:
+    lines = ["", "astroprep run summary", "---------------------"]
+    lines.append(f"inputs {summary['inputs']}, processed {summary['processed']}, "
+                 f"skipped (already finished) {summary['skipped_finished']}, failed {len(summary['failed'])}")
+    for f in summary["failed"]:
+        lines.append(f"  failed: {f['name']}: {f['reason']}")
+    if summary["stage_seconds"]:
+        lines.append("per-stage time per batch (s):")
+        for k, v in summary["stage_seconds"].items():
+            lines.append(f"  {k:<24}{v:8.3f}")
+        lines.append(f"  {'total (stages)':<24}{sum(summary['stage_seconds'].values()):8.3f}")
+    lines.append(f"wall time {summary['wall_seconds']:.2f} s")
+    for k in ("catalog_sources", "candidates", "transients_injected", "transients_recovered", "quicklook"):
+        if k in summary:
+            lines.append(f"{k.replace('_', ' ')}: {summary[k]}")
+    return "\n".join(lines)

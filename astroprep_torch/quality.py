@@ -1,0 +1,566 @@
+"""Image quality assessment: an autoencoder trained on good frames scores frames and patches.
+
+Paper section 2.2.1 and Fig. 1 (after Jia et al. 2024): a convolutional autoencoder learns what good
+frames look like, self-supervised; a frame or patch it reconstructs badly deviates from good
+quality. Three steps:
+
+* *Pre-training* -- :class:`QualityModule` (a LightningModule) trains :class:`QualityAutoencoder`
+  on good frames streamed by :class:`QualityDataModule` (FITS files or the simulator).
+* *Deployment* -- :class:`QualityScorer` gives a per-patch reconstruction-error map, a per-frame
+  score, the fraction of bad area and a full-resolution bool mask of bad patches (True = bad) that
+  :class:`~astroprep_torch.background.Background2D` and the detection stage accept as ``mask``.
+  A frame with more than ``reject_fraction`` (the paper: 70%) of its area bad is rejected.
+* *Monitoring* ("mode-val") -- :func:`monitor` / :class:`QualityMonitor` periodically score a held-out
+  set of good frames and warn when more than a set fraction is flagged: the model needs retraining.
+
+What the network sees. The defects this stage is for (moonlight, clouds, shutter shadows, defocus,
+satellite trails) are medium to large scale, so frames are first binned ``bin_factor`` x
+``bin_factor`` (mean), then normalised per frame by the median and by a noise estimate that
+gradients do not inflate (1.4826 x MAD of horizontal neighbour differences / sqrt 2), and finally
+compressed with ``asinh(z / 3)``: ``x = asinh((binned - median) / (3 sigma))``. Stars become
+compact peaks, the sky of a good frame sits near 0 and a veiled or shadowed region stands out by
+many sigma. Masked and non-finite pixels are replaced by the median before binning.
+
+The error map is the squared residual ``(x - AE(x))**2`` averaged over each patch of
+``patch_size`` full-resolution pixels (``stride`` apart; edge patches cover what is left).
+The frame ``score`` is the mean of the worst ``score_top`` fraction of its patches, so a defect
+that covers a tenth of the frame still raises it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_image, check_mask
+
+log = logging.getLogger(__name__)
+
+try:
+    import lightning as L
+
+    _LightningModule = L.LightningModule
+    _LightningDataModule = L.LightningDataModule
+    _Callback = L.Callback
+except Exception:  # pragma: no cover
+    _LightningModule = nn.Module  # type: ignore[assignment,misc]
+    _LightningDataModule = object  # type: ignore[assignment,misc]
+    _Callback = object  # type: ignore[assignment,misc]
+
+__all__ = [
+    "QualityAutoencoder", "QualityScorer", "QualityResult", "QualityModule", "QualityDataModule",
+    "QualityMonitor", "MonitorReport", "monitor", "normalize_frame", "baseline_features",
+    "PRETRAINED_PATH", "train_from_config",
+]
+
+#: Weights, architecture and threshold of the model shipped with the package.
+PRETRAINED_PATH = Path(__file__).resolve().parent / "data" / "quality_default.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: int = 4) -> Tensor:
+    """Bin, normalise and compress frames into the autoencoder's two channels.
+
+    Args:
+        image: ``(B, 1, H, W)`` frames in ADU.
+        mask: optional bool ``(B, 1, H, W)``, True = bad (replaced by the frame median).
+        bin_factor: binning factor ``k``; the frame is padded by edge replication to a multiple of
+            ``k``.
+
+    Returns:
+        ``(B, 3, ceil(H / k), ceil(W / k))``. Channel 0, the *sky*: the median of each k x k block,
+        ``asinh((median_block - m) / (3 sigma))`` -- stars mostly vanish and what remains is the sky's
+        structure. Channel 1, the *stars*: the maximum of each block above its median,
+        ``asinh((max_block - median_block) / (10 sigma))``. Channel 2, the *sharpness*: the block
+        maximum of the 4-neighbour Laplacian, ``asinh(max_block(lap) / (10 sigma))``: where good frames
+        show flux they show a sharp peak, so a defocused frame (flux without peaks) is inconsistent
+        with what the autoencoder learned. ``m`` is the frame's median and ``sigma``
+        its pixel noise (1.4826 x MAD of horizontal neighbour differences / sqrt 2, which gradients do
+        not inflate).
+    """
+    image = check_image(image, "image", channels=1)
+    mask = check_mask(mask, image)
+    bad = ~torch.isfinite(image)
+    if mask is not None:
+        bad = bad | mask
+    b = image.shape[0]
+    flat = image.reshape(b, -1)
+    step = max(1, flat.shape[1] // (1 << 20))  # a strided sample of at most ~1M pixels
+    sample = torch.where(bad.reshape(b, -1)[:, ::step], torch.full_like(flat[:, ::step], float("nan")), flat[:, ::step])
+    med = torch.nanmedian(sample, dim=1).values.nan_to_num(0.0)
+    x = torch.where(bad, med.view(b, 1, 1, 1).to(image.dtype), image)
+    d = (x[..., :, 1:] - x[..., :, :-1]).reshape(b, -1)[:, ::step]
+    mad = (d - d.median(dim=1, keepdim=True).values).abs().median(dim=1).values
+    sigma = (1.4826 * mad / math.sqrt(2.0)).clamp(min=torch.finfo(image.dtype).tiny).view(b, 1, 1, 1)
+    k = int(bin_factor)
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % k, (-w) % k
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    hb, wb = x.shape[-2] // k, x.shape[-1] // k
+    blocks = x.reshape(b, 1, hb, k, wb, k).permute(0, 1, 2, 4, 3, 5).reshape(b, 1, hb, wb, k * k)
+    bmed = blocks.median(dim=-1).values
+    bmax = blocks.amax(dim=-1)
+    # Sharpness: the 4-neighbour Laplacian peaks on a focused star, hardly on a defocused one.
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    lap = 4 * x - xp[..., :-2, 1:-1] - xp[..., 2:, 1:-1] - xp[..., 1:-1, :-2] - xp[..., 1:-1, 2:]
+    lmax = lap.reshape(b, 1, hb, k, wb, k).amax(dim=(3, 5))
+    m = med.view(b, 1, 1, 1).to(image.dtype)
+    sky = torch.asinh((bmed - m) / (3.0 * sigma))
+    stars = torch.asinh((bmax - bmed) / (10.0 * sigma))
+    sharp = torch.asinh(lmax / (10.0 * sigma))
+    return torch.cat([sky, stars, sharp], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+class QualityAutoencoder(nn.Module):
+    """A small convolutional autoencoder over normalised frames (fully convolutional).
+
+    Input: the first ``in_channels`` channels of :func:`normalize_frame` (sky, stars); output: all
+    ``out_channels`` (sky, stars, sharpness). The sharpness channel is held out of the input, so the
+    decoder must infer it from the star channel the way good frames relate them: where a defocused
+    frame shows flux without sharp peaks, the prediction fails. The sky output is bounded to
+    ``+-sky_range`` (a scaled tanh), the range good frames occupy, so a veil, glow or shadow far
+    outside it is reconstructed badly by construction.
+
+    ``depth`` stride-2 stages halve the resolution ``depth`` times, doubling the width from
+    ``width``; a 1x1 bottleneck of ``latent_channels`` limits what passes; the decoder mirrors the
+    encoder with nearest upsampling and 3x3 convolutions. Input ``(B, C, h, w)``, any ``h, w``
+    (padded internally to a multiple of ``2**depth`` and cropped back); output the same shape.
+    """
+
+    def __init__(self, in_channels: int = 2, width: int = 16, depth: int = 3, latent_channels: int = 8,
+                 sky_range: float = 1.0, out_channels: int = 3):
+        super().__init__()
+        if depth < 1 or width < 1 or latent_channels < 1:
+            raise ValueError(f"QualityAutoencoder: depth, width and latent_channels must be >= 1, got {depth}, {width}, {latent_channels}")
+        self.config = dict(in_channels=in_channels, width=width, depth=depth, latent_channels=latent_channels,
+                           sky_range=sky_range, out_channels=out_channels)
+        self.in_channels = in_channels
+        self.sky_range = float(sky_range)
+        self.depth = depth
+        enc: list[nn.Module] = []
+        c = in_channels
+        chans = []
+        for i in range(depth):
+            co = width * 2**i
+            enc += [nn.Conv2d(c, co, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(co, co, 3, padding=1), nn.GELU()]
+            chans.append(co)
+            c = co
+        enc += [nn.Conv2d(c, latent_channels, 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, c, 1), nn.GELU()]
+        for i in reversed(range(depth)):
+            co = width * 2 ** max(i - 1, 0)
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, co, 3, padding=1), nn.GELU()]
+            c = co
+        dec += [nn.Conv2d(c, out_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, C, h, w)``; the first ``in_channels`` channels are encoded, and the output has
+        ``out_channels`` channels (the held-out ones must be inferred from the others)."""
+        x = x[:, : self.in_channels]
+        h, w = x.shape[-2:]
+        m = 2**self.depth
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        y = self.decoder(self.encoder(x))
+        if self.sky_range > 0:
+            # The sky channel is bounded to what good frames show (+-sky_range in asinh units), so
+            # veils, glows and shadows beyond it cannot be reconstructed and stand out.
+            r = self.sky_range
+            y = torch.cat([r * torch.tanh(y[:, :1] / r), y[:, 1:]], dim=1)
+        return y[..., :h, :w]
+
+
+# --------------------------------------------------------------------------------------------
+# Scorer
+# --------------------------------------------------------------------------------------------
+class QualityResult(NamedTuple):
+    """Output of :class:`QualityScorer`.
+
+    Attributes:
+        patch_error: ``(B, 1, nh, nw)`` mean squared reconstruction error per patch.
+        score: ``(B,)`` frame score (mean error of the worst ``score_top`` fraction of patches).
+        bad_fraction: ``(B,)`` fraction of the frame area covered by bad patches (0 without threshold).
+        bad_mask: bool ``(B, 1, H, W)``, True inside bad patches.
+        rejected: bool ``(B,)``, True when ``bad_fraction > reject_fraction``.
+    """
+
+    patch_error: Tensor
+    score: Tensor
+    bad_fraction: Tensor
+    bad_mask: Tensor
+    rejected: Tensor
+
+
+class QualityScorer(nn.Module):
+    """Score frames and patches by the reconstruction error of a :class:`QualityAutoencoder`.
+
+    Args:
+        model: the trained autoencoder (or any module mapping normalised frames to frames).
+        patch_size: patch side in full-resolution pixels (a multiple of ``bin_factor``).
+        stride: distance between patches in full-resolution pixels (<= ``patch_size``).
+        threshold: patch error above which a patch is bad (``None``: nothing is flagged until
+            :meth:`calibrate` sets it).
+        reject_fraction: a frame with more than this fraction of its area bad is rejected.
+        bin_factor: binning before the network (see :func:`normalize_frame`).
+        score_top: fraction of worst patches averaged into the frame score.
+
+    ``forward(image, mask=None) -> QualityResult`` for ``image`` ``(B, 1, H, W)``.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, patch_size: int = 128, stride: int = 128,
+                 threshold: Optional[float] = None, reject_fraction: float = 0.7, bin_factor: int = 4,
+                 score_top: float = 0.1):
+        super().__init__()
+        if patch_size % bin_factor or stride % bin_factor:
+            raise ValueError(f"patch_size ({patch_size}) and stride ({stride}) must be multiples of bin_factor ({bin_factor})")
+        if not 0 < stride <= patch_size:
+            raise ValueError(f"stride must lie in (0, patch_size], got {stride} with patch_size {patch_size}")
+        if not 0.0 < score_top <= 1.0:
+            raise ValueError(f"score_top must lie in (0, 1], got {score_top}")
+        self.model = model if model is not None else QualityAutoencoder()
+        self.patch_size = int(patch_size)
+        self.stride = int(stride)
+        self.bin_factor = int(bin_factor)
+        self.reject_fraction = float(reject_fraction)
+        self.score_top = float(score_top)
+        self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
+
+    # -- core -------------------------------------------------------------------------------
+    def error_map(self, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Squared reconstruction error on the binned grid ``(B, 1, h, w)``."""
+        x = normalize_frame(image, mask, self.bin_factor)
+        return ((self.model(x) - x) ** 2).mean(dim=1, keepdim=True)
+
+    def patch_errors(self, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        err = self.error_map(image, mask)
+        k, s = self.patch_size // self.bin_factor, self.stride // self.bin_factor
+        return F.avg_pool2d(err, k, stride=s, ceil_mode=True, count_include_pad=False)
+
+    def forward(self, image: Tensor, mask: Optional[Tensor] = None) -> QualityResult:
+        image = check_image(image, "image", channels=1)
+        h, w = image.shape[-2:]
+        pe = self.patch_errors(image, mask)
+        b = pe.shape[0]
+        flat = pe.reshape(b, -1)
+        k = max(1, int(math.ceil(self.score_top * flat.shape[1])))
+        score = flat.topk(k, dim=1).values.mean(dim=1)
+        flags = (pe > self.threshold).to(image.dtype)
+        # Full-resolution mask: a pixel is bad when any patch covering it is bad.
+        ones = torch.ones(1, 1, self.patch_size, self.patch_size, dtype=image.dtype, device=image.device)
+        cover = F.conv_transpose2d(flags, ones, stride=self.stride)[..., :h, :w]
+        bad_mask = cover > 0.5
+        bad_fraction = bad_mask.reshape(b, -1).to(image.dtype).mean(dim=1)
+        return QualityResult(pe, score, bad_fraction, bad_mask, bad_fraction > self.reject_fraction)
+
+    # -- calibration, persistence -----------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, good_frames, quantile: float = 0.99, mask=None) -> float:
+        """Set ``threshold`` to the ``quantile`` of patch errors over good frames and return it.
+
+        ``good_frames``: a tensor ``(B, 1, H, W)`` or an iterable of such tensors (e.g. a DataLoader
+        of good frames).
+        """
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
+        frames = [good_frames] if isinstance(good_frames, Tensor) else list(good_frames)
+        if not frames:
+            raise ValueError("calibrate: good_frames is empty")
+        errs = torch.cat([self.patch_errors(f if f.dim() == 4 else f.unsqueeze(0), mask).reshape(-1) for f in frames])
+        thr = torch.quantile(errs.double(), quantile).to(self.threshold.dtype)
+        self.threshold.fill_(thr)
+        return float(thr)
+
+    def save(self, path, **extra) -> None:
+        """Save weights, architecture, scorer settings and threshold (loadable with weights_only)."""
+        cfg = getattr(self.model, "config", None)
+        if cfg is None:
+            raise TypeError("save: the model has no .config (only QualityAutoencoder models can be saved this way)")
+        payload = {
+            "state_dict": self.model.state_dict(),
+            "model_config": dict(cfg),
+            "scorer_config": dict(patch_size=self.patch_size, stride=self.stride, bin_factor=self.bin_factor,
+                                  reject_fraction=self.reject_fraction, score_top=self.score_top),
+            "threshold": float(self.threshold),
+            **extra,
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu", **overrides) -> "QualityScorer":
+        """Load a scorer saved by :meth:`save` (``torch.load(weights_only=True)``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"QualityScorer.load: no checkpoint at {path}")
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        for key in ("state_dict", "model_config", "scorer_config", "threshold"):
+            if key not in payload:
+                raise ValueError(f"QualityScorer.load: {path} is not a quality checkpoint (missing {key!r})")
+        model = QualityAutoencoder(**payload["model_config"])
+        model.load_state_dict(payload["state_dict"])
+        kw = dict(payload["scorer_config"], threshold=payload["threshold"])
+        kw.update(overrides)
+        return cls(model, **kw).eval()
+
+    @classmethod
+    def pretrained(cls, **overrides) -> "QualityScorer":
+        """The default scorer shipped with the package: trained on simulated GWAC-like frames
+        (``configs/quality/train.yaml``; ``astroprep train-quality`` reproduces it) with a
+        calibrated threshold. A starting point: retrain on your own good frames."""
+        return cls.load(PRETRAINED_PATH, **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Classical baseline
+# --------------------------------------------------------------------------------------------
+def baseline_features(image: Tensor, mask: Optional[Tensor] = None, mesh: int = 64) -> Tensor:
+    """Classical frame statistics ``(B, 3)``: background gradient, background spread, sharpness.
+
+    From a mesh of ``mesh``-pixel medians: (0) the range of the mesh medians over the global noise,
+    (1) their robust spread over the global noise, and (2) a sharpness proxy: the 99.9th percentile of
+    the Laplacian over the noise, which drops for defocused frames. Used by the experiment as the
+    baseline that the autoencoder must beat.
+    """
+    image = check_image(image, "image", channels=1)
+    b = image.shape[0]
+    x = image.nan_to_num(0.0)
+    h, w = x.shape[-2:]
+    hh, ww = (h // mesh) * mesh, (w // mesh) * mesh
+    tiles = x[..., :hh, :ww].reshape(b, hh // mesh, mesh, ww // mesh, mesh).permute(0, 1, 3, 2, 4).reshape(b, -1, mesh * mesh)
+    med = tiles.median(dim=-1).values
+    d = (x[..., :, 1:] - x[..., :, :-1]).reshape(b, -1)[:, ::7]
+    noise = 1.4826 * (d - d.median(dim=1, keepdim=True).values).abs().median(dim=1).values / math.sqrt(2)
+    grad = (med.amax(1) - med.amin(1)) / noise
+    spread = 1.4826 * (med - med.median(1, keepdim=True).values).abs().median(1).values / noise
+    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).reshape(b, -1)[:, ::3]
+    sharp = torch.quantile(lap.double(), 0.999, dim=1).to(x.dtype) / noise
+    return torch.stack([grad, spread, sharp], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class QualityModule(_LightningModule):
+    """Self-supervised training of a :class:`QualityAutoencoder` on normalised good frames.
+
+    Batches are ``(B, 1, h, w)`` crops already normalised by :func:`normalize_frame` (as
+    :class:`QualityDataModule` yields them). Loss: mean squared reconstruction error.
+    """
+
+    def __init__(self, width: int = 16, depth: int = 3, latent_channels: int = 8, lr: float = 2e-3,
+                 weight_decay: float = 0.0, sky_range: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = QualityAutoencoder(2, width, depth, latent_channels, sky_range, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str) -> Tensor:
+        x = batch["image"] if isinstance(batch, dict) else batch
+        loss = F.mse_loss(self.model(x), x)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return opt
+
+
+class _NormalisedCrops(torch.utils.data.IterableDataset):
+    """Random crops of normalised good frames, from the simulator or from FITS files."""
+
+    def __init__(self, source: str, paths: Sequence[str], frame_shape, crop: int, crops_per_frame: int,
+                 n_frames: int, n_stars, bin_factor: int, seed: int, sim_kwargs: dict):
+        self.source, self.paths = source, list(paths)
+        self.frame_shape, self.crop, self.cpf = tuple(frame_shape), crop, crops_per_frame
+        self.n_frames, self.n_stars, self.bin_factor, self.seed = n_frames, n_stars, bin_factor, seed
+        self.sim_kwargs = sim_kwargs
+
+    def _frame(self, i: int, gen: torch.Generator) -> Tensor:
+        if self.source == "fits":
+            from .io import read_fits
+
+            f = read_fits(self.paths[i % len(self.paths)])
+            return normalize_frame(f.data, f.mask, self.bin_factor)
+        from . import sim
+
+        lo, hi = self.n_stars if isinstance(self.n_stars, (list, tuple)) else (self.n_stars, self.n_stars)
+        u = torch.rand(5, generator=gen).tolist()
+        f = sim.simulate_frame(
+            self.frame_shape, n_stars=int(lo + u[0] * (hi - lo)), fwhm=2.0 + 1.5 * u[1], sky=500.0 + 1500.0 * u[2],
+            sky_gradient=(0.2 * (u[3] - 0.5), 0.2 * (u[4] - 0.5)), seed=self.seed + 7919 * i, **self.sim_kwargs,
+        )
+        return normalize_frame(f.image, f.mask, self.bin_factor)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        gen = torch.Generator().manual_seed(self.seed + 104729 * wid)
+        for i in range(wid, self.n_frames, nw):
+            x = self._frame(i, gen)[0]
+            h, w = x.shape[-2:]
+            c = min(self.crop, h, w)
+            for _ in range(self.cpf):
+                r = int(torch.randint(0, h - c + 1, (1,), generator=gen))
+                q = int(torch.randint(0, w - c + 1, (1,), generator=gen))
+                yield {"image": x[:, r : r + c, q : q + c]}
+
+
+class QualityDataModule(_LightningDataModule):
+    """Streams normalised crops of good frames for :class:`QualityModule`.
+
+    Args:
+        source: ``"sim"`` (simulated GWAC-like good frames) or ``"fits"`` (``paths``: files, folders,
+            globs or list files of good frames).
+        frame_shape: simulated frame size ``(H, W)``.
+        crop: crop side on the binned grid.
+        crops_per_frame, n_frames, val_frames: how much data per epoch.
+        n_stars: stars per simulated frame, an int or a ``(min, max)`` range.
+    """
+
+    def __init__(self, source: str = "sim", paths: Sequence[str] = (), frame_shape=(1024, 1024), crop: int = 64,
+                 crops_per_frame: int = 16, n_frames: int = 64, val_frames: int = 4, n_stars=(600, 1800),
+                 bin_factor: int = 4, batch_size: int = 16, num_workers: int = 0, seed: int = 0, **sim_kwargs):
+        super().__init__()
+        if source not in ("sim", "fits"):
+            raise ValueError(f"source must be 'sim' or 'fits', got {source!r}")
+        if source == "fits":
+            from .data import resolve_inputs
+
+            paths = [str(p) for p in resolve_inputs(paths)]
+            if not paths:
+                raise ValueError("QualityDataModule: source='fits' needs paths of good frames")
+        self.kw = dict(source=source, paths=paths, frame_shape=frame_shape, crop=crop, crops_per_frame=crops_per_frame,
+                       n_stars=n_stars, bin_factor=bin_factor, sim_kwargs=sim_kwargs)
+        self.n_frames, self.val_frames, self.seed = n_frames, val_frames, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _loader(self, n, seed):
+        ds = _NormalisedCrops(n_frames=n, seed=seed, **self.kw)
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader(self.n_frames, self.seed)
+
+    def val_dataloader(self):
+        return self._loader(self.val_frames, self.seed + 10_000_019)
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring ("mode-val")
+# --------------------------------------------------------------------------------------------
+class MonitorReport(NamedTuple):
+    """Outcome of :func:`monitor`: ``flagged_fraction`` of held-out good frames (or patches) flagged,
+    and ``needs_retraining`` when it exceeds the tolerated fraction."""
+
+    flagged_fraction: float
+    needs_retraining: bool
+    n_frames: int
+
+
+def monitor(scorer: QualityScorer, good_frames, max_flagged: float = 0.05, level: str = "patch") -> MonitorReport:
+    """Score held-out good frames; warn (log + ``warnings.warn``) when too many are flagged.
+
+    ``level="patch"`` counts flagged patches, ``"frame"`` counts rejected frames. Returns a
+    :class:`MonitorReport`; ``needs_retraining`` means the model no longer recognises good data
+    (conditions drifted) and should be retrained with new good frames.
+    """
+    frames = [good_frames] if isinstance(good_frames, Tensor) else list(good_frames)
+    flagged, total, n = 0.0, 0, 0
+    with torch.no_grad():
+        for f in frames:
+            f = f if f.dim() == 4 else f.unsqueeze(0)
+            r = scorer(f)
+            n += f.shape[0]
+            if level == "frame":
+                flagged += float(r.rejected.sum())
+                total += f.shape[0]
+            else:
+                flagged += float((r.patch_error > scorer.threshold).sum())
+                total += r.patch_error.numel()
+    frac = flagged / max(total, 1)
+    needs = frac > max_flagged
+    if needs:
+        msg = (f"quality monitor: {frac:.1%} of held-out good {level}s flagged (> {max_flagged:.1%}); "
+               "the quality model needs retraining on recent good frames")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return MonitorReport(frac, needs, n)
+
+
+class QualityMonitor(_Callback):
+    """Lightning callback: every ``every_n_epochs`` validation epochs, run :func:`monitor` on
+    ``good_frames`` with a scorer built from the module's current autoencoder, log
+    ``monitor/flagged_fraction`` and keep the last :class:`MonitorReport` in ``self.report``."""
+
+    def __init__(self, good_frames, threshold: Optional[float] = None, max_flagged: float = 0.05,
+                 every_n_epochs: int = 1, **scorer_kwargs):
+        super().__init__()
+        self.good_frames = good_frames
+        self.threshold, self.max_flagged, self.every = threshold, max_flagged, every_n_epochs
+        self.scorer_kwargs = scorer_kwargs
+        self.report: Optional[MonitorReport] = None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch % self.every:
+            return
+        scorer = QualityScorer(pl_module.model, threshold=self.threshold, **self.scorer_kwargs)
+        if self.threshold is None:
+            scorer.calibrate(self.good_frames)
+        self.report = monitor(scorer, self.good_frames, self.max_flagged)
+        pl_module.log("monitor/flagged_fraction", self.report.flagged_fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def train_from_config(cfg) -> dict:
+    """``astroprep train-quality``: train, calibrate on fresh good frames, save a checkpoint."""
+    import time
+
+    from hydra.utils import instantiate
+
+    from . import sim
+
+    torch.manual_seed(int(cfg.seed))
+    module: QualityModule = instantiate(cfg.quality.module)
+    datamodule = instantiate(cfg.quality.data)
+    trainer = instantiate(cfg.trainer)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    t_train = time.perf_counter() - t0
+    scorer = QualityScorer(module.model.eval(), **cfg.quality.scorer)
+    shape = tuple(cfg.quality.calibration.frame_shape)
+    good = [sim.simulate_frame(shape, n_stars=int(cfg.quality.calibration.n_stars), seed=900_000 + i).image
+            for i in range(int(cfg.quality.calibration.n_frames))]
+    thr = scorer.calibrate(good, quantile=float(cfg.quality.calibration.quantile))
+    out = Path(cfg.quality.output)
+    scorer.save(out, trained_seconds=t_train)
+    print(f"trained the quality autoencoder in {t_train:.0f} s; threshold {thr:.4g}; saved {out}")
+    return {"checkpoint": str(out), "threshold": thr, "train_seconds": t_train}

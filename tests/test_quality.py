@@ -1,0 +1,126 @@
+import math
+import warnings
+
+import pytest
+import torch
+
+from astroprep_torch import quality, sim
+from astroprep_torch.quality import (
+    MonitorReport, QualityAutoencoder, QualityModule, QualityScorer, baseline_features, monitor, normalize_frame,
+)
+
+
+def _frame(seed=0, shape=(256, 256), **kw):
+    return sim.simulate_frame(shape, n_stars=60, seed=seed, **kw)
+
+
+def test_normalize_frame_channels_and_robustness():
+    f = _frame()
+    x = normalize_frame(f.image, f.mask, bin_factor=4)
+    assert x.shape == (1, 3, 64, 64)
+    # The sky channel of a good frame sits near 0; masked pixels do not leak.
+    assert x[:, 0].abs().median() < 0.3
+    img = f.image.clone()
+    img[..., 10:20, 10:20] = float("nan")
+    y = normalize_frame(img, None, bin_factor=4)
+    assert torch.isfinite(y).all()
+    # Non-multiple sizes are padded.
+    assert normalize_frame(torch.randn(2, 1, 30, 45), bin_factor=4).shape == (2, 3, 8, 12)
+
+
+def test_autoencoder_shapes_and_bounded_sky():
+    m = QualityAutoencoder(2, width=4, depth=2, latent_channels=2, sky_range=1.0)
+    x = torch.randn(3, 3, 37, 50)
+    y = m(x)  # encodes sky + stars, reconstructs sky, stars and sharpness
+    assert y.shape == x.shape
+    assert y[:, 0].abs().max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="depth"):
+        QualityAutoencoder(depth=0)
+
+
+def test_scorer_outputs_and_calibration():
+    model = QualityAutoencoder(2, width=4, depth=2, latent_channels=2)
+    sc = QualityScorer(model, patch_size=64, stride=64, bin_factor=4)
+    img = torch.cat([_frame(1).image, _frame(2).image])
+    r = sc(img)
+    assert r.patch_error.shape == (2, 1, 4, 4)
+    assert r.score.shape == (2,) and r.bad_fraction.shape == (2,)
+    assert r.bad_mask.shape == img.shape and r.bad_mask.dtype == torch.bool
+    assert not r.bad_mask.any()  # no threshold yet: nothing flagged
+    thr = sc.calibrate(img, quantile=0.5)
+    assert math.isfinite(thr)
+    r = sc(img)
+    # About half the patches are above the median error, and the mask covers exactly them.
+    flagged = (r.patch_error > thr).float().mean().item()
+    assert 0.3 <= flagged <= 0.6
+    assert r.bad_fraction.mean().item() == pytest.approx(flagged, abs=1e-6)
+    assert r.rejected.dtype == torch.bool
+
+
+def test_scorer_bad_arguments():
+    with pytest.raises(ValueError, match="bin_factor"):
+        QualityScorer(patch_size=30, bin_factor=4)
+    with pytest.raises(ValueError, match="stride"):
+        QualityScorer(patch_size=64, stride=128)
+    sc = QualityScorer(QualityAutoencoder(2, 4, 2, 2), patch_size=64, stride=64)
+    with pytest.raises(ValueError, match="image"):
+        sc(torch.zeros(64, 64))
+
+
+def test_save_load_roundtrip(tmp_path):
+    sc = QualityScorer(QualityAutoencoder(2, 4, 2, 2), patch_size=64, stride=32, threshold=0.123)
+    sc.save(tmp_path / "q.pt")
+    # The checkpoint loads with weights_only=True (no pickled code).
+    payload = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert payload["threshold"] == pytest.approx(0.123)
+    sc2 = QualityScorer.load(tmp_path / "q.pt")
+    assert sc2.stride == 32 and float(sc2.threshold) == pytest.approx(0.123)
+    img = _frame(3).image
+    torch.testing.assert_close(sc(img).patch_error, sc2(img).patch_error)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        QualityScorer.load(tmp_path / "missing.pt")
+
+
+def test_monitor_warns_when_good_frames_are_flagged():
+    sc = QualityScorer(QualityAutoencoder(2, 4, 2, 2), patch_size=64, stride=64)
+    good = _frame(4).image
+    sc.calibrate(good, quantile=1.0)
+    rep = monitor(sc, good, max_flagged=0.05)
+    assert isinstance(rep, MonitorReport) and not rep.needs_retraining
+    sc.threshold.fill_(0.0)  # a model that flags everything: drift
+    with pytest.warns(RuntimeWarning, match="retraining"):
+        rep = monitor(sc, good, max_flagged=0.05)
+    assert rep.needs_retraining and rep.flagged_fraction == 1.0
+
+
+def test_baseline_features():
+    good = _frame(5).image
+    moon = _frame(5, defects={"moonlight": 0.5}).image
+    fg, fm = baseline_features(good), baseline_features(moon)
+    assert fg.shape == (1, 3)
+    assert fm[0, 0] > 3 * fg[0, 0]  # the glow makes a large background range
+
+
+def test_tiny_training_with_lightning():
+    import lightning as L
+
+    module = QualityModule(width=4, depth=2, latent_channels=2)
+    dm = quality.QualityDataModule(frame_shape=(128, 128), crop=16, crops_per_frame=2, n_frames=2, val_frames=1,
+                                   n_stars=(10, 20), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=dm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_pretrained_detects_defects():
+    if not quality.PRETRAINED_PATH.is_file():
+        pytest.skip("the shipped quality model is not built yet")
+    sc = QualityScorer.pretrained()
+    good = sim.simulate_frame((512, 512), n_stars=300, seed=11).image
+    bad = sim.simulate_frame((512, 512), n_stars=300, seed=11, defects={"clouds": 0.5}).image
+    with torch.no_grad():
+        rg, rb = sc(good), sc(bad)
+    assert rb.score.item() > rg.score.item()
+    assert rb.bad_fraction.item() > rg.bad_fraction.item()
