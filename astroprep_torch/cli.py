@@ -68,6 +68,11 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``astroprep``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Lightning's DDP launcher re-runs this program for the other ranks with the Hydra overrides but
+    # without the command word: the command travels in the environment.
+    inherited = os.environ.get("ASTROPREP_COMMAND")
+    if inherited in COMMANDS and (not argv or argv[0] not in COMMANDS) and os.environ.get("LOCAL_RANK", "0") != "0":
+        argv = [inherited] + argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -88,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     def _app(cfg: DictConfig):
         return target(cfg)
 
+    os.environ["ASTROPREP_COMMAND"] = command
     old = sys.argv
-    sys.argv = [f"astroprep {command}"] + argv[1:]
+    sys.argv = [old[0] if old else "astroprep"] + argv[1:]
     try:
         _app()
     finally:

@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 #: Weights, architecture and threshold of the model shipped with the package.
-PRETRAINED_PATH = Path(__file__).resolve().parent / "data" / "quality_default.pt"
+PRETRAINED_PATH = Path(__file__).resolve().parent / "weights" / "quality_default.pt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,44 +392,55 @@ class QualityModule(_LightningModule):
         return opt
 
 
-class _NormalisedCrops(torch.utils.data.IterableDataset):
-    """Random crops of normalised good frames, from the simulator or from FITS files."""
+class _NormalisedCrops(torch.utils.data.Dataset):
+    """Random crops of normalised good frames, from the simulator or from FITS files.
+
+    The frames are normalised once (on first use) and kept in memory on the binned grid (a 4096^2
+    frame binned by 4 takes 12 MB), then every epoch draws fresh random crops from them.
+    """
 
     def __init__(self, source: str, paths: Sequence[str], frame_shape, crop: int, crops_per_frame: int,
                  n_frames: int, n_stars, bin_factor: int, seed: int, sim_kwargs: dict):
         self.source, self.paths = source, list(paths)
         self.frame_shape, self.crop, self.cpf = tuple(frame_shape), crop, crops_per_frame
-        self.n_frames, self.n_stars, self.bin_factor, self.seed = n_frames, n_stars, bin_factor, seed
+        self.n_frames = len(self.paths) if source == "fits" else n_frames
+        self.n_stars, self.bin_factor, self.seed = n_stars, bin_factor, seed
         self.sim_kwargs = sim_kwargs
+        self._frames: Optional[list] = None
 
-    def _frame(self, i: int, gen: torch.Generator) -> Tensor:
+    def _frame(self, i: int) -> Tensor:
         if self.source == "fits":
             from .io import read_fits
 
-            f = read_fits(self.paths[i % len(self.paths)])
-            return normalize_frame(f.data, f.mask, self.bin_factor)
+            f = read_fits(self.paths[i])
+            return normalize_frame(f.data, f.mask, self.bin_factor)[0]
         from . import sim
 
-        lo, hi = self.n_stars if isinstance(self.n_stars, (list, tuple)) else (self.n_stars, self.n_stars)
+        lo, hi = self.n_stars
+        gen = torch.Generator().manual_seed(self.seed + 7919 * i)
         u = torch.rand(5, generator=gen).tolist()
         f = sim.simulate_frame(
             self.frame_shape, n_stars=int(lo + u[0] * (hi - lo)), fwhm=2.0 + 1.5 * u[1], sky=500.0 + 1500.0 * u[2],
             sky_gradient=(0.2 * (u[3] - 0.5), 0.2 * (u[4] - 0.5)), seed=self.seed + 7919 * i, **self.sim_kwargs,
         )
-        return normalize_frame(f.image, f.mask, self.bin_factor)
+        return normalize_frame(f.image, f.mask, self.bin_factor)[0]
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        gen = torch.Generator().manual_seed(self.seed + 104729 * wid)
-        for i in range(wid, self.n_frames, nw):
-            x = self._frame(i, gen)[0]
-            h, w = x.shape[-2:]
-            c = min(self.crop, h, w)
-            for _ in range(self.cpf):
-                r = int(torch.randint(0, h - c + 1, (1,), generator=gen))
-                q = int(torch.randint(0, w - c + 1, (1,), generator=gen))
-                yield {"image": x[:, r : r + c, q : q + c]}
+    def frames(self) -> list:
+        if self._frames is None:
+            with torch.no_grad():
+                self._frames = [self._frame(i) for i in range(self.n_frames)]
+        return self._frames
+
+    def __len__(self) -> int:
+        return self.n_frames * self.cpf
+
+    def __getitem__(self, index: int) -> dict:
+        x = self.frames()[index // self.cpf]
+        h, w = x.shape[-2:]
+        c = min(self.crop, h, w)
+        r = int(torch.randint(0, h - c + 1, (1,)))
+        q = int(torch.randint(0, w - c + 1, (1,)))
+        return {"image": x[:, r : r + c, q : q + c]}
 
 
 class QualityDataModule(_LightningDataModule):
@@ -456,20 +467,27 @@ class QualityDataModule(_LightningDataModule):
             paths = [str(p) for p in resolve_inputs(paths)]
             if not paths:
                 raise ValueError("QualityDataModule: source='fits' needs paths of good frames")
-        self.kw = dict(source=source, paths=paths, frame_shape=frame_shape, crop=crop, crops_per_frame=crops_per_frame,
-                       n_stars=n_stars, bin_factor=bin_factor, sim_kwargs=sim_kwargs)
+        n_stars = (int(n_stars), int(n_stars)) if isinstance(n_stars, (int, float)) else tuple(int(v) for v in n_stars)
+        self.kw = dict(source=source, paths=list(paths), frame_shape=tuple(frame_shape), crop=crop,
+                       crops_per_frame=crops_per_frame, n_stars=n_stars, bin_factor=bin_factor, sim_kwargs=dict(sim_kwargs))
         self.n_frames, self.val_frames, self.seed = n_frames, val_frames, seed
         self.batch_size, self.num_workers = batch_size, num_workers
 
-    def _loader(self, n, seed):
-        ds = _NormalisedCrops(n_frames=n, seed=seed, **self.kw)
-        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
+        self._train: Optional[_NormalisedCrops] = None
+        self._val: Optional[_NormalisedCrops] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train is None:
+            self._train = _NormalisedCrops(n_frames=self.n_frames, seed=self.seed, **self.kw)
+            self._val = _NormalisedCrops(n_frames=self.val_frames, seed=self.seed + 10_000_019, **self.kw)
 
     def train_dataloader(self):
-        return self._loader(self.n_frames, self.seed)
+        self.setup()
+        return torch.utils.data.DataLoader(self._train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return self._loader(self.val_frames, self.seed + 10_000_019)
+        self.setup()
+        return torch.utils.data.DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 # --------------------------------------------------------------------------------------------
