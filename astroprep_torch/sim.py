@@ -192,16 +192,26 @@ def make_header(
 
 
 def _add_sip_inverse(hdr: fits.Header, shape: tuple[int, int], order: int = 4) -> None:
-    """Fit the AP/BP inverse polynomials of a SIP header by least squares on a pixel grid."""
+    """Fit the AP/BP inverse polynomials of a SIP header by least squares on a pixel grid.
+
+    SIP: with pixel offsets ``u = x - (CRPIX1 - 1)``, ``v = y - (CRPIX2 - 1)`` (0-based ``x, y``), the
+    focal-plane offsets are ``U = u + A(u, v)``, ``V = v + B(u, v)``; the inverse maps back,
+    ``u = U + AP(U, V)``, ``v = V + BP(U, V)``.
+    """
     h, w = shape
-    wcs = WCS(hdr)
     ys, xs = np.mgrid[0 : h : max(h // 40, 1), 0 : w : max(w // 40, 1)]
-    x = xs.ravel().astype(float)
-    y = ys.ravel().astype(float)
-    crpix = wcs.wcs.crpix - 1.0
-    u, v = x - crpix[0], y - crpix[1]
-    fu, fv = wcs.sip.pix2foc(np.stack([x, y], 1), 0).T - crpix[:, None]
-    # AP/BP map focal-plane offsets (U, V) back to pixel offsets: u = U + AP(U, V).
+    u = xs.ravel().astype(float) - (hdr["CRPIX1"] - 1.0)
+    v = ys.ravel().astype(float) - (hdr["CRPIX2"] - 1.0)
+
+    def poly(prefix: str, n: int) -> np.ndarray:
+        out = np.zeros_like(u)
+        for i in range(n + 1):
+            for j in range(n + 1 - i):
+                out += float(hdr.get(f"{prefix}_{i}_{j}", 0.0)) * u**i * v**j
+        return out
+
+    fu = u + poly("A", int(hdr["A_ORDER"]))
+    fv = v + poly("B", int(hdr["B_ORDER"]))
     terms = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
     design = np.stack([fu**i * fv**j for i, j in terms], 1)
     ap = np.linalg.lstsq(design, u - fu, rcond=None)[0]
