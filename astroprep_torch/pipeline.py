@@ -312,6 +312,7 @@ class CandidateTriplets(nn.Module):
 #: What the writer can write: batch key -> (kind, file suffix, pixel grid).
 #: kind: "fits" (image with the grid's WCS), "catalog" (ECSV), "tensor" (a .pt shard).
 DEFAULT_PRODUCTS = {
+    "aligned": ("fits", "aligned", "reference"),
     "difference": ("fits", "diff", "reference"),
     "difference_variance": ("fits", "diffvar", "reference"),
     "science_background": ("fits", "bkg", "science"),
@@ -629,15 +630,22 @@ def run_from_config(cfg) -> dict:
     dm.setup("predict")
     n_todo = len(dm.dataset)
     trainer.predict(module, datamodule=dm, return_predictions=False)
+    trainer.strategy.barrier()  # every rank has written its frames and manifest rows
     wall = time.perf_counter() - t0
-    summary = summarize(writer.rows, wall, n_todo, len(paths))
+    manifest = read_manifest(out_dir)
+    names = {data_mod.frame_name(p) for p in paths}
+    todo = {data_mod.frame_name(p) for p in dm.dataset.paths}
+    rows = [r for n, r in manifest.items() if n in todo] if trainer.world_size > 1 else writer.rows
+    summary = summarize(rows, wall, n_todo, len(names))
     if truth is not None:
-        summary.update(_truth_summary(writer.rows, out_dir, truth))
-    if cfg.get("quicklook", True) and trainer.global_rank == 0:
-        summary["quicklook"] = _quicklook(out_dir, writer.rows, ref)
+        summary.update(_truth_summary(rows, out_dir, truth))
+    if trainer.global_rank != 0:
+        return summary
+    if cfg.get("quicklook", True):
+        summary["quicklook"] = _quicklook(out_dir, rows, ref)
+    summary["world_size"] = trainer.world_size
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    if trainer.global_rank == 0:
-        print(format_summary(summary, pipeline))
+    print(format_summary(summary, pipeline))
     return summary
 
 
@@ -692,9 +700,11 @@ def _quicklook(out_dir: Path, rows, ref) -> Optional[str]:
         from .io import read_fits
 
         d = read_fits(diff).data
-        sci = read_fits(ok[0]["path"]).data
+        aligned = out_dir / f"{name}.aligned.fits"
+        sci = read_fits(aligned).data if aligned.exists() else read_fits(ok[0]["path"]).data
         png = out_dir / f"{name}.quicklook.png"
-        viz.plot_triplet(sci if sci.shape == d.shape else d, ref.data, d, path=png)
+        viz.plot_triplet(sci if sci.shape == d.shape else d, ref.data, d, path=png,
+                         titles=("science (aligned, background removed)", "reference", "difference"))
         return str(png)
     except Exception as exc:  # a figure must never fail the run
         log.warning("quick-look figure failed: %s", exc)

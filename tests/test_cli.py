@@ -53,7 +53,7 @@ def test_run_end_to_end_on_embedded_field(demo_run):
     assert metrics["processed"] == 1 and not metrics["failed"]
     for stage in ("quality", "background_science", "align", "subtract", "detect_candidates", "detect_science", "stretch"):
         assert stage in metrics["stage_seconds"], stage
-    for suffix in ("diff.fits", "diffvar.fits", "bkg.fits", "rms.fits", "candidates.ecsv", "cat.ecsv", "triplets.pt", "norm.pt"):
+    for suffix in ("aligned.fits", "diff.fits", "diffvar.fits", "bkg.fits", "rms.fits", "candidates.ecsv", "cat.ecsv", "triplets.pt", "norm.pt"):
         assert (out / f"science.{suffix}").exists(), suffix
     assert (out / "config.yaml").exists()
     # Transients injected into the science frame are found in the difference.
