@@ -1,0 +1,877 @@
+"""Stamps and triplets around positions, the normalisations used on them, and alert readers.
+
+Functional core
+---------------
+``extract(images, xy, size, batch_index=None)``
+    Vectorised gather of ``(N, C, s, s)`` stamps centred on ``xy`` (0-based, ``x`` = column,
+    ``y`` = row) from a batch of frames ``(B, C, H, W)``, with a bool mask (True = outside the
+    frame or bad) of the same shape. No Python loop over sources.
+``make_triplets(science, reference, difference, xy, size=63)``
+    ``(N, 3, s, s)`` stamps in the ZTF order science, reference (template), difference.
+
+Normalisations (tensor transforms, per cutout and per channel)
+--------------------------------------------------------------
+``braai_normalize``  NaN -> 0, L2 normalisation as ZTF's braai (``d6_m7``: Keras
+                     ``utils.normalize``, i.e. each *row* divided by its L2 norm; ``d6_m9``/Kowalski:
+                     the whole cutout divided by its L2 norm), then padding to 63x63 with 1e-9.
+``zscale_asinh``     zscale interval -> [0, 1] -> asinh stretch (astropy ``AsinhStretch`` rule).
+``robust_standardize``  (x - median) / (1.4826 MAD).
+
+Readers (edges of the library; optional dependencies imported lazily)
+---------------------------------------------------------------------
+``read_ztf_alerts(paths)``   Avro packets (fastavro), Kowalski/braai JSON, or Fink Parquet files
+                             -> :class:`AlertBatch` with raw triplets ``(N, 3, 63, 63)``.
+``read_fits_folder(root)``   CERES layout: ``root/valid/*.fits`` and ``root/invalid/*.fits`` or a
+                             labels CSV -> :class:`FitsCutouts`.
+
+Simulation
+----------
+``simulate_triplets(n, size=63, seed=0)``  self-contained Gaussian-PSF triplets of real transients,
+asteroids (moving / short trails) and bogus detections (dipoles, cosmic rays, hot pixels,
+saturated-star residuals, frame edges), labelled automatically.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io as _io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import as_pair, check_image
+
+__all__ = [
+    "Cutouts", "extract", "make_triplets", "CutoutExtractor", "TripletExtractor",
+    "braai_normalize", "l2_normalize", "zscale_interval", "zscale_asinh", "robust_standardize",
+    "BraaiNormalize", "ZScaleAsinh", "RobustStandardize", "L2Normalize",
+    "AlertBatch", "read_ztf_alerts", "read_avro_alerts", "read_alert_json", "read_fink_alerts",
+    "FitsCutouts", "read_fits_folder", "SimTriplets", "simulate_triplets", "SIM_KINDS",
+]
+
+#: float32's largest finite value: ZTF's production pipeline works in float32, where the squared
+#: sum of a row holding the -3.4e38 "blank" sentinel (or an inf turned finite) overflows.
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+# --------------------------------------------------------------------------------------------
+class Cutouts(NamedTuple):
+    """``stamps`` (N, C, s, s) and ``mask`` (N, C, s, s) bool, True = outside the frame / bad."""
+
+    stamps: Tensor
+    mask: Tensor
+
+
+def _check_xy(xy: Tensor, name: str = "xy") -> Tensor:
+    if not isinstance(xy, Tensor):
+        xy = torch.as_tensor(xy)
+    if xy.dim() != 2 or xy.shape[-1] != 2:
+        raise ValueError(f"{name} must be shaped (N, 2) holding (x, y) 0-based pixel positions, got {tuple(xy.shape)}")
+    return xy
+
+
+def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = None, *,
+            mask: Optional[Tensor] = None, mode: str = "nearest", fill_value: float = 0.0) -> Cutouts:
+    """Cut ``(N, C, s, s)`` stamps out of ``images`` (B, C, H, W) around ``xy`` (N, 2).
+
+    Coordinates are 0-based pixel centres, ``x`` = column, ``y`` = row.
+
+    * ``mode="nearest"`` (default, ZTF / astropy ``Cutout2D`` rule): the stamp holds the original
+      pixels; its first pixel is ``round(x) - sw // 2`` (round half up), so for odd sizes the pixel
+      containing the source is the central pixel, for even sizes it is pixel ``s // 2``.
+    * ``mode="bilinear"``: the stamp is resampled so that ``xy`` falls exactly on pixel
+      ``((sw - 1) / 2, (sh - 1) / 2)``; differentiable with respect to images and positions.
+
+    ``batch_index`` (N,) int says which frame each source lies on (torchvision ROI style;
+    default all 0). Pixels outside the frame get ``fill_value`` and ``True`` in the returned mask;
+    ``mask`` (bool, broadcastable to ``images``, True = bad) is carried into the stamps' mask.
+    Vectorised: one gather, no loop over sources.
+    """
+    check_image(images, "images")
+    xy = _check_xy(xy).to(images.device)
+    sh, sw = as_pair(size, "size")
+    B, C, H, W = images.shape
+    n = xy.shape[0]
+    if batch_index is None:
+        if B != 1 and n:
+            raise ValueError(f"batch_index is required when images holds {B} frames")
+        batch_index = torch.zeros(n, dtype=torch.long, device=images.device)
+    else:
+        batch_index = torch.as_tensor(batch_index, device=images.device).long()
+        if batch_index.shape != (n,):
+            raise ValueError(f"batch_index must be shaped (N,) = ({n},), got {tuple(batch_index.shape)}")
+        if n and (batch_index.min() < 0 or batch_index.max() >= B):
+            raise ValueError(f"batch_index values must lie in [0, {B}), got range [{int(batch_index.min())}, {int(batch_index.max())}]")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = bad), got {mask.dtype}")
+        mask = mask.expand_as(images)
+    if mode == "nearest":
+        x0 = torch.floor(xy[:, 0] + 0.5).long() - sw // 2
+        y0 = torch.floor(xy[:, 1] + 0.5).long() - sh // 2
+        rows = y0[:, None] + torch.arange(sh, device=images.device)  # (N, sh)
+        cols = x0[:, None] + torch.arange(sw, device=images.device)  # (N, sw)
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        r = rows.clamp(0, H - 1)[:, :, None]
+        c = cols.clamp(0, W - 1)[:, None, :]
+        b = batch_index[:, None, None]
+        stamps = images.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)  # (N, C, sh, sw)
+        out_mask = ~inside[:, None].expand(n, C, sh, sw)
+        if mask is not None:
+            out_mask = out_mask | mask.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
+        stamps = torch.where(out_mask & ~inside[:, None], torch.full_like(stamps, fill_value), stamps)
+        return Cutouts(stamps.contiguous(), out_mask.contiguous())
+    if mode != "bilinear":
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    # bilinear: the four neighbours are gathered like the nearest stamps (no copy of the frames per
+    # source) and blended with weights that depend on xy, so gradients reach images and positions.
+    dt = images.dtype
+    xy = xy.to(dt)
+    ox = torch.arange(sw, device=images.device, dtype=dt) - (sw - 1) / 2
+    oy = torch.arange(sh, device=images.device, dtype=dt) - (sh - 1) / 2
+    px = xy[:, 0, None] + ox[None]  # (N, sw)
+    py = xy[:, 1, None] + oy[None]  # (N, sh)
+    x0, y0 = torch.floor(px), torch.floor(py)
+    wx, wy = px - x0, py - y0
+    x0, y0 = x0.long(), y0.long()
+    img = images.permute(0, 2, 3, 1)  # (B, H, W, C)
+    mimg = mask.permute(0, 2, 3, 1) if mask is not None else None
+    b = batch_index[:, None, None]
+    stamps = torch.zeros(n, sh, sw, C, dtype=dt, device=images.device)
+    bad = torch.zeros(n, sh, sw, C, dtype=torch.bool, device=images.device)
+    for dy, wyy in ((0, 1 - wy), (1, wy)):
+        for dx, wxx in ((0, 1 - wx), (1, wx)):
+            yi, xi = y0 + dy, x0 + dx
+            ok = ((yi >= 0) & (yi < H))[:, :, None] & ((xi >= 0) & (xi < W))[:, None, :]
+            r, c = yi.clamp(0, H - 1)[:, :, None], xi.clamp(0, W - 1)[:, None, :]
+            w = (wyy[:, :, None] * wxx[:, None, :])[..., None]  # (N, sh, sw, 1)
+            use = ok[..., None] & (w > 0)
+            v = img[b, r, c]
+            stamps = stamps + torch.where(use, w * v, torch.zeros_like(v))
+            if mimg is not None:
+                bad = bad | (use & mimg[b, r, c])
+    stamps = stamps.permute(0, 3, 1, 2)
+    inside = ((py >= 0) & (py <= H - 1))[:, :, None] & ((px >= 0) & (px <= W - 1))[:, None, :]  # (N, sh, sw)
+    out_mask = ~inside[:, None].expand(n, C, sh, sw) | bad.permute(0, 3, 1, 2)
+    stamps = torch.where(~inside[:, None], torch.full_like(stamps, fill_value), stamps)
+    return Cutouts(stamps.contiguous(), out_mask.contiguous())
+
+
+def make_triplets(science: Tensor, reference: Tensor, difference: Tensor, xy: Tensor, size=63,
+                  batch_index: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
+                  mode: str = "nearest", fill_value: float = float("nan")) -> Cutouts:
+    """``(N, 3, s, s)`` triplets in the ZTF order science, reference (template), difference.
+
+    The three frames are ``(B, 1, H, W)`` on the same pixel grid (reference already aligned).
+    Outside the frame the stamps hold ``fill_value`` (NaN by default, as ZTF's cutouts near chip
+    edges; braai's normalisation turns NaN into 0) and the mask is True.
+    """
+    for name, t in (("science", science), ("reference", reference), ("difference", difference)):
+        check_image(t, name, channels=1)
+    if not (science.shape == reference.shape == difference.shape):
+        raise ValueError(f"science, reference and difference must share one shape, got {tuple(science.shape)}, "
+                         f"{tuple(reference.shape)}, {tuple(difference.shape)}")
+    frames = torch.cat([science, reference, difference], dim=1)
+    return extract(frames, xy, size, batch_index, mask=mask, mode=mode, fill_value=fill_value)
+
+
+class CutoutExtractor(nn.Module):
+    """Module form of :func:`extract`: ``forward(images, xy, batch_index=None) -> Cutouts``."""
+
+    def __init__(self, size: int = 63, mode: str = "nearest", fill_value: float = 0.0):
+        super().__init__()
+        self.size, self.mode, self.fill_value = size, mode, fill_value
+
+    def forward(self, images: Tensor, xy: Tensor, batch_index: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Cutouts:
+        return extract(images, xy, self.size, batch_index, mask=mask, mode=self.mode, fill_value=self.fill_value)
+
+
+class TripletExtractor(nn.Module):
+    """Module form of :func:`make_triplets`."""
+
+    def __init__(self, size: int = 63, mode: str = "nearest", fill_value: float = float("nan")):
+        super().__init__()
+        self.size, self.mode, self.fill_value = size, mode, fill_value
+
+    def forward(self, science: Tensor, reference: Tensor, difference: Tensor, xy: Tensor,
+                batch_index: Optional[Tensor] = None) -> Cutouts:
+        return make_triplets(science, reference, difference, xy, self.size, batch_index,
+                             mode=self.mode, fill_value=self.fill_value)
+
+
+# --------------------------------------------------------------------------------------------
+# normalisations
+# --------------------------------------------------------------------------------------------
+def l2_normalize(x: Tensor, per: str = "row") -> Tensor:
+    """L2 normalisation of each cutout ``x`` (..., H, W) after replacing NaN by 0.
+
+    ``per="row"``: Keras ``utils.normalize(x, axis=-1, order=2)`` as braai ``d6_m7`` was trained
+    with: every row is divided by its own L2 norm (a zero norm is replaced by 1).
+    ``per="image"``: the whole cutout is divided by its L2 norm (braai ``d6_m9`` / Kowalski).
+
+    The norm is evaluated with float32 range as ZTF's production code does: a row (image) whose
+    squared sum exceeds float32's largest value (e.g. holding the -3.4e38 "blank" sentinel of ZTF
+    templates, or an inf) gets an infinite norm and so becomes all zeros. This reproduces the stored
+    ``drb`` of such alerts; in float64 the result would differ.
+    """
+    if per not in ("row", "image"):
+        raise ValueError(f"per must be 'row' or 'image', got {per!r}")
+    x = torch.nan_to_num(x, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+    dims = (-1,) if per == "row" else (-2, -1)
+    sq = (x * x).sum(dim=dims, keepdim=True)
+    norm = torch.sqrt(sq)
+    norm = torch.where(sq > _F32_MAX, torch.full_like(norm, float("inf")), norm)
+    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    return x / norm
+
+
+def braai_normalize(triplets: Tensor, *, per: str = "row", size: int = 63, pad_value: float = 1e-9,
+                    cutout_shape: Optional[Tensor] = None) -> Tensor:
+    """braai's preprocessing of raw triplets ``(N, 3, H, W)`` (H, W <= ``size``) -> ``(N, 3, 63, 63)``.
+
+    NaN -> 0, :func:`l2_normalize` per channel (``per="row"`` for ``d6_m7``), then padding at the
+    bottom and right to ``size`` x ``size`` with ``pad_value`` (1e-9, as ZTF/braai ``make_triplet``).
+    ``cutout_shape`` (N, 2) int (rows, cols) marks cutouts that were already padded (e.g. by
+    :func:`read_ztf_alerts` when a batch mixes sizes): pixels beyond it are excluded from the norm and
+    set to ``pad_value``.
+    """
+    check_image(triplets, "triplets")
+    N, C, H, W = triplets.shape
+    if H > size or W > size:
+        raise ValueError(f"triplets must be at most {size}x{size} (braai's input), got {H}x{W}")
+    x = triplets
+    valid = None
+    if cutout_shape is not None:
+        cs = torch.as_tensor(cutout_shape, device=x.device)
+        if cs.shape != (N, 2):
+            raise ValueError(f"cutout_shape must be shaped (N, 2) = ({N}, 2), got {tuple(cs.shape)}")
+        r = torch.arange(H, device=x.device)
+        c = torch.arange(W, device=x.device)
+        valid = (r[None, :, None] < cs[:, 0, None, None]) & (c[None, None, :] < cs[:, 1, None, None])
+        valid = valid[:, None]
+        x = torch.where(valid, x, torch.zeros_like(x))
+    x = l2_normalize(x, per=per)
+    if valid is not None:
+        x = torch.where(valid, x, torch.full_like(x, pad_value))
+    if H < size or W < size:
+        x = F.pad(x, (0, size - W, 0, size - H), mode="constant", value=pad_value)
+    return x
+
+
+def robust_standardize(x: Tensor, *, nan_to: float = 0.0, eps: float = 1e-12) -> Tensor:
+    """Per cutout and channel ``(x - median) / (1.4826 * MAD)`` of ``x`` (N, C, H, W), NaN-aware.
+
+    NaNs (masked / off-frame pixels) are ignored in the statistics and set to ``nan_to`` after.
+    A zero MAD falls back to the standard deviation, then to 1.
+    """
+    check_image(x, "x")
+    flat = x.flatten(2)
+    med = torch.nanmedian(flat, dim=-1, keepdim=True).values
+    mad = torch.nanmedian((flat - med).abs(), dim=-1, keepdim=True).values * 1.482602218505602
+    finite = torch.isfinite(flat)
+    cnt = finite.sum(-1, keepdim=True).clamp_min(1)
+    mean = torch.where(finite, flat, torch.zeros_like(flat)).sum(-1, keepdim=True) / cnt
+    std = torch.sqrt(torch.where(finite, (flat - mean) ** 2, torch.zeros_like(flat)).sum(-1, keepdim=True) / cnt)
+    scale = torch.where(mad > eps, mad, torch.where(std > eps, std, torch.ones_like(std)))
+    med = torch.nan_to_num(med, nan=0.0)
+    out = (flat - med) / scale
+    out = torch.where(torch.isfinite(out), out, torch.full_like(out, nan_to))
+    return out.view_as(x)
+
+
+def zscale_interval(x: Tensor, *, n_samples: int = 1000, contrast: float = 0.25, max_reject: float = 0.5,
+                    min_npixels: int = 5, krej: float = 2.5, max_iterations: int = 5) -> tuple[Tensor, Tensor]:
+    """IRAF/astropy zscale (vmin, vmax) of each cutout and channel of ``x`` (N, C, H, W) -> (N, C) each.
+
+    Uses ``astroprep_torch.stretch.ZScale`` when that module is available; otherwise this batched
+    fallback of astropy's ``ZScaleInterval`` (regular sample of at most ``n_samples`` finite pixels,
+    iterative line fit with ``krej``-sigma rejection grown by 1 % of the sample, slope / ``contrast``).
+    Like astropy, the fallback keeps the finite pixels in order and samples every
+    ``int(n_finite / n_samples)``-th of them.
+    """
+    check_image(x, "x")
+    N, C = x.shape[:2]
+    try:  # the shared implementation, when present
+        from . import stretch as _stretch  # noqa: WPS433
+        if hasattr(_stretch, "ZScale"):
+            z = _stretch.ZScale(n_samples=n_samples, contrast=contrast, max_reject=max_reject,
+                                min_npixels=min_npixels, krej=krej, max_iterations=max_iterations)
+            vmin, vmax = z(x.reshape(N * C, 1, *x.shape[-2:]))
+            if vmin.numel() == N * C and vmax.numel() == N * C:
+                return vmin.reshape(N, C).to(x.dtype), vmax.reshape(N, C).to(x.dtype)
+    except (ImportError, TypeError, AttributeError):
+        pass
+    return _zscale_fallback(x, n_samples, contrast, max_reject, min_npixels, krej, max_iterations)
+
+
+def _zscale_fallback(x, n_samples, contrast, max_reject, min_npixels, krej, max_iterations):
+    N, C = x.shape[:2]
+    flat = x.reshape(N * C, -1)
+    # astropy: keep the finite values (in order), then take every int(n / n_samples)-th, at most n_samples
+    fin = torch.isfinite(flat)
+    order = torch.argsort((~fin).to(torch.int8), dim=-1, stable=True)
+    compact = flat.gather(1, order)
+    nfin = fin.sum(-1)
+    stride = torch.clamp(nfin // n_samples, min=1)
+    take = torch.arange(n_samples, device=x.device)[None] * stride[:, None]
+    inrange = take < nfin[:, None]
+    samp = compact.gather(1, take.clamp(max=flat.shape[1] - 1))
+    samp = torch.where(inrange, samp, torch.full_like(samp, float("nan")))
+    good0 = torch.isfinite(samp)
+    # sort with non-finite values last; count finite ones per row
+    big = torch.finfo(x.dtype).max
+    samp = torch.where(good0, samp, torch.full_like(samp, big)).sort(dim=-1).values
+    npix = good0.sum(-1)  # (M,)
+    M, L = samp.shape
+    idx = torch.arange(L, device=x.device, dtype=x.dtype)
+    valid = idx[None, :] < npix[:, None]
+    nf = npix.clamp_min(1)
+    vmin = samp[:, 0]
+    vmax = samp.gather(1, (nf - 1)[:, None])[:, 0]
+    minpix = torch.clamp((npix * max_reject).long(), min=min_npixels)
+    ngrow = torch.clamp((npix * 0.01).long(), min=1)
+    bad = ~valid
+    ngood = npix.clone()
+    last = npix + 1
+    active = torch.ones(M, dtype=torch.bool, device=x.device)
+    slope = torch.zeros(M, dtype=x.dtype, device=x.device)
+    intercept = torch.zeros(M, dtype=x.dtype, device=x.device)
+    sampz = torch.where(valid, samp, torch.zeros_like(samp))
+    kmax = int(ngrow.max()) if M else 1
+    for _ in range(max_iterations):
+        active = active & (ngood < last) & (ngood >= minpix)
+        w = (~bad).to(x.dtype)
+        sw = w.sum(-1).clamp_min(1)
+        mx = (w * idx).sum(-1) / sw
+        my = (w * sampz).sum(-1) / sw
+        sxx = (w * (idx - mx[:, None]) ** 2).sum(-1)
+        sxy = (w * (idx - mx[:, None]) * (sampz - my[:, None])).sum(-1)
+        b_new = torch.where(sxx > 0, sxy / sxx.clamp_min(1e-30), torch.zeros_like(sxx))
+        a_new = my - b_new * mx
+        slope = torch.where(active, b_new, slope)
+        intercept = torch.where(active, a_new, intercept)
+        flatres = sampz - (intercept[:, None] + slope[:, None] * idx)
+        gcount = w.sum(-1).clamp_min(2)
+        gm = (w * flatres).sum(-1) / gcount
+        thr = krej * torch.sqrt((w * (flatres - gm[:, None]) ** 2).sum(-1) / gcount)
+        newbad = bad | (flatres.abs() > thr[:, None])
+        # grow rejected pixels by ngrow (astropy: convolve with ones(ngrow), mode='same')
+        if kmax > 1:
+            k = kmax
+            grown = F.max_pool1d(newbad.to(x.dtype)[:, None], kernel_size=k, stride=1, padding=k // 2)[:, 0, :L]
+            newbad = grown > 0
+        newbad = newbad | ~valid
+        bad = torch.where(active[:, None], newbad, bad)
+        last = torch.where(active, ngood, last)
+        ngood = torch.where(active, (~bad).sum(-1), ngood)
+    ok = ngood >= minpix
+    s = slope / contrast if contrast > 0 else slope
+    center = ((npix - 1) // 2).to(x.dtype)
+    med = torch.where(valid, samp, torch.full_like(samp, float("nan"))).nanmedian(dim=-1).values
+    lo = torch.maximum(vmin, med - (center - 1) * s)
+    hi = torch.minimum(vmax, med + (npix.to(x.dtype) - center) * s)
+    vmin = torch.where(ok, lo, vmin)
+    vmax = torch.where(ok, hi, vmax)
+    return vmin.reshape(N, C), vmax.reshape(N, C)
+
+
+def zscale_asinh(x: Tensor, *, a: float = 0.1, nan_to: float = 0.0, **zscale_kwargs) -> Tensor:
+    """zscale interval -> clip to [0, 1] -> asinh stretch ``asinh(v / a) / asinh(1 / a)`` (astropy's
+    ``AsinhStretch(a=0.1)``) of ``x`` (N, C, H, W), per cutout and channel. NaN -> ``nan_to``."""
+    vmin, vmax = zscale_interval(x, **zscale_kwargs)
+    vmin, vmax = vmin[..., None, None], vmax[..., None, None]
+    span = torch.where(vmax > vmin, vmax - vmin, torch.ones_like(vmax))
+    v = ((x - vmin) / span).clamp(0, 1)
+    v = torch.asinh(v / a) / math.asinh(1 / a)
+    return torch.where(torch.isfinite(v), v, torch.full_like(v, nan_to))
+
+
+class L2Normalize(nn.Module):
+    """Module form of :func:`l2_normalize` (NaN -> 0, per row or per image)."""
+
+    def __init__(self, per: str = "image"):
+        super().__init__()
+        self.per = per
+
+    def forward(self, x: Tensor) -> Tensor:
+        return l2_normalize(x, per=self.per)
+
+
+class BraaiNormalize(nn.Module):
+    """Module form of :func:`braai_normalize` (``per="row"`` for ``d6_m7``)."""
+
+    def __init__(self, per: str = "row", size: int = 63, pad_value: float = 1e-9):
+        super().__init__()
+        self.per, self.size, self.pad_value = per, size, pad_value
+
+    def forward(self, x: Tensor, cutout_shape: Optional[Tensor] = None) -> Tensor:
+        return braai_normalize(x, per=self.per, size=self.size, pad_value=self.pad_value, cutout_shape=cutout_shape)
+
+
+class ZScaleAsinh(nn.Module):
+    """Module form of :func:`zscale_asinh`: output in [0, 1]."""
+
+    def __init__(self, a: float = 0.1, contrast: float = 0.25, n_samples: int = 1000):
+        super().__init__()
+        self.a, self.contrast, self.n_samples = a, contrast, n_samples
+
+    def forward(self, x: Tensor) -> Tensor:
+        return zscale_asinh(x, a=self.a, contrast=self.contrast, n_samples=self.n_samples)
+
+
+class RobustStandardize(nn.Module):
+    """Module form of :func:`robust_standardize`."""
+
+    def __init__(self, nan_to: float = 0.0):
+        super().__init__()
+        self.nan_to = nan_to
+
+    def forward(self, x: Tensor) -> Tensor:
+        return robust_standardize(x, nan_to=self.nan_to)
+
+
+# --------------------------------------------------------------------------------------------
+# alert readers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AlertBatch:
+    """Alerts as tensors.
+
+    ``triplets`` (N, 3, S, S) float32 raw cutouts in the order science, reference (template),
+    difference, NaN kept (S = 63, or the largest size present; smaller cutouts are padded at the
+    bottom/right with NaN and ``cutout_shape`` (N, 2) holds their true (rows, cols)).
+    ``candid`` (N,) int64; ``rb``, ``drb`` (N,) float32 (NaN where the packet has none);
+    ``fields``: every other scalar candidate field as a tensor (numbers, NaN / -1 for missing) or a
+    list (strings); ``object_id`` and ``drbversion`` lists of str; ``source`` file of each alert.
+    """
+
+    triplets: Tensor
+    candid: Tensor
+    rb: Tensor
+    drb: Tensor
+    cutout_shape: Tensor
+    object_id: list
+    drbversion: list
+    fields: dict = field(default_factory=dict)
+    source: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.candid.shape[0])
+
+
+def _decode_stamp(data) -> np.ndarray:
+    """gzipped (or plain) FITS bytes -> 2-D float32 array (astropy at the I/O edge)."""
+    from astropy.io import fits
+    import warnings
+
+    raw = bytes(data)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if raw[:3] == b"\xff\xd8\xff":  # early (2016-2017) test packets carry JPEG previews, not FITS
+        from PIL import Image  # Pillow comes with matplotlib
+
+        with Image.open(_io.BytesIO(raw)) as im:
+            return np.asarray(im.convert("L"), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ZTF stamps carry a non-standard SIMPLE card
+        with fits.open(_io.BytesIO(raw), memmap=False) as hdul:
+            arr = np.asarray(hdul[0].data, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"a cutout must be a 2-D image, got shape {arr.shape}")
+    return arr
+
+
+def _stamp_bytes(cutout) -> bytes:
+    if cutout is None:
+        raise ValueError("alert has no cutout")
+    data = cutout["stampData"] if isinstance(cutout, dict) else cutout
+    if isinstance(data, dict) and "$binary" in data:  # MongoDB extended JSON (Kowalski / braai)
+        b = data["$binary"]
+        data = base64.b64decode(b["base64"] if isinstance(b, dict) else b)
+    elif isinstance(data, str):
+        data = base64.b64decode(data)
+    return data
+
+
+def _records_to_batch(records: list, sources: list) -> AlertBatch:
+    arrays, shapes = [], []
+    for rec in records:
+        trip = [_decode_stamp(_stamp_bytes(rec.get(k))) for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
+        arrays.append(trip)
+        shapes.append([max(a.shape[0] for a in trip), max(a.shape[1] for a in trip)])
+    n = len(records)
+    S = max([63] + [max(s) for s in shapes])
+    out = np.full((n, 3, S, S), np.nan, dtype=np.float32)
+    cshape = np.zeros((n, 2), dtype=np.int64)
+    for i, trip in enumerate(arrays):
+        for j, a in enumerate(trip):
+            out[i, j, : a.shape[0], : a.shape[1]] = a
+        cshape[i] = [min(a.shape[0] for a in trip), min(a.shape[1] for a in trip)]
+    cands = [rec.get("candidate") or {} for rec in records]
+    keys: list = []
+    for c in cands:
+        for k in c:
+            if k not in keys:
+                keys.append(k)
+    fields: dict = {}
+    for k in keys:
+        vals = [c.get(k) for c in cands]
+        present = [v for v in vals if v is not None]
+        if present and all(isinstance(v, (bool, np.bool_)) for v in present):
+            fields[k] = torch.tensor([bool(v) if v is not None else False for v in vals])
+        elif present and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present):
+            fields[k] = torch.tensor([int(v) if v is not None else -1 for v in vals], dtype=torch.int64)
+        elif present and all(isinstance(v, (int, float, np.integer, np.floating)) for v in present):
+            fields[k] = torch.tensor([float(v) if v is not None else float("nan") for v in vals], dtype=torch.float64)
+        else:
+            fields[k] = [None if v is None else str(v) for v in vals]
+
+    def num(key, dtype):
+        vals = [c.get(key) for c in cands]
+        fill = -1 if dtype == torch.int64 else float("nan")
+        return torch.tensor([fill if v is None else v for v in vals], dtype=dtype)
+
+    candid = torch.tensor([int(rec.get("candid") or c.get("candid") or -1) for rec, c in zip(records, cands)], dtype=torch.int64)
+    return AlertBatch(
+        triplets=torch.from_numpy(out), candid=candid, rb=num("rb", torch.float32), drb=num("drb", torch.float32),
+        cutout_shape=torch.from_numpy(cshape), object_id=[str(r.get("objectId")) for r in records],
+        drbversion=[c.get("drbversion") for c in cands], fields=fields, source=list(sources),
+    )
+
+
+def read_avro_alerts(paths) -> list:
+    """Raw alert records (dicts) from ZTF Avro files (``fastavro``, imported lazily)."""
+    try:
+        import fastavro
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("reading ZTF Avro alerts needs the optional dependency 'fastavro' "
+                          "(pip install fastavro)") from err
+    recs, srcs = [], []
+    for p in _as_paths(paths):
+        with open(p, "rb") as f:
+            for rec in fastavro.reader(f):
+                recs.append(rec)
+                srcs.append(str(p))
+    return recs, srcs
+
+
+def read_alert_json(paths) -> tuple:
+    """Raw alert records from Kowalski / braai JSON files (cutouts as extended-JSON ``$binary``)."""
+    import json
+
+    recs, srcs = [], []
+    for p in _as_paths(paths):
+        with open(p) as f:
+            obj = json.load(f)
+        for rec in obj if isinstance(obj, list) else [obj]:
+            recs.append(rec)
+            srcs.append(str(p))
+    return recs, srcs
+
+
+def read_fink_alerts(paths) -> tuple:
+    """Raw alert records from Fink Parquet files (``pyarrow``, imported lazily)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("reading Parquet alerts needs the optional dependency 'pyarrow' (pip install pyarrow)") from err
+    recs, srcs = [], []
+    for p in _as_paths(paths):
+        cols = pq.read_schema(p).names
+        keep = [c for c in ("candid", "objectId", "candidate", "cutoutScience", "cutoutTemplate", "cutoutDifference") if c in cols]
+        for rec in pq.read_table(p, columns=keep).to_pylist():
+            recs.append(rec)
+            srcs.append(str(p))
+    return recs, srcs
+
+
+def _as_paths(paths) -> list:
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        if p.is_dir():
+            return sorted(q for q in p.iterdir() if q.suffix in (".avro", ".json", ".parquet"))
+        return [p]
+    out = []
+    for p in paths:
+        out += _as_paths(p) if Path(p).is_dir() else [Path(p)]
+    return out
+
+
+def read_ztf_alerts(paths) -> AlertBatch:
+    """Read ZTF alert packets into an :class:`AlertBatch` of raw triplets (N, 3, 63, 63).
+
+    ``paths``: one path, a folder, or a list; ``.avro`` files are read with ``fastavro``
+    (a packet file may hold several alerts), ``.json`` as Kowalski / braai JSON, ``.parquet`` as
+    Fink alert tables (``pyarrow``). The channel order is science, reference (template),
+    difference, the values are the raw cutout pixels (NaN kept; normalisation happens in the model).
+    """
+    recs, srcs = [], []
+    for p in _as_paths(paths):
+        if p.suffix == ".avro":
+            r, s = read_avro_alerts([p])
+        elif p.suffix == ".json":
+            r, s = read_alert_json([p])
+        elif p.suffix == ".parquet":
+            r, s = read_fink_alerts([p])
+        else:
+            raise ValueError(f"unknown alert file type {p.suffix!r} for {p} (expected .avro, .json or .parquet)")
+        recs += r
+        srcs += s
+    if not recs:
+        raise ValueError(f"no alerts found in {paths!r}")
+    return _records_to_batch(recs, srcs)
+
+
+# --------------------------------------------------------------------------------------------
+# FITS folder (CERES layout)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FitsCutouts:
+    """``images`` (N, 1, H, W) float32, ``labels`` (N,) int64 (1 = valid, 0 = invalid), ``names``."""
+
+    images: Tensor
+    labels: Tensor
+    names: list
+
+
+def read_fits_folder(root, labels_csv=None, *, size: Optional[int] = None,
+                     positive: Sequence[str] = ("valid", "real", "asteroid", "1", "true")) -> FitsCutouts:
+    """Read a folder of FITS cutouts with labels (the CERES layout: 200x200 ``valid``/``invalid``).
+
+    Labels come from ``labels_csv`` (columns ``filename``/``file``/``name`` and ``label``; a label
+    is positive when it is in ``positive`` or a non-zero number) or, without a CSV, from the
+    sub-folder name (``root/valid/*.fits`` -> 1, ``root/invalid/*.fits`` -> 0). All images must
+    share one shape unless ``size`` is given, in which case each is centre-cropped / NaN-padded to
+    ``size`` x ``size``.
+    """
+    from astropy.io import fits
+    import csv
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"FITS cutout folder {root} does not exist")
+    items = []
+    if labels_csv is not None:
+        with open(labels_csv, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = {c.lower(): c for c in reader.fieldnames or []}
+            fcol = next((cols[c] for c in ("filename", "file", "name", "path") if c in cols), None)
+            lcol = next((cols[c] for c in ("label", "class", "valid", "target") if c in cols), None)
+            if fcol is None or lcol is None:
+                raise ValueError(f"{labels_csv} needs a file-name column and a label column, got {reader.fieldnames}")
+            for row in reader:
+                items.append((root / row[fcol], _parse_label(row[lcol], positive)))
+    else:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            lab = 1 if sub.name.lower() in positive else 0
+            for f in sorted(sub.glob("*.fits*")) + sorted(sub.glob("*.fit")):
+                items.append((f, lab))
+    if not items:
+        raise ValueError(f"no labelled FITS files found under {root}")
+    imgs = []
+    for path, _ in items:
+        with fits.open(path, memmap=False) as hdul:
+            hdu = next((h for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2), None)
+            if hdu is None:
+                raise ValueError(f"{path} holds no image")
+            a = np.asarray(hdu.data, dtype=np.float32)
+            a = a.reshape(a.shape[-2:]) if a.ndim > 2 else a
+        if size is not None:
+            a = _crop_pad(a, size)
+        imgs.append(a)
+    shapes = {a.shape for a in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"FITS cutouts have different shapes {sorted(shapes)}; pass size= to crop/pad them")
+    return FitsCutouts(torch.from_numpy(np.stack(imgs)[:, None]), torch.tensor([l for _, l in items], dtype=torch.int64),
+                       [p.name for p, _ in items])
+
+
+def _parse_label(v: str, positive) -> int:
+    s = str(v).strip().lower()
+    if s in positive:
+        return 1
+    try:
+        return int(float(s) != 0)
+    except ValueError:
+        return 0
+
+
+def _crop_pad(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    h, w = a.shape
+    sy, sx = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    crop = a[sy: sy + size, sx: sx + size]
+    oy, ox = (size - crop.shape[0]) // 2, (size - crop.shape[1]) // 2
+    out[oy: oy + crop.shape[0], ox: ox + crop.shape[1]] = crop
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# simulated triplets
+# --------------------------------------------------------------------------------------------
+#: kind codes of :func:`simulate_triplets`; the first two are real (label 1), the rest bogus.
+SIM_KINDS = ("transient", "asteroid", "dipole", "cosmic_ray", "hot_pixel", "saturated", "edge")
+
+
+class SimTriplets(NamedTuple):
+    """``triplets`` (n, 3, s, s) raw counts (sci, ref, diff; NaN off the chip edge), ``labels`` (n,)
+    int64 (1 = real: transient or asteroid, 0 = bogus), ``kind`` (n,) index into :data:`SIM_KINDS`."""
+
+    triplets: Tensor
+    labels: Tensor
+    kind: Tensor
+
+
+def _gauss(xx, yy, x, y, flux, sigma):
+    """Sum of circular Gaussian PSFs, evaluated separably; x, y, flux, sigma (n, K) -> (n, s, s).
+
+    ``xx``/``yy`` are the 2-D pixel-coordinate grids (only their first row / column is used)."""
+    ax = xx[0]  # (s,)
+    ay = yy[:, 0]
+    inv = 1.0 / (2 * sigma ** 2)
+    gx = torch.exp(-((ax[None, None] - x[..., None]) ** 2) * inv[..., None])  # (n, K, s)
+    gy = torch.exp(-((ay[None, None] - y[..., None]) ** 2) * inv[..., None])
+    w = flux / (2 * math.pi * sigma ** 2)
+    return torch.einsum("nky,nkx->nyx", gy * w[..., None], gx)
+
+
+def simulate_triplets(n: int, size: int = 63, seed: int = 0, *, real_fraction: float = 0.5,
+                      snr_range: tuple = (6.0, 60.0), dtype=torch.float32, device=None) -> SimTriplets:
+    """Simulate ``n`` labelled alert triplets (science, reference, difference) of ``size`` x ``size``.
+
+    Self-contained (Gaussian PSFs, sky + Poisson-like Gaussian noise), seeded, vectorised over
+    the samples. Every stamp has a sky level, 0-3 static field stars and possibly a host galaxy;
+    the difference is the science minus the PSF-matched reference (static sources cancel) plus
+    the noise of both. The centred candidate is one of :data:`SIM_KINDS`:
+
+    real (label 1): ``transient`` (new point source, on a host galaxy half the time, within 0.5 px
+    of the centre); ``asteroid`` (a point source absent from the reference, trailed over 0-6 px).
+    bogus (label 0): ``dipole`` (a star misaligned by 0.3-1.5 px between epochs, +/- lobes),
+    ``cosmic_ray`` (sharp 1-4 px track in the science only), ``hot_pixel`` (one hot pixel),
+    ``saturated`` (a clipped bright star: ring/core residual), ``edge`` (the chip edge crosses the
+    stamp: NaN beyond it, a bright gradient residual along it).
+    """
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    dt = torch.float32  # float32 is plenty for counts of ~1e6 and twice as fast as float64
+
+    def U(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*(shape or (n,)), generator=g, dtype=dt)
+
+    s = size
+    c = (s - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(s, dtype=dt), torch.arange(s, dtype=dt), indexing="ij")
+    is_real = torch.rand(n, generator=g, dtype=dt) < real_fraction
+    real_kind = (torch.rand(n, generator=g, dtype=dt) < 0.4).long()  # 0 transient, 1 asteroid
+    bogus_kind = 2 + torch.randint(0, 5, (n,), generator=g)
+    kind = torch.where(is_real, real_kind, bogus_kind)
+    sky = U(100, 800)
+    sig_sci = U(0.8, 1.8)  # PSF sigma (FWHM 1.9-4.2 px)
+    sig_ref = sig_sci * U(0.7, 1.0)  # references are sharper (coadds)
+    noise_sci = torch.sqrt(sky)
+    noise_ref = noise_sci / 2  # deeper coadd
+    # point-source flux for a given S/N in a PSF-weighted aperture: S/N = F / (noise * sqrt(4 pi sigma^2))
+    snr = torch.exp(U(math.log(snr_range[0]), math.log(snr_range[1])))
+    flux = snr * noise_sci * torch.sqrt(4 * math.pi * sig_sci ** 2)
+    # field stars, in both epochs (cancel in the difference)
+    K = 3
+    nst = torch.randint(0, K + 1, (n,), generator=g)
+    on = (torch.arange(K)[None] < nst[:, None]).to(dt)
+    sx, sy = U(2, s - 3, n, K), U(2, s - 3, n, K)
+    sf = torch.exp(U(math.log(2e3), math.log(2e5), n, K)) * on
+    stars_sci = _gauss(xx, yy, sx, sy, sf, sig_sci[:, None].expand(n, K))
+    stars_ref = _gauss(xx, yy, sx, sy, sf, sig_ref[:, None].expand(n, K))
+    # host galaxy under half of the candidates (transients on hosts; bogus also on hosts)
+    has_host = (torch.rand(n, generator=g, dtype=dt) < 0.5).to(dt)
+    hx, hy = c + U(-4, 4), c + U(-4, 4)
+    hf = torch.exp(U(math.log(5e3), math.log(1e5))) * has_host
+    hsig = U(2.5, 6.0)
+    host_sci = _gauss(xx, yy, hx[:, None], hy[:, None], hf[:, None], torch.sqrt(hsig ** 2 + sig_sci ** 2)[:, None])
+    host_ref = _gauss(xx, yy, hx[:, None], hy[:, None], hf[:, None], torch.sqrt(hsig ** 2 + sig_ref ** 2)[:, None])
+    sci = sky[:, None, None] + stars_sci + host_sci
+    ref = sky[:, None, None] + stars_ref + host_ref
+    diff = torch.zeros(n, s, s, dtype=dt)
+    cx, cy = c + U(-0.5, 0.5), c + U(-0.5, 0.5)
+
+    def sel(k):
+        return (kind == k).to(dt)
+
+    # transient: new point source in the science epoch
+    t = sel(0)
+    comp = _gauss(xx, yy, cx[:, None], cy[:, None], (flux * t)[:, None], sig_sci[:, None])
+    sci, diff = sci + comp, diff + comp
+    # asteroid: trailed point source absent from the reference (it moved)
+    a = sel(1)
+    L, ang = U(0, 6), U(0, math.pi)
+    T = 9
+    frac = torch.linspace(-0.5, 0.5, T, dtype=dt)[None]
+    ax = cx[:, None] + frac * (L * torch.cos(ang))[:, None]
+    ay = cy[:, None] + frac * (L * torch.sin(ang))[:, None]
+    comp = _gauss(xx, yy, ax, ay, (flux * a)[:, None].expand(n, T) / T, sig_sci[:, None].expand(n, T))
+    sci, diff = sci + comp, diff + comp
+    # dipole: a star misaligned between epochs
+    d = sel(2)
+    shift, dang = U(0.3, 1.5), U(0, 2 * math.pi)
+    dflux = torch.exp(U(math.log(5e3), math.log(3e5))) * d
+    star_s = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sig_sci[:, None])
+    star_r = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sig_ref[:, None])
+    mx_, my_ = cx + shift * torch.cos(dang), cy + shift * torch.sin(dang)
+    star_m = _gauss(xx, yy, mx_[:, None], my_[:, None], dflux[:, None], sig_sci[:, None])
+    sci, ref, diff = sci + star_s, ref + star_r, diff + star_s - star_m
+    # cosmic ray: sharp short track in the science only
+    cr = sel(3)
+    Lc, angc = U(0, 4), U(0, math.pi)
+    crx = cx[:, None] + frac * (Lc * torch.cos(angc))[:, None]
+    cry = cy[:, None] + frac * (Lc * torch.sin(angc))[:, None]
+    crf = (torch.exp(U(math.log(1.5), math.log(20))) * flux * cr)[:, None].expand(n, T) / T
+    comp = _gauss(xx, yy, crx, cry, crf, U(0.25, 0.45)[:, None].expand(n, T))
+    sci, diff = sci + comp, diff + comp
+    # hot pixel: one pixel
+    hp = sel(4)
+    hot = torch.zeros(n, s, s, dtype=dt)
+    ic = int(round(c))
+    hot[:, ic, ic] = torch.exp(U(math.log(10), math.log(300))) * noise_sci * hp
+    sci, diff = sci + hot, diff + hot
+    # saturated star: clipped core in the science, unclipped deeper reference -> ring / core residual
+    st = sel(5)
+    bflux = torch.exp(U(math.log(5e5), math.log(5e6))) * st
+    b_s = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sig_sci[:, None])
+    b_r = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sig_ref[:, None])
+    b_m = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], (sig_sci * U(0.9, 1.1))[:, None])
+    sat = torch.where(st > 0, U(2e4, 6e4), torch.full((n,), float("inf"), dtype=dt))
+    sci = torch.minimum(sci + b_s, sat[:, None, None])
+    ref = ref + b_r
+    diff = diff + torch.minimum(b_s + sky[:, None, None], sat[:, None, None]) - sky[:, None, None] - b_m
+    # noise
+    rn = lambda: torch.randn(n, s, s, generator=g, dtype=dt)  # noqa: E731
+    var_sci = (sci.clamp_min(0) / sky[:, None, None]) * noise_sci[:, None, None] ** 2
+    n_sci = torch.sqrt(var_sci) * rn()
+    n_ref = noise_ref[:, None, None] * rn()
+    sci, ref = sci + n_sci, ref + n_ref
+    diff = diff + n_sci - n_ref  # the difference carries the noise of both epochs
+    # edge: chip edge crossing the stamp (NaN beyond it, gradient residual along it)
+    e = kind == 6
+    side = torch.randint(0, 4, (n,), generator=g)
+    depth = torch.randint(4, 24, (n,), generator=g)
+    coord = torch.stack([xx, s - 1 - xx, yy, s - 1 - yy])[side]  # distance-like coordinate per side
+    beyond = (coord < depth[:, None, None]) & e[:, None, None]
+    dist = (coord - depth[:, None, None]).clamp_min(0)
+    ramp = torch.exp(-dist / U(1, 3)[:, None, None]) * (flux * U(0.5, 3))[:, None, None] / 10
+    diff = torch.where(e[:, None, None], diff + ramp, diff)
+    nan = torch.tensor(float("nan"), dtype=dt)
+    sci = torch.where(beyond, nan, sci)
+    diff = torch.where(beyond, nan, diff)
+    ref = torch.where(beyond & (torch.rand(n, 1, 1, generator=g) < 0.5), nan, ref)
+    trip = torch.stack([sci, ref, diff], dim=1).to(dtype)
+    if device is not None:
+        trip = trip.to(device)
+    return SimTriplets(trip, is_real.long().to(trip.device), kind.to(trip.device))
