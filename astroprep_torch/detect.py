@@ -83,12 +83,15 @@ __all__ = [
     "FLAG_ISO_INCOMPLETE",
 ]
 
-FLAG_CROWDED = 1
-FLAG_BLENDED = 2
-FLAG_SATURATED = 4
-FLAG_TRUNCATED = 8
-FLAG_APER_INCOMPLETE = 16
-FLAG_ISO_INCOMPLETE = 32
+# SExtractor's FLAGS bits, defined once in photometry (which sets most of them).
+from .photometry import (  # noqa: E402
+    FLAG_APER_INCOMPLETE,
+    FLAG_BLENDED,
+    FLAG_CROWDED,
+    FLAG_ISO_INCOMPLETE,
+    FLAG_SATURATED,
+    FLAG_TRUNCATED,
+)
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
 CLEAN_ZONE = 10.0  # SExtractor: neighbours considered within CLEAN_ZONE * (a1 + a2)

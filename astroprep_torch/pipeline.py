@@ -267,12 +267,15 @@ class AlignToReference(nn.Module):
         from . import align
 
         c = image.shape[1]
-        stack = image if extra is None else torch.cat([image, extra], dim=1)
+        # Bad pixels become NaN, which spreads to every output pixel whose kernel touches them (as in
+        # reproject); that is exact for masking and much cheaper than renormalised masked sampling.
+        marked = image if mask is None else torch.where(mask, torch.full_like(image, float("nan")), image)
+        stack = marked if extra is None else torch.cat([marked, extra], dim=1)
         use_wcs = self.method == "wcs" or (self.method == "auto" and src_wcs is not None and dst_wcs is not None)
         if use_wcs:
             if src_wcs is None or dst_wcs is None:
                 raise ValueError("AlignToReference(method='wcs') needs src_wcs and dst_wcs")
-            r = align.reproject(stack, src_wcs, dst_wcs, tuple(reference.shape[-2:]), mask,
+            r = align.reproject(stack, src_wcs, dst_wcs, tuple(reference.shape[-2:]), None,
                                 interpolation=self.interpolation, grid_step=self.grid_step)
             out, footprint, method = r.image, r.footprint, "wcs"
         else:
