@@ -52,8 +52,12 @@ therefore what this module does -- these are the points where sep differs:
 Vectorisation: isophotal quantities are ``index_add`` / ``scatter_reduce`` over the segmentation
 pixels.  Aperture-like quantities are computed on per-object square stamps gathered as an
 ``(n, s, s)`` batch; objects are grouped into a few stamp sizes (a Python loop over size buckets and
-memory chunks, never over objects).  The windowed centroid iterates at most 16 times over the still
-moving objects.  Fluxes are linear in the pixel values, so everything is differentiable w.r.t. the
+memory chunks, never over objects).  Stamp rows are gathered as contiguous runs (``index_select`` on a
+strided view, ~8x faster than an element-wise gather; element-wise fallback near the buffer ends and
+under autograd).  The growth curve bins its 5x5 sub-samples in float32 (a bin edge can move by
+~1e-6 px).  The windowed centroid iterates at most 16 times over the still moving objects, with a
+separable Gaussian, moments from row/column marginals, and stamps re-gathered only when the stamp
+origin or the CORRECT mirror centre changes.  Fluxes are linear in the pixel values, so everything is differentiable w.r.t. the
 image for a fixed segmentation (the discrete choices -- which pixels, the Kron factor -- are constants).
 """
 
@@ -191,6 +195,8 @@ class _Frame:
         self.seg = seg.reshape(-1)
         self.var = var  # broadcastable map (B?,1,H?,W?)
         self.blank = None if blankmap is None else blankmap.reshape(-1)  # bool: pixel blanked unless own
+        # one gather instead of two: label of blanked pixels, -1 where not blanked
+        self.bseg = None if blankmap is None else torch.where(self.blank, self.seg, torch.full_like(self.seg, -1)).int()
         self.H, self.W = H, W
         self.B = image.shape[0]
         self.mask_type = mask_type
@@ -207,8 +213,15 @@ class _Frame:
         ix = x0[:, None, None] + ar[None, None, :]
         iy = y0[:, None, None] + ar[None, :, None]
         valid = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
-        flat = b[:, None, None] * (H * W) + iy.clamp(0, H - 1) * W + ix.clamp(0, W - 1)
-        pix = self.img[flat]
+        # row starts of each stamp row in the flat buffer (rows are contiguous runs of s pixels)
+        rstart = b[:, None] * (H * W) + iy[:, :, 0].clamp(0, H - 1) * W + x0[:, None]
+        fast = self._fast_ok(rstart, s)
+        if fast:
+            flat = None
+            pix = self._rows(self.img, rstart, s)
+        else:
+            flat = b[:, None, None] * (H * W) + iy.clamp(0, H - 1) * W + ix.clamp(0, W - 1)
+            pix = self.img[flat]
         dt = pix.dtype
         fx = (cx.double() - x0.double()).to(dt)
         fy = (cy.double() - y0.double()).to(dt)
@@ -218,13 +231,28 @@ class _Frame:
         out = {"pix": pix, "valid": valid, "dx": dx, "dy": dy, "flat": flat, "ix": ix, "iy": iy,
                "x0": x0, "y0": y0, "s": s}
         if self.blank is not None:
-            masked = self.blank[flat] & (self.seg[flat] != label[:, None, None]) & valid
+            bs = self._rows(self.bseg, rstart, s) if fast else self.bseg[flat]
+            masked = (bs >= 0) & (bs != label[:, None, None]) & valid
         else:
             masked = torch.zeros_like(valid)
         out["masked"] = masked
         if want_var:
             out["var"] = self._var_at(b, iy, ix)
         return out
+
+    def _fast_ok(self, rstart: Tensor, s: int) -> bool:
+        """Row-run gathers need every run inside the flat buffer (one sync) and no autograd."""
+        if self.img.requires_grad or rstart.numel() == 0:
+            return False
+        return bool(((rstart.min() >= 0) & (rstart.max() <= self.img.numel() - s)).item())
+
+    @staticmethod
+    def _rows(buf: Tensor, rstart: Tensor, s: int) -> Tensor:
+        """``buf[rstart[n, i] + j]`` as ``(n, s, s)``: index_select of contiguous runs on a strided view
+        (~8x faster than an element-wise gather).  Values at off-image positions (runs that wrap to the
+        neighbouring row) are garbage and masked by the callers."""
+        view = buf.as_strided((buf.numel() - s + 1, s), (1, 1))
+        return view.index_select(0, rstart.reshape(-1)).view(rstart.shape[0], rstart.shape[1], s)
 
     def _var_at(self, b, iy, ix):
         v = self.var
@@ -249,9 +277,17 @@ class _Frame:
         x2 = cxm[:, None, None] - st["ix"]
         y2 = cym[:, None, None] - st["iy"]
         ok = (x2 >= 0) & (x2 < W) & (y2 >= 0) & (y2 < H)
-        flat2 = b[:, None, None] * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
-        mpix = self.img[flat2]
-        mblank = self.blank[flat2] & (self.seg[flat2] != label[:, None, None])
+        s = pix.shape[-1]
+        # mirrored stamp: row y2 = cym - iy, columns cxm - x0 - j (descending) = reversed run
+        rstart2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W + (cxm - st["x0"] - (s - 1))[:, None]
+        if self._fast_ok(rstart2, s):
+            mpix = self._rows(self.img, rstart2, s).flip(-1)
+            bs = self._rows(self.bseg, rstart2, s).flip(-1)
+        else:
+            flat2 = b[:, None, None] * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
+            mpix = self.img[flat2]
+            bs = self.bseg[flat2]
+        mblank = (bs >= 0) & (bs != label[:, None, None])
         rep = torch.where(ok & ~mblank, mpix, zero)
         return torch.where(st["valid"], torch.where(masked, rep, pix), zero)
 
@@ -455,48 +491,52 @@ def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float]
     step = rlim / GROWTH_NSTEP
     flag = _box_flag_trunc(o["x"], raper, fr.W) | _box_flag_trunc(o["y"], raper, fr.H)
     growth = torch.zeros(N, GROWTH_NSTEP, dtype=torch.float64, device=dev)
-    half = _half(raper)
+    # sub-samples lie within 0.5*sqrt(2) of the centre: pixels beyond rlim + 0.71 only feed bins
+    # >= GROWTH_NSTEP, which SExtractor drops, so they are skipped (exact); the stamp only needs rcut
+    rcut = torch.minimum(raper, rlim + 0.71)
+    half = _half(rcut)
     sc = 1.0 / GROWTH_OVERSAMP
     off = 0.5 * (sc - 1.0)
+    nb = GROWTH_NSTEP + 1  # one overflow bin per object (dropped), avoids boolean compaction
     sub = torch.arange(GROWTH_OVERSAMP, device=dev, dtype=torch.float64) * sc + off
+    # sub-sample offsets; float32 for the 25x work (bin edges move by ~1e-6 px)
+    sub5 = sub.float()
     for sel, h in _size_buckets(half):
         s = 2 * h + 2
         for c in _chunks(sel, s * s * 8, max_elems):
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
             st = fr.stamps(b, lab, cx, cy, h, want_var=False)
-            pix = fr.corrected(st, b, lab, cx, cy)
-            dx, dy = st["dx"].double(), st["dy"].double()
-            r2 = dx * dx + dy * dy
-            # sub-samples lie within 0.5*sqrt(2) of the centre: pixels beyond rlim + 0.71 only feed
-            # bins >= GROWTH_NSTEP, which SExtractor drops, so they are skipped (exact)
-            rcut = torch.minimum(raper[c], rlim[c] + 0.71)
-            inside = (r2 < (rcut ** 2)[:, None, None]) & st["valid"]
-            n_, s_, _ = dx.shape
+            n_ = c.numel()
+            dx32, dy32 = st["dx"], st["dy"]
+            r2f = dx32 * dx32 + dy32 * dy32
+            inside = (r2f < ((rcut[c] + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st["valid"]
             oi, yy, xx = torch.nonzero(inside, as_tuple=True)
-            p = pix[oi, yy, xx]
-            pdx, pdy = dx[oi, yy, xx], dy[oi, yy, xx]
-            r = torch.sqrt(pdx * pdx + pdy * pdy)
+            pix = fr.corrected(st, b, lab, cx, cy)[oi, yy, xx]  # run gathers beat per-pixel ones
+            pdx, pdy = dx32[oi, yy, xx].double(), dy32[oi, yy, xx].double()
+            r2 = pdx * pdx + pdy * pdy
+            keep = r2 < (rcut[c] ** 2)[oi]
+            r = torch.sqrt(r2)
             stp = step[c][oi]
             dens = 1.0 / stp
             d = torch.fmod(r, stp)
-            over = (d < 0.75) | (d > stp - 0.75)
+            over = ((d < 0.75) | (d > stp - 0.75)) & keep
+            whole = (~over) & keep
+            p = pix.double()
             # whole pixels
-            jw = torch.floor(r * dens).long()
-            okw = (~over) & (jw < GROWTH_NSTEP)
-            flat_w = oi * GROWTH_NSTEP + jw.clamp(max=GROWTH_NSTEP - 1)
-            g = torch.zeros(n_ * GROWTH_NSTEP, dtype=p.dtype, device=dev)
-            g = g.index_add(0, flat_w[okw], p[okw])
-            # over-sampled pixels
+            jw = torch.floor(r * dens).long().clamp(max=GROWTH_NSTEP)
+            g = torch.zeros(n_ * nb, dtype=torch.float64, device=dev)
+            g.index_add_(0, oi * nb + jw, torch.where(whole, p, torch.zeros_like(p)))
+            # over-sampled pixels: 25 sub-samples each
             ov = torch.nonzero(over).flatten()
             if ov.numel():
-                sx = pdx[ov, None, None] + sub[None, None, :]
-                sy = pdy[ov, None, None] + sub[None, :, None]
-                js = torch.floor(torch.sqrt(sx * sx + sy * sy) * dens[ov, None, None]).long()
-                oks = js < GROWTH_NSTEP
-                fl = (oi[ov, None, None] * GROWTH_NSTEP + js.clamp(max=GROWTH_NSTEP - 1))
-                val = (p[ov] * (sc * sc))[:, None, None].expand(js.shape)
-                g = g.index_add(0, fl[oks], val[oks])
-            growth[c] = g.reshape(n_, GROWTH_NSTEP).double()
+                sx = pdx[ov].float()[:, None] + sub5  # (m, 5)
+                sy = pdy[ov].float()[:, None] + sub5
+                q = (sy * sy)[:, :, None] + (sx * sx)[:, None, :]  # (m, 5, 5), x fastest
+                q = torch.sqrt_(q).mul_(dens[ov].float()[:, None, None]).floor_().clamp_(max=GROWTH_NSTEP)
+                fl = q.to(torch.int32).add_((oi[ov] * nb).to(torch.int32)[:, None, None])
+                val = (p[ov] * (sc * sc))[:, None, None].expand(q.shape)
+                g.index_add_(0, fl.reshape(-1), val.reshape(-1))
+            growth[c] = g.reshape(n_, nb)[:, :GROWTH_NSTEP]
     growth = torch.cumsum(growth, dim=1)
 
     def radius_at(tv):
@@ -546,29 +586,49 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
     for sel, h in _size_buckets(half):
         s = 2 * h + 2
         for c in _chunks(sel, s * s * (WINPOS_OVERSAMP + 8), max_elems):
+            # corrected stamps are cached per object and re-gathered only when the stamp origin or
+            # the CORRECT mirror centre changes (late iterations move by << 1 px)
+            nc = c.numel()
+            cache = torch.zeros(nc, s, s, dtype=dt, device=dev)
+            keys = torch.full((nc, 4), -(1 << 40), dtype=torch.long, device=dev)
+            arf = torch.arange(s, device=dev).to(dt)
+            la = torch.arange(nc, device=dev)
             act = c
             for _ in range(WINPOS_NITERMAX):
                 if act.numel() == 0:
                     break
-                b, lab = o["bi"][act], o["label"][act]
                 cxm, cym = mx[act], my[act]
                 rap = raper[act]
                 flag[act] |= _box_flag_trunc(cxm, rap, fr.W) | _box_flag_trunc(cym, rap, fr.H)
-                st = fr.stamps(b, lab, cxm, cym, h, want_var=False)
-                pix = fr.corrected(st, b, lab, cxm, cym)
-                dx, dy = st["dx"], st["dy"]
+                x0 = torch.floor(cxm).long() - h
+                y0 = torch.floor(cym).long() - h
+                key = torch.stack([x0, y0, torch.trunc(2.0 * cxm + 0.49999).long(),
+                                   torch.trunc(2.0 * cym + 0.49999).long()], 1)
+                chg = torch.nonzero((key != keys[la]).any(1)).flatten()
+                if chg.numel():
+                    gi = act[chg]
+                    b, lab = o["bi"][gi], o["label"][gi]
+                    st = fr.stamps(b, lab, mx[gi], my[gi], h, want_var=False)
+                    cache[la[chg]] = fr.corrected(st, b, lab, mx[gi], my[gi])
+                    keys[la[chg]] = key[chg]
+                pix = cache[la]
+                fx = (cxm - x0.double()).to(dt)
+                fy = (cym - y0.double()).to(dt)
+                dxr = arf[None, :] - fx[:, None]  # (n, s) column offsets
+                dyr = arf[None, :] - fy[:, None]  # (n, s) row offsets
+                dx2, dy2 = dxr * dxr, dyr * dyr
                 rap2 = (rap * rap).to(dt)[:, None, None]
                 rint = rap - 0.75
                 rint2 = torch.where(rint > 0, rint * rint, torch.zeros_like(rint)).to(dt)[:, None, None]
                 rext2 = ((rap + 0.75) ** 2).to(dt)[:, None, None]
-                inv2s2 = (1.0 / (2.0 * sig[act] ** 2)).to(dt)[:, None, None]
-                r2 = dx * dx + dy * dy
+                inv2s2 = (1.0 / (2.0 * sig[act] ** 2)).to(dt)[:, None]
+                r2 = dy2[:, :, None] + dx2[:, None, :]
                 loc = torch.where(r2 < rext2, torch.ones_like(r2), torch.zeros_like(r2))
                 ring = (r2 > rint2) & (r2 < rext2)
                 oi, yy_, xx_ = torch.nonzero(ring, as_tuple=True)
                 if oi.numel():
                     # 11x11 sub-sampling only on the window's edge pixels
-                    rdx, rdy = dx[oi, yy_, xx_], dy[oi, yy_, xx_]
+                    rdx, rdy = dxr[oi, xx_], dyr[oi, yy_]
                     yk = rdy[:, None] + ksub
                     R2 = rap2[oi, 0, 0][:, None] - yk * yk
                     w = torch.sqrt(torch.clamp(R2, min=0))
@@ -578,22 +638,37 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
                     cnt = torch.clamp(torch.clamp(hi, max=WINPOS_OVERSAMP - 1) - torch.clamp(lo, min=0) + 1, min=0)
                     cnt = torch.where(R2 > 0, cnt, torch.zeros_like(cnt))
                     loc = loc.index_put((oi, yy_, xx_), cnt.sum(-1) * (sc * sc))
-                loc = loc * torch.exp(-torch.clamp(r2 * inv2s2, max=60.0))  # no denormals
+                # separable Gaussian: exp(-dy^2 k) exp(-dx^2 k), clamped (no denormals; loc = 0 there)
+                gy = torch.exp(-torch.clamp(dy2 * inv2s2, max=60.0))
+                gx = torch.exp(-torch.clamp(dx2 * inv2s2, max=60.0))
+                loc = loc * gy[:, :, None] * gx[:, None, :]
                 lp = (loc * pix).double()
-                tv = lp.sum((-1, -2))
+                n_a = lp.shape[0]
+                dxv = dxr.double()
+                dyv = dyr.double()
+                colsum = lp.sum(1)  # (n, s) over rows
+                rowsum = lp.sum(2)
+                tv = colsum.sum(-1)
                 ok = tv > 0
                 tvs = torch.where(ok, tv, torch.ones_like(tv))
-                dxp = torch.where(ok, (lp * dx.double()).sum((-1, -2)) / tvs, torch.zeros_like(tv))
-                dyp = torch.where(ok, (lp * dy.double()).sum((-1, -2)) / tvs, torch.zeros_like(tv))
-                m2x = (lp * (dx * dx).double()).sum((-1, -2)) / tvs - dxp * dxp
-                m2y = (lp * (dy * dy).double()).sum((-1, -2)) / tvs - dyp * dyp
-                m2xy = (lp * (dx * dy).double()).sum((-1, -2)) / tvs - dxp * dyp
+                sx1 = (colsum * dxv).sum(-1)
+                sy1 = (rowsum * dyv).sum(-1)
+                sxx = (colsum * dxv * dxv).sum(-1)
+                syy = (rowsum * dyv * dyv).sum(-1)
+                sxy = (torch.bmm(lp, dxv[:, :, None])[:, :, 0] * dyv).sum(-1)
+                dxp = torch.where(ok, sx1 / tvs, torch.zeros_like(tv))
+                dyp = torch.where(ok, sy1 / tvs, torch.zeros_like(tv))
+                m2x = sxx / tvs - dxp * dxp
+                m2y = syy / tvs - dyp * dyp
+                m2xy = sxy / tvs - dxp * dyp
                 wflag[act] = ((~ok).long() * 4 + ((m2x < 0) | (m2y < 0)).long() * 2
                               + (m2x * m2y - m2xy * m2xy < 0).long())
                 mx[act] = cxm + dxp * WINPOS_FAC
                 my[act] = cym + dyp * WINPOS_FAC
                 niter[act] += 1
-                act = act[ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2)]
+                moving = ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2)
+                act = act[moving]
+                la = la[moving]
     return mx, my, flag, niter, wflag
 
 

@@ -617,16 +617,21 @@ def run_from_config(cfg) -> dict:
     if not paths:
         raise FileNotFoundError(f"input: no FITS files in {inputs}")
     pipeline: Pipeline = instantiate(cfg.pipeline)
-    if reference_path is None:
-        reference_path = pick_reference(paths)
-        print(f"[astroprep] picked the reference: {reference_path}")
-    ref = read_fits(reference_path)
-    paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
-    writer = FrameWriter(out_dir, products=cfg.get("products") or None, reference_header=ref.header)
+    ref = None
+    if cfg.get("needs_reference", True):
+        if reference_path is None:
+            reference_path = pick_reference(paths)
+            print(f"[astroprep] picked the reference: {reference_path}")
+        ref = read_fits(reference_path)
+        paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
+    products = {k: tuple(v) for k, v in cfg.products.items()} if cfg.get("products") else None
+    writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None)
     dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                       prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
                                       skip=writer.finished if cfg.get("resume", True) else None)
-    module = PreprocessModule(pipeline, reference=ref.data, reference_mask=ref.mask, reference_header=ref.header,
+    module = PreprocessModule(pipeline, reference=ref.data if ref is not None else None,
+                              reference_mask=ref.mask if ref is not None else None,
+                              reference_header=ref.header if ref is not None else None,
                               compile=bool(cfg.get("compile", False)))
     trainer = instantiate(cfg.trainer, callbacks=[writer])
     t0 = time.perf_counter()
@@ -644,7 +649,7 @@ def run_from_config(cfg) -> dict:
         summary.update(_truth_summary(rows, out_dir, truth))
     if trainer.global_rank != 0:
         return summary
-    if cfg.get("quicklook", True):
+    if cfg.get("quicklook", True) and ref is not None:
         summary["quicklook"] = _quicklook(out_dir, rows, ref)
     summary["world_size"] = trainer.world_size
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

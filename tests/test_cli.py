@@ -95,3 +95,21 @@ def test_folder_with_a_corrupt_file_and_ddp(demo_run, tmp_path):
     lines = [json.loads(l) for f in out.glob("manifest.rank*.jsonl") for l in f.read_text().splitlines()]
     assert sorted(r["name"] for r in lines) == ["corrupt", "f0", "f1", "f2", "f3"]
     assert {r["rank"] for r in lines} == {0, 1}
+
+
+def test_classic_tool_presets(demo_run, tmp_path):
+    """Drop-in presets: SExtractor check images and catalogs, SWarp-like reprojection."""
+    src, _ = demo_run
+    sci, ref = src / "inputs" / "science.fits", src / "inputs" / "reference.fits"
+    _astroprep("background", f"input={sci}", f"output={tmp_path / 'b'}", "trainer.enable_progress_bar=false")
+    assert (tmp_path / "b" / "science.bkg.fits").exists() and (tmp_path / "b" / "science.rms.fits").exists()
+    _astroprep("extract", f"input={sci}", f"output={tmp_path / 'e'}", "trainer.enable_progress_bar=false")
+    from astropy.table import Table
+
+    assert len(Table.read(tmp_path / "e" / "science.cat.ecsv")) > 50
+    _astroprep("reproject", f"input={sci}", f"reference={ref}", f"output={tmp_path / 'r'}",
+               "trainer.enable_progress_bar=false", "pipeline.stages.align.module.interpolation=bilinear")
+    from astroprep_torch.io import read_fits
+
+    aligned = read_fits(tmp_path / "r" / "science.aligned.fits")
+    assert aligned.data.shape == read_fits(ref).data.shape and aligned.wcs is not None
