@@ -52,7 +52,11 @@ order statistics, slower); it is used automatically when the input requires grad
 flow from ``background`` and ``rms`` to the pixels (clipping decisions held constant). The
 SExtractor flavour is always histogram based, as SExtractor itself. Everything after the box
 statistics (fill, filter, interpolation) is differentiable; interpolation is a separable linear map
-``R_y @ mesh @ R_x^T`` built once per call.
+``R_y @ mesh @ R_x^T`` built once per call, with ``R_y`` applied as its banded factor (<= 4 taps per
+row after a small dense pre-map), so the full-size step costs O(H W) instead of O(H W ny).
+On a shared, oversubscribed CPU run torch with ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is
+imported) or one thread: libgomp's default spin-waiting workers otherwise steal the main thread's
+core and each parallel region can wait a scheduler time slice, which inflates times super-linearly.
 
 Shapes: ``image`` (B, 1, H, W) float; ``mask`` bool (B or 1, 1, H, W) or a coarse (B or 1, 1, h, w)
 patch mask; outputs (B, 1, H, W) in the image's dtype and device. Units are the image's units.
@@ -67,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import as_pair, bad_pixels, check_image
+from ._checks import as_pair, check_image
 
 __all__ = ["BackgroundResult", "Background2D", "background_2d", "subtract_background"]
 
@@ -238,14 +242,11 @@ def _hist_bin(t: Tensor) -> Tensor:
         a = t.abs()
         g = a.clamp(max=_HIST_LIN) + torch.log(a.clamp(min=_HIST_LIN) * (1.0 / _HIST_LIN)) * _HIST_LOG
         return torch.copysign(g, t)
-    # eager: the logarithm only for the (few) pixels outside the linear zone
-    g = t.clamp(-_HIST_LIN, _HIST_LIN)
-    out = (t > _HIST_LIN) | (t < -_HIST_LIN)
-    far = t[out]
-    if far.numel():
-        fa = far.abs()
-        g[out] = torch.copysign(_HIST_LIN + torch.log(fa * (1.0 / _HIST_LIN)) * _HIST_LOG, far)
-    return g
+    # eager: same formula with in-place steps (a boolean-mask gather / scatter of the far pixels
+    # costs more than the logarithm of every pixel: nonzero() is a slow two-pass scan on CPU)
+    a = t.abs()
+    g = torch.log(a.clamp(min=_HIST_LIN).mul_(1.0 / _HIST_LIN)).mul_(_HIST_LOG).add_(a.clamp_(max=_HIST_LIN))
+    return g.copysign_(t)
 
 
 def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need_mad: bool) -> _Stats:
@@ -513,18 +514,20 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
     binf = torch.trunc(v)
     inh = good & (binf >= 0) & (binf < nlev.view(B, cy, 1, nx, 1).to(torch.float32))
     base = (torch.arange(T, device=dev, dtype=torch.int64) * (L + 1)).view(B, cy, 1, nx, 1)
-    idx = torch.where(inh, binf.clamp(0, L - 1).to(torch.int64), torch.full((), L, dtype=torch.int64, device=dev)) + base
+    # level k goes to column k + 1, pixels outside the histogram to column 0 (then zeroed), so the
+    # prefix sums come out with their leading zero without a concatenation
+    idx = torch.where(inh, binf.clamp(0, L - 1).to(torch.int64) + 1, torch.zeros((), dtype=torch.int64, device=dev)) + base
     del v, binf, inh
     hist = torch.zeros(T * (L + 1), dtype=f64, device=dev)
     hist.scatter_add_(0, idx.reshape(-1), torch.ones((), dtype=f64, device=dev).expand(idx.numel()))
     del idx
-    h = hist.view(B, cy, nx, L + 1)[..., :L]
-    lev = torch.arange(L, dtype=f64, device=dev)
-    zero = torch.zeros((B, cy, nx, 1), dtype=f64, device=dev)
-    P0 = torch.cat([zero, torch.cumsum(h, -1)], -1)
-    P1 = torch.cat([zero, torch.cumsum(h * lev, -1)], -1)
-    P2 = torch.cat([zero, torch.cumsum(h * (lev * lev), -1)], -1)
-    del hist
+    hv = hist.view(B, cy, nx, L + 1)
+    hv[..., 0] = 0.0
+    h = hv[..., 1:]
+    levp = torch.arange(-1, L, dtype=f64, device=dev).clamp_(min=0.0)  # [0, 0, 1, ..., L - 1]
+    P0 = torch.cumsum(hv, -1)
+    P1 = torch.cumsum(hv * levp, -1)
+    P2 = torch.cumsum(hv * (levp * levp), -1)
 
     # backguess: iterative 3-sigma clipping on the histogram
     nlm1 = (nlev - 1)
@@ -714,8 +717,11 @@ def _bspline3(t: Tensor) -> Tensor:
     return torch.where(a < 1, 2.0 / 3.0 - a * a + 0.5 * a ** 3, torch.where(a < 2, (2 - a) ** 3 / 6.0, torch.zeros_like(a)))
 
 
-def _zoom_matrix(n: int, box: int, n_out: int, order: int, device) -> Tensor:
-    """(n_out, n) matrix of scipy.ndimage.zoom(grid_mode=True, mode='reflect') by ``box``."""
+def _zoom_matrix(n: int, box: int, n_out: int, order: int, device, prefilter: bool = True) -> Tensor:
+    """(n_out, n) matrix of scipy.ndimage.zoom(grid_mode=True, mode='reflect') by ``box``.
+
+    ``prefilter=False`` (order 3): the B-spline taps only, to be applied to spline coefficients.
+    """
     f64 = torch.float64
     o = torch.arange(n_out, dtype=f64, device=device)
     xin = (o + 0.5) / box - 0.5
@@ -731,6 +737,8 @@ def _zoom_matrix(n: int, box: int, n_out: int, order: int, device) -> Tensor:
     for s in (-1, 0, 1, 2):
         k = i0 + s
         R.index_put_((torch.arange(n_out, device=device), _reflect_index(k.long(), n)), _bspline3(xin - k), accumulate=True)
+    if not prefilter:
+        return R
     # spline prefilter: samples = A @ coefficients with half-sample symmetric boundaries
     A = torch.zeros(n, n, dtype=f64, device=device)
     idx = torch.arange(n, device=device)
@@ -776,6 +784,90 @@ def _spline_matrix(n: int, box: int, n_out: int, half_pixel: bool, device) -> Te
     eye = torch.eye(n, dtype=f64, device=device)
     return (c.unsqueeze(1) * eye[lo] + d.unsqueeze(1) * eye[lo + 1]
             + (c ** 3 - c).unsqueeze(1) * D[lo] + (d ** 3 - d).unsqueeze(1) * D[lo + 1])
+
+
+def _local_factors(kind: str, n: int, box: int, n_out: int, half_pixel: bool, device):
+    """Factor an axis' interpolation matrix as R = L @ M, L (n_out, K) banded (<= 4 taps), M (K, n).
+
+    zoom: L = the cubic B-spline taps, M = the inverse spline prefilter; bilinear: L = R, M = I;
+    spline: M stacks [node value, stored second-derivative term] per node (K = 2n, interleaved), so
+    a row uses the 4 consecutive entries of its two nodes.
+    """
+    f64 = torch.float64
+    if kind == "spline":
+        if n == 1:
+            return torch.ones(n_out, 1, dtype=f64, device=device), torch.ones(1, 1, dtype=f64, device=device)
+        p = torch.arange(n_out, dtype=f64, device=device)
+        t = ((p + 0.5) if half_pixel else p) / box - 0.5
+        lo = torch.floor(t).clamp(0, n - 2)
+        d = t - lo
+        c = 1 - d
+        lo = lo.long()
+        M = torch.stack([torch.eye(n, dtype=f64, device=device), _sextractor_d2(n, device)], 1).reshape(2 * n, n)
+        L = torch.zeros(n_out, 2 * n, dtype=f64, device=device)
+        rows = torch.arange(n_out, device=device)
+        for off, wv in ((0, c), (1, c ** 3 - c), (2, d), (3, d ** 3 - d)):
+            L[rows, 2 * lo + off] = wv
+        return L, M
+    order = 3 if kind == "zoom" else 1
+    if order == 1 or n == 1:
+        return _zoom_matrix(n, box, n_out, order, device), torch.eye(n, dtype=f64, device=device)
+    A = torch.zeros(n, n, dtype=f64, device=device)
+    idx = torch.arange(n, device=device)
+    for s_, wv in ((-1, 1.0 / 6.0), (0, 4.0 / 6.0), (1, 1.0 / 6.0)):
+        A.index_put_((idx, _reflect_index(idx + s_, n)), torch.full((n,), wv, dtype=f64, device=device), accumulate=True)
+    return _zoom_matrix(n, box, n_out, order, device, prefilter=False), torch.linalg.inv(A)
+
+
+def _band_apply(L: Tensor, T: Tensor) -> Tensor:
+    """``L @ T`` along dim -2 for a banded (n_out, K) ``L`` whose window start never decreases.
+
+    Rows sharing a window are one small matmul each: O(n_out * W * taps) instead of the dense
+    O(n_out * W * K) product (the dense product was the largest single cost at 4096^2).
+    """
+    n_out, K = L.shape
+    nz = L != 0
+    first = torch.where(nz.any(1), nz.float().argmax(1), torch.zeros((), dtype=torch.long, device=L.device))
+    last = K - 1 - nz.flip(1).float().argmax(1)
+    width = int((last - first).max().item()) + 1
+    width = max(1, min(K, width))
+    start = first.clamp(max=K - width)
+    if bool((start[1:] < start[:-1]).any()) or bool((last > start + width - 1).any()):
+        return torch.matmul(L.to(T.dtype), T)
+    taps = torch.gather(L, 1, start.view(-1, 1) + torch.arange(width, device=L.device).view(1, -1)).to(T.dtype)
+    starts, counts = torch.unique_consecutive(start, return_counts=True)
+    lead = T.shape[:-2]
+    out = torch.empty(lead + (n_out, T.shape[-1]), dtype=T.dtype, device=T.device)
+    if torch.is_grad_enabled() and (T.requires_grad or taps.requires_grad):
+        h0 = 0
+        for s_, c_ in zip(starts.tolist(), counts.tolist()):
+            out[..., h0:h0 + c_, :] = torch.matmul(taps[h0:h0 + c_], T[..., s_:s_ + width, :])
+            h0 += c_
+        return out
+    # no autograd: write each block straight into the output (contiguous 2-D slices, no copies)
+    T2 = T.reshape((-1,) + T.shape[-2:])
+    o2 = out.view((-1,) + out.shape[-2:])
+    h0 = 0
+    for s_, c_ in zip(starts.tolist(), counts.tolist()):
+        tp = taps[h0:h0 + c_]
+        for i in range(T2.shape[0]):
+            torch.mm(tp, T2[i, s_:s_ + width], out=o2[i, h0:h0 + c_])
+        h0 += c_
+    return out
+
+
+def _interpolate_mesh(mesh: Tensor, kind: str, bh: int, bw: int, H: int, W: int) -> Tensor:
+    """(B, C, ny, nx) mesh -> (B, C, H, W) maps, ``R_y @ mesh @ R_x^T`` with a banded R_y."""
+    B, C, ny, nx = mesh.shape
+    dev, dt = mesh.device, mesh.dtype
+    if _compiling():
+        Ry, Rx = _interp_matrices(kind, ny, nx, bh, bw, H, W, dev, dt)
+        return torch.matmul(Ry, torch.matmul(mesh, Rx.transpose(0, 1)))
+    Ly, My = _local_factors(kind, ny, bh, H, False, dev)
+    Lx, Mx = _local_factors(kind, nx, bw, W, True, dev)
+    Rx = Lx @ Mx
+    T = torch.matmul(My, torch.matmul(mesh.to(torch.float64), Rx.transpose(0, 1))).to(dt)  # (B, C, K, W)
+    return _band_apply(Ly, T)
 
 
 def _interp_matrices(kind: str, ny: int, nx: int, bh: int, bw: int, H: int, W: int, device, dtype):
@@ -867,7 +959,12 @@ def background_2d(
     B, _, H, W = image.shape
     ny, nx = -(-H // bh), -(-W // bw)
     x = image[:, 0]
-    bad = bad_pixels(x, pmask)
+    # masked, NaN or inf: x - x is 0 exactly for finite x and NaN otherwise (two passes instead of
+    # the five of ~isfinite)
+    with torch.no_grad():
+        bad = (x - x) != 0
+    if pmask is not None:
+        bad = bad | pmask
     ph, pw = ny * bh - H, nx * bw - W
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), value=float("nan"))
@@ -928,8 +1025,7 @@ def background_2d(
         edge = filter_edge
     mesh = _fill_invalid(mesh, valid, fill_rule)
     mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
-    Ry, Rx = _interp_matrices(kind, ny, nx, bh, bw, H, W, image.device, image.dtype)
-    out = torch.matmul(Ry, torch.matmul(mesh, Rx.transpose(0, 1)))  # (B, 2, H, W)
+    out = _interpolate_mesh(mesh, kind, bh, bw, H, W)  # (B, 2, H, W)
     if kind == "zoom":  # photutils clips the cubic zoom to the mesh range
         lo = mesh.flatten(2).min(2).values.view(B, 2, 1, 1)
         hi = mesh.flatten(2).max(2).values.view(B, 2, 1, 1)

@@ -6,8 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP workers must not spin on a shared 2-core machine (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Real data with reference outputs (read-only); see ../shared/data/README.md.
