@@ -4,7 +4,6 @@
   or a list file, read by worker processes (``num_workers``, ``prefetch_factor``, pinned memory) so
   that reading hides behind computation. A file that cannot be read does not stop the run: its item
   carries ``error`` (the reason) and the pipeline records it in the manifest and moves on.
-* :class:`SimulatedFrameDataset` -- an endless, seeded stream of simulated frames (training data).
 
 An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool (True = bad),
 ``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
@@ -21,7 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 try:  # Lightning is a runtime dependency, but keep the dataset usable without it.
     import lightning as L
@@ -188,38 +187,4 @@ class FitsFrameDataModule(_DataModuleBase):
     test_dataloader = predict_dataloader
 
 
-class SimulatedFrameDataset(IterableDataset):
-    """An endless stream of simulated frames ``{"image", "mask", "defect_mask", "defects"}``.
-
-    Each frame is seeded by ``seed + index`` (and the worker id), so streams are reproducible.
-    ``defects`` is a sequence of ``{name: amplitude}`` dicts (or None) drawn in turn.
-    """
-
-    def __init__(self, shape=(512, 512), n_stars: int = 300, defects: Sequence = (None,), seed: int = 0,
-                 length: Optional[int] = None, **sim_kwargs):
-        self.shape = tuple(shape)
-        self.n_stars = n_stars
-        self.defects = list(defects)
-        self.seed = seed
-        self.length = length
-        self.sim_kwargs = sim_kwargs
-
-    def __iter__(self) -> Iterable[dict]:
-        from . import sim
-
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = wid
-        while self.length is None or i < self.length:
-            d = self.defects[i % len(self.defects)]
-            f = sim.simulate_frame(self.shape, n_stars=self.n_stars, defects=d, seed=self.seed + i, **self.sim_kwargs)
-            yield {"image": f.image[0], "mask": f.mask[0], "defect_mask": f.defect_mask[0], "index": i}
-            i += nw
-
-    def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("SimulatedFrameDataset is endless; give length= to make it sized")
-        return self.length
-
-
-__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "SimulatedFrameDataset", "collate_frames", "frame_name", "resolve_inputs"]
+__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "resolve_inputs"]

@@ -312,8 +312,10 @@ class CandidateTriplets(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Pipeline mode with Lightning: predict over FITS frames, write products, keep a manifest
 # --------------------------------------------------------------------------------------------
-#: What the writer can write: batch key -> (kind, file suffix, pixel grid).
-#: kind: "fits" (image with the grid's WCS), "catalog" (ECSV), "tensor" (a .pt shard).
+#: What the writer can write: batch key -> (kind, file suffix, pixel grid[, rows of]).
+#: kind: "fits" (image with the grid's WCS), "catalog" (ECSV), "tensor" (a .pt shard). A tensor with
+#: "rows of" a catalog key holds one row per source of that catalog (split by its batch_index);
+#: other tensors are split along the batch axis.
 DEFAULT_PRODUCTS = {
     "aligned": ("fits", "aligned", "reference"),
     "difference": ("fits", "diff", "reference"),
@@ -322,7 +324,7 @@ DEFAULT_PRODUCTS = {
     "science_rms": ("fits", "rms", "science"),
     "candidates": ("catalog", "candidates", "reference"),
     "catalog": ("catalog", "cat", "science"),
-    "triplets": ("tensor", "triplets", "reference"),
+    "triplets": ("tensor", "triplets", "reference", "candidates"),
     "science_norm": ("tensor", "norm", "science"),
 }
 
@@ -432,10 +434,14 @@ class FrameWriter(BasePredictionWriter):
         self.products = {k: tuple(v) for k, v in (products or DEFAULT_PRODUCTS).items()}
         self.reference_header = reference_header
         self.rows: list[dict] = []
+        self._done: Optional[dict[str, dict]] = None
 
     # -- resume --------------------------------------------------------------------------------
     def finished(self, name: str) -> bool:
-        row = read_manifest(self.output_dir).get(name)
+        """True when a previous run finished ``name`` (the manifest is read once, on the first call)."""
+        if self._done is None:
+            self._done = read_manifest(self.output_dir)
+        row = self._done.get(name)
         return bool(row) and row["status"] == "ok" and all((self.output_dir / p).exists() for p in row["outputs"])
 
     # -- writing -------------------------------------------------------------------------------
@@ -454,11 +460,12 @@ class FrameWriter(BasePredictionWriter):
             written, reason = [], ""
             try:
                 sci_header = fits.Header.fromstring(prediction["headers"][i]) if prediction.get("headers") else None
-                for key, (kind, suffix, grid) in self.products.items():
+                for key, (kind, suffix, grid, *rows_of) in self.products.items():
                     if key not in outputs or outputs[key] is None:
                         continue
                     header = self.reference_header if grid == "reference" and self.reference_header is not None else sci_header
-                    written.append(self._write_one(name, outputs[key], kind, suffix, header, i, n, outputs))
+                    catalog = outputs.get(rows_of[0]) if rows_of else None
+                    written.append(self._write_one(name, outputs[key], kind, suffix, header, i, n, catalog))
                 status = "ok"
             except Exception as exc:
                 status, reason = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
@@ -470,7 +477,7 @@ class FrameWriter(BasePredictionWriter):
         self.rows += rows
         return rows
 
-    def _write_one(self, name, value, kind, suffix, header, i, n, outputs) -> str:
+    def _write_one(self, name, value, kind, suffix, header, i, n, catalog=None) -> str:
         from .io import write_fits
 
         if kind == "fits":
@@ -483,8 +490,8 @@ class FrameWriter(BasePredictionWriter):
             _atomic(self.output_dir / fname, lambda p: table.write(p, format="ascii.ecsv", overwrite=True))
         elif kind == "tensor":
             fname = f"{name}.{suffix}.pt"
-            if kind == "tensor" and suffix == "triplets" and outputs.get("candidates") is not None:
-                t = value[outputs["candidates"]["batch_index"] == i]  # the cutouts of this frame's candidates
+            if catalog is not None:
+                t = value[catalog["batch_index"] == i]  # one row per source of this frame
             else:
                 t = _per_frame(value, i, n)[0] if isinstance(value, Tensor) and value.shape[0] == n else value
             _atomic(self.output_dir / fname, lambda p: torch.save(t.detach().cpu().contiguous(), p))
@@ -601,7 +608,8 @@ def run_from_config(cfg) -> dict:
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.set_num_threads(int(cfg.get("threads", 0)) or torch.get_num_threads())
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     truth = None
     inputs, reference_path = cfg.get("input"), cfg.get("reference")
     if inputs is None:  # the embedded demo: a simulated GWAC-like two-epoch field
