@@ -85,8 +85,9 @@ _IDW_NEIGHBOURS = 10  # photutils Background2D._interpolate_grid
 _IDW_RADIUS = 4  # boxes searched around an invalid box
 # fast histogram: linear bins of 1/32 of the robust sigma over +-8 sigma, logarithmic beyond
 _HIST_LIN = 256
-_HIST_LOG = 32.0
+_HIST_LOG = 16.0
 _HIST_HALF = _HIST_LIN + int(math.ceil(_HIST_LOG * math.log(1.0e8 / _HIST_LIN)))
+_SOLVE_BOXES = 1024  # boxes whose histograms are kept and clipped together (~45 kB a box)
 
 
 class BackgroundResult(NamedTuple):
@@ -249,25 +250,49 @@ def _hist_bin(t: Tensor) -> Tensor:
     return g.copysign_(t)
 
 
-def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need_mad: bool) -> _Stats:
-    """astropy sigma clipping estimated from one fine histogram per box (no gradient).
+# |t| whose bin position is just below the last edge (so no per-pixel clamp of the result is needed)
+_HIST_AMAX = _HIST_LIN * math.exp((_HIST_HALF - 1e-3 - _HIST_LIN) / _HIST_LOG)
 
-    Bins are sigma/32 wide within +-8 sigma of a robust centre (median and 16-84 % spread of a sorted
-    subsample), logarithmic beyond. Each bin keeps its count and the mean and variance of the pixel
-    positions inside it, so moments of whole bins are exact, a bin holding a single value (integer
-    or quantised data, lone pixels) is a point mass at that value, and other bins are modelled as
-    uniform over mean +- sqrt(3) std when a clipping bound or the median falls inside them.
+
+def _bin_position(t: Tensor) -> Tensor:
+    """``g(t) + _HIST_HALF`` clamped to ``[0, 2 _HIST_HALF)`` (eager, no autograd, few passes)."""
+    a = t.abs()
+    g = a.clamp(_HIST_LIN, _HIST_AMAX).log_()
+    # _HIST_LOG * (ln a - ln L) + min(a, L), with the sign of t, shifted by _HIST_HALF
+    torch.add(torch.tensor(-_HIST_LOG * math.log(_HIST_LIN), dtype=g.dtype, device=g.device), g, alpha=_HIST_LOG,
+              out=g)
+    g.add_(a.clamp_(max=_HIST_LIN)).copysign_(t)
+    return g.add_(_HIST_HALF)
+
+
+class _HistGrid(NamedTuple):
+    """Per-box histogram frame: bin width ``w`` and origin ``e0`` (data units), quantised flag."""
+    w: Tensor  # (B, ny, nx) float64
+    e0: Tensor
+    quant: Tensor  # bool
+
+
+def _hist_grid(xv: Tensor, badv: Optional[Tensor]) -> _HistGrid:
+    """Robust centre and spread of every box from a strided subsample (about 256 pixels a box).
+
+    ``xv``, ``badv``: (B, ny, bh, nx, bw) views of the padded frame (``badv`` None: no bad pixel). Bins are 1/32 of the 16-84 %
+    spread wide, centred on the subsample median; integer or BSCALE-quantised data get one bin per
+    quantum instead (values at bin centres).
     """
-    B, cy, bh, nx, bw = xv.shape
+    B, ny, bh, nx, bw = xv.shape
     dev = xv.device
     f64 = torch.float64
     x = xv.detach()
     k = max(1, int(round(math.sqrt(bh * bw / 256.0))))
     sv = _tiles(x[:, :, ::k, :, ::k])
-    sb = _tiles(badv[:, :, ::k, :, ::k])
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=dev)
-    ss = torch.sort(torch.where(sb, inf, sv), dim=-1).values.to(f64)
-    nv = (~sb).sum(-1)
+    if badv is None:  # no bad pixel in the frame
+        ss = torch.sort(sv, dim=-1).values.to(f64)
+        nv = torch.full(ss.shape[:-1], ss.shape[-1], dtype=torch.int64, device=dev)
+    else:
+        sb = _tiles(badv[:, :, ::k, :, ::k])
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=dev)
+        ss = torch.sort(torch.where(sb, inf, sv), dim=-1).values.to(f64)
+        nv = (~sb).sum(-1)
     m = ss.shape[-1]
 
     def q(p):
@@ -275,7 +300,8 @@ def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need
         return _gather(ss, i)
 
     cen = q(0.5)
-    scale = 0.5 * (q(0.841344746) - q(0.158655254))
+    lo16, hi84 = q(0.158655254), q(0.841344746)
+    scale = 0.5 * (hi84 - lo16)
     okc = torch.isfinite(cen) & (nv > 0)
     cen = torch.where(okc, cen, torch.zeros_like(cen))
     scale = torch.where(torch.isfinite(scale) & okc, scale, torch.ones_like(scale))
@@ -286,7 +312,6 @@ def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need
     qstep = torch.where(torch.isfinite(qstep), qstep, torch.zeros_like(qstep))
     # quantised if the central sample gaps are whole multiples of the smallest gap: then one value
     # per bin, values at bin centres
-    lo16, hi84 = q(0.158655254), q(0.841344746)
     central = (ss[..., :-1] >= lo16.unsqueeze(-1)) & (ss[..., 1:] <= hi84.unsqueeze(-1)) & torch.isfinite(dif)
     r = dif / qstep.clamp(min=1e-300).unsqueeze(-1)
     offgrid = central & ((r - torch.round(r)).abs() > 0.05)
@@ -295,29 +320,58 @@ def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need
     w = torch.where(quant, qstep, w)
     w = torch.where(w > 0, w, torch.ones_like(w))
     e0 = torch.where(quant, cen - 0.5 * w, cen)
+    return _HistGrid(w, e0, quant)
 
+
+def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: Tensor, first_box: int) -> None:
+    """Accumulate the boxes of ``xv`` (B, cy, bh, nx, bw) into ``out`` (2, n_boxes * (nb + 1)).
+
+    Row 0 counts the pixels of each bin, row 1 sums their position inside the bin ([0, 1)); boxes
+    are numbered (b, row, column) over the whole frame, ``first_box`` is that of the block's first
+    row in batch element 0. Bad pixels (NaN, inf, masked, padding) go to a dump bin past the last;
+    ``badv`` None: the frame has none.
+    """
+    B, cy, bh, nx, bw = xv.shape
+    dev = xv.device
+    x = xv.detach()
     nb = 2 * _HIST_HALF
-    T = B * cy * nx
     inv_w = (1.0 / w).to(x.dtype).view(B, cy, 1, nx, 1)
     off = (-e0 / w).to(x.dtype).view(B, cy, 1, nx, 1)
-    g = _hist_bin(torch.addcmul(off, x, inv_w))
-    g.clamp_(-_HIST_HALF, _HIST_HALF - 1e-3)
-    g.masked_fill_(badv, float(_HIST_HALF))  # bad pixels (NaN too) -> the dump bin past the last one
-    fl = torch.floor(g)
-    delta = g.sub_(fl).reshape(-1)  # position inside the bin, [0, 1)
-    base = (torch.arange(T, device=dev, dtype=torch.int64) * (nb + 1) + _HIST_HALF).view(B, cy, 1, nx, 1)
-    idx = fl.to(torch.int64).add_(base)
-    del fl
+    g = _bin_position(torch.addcmul(off, x, inv_w))  # in [0, nb) (NaN for NaN pixels)
+    n_boxes = out.shape[1] // (nb + 1)
+    per_b = n_boxes // B
+    box = (torch.arange(B, device=dev).view(B, 1, 1) * per_b + first_box
+           + torch.arange(cy * nx, device=dev).view(1, cy, nx))
+    # int32 bin indices when they fit: the float -> int64 conversion is ~8x slower on CPU;
+    # truncation is the floor here (g >= 0)
+    itype = torch.int32 if out.shape[1] < 2 ** 31 else torch.int64
+    idx = g.to(itype)
+    delta = g.sub_(idx).reshape(-1)  # position inside the bin, [0, 1)
+    if badv is not None:
+        idx.masked_fill_(badv, nb)  # bad pixels (NaN too) -> the box's dump bin past its last one
+    idx.add_((box * (nb + 1)).to(itype).view(B, cy, 1, nx, 1))
     idx = idx.reshape(-1)
-    hist = torch.zeros(2, T * (nb + 1), dtype=x.dtype, device=dev)
-    hist[0].index_add_(0, idx, torch.ones((), dtype=x.dtype, device=dev).expand(idx.numel()))
-    hist[1].index_add_(0, idx, delta)
-    del idx, delta
-    hist = hist.view(2, B, cy, nx, nb + 1)[..., :nb].to(f64)
-    h = hist[0]
-    sd = hist[1]
-    del hist
+    out[0].index_add_(0, idx, torch.ones((), dtype=out.dtype, device=dev).expand(idx.numel()))
+    out[1].index_add_(0, idx, delta.to(out.dtype))
 
+
+def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxiters: int, need_mad: bool) -> _Stats:
+    """astropy sigma clipping estimated from one fine histogram per box (no gradient).
+
+    ``h``, ``sd``: (..., nb) bin counts and sums of in-bin positions from :func:`_hist_fill`;
+    ``grid``: the boxes' bin frames (same leading shape). Bins are sigma/32 wide within +-8 sigma of
+    a robust centre (median and 16-84 % spread of a sorted subsample), logarithmic beyond. Each bin
+    keeps its count and the mean of the pixel positions inside it, so moments of whole bins are
+    exact, a bin holding a single value (integer or quantised data, lone pixels) is a point mass at
+    that value, and other bins are modelled with a linear density matching their mean position when
+    a clipping bound or the median falls inside them.
+    """
+    dev = h.device
+    f64 = torch.float64
+    nb = 2 * _HIST_HALF
+    quant, w, e0 = grid.quant, grid.w, grid.e0
+    B, cy, nx = h.shape[:3]
+    cen = e0
     edges, centres = _hist_edges(dev)
     gedge = torch.arange(-_HIST_HALF, _HIST_HALF, dtype=f64, device=dev)
     lin = (gedge >= -_HIST_LIN) & (gedge + 1 <= _HIST_LIN)
@@ -329,15 +383,15 @@ def _clip_stats_hist(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, need
 
     # moments of whole bins: exact first moment in the linear zone (unit-width bins), second moment
     # with the uniform-bin (Sheppard) term for continuous data; bin centres in the log zone
-    s1 = torch.where(lin, h * gedge + sd, h * centres)
+    # (h, sd stay in the caller's float32 buffer: counts are exact, sd / h is a position in [0, 1);
+    # everything summed across bins is float64)
+    # prefix sums with a leading 0
+    P0 = F.pad(torch.cumsum(h, -1, dtype=f64), (1, 0))
+    P1 = F.pad(torch.cumsum(torch.where(lin, h * gedge + sd, h * centres), -1), (1, 0))
     tm = torch.where(lin, gedge + sd / h.clamp(min=1.0), centres)
-    s2 = h * tm * tm + torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=f64, device=dev))
+    tm = (h * tm).mul_(tm).add_(torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=h.dtype, device=dev)))
+    P2 = F.pad(torch.cumsum(tm, -1), (1, 0))
     del tm
-    zero = torch.zeros((B, cy, nx, 1), dtype=f64, device=dev)
-    P0 = torch.cat([zero, torch.cumsum(h, -1)], -1)
-    P1 = torch.cat([zero, torch.cumsum(s1, -1)], -1)
-    P2 = torch.cat([zero, torch.cumsum(s2, -1)], -1)
-    del s1, s2
 
     def bin_model(j):
         """Bin j of each box: count, slope of a linear density matching the mean position, point mass?"""
@@ -819,11 +873,13 @@ def _local_factors(kind: str, n: int, box: int, n_out: int, half_pixel: bool, de
     return _zoom_matrix(n, box, n_out, order, device, prefilter=False), torch.linalg.inv(A)
 
 
-def _band_apply(L: Tensor, T: Tensor) -> Tensor:
+def _band_apply(L: Tensor, T: Tensor, clamp: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """``L @ T`` along dim -2 for a banded (n_out, K) ``L`` whose window start never decreases.
 
     Rows sharing a window are one small matmul each: O(n_out * W * taps) instead of the dense
     O(n_out * W * K) product (the dense product was the largest single cost at 4096^2).
+    ``clamp``: optional (lo, hi), each broadcastable to ``T.shape[:-2]``: the result is clamped to
+    them (block by block while it is in cache, without autograd).
     """
     n_out, K = L.shape
     nz = L != 0
@@ -833,7 +889,7 @@ def _band_apply(L: Tensor, T: Tensor) -> Tensor:
     width = max(1, min(K, width))
     start = first.clamp(max=K - width)
     if bool((start[1:] < start[:-1]).any()) or bool((last > start + width - 1).any()):
-        return torch.matmul(L.to(T.dtype), T)
+        return _clamp_lead(torch.matmul(L.to(T.dtype), T), clamp)
     taps = torch.gather(L, 1, start.view(-1, 1) + torch.arange(width, device=L.device).view(1, -1)).to(T.dtype)
     starts, counts = torch.unique_consecutive(start, return_counts=True)
     lead = T.shape[:-2]
@@ -843,31 +899,46 @@ def _band_apply(L: Tensor, T: Tensor) -> Tensor:
         for s_, c_ in zip(starts.tolist(), counts.tolist()):
             out[..., h0:h0 + c_, :] = torch.matmul(taps[h0:h0 + c_], T[..., s_:s_ + width, :])
             h0 += c_
-        return out
+        return _clamp_lead(out, clamp)
     # no autograd: write each block straight into the output (contiguous 2-D slices, no copies)
     T2 = T.reshape((-1,) + T.shape[-2:])
     o2 = out.view((-1,) + out.shape[-2:])
+    if clamp is not None:
+        lo_l = clamp[0].expand(lead).reshape(-1).tolist()
+        hi_l = clamp[1].expand(lead).reshape(-1).tolist()
     h0 = 0
     for s_, c_ in zip(starts.tolist(), counts.tolist()):
         tp = taps[h0:h0 + c_]
         for i in range(T2.shape[0]):
-            torch.mm(tp, T2[i, s_:s_ + width], out=o2[i, h0:h0 + c_])
+            blk = o2[i, h0:h0 + c_]
+            torch.mm(tp, T2[i, s_:s_ + width], out=blk)
+            if clamp is not None:
+                blk.clamp_(lo_l[i], hi_l[i])
         h0 += c_
     return out
 
 
-def _interpolate_mesh(mesh: Tensor, kind: str, bh: int, bw: int, H: int, W: int) -> Tensor:
-    """(B, C, ny, nx) mesh -> (B, C, H, W) maps, ``R_y @ mesh @ R_x^T`` with a banded R_y."""
+def _clamp_lead(out: Tensor, clamp: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+    if clamp is None:
+        return out
+    lo, hi = (c.reshape(c.shape + (1, 1)) for c in clamp)
+    return torch.maximum(torch.minimum(out, hi), lo)
+
+
+def _interpolate_mesh(mesh: Tensor, kind: str, bh: int, bw: int, H: int, W: int,
+                      clamp: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """(B, C, ny, nx) mesh -> (B, C, H, W) maps, ``R_y @ mesh @ R_x^T`` with a banded R_y,
+    optionally clamped to ``clamp = (lo, hi)``, each (B, C)."""
     B, C, ny, nx = mesh.shape
     dev, dt = mesh.device, mesh.dtype
     if _compiling():
         Ry, Rx = _interp_matrices(kind, ny, nx, bh, bw, H, W, dev, dt)
-        return torch.matmul(Ry, torch.matmul(mesh, Rx.transpose(0, 1)))
+        return _clamp_lead(torch.matmul(Ry, torch.matmul(mesh, Rx.transpose(0, 1))), clamp)
     Ly, My = _local_factors(kind, ny, bh, H, False, dev)
     Lx, Mx = _local_factors(kind, nx, bw, W, True, dev)
     Rx = Lx @ Mx
     T = torch.matmul(My, torch.matmul(mesh.to(torch.float64), Rx.transpose(0, 1))).to(dt)  # (B, C, K, W)
-    return _band_apply(Ly, T)
+    return _band_apply(Ly, T, clamp)
 
 
 def _interp_matrices(kind: str, ny: int, nx: int, bh: int, bw: int, H: int, W: int, device, dtype):
@@ -959,15 +1030,22 @@ def background_2d(
     B, _, H, W = image.shape
     ny, nx = -(-H // bh), -(-W // bw)
     x = image[:, 0]
-    # masked, NaN or inf: x - x is 0 exactly for finite x and NaN otherwise (two passes instead of
-    # the five of ~isfinite)
+    if method == "photutils" and exact is None:
+        exact = bool(image.requires_grad and torch.is_grad_enabled())
     with torch.no_grad():
-        bad = (x - x) != 0
+        # no mask and a finite sum: every pixel is finite (one fast reduction instead of a full-size
+        # comparison); the histogram path then skips bad-pixel handling altogether
+        clean = (method == "photutils" and not exact and pmask is None and not _compiling()
+                 and bool(torch.isfinite(x.sum())))
+        # masked, NaN or inf: x - x is 0 exactly for finite x and NaN otherwise (two passes instead
+        # of the five of ~isfinite)
+        bad = None if clean else (x - x) != 0
     if pmask is not None:
         bad = bad | pmask
     ph, pw = ny * bh - H, nx * bw - W
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), value=float("nan"))
+        bad = torch.zeros(x.shape[0], H, W, dtype=torch.bool, device=x.device) if bad is None else bad
         bad = F.pad(bad.to(torch.uint8), (0, pw, 0, ph), value=1).bool()
     rows_per_chunk = max(1, int(chunk_pixels) // max(1, B * bh * nx * bw))
 
@@ -994,19 +1072,39 @@ def background_2d(
         fill_rule, edge = "nearest", "shrink"
         kind = {"bicubic": "spline", "bilinear": "bilinear"}.get(interpolation, interpolation)
     else:
-        if exact is None:
-            exact = bool(image.requires_grad and torch.is_grad_enabled())
         need_mad = rms_estimator == "mad_std"
         parts = []
-        for r0 in range(0, ny, rows_per_chunk):
-            r1 = min(ny, r0 + rows_per_chunk)
-            xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-            bv = bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-            if exact:
-                st = _clip_stats_exact(xv, bv, float(sigma), int(maxiters), need_mad)
-            else:
-                st = _clip_stats_hist(xv, bv, float(sigma), int(maxiters), need_mad)
-            parts.append(st)
+        if exact:
+            for r0 in range(0, ny, rows_per_chunk):
+                r1 = min(ny, r0 + rows_per_chunk)
+                xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
+                bv = bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
+                parts.append(_clip_stats_exact(xv, bv, float(sigma), int(maxiters), need_mad))
+        else:
+            # 1) every box's bin frame from a subsample; then, group by group of box rows, 2) the
+            # histograms, block by block of rows (cache-sized per-pixel temporaries), into one
+            # reused buffer, and 3) the clipping, on many boxes at a time (its cost is per
+            # operation, not per box)
+            any_bad = bad is not None and (_compiling() or bool(bad.any()))
+            grid = _hist_grid(x.reshape(B, ny, bh, nx, bw), bad.reshape(B, ny, bh, nx, bw) if any_bad else None)
+            nb = 2 * _HIST_HALF
+            group = max(1, _SOLVE_BOXES // max(1, B * nx) // rows_per_chunk) * rows_per_chunk
+            group = min(group, ny)
+            buf = torch.zeros(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
+            for g0 in range(0, ny, group):
+                g1 = min(ny, g0 + group)
+                if g0:
+                    buf.zero_()
+                hist = buf[:, :B * (g1 - g0) * nx * (nb + 1)]
+                for r0 in range(g0, g1, rows_per_chunk):
+                    r1 = min(g1, r0 + rows_per_chunk)
+                    xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
+                    bv = bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw) if any_bad else None
+                    _hist_fill(xv, bv, grid.w[:, r0:r1], grid.e0[:, r0:r1], hist, (r0 - g0) * nx)
+                hist = hist.view(2, B, g1 - g0, nx, nb + 1)[..., :nb]
+                g = _HistGrid(*(t[:, g0:g1] for t in grid))
+                parts.append(_clip_stats_hist(hist[0], hist[1], g, float(sigma), int(maxiters), need_mad))
+            del buf, hist
         st = _Stats(*[torch.cat([getattr(p, f) for p in parts], 1) if parts[0]._asdict()[f] is not None else None
                       for f in _Stats._fields])
         bkg_m, rms_m = _estimate(st, estimator, rms_estimator, median_factor, mean_factor)
@@ -1025,11 +1123,9 @@ def background_2d(
         edge = filter_edge
     mesh = _fill_invalid(mesh, valid, fill_rule)
     mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
-    out = _interpolate_mesh(mesh, kind, bh, bw, H, W)  # (B, 2, H, W)
-    if kind == "zoom":  # photutils clips the cubic zoom to the mesh range
-        lo = mesh.flatten(2).min(2).values.view(B, 2, 1, 1)
-        hi = mesh.flatten(2).max(2).values.view(B, 2, 1, 1)
-        out = out.clamp_(lo, hi)  # in place: no extra full-size copies
+    # photutils clips the cubic zoom to the mesh range
+    clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
+    out = _interpolate_mesh(mesh, kind, bh, bw, H, W, clamp)  # (B, 2, H, W)
     return BackgroundResult(out[:, 0:1], out[:, 1:2])
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 # a scheduler time slice (ms): that, not the algorithm, made 4096^2 cost ~22x 2048^2. Passive waiting
 # must be chosen before torch (libgomp) loads; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big CPU tensors (see astroprep_torch/__init__.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

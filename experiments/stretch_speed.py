@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see background_speed.py)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big CPU tensors (see astroprep_torch/__init__.py)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no idle compile-worker pool beside the timings
 
 import numpy as np  # noqa: E402

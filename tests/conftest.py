@@ -8,6 +8,7 @@ from pathlib import Path
 
 # Idle OpenMP workers must not spin on a shared 2-core machine (set before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as astroprep_torch/__init__.py (huge pages for big tensors)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
