@@ -258,11 +258,16 @@ def plot_triplet(
 
 
 def plot_background(
-    background: ArrayLike, rms: ArrayLike, *, image: Optional[ArrayLike] = None, index: int = 0,
+    background: ArrayLike, rms: Optional[ArrayLike] = None, *, image: Optional[ArrayLike] = None, index: int = 0,
     unit: str = "ADU", figsize=None, dpi: int = 100, path=None,
 ):
     """Background and background-rms maps (and the image, if given), each with its own colour bar
-    (maps scaled to their 0.5 .. 99.5 percentiles, the image to its zscale)."""
+    (maps scaled to their 0.5 .. 99.5 percentiles, the image to its zscale). ``background`` may be
+    a :class:`~astroprep_torch.background.BackgroundResult` (then ``rms`` is taken from it)."""
+    if rms is None:
+        if not (hasattr(background, "background") and hasattr(background, "rms")):
+            raise TypeError("rms is required unless background is a BackgroundResult (background, rms)")
+        background, rms = background.background, background.rms
     panels = []
     if image is not None:
         img = _plane(image, "image", index)
@@ -291,7 +296,8 @@ def plot_quality(
     threshold: Optional[float] = None, patch_size: Optional[int] = None, stride: Optional[int] = None,
     index: int = 0, alpha: float = 0.45, figsize=(12.0, 5.2), dpi: int = 100, path=None,
 ):
-    """Per-patch quality error map over the image, bad patches outlined in red.
+    """Per-patch quality error map over the image, bad patches outlined in red (``patch_error`` may
+    be a :class:`~astroprep_torch.quality.QualityResult`).
 
     Args:
         image: the frame (zscale grey levels).
@@ -307,6 +313,8 @@ def plot_quality(
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
+    if hasattr(patch_error, "patch_error"):  # a QualityResult
+        patch_error = patch_error.patch_error
     arr = _plane(image, "image", index)
     err = _plane(patch_error, "patch_error", index)
     nh, nw = err.shape

@@ -95,6 +95,13 @@ def test_plot_background(frames, tmp_path):
     _check(fig, p, (15.0, 4.6))
     with pytest.raises(ValueError, match="same shape"):
         viz.plot_background(f.background, f.variance[..., :10, :].sqrt())
+    # a BackgroundResult straight from the background stage
+    from astroprep_torch.background import background_2d
+
+    p2 = tmp_path / "background_result.png"
+    _check(viz.plot_background(background_2d(f.image, box_size=32), path=p2), p2, (10.0, 4.6))
+    with pytest.raises(TypeError, match="rms is required"):
+        viz.plot_background(f.background)
 
 
 def test_plot_quality(frames, tmp_path):
