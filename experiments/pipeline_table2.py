@@ -15,6 +15,7 @@ time is the one measured on this machine for the issue (10.5 s at 4096^2, 3 Gaus
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see background_speed.py)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big CPU tensors (see astroprep_torch/__init__.py)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
