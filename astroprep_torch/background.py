@@ -67,11 +67,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import as_pair, check_image
+from ._ops import searchsorted as _searchsorted
 
 __all__ = ["BackgroundResult", "Background2D", "background_2d", "subtract_background"]
 
@@ -85,7 +87,7 @@ _IDW_NEIGHBOURS = 10  # photutils Background2D._interpolate_grid
 _IDW_RADIUS = 4  # boxes searched around an invalid box
 # fast histogram: linear bins of 1/32 of the robust sigma over +-8 sigma, logarithmic beyond
 _HIST_LIN = 256
-_HIST_LOG = 16.0
+_HIST_LOG = 8.0
 _HIST_HALF = _HIST_LIN + int(math.ceil(_HIST_LOG * math.log(1.0e8 / _HIST_LIN)))
 _SOLVE_BOXES = 1024  # boxes whose histograms are kept and clipped together (~45 kB a box)
 
@@ -150,6 +152,15 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
 
 
+def _sorted(t: Tensor) -> Tensor:
+    """``torch.sort(t, -1).values``; on CPU without autograd through numpy's SIMD sort (x86-simd-sort),
+    ~20x faster there than ATen's CPU sort for many short rows (a 4096 x 256 float32 block: 1.5 ms
+    vs 42 ms on this machine's AVX-512 CPU)."""
+    if t.device.type == "cpu" and not _compiling() and not (t.requires_grad and torch.is_grad_enabled()):
+        return torch.from_numpy(np.sort(t.detach().numpy(), axis=-1))
+    return torch.sort(t, dim=-1).values
+
+
 def _tiles(xv: Tensor) -> Tensor:
     """(B, cy, bh, nx, bw) -> (B, cy, nx, bh * bw) (a copy)."""
     B, cy, bh, nx, bw = xv.shape
@@ -195,16 +206,16 @@ def _clip_stats_exact(xv: Tensor, badv: Tensor, sigma: float, maxiters: int, nee
         hi = med + sigma * std
         lo_f = torch.where(active, lo, lo_f)
         hi_f = torch.where(active, hi, hi_f)
-        nlo = torch.maximum(ilo, torch.searchsorted(vs64d, lo.unsqueeze(-1)).squeeze(-1))
-        nhi = torch.minimum(ihi, torch.searchsorted(vs64d, hi.unsqueeze(-1), right=True).squeeze(-1))
+        nlo = torch.maximum(ilo, _searchsorted(vs64d, lo.unsqueeze(-1)).squeeze(-1))
+        nhi = torch.minimum(ihi, _searchsorted(vs64d, hi.unsqueeze(-1), right=True).squeeze(-1))
         nnew = (nhi - nlo).clamp(min=0)
         still = active & (nnew != n) & (nnew > 0)
         ilo = torch.where(still, nlo, ilo)
         ihi = torch.where(still, nhi, ihi)
         active = still
     # final set: every good pixel inside the last bounds (astropy's fast path)
-    flo = torch.searchsorted(vs64d, lo_f.unsqueeze(-1)).squeeze(-1).clamp(max=P)
-    fhi = torch.searchsorted(vs64d, hi_f.unsqueeze(-1), right=True).squeeze(-1)
+    flo = _searchsorted(vs64d, lo_f.unsqueeze(-1)).squeeze(-1).clamp(max=P)
+    fhi = _searchsorted(vs64d, hi_f.unsqueeze(-1), right=True).squeeze(-1)
     fhi = torch.minimum(fhi, nvalid).clamp(min=0)
     flo = torch.minimum(flo, fhi)
     n, med, mean, std = stats(flo, fhi)
@@ -286,18 +297,18 @@ def _hist_grid(xv: Tensor, badv: Optional[Tensor]) -> _HistGrid:
     k = max(1, int(round(math.sqrt(bh * bw / 256.0))))
     sv = _tiles(x[:, :, ::k, :, ::k])
     if badv is None:  # no bad pixel in the frame
-        ss = torch.sort(sv, dim=-1).values.to(f64)
+        ss = _sorted(sv)
         nv = torch.full(ss.shape[:-1], ss.shape[-1], dtype=torch.int64, device=dev)
     else:
         sb = _tiles(badv[:, :, ::k, :, ::k])
         inf = torch.tensor(float("inf"), dtype=x.dtype, device=dev)
-        ss = torch.sort(torch.where(sb, inf, sv), dim=-1).values.to(f64)
+        ss = _sorted(torch.where(sb, inf, sv))
         nv = (~sb).sum(-1)
     m = ss.shape[-1]
 
     def q(p):
         i = torch.floor(p * (nv - 1).clamp(min=0).to(f64) + 0.5).long().clamp(0, m - 1)
-        return _gather(ss, i)
+        return _gather(ss, i).to(f64)
 
     cen = q(0.5)
     lo16, hi84 = q(0.158655254), q(0.841344746)
@@ -305,18 +316,21 @@ def _hist_grid(xv: Tensor, badv: Optional[Tensor]) -> _HistGrid:
     okc = torch.isfinite(cen) & (nv > 0)
     cen = torch.where(okc, cen, torch.zeros_like(cen))
     scale = torch.where(torch.isfinite(scale) & okc, scale, torch.ones_like(scale))
-    # quantised data (integers, BSCALE): keep bins >= a quarter of the smallest step seen
+    # quantised data (integers, BSCALE): the smallest positive gap between sorted samples is the
+    # quantum if the central gaps are whole multiples of it; then one value per bin, values at bin
+    # centres. (Gaps of neighbouring sorted values are exact in the data's precision.)
     dif = ss[..., 1:] - ss[..., :-1]
-    dif = torch.where(torch.isfinite(dif) & (dif > 0), dif, torch.full_like(dif, math.inf))
-    qstep = dif.min(-1).values
+    if badv is not None:
+        dif = torch.where(torch.isfinite(dif), dif, torch.zeros((), dtype=dif.dtype, device=dev))
+    qstep = dif.masked_fill(dif <= 0, math.inf).min(-1).values
     qstep = torch.where(torch.isfinite(qstep), qstep, torch.zeros_like(qstep))
-    # quantised if the central sample gaps are whole multiples of the smallest gap: then one value
-    # per bin, values at bin centres
-    central = (ss[..., :-1] >= lo16.unsqueeze(-1)) & (ss[..., 1:] <= hi84.unsqueeze(-1)) & torch.isfinite(dif)
-    r = dif / qstep.clamp(min=1e-300).unsqueeze(-1)
-    offgrid = central & ((r - torch.round(r)).abs() > 0.05)
+    lo16s, hi84s = lo16.to(ss.dtype).unsqueeze(-1), hi84.to(ss.dtype).unsqueeze(-1)
+    central = (ss[..., :-1] >= lo16s) & (ss[..., 1:] <= hi84s)
+    r = dif / qstep.clamp(min=torch.finfo(ss.dtype).tiny).unsqueeze(-1)
+    offgrid = central & ((r - torch.round(r)).abs_() > 0.05)
     quant = ~offgrid.any(-1)  # (a constant sample, qstep = 0, counts as quantised)
-    w = (scale / 32.0).clamp(min=1e-6 * cen.abs().clamp(min=1e-30))
+    qstep = qstep.to(f64)
+    w = (scale * (8.0 / _HIST_LIN)).clamp(min=1e-6 * cen.abs().clamp(min=1e-30))
     w = torch.where(quant, qstep, w)
     w = torch.where(w > 0, w, torch.ones_like(w))
     e0 = torch.where(quant, cen - 0.5 * w, cen)
@@ -393,42 +407,48 @@ def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxit
     P2 = F.pad(torch.cumsum(tm, -1), (1, 0))
     del tm
 
+    # the helpers below take values of shape (B, cy, nx, k): k bounds or quantiles of every box at
+    # once (one operation for both ends of a window: the cost here is per operation)
+    qz1 = quant.unsqueeze(-1)
+
+    def take(t, j):
+        return torch.gather(t, -1, j)
+
     def bin_model(j):
         """Bin j of each box: count, slope of a linear density matching the mean position, point mass?"""
-        hj = _gather(h, j)
-        mj = (_gather(sd, j) / hj.clamp(min=1.0)).clamp(0.0, 1.0)
+        hj = take(h, j)
+        mj = (take(sd, j) / hj.clamp(min=1.0)).clamp(0.0, 1.0)
         slope = (12.0 * (mj - 0.5)).clamp(-2.0, 2.0)
-        pt = (quant & lin[j]) | (hj <= 1.0)
+        pt = (qz1 & lin[j]) | (hj <= 1.0)
         return hj, mj, slope, pt
 
     def locate(v):
         gv = _hist_bin(v.clamp(-1e300, 1e300))
         gv = gv.clamp(-_HIST_HALF, _HIST_HALF - 1e-9)
-        j = (torch.floor(gv) + _HIST_HALF).long()
-        return j, gv - torch.floor(gv)
-
-    def frac(j, pos, inclusive):
-        hj, mj, a, pt = bin_model(j)
-        p = pos.clamp(0.0, 1.0)
-        fp = (pos >= mj) if inclusive else (pos > mj)
-        return torch.where(pt, fp.to(f64), p + 0.5 * a * (p * p - p)), hj
+        fl = torch.floor(gv)
+        return (fl + _HIST_HALF).long(), gv - fl
 
     def cum(v, inclusive):
+        """Count, sum and sum of squares (bin units) of the pixels below v (up to v if inclusive)."""
         j, pos = locate(v)
-        f, hj = frac(j, pos, inclusive)
-        _, mj, _, pt = bin_model(j)
-        c = ginv(gedge[j] + torch.where(pt, mj, pos.clamp(0.0, 1.0) * 0.5))
-        return (_gather(P0, j) + f * hj, _gather(P1, j) + f * hj * c, _gather(P2, j) + f * hj * c * c)
+        hj, mj, a, pt = bin_model(j)
+        p = pos.clamp(0.0, 1.0)
+        fp = torch.where(inclusive, pos >= mj, pos > mj)
+        fh = torch.where(pt, fp.to(f64), p + 0.5 * a * (p * p - p)) * hj
+        c = ginv(gedge[j] + torch.where(pt, mj, p * 0.5))
+        return take(P0, j) + fh, take(P1, j) + fh * c, take(P2, j) + fh * c * c
+
+    ends = torch.tensor([False, True], device=dev)  # lower bound exclusive, upper inclusive
 
     def window(lo, hi):
-        a0, a1, a2 = cum(lo, False)
-        b0, b1, b2 = cum(hi, True)
-        return (b0 - a0).clamp(min=0.0), b1 - a1, b2 - a2, a0
+        c0, c1, c2 = cum(torch.stack([lo, hi], -1), ends)
+        a0 = c0[..., 0]
+        return (c0[..., 1] - a0).clamp(min=0.0), c1[..., 1] - c1[..., 0], c2[..., 1] - c2[..., 0], a0
 
     def value_at(qpos):
-        j = (torch.searchsorted(P0, qpos.unsqueeze(-1), right=True).squeeze(-1) - 1).clamp(0, nb - 1)
+        j = (_searchsorted(P0, qpos, right=True) - 1).clamp(0, nb - 1)
         hj, mj, a, pt = bin_model(j)
-        f = ((qpos - _gather(P0, j)) / hj.clamp(min=1e-300)).clamp(0.0, 1.0)
+        f = ((qpos - take(P0, j)) / hj.clamp(min=1e-300)).clamp(0.0, 1.0)
         b = 1.0 - 0.5 * a
         pos = 2.0 * f / (b + torch.sqrt((b * b + 2.0 * a * f).clamp(min=0.0))).clamp(min=1e-12)
         pos = torch.where(pt, mj, pos.clamp(0.0, 1.0))
@@ -436,8 +456,9 @@ def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxit
 
     def median(n, below):
         q1 = below + torch.floor((n - 1.0).clamp(min=0.0) / 2.0) + 0.5
-        q2 = below + torch.floor(n / 2.0) + 0.5
-        return 0.5 * (value_at(q1) + value_at(torch.minimum(q2, below + n - 0.5).clamp(min=q1)))
+        q2 = torch.minimum(below + torch.floor(n / 2.0) + 0.5, below + n - 0.5).clamp(min=q1)
+        v = value_at(torch.stack([q1, q2], -1))
+        return 0.5 * (v[..., 0] + v[..., 1])
 
     def moments(n, s1_, s2_):
         nn_ = n.clamp(min=1e-300)
@@ -600,7 +621,7 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
         p0l = _gather(P0, lc.clamp(0, L))
         T0 = S + 2.0 * p0l
         # a = #{k in [lc, hc] : P0[k] + P0[k+1] < T0} (the two-pointer walk of back.c, in closed form)
-        j = torch.searchsorted(P0, (0.5 * T0).unsqueeze(-1)).squeeze(-1)
+        j = _searchsorted(P0, (0.5 * T0).unsqueeze(-1)).squeeze(-1)
         jm = (j - 1).clamp(min=0)
         Dm = _gather(P0, jm) + _gather(P0, (jm + 1).clamp(max=L))
         kstar = torch.where((j >= 1) & (Dm >= T0), j - 1, j)
@@ -674,6 +695,8 @@ def _fill_invalid(mesh: Tensor, valid: Tensor, rule: str) -> Tensor:
     Neighbours are searched within _IDW_RADIUS boxes, repeated until all boxes are filled (a
     box with no valid box anywhere takes the median of all valid boxes, or NaN if none).
     """
+    if not _compiling() and bool(valid.all()):
+        return mesh
     B, C, ny, nx = mesh.shape
     dev, dt = mesh.device, mesh.dtype
     radius = min(_IDW_RADIUS, max(ny, nx))
