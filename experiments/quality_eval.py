@@ -5,6 +5,7 @@ Usage:
     python experiments/quality_eval.py                 # the shipped QualityScorer.pretrained()
     python experiments/quality_eval.py --checkpoint X  # another checkpoint (e.g. a fresh training run)
     python experiments/quality_eval.py --quick         # fewer frames
+    python experiments/quality_eval.py --checkpoint X --name quality_eval_fresh  # another results file
 
 Held-out data from astroprep_torch.sim (seeds disjoint from training and calibration): good frames vs
 frames with each defect (moonlight, clouds, shutter, defocus, trail) at amplitudes 0.2 / 0.5 / 0.8,
@@ -15,12 +16,16 @@ good frames, score = max |z|. Writes experiments/results/quality_eval.md.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, timeit, write_result  # noqa: E402
@@ -49,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default="quality_eval", help="results file name (experiments/results/NAME.md)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     scorer = QualityScorer.load(args.checkpoint) if args.checkpoint else QualityScorer.pretrained()
@@ -108,8 +114,9 @@ def main() -> None:
     mid = {d: summary[(d, 0.5)] for d in sim.DEFECTS}
     lines.append("At amplitude 0.5: " + ", ".join(f"{d} AUC {v[0]:.3f} (baseline {v[1]:.3f})" for d, v in mid.items()) +
                  f"; IoU clouds {mid['clouds'][2]:.2f}, shutter {mid['shutter'][2]:.2f}.")
-    print("\n".join(lines[-4:]))
-    print(write_result("quality_eval", "\n".join(lines) + "\n"))
+    lines.append("Defocus AUC by amplitude: " + ", ".join(f"{a}: {summary[('defocus', a)][0]:.3f}" for a in AMPS) + ".")
+    print("\n".join(lines[-5:]))
+    print(write_result(args.name, "\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":

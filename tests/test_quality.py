@@ -1,3 +1,4 @@
+import copy
 import math
 import warnings
 
@@ -17,7 +18,7 @@ def _frame(seed=0, shape=(256, 256), **kw):
 def test_normalize_frame_channels_and_robustness():
     f = _frame(sky_gradient=(0.0, 0.0))
     x = normalize_frame(f.image, f.mask, bin_factor=4)
-    assert x.shape == (1, 3, 64, 64)
+    assert x.shape == (1, len(quality.CHANNELS), 64, 64)
     # The sky channel of a good frame sits near 0; masked pixels do not leak.
     assert x[:, 0].abs().median() < 0.2
     img = f.image.clone()
@@ -25,14 +26,46 @@ def test_normalize_frame_channels_and_robustness():
     y = normalize_frame(img, None, bin_factor=4)
     assert torch.isfinite(y).all()
     # Non-multiple sizes are padded.
-    assert normalize_frame(torch.randn(2, 1, 30, 45), bin_factor=4).shape == (2, 3, 8, 12)
+    assert normalize_frame(torch.randn(2, 1, 30, 45), bin_factor=4).shape == (2, 4, 8, 12)
+    with pytest.raises(ValueError, match="bin_factor"):
+        normalize_frame(f.image, bin_factor=3)
+
+
+def test_normalize_frame_matches_reference_definition():
+    """The fast implementation computes the documented block statistics."""
+    f = _frame(6)
+    img = f.image.double()
+    x = normalize_frame(img, bin_factor=4)
+    flat = img.reshape(-1)
+    m = flat.median()
+    d = (img[..., :, 1:] - img[..., :, :-1]).reshape(-1)
+    sigma = 1.4826 * (d - d.median()).abs().median() / math.sqrt(2)
+    # Sub-block (2x2) means, four per 4x4 block; sky = mean of the middle two.
+    sub = img.reshape(64, 2, 2, 64, 2, 2).mean(dim=(2, 5)).permute(0, 2, 1, 3).reshape(64, 64, 4)
+    srt = sub.sort(dim=-1).values
+    sky = 0.5 * (srt[..., 1] + srt[..., 2])
+    bmax = img.reshape(64, 4, 64, 4).amax(dim=(1, 3))
+    torch.testing.assert_close(x[0, 0], torch.asinh((sky - m) / (3 * sigma)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x[0, 2], torch.asinh((bmax - sky) / (5 * sigma)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x[0, 3], torch.asinh((bmax - srt[..., 3]) / (5 * sigma)), rtol=1e-6, atol=1e-6)
+    # The fast asinh agrees with torch.asinh to rounding.
+    z = torch.linspace(-1e4, 1e4, 100_001)
+    torch.testing.assert_close(quality._asinh(z), torch.asinh(z), rtol=2e-7, atol=2e-7)
 
 
 def test_autoencoder_shapes_and_bounded_sky():
     m = QualityAutoencoder(2, width=4, depth=2, latent_channels=2, sky_range=1.0)
-    x = torch.randn(3, 3, 37, 50)
-    y = m(x)  # encodes sky + stars, reconstructs sky, stars and sharpness
+    x = torch.randn(3, 4, 37, 50)
+    y = m(x)  # encodes sky + flux, reconstructs sky, flux, stars and sharpness
     assert y.shape == x.shape
+    # channels_last inside the model gives the same values as a plain NCHW evaluation.
+    m2 = copy.deepcopy(m).to(memory_format=torch.contiguous_format)
+    xp = torch.nn.functional.pad(x[:, :2], (0, 2, 0, 3), mode="replicate").contiguous()
+    ref = m2.decoder(m2.encoder(xp))
+    assert ref.is_contiguous()  # a plain NCHW evaluation
+    ref = ref[..., :37, :50]
+    torch.testing.assert_close(y[:, 1:], ref[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[:, 0], torch.tanh(ref[:, 0]), rtol=1e-5, atol=1e-5)
     assert y[:, 0].abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="depth"):
         QualityAutoencoder(depth=0)
@@ -124,3 +157,47 @@ def test_pretrained_detects_defects():
         rg, rb = sc(good), sc(bad)
     assert rb.score.item() > rg.score.item()
     assert rb.bad_fraction.item() > rg.bad_fraction.item()
+
+
+def test_bad_mask_with_overlapping_patches():
+    """The full-resolution mask covers exactly the union of the flagged patches."""
+    sc = QualityScorer(QualityAutoencoder(2, 4, 2, 2), patch_size=64, stride=32, bin_factor=4)
+    img = _frame(7, shape=(200, 232)).image
+    with torch.no_grad():
+        pe = sc.patch_errors(img)
+        sc.threshold.fill_(pe.median())
+        r = sc(img)
+    flags = (pe > sc.threshold).double()
+    ref = torch.nn.functional.conv_transpose2d(flags, torch.ones(1, 1, 64, 64, dtype=torch.float64), stride=32)[..., :200, :232] > 0.5
+    assert r.bad_mask.shape == img.shape
+    assert torch.equal(r.bad_mask, ref)
+    assert r.bad_fraction.item() == pytest.approx(ref.double().mean().item(), abs=1e-6)
+
+
+def test_peak_term_and_version_check(tmp_path):
+    model = QualityAutoencoder(2, 4, 2, 2)
+    img = _frame(8).image
+    with torch.no_grad():
+        e0 = QualityScorer(model, patch_size=64, stride=64, peak_weight=0.0).patch_errors(img)
+        e1 = QualityScorer(model, patch_size=64, stride=64, peak_weight=10.0).patch_errors(img)
+        res = QualityScorer(model).residual(img)
+    ref = torch.nn.functional.avg_pool2d(res[:, 2:].mean(dim=1, keepdim=True), 16)
+    torch.testing.assert_close(e1, e0 + 10.0 * ref.clamp(min=0).square())
+    # A checkpoint made for other normalize_frame features is refused.
+    sc = QualityScorer(model)
+    sc.save(tmp_path / "old.pt", features_version=1)
+    with pytest.raises(ValueError, match="features version"):
+        QualityScorer.load(tmp_path / "old.pt")
+
+
+def test_pretrained_detects_defocus_at_all_amplitudes():
+    """Defocus spreads the light: the shipped model must flag it more, not less, as it grows."""
+    if not quality.PRETRAINED_PATH.is_file():
+        pytest.skip("the shipped quality model is not built yet")
+    sc = QualityScorer.pretrained()
+    kw = dict(n_stars=300, fwhm=2.5, sky=800.0)
+    with torch.no_grad():
+        good = sc(sim.simulate_frame((512, 512), seed=12, **kw).image).score
+        for amp in (0.2, 0.5, 0.8):
+            bad = sc(sim.simulate_frame((512, 512), seed=12, defects={"defocus": amp}, **kw).image).score
+            assert bad.item() > 2 * good.item(), amp
