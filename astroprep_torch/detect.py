@@ -103,6 +103,15 @@ _NEIGHBOUR_OFFSETS = ((0, 1), (1, -1), (1, 0), (1, 1))  # forward half of the 8-
 # ----------------------------------------------------------------------------------------------
 # filtering and threshold
 # ----------------------------------------------------------------------------------------------
+
+def _g(t: Tensor, i) -> Tensor:
+    """``t[i]``; a 1-D integer index goes through ``index_select``, several times faster on CPU than
+    advanced indexing (same result, same gradient); anything else is plain indexing."""
+    if isinstance(i, Tensor) and i.dim() == 1 and i.dtype in (torch.int64, torch.int32) and isinstance(t, Tensor) \
+            and t.dim() >= 1:
+        return t.index_select(0, i)
+    return t[i]
+
 def default_kernel(dtype=torch.float32, device=None) -> Tensor:
     """SExtractor's ``default.conv``: 3x3 pyramid (FWHM 2 px), normalised to unit sum, shape (3, 3)."""
     k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=dtype, device=device)
@@ -215,16 +224,16 @@ def connected_components(n: int, u: Tensor, v: Tensor) -> Tensor:
     parent.scatter_reduce_(0, hi, lo, reduce="amin")
     while True:
         while True:  # pointer jumping to the roots
-            gp = parent[parent]
+            gp = _g(parent, parent)
             if torch.equal(gp, parent):
                 break
             parent = gp
-        pu = parent[u]
-        pv = parent[v]
+        pu = _g(parent, u)
+        pv = _g(parent, v)
         open_ = pu != pv
         if not bool(open_.any()):
             return parent
-        u, v, pu, pv = u[open_], v[open_], pu[open_], pv[open_]
+        u, v, pu, pv = _g(u, open_), _g(v, open_), _g(pu, open_), _g(pv, open_)
         parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
 
 
@@ -237,9 +246,9 @@ def _pixel_edges(idx: Tensor, x: Tensor, y: Tensor, H: int, W: int):
         ok = (y + dy < H) & (x + dx >= 0) & (x + dx < W)
         target = idx + (dy * W + dx)
         pos = torch.searchsorted(idx, target).clamp_(max=max(n - 1, 0))
-        ok &= idx[pos] == target
-        us.append(ar[ok])
-        vs.append(pos[ok])
+        ok &= _g(idx, pos) == target
+        us.append(_g(ar, ok))
+        vs.append(_g(pos, ok))
     return torch.cat(us), torch.cat(vs)
 
 
@@ -256,8 +265,8 @@ def label_image(binary: Tensor, *, connectivity: int = 8) -> Tensor:
     y, x = rem // W, rem % W
     u, v = _pixel_edges(idx, x, y, H, W)
     if connectivity == 4:
-        keep = (v - u == 1) | (idx[v] - idx[u] == W)
-        u, v = u[keep], v[keep]
+        keep = (v - u == 1) | (_g(idx, v) - _g(idx, u) == W)
+        u, v = _g(u, keep), _g(v, keep)
     elif connectivity != 8:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     root = connected_components(idx.numel(), u, v)
@@ -268,8 +277,8 @@ def label_image(binary: Tensor, *, connectivity: int = 8) -> Tensor:
     first_of_image = torch.searchsorted(idx, torch.arange(B, device=idx.device) * H * W)
     base = torch.zeros(B, dtype=torch.int64, device=idx.device)
     has = first_of_image < idx.numel()
-    base[has] = ridx[first_of_image[has]] - is_root[first_of_image[has]].long()
-    lab = ridx[root] - base[b]
+    base[has] = ridx[_g(first_of_image, has)] - is_root[_g(first_of_image, has)].long()
+    lab = _g(ridx, root) - _g(base, b)
     out = torch.zeros(B * H * W, dtype=torch.int64, device=binary.device)
     out[idx] = lab
     return out.view(B, 1, H, W)
@@ -307,7 +316,7 @@ def _analyse(seg, n, x, y, f, v, thresh_obj, centre=None):
     # moments about a per-object origin (xmin, ymin) to limit round-off, as SExtractor does
     x0 = _segment_min(x, seg, n)
     y0 = _segment_min(y, seg, n)
-    xr, yr = x - x0[seg], y - y0[seg]
+    xr, yr = x - _g(x0, seg), y - _g(y0, seg)
     safe = torch.where(fdflux != 0, fdflux, torch.ones_like(fdflux))
     mx = _segment_sum(f * xr, seg, n) / safe
     my = _segment_sum(f * yr, seg, n) / safe
@@ -336,8 +345,8 @@ def _analyse(seg, n, x, y, f, v, thresh_obj, centre=None):
     b = torch.sqrt((0.5 * (x2 + y2) - temp).clamp_min(0))
     cxx, cyy, cxy = y2 / det, x2 / det, -2 * xy / det
     thresh2 = (thresh_obj + dpeak) / 2
-    dnpix = _segment_sum((v > thresh_obj[seg]).to(dt), seg, n)
-    area2 = _segment_sum((v > thresh2[seg]).to(dt), seg, n)
+    dnpix = _segment_sum((v > _g(thresh_obj, seg)).to(dt), seg, n)
+    area2 = _segment_sum((v > _g(thresh2, seg)).to(dt), seg, n)
     darea = area2 - dnpix
     t1t2 = thresh_obj / thresh2
     ab = a * b
@@ -367,15 +376,15 @@ def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[T
     else:
         # pixels gathered by the deblender come after the branch's own pixels in SExtractor's list
         order = torch.argsort(seg * 2 + last.long(), stable=True)
-    seg_s = seg[order]
+    seg_s = _g(seg, order)
     counts = torch.bincount(seg_s, minlength=n)
     start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(P, device=values.device) - start[seg_s]
-    skip = (rank == minarea) & (counts[seg_s] > minarea)
+    rank = torch.arange(P, device=values.device) - _g(start, seg_s)
+    skip = (rank == minarea) & (_g(counts, seg_s) > minarea)
     keep = ~skip
-    kth = _kth_largest(values[order][keep], seg_s[keep], n, minarea)
+    kth = _kth_largest(_g(values, order)[keep], _g(seg_s, keep), n, minarea)
     first = torch.zeros(n, dtype=values.dtype, device=values.device)
-    first[seg_s[rank == 0]] = values[order][rank == 0]
+    first[seg_s[rank == 0]] = _g(values, order)[rank == 0]
     out = torch.where(counts == minarea, first, kth)
     return torch.where(counts < minarea, torch.zeros_like(out), out)
 
@@ -383,15 +392,15 @@ def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[T
 def _kth_largest(values: Tensor, seg: Tensor, n: int, k: int) -> Tensor:
     """Per segment, the ``k``-th largest value (0 where a segment has fewer than ``k`` values)."""
     order = torch.argsort(values, descending=True, stable=True)
-    seg_o = seg[order]
+    seg_o = _g(seg, order)
     order2 = torch.argsort(seg_o, stable=True)  # grouped by segment, descending values inside
-    seg_s = seg_o[order2]
-    val_s = values[order][order2]
+    seg_s = _g(seg_o, order2)
+    val_s = _g(values, order)[order2]
     counts = torch.bincount(seg_s, minlength=n)
     start = torch.cumsum(counts, 0) - counts
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
     has = counts >= k
-    out[has] = val_s[start[has] + (k - 1)]
+    out[has] = val_s[_g(start, has) + (k - 1)]
     return out
 
 
@@ -407,17 +416,17 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     """
     device = obj.device
     P = obj.numel()
-    cand_pix = candidates[obj]
+    cand_pix = _g(candidates, obj)
     if nthresh < 2 or mincont >= 1.0 or not bool(cand_pix.any()):
         return obj, n_obj, torch.zeros(n_obj, dtype=torch.bool, device=device), None, None
     pidx = cand_pix.nonzero().squeeze(1)  # candidate pixels (global pixel ids)
     npc = pidx.numel()
     loc = torch.full((P,), -1, dtype=torch.int64, device=device)
     loc[pidx] = torch.arange(npc, device=device)
-    po = obj[pidx]
-    pf = f[pidx]
-    t0 = t0_obj[po]
-    ratio = (peak_obj[po] / t0).clamp_min(1.0)
+    po = _g(obj, pidx)
+    pf = _g(f, pidx)
+    t0 = _g(t0_obj, po)
+    ratio = (_g(peak_obj, po) / t0).clamp_min(1.0)
     ks = torch.arange(1, nthresh, device=device, dtype=torch.float64)
     # sub-thresholds of every candidate object: (n_obj, N-1)
     tk_obj = t0_obj[:, None] * torch.pow((peak_obj / t0_obj).clamp_min(1.0)[:, None], ks[None, :] / nthresh)
@@ -428,7 +437,7 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     # exact (float-rounded) thresholds so that memory stays O(pixels), not O(pixels x levels)
     nl = nthresh - 1
     lr = torch.log((peak_obj / t0_obj).clamp_min(1.0 + 1e-12))
-    q = nthresh * torch.log((pf / t0_obj[po]).clamp_min(1e-300)) / lr[po]
+    q = nthresh * torch.log((pf / _g(t0_obj, po)).clamp_min(1e-300)) / _g(lr, po)
     L = (torch.ceil(q) - 1).clamp(0, nl).long()
     tflat = tk_obj.reshape(-1)
     base = po * nl
@@ -440,37 +449,37 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     off = torch.cumsum(L, 0) - L
     n_nodes = int(L.sum())
     node_pix = torch.repeat_interleave(torch.arange(npc, device=device), L)
-    node_lev = torch.arange(n_nodes, device=device) - off[node_pix] + 1
+    node_lev = torch.arange(n_nodes, device=device) - _g(off, node_pix) + 1
     # edges among candidate pixels, replicated on every level both ends reach
-    ce = cand_pix[u]
-    eu, ev = loc[u[ce]], loc[v[ce]]
+    ce = _g(cand_pix, u)
+    eu, ev = loc[_g(u, ce)], loc[_g(v, ce)]
     c = torch.minimum(L[eu], L[ev])
     keep = c > 0
-    eu, ev, c = eu[keep], ev[keep], c[keep]
+    eu, ev, c = _g(eu, keep), _g(ev, keep), _g(c, keep)
     e_rep = torch.repeat_interleave(torch.arange(eu.numel(), device=device), c)
     e_off = torch.cumsum(c, 0) - c
-    e_lev = torch.arange(e_rep.numel(), device=device) - e_off[e_rep]  # 0-based level - 1
-    nu = off[eu][e_rep] + e_lev
-    nv = off[ev][e_rep] + e_lev
+    e_lev = torch.arange(e_rep.numel(), device=device) - _g(e_off, e_rep)  # 0-based level - 1
+    nu = _g(off, eu)[e_rep] + e_lev
+    nv = _g(off, ev)[e_rep] + e_lev
     root = connected_components(n_nodes, nu, nv)
     del nu, nv, e_rep, e_lev
     comp_ids, node_comp = torch.unique(root, return_inverse=True)
     n_comp = comp_ids.numel()
     comp_area = torch.bincount(node_comp, minlength=n_comp)
-    comp_lev = node_lev[comp_ids]
-    comp_pix = node_pix[comp_ids]  # representative (the first) pixel of the component
-    comp_obj = po[comp_pix]
-    comp_f = _segment_sum(pf[node_pix], node_comp, n_comp)
+    comp_lev = _g(node_lev, comp_ids)
+    comp_pix = _g(node_pix, comp_ids)  # representative (the first) pixel of the component
+    comp_obj = _g(po, comp_pix)
+    comp_f = _segment_sum(_g(pf, node_pix), node_comp, n_comp)
     comp_t = tk_obj[comp_obj, comp_lev - 1]
     # SExtractor's deblending lutz keeps branches of at least min(minarea, MAXDEBAREA = 3) pixels
     valid = comp_area >= min(minarea, MAXDEBAREA)
     value0 = fdflux_obj * mincont
-    sig = valid & (comp_f - comp_t * comp_area.to(comp_f.dtype) > value0[comp_obj])
+    sig = valid & (comp_f - comp_t * comp_area.to(comp_f.dtype) > _g(value0, comp_obj))
     # parent of a level-k component: the component holding the same pixel at level k-1 (k >= 2),
     # the object itself at k = 1 (parents are indexed n_comp + object id)
     par = torch.where(
         comp_lev > 1,
-        node_comp[(off[comp_pix] + comp_lev - 2).clamp_min(0)],
+        node_comp[(_g(off, comp_pix) + comp_lev - 2).clamp_min(0)],
         n_comp + comp_obj,
     )
     ok = torch.ones(n_comp + n_obj, dtype=torch.bool, device=device)
@@ -479,34 +488,34 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
         ch = ((comp_lev == k) & valid).nonzero().squeeze(1)
         if ch.numel() == 0:
             continue
-        pa = par[ch]
-        m = torch.zeros(n_comp + n_obj, dtype=torch.int64, device=device).index_add_(0, pa, sig[ch].long())
+        pa = _g(par, ch)
+        m = torch.zeros(n_comp + n_obj, dtype=torch.int64, device=device).index_add_(0, pa, _g(sig, ch).long())
         allok = torch.ones(n_comp + n_obj, dtype=torch.int64, device=device).scatter_reduce_(
-            0, pa, ok[ch].long(), reduce="amin"
+            0, pa, _g(ok, ch).long(), reduce="amin"
         )
         ok &= allok.bool()
         split = m > 1
-        selected[ch] |= ok[ch] & sig[ch] & split[pa]
+        selected[ch] |= _g(ok, ch) & _g(sig, ch) & _g(split, pa)
         ok &= ~split
     split_obj = ~ok[n_comp:] & candidates
     if not bool(split_obj.any()):
         return obj, n_obj, torch.zeros(n_obj, dtype=torch.bool, device=device), None, None
-    sel = (selected & split_obj[comp_obj]).nonzero().squeeze(1)
+    sel = (selected & _g(split_obj, comp_obj)).nonzero().squeeze(1)
     n_sel = sel.numel()
     sel_map = torch.full((n_comp,), -1, dtype=torch.int64, device=device)
     sel_map[sel] = torch.arange(n_sel, device=device)
     # core pixels of each selected branch: nodes whose component is selected
-    node_sel = sel_map[node_comp]
+    node_sel = _g(sel_map, node_comp)
     has = node_sel >= 0
-    core_pix = node_pix[has]  # candidate-local pixel ids
-    core_son = node_sel[has]
-    son_obj = comp_obj[sel]
-    son_t = comp_t[sel]
-    gx, gy = x[pidx], y[pidx]
-    gval = val[pidx]
-    an = _analyse(core_son, n_sel, gx[core_pix], gy[core_pix], pf[core_pix], gval[core_pix], son_t)
+    core_pix = _g(node_pix, has)  # candidate-local pixel ids
+    core_son = _g(node_sel, has)
+    son_obj = _g(comp_obj, sel)
+    son_t = _g(comp_t, sel)
+    gx, gy = _g(x, pidx), _g(y, pidx)
+    gval = _g(val, pidx)
+    an = _analyse(core_son, n_sel, _g(gx, core_pix), _g(gy, core_pix), _g(pf, core_pix), _g(gval, core_pix), son_t)
     # gatherup amplitudes (thresholds reset to the detection threshold first)
-    t_det = t0_obj[son_obj]
+    t_det = _g(t0_obj, son_obj)
     ab2 = 2 * math.pi * an["abcor"] * an["a"] * an["b"]
     dist = an["fdnpix"] / ab2
     amp = torch.where(dist < 70.0, t_det * torch.exp(dist.clamp(max=70.0)), 4.0 * an["fdpeak"])
@@ -514,46 +523,46 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     # assign every pixel of a split object
     assign = torch.full((npc,), -1, dtype=torch.int64, device=device)
     assign[core_pix] = core_son
-    free = (assign < 0) & split_obj[po]
+    free = (assign < 0) & _g(split_obj, po)
     fp = free.nonzero().squeeze(1)
     if fp.numel():
         # sons of each split object, contiguous after sorting by object
         order = torch.argsort(son_obj, stable=True)
-        so_sorted = son_obj[order]
+        so_sorted = _g(son_obj, order)
         cnt = torch.bincount(so_sorted, minlength=n_obj)
         start = torch.cumsum(cnt, 0) - cnt
-        fo = po[fp]
-        rep = cnt[fo]
+        fo = _g(po, fp)
+        rep = _g(cnt, fo)
         pair_pix = torch.repeat_interleave(fp, rep)
         pair_off = torch.cumsum(rep, 0) - rep
         j = torch.arange(pair_pix.numel(), device=device) - torch.repeat_interleave(pair_off, rep)
-        pair_son = order[start[po[pair_pix]] + j]
-        dx = gx[pair_pix] - an["mx"][pair_son]
-        dy = gy[pair_pix] - an["my"][pair_son]
+        pair_son = order[start[_g(po, pair_pix)] + j]
+        dx = _g(gx, pair_pix) - an["mx"][pair_son]
+        dy = _g(gy, pair_pix) - an["my"][pair_son]
         d = 0.5 * (an["cxx"][pair_son] * dx * dx + an["cyy"][pair_son] * dy * dy + an["cxy"][pair_son] * dx * dy)
         d = d / an["abcor"][pair_son]
-        prob = torch.where(d < 70.0, amp[pair_son] * torch.exp(-d.clamp(max=70.0)), torch.zeros_like(d))
+        prob = torch.where(d < 70.0, _g(amp, pair_son) * torch.exp(-d.clamp(max=70.0)), torch.zeros_like(d))
         # most probable branch; the closest one (in ellipse metric) when all probabilities vanish
         npp = fp.numel()
         pair_row = torch.repeat_interleave(torch.arange(npp, device=device), rep)
         pmax = _segment_max(prob, pair_row, npp)
         psum = _segment_sum(prob, pair_row, npp)
         dmin = _segment_min(d, pair_row, npp)
-        use_p = psum[pair_row] > 1e-31
-        win = torch.where(use_p, prob == pmax[pair_row], d == dmin[pair_row])
+        use_p = _g(psum, pair_row) > 1e-31
+        win = torch.where(use_p, prob == _g(pmax, pair_row), d == _g(dmin, pair_row))
         best = torch.full((npp,), -1, dtype=torch.int64, device=device)
-        best.scatter_reduce_(0, pair_row[win], pair_son[win], reduce="amax", include_self=True)
+        best.scatter_reduce_(0, _g(pair_row, win), _g(pair_son, win), reduce="amax", include_self=True)
         assign[fp] = best
     new_obj = obj.clone()
-    moved = split_obj[po]
-    new_obj[pidx[moved]] = n_obj + assign[moved]
+    moved = _g(split_obj, po)
+    new_obj[_g(pidx, moved)] = n_obj + _g(assign, moved)
     blended = torch.cat([torch.zeros(n_obj, dtype=torch.bool, device=device), torch.ones(n_sel, dtype=torch.bool, device=device)])
     centre = (
         torch.cat([torch.full((n_obj,), math.nan, dtype=torch.float64, device=device), an["mx"]]),
         torch.cat([torch.full((n_obj,), math.nan, dtype=torch.float64, device=device), an["my"]]),
     )
     gathered = torch.zeros(P, dtype=torch.bool, device=device)
-    gathered[pidx[fp]] = True
+    gathered[_g(pidx, fp)] = True
     return new_obj, n_obj + n_sel, blended, centre, gathered
 
 
@@ -574,21 +583,21 @@ def _neighbour_pairs(bidx, mx, my, radius, H, W):
     cy = (my / cell).floor().long().clamp(0, ncy - 1)
     key = (bidx * ncy + cy) * ncx + cx
     order = torch.argsort(key)
-    skey = key[order]
+    skey = _g(key, order)
     # cells each object must visit
     rcell = torch.ceil(radius / cell).long()
     span = 2 * rcell + 1
     nvis = span * span
     q = torch.repeat_interleave(torch.arange(n, device=device), nvis)
     qoff = torch.cumsum(nvis, 0) - nvis
-    t = torch.arange(q.numel(), device=device) - qoff[q]
-    ddy = t // span[q] - rcell[q]
-    ddx = t % span[q] - rcell[q]
-    qy = cy[q] + ddy
-    qx = cx[q] + ddx
+    t = torch.arange(q.numel(), device=device) - _g(qoff, q)
+    ddy = t // _g(span, q) - _g(rcell, q)
+    ddx = t % _g(span, q) - _g(rcell, q)
+    qy = _g(cy, q) + ddy
+    qx = _g(cx, q) + ddx
     okc = (qy >= 0) & (qy < ncy) & (qx >= 0) & (qx < ncx)
-    q, qy, qx = q[okc], qy[okc], qx[okc]
-    qkey = (bidx[q] * ncy + qy) * ncx + qx
+    q, qy, qx = _g(q, okc), _g(qy, okc), _g(qx, okc)
+    qkey = (_g(bidx, q) * ncy + qy) * ncx + qx
     lo = torch.searchsorted(skey, qkey)
     hi = torch.searchsorted(skey, qkey, right=True)
     cnt = hi - lo
@@ -596,9 +605,9 @@ def _neighbour_pairs(bidx, mx, my, radius, H, W):
     coff = torch.cumsum(cnt, 0) - cnt
     jj = torch.arange(i.numel(), device=device) - torch.repeat_interleave(coff, cnt)
     j = order[torch.repeat_interleave(lo, cnt) + jj]
-    d2 = (mx[i] - mx[j]) ** 2 + (my[i] - my[j]) ** 2
-    keep = (i != j) & (d2 < radius[i] ** 2)
-    return i[keep], j[keep]
+    d2 = (_g(mx, i) - _g(mx, j)) ** 2 + (_g(my, i) - _g(my, j)) ** 2
+    keep = (i != j) & (d2 < _g(radius, i) ** 2)
+    return _g(i, keep), _g(j, keep)
 
 
 def _clean(bidx, an, thresh_obj, mthresh, clean_param, H, W):
@@ -615,35 +624,35 @@ def _clean(bidx, an, thresh_obj, mthresh, clean_param, H, W):
     i, j = torch.cat([i0, j0]), torch.cat([j0, i0])
     dx = an["mx"][i] - an["mx"][j]
     dy = an["my"][i] - an["my"][j]
-    rlim = CLEAN_ZONE * (a[i] + a[j])
+    rlim = CLEAN_ZONE * (_g(a, i) + _g(a, j))
     fi, fj = an["fdflux"][i], an["fdflux"][j]
     # i eats j when i is brighter (ties: the later object in SExtractor's order, here the larger index)
     brighter = (fi > fj) | ((fi == fj) & (i > j))
     keep = (dx * dx + dy * dy <= rlim * rlim) & brighter
-    i, j, dx, dy = i[keep], j[keep], dx[keep], dy[keep]
+    i, j, dx, dy = _g(i, keep), _g(j, keep), _g(dx, keep), _g(dy, keep)
     unit = math.pi * a * an["b"]
     amp = an["fdflux"] / (2 * unit * an["abcor"])
     alpha = (torch.pow((amp / thresh_obj).clamp_min(0), 1.0 / clean_param) - 1) * unit / an["fdnpix"]
-    val = 1 + alpha[i] * (an["cxx"][i] * dx * dx + an["cyy"][i] * dy * dy + an["cxy"][i] * dx * dy)
-    model = torch.where(val < 1e10, amp[i] * torch.pow(val.clamp_min(1e-300), -clean_param), torch.zeros_like(val))
-    eats = (val > 1.0) & (model.float() > mthresh[j].float())
-    i, j, model = i[eats], j[eats], model[eats]
+    val = 1 + _g(alpha, i) * (an["cxx"][i] * dx * dx + an["cyy"][i] * dy * dy + an["cxy"][i] * dx * dy)
+    model = torch.where(val < 1e10, _g(amp, i) * torch.pow(val.clamp_min(1e-300), -clean_param), torch.zeros_like(val))
+    eats = (val > 1.0) & (model.float() > _g(mthresh, j).float())
+    i, j, model = _g(i, eats), _g(j, eats), _g(model, eats)
     alive = torch.ones(n, dtype=torch.bool, device=device)
     # fixed point of "removed iff eaten by a surviving brighter object" (a DAG by brightness)
     for _ in range(64):
         eaten = torch.zeros(n, dtype=torch.bool, device=device)
-        eaten[j[alive[i]]] = True
+        eaten[j[_g(alive, i)]] = True
         new_alive = ~eaten
         if torch.equal(new_alive, alive):
             break
         alive = new_alive
     master = ar.clone()
-    live = alive[i]
+    live = _g(alive, i)
     if bool(live.any()):
         # the surviving eater with the largest model value at the victim's centre
-        mm = _segment_max(model[live], j[live], n)
-        win = live & (model == mm[j])
-        master.scatter_reduce_(0, j[win], i[win], reduce="amin", include_self=False)
+        mm = _segment_max(_g(model, live), _g(j, live), n)
+        win = live & (model == _g(mm, j))
+        master.scatter_reduce_(0, _g(j, win), _g(i, win), reduce="amin", include_self=False)
     return alive, master
 
 
@@ -702,16 +711,16 @@ def detect_sources(
     npix = torch.bincount(obj, minlength=n)
     big = npix >= minarea
     # drop small components, renumber
-    keep_pix = big[obj]
+    keep_pix = _g(big, obj)
     newid = torch.cumsum(big.long(), 0) - 1
     if not bool(keep_pix.all()):
         sel = keep_pix.nonzero().squeeze(1)
         remap = torch.full((P,), -1, dtype=torch.int64, device=device)
         remap[sel] = torch.arange(sel.numel(), device=device)
-        eok = keep_pix[u] & keep_pix[v]
-        u, v = remap[u[eok]], remap[v[eok]]
-        idx, b, xi, yi, f, val, tp = idx[sel], b[sel], xi[sel], yi[sel], f[sel], val[sel], tp[sel]
-        obj = newid[obj[sel]]
+        eok = _g(keep_pix, u) & _g(keep_pix, v)
+        u, v = remap[_g(u, eok)], remap[_g(v, eok)]
+        idx, b, xi, yi, f, val, tp = _g(idx, sel), _g(b, sel), _g(xi, sel), _g(yi, sel), _g(f, sel), _g(val, sel), _g(tp, sel)
+        obj = newid[_g(obj, sel)]
     n = int(big.sum())
     xd, yd = xi.double(), yi.double()
     t0_obj = _segment_min(tp, obj, n)
@@ -724,8 +733,8 @@ def detect_sources(
         # only objects with >= 2 local maxima of the filtered image can split
         # local maxima among detected 8-neighbours, from the edge list (no full-frame pass)
         not_max = torch.zeros(idx.numel(), dtype=torch.bool, device=device)
-        not_max[u[f[u] < f[v]]] = True
-        not_max[v[f[v] < f[u]]] = True
+        not_max[u[_g(f, u) < _g(f, v)]] = True
+        not_max[v[_g(f, v) < _g(f, u)]] = True
         nmax = torch.bincount(obj[~not_max], minlength=n)
         cand = (nmax >= 2) & (torch.bincount(obj, minlength=n) >= 2 * min(minarea, MAXDEBAREA))
         obj, n2, blended, centre, gathered = _deblend(
@@ -737,9 +746,9 @@ def detect_sources(
             present = torch.bincount(obj, minlength=n2) > 0
             t0_full = torch.cat([t0_obj, _segment_min(tp, obj, n2)[n:]])
             newid = torch.cumsum(present.long(), 0) - 1
-            obj = newid[obj]
-            t0_obj = t0_full[present]
-            blended = blended[present]
+            obj = _g(newid, obj)
+            t0_obj = _g(t0_full, present)
+            blended = _g(blended, present)
             centre = (centre[0][present], centre[1][present])
             n = int(present.sum())
     # object order: batch index, then first raster pixel (SExtractor-like numbering per image)
@@ -747,8 +756,8 @@ def detect_sources(
     order = torch.argsort(first)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=device)
-    obj = rank[obj]
-    t0_obj, blended = t0_obj[order], blended[order]
+    obj = _g(rank, obj)
+    t0_obj, blended = _g(t0_obj, order), _g(blended, order)
     if centre is not None:
         centre = (centre[0][order], centre[1][order])
     bobj = torch.zeros(n, dtype=torch.int64, device=device).scatter_(0, obj, b)
@@ -763,17 +772,17 @@ def detect_sources(
         alive, master = _clean(bobj, an, t0_obj, mthresh, clean_param, H, W)
         # follow master chains to a survivor
         for _ in range(64):
-            nxt = master[master]
+            nxt = _g(master, master)
             if torch.equal(nxt, master):
                 break
             master = nxt
-        obj = master[obj]
+        obj = _g(master, obj)
         ate[master[~alive]] = True
         newid = torch.cumsum(alive.long(), 0) - 1
-        obj = newid[obj]
+        obj = _g(newid, obj)
         sel_o = alive.nonzero().squeeze(1)
-        t0_obj, blended, bobj, ate = t0_obj[sel_o], blended[sel_o], bobj[sel_o], ate[sel_o]
-        an = {k: vv[sel_o] for k, vv in an.items()}
+        t0_obj, blended, bobj, ate = _g(t0_obj, sel_o), _g(blended, sel_o), _g(bobj, sel_o), _g(ate, sel_o)
+        an = {k: _g(vv, sel_o) for k, vv in an.items()}
         n = sel_o.numel()
         # merged victims add their pixels (SExtractor mergeobject adds fluxes, keeps the centre)
         an["fdflux"] = _segment_sum(f, obj, n)
@@ -781,9 +790,9 @@ def detect_sources(
     # labels 1..n per image
     counts = torch.bincount(bobj, minlength=B)
     start = torch.cumsum(counts, 0) - counts
-    label = torch.arange(n, device=device) - start[bobj] + 1
+    label = torch.arange(n, device=device) - _g(start, bobj) + 1
     seg = torch.zeros(B * HW, dtype=torch.int64, device=device)
-    seg[idx] = label[obj]
+    seg[idx] = _g(label, obj)
     xmin = _segment_min(xd, obj, n).long()
     xmax = _segment_max(xd, obj, n).long()
     ymin = _segment_min(yd, obj, n).long()
@@ -832,11 +841,11 @@ def isophotal_moments(image: Tensor, segmentation: Tensor, filtered: Optional[Te
     B, _, H, W = image.shape
     segf = segmentation.reshape(-1)
     idx = (segf > 0).nonzero().squeeze(1)
-    lab = segf[idx]
+    lab = _g(segf, idx)
     bb = idx // (H * W)
     nper = torch.zeros(B, dtype=torch.int64, device=image.device).scatter_reduce_(0, bb, lab, reduce="amax")
     start = torch.cumsum(nper, 0) - nper
-    o = start[bb] + lab - 1
+    o = _g(start, bb) + lab - 1
     n = int(nper.sum())
     v = image.reshape(-1)[idx].to(torch.float64)
     wgt = v if filtered is None else filtered.reshape(-1)[idx].to(torch.float64)
@@ -845,7 +854,7 @@ def isophotal_moments(image: Tensor, segmentation: Tensor, filtered: Optional[Te
     x = (rem % W).double()
     x0 = _segment_min(x, o, n)
     y0 = _segment_min(y, o, n)
-    xr, yr = x - x0[o], y - y0[o]
+    xr, yr = x - _g(x0, o), y - _g(y0, o)
     s = _segment_sum(v, o, n)
     sw = _segment_sum(wgt, o, n)
     sd = torch.where(sw != 0, sw, torch.ones_like(sw))
@@ -1127,8 +1136,8 @@ def _object_index(seg: Tensor, pix: Tensor) -> Tensor:
     """Row index (ordered by batch index, label) of the labelled pixels ``pix`` of ``seg``."""
     B, _, H, W = seg.shape
     segf = seg.reshape(-1)
-    lab = segf[pix]
+    lab = _g(segf, pix)
     bb = pix // (H * W)
     nper = torch.zeros(B, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bb, lab, reduce="amax")
     start = torch.cumsum(nper, 0) - nper
-    return start[bb] + lab - 1
+    return _g(start, bb) + lab - 1
