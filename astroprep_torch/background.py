@@ -65,6 +65,7 @@ patch mask; outputs (B, 1, H, W) in the image's dtype and device. Units are the 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -365,8 +366,32 @@ def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: T
         idx.masked_fill_(badv, nb)  # bad pixels (NaN too) -> the box's dump bin past its last one
     idx.add_((box * (nb + 1)).to(itype).view(B, cy, 1, nx, 1))
     idx = idx.reshape(-1)
-    out[0].index_add_(0, idx, torch.ones((), dtype=out.dtype, device=dev).expand(idx.numel()))
-    out[1].index_add_(0, idx, delta.to(out.dtype))
+    ones = torch.ones((), dtype=out.dtype, device=dev).expand(idx.numel())
+    if dev.type == "cpu" and not _compiling() and torch.get_num_threads() > 1:
+        # ATen's CPU index_add_ is single-threaded: the two rows (counts, positions) are
+        # independent, so the second runs on a helper thread meanwhile (the GIL is released)
+        job = _side_thread().submit(out[1].index_add_, 0, idx, delta.to(out.dtype))
+        out[0].index_add_(0, idx, ones)
+        job.result()
+    else:
+        out[0].index_add_(0, idx, ones)
+        out[1].index_add_(0, idx, delta.to(out.dtype))
+
+
+_SIDE = (None, None)  # (executor, pid that made it)
+
+
+def _side_thread():
+    """One lazily started worker thread for independent single-threaded kernels (made anew in a
+    forked child, e.g. a DataLoader worker: threads do not survive fork)."""
+    global _SIDE
+    pool, pid = _SIDE
+    if pool is None or pid != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="astroprep-bg")
+        _SIDE = (pool, os.getpid())
+    return pool
 
 
 def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxiters: int, need_mad: bool) -> _Stats:
