@@ -51,13 +51,21 @@ therefore what this module does -- these are the points where sep differs:
 
 Vectorisation: isophotal quantities are ``index_add`` / ``scatter_reduce`` over the segmentation
 pixels.  Aperture-like quantities are computed on per-object square stamps gathered as an
-``(n, s, s)`` batch; objects are grouped into a few stamp sizes (a Python loop over size buckets and
-memory chunks, never over objects).  Stamp rows are gathered as contiguous runs (``index_select`` on a
-strided view, ~8x faster than an element-wise gather; element-wise fallback near the buffer ends and
-under autograd).  The growth curve bins its 5x5 sub-samples in float32 (a bin edge can move by
-~1e-6 px).  The windowed centroid iterates at most 16 times over the still moving objects, with a
-separable Gaussian, moments from row/column marginals, and stamps re-gathered only when the stamp
-origin or the CORRECT mirror centre changes.  Fluxes are linear in the pixel values, so everything is differentiable w.r.t. the
+``(n, s, s)`` batch, each stamp just large enough for its aperture (side ``floor(2 reach) + 2``,
+origin ``floor(c - reach) + 1``); objects are grouped by stamp side (a Python loop over size buckets
+and memory chunks, never over objects).  Stamp rows are gathered as contiguous runs (``index_select``
+on a strided view, ~8x faster than an element-wise gather; element-wise fallback near the buffer ends
+and under autograd); CORRECT mirror pixels are gathered only for stamps that hold a blanked pixel.
+Sub-sampling (apertures, window edge) is applied only to the pixels whose sub-samples can straddle
+the circle (the band ``r +- (k-1)/(2k) sqrt 2`` instead of SExtractor's ``r +- 0.75``, same values).
+The growth curve is built first from the pixels near a generous guess of the largest requested
+radius, which makes every bin inside the guess exact; objects whose first crossing lies beyond the
+exact bins are recomputed from all pixels, so the result is the full curve's (its 5x5 sub-samples are
+binned in float32: a bin edge can move by ~1e-6 px).  The windowed centroid iterates at most 16 times
+over the still moving objects of a stamp size together, with the separable Gaussian folded into one
+small ``bmm``, the window edge sub-sampled per stamp row (chord ends computed once per sub-row), and
+stamps re-gathered only when the stamp origin changes (or the CORRECT mirror centre, for stamps with
+blanked pixels).  Fluxes are linear in the pixel values, so everything is differentiable w.r.t. the
 image for a fixed segmentation (the discrete choices -- which pixels, the Kron factor -- are constants).
 """
 
@@ -154,6 +162,8 @@ def _as_map(value, image: Tensor, name: str) -> Optional[Tensor]:
             torch.broadcast_shapes(v.shape, image.shape)
         except RuntimeError:
             raise ValueError(f"{name} shape {tuple(v.shape)} does not broadcast to image {tuple(image.shape)}") from None
+        if v.shape[-2:] != (1, 1) and v.stride(-1) == 0 and v.stride(-2) == 0:
+            v = v[..., :1, :1]  # an expanded per-frame constant: keep it (B, 1, 1, 1), no full-size copies
         return v
     raise ValueError(f"{name} must be a scalar, a (B,) tensor or a (B, 1, H, W) map, got shape {tuple(v.shape)}")
 
@@ -166,18 +176,46 @@ def _per_object(value, map_: Optional[Tensor], bidx: Tensor, ix: Tensor, iy: Ten
     return map_[bidx if B > 1 else torch.zeros_like(bidx), 0, iy.clamp(0, H - 1), ix.clamp(0, W - 1)]
 
 
+_MIN_BUCKET = 512  # objects; smaller size buckets are merged upwards
+
+
 def _size_buckets(half: Tensor) -> list[tuple[Tensor, int]]:
-    """Group objects by the stamp half-size they need (a few geometric sizes).  Python loop over
-    buckets only (one device sync for the sizes)."""
+    """Group objects by the stamp side they need: every side up to 48 exactly, then a few geometric
+    sizes.  Python loop over buckets only (one device sync for the sizes)."""
     if half.numel() == 0:
         return []
-    sizes = [3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024, 1448, 2048, 4096, 8192]
+    sizes = list(range(2, 49)) + [54, 60, 68, 76, 86, 96, 108, 121, 136, 152, 171, 192, 215, 242, 271, 304,
+                                  342, 384, 431, 483, 542, 609, 683, 767, 861, 966, 1084, 1217, 1366, 1533,
+                                  1721, 1932, 2169, 2435, 2733, 3068, 3444, 3866, 4340, 4871, 5468, 6138,
+                                  6890, 7734, 8682, 9746, 10940, 12280, 13785, 15474, 17370]
     sz = torch.tensor(sizes, device=half.device)
-    which = torch.bucketize(half.clamp(min=1), sz)
+    which = torch.bucketize(half.clamp(min=2), sz)
     which = which.clamp(max=len(sizes) - 1)
     out = []
-    for w in torch.unique(which).tolist():
-        out.append((torch.nonzero(which == w).flatten(), int(sizes[w])))
+    counts = torch.bincount(which, minlength=len(sizes)).tolist()
+    order = torch.argsort(which, stable=True)
+    # small buckets are merged into the next larger size (a larger stamp serves any smaller need):
+    # fewer, fuller batches (per-op overhead) at the cost of <= 4x the area for those few objects
+    pend, pend_n, first = [], 0, 0
+    start = 0
+    for w, n in enumerate(counts):
+        if not n:
+            continue
+        idx, size = order[start : start + n], int(sizes[w])
+        start += n
+        if pend and size > 2 * first:
+            out.append((torch.cat(pend), last))
+            pend, pend_n = [], 0
+        if not pend:
+            first = size
+        pend.append(idx)
+        pend_n += n
+        last = size
+        if pend_n >= _MIN_BUCKET:
+            out.append((torch.cat(pend), size))
+            pend, pend_n = [], 0
+    if pend:
+        out.append((torch.cat(pend), last))
     return out
 
 
@@ -196,25 +234,28 @@ class _Frame:
         self.var = var  # broadcastable map (B?,1,H?,W?)
         self.blank = None if blankmap is None else blankmap.reshape(-1)  # bool: pixel blanked unless own
         # one gather instead of two: label of blanked pixels, -1 where not blanked
-        self.bseg = None if blankmap is None else torch.where(self.blank, self.seg, torch.full_like(self.seg, -1)).int()
+        self.bseg = None if blankmap is None else self.seg.to(torch.int32, copy=True).masked_fill_(~self.blank, -1)
         self.H, self.W = H, W
         self.B = image.shape[0]
         self.mask_type = mask_type
 
-    def stamps(self, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor, h: int, want_var=True):
-        """Square stamps of side 2h+2 starting at floor(c)-h.  Returns dict of (n, s, s) tensors and
-        the stamp origin; dx/dy are pixel-centre offsets from (cx, cy)."""
+    def stamps(self, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor, s: int, reach: Tensor, want_var=True):
+        """Square stamps of side ``s`` starting at ``floor(c - reach) + 1`` (``reach`` per object, from
+        :func:`_reach`; ``s >= _side(reach)``): they hold every pixel whose centre lies within
+        ``reach`` of ``c`` in x and y.  Returns dict of (n, s, s) tensors and the stamp origin; dx/dy
+        are pixel-centre offsets from (cx, cy)."""
         H, W = self.H, self.W
-        s = 2 * h + 2
         dev = self.img.device
-        x0 = torch.floor(cx).long() - h
-        y0 = torch.floor(cy).long() - h
+        x0 = torch.floor(cx - reach).long() + 1
+        y0 = torch.floor(cy - reach).long() + 1
         ar = torch.arange(s, device=dev)
-        ix = x0[:, None, None] + ar[None, None, :]
-        iy = y0[:, None, None] + ar[None, :, None]
-        valid = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+        ixr = x0[:, None] + ar  # (n, s) columns
+        iyr = y0[:, None] + ar  # (n, s) rows
+        ix = ixr[:, None, :]  # (n, 1, s): broadcast views, no (n, s, s) index arrays
+        iy = iyr[:, :, None]  # (n, s, 1)
+        valid = ((iyr >= 0) & (iyr < H))[:, :, None] & ((ixr >= 0) & (ixr < W))[:, None, :]
         # row starts of each stamp row in the flat buffer (rows are contiguous runs of s pixels)
-        rstart = b[:, None] * (H * W) + iy[:, :, 0].clamp(0, H - 1) * W + x0[:, None]
+        rstart = b[:, None] * (H * W) + iyr.clamp(0, H - 1) * W + x0[:, None]
         fast = self._fast_ok(rstart, s)
         if fast:
             flat = None
@@ -226,13 +267,14 @@ class _Frame:
         fx = (cx.double() - x0.double()).to(dt)
         fy = (cy.double() - y0.double()).to(dt)
         arf = ar.to(dt)
-        dx = (arf[None, None, :] - fx[:, None, None]).expand(ix.shape[0], s, s)
-        dy = (arf[None, :, None] - fy[:, None, None]).expand(ix.shape[0], s, s)
+        n = x0.shape[0]
+        dx = (arf[None, None, :] - fx[:, None, None]).expand(n, s, s)
+        dy = (arf[None, :, None] - fy[:, None, None]).expand(n, s, s)
         out = {"pix": pix, "valid": valid, "dx": dx, "dy": dy, "flat": flat, "ix": ix, "iy": iy,
                "x0": x0, "y0": y0, "s": s}
         if self.blank is not None:
             bs = self._rows(self.bseg, rstart, s) if fast else self.bseg[flat]
-            masked = (bs >= 0) & (bs != label[:, None, None]) & valid
+            masked = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None]) & valid
         else:
             masked = torch.zeros_like(valid)
         out["masked"] = masked
@@ -258,9 +300,10 @@ class _Frame:
         v = self.var
         B, _, H, W = v.shape
         bb = b if B > 1 else torch.zeros_like(b)
+        shape = (ix.shape[0], iy.shape[1], ix.shape[2])
         if H == 1 and W == 1:
-            return v.reshape(-1)[bb][:, None, None].expand(ix.shape)
-        return v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)]
+            return v.reshape(-1)[bb][:, None, None].expand(shape)
+        return v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)].expand(shape)
 
     def corrected(self, st: dict, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor) -> Tensor:
         """Pixel values with blanked neighbours replaced as SExtractor's MASK_TYPE (CORRECT: the pixel
@@ -269,17 +312,23 @@ class _Frame:
         if self.blank is None or self.mask_type == "none":
             return torch.where(st["valid"], pix, torch.zeros_like(pix))
         zero = torch.zeros_like(pix)
+        base = torch.where(st["valid"] & ~masked, pix, zero)
         if self.mask_type == "blank":
-            return torch.where(st["valid"] & ~masked, pix, zero)
+            return base
+        # CORRECT: mirrored pixels only for the stamps that hold a blanked pixel
+        sel = torch.nonzero(masked.flatten(1).any(1)).flatten()
+        if sel.numel() == 0:
+            return base
         H, W = self.H, self.W
-        cxm = torch.trunc(2.0 * cx.double() + 0.49999).long()
-        cym = torch.trunc(2.0 * cy.double() + 0.49999).long()
-        x2 = cxm[:, None, None] - st["ix"]
-        y2 = cym[:, None, None] - st["iy"]
-        ok = (x2 >= 0) & (x2 < W) & (y2 >= 0) & (y2 < H)
         s = pix.shape[-1]
+        b, label, x0 = b[sel], label[sel], st["x0"][sel]
+        cxm = torch.trunc(2.0 * cx[sel].double() + 0.49999).long()
+        cym = torch.trunc(2.0 * cy[sel].double() + 0.49999).long()
+        x2 = cxm[:, None, None] - st["ix"][sel]  # (m, 1, s)
+        y2 = cym[:, None, None] - st["iy"][sel]  # (m, s, 1)
+        ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
         # mirrored stamp: row y2 = cym - iy, columns cxm - x0 - j (descending) = reversed run
-        rstart2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W + (cxm - st["x0"] - (s - 1))[:, None]
+        rstart2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W + (cxm - x0 - (s - 1))[:, None]
         if self._fast_ok(rstart2, s):
             mpix = self._rows(self.img, rstart2, s).flip(-1)
             bs = self._rows(self.bseg, rstart2, s).flip(-1)
@@ -287,9 +336,9 @@ class _Frame:
             flat2 = b[:, None, None] * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
             mpix = self.img[flat2]
             bs = self.bseg[flat2]
-        mblank = (bs >= 0) & (bs != label[:, None, None])
-        rep = torch.where(ok & ~mblank, mpix, zero)
-        return torch.where(st["valid"], torch.where(masked, rep, pix), zero)
+        mblank = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None])
+        rep = torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix))
+        return base.index_put((sel,), torch.where(masked[sel], rep, base[sel]))
 
 
 def _circle_fraction(dx: Tensor, dy: Tensor, r: Tensor, subpix: int) -> Tensor:
@@ -300,10 +349,15 @@ def _circle_fraction(dx: Tensor, dy: Tensor, r: Tensor, subpix: int) -> Tensor:
     scattered back)."""
     r = r.expand(dx.shape[0], 1, 1)
     d2 = dx * dx + dy * dy
-    rint = r - 0.75
+    # only pixels whose sub-samples can straddle the circle are sub-sampled: with subpix >= 1 the
+    # sub-samples lie within (subpix - 1) / (2 subpix) * sqrt(2) (< 0.75) of the pixel centre, so
+    # pixels nearer than r minus that count fully and farther than r plus that not at all (the
+    # same values as sub-sampling SExtractor's whole r +- 0.75 ring)
+    band = 0.75 if subpix == 0 else (subpix - 1) / (2.0 * subpix) * math.sqrt(2.0) + 0.005
+    rint = r - band
     rint2 = torch.where(rint > 0, rint * rint, torch.zeros_like(rint))
-    rext2 = (r + 0.75) ** 2
-    frac = torch.where(d2 <= rint2, torch.ones_like(d2), torch.zeros_like(d2))
+    rext2 = (r + band) ** 2
+    frac = (d2 <= rint2).to(d2.dtype)
     ring = (d2 > rint2) & (d2 < rext2)
     oi, yy, xx = torch.nonzero(ring, as_tuple=True)
     if oi.numel() == 0:
@@ -352,9 +406,17 @@ def _ellipse_extent(cxx, cyy, cxy, k):
     return dxl, dyl
 
 
-def _half(r: Tensor) -> Tensor:
-    r = torch.nan_to_num(r, nan=1.0, posinf=1.0e4).clamp(max=4000.0)
-    return torch.ceil(r).long() + 2
+def _reach(r: Tensor) -> Tensor:
+    """Stamp reach (float64): ``r`` plus a rounding margin, so that a pixel beyond the reach is
+    strictly outside ``r`` whatever the float32 rounding of the offsets."""
+    r = torch.nan_to_num(r.double(), nan=1.0, posinf=1.0e4).clamp(min=0.0, max=4000.0)
+    return r * (1.0 + 1e-5) + 1e-4
+
+
+def _side(reach: Tensor) -> Tensor:
+    """Stamp side holding the pixel centres in ``(c - reach, c + reach)`` from ``floor(c - reach) + 1``
+    (at most ``2 reach + 1`` of them)."""
+    return torch.floor(2.0 * reach).long() + 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +433,12 @@ def _stage_aper(fr: _Frame, o: dict, radii: Sequence[float], subpix: int, max_el
     if N == 0 or nap == 0:
         return flux, var, area
     rmax = max(radii)
-    half = _half(torch.full((N,), rmax + 1.0, device=dev))
+    reach = _reach(torch.full((N,), rmax + 0.75, device=dev))
     per = 5 if subpix else EXACT_SUBROWS
-    for sel, h in _size_buckets(half):
-        s = 2 * h + 2
+    for sel, s in _size_buckets(_side(reach)):
         for c in _chunks(sel, s * s * per, max_elems):
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
-            st = fr.stamps(b, lab, cx, cy, h)
+            st = fr.stamps(b, lab, cx, cy, s, reach[c])
             pix = fr.corrected(st, b, lab, cx, cy)
             vmask = st["valid"].to(dt)
             for i, r in enumerate(radii):
@@ -410,19 +471,18 @@ def _stage_kron(fr: _Frame, o: dict, kron_fact: float, min_radius: float, autoap
     dyl = torch.where(ell, dyl, circ)
     klim2 = torch.where(ell, torch.full_like(dxl, nsig ** 2), circ * circ)
     flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
-    half = _half(torch.maximum(dxl, dyl))
-    for sel, h in _size_buckets(half):
-        s = 2 * h + 2
+    reach = _reach(torch.maximum(dxl, dyl))
+    for sel, s in _size_buckets(_side(reach)):
         for c in _chunks(sel, s * s * 4, max_elems):
             b, lab = o["bi"][c], o["label"][c]
-            st = fr.stamps(b, lab, o["x"][c], o["y"][c], h, want_var=False)
+            st = fr.stamps(b, lab, o["x"][c], o["y"][c], s, reach[c], want_var=False)
             dx, dy = st["dx"], st["dy"]
             r2 = (cxx[c, None, None].to(dt) * dx * dx + cyy[c, None, None].to(dt) * dy * dy
                   + cxy[c, None, None].to(dt) * dx * dy)
             inside = (r2 <= klim2[c, None, None].to(dt)) & st["valid"]
             good = inside & ~st["masked"]
             pix = torch.where(good, st["pix"], torch.zeros_like(st["pix"])).double()
-            r1[c] = (torch.sqrt(torch.clamp(r2, min=0).double()) * pix).sum((-1, -2))
+            r1[c] = (torch.sqrt(torch.clamp(r2, min=0)).double() * pix).sum((-1, -2))
             v1[c] = pix.sum((-1, -2))
             area[c] = inside.sum((-1, -2))
             areab[c] = (inside & st["masked"]).sum((-1, -2))
@@ -457,13 +517,12 @@ def _stage_auto(fr: _Frame, o: dict, kf: Tensor, autoaper1: float, max_elems: in
     kf_out = torch.where(ell, kf, torch.zeros_like(kf))
     flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
     active = torch.nonzero(kf > 0).flatten()  # kf == 0 <=> no usable pixel in step 1
-    half = _half(torch.maximum(dxl, dyl)[active])
-    for sel, h in _size_buckets(half):
+    reach = _reach(torch.maximum(dxl, dyl))
+    for sel, s in _size_buckets(_side(reach[active])):
         sel = active[sel]
-        s = 2 * h + 2
         for c in _chunks(sel, s * s * 4, max_elems):
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
-            st = fr.stamps(b, lab, cx, cy, h)
+            st = fr.stamps(b, lab, cx, cy, s, reach[c])
             dx, dy = st["dx"], st["dy"]
             r2 = (cxx[c, None, None].to(dt) * dx * dx + cyy[c, None, None].to(dt) * dy * dy
                   + cxy[c, None, None].to(dt) * dx * dy)
@@ -478,43 +537,51 @@ def _stage_auto(fr: _Frame, o: dict, kf: Tensor, autoaper1: float, max_elems: in
     return flux, var, kf_out, crowded, flag
 
 
-def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float], autoaper0: float,
-                  max_elems: int):
-    """SExtractor growth curve (64 bins out to 6a) -> flux radii at ``fracs`` and hl_radius."""
-    N = o["x"].numel()
-    dt = fr.img.dtype
+def _first_crossing(growth: Tensor, tv: Tensor) -> Tensor:
+    """Index of the first growth-curve bin >= tv (the last bin when none: SExtractor stops there)."""
+    ge = growth.detach() >= tv.detach()[:, None]
+    ge[:, -1] = True
+    return torch.argmax(ge.to(torch.uint8), dim=1)
+
+
+def _growth_curve(fr: _Frame, o: dict, idx: Tensor, rsel: Tensor, step: Tensor, max_elems: int) -> Tensor:
+    """Cumulative SExtractor growth curve ``(len(idx), 64)`` of objects ``idx`` from the pixels whose
+    centre lies within ``rsel`` (per object): whole pixels binned at their centre radius, pixels
+    within 0.75 px of a bin edge sub-sampled 5x5 (float32 sub-samples, bin edges move by ~1e-6 px)."""
     dev = fr.img.device
-    rlim = GROWTH_NSIG * o["a"].double()
-    rlim = torch.where(rlim < autoaper0, torch.full_like(rlim, autoaper0), rlim)
-    rlim = torch.clamp(rlim, min=1e-3)
-    raper = rlim + 1.5
-    step = rlim / GROWTH_NSTEP
-    flag = _box_flag_trunc(o["x"], raper, fr.W) | _box_flag_trunc(o["y"], raper, fr.H)
-    growth = torch.zeros(N, GROWTH_NSTEP, dtype=torch.float64, device=dev)
-    # sub-samples lie within 0.5*sqrt(2) of the centre: pixels beyond rlim + 0.71 only feed bins
-    # >= GROWTH_NSTEP, which SExtractor drops, so they are skipped (exact); the stamp only needs rcut
-    rcut = torch.minimum(raper, rlim + 0.71)
-    half = _half(rcut)
+    n_all = idx.numel()
+    growth = torch.zeros(n_all, GROWTH_NSTEP, dtype=torch.float64, device=dev)
+    if n_all == 0:
+        return growth
+    rs = rsel[idx]
+    reach = _reach(rs + 1e-3)
     sc = 1.0 / GROWTH_OVERSAMP
     off = 0.5 * (sc - 1.0)
     nb = GROWTH_NSTEP + 1  # one overflow bin per object (dropped), avoids boolean compaction
-    sub = torch.arange(GROWTH_OVERSAMP, device=dev, dtype=torch.float64) * sc + off
-    # sub-sample offsets; float32 for the 25x work (bin edges move by ~1e-6 px)
-    sub5 = sub.float()
-    for sel, h in _size_buckets(half):
-        s = 2 * h + 2
-        for c in _chunks(sel, s * s * 8, max_elems):
+    sub5 = (torch.arange(GROWTH_OVERSAMP, device=dev, dtype=torch.float64) * sc + off).float()
+    for sel, s in _size_buckets(_side(reach)):
+        for cl in _chunks(sel, s * s * 8, max_elems):
+            c = idx[cl]
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
-            st = fr.stamps(b, lab, cx, cy, h, want_var=False)
+            st = fr.stamps(b, lab, cx, cy, s, reach[cl], want_var=False)
             n_ = c.numel()
             dx32, dy32 = st["dx"], st["dy"]
             r2f = dx32 * dx32 + dy32 * dy32
-            inside = (r2f < ((rcut[c] + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st["valid"]
-            oi, yy, xx = torch.nonzero(inside, as_tuple=True)
-            pix = fr.corrected(st, b, lab, cx, cy)[oi, yy, xx]  # run gathers beat per-pixel ones
-            pdx, pdy = dx32[oi, yy, xx].double(), dy32[oi, yy, xx].double()
+            rc = rs[cl]
+            inside = (r2f < ((rc + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st["valid"]
+            fl = torch.nonzero(inside.view(-1)).flatten()  # flat (object, row, column) ids
+            oi = torch.div(fl, s * s, rounding_mode="floor")
+            yy = torch.div(fl - oi * (s * s), s, rounding_mode="floor")
+            xx = fl - oi * (s * s) - yy * s
+            pix = fr.corrected(st, b, lab, cx, cy).reshape(-1).index_select(0, fl)  # run gathers beat per-pixel ones
+            # offsets as in _Frame.stamps (same float ops, no gather from the expanded stamps)
+            arf = torch.arange(s, device=dev).to(dx32.dtype)
+            fxs = (cx.double() - st["x0"].double()).to(dx32.dtype)
+            fys = (cy.double() - st["y0"].double()).to(dx32.dtype)
+            pdx = (arf.index_select(0, xx) - fxs.index_select(0, oi)).double()
+            pdy = (arf.index_select(0, yy) - fys.index_select(0, oi)).double()
             r2 = pdx * pdx + pdy * pdy
-            keep = r2 < (rcut[c] ** 2)[oi]
+            keep = r2 < (rc ** 2)[oi]
             r = torch.sqrt(r2)
             stp = step[c][oi]
             dens = 1.0 / stp
@@ -522,27 +589,60 @@ def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float]
             over = ((d < 0.75) | (d > stp - 0.75)) & keep
             whole = (~over) & keep
             p = pix.double()
-            # whole pixels
             jw = torch.floor(r * dens).long().clamp(max=GROWTH_NSTEP)
             g = torch.zeros(n_ * nb, dtype=torch.float64, device=dev)
             g.index_add_(0, oi * nb + jw, torch.where(whole, p, torch.zeros_like(p)))
-            # over-sampled pixels: 25 sub-samples each
             ov = torch.nonzero(over).flatten()
             if ov.numel():
-                sx = pdx[ov].float()[:, None] + sub5  # (m, 5)
-                sy = pdy[ov].float()[:, None] + sub5
-                q = (sy * sy)[:, :, None] + (sx * sx)[:, None, :]  # (m, 5, 5), x fastest
-                q = torch.sqrt_(q).mul_(dens[ov].float()[:, None, None]).floor_().clamp_(max=GROWTH_NSTEP)
-                fl = q.to(torch.int32).add_((oi[ov] * nb).to(torch.int32)[:, None, None])
-                val = (p[ov] * (sc * sc))[:, None, None].expand(q.shape)
-                g.index_add_(0, fl.reshape(-1), val.reshape(-1))
-            growth[c] = g.reshape(n_, nb)[:, :GROWTH_NSTEP]
-    growth = torch.cumsum(growth, dim=1)
+                m_ = ov.numel()
+                sx = pdx[ov].float()[None, :] + sub5[:, None]  # (5, m)
+                sy = pdy[ov].float()[None, :] + sub5[:, None]
+                q = (sy * sy)[:, None, :] + (sx * sx)[None, :, :]  # (5, 5, m): sub-sample major
+                q = torch.sqrt_(q).mul_(dens[ov].float()).floor_().clamp_(max=GROWTH_NSTEP)
+                fl = q.to(torch.int32).add_((oi[ov] * nb).to(torch.int32)).view(GROWTH_OVERSAMP ** 2, m_)
+                val = p[ov] * (sc * sc)
+                for k in range(GROWTH_OVERSAMP ** 2):  # 25 adds of m values: no expanded copy of val
+                    g.index_add_(0, fl[k], val)
+            growth[cl] = g.reshape(n_, nb)[:, :GROWTH_NSTEP]
+    return torch.cumsum(growth, dim=1)
+
+
+def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float], autoaper0: float,
+                  max_elems: int):
+    """SExtractor growth curve (64 bins out to 6a) -> flux radii at ``fracs`` and hl_radius."""
+    N = o["x"].numel()
+    dev = fr.img.device
+    rlim = GROWTH_NSIG * o["a"].double()
+    rlim = torch.where(rlim < autoaper0, torch.full_like(rlim, autoaper0), rlim)
+    rlim = torch.clamp(rlim, min=1e-3)
+    raper = rlim + 1.5
+    step = rlim / GROWTH_NSTEP
+    flag = _box_flag_trunc(o["x"], raper, fr.W) | _box_flag_trunc(o["y"], raper, fr.H)
+    # sub-samples lie within 0.5*sqrt(2) of the centre: pixels beyond rlim + 0.71 only feed bins
+    # >= GROWTH_NSTEP, which SExtractor drops, so they are skipped (exact); the stamp only needs rcut
+    rcut = torch.minimum(raper, rlim + 0.71)
+    fa = flux_auto.detach().double()
+    # Only the bins up to the first crossing of each fraction matter.  First pass: the pixels within
+    # R1 + 0.75 of a guess R1 (a Gaussian profile's radius for the largest fraction, generously
+    # scaled); every bin whose outer edge is <= R1 is then exact (a pixel beyond R1 + 0.75 has all its
+    # sub-samples beyond R1).  Objects whose first crossing is not among those exact bins are redone
+    # over all pixels (second pass), so the result equals the full growth curve.
+    fmax = min(max([0.5] + [float(f) for f in fracs]), 0.99)
+    r1 = o["a"].double() * (1.25 * math.sqrt(-2.0 * math.log(1.0 - fmax))) + 0.5
+    rsel = torch.minimum(rcut, r1 + 0.75)
+    full = rsel >= rcut
+    imax = torch.where(full, torch.full_like(rlim, GROWTH_NSTEP - 1), torch.floor(r1 / step) - 1).long()
+    growth = _growth_curve(fr, o, torch.arange(N, device=dev), rsel, step, max_elems)
+    crossing = [_first_crossing(growth, f * fa) for f in fracs] + [_first_crossing(growth, 0.5 * fa)]
+    redo = torch.zeros(N, dtype=torch.bool, device=dev)
+    for i_ in crossing:
+        redo |= i_ > imax
+    redo = torch.nonzero(redo).flatten()
+    if redo.numel():
+        growth = growth.index_put((redo,), _growth_curve(fr, o, redo, rcut, step, max_elems))
 
     def radius_at(tv):
-        ge = growth >= tv[:, None]
-        ge[:, -1] = True  # SExtractor stops at the last bin
-        i = torch.argmax(ge.to(torch.uint8), dim=1)
+        i = _first_crossing(growth, tv)
         gi = growth.gather(1, i[:, None])[:, 0]
         gp = growth.gather(1, (i - 1).clamp(min=0)[:, None])[:, 0]
         dg = gi - gp
@@ -567,8 +667,10 @@ def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float]
 def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
     """SExtractor's iterative windowed centroid (compute_winpos): Gaussian window of ``sig`` within
     ``4 sig`` (11x11 sub-sampling at the window edge), step factor 2, <= 16 iterations, stop when the
-    step < 1e-4 px.  Stamps are re-gathered around the current position at every iteration (only for
-    the objects still moving)."""
+    step < 1e-4 px.  All objects of a stamp size iterate together; the corrected stamps are cached per
+    object and re-gathered only when the stamp origin or the CORRECT mirror centre changes.  The
+    separable Gaussian is folded into one small ``bmm`` (rows x [gx, gx dx, gx dx^2]) in the image
+    dtype; the per-row marginals are then combined in float64."""
     N = o["x"].numel()
     dt = fr.img.dtype
     dev = fr.img.device
@@ -582,93 +684,108 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
     sc = 1.0 / WINPOS_OVERSAMP
     off = 0.5 * (sc - 1.0)
     ksub = torch.arange(WINPOS_OVERSAMP, device=dev, dtype=dt) * sc + off
-    half = _half(raper + 0.75)
-    for sel, h in _size_buckets(half):
-        s = 2 * h + 2
-        for c in _chunks(sel, s * s * (WINPOS_OVERSAMP + 8), max_elems):
-            # corrected stamps are cached per object and re-gathered only when the stamp origin or
-            # the CORRECT mirror centre changes (late iterations move by << 1 px)
-            nc = c.numel()
-            cache = torch.zeros(nc, s, s, dtype=dt, device=dev)
-            keys = torch.full((nc, 4), -(1 << 40), dtype=torch.long, device=dev)
-            arf = torch.arange(s, device=dev).to(dt)
-            la = torch.arange(nc, device=dev)
-            act = c
+    # per-object constants
+    rap2_all = (raper * raper).to(dt)
+    # sub-samples lie within 5/11 * sqrt(2) = 0.643 px of the pixel centre: pixels nearer than
+    # raper - 0.65 count fully, pixels beyond raper + 0.65 not at all (identical to sub-sampling the
+    # whole SExtractor ring raper +- 0.75, cheaper)
+    dsub = (WINPOS_OVERSAMP - 1) / (2.0 * WINPOS_OVERSAMP) * math.sqrt(2.0) + 0.005
+    rint = raper - dsub
+    rint2_all = torch.where(rint > 0, rint * rint, torch.zeros_like(rint)).to(dt)
+    rring2_all = ((raper + dsub) ** 2).to(dt)
+    reach = _reach(raper + dsub)
+    inv2s2_all = (1.0 / (2.0 * sig ** 2)).to(dt)
+    for sel, s in _size_buckets(_side(reach)):
+        arf = torch.arange(s, device=dev).to(dt)
+        for c in _chunks(sel, s * s * 6, max_elems):
+            act = c  # still-moving objects; cache/keys/hasm rows are aligned with act
+            cache = torch.zeros(act.numel(), s, s, dtype=dt, device=dev)
+            keys = torch.full((act.numel(), 4), -(1 << 40), dtype=torch.long, device=dev)
+            hasm = torch.zeros(act.numel(), 1, dtype=torch.long, device=dev)  # stamp holds blanked pixels
             for _ in range(WINPOS_NITERMAX):
                 if act.numel() == 0:
                     break
-                cxm, cym = mx[act], my[act]
-                rap = raper[act]
-                flag[act] |= _box_flag_trunc(cxm, rap, fr.W) | _box_flag_trunc(cym, rap, fr.H)
-                x0 = torch.floor(cxm).long() - h
-                y0 = torch.floor(cym).long() - h
-                key = torch.stack([x0, y0, torch.trunc(2.0 * cxm + 0.49999).long(),
-                                   torch.trunc(2.0 * cym + 0.49999).long()], 1)
-                chg = torch.nonzero((key != keys[la]).any(1)).flatten()
+                cxm, cym = mx.index_select(0, act), my.index_select(0, act)
+                rap = raper.index_select(0, act)
+                flag.index_copy_(0, act, flag.index_select(0, act) | _box_flag_trunc(cxm, rap, fr.W) | _box_flag_trunc(cym, rap, fr.H))
+                rch = reach.index_select(0, act)
+                x0 = torch.floor(cxm - rch).long() + 1  # as in _Frame.stamps
+                y0 = torch.floor(cym - rch).long() + 1
+                # the CORRECT mirror centre only matters for stamps with blanked pixels
+                mkey = torch.stack([torch.trunc(2.0 * cxm + 0.49999).long(),
+                                    torch.trunc(2.0 * cym + 0.49999).long()], 1)
+                key = torch.cat([torch.stack([x0, y0], 1), mkey * hasm], 1)
+                chg = torch.nonzero((key != keys).any(1)).flatten()
                 if chg.numel():
                     gi = act[chg]
                     b, lab = o["bi"][gi], o["label"][gi]
-                    st = fr.stamps(b, lab, mx[gi], my[gi], h, want_var=False)
-                    cache[la[chg]] = fr.corrected(st, b, lab, mx[gi], my[gi])
-                    keys[la[chg]] = key[chg]
-                pix = cache[la]
+                    st = fr.stamps(b, lab, mx[gi], my[gi], s, rch[chg], want_var=False)
+                    cache[chg] = fr.corrected(st, b, lab, mx[gi], my[gi])
+                    hm = st["masked"].flatten(1).any(1).long()[:, None]
+                    hasm[chg] = hm
+                    keys[chg] = torch.cat([key[chg, :2], mkey[chg] * hm], 1)
                 fx = (cxm - x0.double()).to(dt)
                 fy = (cym - y0.double()).to(dt)
                 dxr = arf[None, :] - fx[:, None]  # (n, s) column offsets
                 dyr = arf[None, :] - fy[:, None]  # (n, s) row offsets
                 dx2, dy2 = dxr * dxr, dyr * dyr
-                rap2 = (rap * rap).to(dt)[:, None, None]
-                rint = rap - 0.75
-                rint2 = torch.where(rint > 0, rint * rint, torch.zeros_like(rint)).to(dt)[:, None, None]
-                rext2 = ((rap + 0.75) ** 2).to(dt)[:, None, None]
-                inv2s2 = (1.0 / (2.0 * sig[act] ** 2)).to(dt)[:, None]
                 r2 = dy2[:, :, None] + dx2[:, None, :]
-                loc = torch.where(r2 < rext2, torch.ones_like(r2), torch.zeros_like(r2))
-                ring = (r2 > rint2) & (r2 < rext2)
-                oi, yy_, xx_ = torch.nonzero(ring, as_tuple=True)
-                if oi.numel():
-                    # 11x11 sub-sampling only on the window's edge pixels
-                    rdx, rdy = dxr[oi, xx_], dyr[oi, yy_]
-                    yk = rdy[:, None] + ksub
-                    R2 = rap2[oi, 0, 0][:, None] - yk * yk
-                    w = torch.sqrt(torch.clamp(R2, min=0))
-                    aa = (rdx + off)[:, None]
-                    lo = torch.floor((-w - aa) / sc) + 1
-                    hi = torch.ceil((w - aa) / sc) - 1
-                    cnt = torch.clamp(torch.clamp(hi, max=WINPOS_OVERSAMP - 1) - torch.clamp(lo, min=0) + 1, min=0)
-                    cnt = torch.where(R2 > 0, cnt, torch.zeros_like(cnt))
-                    loc = loc.index_put((oi, yy_, xx_), cnt.sum(-1) * (sc * sc))
+                inner = r2 < rring2_all.index_select(0, act)[:, None, None]
+                ring = inner & (r2 > rint2_all.index_select(0, act)[:, None, None])
+                loc = torch.where(inner, cache, torch.zeros_like(cache))
+                fl = torch.nonzero(ring.view(-1)).flatten()  # flat (object, row, column) ids
+                if fl.numel():
+                    # 11x11 sub-sampling only on the window's edge pixels.  Per stamp row and
+                    # sub-row k the chord |x| < w_k holds the sub-columns g (g = 11 j + m over the
+                    # whole row) with lo_k <= g <= hi_k (none when w_k = 0); a pixel counts the ones
+                    # in [11 j, 11 j + 10].
+                    n_a = act.numel()
+                    yk = dyr[:, :, None] + ksub  # (n, s, 11)
+                    w = torch.sqrt(torch.clamp(rap2_all.index_select(0, act)[:, None, None] - yk * yk, min=0))
+                    x0s = (off - fx)[:, None, None]  # offset of sub-column g = 0
+                    lohi = torch.stack([torch.floor((-w - x0s) * WINPOS_OVERSAMP) + 1,
+                                        torch.ceil((w - x0s) * WINPOS_OVERSAMP) - 1], 2)
+                    rowi = torch.div(fl, s, rounding_mode="floor")  # object * s + row
+                    lohi = lohi.reshape(n_a * s, 2, WINPOS_OVERSAMP).index_select(0, rowi)
+                    g0 = ((fl - rowi * s) * WINPOS_OVERSAMP).to(dt)[:, None]
+                    cnt = (torch.minimum(lohi[:, 1], g0 + (WINPOS_OVERSAMP - 1)) - torch.maximum(lohi[:, 0], g0)
+                           + 1).clamp_(min=0).sum(-1)
+                    loc = loc.reshape(-1).index_put((fl,), cache.reshape(-1)[fl] * (cnt * (sc * sc))).view(loc.shape)
                 # separable Gaussian: exp(-dy^2 k) exp(-dx^2 k), clamped (no denormals; loc = 0 there)
+                inv2s2 = inv2s2_all.index_select(0, act)[:, None]
                 gy = torch.exp(-torch.clamp(dy2 * inv2s2, max=60.0))
                 gx = torch.exp(-torch.clamp(dx2 * inv2s2, max=60.0))
-                loc = loc * gy[:, :, None] * gx[:, None, :]
-                lp = (loc * pix).double()
-                n_a = lp.shape[0]
-                dxv = dxr.double()
+                gxd = gx * dxr
+                rmat = torch.stack([gx, gxd, gxd * dxr], 2)  # (n, s, 3)
+                m = torch.bmm(loc, rmat).double() * gy.double()[:, :, None]  # (n, rows, 3)
                 dyv = dyr.double()
-                colsum = lp.sum(1)  # (n, s) over rows
-                rowsum = lp.sum(2)
-                tv = colsum.sum(-1)
+                u, v_, w2 = m[:, :, 0], m[:, :, 1], m[:, :, 2]
+                tv = u.sum(-1)
                 ok = tv > 0
                 tvs = torch.where(ok, tv, torch.ones_like(tv))
-                sx1 = (colsum * dxv).sum(-1)
-                sy1 = (rowsum * dyv).sum(-1)
-                sxx = (colsum * dxv * dxv).sum(-1)
-                syy = (rowsum * dyv * dyv).sum(-1)
-                sxy = (torch.bmm(lp, dxv[:, :, None])[:, :, 0] * dyv).sum(-1)
+                uy = u * dyv
+                sx1 = v_.sum(-1)
+                sy1 = uy.sum(-1)
+                sxx = w2.sum(-1)
+                syy = (uy * dyv).sum(-1)
+                sxy = (v_ * dyv).sum(-1)
                 dxp = torch.where(ok, sx1 / tvs, torch.zeros_like(tv))
                 dyp = torch.where(ok, sy1 / tvs, torch.zeros_like(tv))
                 m2x = sxx / tvs - dxp * dxp
                 m2y = syy / tvs - dyp * dyp
                 m2xy = sxy / tvs - dxp * dyp
-                wflag[act] = ((~ok).long() * 4 + ((m2x < 0) | (m2y < 0)).long() * 2
+                wflag.index_copy_(0, act, (~ok).long() * 4 + ((m2x < 0) | (m2y < 0)).long() * 2
                               + (m2x * m2y - m2xy * m2xy < 0).long())
-                mx[act] = cxm + dxp * WINPOS_FAC
-                my[act] = cym + dyp * WINPOS_FAC
-                niter[act] += 1
+                mx.index_copy_(0, act, cxm + dxp * WINPOS_FAC)
+                my.index_copy_(0, act, cym + dyp * WINPOS_FAC)
+                niter.index_add_(0, act, torch.ones_like(act))
                 moving = ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2)
-                act = act[moving]
-                la = la[moving]
+                if not bool(moving.all()):
+                    keep = torch.nonzero(moving).flatten()
+                    act = act[keep]
+                    cache = cache[keep]
+                    keys = keys[keep]
+                    hasm = hasm[keep]
     return mx, my, flag, niter, wflag
 
 
@@ -880,7 +997,7 @@ def _measure(
     segf = seg.reshape(-1)
     pidx = torch.nonzero(segf > 0).flatten()
     lmax = int(segf.max()) if segf.numel() else 0
-    key = (pidx // (H * W)) * (lmax + 1) + segf[pidx]
+    key = (pidx // (H * W)) * (lmax + 1) + segf.index_select(0, pidx)
     uniq, inv = torch.unique(key, return_inverse=True)
     N = uniq.numel()
     bidx = uniq // (lmax + 1)
@@ -889,8 +1006,8 @@ def _measure(
     py = rem // W
     px = rem % W
 
-    v = image.reshape(-1)[pidx]
-    fv = filtered.reshape(-1)[pidx].double()  # moment weights: the filtered (detection) image
+    v = image.reshape(-1).index_select(0, pidx)
+    fv = filtered.reshape(-1).index_select(0, pidx).double()  # moment weights: the filtered (detection) image
     def _ssum(val):
         return torch.zeros(N, dtype=val.dtype, device=dev).index_add(0, inv, val)
 
@@ -898,8 +1015,8 @@ def _measure(
     ymin = torch.full((N,), H, dtype=torch.long, device=dev).scatter_reduce(0, inv, py, "amin")
     xmax = torch.full((N,), -1, dtype=torch.long, device=dev).scatter_reduce(0, inv, px, "amax")
     ymax = torch.full((N,), -1, dtype=torch.long, device=dev).scatter_reduce(0, inv, py, "amax")
-    xr = (px - xmin[inv]).double()
-    yr = (py - ymin[inv]).double()
+    xr = (px - xmin.index_select(0, inv)).double()
+    yr = (py - ymin.index_select(0, inv)).double()
     rv = _ssum(fv)
     xm = _ssum(fv * xr) / rv
     ym = _ssum(fv * yr) / rv
@@ -957,8 +1074,8 @@ def _measure(
     y = ym + ymin.double()
 
     # isophotal measurements on the measurement image
-    varp = (varmap.expand(B, 1, H, W).reshape(-1)[pidx] if varmap.numel() > 1 else varmap.reshape(1).expand(pidx.shape))
-    thr = threshmap.expand(B, 1, H, W).reshape(-1)[pidx] if threshmap.numel() > 1 else threshmap.reshape(1)
+    varp = (varmap.expand(B, 1, H, W).reshape(-1).index_select(0, pidx) if varmap.numel() > 1 else varmap.reshape(1).expand(pidx.shape))
+    thr = threshmap.expand(B, 1, H, W).reshape(-1).index_select(0, pidx) if threshmap.numel() > 1 else threshmap.reshape(1)
     npix = _ssum((v.detach() > thr).long())
     if isophotal is not None and isophotal.get("npix") is not None:
         onp = torch.as_tensor(isophotal["npix"], device=dev).double().reshape(-1)
@@ -974,8 +1091,8 @@ def _measure(
     err = varp.double()
     if gain_v > 0:
         err = err + torch.clamp(fv, min=0) / gain_v
-    ex = px.double() - x[inv]
-    ey = py.double() - y[inv]
+    ex = px.double() - x.index_select(0, inv)
+    ey = py.double() - y.index_select(0, inv)
     flux2 = rv.float().double() ** 2
     emx2 = _ssum(err * ex * ex) / flux2
     emy2 = _ssum(err * ey * ey) / flux2
@@ -999,7 +1116,7 @@ def _measure(
                 nb = sp[..., 1 + oy : 1 + oy + H, 1 + ox : 1 + ox + W]
                 touch |= (nb > 0) & (nb != seg)
         bl = torch.zeros(N, dtype=torch.long, device=dev).scatter_reduce(
-            0, inv, touch.reshape(-1)[pidx].long(), "amax").bool()
+            0, inv, touch.reshape(-1).index_select(0, pidx).long(), "amax").bool()
     else:
         bl = torch.as_tensor(blended, device=dev).reshape(-1).bool()
         if bl.numel() != N:

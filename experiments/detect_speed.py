@@ -10,7 +10,9 @@ Background excluded everywhere (as the paper): the true sky is subtracted and on
 - SExtractor: ``source-extractor`` whole run (BACK_TYPE MANUAL, BACK_VALUE 0, THRESH_TYPE ABSOLUTE at
   1.5 rms, same kernel, apertures and AUTO) on the background-subtracted frame written to /tmp.
 
-Timings: medians of ``--reps`` runs after one warm-up, wall clock, ``torch.set_num_threads(--threads)``.
+Timings: medians of ``--reps`` runs after one warm-up, wall clock, ``torch.set_num_threads(--threads)``;
+also CPU time (user + system of this process, or of the child for SExtractor), which is less inflated by
+other jobs on a shared machine.  ``uptime`` load averages are recorded at the start and the end.
 Writes experiments/results/detect_speed.md.   Run: python experiments/detect_speed.py [--big] [--reps 3]
 """
 
@@ -18,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from astroprep_torch import photometry  # noqa: E402
 from astroprep_torch.detect import SourceExtractor, detect_sources  # noqa: E402
 from astroprep_torch.sim import simulate_frame  # noqa: E402
 
@@ -62,14 +69,29 @@ MEMORY_PIXSTACK 20000000
 """
 
 
-def median_time(fn, reps):
+def _cpu(children=False):
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def median_time(fn, reps, children=False):
+    """(median wall, median CPU) seconds of ``reps`` runs after one warm-up."""
     fn()  # warm-up
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
+        c = _cpu(children)
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+        cs.append(_cpu(children) - c)
+    return float(np.median(ts)), float(np.median(cs))
+
+
+def _uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def main():
@@ -90,6 +112,8 @@ def main():
     (tmp / "p.param").write_text("X_IMAGE\nY_IMAGE\nFLUX_APER(1)\nFLUX_AUTO\nKRON_RADIUS\nFLAGS\n")
     sizes = [2048, 4096] + ([8192] if args.big else [])
     rows = []
+    up_start = _uptime()
+    print("start:", up_start, flush=True)
     for n in sizes:
         for per4k in (10000, 20000):
             n_stars = int(round(per4k * (n / 4096) ** 2))
@@ -105,7 +129,22 @@ def main():
                 ndet[0] = int(detect_sources(img, rms, thresh=1.5, minarea=5, deblend_cont=0.005)["label"].numel())
 
             t_det = median_time(ours_detect, args.reps)
-            t_full = float("nan") if args.no_measure else median_time(lambda: se(img, rms), max(1, args.reps - 2))
+            t_full = (float("nan"), float("nan")) if args.no_measure else median_time(lambda: se(img, rms), args.reps)
+            # photometry.measure alone, on the arguments SourceExtractor passes it for this frame
+            t_meas = (float("nan"), float("nan"))
+            if not args.no_measure:
+                cap, measure = {}, photometry.measure
+
+                def _capture(*a, **k):
+                    cap["a"], cap["k"] = a, k
+                    return measure(*a, **k)
+
+                photometry.measure = _capture
+                try:
+                    se(img, rms)
+                finally:
+                    photometry.measure = measure
+                t_meas = median_time(lambda: measure(*cap["a"], **cap["k"]), args.reps)
             nsep = [0]
 
             def sep_run():
@@ -118,38 +157,58 @@ def main():
             sep.set_extract_pixstack(3_000_000)
             sep.set_sub_object_limit(4096)
             t_sep = median_time(sep_run, args.reps)
-            t_sex, nsex = float("nan"), 0
+            t_sex, nsex = (float("nan"), float("nan")), 0
             if exe:
                 fits.writeto(tmp / "img.fits", data, overwrite=True)
                 (tmp / "s.sex").write_text(SEX_CONF.format(cat="c.fits", param="p.param", thr=1.5 * rms, conv="default.conv"))
                 cmd = [exe, "img.fits", "-c", "s.sex"]
-                t_sex = median_time(lambda: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True), args.reps)
+                t_sex = median_time(lambda: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True), args.reps,
+                                    children=True)
                 nsex = len(fits.getdata(tmp / "c.fits", 1))
-            rows.append((n, n_stars, ndet[0], nsep[0], nsex, t_det, t_full, t_sep, t_sex))
+            rows.append((n, n_stars, ndet[0], nsep[0], nsex, t_det, t_full, t_sep, t_sex, t_meas))
             print(rows[-1], flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    load = os.getloadavg()
+    up_end = _uptime()
     lines = [
         "# Detection speed (paper Table 1)",
         "",
         f"`python experiments/detect_speed.py{' --big' if args.big else ''} --reps {args.reps} --threads {args.threads}`",
         "",
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {args.threads}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(shared machine: absolute times are inflated by other jobs, ratios are from the same run).",
+        f"threads {args.threads} (``photometry.measure`` runs single-threaded; sep and SExtractor are "
+        "single-threaded). Shared machine: absolute times are inflated by other jobs, ratios are from the "
+        "same run.",
         "",
-        "Times in seconds (medians). ours det = detection only (filter, labels, deblend, clean); ours full = "
+        f"- `uptime` at the start: `{up_start}`",
+        f"- `uptime` at the end: `{up_end}`",
+        "",
+        "Times in seconds (medians). ours det = detection only (filter, labels, deblend, clean); ours measure = "
+        "``photometry.measure`` alone on the arguments SourceExtractor gives it; ours full = "
         "detection + photometry.measure (Catalog with ISO, APER, AUTO, WIN, FLUX_RADIUS, flags); "
         "sep = extract + sum_circle + kron_radius + sum_ellipse; SExtractor = whole source-extractor run "
         "(BACK_TYPE MANUAL).",
         "",
-        "| size | stars | N ours | N sep | N SExtractor | ours det | ours full | sep | SExtractor | det/sep | full/sep | full/SExtractor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Wall clock:",
+        "",
+        "| size | stars | N ours | N sep | N SExtractor | ours det | ours measure | ours full | sep | SExtractor | det/sep | full/sep | full/SExtractor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, ns, a, b, c, td, tf, ts, tx in rows:
+    for n, ns, a, b, c, td, tf, ts, tx, tm in rows:
         lines.append(
-            f"| {n}² | {ns} | {a} | {b} | {c} | {td:.3f} | {tf:.3f} | {ts:.3f} | {tx:.3f} | "
-            f"{td / ts:.2f} | {tf / ts:.2f} | {tf / tx:.2f} |"
+            f"| {n}² | {ns} | {a} | {b} | {c} | {td[0]:.3f} | {tm[0]:.3f} | {tf[0]:.3f} | {ts[0]:.3f} | {tx[0]:.3f} | "
+            f"{td[0] / ts[0]:.2f} | {tf[0] / ts[0]:.2f} | {tf[0] / tx[0]:.2f} |"
+        )
+    lines += [
+        "",
+        "CPU time (user + system; SExtractor: the child process):",
+        "",
+        "| size | stars | ours det | ours measure | ours full | sep | SExtractor | det/sep | full/sep | full/SExtractor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, ns, a, b, c, td, tf, ts, tx, tm in rows:
+        lines.append(
+            f"| {n}² | {ns} | {td[1]:.3f} | {tm[1]:.3f} | {tf[1]:.3f} | {ts[1]:.3f} | {tx[1]:.3f} | "
+            f"{td[1] / ts[1]:.2f} | {tf[1] / ts[1]:.2f} | {tf[1] / tx[1]:.2f} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
