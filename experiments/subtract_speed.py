@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (workers inherit it)
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("SUBTRACT_SPEED_CACHE", "/tmp/astroprep_subtract_speed"))
 CONFIG = dict(kernel_half_width=8, gaussians=((0.7, 6), (1.5, 4), (3.0, 2)), spatial_order=2, background_order=1,
@@ -39,21 +41,45 @@ SFFT_ISSUE = "sfft numpy backend per the issue: 37 s and 10.6 GB at 2048^2"  # i
 NOTES = """
 ## Notes
 
-- Goal at 4096^2 (about 1 s, >= 10x HOTPANTS, <= 1.5 GB) is **not met** on this shared 2-core box:
-  3.2 s CPU single-threaded (3.3x less than HOTPANTS' 10.5 s), peak RSS 1.58 GB of which ~0.68 GB is
-  torch + the loaded pair. Where the time goes at 2048^2 (cProfile, process time, 1 thread): stamp
-  system (basis convolution of 300 candidate stamps as banded matrix products + float64 normal
-  matrices) ~0.7 s, fixed w.r.t. frame size; tiled FFT convolution of image and variance ~0.4 s;
-  the remaining frame-sized passes (variance model, masks, candidate search, background,
-  difference) ~0.4 s. Wall times in the table are dominated by other jobs (load average ~14).
-- Shortcuts and their cost: (1) per-tile kernel (tile 128 px FFT, kernel evaluated at the tile
-  centre): max 0.38 sigma, rms 0.003 sigma change of the difference vs the exact spatially varying
-  convolution (the kernel sum is exact everywhere: constant first coefficient, zero-sum others);
-  same CPU time as 256 px tiles (which cost 1.2 sigma max); (2) float32 images/FFTs: no visible
-  change on top of the tiling (identical rows); (3) stamp normal matrices are float64 (needed).
+- Session of 2026-11-23 (second build session): rows marked "(before)" run the module as it was at
+  the start of the session (`--before FILE`), in the same run, same machine, same load. At 4096^2,
+  1 thread: CPU 1.75 s -> 1.14 s, peak RSS 1390 -> 1206 MB (goal <= 1.5 GB: met; ~0.68 GB of it is
+  torch + the loaded pair), 9.2x less CPU than HOTPANTS' 10.5 s (goal 10x: not quite); 2048^2:
+  1.01 s -> 0.49 s. (Earlier runs of this script the same day gave 1.58-1.73 s before and
+  1.14-1.16 s after: the load moves CPU times by ~10%.) What changed for speed: (1) the global normal matrix is assembled from its
+  Kronecker structure, G[(a,s),(b,t)] = sum_r N_r[a,b] s_r[s] s_r[t] (R C^2 S^2 instead of R C M^2
+  operations per rejection iteration, ~1 GFlop -> 10 MFlop); (2) candidate stamps beyond the first
+  of each cell are built only when a rejection reaches them (usually none: 100 instead of 300
+  stamp systems); (3) the stamp search reduces the frame to 8x8 block maxima in one max_pool2d pass
+  and ranks them per cell with one sort (no per-cell top-k over all pixels; no candidate is lost:
+  two pixels of a block are within the isolation radius); (4) the design matrices are kept in the
+  images' float32 (as computed) and upcast to float64 32 stamps at a time for the normal equations;
+  the stamp system is freed before the frame-sized passes; the background is added in place
+  (baddbmm of its separable factors); each frame's sky statistics are computed once. These are
+  exact reorganisations. One behaviour change (fidelity, not speed): the merit clip of the stamp
+  rejection starts from the median/MAD, so a single spoiled stamp among few is rejected (kernel sum
+  at 4096^2 0.9994 -> 0.9995; a rejected stamp's replacement is then built, hence the extra ~50 MB).
+- Where the time goes now at 4096^2 (1 thread, process CPU time per stage, steady state, total
+  1.02 s): tiled FFTs 0.39 s (image 0.2, variance 0.2), fit (normal equations of 100 stamps, solve,
+  rejection) 0.16 s, stamp systems (basis convolution of the cutouts) 0.12 s, stamp search 0.10 s,
+  bad-pixel masks 0.09 s, Poisson variances 0.03 s, the rest (direction, difference, variance,
+  stamp statistics) ~0.13 s. No tile size was cheaper than 128 px (table); about 1 s is where
+  this algorithm lands on one core of this CPU.
+- Shortcuts and their cost (table above, 2048^2, vs the exact spatially varying float64 result):
+  (1) per-tile kernel, 128 px FFT tiles (kernel at the tile centre; the kernel sum is exact
+  everywhere): max 0.38 sigma, rms 0.003 sigma change of the difference, 0.15% of the variance;
+  256 px tiles cost 1.2 sigma max for no CPU gain; 64 px tiles 0.15 sigma for ~20% more CPU.
+  (2) float32 images and FFTs: no visible change on top of the tiling. (3) A coarser tile for the
+  variance alone (`variance_tile_size=256`) doubles the variance error (0.27%) and was not faster in
+  CPU time at 4096^2 (0.28 vs 0.20 s per pass, 1 thread), so the default keeps 128.
+  (4) Stamp normal matrices stay float64 (needed for the conditioning of the Gaussian basis).
+- 2 threads (`python experiments/subtract_speed.py --sizes 4096 --threads 2 --no-sfft --no-accuracy
+  --before FILE --out ...`, 2026-11-23 04:11 UTC, load average ~4, before the merit-clip change):
+  4096^2 wall 2.60 s, CPU 1.34 s, peak 1157 MB (before: wall 3.43 s, CPU 1.66 s, 1400 MB). With ~4 other jobs on the 2 cores a
+  second thread only adds waiting; the 1-thread CPU time is the fair figure here.
 - sfft (1.7.3, numpy backend, Customized packet, same half width 8, kernel order 2, background
-  order 1, no masking) ran only at 1024^2 here: its numpy backend needs ~10.6 GB at 2048^2 and this
-  machine has 23 GB shared by ~9 jobs. It was installed into a side directory
+  order 1, no masking) runs only at 1024^2 here (its numpy backend needs ~10.6 GB at 2048^2; this
+  machine has 23 GB shared by several jobs). It is installed into a side directory
   (`pip install --target DIR sfft numba pyfftw fastremap`, ~3 min), not into the project venv;
   pass `SFFT_PATH=DIR`.
 """
@@ -84,7 +110,15 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from astroprep_torch.subtract import ImageSubtraction
+    if args.before:  # an earlier version of the module, for a before/after comparison in one run
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("astroprep_torch._subtract_before", args.before)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        ImageSubtraction = mod.ImageSubtraction
+    else:
+        from astroprep_torch.subtract import ImageSubtraction
 
     d = np.load(make_pair(args.size))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -93,11 +127,13 @@ def worker(args) -> dict:
     sm = torch.from_numpy(d["sci_mask"])[None, None]
     rm = torch.from_numpy(d["ref_mask"])[None, None]
     tile = None if args.tile == 0 else args.tile
-    sub = ImageSubtraction(**CONFIG, tile_size=tile)
+    extra = {} if args.before else dict(variance_tile_size=args.vtile or None)
+    sub = ImageSubtraction(**CONFIG, tile_size=tile, **extra)
     base = rss_mb()
     times, cpu = [], []
     res = None
     for i in range(args.reps + 1):
+        res = None  # the peak is that of one subtraction, not of one plus the previous result
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             res = sub(sci, ref, sm, rm)
@@ -161,18 +197,19 @@ def accuracy(size: int, threads: int) -> list[str]:
     exact = np.load(ref_file)
     sig = np.sqrt(exact["var"])
     e = 16
-    for tile, dtype in ((128, "float64"), (128, "float32"), (256, "float32"), (512, "float32"), (64, "float32")):
-        f = CACHE / f"t{tile}_{dtype}_{size}.npz"
-        rr = run(["--worker", "--size", str(size), "--tile", str(tile), "--dtype", dtype, "--reps", "0",
-                  "--threads", str(threads), "--save", str(f)])
+    for tile, vtile, dtype in ((128, 128, "float64"), (128, 128, "float32"), (128, 256, "float32"),
+                               (256, 256, "float32"), (64, 64, "float32")):
+        f = CACHE / f"t{tile}_{vtile}_{dtype}_{size}.npz"
+        rr = run(["--worker", "--size", str(size), "--tile", str(tile), "--vtile", str(vtile), "--dtype", dtype,
+                  "--reps", "1", "--threads", str(threads), "--save", str(f)])
         if "error" in rr:
-            lines.append(f"| {tile} | {dtype} | failed: {rr['error']} | | |")
+            lines.append(f"| {tile} | {vtile} | {dtype} | failed: {rr['error']} | | | |")
             continue
         got = np.load(f)
         dz = ((got["diff"] - exact["diff"]) / sig)[e:-e, e:-e]
         dv = (got["var"] / exact["var"] - 1)[e:-e, e:-e]
-        lines.append(f"| {tile} | {dtype} | {np.abs(dz).max():.2e} | {np.sqrt(np.mean(dz ** 2)):.2e} | "
-                     f"{np.abs(dv).max():.2e} |")
+        lines.append(f"| {tile} | {vtile} | {dtype} | {np.abs(dz).max():.2e} | {np.sqrt(np.mean(dz ** 2)):.2e} | "
+                     f"{np.abs(dv).max():.2e} | {rr['cpu']:.2f} |")
     return lines
 
 
@@ -186,12 +223,15 @@ def main():
                     help="largest size given to sfft (its numpy backend needs ~10.6 GB at 2048^2; this shared "
                          "machine has 23 GB for ~9 jobs)")
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--vtile", type=int, default=0, help="FFT tile size of the variance pass (0: same as --tile)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default="")
+    ap.add_argument("--before", default="", help="path of an earlier subtract.py: adds its rows (same run)")
     ap.add_argument("--no-sfft", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "subtract_speed.md"))
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -205,11 +245,12 @@ def main():
     load = os.getloadavg()
     lines = ["# ImageSubtraction speed and memory (issue 6)", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{args.threads} threads; load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
-             "(the machine is shared: wall times are inflated by other jobs; with 1 thread the process CPU time "
-             "(user+sys, `time.process_time`) is the best proxy for the wall time on a quiet core and is what the "
-             "ratios use).", "",
-             f"Configuration: {CONFIG}; FFT tiles of 128 px (the default: 112 output px + 2r halo), float32.",
+             f"{args.threads} threads (`torch.set_num_threads`); load average at start {load[0]:.1f}/{load[1]:.1f}/"
+             f"{load[2]:.1f}, at the end: see below (the machine is shared: wall times are inflated by other jobs; "
+             "the process CPU time (user+sys of all threads, `time.process_time`) is the best proxy for the wall "
+             "time on a quiet machine with 1 thread and is what the ratios use).", "",
+             f"Configuration: {CONFIG}; FFT tiles of 128 px (the default: 112 output px + 2r halo) for the image "
+             "and the variance, float32.",
              "Input: simulated aligned GWAC-like pair (FWHM 2.5 vs 3.0 px). Medians of "
              f"{args.reps} runs after a warm-up, each size in a fresh subprocess; peak = ru_maxrss of that process, "
              "base = its RSS after importing torch and loading the pair.", "",
@@ -217,15 +258,18 @@ def main():
              "| kernel sum | stamps | HOTPANTS (issue, 1 thread, quiet) | ratio HOTPANTS / ours CPU | sfft numpy wall (s) "
              "| sfft CPU (s) | sfft peak (MB) | ratio sfft/ours CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for size in args.sizes:
+    jobs = [(size, "") for size in args.sizes]
+    if args.before:
+        jobs += [(size, args.before) for size in args.sizes if size >= 2048]
+    for size, before in jobs:
         make_pair(size)
         r = run(["--worker", "--size", str(size), "--tile", "128", "--dtype", "float32", "--reps", str(args.reps),
-                 "--threads", str(args.threads)])
+                 "--threads", str(args.threads)] + (["--before", before] if before else []))
         if "error" in r:
             lines.append(f"| {size} | failed: {r['error']} |")
             continue
         hp_t, hp_m = HOTPANTS.get(size, (None, None))
-        s = dict(error="skipped (memory)") if args.no_sfft or size > args.sfft_max else run(
+        s = dict(error="skipped") if args.no_sfft or before or size > args.sfft_max else run(
             ["--sfft", "--size", str(size), "--reps", "1", "--threads", str(args.threads)])
         sfft_t = f"{s['median']:.2f}" if "median" in s else f"n/a ({s['error'][:60]})"
         sfft_m = f"{s['peak_mb']:.0f}" if "median" in s else ""
@@ -233,7 +277,8 @@ def main():
         sfft_c = f"{s['cpu']:.2f}" if "median" in s else ""
         sratio = f"{s['cpu'] / r['cpu']:.1f}x" if "median" in s else ""
         hp = (f"{hp_t} s" + (f", {hp_m:.0f} MB" if hp_m else "")) if hp_t else "n/a"
-        lines.append(f"| {size} | {r['median']:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {r['cpu']:.2f} | "
+        label = f"{size} (before)" if before else str(size)
+        lines.append(f"| {label} | {r['median']:.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} | {r['cpu']:.2f} | "
                      f"{r['peak_mb']:.0f} | "
                      f"{r['base_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} | {r['kernel_sum']:.4f} | {r['n_stamps']} | "
                      f"{hp} | {ratio} | "
@@ -244,11 +289,15 @@ def main():
         lines += ["", "## Accuracy cost of the shortcuts (2048^2)", "",
                   "Against the exact spatially varying convolution in float64 (`tile_size=None`: one full-frame FFT "
                   "per spatial term, per pair of terms for the variance). dz = difference change / sigma of the "
-                  "difference; dv = relative change of the variance. Outer 16 px excluded.", "",
-                  "| tile | dtype | max abs dz | rms dz | max abs dv |", "|---|---|---|---|---|"]
+                  "difference; dv = relative change of the variance. Outer 16 px excluded. CPU = process CPU time "
+                  "of that configuration (one run after a warm-up, same threads).", "",
+                  "| image tile | variance tile | dtype | max abs dz | rms dz | max abs dv | CPU (s) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += accuracy(2048, args.threads)
+    end = os.getloadavg()
+    lines += ["", f"Load average at the end: {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}."]
     text = "\n".join(lines) + "\n" + NOTES
-    out = HERE / "results" / "subtract_speed.md"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
     print(text)
