@@ -370,7 +370,8 @@ def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: T
     if dev.type == "cpu" and not _compiling() and torch.get_num_threads() > 1:
         # ATen's CPU index_add_ is single-threaded: the two rows (counts, positions) are
         # independent, so the second runs on a helper thread meanwhile (the GIL is released)
-        job = _side_thread().submit(out[1].index_add_, 0, idx, delta.to(out.dtype))
+        job = _side_thread().submit(_in_mode(torch.is_inference_mode_enabled(), out[1].index_add_), 0, idx,
+                                    delta.to(out.dtype))
         out[0].index_add_(0, idx, ones)
         job.result()
     else:
@@ -379,6 +380,15 @@ def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: T
 
 
 _SIDE = (None, None)  # (executor, pid that made it)
+
+
+def _in_mode(inference: bool, fn):
+    """``fn`` run under the caller's inference mode and without autograd (grad and inference modes
+    are thread-local: a worker thread starts with neither)."""
+    def run(*args):
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*args)
+    return run
 
 
 def _side_thread():

@@ -296,3 +296,19 @@ def test_compile_fullgraph_no_graph_breaks():
 @pytest.mark.parametrize("method", ["photutils", "sextractor"])
 def test_compile_inductor_matches_eager(method):
     _compile_check(method, "inductor")
+
+
+def test_inference_mode_and_threads_match():
+    """Under torch.inference_mode (Lightning predict) and with one or two threads the result is the same."""
+    img = _t(_frame(300, 300, seed=11))
+    ref = background_2d(img, box_size=64)
+    with torch.inference_mode():
+        inf = background_2d(img, box_size=64)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = background_2d(img, box_size=64)
+    finally:
+        torch.set_num_threads(n)
+    for r in (inf, one):
+        assert torch.equal(r.background, ref.background) and torch.equal(r.rms, ref.rms)
