@@ -434,12 +434,18 @@ def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxit
     # with the uniform-bin (Sheppard) term for continuous data; bin centres in the log zone
     # (h, sd stay in the caller's float32 buffer: counts are exact, sd / h is a position in [0, 1);
     # everything summed across bins is float64)
-    # prefix sums with a leading 0
+    # Per-bin terms in the buffer's precision, prefix sums (with a leading 0) accumulated in float64.
+    gc = torch.where(lin, gedge, centres).to(h.dtype)  # bin origin (linear zone) or centre (log zone)
+    lw = lin.to(h.dtype)
     P0 = F.pad(torch.cumsum(h, -1, dtype=f64), (1, 0))
-    P1 = F.pad(torch.cumsum(torch.where(lin, h * gedge + sd, h * centres), -1), (1, 0))
-    tm = torch.where(lin, gedge + sd / h.clamp(min=1.0), centres)
-    tm = (h * tm).mul_(tm).add_(torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=h.dtype, device=dev)))
-    P2 = F.pad(torch.cumsum(tm, -1), (1, 0))
+    P1 = F.pad(torch.cumsum(torch.addcmul(h * gc, sd, lw), -1, dtype=f64), (1, 0))
+    tm = torch.addcmul(gc, sd / h.clamp(min=1.0), lw)  # mean position of each bin's pixels
+    tm = (h * tm).mul_(tm)
+    if _compiling() or bool(quant.any()):
+        tm.add_(torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=h.dtype, device=dev)))
+    else:
+        tm.addcmul_(h, lw, value=1.0 / 12.0)
+    P2 = F.pad(torch.cumsum(tm, -1, dtype=f64), (1, 0))
     del tm
 
     # the helpers below take values of shape (B, cy, nx, k): k bounds or quantiles of every box at
