@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -22,3 +24,50 @@ def searchsorted(sorted_sequence: Tensor, values: Tensor, *, right: bool = False
         return torch.searchsorted(sorted_sequence, values, right=right)
     finally:
         torch.set_num_threads(n)
+
+
+_POOL = (None, None, 0)  # (executor, pid that made it, workers)
+
+
+def _pool(workers: int):
+    """A lazily made thread pool (made anew after fork: threads do not survive it)."""
+    global _POOL
+    pool, pid, n = _POOL
+    if pool is None or pid != os.getpid() or n != workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astroprep")
+        _POOL = (pool, os.getpid(), workers)
+    return pool
+
+
+def numpy_applies(t: Tensor, min_numel: int = 1 << 16) -> bool:
+    """Whether :func:`numpy_inplace_` runs on ``t``."""
+    return (t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+            and not torch.compiler.is_compiling() and t.numel() >= min_numel
+            and t.dtype in (torch.float32, torch.float64))
+
+
+def numpy_inplace_(t: Tensor, fn, min_numel: int = 1 << 16) -> bool:
+    """Run ``fn(a)`` on numpy views ``a`` of ``t`` (a CPU, contiguous tensor we own, no autograd),
+    split across ``torch.get_num_threads()`` threads; ``fn`` must write its result into ``a``
+    (numpy ufuncs with ``out=a``; they release the GIL). numpy's float32 transcendental ufuncs
+    (SIMD, SVML) are several times faster than ATen's CPU kernels (MKL VML / scalar loops) on
+    some CPUs. Returns False, doing nothing, where this path does not apply (other device,
+    autograd, compile, too small): the caller then uses torch ops.
+    """
+    if not numpy_applies(t, min_numel):
+        return False
+    a = t.detach().numpy().reshape(-1)
+    n = max(1, min(torch.get_num_threads(), 8))
+    if n == 1:
+        fn(a)
+        return True
+    step = -(-a.size // n)
+    parts = [a[i:i + step] for i in range(0, a.size, step)]
+    pool = _pool(n)
+    jobs = [pool.submit(fn, p) for p in parts[1:]]
+    fn(parts[0])
+    for j in jobs:
+        j.result()
+    return True

@@ -224,14 +224,18 @@ ASTROPY_STRETCHES = [
 
 @pytest.mark.peer
 @pytest.mark.parametrize("kind,a,ref", ASTROPY_STRETCHES, ids=[f"{k}-{a}" for k, a, _ in ASTROPY_STRETCHES])
-def test_stretches_match_astropy(kind, a, ref, device, dtype):
-    xt = torch.linspace(-0.3, 1.3, 1601, dtype=dtype, device=device)
+@pytest.mark.parametrize("n", [1601, 200_001], ids=["torch-kernels", "numpy-kernels"])  # CPU fast path >= 2^16
+def test_stretches_match_astropy(kind, a, ref, device, dtype, n):
+    xt = torch.linspace(-0.3, 1.3, n, dtype=dtype, device=device)
     x = xt.cpu().double().numpy()  # astropy sees exactly the values we stretch
     for clip in (True, False):
         want = ref(x, clip=clip)
         got = st.Stretch(kind, a, clip=clip)(xt).cpu().double().numpy()
         both = np.isfinite(want)
         assert np.array_equal(both, np.isfinite(got)), (kind, clip)
+        if kind == "log" and not clip:
+            # log(a x + 1) near its pole x = -1/a is ill-conditioned in float32 (cancellation in a x + 1)
+            both &= np.abs(st.Stretch(kind, a).a * x + 1) > 0.1
         assert np.max(np.abs(got[both] - want[both])) < ST_TOL, (kind, clip)
     if kind in ("sqrt", "log") or (kind == "power" and a < 1):
         want = ref(x, clip=False, invalid=-1.0)
