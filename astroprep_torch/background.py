@@ -90,6 +90,7 @@ _IDW_RADIUS = 4  # boxes searched around an invalid box
 _HIST_LIN = 256
 _HIST_LOG = 8.0
 _HIST_HALF = _HIST_LIN + int(math.ceil(_HIST_LOG * math.log(1.0e8 / _HIST_LIN)))
+_OVERLAP = True  # clip one group of boxes on a side thread while the next is histogrammed (CPU)
 _SOLVE_BOXES = 1024  # boxes whose histograms are kept and clipped together (~45 kB a box)
 
 
@@ -379,7 +380,7 @@ def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: T
         out[1].index_add_(0, idx, delta.to(out.dtype))
 
 
-_SIDE = (None, None)  # (executor, pid that made it)
+_SIDE: dict = {}  # name -> (executor, pid that made it)
 
 
 def _in_mode(inference: bool, fn):
@@ -391,16 +392,15 @@ def _in_mode(inference: bool, fn):
     return run
 
 
-def _side_thread():
-    """One lazily started worker thread for independent single-threaded kernels (made anew in a
-    forked child, e.g. a DataLoader worker: threads do not survive fork)."""
-    global _SIDE
-    pool, pid = _SIDE
+def _side_thread(name: str = "scatter"):
+    """A lazily started single worker thread per ``name``, for independent work of the caller
+    (made anew in a forked child, e.g. a DataLoader worker: threads do not survive fork)."""
+    pool, pid = _SIDE.get(name, (None, None))
     if pool is None or pid != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="astroprep-bg")
-        _SIDE = (pool, os.getpid())
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"astroprep-bg-{name}")
+        _SIDE[name] = (pool, os.getpid())
     return pool
 
 
@@ -1154,11 +1154,20 @@ def background_2d(
             nb = 2 * _HIST_HALF
             group = max(1, _SOLVE_BOXES // max(1, B * nx) // rows_per_chunk) * rows_per_chunk
             group = min(group, ny)
-            buf = torch.zeros(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
-            for g0 in range(0, ny, group):
+            starts = list(range(0, ny, group))
+            # on CPU with threads to spare, the clipping of one group (many small serial operations)
+            # runs on a side thread while the next group's histograms are filled (double buffer)
+            overlap = (_OVERLAP and x.device.type == "cpu" and len(starts) > 1 and not _compiling()
+                       and torch.get_num_threads() > 1)
+            bufs = [torch.zeros(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
+                    for _ in range(2 if overlap else 1)]
+            solve = _in_mode(torch.is_inference_mode_enabled(), _clip_stats_hist) if overlap else _clip_stats_hist
+            pending = None
+            for gi, g0 in enumerate(starts):
                 g1 = min(ny, g0 + group)
-                if g0:
-                    buf.zero_()
+                buf = bufs[gi % len(bufs)]
+                if gi >= len(bufs):
+                    buf.zero_()  # its previous group's clipping has finished (collected below)
                 hist = buf[:, :B * (g1 - g0) * nx * (nb + 1)]
                 for r0 in range(g0, g1, rows_per_chunk):
                     r1 = min(g1, r0 + rows_per_chunk)
@@ -1167,8 +1176,17 @@ def background_2d(
                     _hist_fill(xv, bv, grid.w[:, r0:r1], grid.e0[:, r0:r1], hist, (r0 - g0) * nx)
                 hist = hist.view(2, B, g1 - g0, nx, nb + 1)[..., :nb]
                 g = _HistGrid(*(t[:, g0:g1] for t in grid))
-                parts.append(_clip_stats_hist(hist[0], hist[1], g, float(sigma), int(maxiters), need_mad))
-            del buf, hist
+                if pending is not None:
+                    parts.append(pending.result())
+                    pending = None
+                args = (hist[0], hist[1], g, float(sigma), int(maxiters), need_mad)
+                if overlap:
+                    pending = _side_thread("solve").submit(solve, *args)
+                else:
+                    parts.append(solve(*args))
+            if pending is not None:
+                parts.append(pending.result())
+            del bufs, buf, hist
         st = _Stats(*[torch.cat([getattr(p, f) for p in parts], 1) if parts[0]._asdict()[f] is not None else None
                       for f in _Stats._fields])
         bkg_m, rms_m = _estimate(st, estimator, rms_estimator, median_factor, mean_factor)
