@@ -277,10 +277,10 @@ def label_image(binary: Tensor, *, connectivity: int = 8) -> Tensor:
     first_of_image = torch.searchsorted(idx, torch.arange(B, device=idx.device) * H * W)
     base = torch.zeros(B, dtype=torch.int64, device=idx.device)
     has = first_of_image < idx.numel()
-    base[has] = ridx[_g(first_of_image, has)] - is_root[_g(first_of_image, has)].long()
+    base[has] = _g(ridx, _g(first_of_image, has)) - _g(is_root, _g(first_of_image, has)).long()
     lab = _g(ridx, root) - _g(base, b)
     out = torch.zeros(B * H * W, dtype=torch.int64, device=binary.device)
-    out[idx] = lab
+    out.scatter_(0, idx, lab)
     return out.view(B, 1, H, W)
 
 
@@ -395,12 +395,12 @@ def _kth_largest(values: Tensor, seg: Tensor, n: int, k: int) -> Tensor:
     seg_o = _g(seg, order)
     order2 = torch.argsort(seg_o, stable=True)  # grouped by segment, descending values inside
     seg_s = _g(seg_o, order2)
-    val_s = _g(values, order)[order2]
+    val_s = _g(_g(values, order), order2)
     counts = torch.bincount(seg_s, minlength=n)
     start = torch.cumsum(counts, 0) - counts
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
     has = counts >= k
-    out[has] = val_s[_g(start, has) + (k - 1)]
+    out[has] = _g(val_s, _g(start, has) + (k - 1))
     return out
 
 
@@ -452,15 +452,15 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     node_lev = torch.arange(n_nodes, device=device) - _g(off, node_pix) + 1
     # edges among candidate pixels, replicated on every level both ends reach
     ce = _g(cand_pix, u)
-    eu, ev = loc[_g(u, ce)], loc[_g(v, ce)]
+    eu, ev = _g(loc, _g(u, ce)), _g(loc, _g(v, ce))
     c = torch.minimum(L[eu], L[ev])
     keep = c > 0
     eu, ev, c = _g(eu, keep), _g(ev, keep), _g(c, keep)
     e_rep = torch.repeat_interleave(torch.arange(eu.numel(), device=device), c)
     e_off = torch.cumsum(c, 0) - c
     e_lev = torch.arange(e_rep.numel(), device=device) - _g(e_off, e_rep)  # 0-based level - 1
-    nu = _g(off, eu)[e_rep] + e_lev
-    nv = _g(off, ev)[e_rep] + e_lev
+    nu = _g(_g(off, eu), e_rep) + e_lev
+    nv = _g(_g(off, ev), e_rep) + e_lev
     root = connected_components(n_nodes, nu, nv)
     del nu, nv, e_rep, e_lev
     comp_ids, node_comp = torch.unique(root, return_inverse=True)
@@ -536,7 +536,7 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
         pair_pix = torch.repeat_interleave(fp, rep)
         pair_off = torch.cumsum(rep, 0) - rep
         j = torch.arange(pair_pix.numel(), device=device) - torch.repeat_interleave(pair_off, rep)
-        pair_son = order[start[_g(po, pair_pix)] + j]
+        pair_son = _g(order, _g(start, _g(po, pair_pix)) + j)
         dx = _g(gx, pair_pix) - an["mx"][pair_son]
         dy = _g(gy, pair_pix) - an["my"][pair_son]
         d = 0.5 * (an["cxx"][pair_son] * dx * dx + an["cyy"][pair_son] * dy * dy + an["cxy"][pair_son] * dx * dy)
@@ -701,9 +701,9 @@ def detect_sources(
     b = idx // HW
     rem = idx % HW
     yi, xi = rem // W, rem % W
-    f = filt.reshape(-1)[idx].double()
-    val = img.reshape(-1)[idx].double()
-    tp = tmap.reshape(-1)[idx].double()
+    f = filt.reshape(-1).index_select(0, idx).double()
+    val = img.reshape(-1).index_select(0, idx).double()
+    tp = tmap.reshape(-1).index_select(0, idx).double()
     u, v = _pixel_edges(idx, xi, yi, H, W)
     root = connected_components(P, u, v)
     roots, obj = torch.unique(root, return_inverse=True)
@@ -718,9 +718,9 @@ def detect_sources(
         remap = torch.full((P,), -1, dtype=torch.int64, device=device)
         remap[sel] = torch.arange(sel.numel(), device=device)
         eok = _g(keep_pix, u) & _g(keep_pix, v)
-        u, v = remap[_g(u, eok)], remap[_g(v, eok)]
+        u, v = _g(remap, _g(u, eok)), _g(remap, _g(v, eok))
         idx, b, xi, yi, f, val, tp = _g(idx, sel), _g(b, sel), _g(xi, sel), _g(yi, sel), _g(f, sel), _g(val, sel), _g(tp, sel)
-        obj = newid[_g(obj, sel)]
+        obj = _g(newid, _g(obj, sel))
     n = int(big.sum())
     xd, yd = xi.double(), yi.double()
     t0_obj = _segment_min(tp, obj, n)
@@ -792,7 +792,7 @@ def detect_sources(
     start = torch.cumsum(counts, 0) - counts
     label = torch.arange(n, device=device) - _g(start, bobj) + 1
     seg = torch.zeros(B * HW, dtype=torch.int64, device=device)
-    seg[idx] = _g(label, obj)
+    seg.scatter_(0, idx, _g(label, obj))
     xmin = _segment_min(xd, obj, n).long()
     xmax = _segment_max(xd, obj, n).long()
     ymin = _segment_min(yd, obj, n).long()
@@ -847,8 +847,8 @@ def isophotal_moments(image: Tensor, segmentation: Tensor, filtered: Optional[Te
     start = torch.cumsum(nper, 0) - nper
     o = _g(start, bb) + lab - 1
     n = int(nper.sum())
-    v = image.reshape(-1)[idx].to(torch.float64)
-    wgt = v if filtered is None else filtered.reshape(-1)[idx].to(torch.float64)
+    v = image.reshape(-1).index_select(0, idx).to(torch.float64)
+    wgt = v if filtered is None else filtered.reshape(-1).index_select(0, idx).to(torch.float64)
     rem = idx % (H * W)
     y = (rem // W).double()
     x = (rem % W).double()
