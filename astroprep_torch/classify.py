@@ -6,8 +6,8 @@
   science, reference (template), difference, applies braai's own preprocessing (NaN -> 0, L2
   normalisation per row for ``d6_m7`` -- Keras ``utils.normalize`` -- or per cutout for ``d6_m9``,
   padding to 63x63 with 1e-9) and returns the ``drb`` probability (N,).
-* :func:`build_model`: torchvision backbones (ResNet-18/50, EfficientNet-B0, ConvNeXt-Tiny,
-  Inception-v3; ``weights=None``, nothing downloaded) with the first layer adapted to 1- or
+* :func:`build_model`: torchvision backbones (MobileNetV3-Small, ResNet-18/50, EfficientNet-B0,
+  ConvNeXt-Tiny, Inception-v3; ``weights=None``, nothing downloaded) with the first layer adapted to 1- or
   3-channel small cutouts, or the braai VGG6 as the custom-CNN baseline, each wrapped with a
   normalisation so that every model takes raw cutouts and returns logits (N,).
 * :class:`AlertClassifier` (LightningModule), :class:`CutoutDataModule` (simulated, Avro alerts, or
@@ -40,7 +40,7 @@ from .cutouts import braai_normalize, l2_normalize, robust_standardize, simulate
 __all__ = [
     "BraaiVGG6", "load_braai", "BACKBONES", "CutoutClassifierNet", "build_model", "Normalization",
     "binary_metrics", "AstroAugment", "AlertClassifier", "CutoutDataModule", "pretrain_simclr",
-    "export_for_inference", "train_from_config", "load_checkpoint",
+    "export_for_inference", "train_from_config", "load_checkpoint", "robust_standardize_fast",
 ]
 
 _NO_DOWNLOAD = ("nothing is downloaded at run time: put the file on disk (e.g. ImageNet or Galaxy Zoo "
@@ -247,27 +247,55 @@ def load_braai(path, *, name: Optional[str] = None, per: Optional[str] = None, o
 # --------------------------------------------------------------------------------------------
 # torchvision backbones
 # --------------------------------------------------------------------------------------------
-BACKBONES = ("braai", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "inception_v3")
+BACKBONES = ("braai", "mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny",
+             "inception_v3")
 
 
 class Normalization(nn.Module):
-    """Per-cutout normalisation of raw cutouts: ``"robust"`` (median / MAD), ``"zscale_asinh"``
-    ([0, 1]), ``"l2"`` (whole-cutout L2, NaN -> 0) or ``"none"`` (NaN -> 0 only)."""
+    """Per-cutout normalisation of raw cutouts: ``"robust"`` (median / MAD), ``"robust_fast"``
+    (median / MAD of a regular 1-in-4 pixel subsample, see :func:`robust_standardize_fast`),
+    ``"zscale_asinh"`` ([0, 1]), ``"l2"`` (whole-cutout L2, NaN -> 0) or ``"none"`` (NaN -> 0 only)."""
 
     def __init__(self, kind: str = "robust"):
         super().__init__()
-        if kind not in ("robust", "zscale_asinh", "l2", "none"):
-            raise ValueError(f"normalization must be robust, zscale_asinh, l2 or none, got {kind!r}")
+        if kind not in ("robust", "robust_fast", "zscale_asinh", "l2", "none"):
+            raise ValueError(f"normalization must be robust, robust_fast, zscale_asinh, l2 or none, got {kind!r}")
         self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "robust":
             return robust_standardize(x)
+        if self.kind == "robust_fast":
+            return robust_standardize_fast(x)
         if self.kind == "zscale_asinh":
             return zscale_asinh(x)
         if self.kind == "l2":
             return l2_normalize(x, per="image") * math.sqrt(x.shape[-1] * x.shape[-2])
         return torch.nan_to_num(x, nan=0.0)
+
+
+def robust_standardize_fast(x: Tensor, *, step: int = 4, eps: float = 1e-12) -> Tensor:
+    """``(x - median) / (1.4826 MAD)`` per cutout and channel of ``x`` (N, C, H, W), with the median
+    and MAD taken over every ``step``-th pixel in row-major order (a regular sub-grid: for W a
+    multiple of ``step``, every ``step``-th column of every row), NaN-aware; NaN -> 0 after.
+
+    The inference-speed variant of :func:`~astroprep_torch.cutouts.robust_standardize` (~5-10x
+    faster on a 2-core CPU for 32x32 stamps): the sky median and noise MAD of a stamp are estimated
+    from 1/``step`` of its pixels (256 of a 32x32 stamp: ~7 % relative scatter of the Gaussian
+    scale vs ~3.6 % from all 1024; the classifier is trained with the same estimator). Medians are the lower middle
+    value of the finite samples (sort-based, NaNs sort last). A zero MAD falls back to 1.
+    """
+    check_image(x, "x")
+    flat = x.flatten(2)
+    sub = flat[..., ::step] if step > 1 else flat
+    cnt = torch.isfinite(sub).sum(-1, keepdim=True)
+    idx = (cnt - 1).clamp_min(0) // 2
+    med = sub.sort(-1).values.gather(-1, idx)
+    mad = (sub - med).abs().sort(-1).values.gather(-1, idx) * 1.482602218505602
+    med = torch.nan_to_num(med, nan=0.0)
+    scale = torch.where(mad > eps, mad, torch.ones_like(mad))  # NaN (all-NaN stamp) also -> 1
+    out = (flat - med) / scale
+    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).view_as(x)
 
 
 def _adapt_conv(conv: nn.Conv2d, in_channels: int, kernel_size=None, stride=None, padding=None) -> nn.Conv2d:
@@ -282,9 +310,10 @@ def _torchvision_trunk(name: str, in_channels: int, stem: str):
 
     ``stem``: ``"standard"`` (only the input channels change), ``"compact"`` (default: a 3x3 first
     conv with the original overall stride -- cheaper at 63x63 than 7x7 and suited to a ~2-4 px PSF;
-    Inception-v3's first conv gets stride 1 so that 63x63 cutouts fit its valid convolutions), or
-    ``"cifar"`` (stride-1 3x3 stem without the early max-pool: more accurate on tiny inputs, 4-16x
-    the compute).
+    Inception-v3's first conv gets stride 1 so that 63x63 cutouts fit its valid convolutions;
+    MobileNetV3's stem already is 3x3 / 2, so compact = standard there), or ``"cifar"`` (stride-1
+    3x3 stem without the early max-pool: more accurate on tiny inputs, 4-16x the compute; for
+    MobileNetV3-Small on a 32 px crop it keeps a 2x2 final map at ~4-5 MMAC per cutout).
     """
     import torchvision.models as tvm
 
@@ -301,6 +330,13 @@ def _torchvision_trunk(name: str, in_channels: int, stem: str):
             m.maxpool = nn.Identity()
         d = m.fc.in_features
         m.fc = nn.Identity()
+        return m, d
+    if name == "mobilenet_v3_small":
+        m = tvm.mobilenet_v3_small(weights=None)
+        c = m.features[0][0]
+        m.features[0][0] = _adapt_conv(c, in_channels, stride=1 if stem == "cifar" else None)
+        d = m.classifier[0].in_features  # 576 pooled features; the 1024-wide MLP head is dropped
+        m.classifier = nn.Identity()
         return m, d
     if name == "efficientnet_b0":
         m = tvm.efficientnet_b0(weights=None)
@@ -328,7 +364,8 @@ def _torchvision_trunk(name: str, in_channels: int, stem: str):
 
 
 class CutoutClassifierNet(nn.Module):
-    """Raw cutouts (N, C, H, W) -> logits (N,): ``normalization`` -> centre ``crop`` -> trunk -> head.
+    """Raw cutouts (N, C, H, W) -> logits (N,): centre ``crop`` -> ``normalization`` (statistics of
+    the cropped stamp, i.e. of what the trunk sees) -> trunk (channels-last, faster on CPU) -> head.
 
     ``encoder(x)`` gives the trunk features (N, D) of the preprocessed input; used by the
     self-supervised pre-training and to attach new heads.
@@ -345,7 +382,7 @@ class CutoutClassifierNet(nn.Module):
         self.head = nn.Linear(feature_dim, 1)
 
     def preprocess(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
+        check_image(x, "x")
         if self.crop is not None:
             H, W = x.shape[-2:]
             c = self.crop
@@ -353,12 +390,13 @@ class CutoutClassifierNet(nn.Module):
                 raise ValueError(f"crop {c} is larger than the cutouts ({H}x{W})")
             y0, x0 = (H - c) // 2, (W - c) // 2
             x = x[..., y0: y0 + c, x0: x0 + c]
+        x = self.norm(x)
         if min(x.shape[-2:]) < self.min_size:
             x = F.interpolate(x, size=(self.min_size, self.min_size), mode="bilinear", align_corners=False)
         return x
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.trunk(x)
+        return self.trunk(x.contiguous(memory_format=torch.channels_last))
 
     def encoder(self, x: Tensor) -> Tensor:
         return self.encode(self.preprocess(x))
@@ -545,7 +583,10 @@ class AlertClassifier(L.LightningModule):
 
     Plain constructor values (Hydra): ``backbone`` in :data:`BACKBONES`, ``in_channels`` (3 for
     science/reference/difference triplets, 1 for single cutouts), ``normalization``, ``stem``,
-    ``crop`` and ``checkpoint`` as :func:`build_model`; AdamW with cosine decay over ``max_epochs``;
+    ``crop`` and ``checkpoint`` as :func:`build_model`; AdamW with cosine decay over ``max_epochs``
+    (``schedule="cosine"``, stepped per epoch) or a one-cycle schedule stepped per batch over the
+    trainer's estimated steps (``schedule="onecycle"``, peak ``lr`` after ``pct_start`` of them --
+    the recipe of ``experiments/classify_backbones.py``);
     binary cross-entropy on logits; ``augment`` with :class:`AstroAugment`. Validation / test log
     ``val_*`` / ``test_*`` metrics of :func:`binary_metrics`. ``forward`` returns logits;
     ``predict_step`` probabilities.
@@ -554,8 +595,11 @@ class AlertClassifier(L.LightningModule):
     def __init__(self, backbone: str = "resnet18", in_channels: int = 3, normalization: str = "robust",
                  stem: str = "compact", crop: Optional[int] = None, checkpoint: Optional[str] = None,
                  lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 10, augment: bool = True,
-                 max_shift: float = 0.5, noise: float = 0.0, threshold: float = 0.5):
+                 max_shift: float = 0.5, noise: float = 0.0, threshold: float = 0.5, schedule: str = "cosine",
+                 pct_start: float = 0.15):
         super().__init__()
+        if schedule not in ("cosine", "onecycle"):
+            raise ValueError(f"schedule must be 'cosine' or 'onecycle', got {schedule!r}")
         self.save_hyperparameters()
         self.model = build_model(backbone, in_channels, normalization=normalization, stem=stem, crop=crop,
                                  checkpoint=checkpoint)
@@ -608,6 +652,11 @@ class AlertClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.schedule == "onecycle":
+            total = max(2, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total,
+                                                        pct_start=self.hparams.pct_start)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
         return {"optimizer": opt, "lr_scheduler": sched}
 
