@@ -90,7 +90,6 @@ _IDW_RADIUS = 4  # boxes searched around an invalid box
 _HIST_LIN = 256
 _HIST_LOG = 8.0
 _HIST_HALF = _HIST_LIN + int(math.ceil(_HIST_LOG * math.log(1.0e8 / _HIST_LIN)))
-_OVERLAP = True  # clip one group of boxes on a side thread while the next is histogrammed (CPU)
 _SOLVE_BOXES = 1024  # boxes whose histograms are kept and clipped together (~45 kB a box)
 
 
@@ -970,15 +969,25 @@ def _band_apply(L: Tensor, T: Tensor, clamp: Optional[tuple[Tensor, Tensor]] = N
     if clamp is not None:
         lo_l = clamp[0].expand(lead).reshape(-1).tolist()
         hi_l = clamp[1].expand(lead).reshape(-1).tolist()
+    # runs of consecutive blocks with the same row count whose windows advance by one row are one
+    # batched product each (a few calls instead of one per block: tiny-K products are call-bound)
+    runs = []
+    s_l, c_l = starts.tolist(), counts.tolist()
     h0 = 0
-    for s_, c_ in zip(starts.tolist(), counts.tolist()):
-        tp = taps[h0:h0 + c_]
+    for s_, c_ in zip(s_l, c_l):
+        if runs and runs[-1][2] == c_ and runs[-1][0] + runs[-1][3] == s_:
+            runs[-1][3] += 1
+        else:
+            runs.append([s_, h0, c_, 1])  # first window start, first row, rows per block, blocks
+        h0 += c_
+    for s_, h_, c_, m_ in runs:
+        tp = taps[h_:h_ + m_ * c_].view(m_, c_, width)
         for i in range(T2.shape[0]):
-            blk = o2[i, h0:h0 + c_]
-            torch.mm(tp, T2[i, s_:s_ + width], out=blk)
+            win = T2[i].unfold(0, width, 1)[s_:s_ + m_].transpose(1, 2)  # (m, width, W) view
+            blk = o2[i, h_:h_ + m_ * c_]
+            torch.bmm(tp, win, out=blk.view(m_, c_, -1))
             if clamp is not None:
                 blk.clamp_(lo_l[i], hi_l[i])
-        h0 += c_
     return out
 
 
@@ -1154,20 +1163,11 @@ def background_2d(
             nb = 2 * _HIST_HALF
             group = max(1, _SOLVE_BOXES // max(1, B * nx) // rows_per_chunk) * rows_per_chunk
             group = min(group, ny)
-            starts = list(range(0, ny, group))
-            # on CPU with threads to spare, the clipping of one group (many small serial operations)
-            # runs on a side thread while the next group's histograms are filled (double buffer)
-            overlap = (_OVERLAP and x.device.type == "cpu" and len(starts) > 1 and not _compiling()
-                       and torch.get_num_threads() > 1)
-            bufs = [torch.zeros(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
-                    for _ in range(2 if overlap else 1)]
-            solve = _in_mode(torch.is_inference_mode_enabled(), _clip_stats_hist) if overlap else _clip_stats_hist
-            pending = None
-            for gi, g0 in enumerate(starts):
+            buf = torch.zeros(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
+            for g0 in range(0, ny, group):
                 g1 = min(ny, g0 + group)
-                buf = bufs[gi % len(bufs)]
-                if gi >= len(bufs):
-                    buf.zero_()  # its previous group's clipping has finished (collected below)
+                if g0:
+                    buf.zero_()
                 hist = buf[:, :B * (g1 - g0) * nx * (nb + 1)]
                 for r0 in range(g0, g1, rows_per_chunk):
                     r1 = min(g1, r0 + rows_per_chunk)
@@ -1176,17 +1176,8 @@ def background_2d(
                     _hist_fill(xv, bv, grid.w[:, r0:r1], grid.e0[:, r0:r1], hist, (r0 - g0) * nx)
                 hist = hist.view(2, B, g1 - g0, nx, nb + 1)[..., :nb]
                 g = _HistGrid(*(t[:, g0:g1] for t in grid))
-                if pending is not None:
-                    parts.append(pending.result())
-                    pending = None
-                args = (hist[0], hist[1], g, float(sigma), int(maxiters), need_mad)
-                if overlap:
-                    pending = _side_thread("solve").submit(solve, *args)
-                else:
-                    parts.append(solve(*args))
-            if pending is not None:
-                parts.append(pending.result())
-            del bufs, buf, hist
+                parts.append(_clip_stats_hist(hist[0], hist[1], g, float(sigma), int(maxiters), need_mad))
+            del buf, hist
         st = _Stats(*[torch.cat([getattr(p, f) for p in parts], 1) if parts[0]._asdict()[f] is not None else None
                       for f in _Stats._fields])
         bkg_m, rms_m = _estimate(st, estimator, rms_estimator, median_factor, mean_factor)
