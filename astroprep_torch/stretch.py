@@ -659,7 +659,7 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
 # Transcendental stretches on CPU go through numpy's SIMD float ufuncs (the same ones astropy
 # calls), split over torch's thread count, in cache-sized blocks: ATen's CPU log/pow/asinh/sinh are
 # MKL VML or scalar loops, 2-10x slower per element on this project's AMD CPUs.
-_NUMPY_KERNELS = ("sqrt", "power", "log", "asinh", "sinh")
+_NUMPY_KERNELS = ("power", "log", "asinh", "sinh")  # (sqrt: ATen 1/rsqrt is as fast)
 _NUMPY_MIN = 1 << 16
 _NUMPY_BLOCK = 1 << 15
 
@@ -667,9 +667,7 @@ _NUMPY_BLOCK = 1 << 15
 def _numpy_kernel(kind: str, a: Optional[float]):
     import numpy as np
 
-    if kind == "sqrt":
-        steps = [lambda b: np.sqrt(b, out=b)]
-    elif kind == "power":
+    if kind == "power":
         steps = [lambda b: np.power(b, a, out=b)]
     elif kind == "log":
         scale = 1.0 / math.log(a + 1.0)
