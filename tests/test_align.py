@@ -543,6 +543,26 @@ def test_chunking_and_grid_step_agree():
     torch.testing.assert_close(a.image, c.image, equal_nan=True, rtol=1e-3, atol=0.1)
 
 
+@pytest.mark.parametrize("interp", ["nearest", "bilinear", "bicubic"])
+def test_grid_sample_path_matches_mapping_then_sampling(interp):
+    """reproject's banded grid_sample path = pixel_to_pixel (same grid_step) + sample_image, with a
+    mask, a batch of two WCSs, chunks that split node intervals, and pixels outside the frame."""
+    from astroprep_torch.align import pixel_to_pixel, sample_image
+
+    img, _, _ = star_field((64, 80), n=10, seed=13, dtype=torch.float32)
+    img = torch.cat([img, 2 * img + 1], 0)
+    mask = torch.zeros_like(img, dtype=torch.bool)
+    mask[0, 0, 30, 40] = mask[1, 0, 10:12, 5] = True
+    w = TanWCS.from_header([tan_header((64, 80), sip=True), tan_header((64, 80), rotation=3.0, sip=True)])
+    wd = TanWCS.from_header(tan_header((60, 70), rotation=10.0, crpix_offset=(1.5, 2.0), sip=True))
+    r = reproject(img, w, wd, (60, 70), mask, interpolation=interp, chunk_rows=13, grid_step=8)
+    x, y = pixel_to_pixel(w, wd, (60, 70), grid_step=8)
+    v, fp = sample_image(img, x, y, interp, mask=mask)
+    assert bool((fp == 0).any()) and bool((fp == 1).any())
+    torch.testing.assert_close(r.footprint, fp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.image, v, equal_nan=True, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("interp", ["nearest", "bilinear", "bicubic", "lanczos3"])
 def test_fused_matches_eager(interp):
