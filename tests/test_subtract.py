@@ -303,14 +303,30 @@ def test_sfft_parity(shared_data):
     sci = fits.getdata(shared_file("sfft_decam_decorr", "4check__Stack-DEC-OBS04.fits")).astype(np.float32)
     tmpl = fits.getdata(shared_file("sfft_decam_decorr", "4check__Stack-DEC-OBS18.fits")).astype(np.float32)
     ref = fits.getdata(shared_file("sfft_decam_decorr", "4check__FinalDifference.fits")).astype(np.float64)
-    sub = ImageSubtraction(kernel_half_width=10, spatial_order=1, background_order=1, stamp_grid=(4, 4),
-                           stamp_half_width=15, gain=4.0, read_noise=11.837, saturation=40000.0)
-    res = sub(torch.from_numpy(sci)[None, None], torch.from_numpy(tmpl)[None, None])
-    assert not bool(res.convolved_science[0])  # OBS18 (FWHM 3.9 px) is convolved into OBS04 (5.2 px)
+    kw = dict(kernel_half_width=10, spatial_order=1, background_order=1, stamp_grid=(4, 4),
+              stamp_half_width=15, gain=4.0, read_noise=11.837, saturation=40000.0)
+    s_t, t_t = torch.from_numpy(sci)[None, None], torch.from_numpy(tmpl)[None, None]
     c = slice(10, -10)
-    ours = robust_std(res.difference[0, 0].double().numpy()[c, c])
     theirs = robust_std(ref[c, c])
-    assert abs(ours / theirs - 1) <= 0.05, (ours, theirs)
+    # SFFT, like HOTPANTS, fits the kernel without the template-noise correction: so does debias=False
+    plain = ImageSubtraction(**kw, debias=False)(s_t, t_t)
+    assert not bool(plain.convolved_science[0])  # OBS18 (FWHM 3.9 px) is convolved into OBS04 (5.2 px)
+    ours = robust_std(plain.difference[0, 0].double().numpy()[c, c])
+    assert abs(ours / theirs - 1) <= 0.05, (ours, theirs)  # measured 9.130 vs 9.208
+    # the default (debias=True) undoes the kernel's attenuation by the stacks' (correlated) noise: the
+    # difference is a little noisier, and the template's bright stars no longer leave positive peaks
+    res = ImageSubtraction(**kw)(s_t, t_t)
+    d = res.difference[0, 0].double().numpy()
+    assert abs(robust_std(d[c, c]) / theirs - 1) <= 0.07, (robust_std(d[c, c]), theirs)  # measured 9.661 (+4.9%)
+    t_img = t_t[0, 0].double()
+    med = t_img.median()
+    peaks = (t_img == F.max_pool2d(t_img[None, None], 7, 1, 3)[0, 0]) & (t_img > med + 10 * 1.4826 * (t_img - med).abs().median())
+    peaks[:15] = peaks[-15:] = False
+    peaks[:, :15] = peaks[:, -15:] = False
+    ys, xs = torch.nonzero(peaks, as_tuple=True)
+    z_plain = plain.difference[0, 0].double()[ys, xs] / ours
+    z_def = res.difference[0, 0].double()[ys, xs] / robust_std(d[c, c])
+    assert len(ys) >= 5 and float(z_plain.mean()) > 3.0 and abs(float(z_def.mean())) < 1.0  # +5.4 -> +0.3 sigma
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +391,56 @@ def test_simulated_pair():
     peaks = (zpos > 5) & (zpos == F.max_pool2d(zpos[None, None], 5, 1, 2)[0, 0])
     area = float((inner & ~near_sat & ~near_tr).sum())
     assert float(peaks.sum()) / area * 1e6 < 1.0 + 1e6 / area * 0  # i.e. zero peaks in this 0.2 Mpx frame
+
+
+def test_noise_model_measures_variance_scale_and_correlation():
+    """debias's noise model: measured / modelled variance, and the pixel correlation of resampled noise."""
+    sim = pytest.importorskip("astroprep_torch.sim")
+    from astroprep_torch.subtract import _noise_model, poisson_variance
+
+    f = sim.simulate_frame((512, 512), n_stars=320, gain=1.5, read_noise=10.0, seed=3)  # GWAC density
+    right, rho = _noise_model(f.image, poisson_variance(f.image, 1.5, 10.0))
+    assert 0.98 <= float(right[0]) <= 1.08, right  # stars lift it by a few per cent
+    assert float(rho[0].sum()) == 1.0  # white: no correlation beyond the |rho| < 0.05 floor
+    wrong, _ = _noise_model(f.image, poisson_variance(f.image, 1.0, 0.0))  # gain 1.5 given as 1
+    assert float(wrong[0]) == pytest.approx(float(right[0]) * float(poisson_variance(f.image, 1.5, 10.0).median()
+                                                                  / poisson_variance(f.image, 1.0, 0.0).median()), rel=0.03)
+    assert float(_noise_model(f.noiseless, poisson_variance(f.noiseless, 1.5, 10.0))[0][0]) < 1e-3
+    # white noise shifted half a pixel in x by bilinear interpolation: variance 1/2, rho(1, 0) = 1/2
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(1, 1, 400, 401, generator=g, dtype=torch.float64) * 10.0
+    half = 0.5 * (n[..., :-1] + n[..., 1:])
+    scale, rho = _noise_model(half, torch.full_like(half, 50.0))
+    assert float(scale[0]) == pytest.approx(1.0, abs=0.02)
+    assert float(rho[0, 2, 3]) == pytest.approx(0.5, abs=0.02) and float(rho[0, 2, 1]) == float(rho[0, 2, 3])
+    assert float(rho[0, 3, 2]) == 0.0 and float(rho[0, 2, 4]) == 0.0
+
+
+def test_debias_is_inert_without_noise_and_corrects_with_it():
+    """debias (default) = plain least squares on noise-free frames; on noisy frames it sharpens the
+    kernel (the plain fit is attenuated toward a smoother kernel by the template's noise)."""
+    render = star_field(seed=4)
+    ref = (render(1.2) + 100.0)[None, None]
+    sci = (1.05 * render(math.sqrt(1.2 ** 2 + 0.9 ** 2)) + 130.0)[None, None]
+    kw = dict(kernel_half_width=6, gaussians=((0.7, 4), (1.5, 2)), spatial_order=1, background_order=1,
+              stamp_grid=(3, 3), stamp_half_width=8, convolve="template", stamp_threshold=3.0)
+    a = ImageSubtraction(**kw, debias=True)(sci, ref)
+    b = ImageSubtraction(**kw, debias=False)(sci, ref)
+    torch.testing.assert_close(a.kernel_coefficients, b.kernel_coefficients, rtol=1e-4, atol=1e-6)
+    sim = pytest.importorskip("astroprep_torch.sim")
+    pair = sim.simulate_pair((512, 512), n_stars=800, shift=(0.0, 0.0), fwhm=(2.5, 3.0), n_transients=0,
+                             n_moving=0, seed=2)
+    kw = dict(kernel_half_width=8, spatial_order=0, background_order=1, stamp_grid=(5, 5), stamp_half_width=12,
+              gain=1.5, read_noise=10.0, saturation=60000.0)
+    from astroprep_torch.subtract import _term_kernels
+
+    peaks = {}
+    for debias in (False, True):
+        res = ImageSubtraction(**kw, debias=debias)(pair.science.image, pair.reference.image,
+                                                    pair.science.mask, pair.reference.mask)
+        kern = _term_kernels(res.kernel_coefficients, kernel_basis(8, ((0.7, 6), (1.5, 4), (3.0, 2))), 0)[0, 0]
+        peaks[debias] = float(kern[8, 8] / kern.sum())
+    assert peaks[True] > peaks[False]  # de-attenuated: a sharper kernel
 
 
 def test_hydra_configs():
