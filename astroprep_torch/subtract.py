@@ -110,7 +110,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import as_pair, bad_pixels, check_image, check_mask, check_same_shape
+from ._checks import all_finite, as_pair, bad_pixels, check_image, check_mask, check_same_shape
 
 __all__ = [
     "KernelBasis",
@@ -1078,9 +1078,11 @@ def image_subtraction(
         bad_s = bad_pixels(science, smask)
         bad_t = bad_pixels(template, tmask)
         if given_s:
-            bad_s |= ~torch.isfinite(science_var)
+            if not all_finite(science_var):
+                bad_s |= ~torch.isfinite(science_var)
         if given_t:
-            bad_t |= ~torch.isfinite(template_var)
+            if not all_finite(template_var):
+                bad_t |= ~torch.isfinite(template_var)
         if sat_s is not None:
             bad_s |= science >= sat_s
         if sat_t is not None:
@@ -1135,8 +1137,8 @@ def image_subtraction(
         var_target = torch.where(sel, template_var, science_var)
     # Non-finite pixels would spread through the FFTs: zero them in the image to convolve (they are
     # excluded from the stamps already).
-    conv_img_c = conv_img if bool(torch.isfinite(conv_img).all()) else torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
-    var_conv_c = var_conv if bool(torch.isfinite(var_conv).all()) else torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
+    conv_img_c = conv_img if all_finite(conv_img) else torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
+    var_conv_c = var_conv if all_finite(var_conv) else torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
     # Remove each image's median sky before building the stamp system (conditioning: a large
     # pedestal makes the first basis column nearly collinear with the background's constant term);
     # the constant background coefficient is corrected afterwards, so the model is unchanged.

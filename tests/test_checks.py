@@ -26,3 +26,25 @@ def test_as_pair():
     assert as_pair((32, 48), "box_size") == (32, 48)
     with pytest.raises(ValueError, match="box_size"):
         as_pair((0, 3), "box_size")
+
+
+def test_all_finite_and_bad_pixels():
+    from astroprep_torch._checks import all_finite, bad_pixels
+
+    x = torch.ones(1, 1, 8, 9)
+    assert all_finite(x) and all_finite(torch.arange(5))
+    big = torch.full((1, 1, 8, 9), 3e38)  # every value finite, the sum overflows: elementwise fallback
+    assert all_finite(big)
+    m = torch.zeros(1, 1, 8, 9, dtype=torch.bool)
+    m[0, 0, 1, 2] = True
+    b = bad_pixels(x, m)
+    assert b.dtype == torch.bool and int(b.sum()) == 1 and b.data_ptr() != m.data_ptr()  # a copy
+    b |= True
+    assert int(m.sum()) == 1  # the caller's mask is untouched
+    for v in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[0, 0, 3, 4] = v
+        assert not all_finite(y)
+        b = bad_pixels(y, m)
+        assert bool(b[0, 0, 3, 4]) and bool(b[0, 0, 1, 2]) and int(b.sum()) == 2
+    assert int(bad_pixels(x).sum()) == 0 and int(bad_pixels(x, m[0, 0]).sum()) == 1  # broadcast mask
