@@ -363,6 +363,7 @@ def _fft_tiles(x: Tensor, kernels: Tensor, tile: tuple[int, int], r: int, max_ti
     ph, pw = th + 2 * r, tw + 2 * r
     bo, co = torch.broadcast_shapes((b, c), tuple(kernels.shape[:2]))
     out = x.new_empty(bo, co, ty * th, tx * tw)
+    out_tiles = out.view(bo, co, ty, th, tx, tw)  # tile rows written in place: one strided copy each
     per_row = kernels.shape[2] > 1
     step = max(1, max_tiles // tx)
     kspec_all = None if per_row else torch.fft.rfft2(kernels, s=(ph, pw))
@@ -378,7 +379,7 @@ def _fft_tiles(x: Tensor, kernels: Tensor, tile: tuple[int, int], r: int, max_ti
             spec.mul_(kspec)  # no autograd: save one spectrum-sized buffer
         o = torch.fft.irfft2(spec, s=(ph, pw))[..., 2 * r:, 2 * r:]
         del spec
-        out[:, :, r0 * th:r1 * th] = o.permute(0, 1, 2, 4, 3, 5).reshape(bo, co, (r1 - r0) * th, tx * tw)
+        out_tiles[:, :, r0:r1].copy_(o.permute(0, 1, 2, 4, 3, 5))
     return out[..., :h, :w]
 
 
