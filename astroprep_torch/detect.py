@@ -10,8 +10,13 @@ The algorithm follows SExtractor (Bertin & Arnouts 1996) and its library port se
    the *unfiltered* background rms (a map, or one value per image: SExtractor without weight maps
    uses one global value, the background-mesh median it prints as ``RMS``). Masked pixels are never
    detected (their value is set to 0 before filtering).
+   On CPU (no autograd, separable kernel such as the default) steps 1-2 run strip by strip of rows
+   with reused buffers: the same float operations, but no frame-sized filtered image, threshold map,
+   boolean map or index temporaries (on this 2-core VM a fresh 64 MB temporary costs ~30 ms of page
+   faults, several times the arithmetic); each strip is compacted at once to the detected pixels.
 3. **8-connected components** on the compacted list of detected pixels only (no full-frame
-   iteration): neighbours are found with ``searchsorted`` on the sorted linear indices, components
+   iteration): the right-hand neighbour of a pixel can only be the next list entry, the three below
+   it are found with one ``searchsorted`` on the sorted linear indices; components
    by hooking roots onto the smallest neighbouring root (``scatter_reduce`` amin) followed by full
    pointer jumping. Each round at least halves the number of distinct roots per component, so a
    4096^2 frame converges in a handful of rounds. Components smaller than ``minarea`` are dropped.
@@ -43,6 +48,10 @@ The algorithm follows SExtractor (Bertin & Arnouts 1996) and its library port se
    owns flags 2 (blended), 4 (saturated), 8 (truncated at the border) and 1 (crowded: more than
    10% of the pixels of the object's Kron ellipse, or of its isophotal footprint grown by one
    pixel when no Kron radius is known, belong to other objects).
+
+``SourceExtractor.forward`` keeps the segmentation sparse (its labelled pixels) and hands the
+pixel lists, their filtered values and the detected pixels to ``photometry.measure``; the dense
+(B,1,H,W) int64 map (128 MB at 4096^2) is made only when ``Catalog.segmentation`` is read.
 
 What remains a data-dependent Python loop in ``forward``: the number of hooking rounds of the
 connected-component labelling (each round is one vectorised pass over the still-open edges and
@@ -97,7 +106,6 @@ MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea
 CLEAN_ZONE = 10.0  # SExtractor: neighbours considered within CLEAN_ZONE * (a1 + a2)
 CROWD_THRESHOLD = 0.1  # SExtractor: fraction of the Kron aperture held by other objects for flag 1
 
-_NEIGHBOUR_OFFSETS = ((0, 1), (1, -1), (1, 0), (1, 1))  # forward half of the 8-neighbourhood (dy, dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +119,35 @@ def _g(t: Tensor, i) -> Tensor:
             and t.dim() >= 1:
         return t.index_select(0, i)
     return t[i]
+
+def _host(t: Tensor) -> bool:
+    """Whether a numpy-backed kernel may replace the ATen one (CPU, no autograd, not compiling)."""
+    return t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) \
+        and not torch.compiler.is_compiling()
+
+
+def _argsort(t: Tensor, *, descending: bool = False) -> Tensor:
+    """Stable ``argsort`` of a 1-D tensor; on CPU through numpy (same order: both are stable sorts),
+    several times faster than ATen's for the nearly sorted integer keys used here."""
+    if _host(t) and t.dim() == 1:
+        import numpy as np
+
+        a = t.detach().numpy()
+        if descending:
+            a = -a
+        return torch.from_numpy(np.argsort(a, kind="stable"))
+    return torch.argsort(t, descending=descending, stable=True)
+
+
+def _unique_roots(root: Tensor):
+    """``torch.unique(root, return_inverse=True)`` for a forest ``root`` with ``root[i] <= i`` and
+    ``root[root[i]] == root[i]`` (the output of :func:`connected_components`): the roots are the nodes
+    with ``root[i] == i``, already sorted, so a cumulative sum replaces the sort."""
+    n = root.numel()
+    is_root = root == torch.arange(n, device=root.device)
+    rank = torch.cumsum(is_root, 0) - 1
+    return is_root.nonzero().squeeze(1), _g(rank, root)
+
 
 def default_kernel(dtype=torch.float32, device=None) -> Tensor:
     """SExtractor's ``default.conv``: 3x3 pyramid (FWHM 2 px), normalised to unit sum, shape (3, 3)."""
@@ -185,6 +222,71 @@ def _separable_filter(image: Tensor, col: list, row: list) -> Tensor:
     return out
 
 
+def _strip_kernel(kernel, dtype, device):
+    """(column, row) factor lists of a separable detection kernel, ``"none"`` for no filter, or None
+    (not separable / not small: the strip path does not apply)."""
+    if kernel is None:
+        return "none"
+    if isinstance(kernel, str) and kernel == "default":
+        return [0.25, 0.5, 0.25], [0.25, 0.5, 0.25]
+    k = _as_kernel(kernel, dtype, device)
+    if k.shape[0] > 5 or k.shape[1] > 5:
+        return None
+    sep = _separable(k)
+    return None if sep is None else (sep[0].tolist(), sep[1].tolist())
+
+
+def _filter_threshold_strips(img: Tensor, tmap: Tensor, factors):
+    """Detected pixels of a CPU image without frame-sized temporaries: the image is filtered in strips
+    of rows (the same float operations as :func:`_separable_filter`, so the same values), each strip
+    thresholded and compacted at once (numpy ``flatnonzero``, several times faster than ATen's
+    ``nonzero``). Returns the sorted linear indices over (B, H, W) and the filtered values there."""
+    import numpy as np
+
+    B, _, H, W = img.shape
+    none = isinstance(factors, str)
+    col, row = ([1.0], [1.0]) if none else factors
+    ph, pw = len(col) // 2, len(row) // 2
+    R = max(8, min(H, (1 << 17) // max(W, 1)))  # rows per strip: ~0.5 MB of float32
+    dt = img.dtype
+    pad = torch.zeros(R + 2 * ph, W + 2 * pw, dtype=dt)
+    hbuf = torch.empty(R + 2 * ph, W, dtype=dt)
+    obuf = torch.empty(R, W, dtype=dt)
+    flat_t = tmap.stride(-1) == 0 and tmap.stride(-2) == 0
+    idx_parts, f_parts = [], []
+    for b in range(B):
+        tb = tmap[b if tmap.shape[0] > 1 else 0, 0]
+        for r0 in range(0, H, R):
+            r1 = min(H, r0 + R)
+            n = r1 - r0
+            if none:
+                o = img[b, 0, r0:r1]
+            else:
+                lo, hi = max(0, r0 - ph), min(H, r1 + ph)
+                P = pad[: n + 2 * ph]
+                a = lo - (r0 - ph)
+                P[:a].zero_()
+                P[a:a + hi - lo, pw:pw + W] = img[b, 0, lo:hi]
+                P[a + hi - lo:].zero_()
+                h = hbuf[: n + 2 * ph]
+                torch.mul(P[:, 0:W], row[0], out=h)
+                for j in range(1, len(row)):
+                    h.add_(P[:, j:j + W], alpha=row[j])
+                o = obuf[:n]
+                torch.mul(h[0:n], col[0], out=o)
+                for i in range(1, len(col)):
+                    o.add_(h[i:i + n], alpha=col[i])
+            on = o.numpy()
+            t = tb[0, 0].numpy() if flat_t else tb[r0:r1].numpy()
+            li = np.flatnonzero(on > t)
+            if li.size:
+                f_parts.append(on.reshape(-1)[li])
+                idx_parts.append(li + (b * H + r0) * W)
+    if not idx_parts:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dt)
+    return torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(f_parts))
+
+
 def detection_threshold(rms, image: Tensor, thresh: float) -> Tensor:
     """``thresh * rms`` broadcast to (B,1,H,W); ``rms`` is a map (B,1,H,W)/(1,1,H,W), a (B,) tensor or a float."""
     B, _, H, W = image.shape
@@ -238,17 +340,39 @@ def connected_components(n: int, u: Tensor, v: Tensor) -> Tensor:
 
 
 def _pixel_edges(idx: Tensor, x: Tensor, y: Tensor, H: int, W: int):
-    """8-neighbour edges between entries of the sorted linear-index list ``idx`` (forward half)."""
+    """8-neighbour edges between entries of the sorted linear-index list ``idx`` (forward half).
+
+    The right-hand neighbour of entry ``k`` can only be entry ``k + 1``; the three neighbours in the
+    row below, when present, are consecutive entries starting at the first one >= ``idx + W - 1``
+    (one ``searchsorted`` instead of three). Edge order differs from a per-offset search, components
+    do not."""
     n = idx.numel()
-    us, vs = [], []
     ar = torch.arange(n, device=idx.device)
-    for dy, dx in _NEIGHBOUR_OFFSETS:
-        ok = (y + dy < H) & (x + dx >= 0) & (x + dx < W)
-        target = idx + (dy * W + dx)
-        pos = torch.searchsorted(idx, target).clamp_(max=max(n - 1, 0))
-        ok &= _g(idx, pos) == target
-        us.append(_g(ar, ok))
-        vs.append(_g(pos, ok))
+    if n == 0:
+        return ar, ar
+    hor = (_g(idx, ar[1:]) == idx[:-1] + 1) & (x[:-1] + 1 < W)
+    u0 = hor.nonzero().squeeze(1)
+    us, vs = [u0], [u0 + 1]
+    below = y + 1 < H
+    t = idx + (W - 1)
+    if _host(idx):
+        import numpy as np
+
+        p = torch.from_numpy(np.searchsorted(idx.numpy(), t.numpy()))
+    else:
+        p = torch.searchsorted(idx, t)
+    for dx in (-1, 0, 1):
+        q = p.clamp(max=n - 1)
+        hit = _g(idx, q) == t + (dx + 1)
+        e = hit & below
+        if dx == -1:
+            e &= x > 0
+        elif dx == 1:
+            e &= x + 1 < W
+        k = e.nonzero().squeeze(1)
+        us.append(k)
+        vs.append(_g(q, k))
+        p = p + hit
     return torch.cat(us), torch.cat(vs)
 
 
@@ -265,7 +389,8 @@ def label_image(binary: Tensor, *, connectivity: int = 8) -> Tensor:
     y, x = rem // W, rem % W
     u, v = _pixel_edges(idx, x, y, H, W)
     if connectivity == 4:
-        keep = (v - u == 1) | (_g(idx, v) - _g(idx, u) == W)
+        d = _g(idx, v) - _g(idx, u)  # (list neighbours can be diagonal pixel neighbours)
+        keep = (d == 1) | (d == W)
         u, v = _g(u, keep), _g(v, keep)
     elif connectivity != 8:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
@@ -372,10 +497,10 @@ def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[T
     """
     P = values.numel()
     if last is None:
-        order = torch.argsort(seg, stable=True)
+        order = _argsort(seg)
     else:
         # pixels gathered by the deblender come after the branch's own pixels in SExtractor's list
-        order = torch.argsort(seg * 2 + last.long(), stable=True)
+        order = _argsort(seg * 2 + last.long())
     seg_s = _g(seg, order)
     counts = torch.bincount(seg_s, minlength=n)
     start = torch.cumsum(counts, 0) - counts
@@ -390,18 +515,36 @@ def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[T
 
 
 def _kth_largest(values: Tensor, seg: Tensor, n: int, k: int) -> Tensor:
-    """Per segment, the ``k``-th largest value (0 where a segment has fewer than ``k`` values)."""
-    order = torch.argsort(values, descending=True, stable=True)
-    seg_o = _g(seg, order)
-    order2 = torch.argsort(seg_o, stable=True)  # grouped by segment, descending values inside
-    seg_s = _g(seg_o, order2)
-    val_s = _g(_g(values, order), order2)
-    counts = torch.bincount(seg_s, minlength=n)
-    start = torch.cumsum(counts, 0) - counts
+    """Per segment, the ``k``-th largest value (0 where a segment has fewer than ``k`` values).
+
+    ``k`` rounds of "segment maximum, then remove one pixel holding it" (O(k P), no sort; the same
+    value as sorting, ties counted with multiplicity)."""
+    P = values.numel()
+    counts = torch.bincount(seg, minlength=n)
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    if P == 0 or k < 1:
+        return out
+    if k > 8:  # many rounds: one sort is cheaper
+        order = _argsort(values, descending=True)
+        seg_o = _g(seg, order)
+        order2 = _argsort(seg_o)  # grouped by segment, descending values inside
+        seg_s = _g(seg_o, order2)
+        val_s = _g(_g(values, order), order2)
+        start = torch.cumsum(counts, 0) - counts
+        has = counts >= k
+        out[has] = _g(val_s, _g(start, has) + (k - 1))
+        return out
+    v = values.clone()
+    ar = torch.arange(P, device=values.device)
+    for _ in range(k):
+        m = _segment_max(v, seg, n)
+        at = (v == _g(m, seg)).nonzero().squeeze(1)
+        first = torch.full((n,), P, dtype=torch.int64, device=values.device)
+        first.scatter_reduce_(0, _g(seg, at), _g(ar, at), reduce="amin", include_self=True)
+        hit = first < P
+        v.index_fill_(0, _g(first, hit.nonzero().squeeze(1)), -math.inf)
     has = counts >= k
-    out[has] = _g(val_s, _g(start, has) + (k - 1))
-    return out
+    return torch.where(has, m, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +606,7 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     nv = _g(_g(off, ev), e_rep) + e_lev
     root = connected_components(n_nodes, nu, nv)
     del nu, nv, e_rep, e_lev
-    comp_ids, node_comp = torch.unique(root, return_inverse=True)
+    comp_ids, node_comp = _unique_roots(root)
     n_comp = comp_ids.numel()
     comp_area = torch.bincount(node_comp, minlength=n_comp)
     comp_lev = _g(node_lev, comp_ids)
@@ -527,7 +670,7 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     fp = free.nonzero().squeeze(1)
     if fp.numel():
         # sons of each split object, contiguous after sorting by object
-        order = torch.argsort(son_obj, stable=True)
+        order = _argsort(son_obj)
         so_sorted = _g(son_obj, order)
         cnt = torch.bincount(so_sorted, minlength=n_obj)
         start = torch.cumsum(cnt, 0) - cnt
@@ -671,13 +814,20 @@ def detect_sources(
     deblend_cont: float = 0.005,
     clean: bool = True,
     clean_param: float = 1.0,
+    dense: bool = True,
 ) -> dict:
     """Segment a background-subtracted (B,1,H,W) image. Returns a dict of tensors.
 
     ``segmentation`` (B,1,H,W) int64 labels 1..n per image (0 = sky), and per object (ordered by
     batch index then label): ``batch_index``, ``label``, ``blended`` (bool), ``thresh`` (detection
     threshold t0), ``xmin, xmax, ymin, ymax`` (int), ``cpeak`` (filtered peak), ``cflux`` (filtered
-    flux) and the detection-image moments ``mx, my`` (0-based).
+    flux) and the detection-image moments ``mx, my`` (0-based); ``filtered`` is the filtered image.
+
+    Always present, the sparse form: ``detected`` (P,) sorted linear indices (over B*H*W) of every
+    pixel above threshold, ``pixels`` (Q,) the sorted linear indices of the labelled ones, ``pixel_row``
+    (Q,) their object (row) index and ``pixel_filtered`` (Q,) their filtered value. ``dense=False``
+    leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
+    thresholded strip by strip and no frame-sized array is made at all.
     """
     check_image(image, "image", channels=1)
     mask = check_mask(mask, image)
@@ -690,23 +840,36 @@ def detect_sources(
     else:
         bad = bad_pixels(image, mask)
         img = torch.where(bad, torch.zeros_like(image), image)
-    filt = filter_image(img, filter_kernel)
     tmap = detection_threshold(rms, image, thresh)
-    det = filt > tmap
-    if bad is not None:
-        det &= ~bad
-    idx = det.reshape(-1).nonzero().squeeze(1)
+    factors = None
+    if not dense and bad is None and _host(image):
+        factors = _strip_kernel(filter_kernel, image.dtype, device)
+    filt = None
+    if factors is not None:
+        # CPU: filter, threshold and compact strip by strip (no frame-sized temporaries)
+        idx, f = _filter_threshold_strips(img, tmap, factors)
+    else:
+        filt = filter_image(img, filter_kernel)
+        det = filt > tmap
+        if bad is not None:
+            det &= ~bad
+        idx = det.reshape(-1).nonzero().squeeze(1)
+        f = filt.reshape(-1).index_select(0, idx)
     P = idx.numel()
     HW = H * W
+    det_idx = idx
     b = idx // HW
     rem = idx % HW
     yi, xi = rem // W, rem % W
-    f = filt.reshape(-1).index_select(0, idx).double()
+    f = f.double()
     val = img.reshape(-1).index_select(0, idx).double()
-    tp = tmap.reshape(-1).index_select(0, idx).double()
+    if tmap.stride(-1) == 0 and tmap.stride(-2) == 0:  # one threshold per image: no frame-sized copy
+        tp = _g(tmap[:, 0, 0, 0], b).double()
+    else:
+        tp = tmap[b, 0, yi, xi].double()
     u, v = _pixel_edges(idx, xi, yi, H, W)
     root = connected_components(P, u, v)
-    roots, obj = torch.unique(root, return_inverse=True)
+    roots, obj = _unique_roots(root)
     n = roots.numel()
     npix = torch.bincount(obj, minlength=n)
     big = npix >= minarea
@@ -753,7 +916,7 @@ def detect_sources(
             n = int(present.sum())
     # object order: batch index, then first raster pixel (SExtractor-like numbering per image)
     first = _segment_min(idx.double(), obj, n).long()
-    order = torch.argsort(first)
+    order = _argsort(first)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=device)
     obj = _g(rank, obj)
@@ -791,14 +954,21 @@ def detect_sources(
     counts = torch.bincount(bobj, minlength=B)
     start = torch.cumsum(counts, 0) - counts
     label = torch.arange(n, device=device) - _g(start, bobj) + 1
-    seg = torch.zeros(B * HW, dtype=torch.int64, device=device)
-    seg.scatter_(0, idx, _g(label, obj))
+    seg = None
+    if dense:
+        seg = torch.zeros(B * HW, dtype=torch.int64, device=device)
+        seg.scatter_(0, idx, _g(label, obj))
+        seg = seg.view(B, 1, H, W)
     xmin = _segment_min(xd, obj, n).long()
     xmax = _segment_max(xd, obj, n).long()
     ymin = _segment_min(yd, obj, n).long()
     ymax = _segment_max(yd, obj, n).long()
     return dict(
-        segmentation=seg.view(B, 1, H, W),
+        segmentation=seg,
+        detected=det_idx,
+        pixels=idx,
+        pixel_row=obj,
+        pixel_filtered=f,
         batch_index=bobj,
         label=label,
         blended=blended,
@@ -923,6 +1093,23 @@ SEXTRACTOR_COLUMNS = {
 }
 
 
+class _LazySegmentation:
+    """A segmentation map kept as its labelled pixels (sorted flat indices over (B, H, W) and their
+    labels) and made into the dense (B,1,H,W) int64 map only when asked for: at 4096^2 the dense map
+    is 128 MB of int64 that catalogues alone never need."""
+
+    def __init__(self, pixels: Tensor, labels: Tensor, shape):
+        self.pixels, self.labels, self.shape = pixels, labels, tuple(shape)
+        self._dense = None
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            seg = torch.zeros(math.prod(self.shape), dtype=torch.int64, device=self.pixels.device)
+            seg.index_put_((self.pixels,), self.labels)
+            self._dense = seg.view(self.shape)
+        return self._dense
+
+
 class Catalog:
     """Sources of a batch of images as flat 1-D tensors (one row per source) plus the segmentation.
 
@@ -931,10 +1118,11 @@ class Catalog:
     (N,) its value in ``segmentation`` (B,1,H,W) int64 (1..n per image, 0 = sky). Rows are ordered
     by (batch_index, label). Pixel coordinates are 0-based (x = column, y = row); only
     :meth:`to_table` switches to SExtractor's 1-based ``X_IMAGE`` etc. Columns are reachable as
-    attributes (``cat.x``) or items (``cat["x"]``).
+    attributes (``cat.x``) or items (``cat["x"]``). ``SourceExtractor`` keeps the segmentation as
+    its labelled pixels and makes the dense map on first access of ``segmentation``.
     """
 
-    def __init__(self, columns: dict, segmentation: Tensor):
+    def __init__(self, columns: dict, segmentation):
         if "batch_index" not in columns:
             raise ValueError("columns must hold 'batch_index'")
         n = columns["batch_index"].shape[0]
@@ -942,7 +1130,17 @@ class Catalog:
             if v.shape[0] != n:
                 raise ValueError(f"column {k!r} has {v.shape[0]} rows, batch_index has {n}")
         self.columns = dict(columns)
-        self.segmentation = segmentation
+        self._segmentation = segmentation
+
+    @property
+    def segmentation(self) -> Tensor:
+        """(B,1,H,W) int64 labels (1..n per image, 0 = sky)."""
+        seg = self._segmentation
+        return seg.dense() if isinstance(seg, _LazySegmentation) else seg
+
+    @segmentation.setter
+    def segmentation(self, value) -> None:
+        self._segmentation = value
 
     def __len__(self) -> int:
         return int(self.columns["batch_index"].shape[0])
@@ -956,7 +1154,7 @@ class Catalog:
     def __getitem__(self, key):
         if isinstance(key, str):
             return self.columns[key]
-        return Catalog({k: v[key] for k, v in self.columns.items()}, self.segmentation)
+        return Catalog({k: v[key] for k, v in self.columns.items()}, self._segmentation)
 
     def __contains__(self, name) -> bool:
         return name in self.columns
@@ -1091,26 +1289,27 @@ class SourceExtractor(nn.Module):
             image, rms, mask,
             thresh=self.thresh, minarea=self.minarea, filter_kernel=self.filter_kernel,
             deblend_nthresh=self.deblend_nthresh, deblend_cont=self.deblend_cont,
-            clean=self.clean, clean_param=self.clean_param,
+            clean=self.clean, clean_param=self.clean_param, dense=False,
         )
-        seg = det["segmentation"]
+        seg = _LazySegmentation(det["pixels"], _g(det["label"], det["pixel_row"]), (B, 1, H, W))
         cols = {"batch_index": det["batch_index"], "number": det["label"]}
         phot = _photometry_module()
         meas = None
         if phot is not None and hasattr(phot, "measure"):
             rms_map = detection_threshold(rms, image, 1.0)
             tmap = self.thresh * rms_map
+            sparse = {k: det[k] for k in ("pixels", "pixel_row", "pixel_filtered", "detected", "batch_index", "label")}
             meas = phot.measure(
-                image, seg, rms_map,
-                filtered=det["filtered"], thresh=tmap, detect_thresh=tmap,
+                image, None, rms_map,
+                thresh=tmap, detect_thresh=tmap,
                 phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
                 autoapers=self.autoapers, flux_fracs=self.flux_fracs,
                 gain=self.gain, mask=mask, mask_type=self.mask_type,
                 saturation=self.saturation, background=background,
-                isophotal=det["isophotal"], blended=det["blended"],
+                isophotal=det["isophotal"], blended=det["blended"], _sparse=sparse,
             )
         if meas is None:
-            meas = isophotal_moments(image, seg, det["filtered"])
+            meas = isophotal_moments(image, seg.dense(), filter_image(image, self.filter_kernel))
         for k in ("xmin", "xmax", "ymin", "ymax"):
             cols[k] = det[k]
         cols.update({k: v for k, v in meas.items() if k not in ("batch_index", "label", "flags")})
@@ -1122,11 +1321,18 @@ class SourceExtractor(nn.Module):
         trunc = (det["xmin"] == 0) | (det["ymin"] == 0) | (det["xmax"] == W - 1) | (det["ymax"] == H - 1)
         flags |= torch.where(trunc, FLAG_TRUNCATED, 0)
         if self.saturation is not None:
-            raw = image if background is None else image + background
-            segf = seg.reshape(-1)
-            pix = (segf > 0).nonzero().squeeze(1)
-            o = _object_index(seg, pix)
-            rmax = _segment_max(raw.reshape(-1)[pix].double(), o, len(det["label"]))
+            pix = det["pixels"]
+            raw = image.reshape(-1).index_select(0, pix).double()
+            if background is not None:
+                bk = torch.as_tensor(background, dtype=image.dtype, device=image.device)
+                if bk.dim() == 4:
+                    bb = pix // (H * W) if bk.shape[0] > 1 else torch.zeros_like(pix)
+                    rem = pix % (H * W)
+                    yy = rem // W if bk.shape[2] > 1 else torch.zeros_like(pix)
+                    xx = rem % W if bk.shape[3] > 1 else torch.zeros_like(pix)
+                    bk = bk[bb, 0, yy, xx]
+                raw = (image.reshape(-1).index_select(0, pix) + bk).double()  # the same float sum as image + background
+            rmax = _segment_max(raw, det["pixel_row"], len(det["label"]))
             flags |= torch.where(rmax >= self.saturation, FLAG_SATURATED, 0)
         cols["flags"] = flags
         return Catalog(cols, seg)

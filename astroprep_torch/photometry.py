@@ -65,8 +65,14 @@ binned in float32: a bin edge can move by ~1e-6 px).  The windowed centroid iter
 over the still moving objects of a stamp size together, with the separable Gaussian folded into one
 small ``bmm``, the window edge sub-sampled per stamp row (chord ends computed once per sub-row), and
 stamps re-gathered only when the stamp origin changes (or the CORRECT mirror centre, for stamps with
-blanked pixels).  Fluxes are linear in the pixel values, so everything is differentiable w.r.t. the
-image for a fixed segmentation (the discrete choices -- which pixels, the Kron factor -- are constants).
+blanked pixels); its geometry, edge sub-sampling (chord ends counted in int16) and stamp cache live in
+work buffers reused by every iteration, and the last few still-moving objects of every chunk iterate
+together.  (On CPU, fresh temporaries of a few MB cost more than the arithmetic on them: their pages
+are faulted in anew each time.)  The detector's own calls pass the segmentation as pixel lists
+(``_sparse``): no frame-sized segmentation, filtered image or blank map is made, only the int32
+label-of-blanked-pixel frame the stamp gathers read.  Fluxes are linear in the pixel values, so
+everything is differentiable w.r.t. the image for a fixed segmentation (the discrete choices -- which
+pixels, the Kron factor -- are constants).
 """
 
 from __future__ import annotations
@@ -168,6 +174,21 @@ def _as_map(value, image: Tensor, name: str) -> Optional[Tensor]:
     raise ValueError(f"{name} must be a scalar, a (B,) tensor or a (B, 1, H, W) map, got shape {tuple(v.shape)}")
 
 
+def _at_pixels(map_: Tensor, pidx: Tensor, B: int, H: int, W: int) -> Tensor:
+    """Values of a broadcastable (B|1, 1, H|1, W|1) map at flat pixel indices over (B, H, W), without
+    expanding the map to a frame-sized copy."""
+    if map_.numel() == 1:
+        return map_.reshape(1).expand(pidx.shape)
+    mb, _, mh, mw = map_.shape
+    if (mb, mh, mw) == (B, H, W):
+        return map_.reshape(-1).index_select(0, pidx)
+    b = pidx // (H * W) if mb > 1 else torch.zeros_like(pidx)
+    rem = pidx % (H * W)
+    y = rem // W if mh > 1 else torch.zeros_like(pidx)
+    x = rem % W if mw > 1 else torch.zeros_like(pidx)
+    return map_[b, 0, y, x]
+
+
 def _per_object(value, map_: Optional[Tensor], bidx: Tensor, ix: Tensor, iy: Tensor):
     """Value of a broadcastable map at integer pixel (ix, iy) of batch bidx."""
     B, _, H, W = map_.shape
@@ -177,6 +198,7 @@ def _per_object(value, map_: Optional[Tensor], bidx: Tensor, ix: Tensor, iy: Ten
 
 
 _MIN_BUCKET = 512  # objects; smaller size buckets are merged upwards
+_WINPOS_TAIL = 256  # windowed-centroid stragglers below this count per chunk are iterated together
 
 
 def _size_buckets(half: Tensor) -> list[tuple[Tensor, int]]:
@@ -228,13 +250,18 @@ def _chunks(idx: Tensor, per_obj: int, max_elems: int):
 class _Frame:
     """Flattened per-frame data plus stamp gathering."""
 
-    def __init__(self, image, seg, var, blankmap, H, W, mask_type):
+    def __init__(self, image, seg, var, blankmap, H, W, mask_type, bseg=None):
         self.img = image.reshape(-1)
-        self.seg = seg.reshape(-1)
         self.var = var  # broadcastable map (B?,1,H?,W?)
-        self.blank = None if blankmap is None else blankmap.reshape(-1)  # bool: pixel blanked unless own
-        # one gather instead of two: label of blanked pixels, -1 where not blanked
-        self.bseg = None if blankmap is None else self.seg.to(torch.int32, copy=True).masked_fill_(~self.blank, -1)
+        # one gather instead of two: label of blanked pixels, -1 where not blanked (given as ``bseg``
+        # by the detector's sparse path)
+        if bseg is not None:
+            self.bseg = bseg
+        elif blankmap is None:
+            self.bseg = None
+        else:
+            self.bseg = seg.reshape(-1).to(torch.int32, copy=True).masked_fill_(~blankmap.reshape(-1), -1)
+        self.blank = self.bseg  # not None <=> some pixels are blanked
         self.H, self.W = H, W
         self.B = image.shape[0]
         self.mask_type = mask_type
@@ -255,11 +282,11 @@ class _Frame:
         iy = iyr[:, :, None]  # (n, s, 1)
         valid = ((iyr >= 0) & (iyr < H))[:, :, None] & ((ixr >= 0) & (ixr < W))[:, None, :]
         # row starts of each stamp row in the flat buffer (rows are contiguous runs of s pixels)
-        rstart = b[:, None] * (H * W) + iyr.clamp(0, H - 1) * W + x0[:, None]
-        fast = self._fast_ok(rstart, s)
+        rbase = b[:, None] * (H * W) + iyr.clamp(0, H - 1) * W
+        fast = not self.img.requires_grad
         if fast:
             flat = None
-            pix = self._rows(self.img, rstart, s)
+            pix, bad = self._runs(self.img, rbase, x0, s)
         else:
             flat = b[:, None, None] * (H * W) + iy.clamp(0, H - 1) * W + ix.clamp(0, W - 1)
             pix = self.img[flat]
@@ -273,7 +300,7 @@ class _Frame:
         out = {"pix": pix, "valid": valid, "dx": dx, "dy": dy, "flat": flat, "ix": ix, "iy": iy,
                "x0": x0, "y0": y0, "s": s}
         if self.blank is not None:
-            bs = self._rows(self.bseg, rstart, s) if fast else self.bseg[flat]
+            bs = self._runs(self.bseg, rbase, x0, s, bad)[0] if fast else self.bseg[flat]
             masked = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None]) & valid
         else:
             masked = torch.zeros_like(valid)
@@ -282,11 +309,23 @@ class _Frame:
             out["var"] = self._var_at(b, iy, ix)
         return out
 
-    def _fast_ok(self, rstart: Tensor, s: int) -> bool:
-        """Row-run gathers need every run inside the flat buffer (one sync) and no autograd."""
-        if self.img.requires_grad or rstart.numel() == 0:
-            return False
-        return bool(((rstart.min() >= 0) & (rstart.max() <= self.img.numel() - s)).item())
+    def _runs(self, buf: Tensor, rbase: Tensor, c0: Tensor, s: int, bad=None):
+        """``buf[rbase[n, i] + c0[n] + j]`` as ``(n, s, s)`` by row-run gathers (:meth:`_rows`); the
+        few rows whose run leaves the flat buffer (frame corners) are gathered element-wise with
+        clamped columns instead, as the element-wise path does. Columns outside the frame hold
+        garbage either way (masked by the callers). Returns the stamps and the bad rows (reusable
+        for another buffer with the same geometry)."""
+        rstart = rbase + c0[:, None]
+        if bad is None:
+            oob = (rstart < 0) | (rstart > buf.numel() - s)
+            bad = oob.nonzero() if bool(oob.any()) else None
+        if bad is None:
+            return self._rows(buf, rstart, s), None
+        out = self._rows(buf, rstart.clamp(0, buf.numel() - s), s)
+        oi, ri = bad[:, 0], bad[:, 1]
+        cols = (c0[oi][:, None] + torch.arange(s, device=buf.device)).clamp(0, self.W - 1)
+        out[oi, ri] = buf[rbase[oi, ri][:, None] + cols]
+        return out, bad
 
     @staticmethod
     def _rows(buf: Tensor, rstart: Tensor, s: int) -> Tensor:
@@ -328,10 +367,12 @@ class _Frame:
         y2 = cym[:, None, None] - st["iy"][sel]  # (m, s, 1)
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
         # mirrored stamp: row y2 = cym - iy, columns cxm - x0 - j (descending) = reversed run
-        rstart2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W + (cxm - x0 - (s - 1))[:, None]
-        if self._fast_ok(rstart2, s):
-            mpix = self._rows(self.img, rstart2, s).flip(-1)
-            bs = self._rows(self.bseg, rstart2, s).flip(-1)
+        rbase2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W
+        if not self.img.requires_grad:
+            c2 = cxm - x0 - (s - 1)
+            mpix, bad = self._runs(self.img, rbase2, c2, s)
+            mpix = mpix.flip(-1)
+            bs = self._runs(self.bseg, rbase2, c2, s, bad)[0].flip(-1)
         else:
             flat2 = b[:, None, None] * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
             mpix = self.img[flat2]
@@ -339,6 +380,15 @@ class _Frame:
         mblank = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None])
         rep = torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix))
         return base.index_put((sel,), torch.where(masked[sel], rep, base[sel]))
+
+
+def _wbuf(bufs: dict, name: str, shape, dtype, device) -> Tensor:
+    """The work buffer ``name`` of ``bufs`` viewed as ``shape`` (made, or remade larger, on demand)."""
+    n = math.prod(shape)
+    b = bufs.get(name)
+    if b is None or b.numel() < n or b.dtype != dtype or b.device != torch.device(device):
+        b = bufs[name] = torch.empty(max(n, 1024), dtype=dtype, device=device)
+    return b[:n].view(shape)
 
 
 def _circle_fraction(dx: Tensor, dy: Tensor, r: Tensor, subpix: int) -> Tensor:
@@ -559,6 +609,7 @@ def _growth_curve(fr: _Frame, o: dict, idx: Tensor, rsel: Tensor, step: Tensor, 
     off = 0.5 * (sc - 1.0)
     nb = GROWTH_NSTEP + 1  # one overflow bin per object (dropped), avoids boolean compaction
     sub5 = (torch.arange(GROWTH_OVERSAMP, device=dev, dtype=torch.float64) * sc + off).float()
+    wb = {}  # work buffers
     for sel, s in _size_buckets(_side(reach)):
         for cl in _chunks(sel, s * s * 8, max_elems):
             c = idx[cl]
@@ -595,11 +646,14 @@ def _growth_curve(fr: _Frame, o: dict, idx: Tensor, rsel: Tensor, step: Tensor, 
             ov = torch.nonzero(over).flatten()
             if ov.numel():
                 m_ = ov.numel()
-                sx = pdx[ov].float()[None, :] + sub5[:, None]  # (5, m)
-                sy = pdy[ov].float()[None, :] + sub5[:, None]
-                q = (sy * sy)[:, None, :] + (sx * sx)[None, :, :]  # (5, 5, m): sub-sample major
-                q = torch.sqrt_(q).mul_(dens[ov].float()).floor_().clamp_(max=GROWTH_NSTEP)
-                fl = q.to(torch.int32).add_((oi[ov] * nb).to(torch.int32)).view(GROWTH_OVERSAMP ** 2, m_)
+                sx = pdx.detach()[ov].float()[None, :] + sub5[:, None]  # (5, m); bin indices only
+                sy = pdy.detach()[ov].float()[None, :] + sub5[:, None]
+                # (5, 5, m): sub-sample major, in reused buffers (fresh temporaries of this size
+                # cost more than the arithmetic here: their pages are faulted in anew each time)
+                q = torch.add((sy * sy)[:, None, :], (sx * sx)[None, :, :], out=_wbuf(wb, "q", (5, 5, m_), sx.dtype, dev))
+                q = torch.sqrt_(q).mul_(dens.detach()[ov].float()).floor_().clamp_(max=GROWTH_NSTEP)
+                fl = _wbuf(wb, "fl", (5, 5, m_), torch.int32, dev).copy_(q)
+                fl = fl.add_((oi[ov] * nb).to(torch.int32)).view(GROWTH_OVERSAMP ** 2, m_)
                 val = p[ov] * (sc * sc)
                 for k in range(GROWTH_OVERSAMP ** 2):  # 25 adds of m values: no expanded copy of val
                     g.index_add_(0, fl[k], val)
@@ -695,97 +749,162 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
     rring2_all = ((raper + dsub) ** 2).to(dt)
     reach = _reach(raper + dsub)
     inv2s2_all = (1.0 / (2.0 * sig ** 2)).to(dt)
-    for sel, s in _size_buckets(_side(reach)):
+    def iterate(act: Tensor, s: int, tail: int) -> Tensor:
+        """Iterate the objects ``act`` on stamps of side ``s`` until they stop; once fewer than
+        ``tail`` still move (after 3 iterations), return them instead (per-iteration overhead)."""
         arf = torch.arange(s, device=dev).to(dt)
-        for c in _chunks(sel, s * s * 6, max_elems):
-            act = c  # still-moving objects; cache/keys/hasm rows are aligned with act
-            cache = torch.zeros(act.numel(), s, s, dtype=dt, device=dev)
-            keys = torch.full((act.numel(), 4), -(1 << 40), dtype=torch.long, device=dev)
-            hasm = torch.zeros(act.numel(), 1, dtype=torch.long, device=dev)  # stamp holds blanked pixels
-            for _ in range(WINPOS_NITERMAX):
-                if act.numel() == 0:
-                    break
-                cxm, cym = mx.index_select(0, act), my.index_select(0, act)
-                rap = raper.index_select(0, act)
-                flag.index_copy_(0, act, flag.index_select(0, act) | _box_flag_trunc(cxm, rap, fr.W) | _box_flag_trunc(cym, rap, fr.H))
-                rch = reach.index_select(0, act)
-                x0 = torch.floor(cxm - rch).long() + 1  # as in _Frame.stamps
-                y0 = torch.floor(cym - rch).long() + 1
-                # the CORRECT mirror centre only matters for stamps with blanked pixels
-                mkey = torch.stack([torch.trunc(2.0 * cxm + 0.49999).long(),
-                                    torch.trunc(2.0 * cym + 0.49999).long()], 1)
-                key = torch.cat([torch.stack([x0, y0], 1), mkey * hasm], 1)
-                chg = torch.nonzero((key != keys).any(1)).flatten()
-                if chg.numel():
-                    gi = act[chg]
-                    b, lab = o["bi"][gi], o["label"][gi]
-                    st = fr.stamps(b, lab, mx[gi], my[gi], s, rch[chg], want_var=False)
-                    cache[chg] = fr.corrected(st, b, lab, mx[gi], my[gi])
-                    hm = st["masked"].flatten(1).any(1).long()[:, None]
-                    hasm[chg] = hm
-                    keys[chg] = torch.cat([key[chg, :2], mkey[chg] * hm], 1)
-                fx = (cxm - x0.double()).to(dt)
-                fy = (cym - y0.double()).to(dt)
-                dxr = arf[None, :] - fx[:, None]  # (n, s) column offsets
-                dyr = arf[None, :] - fy[:, None]  # (n, s) row offsets
-                dx2, dy2 = dxr * dxr, dyr * dyr
+        n0 = act.numel()
+        # work buffers reused by every iteration (fresh frame-chunk-sized temporaries cost more than
+        # the arithmetic on this CPU: the allocator returns their pages to the OS and faults them
+        # in again); the active objects use the leading rows
+        ws = not (fr.img.requires_grad or mx.requires_grad or sig.requires_grad)
+        if ws:
+            b_r2 = torch.empty(n0, s, s, dtype=dt, device=dev)
+            b_in = torch.empty(n0, s, s, dtype=torch.bool, device=dev)
+            b_ring = torch.empty(n0, s, s, dtype=torch.bool, device=dev)
+            b_loc = torch.empty(n0, s, s, dtype=dt, device=dev)
+            b_spare = torch.empty(n0, s, s, dtype=dt, device=dev)  # ping-pong partner of the cache
+            zero_t = torch.zeros((), dtype=dt, device=dev)
+        bufs = {}
+
+        def buf(name, shape, dtype):
+            return _wbuf(bufs, name, shape, dtype, dev)
+        cache = torch.zeros(n0, s, s, dtype=dt, device=dev)  # rows aligned with act
+        keys = torch.full((act.numel(), 4), -(1 << 40), dtype=torch.long, device=dev)
+        hasm = torch.zeros(act.numel(), 1, dtype=torch.long, device=dev)  # stamp holds blanked pixels
+        it = 0
+        while act.numel():
+            if act.numel() < tail and it >= 3:
+                return act  # a few stragglers: iterated later with those of every other chunk
+            it += 1
+            cxm, cym = mx.index_select(0, act), my.index_select(0, act)
+            rap = raper.index_select(0, act)
+            flag.index_copy_(0, act, flag.index_select(0, act) | _box_flag_trunc(cxm, rap, fr.W) | _box_flag_trunc(cym, rap, fr.H))
+            rch = reach.index_select(0, act)
+            x0 = torch.floor(cxm - rch).long() + 1  # as in _Frame.stamps
+            y0 = torch.floor(cym - rch).long() + 1
+            # the CORRECT mirror centre only matters for stamps with blanked pixels
+            mkey = torch.stack([torch.trunc(2.0 * cxm + 0.49999).long(),
+                                torch.trunc(2.0 * cym + 0.49999).long()], 1)
+            key = torch.cat([torch.stack([x0, y0], 1), mkey * hasm], 1)
+            chg = torch.nonzero((key != keys).any(1)).flatten()
+            if chg.numel():
+                gi = act[chg]
+                b, lab = o["bi"][gi], o["label"][gi]
+                st = fr.stamps(b, lab, mx[gi], my[gi], s, rch[chg], want_var=False)
+                cache[chg] = fr.corrected(st, b, lab, mx[gi], my[gi])
+                hm = st["masked"].flatten(1).any(1).long()[:, None]
+                hasm[chg] = hm
+                keys[chg] = torch.cat([key[chg, :2], mkey[chg] * hm], 1)
+            fx = (cxm - x0.double()).to(dt)
+            fy = (cym - y0.double()).to(dt)
+            dxr = arf[None, :] - fx[:, None]  # (n, s) column offsets
+            dyr = arf[None, :] - fy[:, None]  # (n, s) row offsets
+            dx2, dy2 = dxr * dxr, dyr * dyr
+            n_a = act.numel()
+            if ws:
+                r2 = torch.add(dy2[:, :, None], dx2[:, None, :], out=b_r2[:n_a])
+                inner = torch.lt(r2, rring2_all.index_select(0, act)[:, None, None], out=b_in[:n_a])
+                ring = torch.gt(r2, rint2_all.index_select(0, act)[:, None, None], out=b_ring[:n_a]).logical_and_(inner)
+                loc = torch.where(inner, cache, zero_t, out=b_loc[:n_a])
+            else:
                 r2 = dy2[:, :, None] + dx2[:, None, :]
                 inner = r2 < rring2_all.index_select(0, act)[:, None, None]
                 ring = inner & (r2 > rint2_all.index_select(0, act)[:, None, None])
                 loc = torch.where(inner, cache, torch.zeros_like(cache))
-                fl = torch.nonzero(ring.view(-1)).flatten()  # flat (object, row, column) ids
-                if fl.numel():
-                    # 11x11 sub-sampling only on the window's edge pixels.  Per stamp row and
-                    # sub-row k the chord |x| < w_k holds the sub-columns g (g = 11 j + m over the
-                    # whole row) with lo_k <= g <= hi_k (none when w_k = 0); a pixel counts the ones
-                    # in [11 j, 11 j + 10].
-                    n_a = act.numel()
+            fl = torch.nonzero(ring.view(-1)).flatten()  # flat (object, row, column) ids
+            if fl.numel():
+                # 11x11 sub-sampling only on the window's edge pixels.  Per stamp row and
+                # sub-row k the chord |x| < w_k holds the sub-columns g (g = 11 j + m over the
+                # whole row) with lo_k <= g <= hi_k (none when w_k = 0); a pixel counts the ones
+                # in [11 j, 11 j + 10].
+                x0s = (off - fx)[:, None, None]  # offset of sub-column g = 0
+                # the chord ends are small integers: count in int16 (int32 for huge stamps), whose
+                # min/max/sum kernels run several times faster than float32's on CPU; same counts
+                it_ = torch.int16 if s * WINPOS_OVERSAMP < 30000 else torch.int32
+                K = WINPOS_OVERSAMP
+                rowi = fl // s  # object * s + row
+                if ws:  # the same float operations, in place in reused buffers
+                    yk = torch.add(dyr[:, :, None], ksub, out=buf("yk", (n_a, s, K), dt))  # (n, s, 11)
+                    w = torch.mul(yk, yk, out=buf("w", (n_a, s, K), dt))
+                    torch.sub(rap2_all.index_select(0, act)[:, None, None], w, out=w).clamp_(min=0).sqrt_()
+                    lhf = buf("lhf", (n_a, s, 2, K), dt)
+                    lo_, hi_ = lhf[:, :, 0], lhf[:, :, 1]
+                    torch.neg(w, out=lo_).sub_(x0s).mul_(K).floor_().add_(1)
+                    torch.sub(w, x0s, out=hi_).mul_(K).ceil_().sub_(1)
+                    lohi = buf("lhi", (n_a, s, 2, K), it_).copy_(lhf)
+                    lohi = torch.index_select(lohi.view(n_a * s, 2, K), 0, rowi,
+                                              out=buf("lhg", (rowi.numel(), 2, K), it_))
+                    g0 = ((fl - rowi * s) * K).to(it_)[:, None]
+                    c1 = torch.minimum(lohi[:, 1], g0 + (K - 1), out=buf("c1", (rowi.numel(), K), it_))
+                    c2 = torch.maximum(lohi[:, 0], g0, out=buf("c2", (rowi.numel(), K), it_))
+                    cnt = c1.sub_(c2).add_(1).clamp_(min=0).sum(-1, dtype=it_)
+                else:
                     yk = dyr[:, :, None] + ksub  # (n, s, 11)
                     w = torch.sqrt(torch.clamp(rap2_all.index_select(0, act)[:, None, None] - yk * yk, min=0))
-                    x0s = (off - fx)[:, None, None]  # offset of sub-column g = 0
-                    lohi = torch.stack([torch.floor((-w - x0s) * WINPOS_OVERSAMP) + 1,
-                                        torch.ceil((w - x0s) * WINPOS_OVERSAMP) - 1], 2)
-                    rowi = torch.div(fl, s, rounding_mode="floor")  # object * s + row
-                    lohi = lohi.reshape(n_a * s, 2, WINPOS_OVERSAMP).index_select(0, rowi)
-                    g0 = ((fl - rowi * s) * WINPOS_OVERSAMP).to(dt)[:, None]
-                    cnt = (torch.minimum(lohi[:, 1], g0 + (WINPOS_OVERSAMP - 1)) - torch.maximum(lohi[:, 0], g0)
-                           + 1).clamp_(min=0).sum(-1)
-                    loc = loc.reshape(-1).index_put((fl,), cache.reshape(-1)[fl] * (cnt * (sc * sc))).view(loc.shape)
-                # separable Gaussian: exp(-dy^2 k) exp(-dx^2 k), clamped (no denormals; loc = 0 there)
-                inv2s2 = inv2s2_all.index_select(0, act)[:, None]
-                gy = torch.exp(-torch.clamp(dy2 * inv2s2, max=60.0))
-                gx = torch.exp(-torch.clamp(dx2 * inv2s2, max=60.0))
-                gxd = gx * dxr
-                rmat = torch.stack([gx, gxd, gxd * dxr], 2)  # (n, s, 3)
-                m = torch.bmm(loc, rmat).double() * gy.double()[:, :, None]  # (n, rows, 3)
-                dyv = dyr.double()
-                u, v_, w2 = m[:, :, 0], m[:, :, 1], m[:, :, 2]
-                tv = u.sum(-1)
-                ok = tv > 0
-                tvs = torch.where(ok, tv, torch.ones_like(tv))
-                uy = u * dyv
-                sx1 = v_.sum(-1)
-                sy1 = uy.sum(-1)
-                sxx = w2.sum(-1)
-                syy = (uy * dyv).sum(-1)
-                sxy = (v_ * dyv).sum(-1)
-                dxp = torch.where(ok, sx1 / tvs, torch.zeros_like(tv))
-                dyp = torch.where(ok, sy1 / tvs, torch.zeros_like(tv))
-                m2x = sxx / tvs - dxp * dxp
-                m2y = syy / tvs - dyp * dyp
-                m2xy = sxy / tvs - dxp * dyp
-                wflag.index_copy_(0, act, (~ok).long() * 4 + ((m2x < 0) | (m2y < 0)).long() * 2
-                              + (m2x * m2y - m2xy * m2xy < 0).long())
-                mx.index_copy_(0, act, cxm + dxp * WINPOS_FAC)
-                my.index_copy_(0, act, cym + dyp * WINPOS_FAC)
-                niter.index_add_(0, act, torch.ones_like(act))
-                moving = ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2)
-                if not bool(moving.all()):
-                    keep = torch.nonzero(moving).flatten()
-                    act = act[keep]
+                    lohi = torch.stack([torch.floor((-w - x0s) * K) + 1, torch.ceil((w - x0s) * K) - 1], 2).to(it_)
+                    lohi = lohi.reshape(n_a * s, 2, K).index_select(0, rowi)
+                    g0 = ((fl - rowi * s) * K).to(it_)[:, None]
+                    cnt = (torch.minimum(lohi[:, 1], g0 + (K - 1)) - torch.maximum(lohi[:, 0], g0)
+                           + 1).clamp_(min=0).sum(-1, dtype=it_)
+                vals = cache.reshape(-1)[fl] * (cnt.to(dt) * (sc * sc))
+                if ws:
+                    loc.view(-1).index_put_((fl,), vals)
+                else:
+                    loc = loc.reshape(-1).index_put((fl,), vals).view(loc.shape)
+            # separable Gaussian: exp(-dy^2 k) exp(-dx^2 k), clamped (no denormals; loc = 0 there)
+            inv2s2 = inv2s2_all.index_select(0, act)[:, None]
+            gy = torch.exp(-torch.clamp(dy2 * inv2s2, max=60.0))
+            gx = torch.exp(-torch.clamp(dx2 * inv2s2, max=60.0))
+            gxd = gx * dxr
+            rmat = torch.stack([gx, gxd, gxd * dxr], 2)  # (n, s, 3)
+            m = torch.bmm(loc, rmat).double() * gy.double()[:, :, None]  # (n, rows, 3)
+            dyv = dyr.double()
+            u, v_, w2 = m[:, :, 0], m[:, :, 1], m[:, :, 2]
+            tv = u.sum(-1)
+            ok = tv > 0
+            tvs = torch.where(ok, tv, torch.ones_like(tv))
+            uy = u * dyv
+            sx1 = v_.sum(-1)
+            sy1 = uy.sum(-1)
+            sxx = w2.sum(-1)
+            syy = (uy * dyv).sum(-1)
+            sxy = (v_ * dyv).sum(-1)
+            dxp = torch.where(ok, sx1 / tvs, torch.zeros_like(tv))
+            dyp = torch.where(ok, sy1 / tvs, torch.zeros_like(tv))
+            m2x = sxx / tvs - dxp * dxp
+            m2y = syy / tvs - dyp * dyp
+            m2xy = sxy / tvs - dxp * dyp
+            wflag.index_copy_(0, act, (~ok).long() * 4 + ((m2x < 0) | (m2y < 0)).long() * 2
+                          + (m2x * m2y - m2xy * m2xy < 0).long())
+            mx.index_copy_(0, act, cxm + dxp * WINPOS_FAC)
+            my.index_copy_(0, act, cym + dyp * WINPOS_FAC)
+            niter.index_add_(0, act, torch.ones_like(act))
+            moving = ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2) & (niter.index_select(0, act) < WINPOS_NITERMAX)
+            if not bool(moving.all()):
+                keep = torch.nonzero(moving).flatten()
+                act = act[keep]
+                if ws:
+                    cache, b_spare = torch.index_select(cache, 0, keep, out=b_spare[:keep.numel()]), cache
+                else:
                     cache = cache[keep]
-                    keys = keys[keep]
-                    hasm = hasm[keep]
+                keys = keys[keep]
+                hasm = hasm[keep]
+        return act
+
+    rest = []
+    for sel, s in _size_buckets(_side(reach)):
+        for c in _chunks(sel, s * s * 6, max_elems):
+            left = iterate(c, s, _WINPOS_TAIL)
+            if left.numel():
+                rest.append(left)
+    if rest:
+        # the stragglers of every bucket and chunk together, on the largest stamp any of them needs
+        # (a larger stamp only adds pixels outside the window, whose weight is 0)
+        left = torch.cat(rest)
+        s = int(_side(reach.index_select(0, left)).max())
+        for c in _chunks(left, s * s * 6, max_elems):
+            iterate(c, s, 0)
     return mx, my, flag, niter, wflag
 
 
@@ -923,6 +1042,7 @@ def _measure(
     aper_subpix: int = APER_OVERSAMP,
     winpos_revert: bool = True,
     max_elems: int = 1 << 22,
+    _sparse: Optional[dict] = None,
 ) -> dict[str, Tensor]:
     """SExtractor measurements for every object of a fixed segmentation.
 
@@ -964,10 +1084,15 @@ def _measure(
         ``flux_radius_fracs`` ``(N, len(flux_fracs))``, ``xwin``, ``ywin``, ``flags``.
     """
     check_image(image, "image", channels=1)
-    if not isinstance(segmentation, Tensor) or segmentation.shape != image.shape:
+    if _sparse is not None:
+        # the detector's own output (astroprep_torch.detect): the segmentation as pixel lists, the
+        # filtered values at its pixels and the detected pixels (the blanking map); no frame-sized
+        # segmentation, filtered image or blank map is needed
+        segmentation = None
+    elif not isinstance(segmentation, Tensor) or segmentation.shape != image.shape:
         raise ValueError(f"segmentation must be a tensor shaped like image {tuple(image.shape)}, got "
                          f"{getattr(segmentation, 'shape', type(segmentation))}")
-    if segmentation.is_floating_point() or segmentation.dtype == torch.bool:
+    if segmentation is not None and (segmentation.is_floating_point() or segmentation.dtype == torch.bool):
         raise TypeError(f"segmentation must hold integer labels, got dtype {segmentation.dtype}")
     if mask_type not in _MASK_TYPES:
         raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
@@ -982,7 +1107,9 @@ def _measure(
     rmsmap = torch.sqrt(varmap)
     threshmap = _as_map(thresh, image, "thresh") if thresh is not None else 1.5 * rmsmap
     dthreshmap = _as_map(detect_thresh, image, "detect_thresh") if detect_thresh is not None else threshmap
-    if filtered is None:
+    if _sparse is not None:
+        filtered = None
+    elif filtered is None:
         filtered = sextractor_filter(image, filter_kernel)
     elif filtered.shape != image.shape:
         raise ValueError(f"filtered must be shaped like image {tuple(image.shape)}, got {tuple(filtered.shape)}")
@@ -991,23 +1118,28 @@ def _measure(
     B, _, H, W = image.shape
     dev = image.device
     dt = image.dtype
-    seg = segmentation.long()
-
     # ---------------- objects and their pixels -------------------------------------------------
-    segf = seg.reshape(-1)
-    pidx = torch.nonzero(segf > 0).flatten()
-    lmax = int(segf.max()) if segf.numel() else 0
-    key = (pidx // (H * W)) * (lmax + 1) + segf.index_select(0, pidx)
-    uniq, inv = torch.unique(key, return_inverse=True)
-    N = uniq.numel()
-    bidx = uniq // (lmax + 1)
-    label = uniq % (lmax + 1)
+    if _sparse is not None:
+        seg = None
+        pidx, inv = _sparse["pixels"], _sparse["pixel_row"]
+        bidx, label = _sparse["batch_index"], _sparse["label"]
+        N = bidx.numel()
+        fv = _sparse["pixel_filtered"].double()
+    else:
+        seg = segmentation.long()
+        segf = seg.reshape(-1)
+        pidx = torch.nonzero(segf > 0).flatten()
+        lmax = int(segf.max()) if segf.numel() else 0
+        key = (pidx // (H * W)) * (lmax + 1) + segf.index_select(0, pidx)
+        uniq, inv = torch.unique(key, return_inverse=True)
+        N = uniq.numel()
+        bidx = uniq // (lmax + 1)
+        label = uniq % (lmax + 1)
+        fv = filtered.reshape(-1).index_select(0, pidx).double()  # moment weights: the filtered (detection) image
     rem = pidx % (H * W)
     py = rem // W
     px = rem % W
-
     v = image.reshape(-1).index_select(0, pidx)
-    fv = filtered.reshape(-1).index_select(0, pidx).double()  # moment weights: the filtered (detection) image
     def _ssum(val):
         return torch.zeros(N, dtype=val.dtype, device=dev).index_add(0, inv, val)
 
@@ -1074,8 +1206,8 @@ def _measure(
     y = ym + ymin.double()
 
     # isophotal measurements on the measurement image
-    varp = (varmap.expand(B, 1, H, W).reshape(-1).index_select(0, pidx) if varmap.numel() > 1 else varmap.reshape(1).expand(pidx.shape))
-    thr = threshmap.expand(B, 1, H, W).reshape(-1).index_select(0, pidx) if threshmap.numel() > 1 else threshmap.reshape(1)
+    varp = _at_pixels(varmap, pidx, B, H, W)
+    thr = _at_pixels(threshmap, pidx, B, H, W)
     npix = _ssum((v.detach() > thr).long())
     if isophotal is not None and isophotal.get("npix") is not None:
         onp = torch.as_tensor(isophotal["npix"], device=dev).double().reshape(-1)
@@ -1131,12 +1263,23 @@ def _measure(
 
     # ---------------- stamp-based photometry ----------------------------------------------------
     blank = None
-    if mask_type != "none":
-        det = filtered.detach() > dthreshmap
-        blank = det
-    if mask is not None:
-        blank = mask if blank is None else (blank | mask)
-    fr = _Frame(image, seg, varmap, blank, H, W, mask_type if mask_type != "none" else "correct")
+    bseg = None
+    if _sparse is not None:
+        if mask_type != "none" or mask is not None:
+            # label of blanked pixels, -1 elsewhere (as _Frame builds it), from the pixel lists
+            bseg = torch.full((B * H * W,), -1, dtype=torch.int32, device=dev)
+            if mask_type != "none":
+                bseg.index_fill_(0, _sparse["detected"], 0)
+            if mask is not None:
+                bseg.masked_fill_(mask.reshape(-1), 0)
+            bseg.index_put_((pidx,), label.to(torch.int32).index_select(0, inv))
+    else:
+        if mask_type != "none":
+            det = filtered.detach() > dthreshmap
+            blank = det
+        if mask is not None:
+            blank = mask if blank is None else (blank | mask)
+    fr = _Frame(image, seg, varmap, blank, H, W, mask_type if mask_type != "none" else "correct", bseg=bseg)
     if mask_type == "none" and mask is not None:
         fr.mask_type = "blank"  # bad pixels only: contribute nothing
     geo = {"bi": bidx, "label": label, "x": x, "y": y, "a": a_, "bm": b_, "cxx": cxx, "cyy": cyy, "cxy": cxy}
