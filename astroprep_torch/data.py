@@ -155,7 +155,8 @@ class FitsFrameDataModule(_DataModuleBase):
         batch_size: frames per batch (same-shape frames only when > 1).
         num_workers: reader processes; with ``>= 1`` reading overlaps computation.
         prefetch_factor: batches read ahead per worker.
-        pin_memory: pin host memory (useful with a GPU).
+        pin_memory: pin host memory (useful with a GPU; ignored when CUDA is not available, where
+            it would only cost a copy).
         hdu: HDU to read (default: the first image HDU).
         skip: callable ``name -> bool`` marking finished frames (resume).
     """
@@ -179,7 +180,7 @@ class FitsFrameDataModule(_DataModuleBase):
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
         kw = dict(batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                  collate_fn=collate_frames, pin_memory=self.pin_memory)
+                  collate_fn=collate_frames, pin_memory=self.pin_memory and torch.cuda.is_available())
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         return DataLoader(self.dataset, **kw)

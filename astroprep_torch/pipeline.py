@@ -73,11 +73,17 @@ class Stage(nn.Module):
             in order) or ``{field: key}`` (fields of a NamedTuple/dataclass/dict result).
         enabled: ``False`` skips the stage (handy from the command line:
             ``pipeline.stages.quality.enabled=false``).
+        compile: ``False`` keeps the stage eager when the graph is compiled
+            (``PreprocessModule(compile=True)``, ``astroprep run compile=true``): for stages whose
+            shapes depend on the data (detection, catalogs), where compilation would recompile on
+            every frame. ``None`` (default) follows the graph's setting.
     """
 
-    def __init__(self, module, reads: Reads = (), writes: Writes = (), enabled: bool = True):
+    def __init__(self, module, reads: Reads = (), writes: Writes = (), enabled: bool = True,
+                 compile: Optional[bool] = None):
         super().__init__()
         self.module = module
+        self.compile = compile
         self.reads = {k: k for k in reads} if not isinstance(reads, Mapping) else dict(reads)
         if isinstance(writes, str):
             self.writes: Union[str, list, dict] = writes
@@ -249,17 +255,20 @@ class AlignToReference(nn.Module):
         interpolation: resampling kernel (``"bilinear"``, ``"bicubic"``, ``"lanczos3"``, ``"nearest"``).
         grid_step: WCS mapping evaluated every ``grid_step`` pixels and interpolated (None: exact).
         transform: ``"similarity"`` or ``"affine"`` for star matching.
+        fused: WCS reprojection through ``torch.compile``-fused resampling kernels
+            (``align.reproject(fused=True)``; set by ``PreprocessModule(compile=True)``).
 
     ``forward(image, reference, mask=None, reference_mask=None, src_wcs=None, dst_wcs=None,
     extra=None) -> AlignedFrames``: ``extra`` ``(B, C, H, W)`` maps (e.g. the rms) go along.
     """
 
     def __init__(self, method: str = "auto", interpolation: str = "bilinear", grid_step: Optional[int] = 16,
-                 transform: str = "similarity"):
+                 transform: str = "similarity", fused: bool = False):
         super().__init__()
         if method not in ("auto", "wcs", "stars"):
             raise ValueError(f"method must be 'auto', 'wcs' or 'stars', got {method!r}")
         self.method, self.interpolation, self.grid_step, self.transform = method, interpolation, grid_step, transform
+        self.fused = bool(fused)
 
     def forward(self, image: Tensor, reference: Tensor, mask: Optional[Tensor] = None,
                 reference_mask: Optional[Tensor] = None, src_wcs=None, dst_wcs=None,
@@ -276,7 +285,7 @@ class AlignToReference(nn.Module):
             if src_wcs is None or dst_wcs is None:
                 raise ValueError("AlignToReference(method='wcs') needs src_wcs and dst_wcs")
             r = align.reproject(stack, src_wcs, dst_wcs, tuple(reference.shape[-2:]), None,
-                                interpolation=self.interpolation, grid_step=self.grid_step)
+                                interpolation=self.interpolation, grid_step=self.grid_step, fused=self.fused)
             out, footprint, method = r.image, r.footprint, "wcs"
         else:
             r = align.register(image, reference, mask, reference_mask, transform=self.transform,
@@ -343,8 +352,12 @@ class PreprocessModule(_LightningModule):
         pipeline: the graph.
         reference: optional ``(1, 1, H, W)`` reference frame (repeated over each batch).
         reference_mask: its bool mask; ``reference_header``: its FITS header (for its WCS).
-        compile: ``torch.compile`` each stage's module (falls back to eager for a stage that fails
-            to compile, with a warning).
+        compile: compile the per-frame graph: every stage's module goes through ``torch.compile``
+            (static shapes), except the glue modules and stages marked ``compile=False`` (detection:
+            data-dependent shapes); the alignment uses its fused compiled resampling kernels
+            (``align.reproject(fused=True)``). A stage that fails to compile runs eager, with a
+            warning. The first frame pays the compilation (minutes on a 2-core CPU).
+        compile_options: keyword arguments for ``torch.compile`` (e.g. ``{"backend": "eager"}``).
 
     ``predict_step`` returns ``{"names", "paths", "outputs", "failed", "timings"}``; frames whose
     file could not be read, or whose batch failed in a stage, are listed in ``failed`` with the
@@ -352,7 +365,7 @@ class PreprocessModule(_LightningModule):
     """
 
     def __init__(self, pipeline: Pipeline, reference: Optional[Tensor] = None, reference_mask: Optional[Tensor] = None,
-                 reference_header=None, compile: bool = False):
+                 reference_header=None, compile: bool = False, compile_options: Optional[Mapping] = None):
         super().__init__()
         self.pipeline = pipeline
         self.reference = reference
@@ -360,9 +373,7 @@ class PreprocessModule(_LightningModule):
         self.reference_header = reference_header
         self.compiled = bool(compile)
         if compile:
-            for stage in self.pipeline.stages.values():
-                if isinstance(stage.module, nn.Module) and not isinstance(stage.module, (MaskUnion, SubtractMap, Square, SquareRoot)):
-                    stage.module = torch.compile(stage.module)
+            compile_graph(self.pipeline, **dict(compile_options or {}))
 
     def forward(self, batch: dict) -> dict:
         return self.pipeline(batch)
@@ -406,6 +417,71 @@ class PreprocessModule(_LightningModule):
         return result
 
 
+_GLUE = (MaskUnion, SubtractMap, Square, SquareRoot)
+
+
+class CompiledStageModule(nn.Module):
+    """A stage's module behind ``torch.compile``, falling back to eager when compilation fails.
+
+    ``module`` stays the eager module (same parameters, same ``state_dict`` keys); the compiled
+    callable is kept outside the module tree. The first call that raises inside the compiled path
+    is retried eagerly: when the eager call works, the stage stays eager from then on (with a
+    warning naming it); when it fails too, its error is the stage's error.
+    """
+
+    def __init__(self, module: nn.Module, name: str = "", **options):
+        super().__init__()
+        self.module = module
+        self.name = name
+        options.setdefault("dynamic", False)
+        object.__setattr__(self, "_compiled", torch.compile(module, **options))
+        self.failed: Optional[str] = None
+
+    def forward(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:
+                out = self.module(*args, **kwargs)  # raises the real error when the input is at fault
+                self.failed = _short_reason(exc)
+                log.warning("torch.compile of stage %r failed (%s); it runs eager", self.name, self.failed)
+                return out
+        return self.module(*args, **kwargs)
+
+
+def _short_reason(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an exception, with its cause (a compiler error wraps the real one)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}"
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__
+    if cause is not None and cause is not exc:
+        text += f" ({type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]})"
+    return text[:limit]
+
+
+def compile_graph(pipeline: Pipeline, **options) -> Pipeline:
+    """Compile ``pipeline``'s per-frame graph in place (see ``PreprocessModule(compile=True)``).
+
+    Returns the pipeline; ``{name: how}`` in ``pipeline.compiled_stages`` says what each stage got
+    (``"torch.compile"``, ``"fused kernels"``, ``"eager"``).
+    """
+    how = {}
+    for name, stage in pipeline.stages.items():
+        m = stage.module
+        if stage.compile is False or not isinstance(m, nn.Module) or isinstance(m, _GLUE):
+            how[name] = "eager"
+        elif isinstance(m, AlignToReference):
+            m.fused = True
+            how[name] = "fused kernels"
+        elif isinstance(m, CompiledStageModule):
+            how[name] = "torch.compile"
+        else:
+            stage.module = CompiledStageModule(m, name, **options)
+            how[name] = "torch.compile"
+    pipeline.compiled_stages = how
+    return pipeline
+
+
 def _try_wcs(headers, like: Tensor):
     """A batched TanWCS from headers, or None when any header lacks a supported celestial WCS."""
     try:
@@ -426,15 +502,33 @@ class FrameWriter(BasePredictionWriter):
     :func:`read_manifest`) holds one JSON row per frame: name, input path, status (``ok`` /
     ``failed``), reason, outputs, per-stage timings. A frame counts as finished when its row says
     ``ok`` and its outputs exist, so a rerun skips it (:meth:`finished`).
+
+    Args:
+        output_dir: where the products and the manifest go.
+        products: ``{batch key: (kind, suffix, grid[, rows of])}`` (default :data:`DEFAULT_PRODUCTS`).
+        reference_header: FITS header of the reference grid (its WCS goes into reference-grid products).
+        asynchronous: write on a background thread so that writing overlaps the next batch's
+            computation (pipeline mode hides its I/O). The predict loop hands over only the product
+            tensors and waits only when ``max_pending`` batches are still being written; the queue
+            is drained at the end of ``Trainer.predict`` (:meth:`flush`), so every output and manifest
+            row exists when ``predict`` returns. ``False`` writes in the loop.
+        max_pending: batches that may wait for the writer thread (bounds the memory held).
     """
 
-    def __init__(self, output_dir, products: Optional[Mapping[str, Sequence]] = None, reference_header=None):
+    def __init__(self, output_dir, products: Optional[Mapping[str, Sequence]] = None, reference_header=None,
+                 asynchronous: bool = True, max_pending: int = 2):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.products = {k: tuple(v) for k, v in (products or DEFAULT_PRODUCTS).items()}
         self.reference_header = reference_header
+        self.asynchronous = bool(asynchronous)
+        self.max_pending = max(1, int(max_pending))
         self.rows: list[dict] = []
+        self.write_seconds: list[float] = []  # per frame, measured in the thread that writes
         self._done: Optional[dict[str, dict]] = None
+        self._queue = None
+        self._thread = None
+        self._error: Optional[BaseException] = None
 
     # -- resume --------------------------------------------------------------------------------
     def finished(self, name: str) -> bool:
@@ -447,12 +541,73 @@ class FrameWriter(BasePredictionWriter):
     # -- writing -------------------------------------------------------------------------------
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
-        self.write_prediction(prediction, rank)
+        if not self.asynchronous:
+            self.write_prediction(prediction, rank)
+            return
+        self._raise_pending_error()
+        if self._thread is None:
+            self._start()
+        self._queue.put((self._slim(prediction), rank))  # blocks while max_pending batches wait
+
+    def _slim(self, prediction: dict) -> dict:
+        """The prediction with only what the products need (frees the graph's other tensors now)."""
+        outputs = prediction.get("outputs") or {}
+        keep = set(self.products) | {v[3] for v in self.products.values() if len(v) > 3}
+        return dict(prediction, outputs={k: v for k, v in outputs.items() if k in keep})
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=self.max_pending)
+        self._thread = threading.Thread(target=self._work, name="astroprep-frame-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:  # after a fatal error, drain without writing
+                    self.write_prediction(*item)
+            except BaseException as exc:  # e.g. the manifest cannot be written: re-raised in the loop
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise RuntimeError(f"FrameWriter: writing outputs failed: {type(exc).__name__}: {exc}") from exc
+
+    def flush(self) -> None:
+        """Wait until every queued batch is written, stop the writer thread, re-raise its error."""
+        self._stop()
+        self._raise_pending_error()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread, self._queue = None, None
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.flush()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # Keep what was computed before the failure (or the interruption): finish the queued writes,
+        # without hiding the exception that stopped the run.
+        self._stop()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop()
 
     def write_prediction(self, prediction: dict, rank: int = 0) -> list[dict]:
         from astropy.io import fits
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        t_start = time.perf_counter()
         rows = []
         outputs = prediction["outputs"]
         n = len(prediction["names"])
@@ -471,6 +626,8 @@ class FrameWriter(BasePredictionWriter):
                 status, reason = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
             rows.append({"name": name, "path": path, "status": status, "reason": reason, "outputs": written,
                          "timings": prediction.get("timings", {}), "rank": rank})
+        if n:
+            self.write_seconds += [(time.perf_counter() - t_start) / n] * n
         for name, path, reason in prediction["failed"]:
             rows.append({"name": name, "path": path, "status": "failed", "reason": reason, "outputs": [], "rank": rank})
         _append_jsonl(self.output_dir / f"manifest.rank{rank}.jsonl", rows)
@@ -487,7 +644,7 @@ class FrameWriter(BasePredictionWriter):
         elif kind == "catalog":
             fname = f"{name}.{suffix}.ecsv"
             table = value.to_table(batch_index=i)
-            _atomic(self.output_dir / fname, lambda p: table.write(p, format="ascii.ecsv", overwrite=True))
+            _atomic(self.output_dir / fname, lambda p: write_ecsv(table, p))
         elif kind == "tensor":
             fname = f"{name}.{suffix}.pt"
             if catalog is not None:
@@ -498,6 +655,34 @@ class FrameWriter(BasePredictionWriter):
         else:
             raise ValueError(f"unknown product kind {kind!r}")
         return fname
+
+
+def write_ecsv(table, path) -> None:
+    """Write an astropy ``Table`` as ECSV, several times faster than ``table.write(format="ascii.ecsv")``.
+
+    The header (column names, datatypes, units, meta) is astropy's own; the data rows of plain 1-D
+    numeric and bool columns are formatted in one ``%``-operation per row with ``repr`` (shortest
+    round-trip text: reading the file back gives the same values bit for bit). Any other table
+    (masked, string or multidimensional columns) goes through astropy's writer unchanged.
+    """
+    import io as _io
+
+    import numpy as np
+
+    cols = list(table.columns.values())
+    plain = all(getattr(c, "mask", None) is None and c.ndim == 1 and c.dtype.kind in "fiub" for c in cols)
+    if not plain or not cols:
+        table.write(str(path), format="ascii.ecsv", overwrite=True)
+        return
+    buf = _io.StringIO()
+    table[:0].write(buf, format="ascii.ecsv")
+    fmt = " ".join(["%r"] * len(cols))
+    values = [np.asarray(c).tolist() for c in cols]
+    body = "\n".join([fmt % row for row in zip(*values)])
+    with open(path, "w") as fh:
+        fh.write(buf.getvalue())
+        if body:
+            fh.write(body + "\n")
 
 
 def _image_header(header):
@@ -633,14 +818,16 @@ def run_from_config(cfg) -> dict:
         ref = read_fits(reference_path)
         paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
     products = {k: tuple(v) for k, v in cfg.products.items()} if cfg.get("products") else None
-    writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None)
+    writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None,
+                         asynchronous=bool(cfg.get("async_write", True)))
     dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                       prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
                                       skip=writer.finished if cfg.get("resume", True) else None)
     module = PreprocessModule(pipeline, reference=ref.data if ref is not None else None,
                               reference_mask=ref.mask if ref is not None else None,
                               reference_header=ref.header if ref is not None else None,
-                              compile=bool(cfg.get("compile", False)))
+                              compile=bool(cfg.get("compile", False)),
+                              compile_options=dict(cfg.get("compile_options") or {}))
     trainer = instantiate(cfg.trainer, callbacks=[writer])
     t0 = time.perf_counter()
     dm.setup("predict")
@@ -660,9 +847,30 @@ def run_from_config(cfg) -> dict:
     if cfg.get("quicklook", True) and ref is not None:
         summary["quicklook"] = _quicklook(out_dir, rows, ref)
     summary["world_size"] = trainer.world_size
+    job = _hydra_job()
+    summary.update(job)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if job.get("sweep_dir"):  # a multirun: one row per run in <sweep dir>/sweep.jsonl, to compare them
+        _append_jsonl(Path(job["sweep_dir"]) / "sweep.jsonl", [dict(summary, output=str(out_dir))])
     print(format_summary(summary, pipeline))
     return summary
+
+
+def _hydra_job() -> dict:
+    """The command-line overrides of this Hydra run (and, in a multirun, the job number and sweep folder)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return {}
+        hc = HydraConfig.get()
+        info = {"overrides": list(hc.overrides.task)}
+        if hc.mode == RunMode.MULTIRUN:
+            info.update(job=int(hc.job.num), sweep_dir=str(hc.sweep.dir))
+        return info
+    except Exception:  # not run by Hydra (e.g. composed in a script)
+        return {}
 
 
 def summarize(rows: Sequence[dict], wall: float, n_todo: int, n_inputs: int) -> dict:

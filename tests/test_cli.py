@@ -113,3 +113,30 @@ def test_classic_tool_presets(demo_run, tmp_path):
 
     aligned = read_fits(tmp_path / "r" / "science.aligned.fits")
     assert aligned.data.shape == read_fits(ref).data.shape and aligned.wcs is not None
+
+
+def test_multirun_sweep_writes_metrics_per_run(tmp_path):
+    """`astroprep run -m background.box_size=32,64`: one run per value, each with its metrics and config."""
+    sweep = tmp_path / "sweep"
+    tiny = ["sim.shape=[192,192]", "sim.n_stars=80", "sim.n_transients=4", "sim.n_moving=0", *SMALL[4:]]
+    _astroprep("run", "-m", "background.box_size=32,64", f"hydra.sweep.dir={sweep}", *tiny)
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in runs]
+    for m, box in zip(metrics, (32, 64)):
+        assert m["processed"] == 1 and not m["failed"]
+        assert f"background.box_size={box}" in m["overrides"]
+        assert {"catalog_sources", "candidates", "stage_seconds"} <= set(m)
+    import yaml
+
+    boxes = [yaml.safe_load((p / "config.yaml").read_text())["background"]["box_size"] for p in runs]
+    assert boxes == [32, 64]
+    # The swept parameter changed the products: the background maps differ between the runs.
+    from astroprep_torch.io import read_fits
+
+    b0, b1 = (read_fits(p / "science.bkg.fits").data for p in runs)
+    assert (b0 - b1).abs().max() > 0
+    # One comparable row per run in <sweep dir>/sweep.jsonl.
+    rows = [json.loads(line) for line in (sweep / "sweep.jsonl").read_text().splitlines()]
+    assert sorted(r["job"] for r in rows) == [0, 1]
+    assert {r["output"] for r in rows} == {str(p) for p in runs}

@@ -135,3 +135,166 @@ def test_predict_writer_manifest_and_resume(tmp_path):
     writer3, dm3 = run()
     assert sorted(p.name for p in dm3.dataset.paths) == ["broken.fits", "frame2.fits"]
     assert (out / "frame2.diff.fits").exists()
+
+
+def _gwac_graph(overrides=()):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["output=/tmp/unused", "subtract.spatial_order=1", "subtract.stamp_grid=[4,4]",
+                                           *overrides])
+    return instantiate(cfg.pipeline)
+
+
+def _sim_batch(size=256, stars=150):
+    from astroprep_torch import sim
+
+    pair = sim.simulate_pair((size, size), n_stars=stars, sip=True, shift=(3.3, -2.7), rotation=0.05,
+                             n_transients=6, n_moving=1, seed=0)
+    sci = pair.science
+    batch = {"image": sci.image, "mask": sci.mask, "header": [sci.header.tostring()], "name": ["s"], "path": ["s"],
+             "error": [""]}
+    return pair.reference, batch
+
+
+#: max |compiled - eager| per dense product, in units of the median background rms. Measured at 2048^2
+#: (experiments/results/pipeline_compile.md): 2e-3 for the background maps (other reduction order under
+#: compile), 0.13-0.19 for the aligned frame and the difference at bright star cores (the fused
+#: resampling kernel uses float32 normalised coordinates, ~1e-4 px), 2e-4 for the normalised frame.
+COMPILE_TOLERANCE = {"science_background": 1e-2, "science_rms": 1e-2, "science_sub": 1e-2, "aligned": 0.5,
+                     "difference": 0.5, "difference_variance": 1e-2}
+
+
+def _assert_same_products(eager, compiled):
+    """Dense products equal within COMPILE_TOLERANCE x the background rms; catalogs of (nearly) the same size."""
+    rms = float(eager["science_rms"].median())
+    for key, tol in COMPILE_TOLERANCE.items():
+        diff = (eager[key].double() - compiled[key].double()).abs().max().item()
+        scale = rms * rms if key == "difference_variance" else rms
+        assert diff <= tol * scale, (key, diff / scale, tol)
+    torch.testing.assert_close(compiled["science_norm"], eager["science_norm"], atol=2e-3, rtol=0)
+    for key in ("candidates", "catalog"):
+        n_e = eager[key].columns["batch_index"].numel()
+        n_c = compiled[key].columns["batch_index"].numel()
+        assert abs(n_e - n_c) <= max(1, n_e // 50), (key, n_e, n_c)
+
+
+def test_compile_graph_wiring_and_fallback():
+    """compile=True: which stages are compiled (alignment fused, detection and glue eager); a small
+    compiled stage equals eager; a stage whose compilation fails falls back to eager and says why.
+
+    Runs dynamo with the ``eager`` backend (tracing, no code generation) on a small part, so it takes
+    seconds; the whole graph with inductor is the slow test below.
+    """
+    import torch._dynamo
+
+    from astroprep_torch.background import Background2D
+
+    graph = P.compile_graph(_gwac_graph(), backend="eager")
+    how = graph.compiled_stages
+    assert how["background_science"] == how["subtract"] == how["quality"] == "torch.compile"
+    assert how["align"] == "fused kernels" and graph.stages["align"].module.fused
+    assert how["detect_science"] == how["detect_candidates"] == how["triplets"] == "eager"
+    assert how["mask_bad_patches"] == how["science_variance"] == "eager"  # glue
+    assert isinstance(graph.stages["detect_science"].module, nn.Module)
+    assert not isinstance(graph.stages["detect_science"].module, P.CompiledStageModule)
+
+    torch._dynamo.reset()
+    img = torch.randn(1, 1, 96, 96) * 5 + 100 + torch.linspace(0, 10, 96)
+    stages = {"bkg": P.Stage(Background2D(box_size=32), reads={"image": "science"}, writes={"background": "b", "rms": "r"}),
+              "sub": P.Stage(P.SubtractMap(), reads={"image": "science", "other": "b"}, writes="d")}
+    eager = P.Pipeline(dict(stages))({"science": img})
+    comp = P.compile_graph(P.Pipeline(dict(stages)), backend="eager")
+    assert comp.compiled_stages == {"bkg": "torch.compile", "sub": "eager"}
+    out = comp({"science": img})
+    # Equal to float32 rounding (a few ulp of the ~100 ADU sky; the noise is 5 ADU).
+    torch.testing.assert_close(out["b"], eager["b"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["d"], eager["d"], atol=1e-3, rtol=0)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no code generation today")
+
+    torch._dynamo.reset()
+    comp2 = P.compile_graph(P.Pipeline({"double": P.Stage(Affine(2.0, 0.0), reads={"image": "x"}, writes="y")}),
+                            backend=broken_backend)
+    out2 = comp2({"x": torch.ones(1, 1, 4, 4)})
+    torch.testing.assert_close(out2["y"], torch.full((1, 1, 4, 4), 2.0))
+    assert "no code generation today" in comp2.stages["double"].module.failed  # fell back to eager, said why
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_graph_equals_eager_inductor():
+    """compile=True on the whole default graph with inductor (minutes on 2 cores): outputs equal eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ref, batch = _sim_batch()
+    kw = dict(reference=ref.image, reference_mask=ref.mask, reference_header=ref.header)
+    res_e = P.PreprocessModule(_gwac_graph(), **kw).predict_step(batch)
+    assert not res_e["failed"]
+    comp = P.PreprocessModule(_gwac_graph(), compile=True, **kw)
+    for _ in range(2):  # the second call runs the compiled code without recompiling
+        res_c = comp.predict_step(batch)
+        assert not res_c["failed"], res_c["failed"]
+    fell_back = {n: st.module.failed for n, st in comp.pipeline.stages.items() if getattr(st.module, "failed", None)}
+    assert not fell_back, fell_back
+    _assert_same_products(res_e["outputs"], res_c["outputs"])
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_writer_thread_and_write_failures(tmp_path, asynchronous):
+    """The writer (on its thread or in the loop) has written everything when predict returns; a product
+    that cannot be written fails its frame in the manifest, with the reason, and the run goes on."""
+    import lightning as L
+
+    from astroprep_torch.data import FitsFrameDataModule
+
+    _write_frames(tmp_path / "in", n=3, corrupt=False)
+    products = {"difference": ("fits", "diff", "science")}
+    writer = P.FrameWriter(tmp_path / "out", products=products, asynchronous=asynchronous, max_pending=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer])
+    trainer.predict(P.PreprocessModule(_tiny_pipeline()), datamodule=FitsFrameDataModule(tmp_path / "in"),
+                    return_predictions=False)
+    assert writer._thread is None  # drained and stopped
+    assert sorted(r["name"] for r in writer.rows) == ["frame0", "frame1", "frame2"]
+    assert all((tmp_path / "out" / f"frame{i}.diff.fits").exists() for i in range(3))
+    assert len(writer.write_seconds) == 3
+
+    bad = P.FrameWriter(tmp_path / "out2", products={"difference": ("hologram", "diff", "science")},
+                        asynchronous=asynchronous)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[bad])
+    trainer.predict(P.PreprocessModule(_tiny_pipeline()), datamodule=FitsFrameDataModule(tmp_path / "in"),
+                    return_predictions=False)
+    rows = P.read_manifest(tmp_path / "out2")
+    assert {r["status"] for r in rows.values()} == {"failed"} and "hologram" in rows["frame0"]["reason"]
+
+
+def test_write_ecsv_round_trip(tmp_path):
+    """The fast ECSV writer reads back bit for bit, with astropy's header (units, meta)."""
+    import numpy as np
+    from astropy.table import Table
+
+    rng = np.random.default_rng(0)
+    t = Table({"X_IMAGE": rng.normal(size=50), "FLUX": rng.normal(size=50).astype(np.float32),
+               "NUMBER": np.arange(50), "FLAGS": np.arange(50, dtype=np.uint8), "OK": np.arange(50) % 2 == 0})
+    t["X_IMAGE"][3], t["FLUX"][4] = np.nan, -np.inf
+    t["X_IMAGE"].unit = "pix"
+    t.meta["comment"] = ["x, y 1-based"]
+    P.write_ecsv(t, tmp_path / "a.ecsv")
+    back = Table.read(tmp_path / "a.ecsv", format="ascii.ecsv")
+    assert back.colnames == t.colnames and back["X_IMAGE"].unit == "pix" and back.meta == t.meta
+    for k in t.colnames:
+        assert back[k].dtype == t[k].dtype
+        assert np.array_equal(np.asarray(back[k]), np.asarray(t[k]), equal_nan=True), k
+    P.write_ecsv(t[:0], tmp_path / "empty.ecsv")
+    assert len(Table.read(tmp_path / "empty.ecsv", format="ascii.ecsv")) == 0
+    t2 = Table({"S": ["a b", "c"], "V": [[1.0, 2.0], [3.0, 4.0]]})  # astropy's writer handles these
+    P.write_ecsv(t2, tmp_path / "b.ecsv")
+    assert list(Table.read(tmp_path / "b.ecsv", format="ascii.ecsv")["S"]) == ["a b", "c"]
