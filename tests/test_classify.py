@@ -163,15 +163,41 @@ def test_onecycle_schedule_fits():
     torch.manual_seed(0)
     dm = K.CutoutDataModule(source="simulated", n_train=128, n_val=64, n_test=0, seed=5, batch_size=32)
     model = K.AlertClassifier(backbone="mobilenet_v3_small", stem="cifar", crop=32, normalization="robust_fast",
-                              lr=3e-3, schedule="onecycle", max_epochs=1)
+                              lr=3e-3, schedule="onecycle", max_epochs=1, bn_recalibration=64)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
     sched = trainer.lr_scheduler_configs[0]
     assert sched.interval == "step" and sched.scheduler.total_steps == 4
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    # precise BN at the end of training: one batch of 64 un-augmented cutouts (not the 4 training steps)
+    assert int(model.model.trunk.features[0][1].num_batches_tracked) == 1
     with pytest.raises(ValueError, match="schedule"):
         K.AlertClassifier(backbone="braai", schedule="step")
+
+
+def test_recalibrate_batchnorm_exact_statistics():
+    """Precise BN: the running statistics become the exact average over the given (un-augmented)
+    cutouts; weights and a BatchNorm-free model (braai) are untouched; eval mode after."""
+    torch.manual_seed(0)
+    m = K.build_model("mobilenet_v3_small", 3, stem="cifar", crop=32, normalization="robust_fast")
+    x = C.simulate_triplets(64, seed=3).triplets
+    bn0 = m.trunk.features[0][1]
+    bn0.running_mean.fill_(5.0)  # stale statistics, as after training
+    w = {k: v.clone() for k, v in m.named_parameters()}
+    out = K.recalibrate_batchnorm(m, x, batch_size=16, max_samples=48)
+    assert out is m and not m.training and bn0.momentum == 0.01  # torchvision's momentum restored
+    assert all(torch.equal(v, w[k]) for k, v in m.named_parameters())
+    with torch.no_grad():  # the first BN's statistics over its 48 inputs, averaged per batch of 16
+        means = [m.trunk.features[0][0](m.preprocess(x[i:i + 16])).mean((0, 2, 3)) for i in range(0, 48, 16)]
+    torch.testing.assert_close(bn0.running_mean, torch.stack(means).mean(0), atol=1e-5, rtol=1e-4)
+    assert int(bn0.num_batches_tracked) == 3
+    b = K.build_model("braai", 3)
+    sd = {k: v.clone() for k, v in b.state_dict().items()}
+    K.recalibrate_batchnorm(b, x)
+    assert not b.training and all(torch.equal(v, sd[k]) for k, v in b.state_dict().items())
+    with pytest.raises(ValueError):
+        K.recalibrate_batchnorm(m, torch.zeros(3, 63, 63))
 
 
 def test_checkpoint_from_disk(tmp_path):
@@ -286,6 +312,8 @@ def test_hydra_configs_instantiate():
         cfg = OmegaConf.load(root / "classify" / f"{name}.yaml")
         model = instantiate(cfg)
         assert isinstance(model, K.AlertClassifier) and model.hparams.backbone == name
+    best = instantiate(OmegaConf.load(root / "classify" / "mobilenet_v3_small_crop48.yaml"))
+    assert best.hparams.crop == 48 and best.hparams.bn_recalibration == 4096
     for name in ("resnet50", "convnext_tiny", "inception_v3"):
         assert OmegaConf.load(root / "classify" / f"{name}.yaml").backbone == name
     ext = instantiate(OmegaConf.load(root / "cutouts" / "default.yaml"))
