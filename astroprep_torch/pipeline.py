@@ -262,7 +262,7 @@ class AlignToReference(nn.Module):
     extra=None) -> AlignedFrames``: ``extra`` ``(B, C, H, W)`` maps (e.g. the rms) go along.
     """
 
-    def __init__(self, method: str = "auto", interpolation: str = "bilinear", grid_step: Optional[int] = 16,
+    def __init__(self, method: str = "auto", interpolation: str = "bilinear", grid_step: Optional[int] = 32,
                  transform: str = "similarity", fused: bool = False):
         super().__init__()
         if method not in ("auto", "wcs", "stars"):
