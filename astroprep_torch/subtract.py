@@ -799,7 +799,7 @@ def _noise_normal(st: _Stamps, kernels: Tensor, n_bg: int, rho: Optional[Tensor]
     n, k, _ = kernels.shape
     s = b * nr * kc
     # (S, k, k): sum_p w(p) V(p - q) at K[q], a "valid" cross-correlation of each stamp's extended
-    # variance with its weights, by FFT (a grouped conv2d with 31x31 kernels is ~10x slower on CPU)
+    # variance with its weights, by FFT (a grouped conv2d with 31x31 kernels is ~8x slower on CPU)
     nf = 1 << (ln - 1).bit_length()  # >= ln: the lags 0..k-1 read no wrapped-around pixels
     vf = torch.fft.rfft2(st.var_a_ext.reshape(s, ln, ln), s=(nf, nf))
     wf = torch.fft.rfft2(st.weight.reshape(s, side, side), s=(nf, nf))
