@@ -564,7 +564,7 @@ def _reproject_grid_sample(image: Tensor, mask: Optional[Tensor], mapping: "_Map
         r1 = min(h_out, r0 + chunk_rows)
         # rows between the same four node rows share them: one small (rows x 4) @ (4 x 2W) product
         # per node interval (a dense band product would do (rows x ~20) @ (~20 x 2W): 5x the work)
-        j, wts = _cubic_weights(torch.arange(r0, r1, device=image.device), mapping.step, gnodes.dtype)
+        _, wts = _cubic_weights(torch.arange(r0, r1, device=image.device), mapping.step, gnodes.dtype)
         grid64 = buf64[:, : r1 - r0]
         step = mapping.step
         a = 0

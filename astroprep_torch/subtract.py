@@ -942,7 +942,10 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
     ns = st.spatial.shape[-1]
     idx = torch.tensor([0] + [a * ns + t for a in range(1, n_basis) for t in range(ns)]
                        + [(n_basis + k) * ns for k in range(n_bg)], device=st.design.device)
-    theta = None
+    def assemble(per_stamp: Tensor, u: Tensor) -> Tensor:  # (B, R, C, C) -> global (B, M, M)
+        return torch.einsum("zrac,zras,zrct->zasct", per_stamp, u, u).reshape(b, c * ns, c * ns)[:, idx][:, :, idx]
+
+    theta = g = hvec = u = None
     merit = None
     n_iter = max(1, int(max_iterations))
     for it in range(n_iter + 1):  # the extra pass only re-solves after a last rejection
@@ -950,7 +953,7 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
         u = u_all[ar_b, ar_r, pc]  # (B, R, C, S)
         nm = normal[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None, None]
         rv = rhs[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None]
-        g = torch.einsum("zrac,zras,zrct->zasct", nm, u, u).reshape(b, c * ns, c * ns)[:, idx][:, :, idx]
+        g = assemble(nm, u)
         hvec = torch.einsum("zra,zras->zas", rv, u).reshape(b, c * ns)[:, idx]
         theta = _solve(g, hvec)
         full = theta.new_zeros(b, c * ns).index_copy_(1, idx, theta).view(b, 1, c, ns)
@@ -972,15 +975,9 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
             break
         ptr = ptr + reject.long()
         ensure()
-    act, pc = active()
+    act, pc = active()  # the selection the last (g, hvec, u) were assembled for: nothing moved since
     if kernels is not None:  # errors-in-variables correction of the final system only (see _debiased_solve)
-        u = u_all[ar_b, ar_r, pc]
-        nm = normal[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None, None]
-        zm = noise_all[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None, None]
-        rv = rhs[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None]
-        g = torch.einsum("zrac,zras,zrct->zasct", nm, u, u).reshape(b, c * ns, c * ns)[:, idx][:, :, idx]
-        gn = torch.einsum("zrac,zras,zrct->zasct", zm, u, u).reshape(b, c * ns, c * ns)[:, idx][:, :, idx]
-        hvec = torch.einsum("zra,zras->zas", rv, u).reshape(b, c * ns)[:, idx]
+        gn = assemble(noise_all[ar_b, ar_r, pc] * act.to(normal.dtype)[..., None, None], u)
         # only where the stamps over-determine the spatial terms: with no more stamps than terms the
         # data cannot tell noise from signal in whole directions and the plain fit is kept
         enough = (act.sum(1) > ns).view(-1, 1)

@@ -317,7 +317,7 @@ def test_sfft_parity(shared_data):
     # difference is a little noisier, and the template's bright stars no longer leave positive peaks
     res = ImageSubtraction(**kw)(s_t, t_t)
     d = res.difference[0, 0].double().numpy()
-    assert abs(robust_std(d[c, c]) / theirs - 1) <= 0.07, (robust_std(d[c, c]), theirs)  # measured 9.661 (+4.9%)
+    assert abs(robust_std(d[c, c]) / theirs - 1) <= 0.07, (robust_std(d[c, c]), theirs)  # measured 9.656 (+4.9%)
     t_img = t_t[0, 0].double()
     med = t_img.median()
     peaks = (t_img == F.max_pool2d(t_img[None, None], 7, 1, 3)[0, 0]) & (t_img > med + 10 * 1.4826 * (t_img - med).abs().median())
@@ -326,7 +326,7 @@ def test_sfft_parity(shared_data):
     ys, xs = torch.nonzero(peaks, as_tuple=True)
     z_plain = plain.difference[0, 0].double()[ys, xs] / ours
     z_def = res.difference[0, 0].double()[ys, xs] / robust_std(d[c, c])
-    assert len(ys) >= 5 and float(z_plain.mean()) > 3.0 and abs(float(z_def.mean())) < 1.0  # +5.4 -> +0.3 sigma
+    assert len(ys) >= 5 and float(z_plain.mean()) > 3.0 and abs(float(z_def.mean())) < 1.0  # +5.4 -> +0.4 sigma
 
 
 # --------------------------------------------------------------------------------------------
