@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,6 +25,27 @@ def searchsorted(sorted_sequence: Tensor, values: Tensor, *, right: bool = False
         return torch.searchsorted(sorted_sequence, values, right=right)
     finally:
         torch.set_num_threads(n)
+
+
+def serial_on_cpu(fn):
+    """Decorator: run ``fn`` (whose first argument is the image tensor) with one intra-op thread when
+    that tensor is on the CPU, restoring the caller's setting on exit.  For stages made of many
+    small ops, where OpenMP fork/join costs more than it gains on few cores (such a stage may still
+    spread independent work over Python threads itself)."""
+
+    @functools.wraps(fn)
+    def run(image, *args, **kwargs):
+        n = torch.get_num_threads()
+        if not (isinstance(image, Tensor) and image.device.type == "cpu" and n > 1
+                and not torch.compiler.is_compiling()):
+            return fn(image, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(image, *args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    return run
 
 
 _POOL = (None, None, 0)  # (executor, pid that made it, workers)

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import bad_pixels, check_image, check_mask
+from ._ops import serial_on_cpu
 
 __all__ = [
     "Catalog",
@@ -802,6 +803,7 @@ def _clean(bidx, an, thresh_obj, mthresh, clean_param, H, W):
 # ----------------------------------------------------------------------------------------------
 # the detection stage
 # ----------------------------------------------------------------------------------------------
+@serial_on_cpu
 def detect_sources(
     image: Tensor,
     rms,

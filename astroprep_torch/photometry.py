@@ -241,6 +241,47 @@ def _size_buckets(half: Tensor) -> list[tuple[Tensor, int]]:
     return out
 
 
+
+_SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one thread
+
+
+def _split_run(fn, geo: dict, n: int, workers: int):
+    """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` contiguous groups, each
+    run by its own thread (the calling thread takes the last); outputs (tuples of tensors with one
+    row per object) are concatenated back in order.  One group when ``workers < 2``, on GPU, or for
+    fewer than ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the
+    results equal the one-group run's (up to the summation order inside shared stamp batches)."""
+    dev = next(iter(geo.values())).device
+    k = min(int(workers), n // max(_SPLIT_MIN // 2, 1))
+    if k < 2 or dev.type != "cpu":
+        return fn(geo)
+    import threading
+
+    bounds = [n * i // k for i in range(k + 1)]
+    parts = [{key: v[bounds[i]:bounds[i + 1]] for key, v in geo.items()} for i in range(k)]
+    res: list = [None] * k
+    err: list = [None] * k
+    grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def work(i):
+        try:
+            torch.set_num_threads(1)  # this thread's OpenMP setting (the caller's is already 1)
+            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
+                res[i] = fn(parts[i])
+        except BaseException as e:  # re-raised in the calling thread
+            err[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, k)]
+    for t_ in threads:
+        t_.start()
+    work(0)
+    for t_ in threads:
+        t_.join()
+    for e in err:
+        if e is not None:
+            raise e
+    return tuple(torch.cat([r[j] for r in res], 0) for j in range(len(res[0])))
+
 def _chunks(idx: Tensor, per_obj: int, max_elems: int):
     n = max(1, max_elems // max(per_obj, 1))
     for i in range(0, idx.numel(), n):
@@ -1004,12 +1045,14 @@ def measure(image: Tensor, segmentation: Tensor, rms=None, **kwargs) -> dict[str
 
     On CPU the work is many small stamp operations; OpenMP fork/join on them costs more than it gains
     (measured on the 2-core CI box: 9x the CPU time with 2 threads), so the call runs with one intra-op
-    thread and restores the previous setting on exit.
+    thread and restores the previous setting on exit; the stamp stages instead split the objects over
+    ``torch.get_num_threads()`` Python threads (torch ops release the GIL), one group each.
     """
     nthreads = torch.get_num_threads()
     single = image.device.type == "cpu" and nthreads > 1
     if single:
         torch.set_num_threads(1)
+        kwargs.setdefault("workers", nthreads)
     try:
         return _measure(image, segmentation, rms, **kwargs)
     finally:
@@ -1042,6 +1085,7 @@ def _measure(
     aper_subpix: int = APER_OVERSAMP,
     winpos_revert: bool = True,
     max_elems: int = 1 << 22,
+    workers: int = 1,
     _sparse: Optional[dict] = None,
 ) -> dict[str, Tensor]:
     """SExtractor measurements for every object of a fixed segmentation.
@@ -1074,6 +1118,9 @@ def _measure(
         winpos_revert: as SExtractor 2.25, report the isophotal position as ``xwin, ywin`` when the
             windowed centroid wanders outside the object's bounding box (older SExtractor: False).
         max_elems: memory bound (elements per stamp chunk).
+        workers: CPU threads for the stamp stages (objects split into this many contiguous groups,
+            each measured by its own thread with one intra-op thread; used for >= 2,000 objects and
+            no autograd). :func:`measure` passes ``torch.get_num_threads()``.
 
     Returns:
         dict of flat tensors, one row per object ordered by ``(batch_index, label)``: ``batch_index``,
@@ -1284,26 +1331,35 @@ def _measure(
         fr.mask_type = "blank"  # bad pixels only: contribute nothing
     geo = {"bi": bidx, "label": label, "x": x, "y": y, "a": a_, "bm": b_, "cxx": cxx, "cyy": cyy, "cxy": cxy}
 
-    aflag = torch.zeros(N, dtype=torch.bool, device=dev)
     radii = [float(d) / 2.0 for d in phot_apertures]
-    fa, va, ara = _stage_aper(fr, geo, radii, aper_subpix, max_elems, gain_v)
+    fracs = (0.5,) + tuple(float(f) for f in flux_fracs)
+
+    def chain(g: dict):
+        """The stamp stages for the objects of ``g`` (aper, Kron, AUTO, growth curve, windowed
+        centroid: each object depends only on its own earlier results)."""
+        fa, va, ara = _stage_aper(fr, g, radii, aper_subpix, max_elems, gain_v)
+        kf, _, crowd1, kflag = _stage_kron(fr, g, kron_fact, min_radius, float(autoapers[0]), max_elems)
+        fauto, vauto, kf2, crowd2, aflag2 = _stage_auto(fr, g, kf, float(autoapers[1]), max_elems)
+        frad, hl, gflag = _stage_growth(fr, g, fauto, fracs, float(autoapers[0]), max_elems)
+        xw, yw, wflag, w_niter, w_flags = _stage_winpos(fr, g, hl * 2.0 / 2.35, max_elems)
+        return (fa, va, ara, kf, crowd1, kflag, fauto, vauto, kf2, crowd2, aflag2, frad, gflag,
+                xw, yw, wflag, w_niter, w_flags)
+
+    grad = image.requires_grad or any(isinstance(t_, Tensor) and t_.requires_grad for t_ in (var, rms))
+    (fa, va, ara, kf, crowd1, kflag, fauto, vauto, kf2, crowd2, aflag2, frad, gflag,
+     xw, yw, wflag, w_niter, w_flags) = _split_run(chain, geo, N, workers if not grad else 1)
+
+    aflag = torch.zeros(N, dtype=torch.bool, device=dev)
     for r in radii:
         rr = torch.full_like(x, r)
         aflag |= _box_flag_trunc(x, rr, W) | _box_flag_trunc(y, rr, H)
     if gain_v > 0:
         va = va + torch.clamp(fa, min=0) / gain_v
-
-    kf, _, crowd1, kflag = _stage_kron(fr, geo, kron_fact, min_radius, float(autoapers[0]), max_elems)
-    fauto, vauto, kf2, crowd2, aflag2 = _stage_auto(fr, geo, kf, float(autoapers[1]), max_elems)
     if gain_v > 0:
         vauto = vauto + torch.clamp(fauto, min=0) / gain_v
     kron = torch.where(fauto > 0, kf2.to(dt), torch.zeros_like(fauto))
     aflag |= kflag | (aflag2 & (kf > 0))
-    fracs = (0.5,) + tuple(float(f) for f in flux_fracs)
-    frad, hl, gflag = _stage_growth(fr, geo, fauto, fracs, float(autoapers[0]), max_elems)
     aflag |= gflag
-    sig = hl * 2.0 / 2.35
-    xw, yw, wflag, w_niter, w_flags = _stage_winpos(fr, geo, sig, max_elems)
     # SExtractor 2.25 keeps the isophotal position when the windowed one leaves the object's box
     # (observed on sep's image.cat: older 2.x releases did not revert)
     out_box = (xw < xmin) | (xw > xmax) | (yw < ymin) | (yw > ymax)

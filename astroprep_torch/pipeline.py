@@ -131,13 +131,20 @@ class Pipeline(nn.Module):
 
     Args:
         stages: ``{name: Stage}`` in running order (a list of ``(name, Stage)`` works too).
-        timed: record each stage's wall time (seconds) in ``self.timings`` on every call.
+        timed: record each stage's wall time (seconds) in ``self.timings`` on every call, and the
+            whole call's in ``self.wall``.
+        workers: stages that may run at the same time, in threads (1: one after the other).  The
+            dependencies come from what the stages read and write: a stage waits for every earlier
+            stage that writes a key it reads, or that reads or writes a key it writes, so the
+            results equal the sequential run's.  On a CPU, stages made of many small operations
+            (detection, photometry) leave cores idle; the science-frame catalog, for one, can then
+            be made while the difference image is.  Stage timings overlap in this mode.
 
     ``forward(batch) -> batch``: the same dictionary with every stage's outputs added.
     ``skip=`` (a set of names) skips stages for one call.
     """
 
-    def __init__(self, stages: Union[Mapping[str, Stage], Sequence], timed: bool = True):
+    def __init__(self, stages: Union[Mapping[str, Stage], Sequence], timed: bool = True, workers: int = 1):
         super().__init__()
         items = list(stages.items() if isinstance(stages, Mapping) else stages)
         names = [str(k) for k, _ in items]
@@ -150,7 +157,11 @@ class Pipeline(nn.Module):
         self.names = names
         self._stages = nn.ModuleList([st for _, st in items])
         self.timed = timed
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = int(workers)
         self.timings: dict[str, float] = {}
+        self.wall = 0.0
 
     @property
     def stages(self) -> "OrderedDict[str, Stage]":
@@ -160,20 +171,78 @@ class Pipeline(nn.Module):
     def forward(self, batch: dict, skip: Sequence[str] = ()) -> dict:
         batch = dict(batch)
         self.timings = {}
-        for name, stage in self.stages.items():
-            if not stage.enabled or name in skip:
-                continue
-            if self.timed:
-                _sync(batch)
-                t0 = time.perf_counter()
-            try:
-                stage(batch)
-            except Exception as exc:
-                raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
-            if self.timed:
-                _sync(batch)
-                self.timings[name] = time.perf_counter() - t0
+        t_start = time.perf_counter()
+        todo = [(name, st) for name, st in self.stages.items() if st.enabled and name not in skip]
+        if self.workers > 1 and len(todo) > 1 and not torch.compiler.is_compiling():
+            self._run_concurrent(batch, todo)
+        else:
+            for name, stage in todo:
+                self._run_stage(name, stage, batch)
+        self.wall = time.perf_counter() - t_start
         return batch
+
+    def _run_stage(self, name: str, stage: "Stage", batch: dict) -> None:
+        if self.timed:
+            _sync(batch)
+            t0 = time.perf_counter()
+        try:
+            stage(batch)
+        except Exception as exc:
+            raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        if self.timed:
+            _sync(batch)
+            self.timings[name] = time.perf_counter() - t0
+
+    @staticmethod
+    def dependencies(todo: Sequence) -> list:
+        """For ``[(name, Stage), ...]`` in running order: the set of earlier positions each stage
+        must wait for (it reads what they write, or writes what they read or write)."""
+        rw = []
+        for _, st in todo:
+            reads = {k.rstrip("?") for k in st.reads.values()}
+            w = st.writes
+            writes = {w} if isinstance(w, str) and w else set(w.values() if isinstance(w, dict) else w) if not isinstance(w, str) else set()
+            rw.append((reads, writes))
+        deps = []
+        for j, (rj, wj) in enumerate(rw):
+            deps.append({i for i in range(j) if (rj & rw[i][1]) or (wj & (rw[i][0] | rw[i][1]))})
+        return deps
+
+    def _run_concurrent(self, batch: dict, todo: Sequence) -> None:
+        """Run ``todo`` on ``self.workers`` threads, each stage once its dependencies are done (the
+        earliest ready stage first).  The first failure stops new stages and is raised once the
+        running ones are done.  Autograd / inference mode of the caller carry over to the threads."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        deps = self.dependencies(todo)
+        done: set = set()
+        running: dict = {}
+        started: set = set()
+        grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        pool = _stage_pool(self.workers)
+
+        def call(i):
+            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
+                self._run_stage(todo[i][0], todo[i][1], batch)
+
+        error = None
+        while len(done) < len(todo):
+            if error is None:
+                for i in range(len(todo)):
+                    if i not in started and deps[i] <= done and len(running) < self.workers:
+                        started.add(i)
+                        running[pool.submit(call, i)] = i
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = running.pop(fut)
+                exc = fut.exception()
+                if exc is not None and error is None:
+                    error = exc
+                done.add(i)
+        if error is not None:
+            raise error
 
     def describe(self) -> str:
         """One line per stage: ``name: reads -> writes`` (the graph as text)."""
@@ -183,6 +252,23 @@ class Pipeline(nn.Module):
             state = "" if st.enabled else "  (disabled)"
             lines.append(f"{name}: {sorted(set(k.rstrip('?') for k in st.reads.values()))} -> {w}{state}")
         return "\n".join(lines)
+
+
+_STAGE_POOL = (None, None, 0)  # (executor, pid that made it, workers)
+
+
+def _stage_pool(workers: int):
+    """Threads for concurrent stages: their own pool, apart from :func:`astroprep_torch._ops.thread_pool`
+    that stages use inside (a stage waiting on that pool from one of its threads would deadlock);
+    made anew after fork (threads do not survive it)."""
+    global _STAGE_POOL
+    pool, pid, n = _STAGE_POOL
+    if pool is None or pid != os.getpid() or n != workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astroprep-stage")
+        _STAGE_POOL = (pool, os.getpid(), workers)
+    return pool
 
 
 class PipelineError(RuntimeError):
@@ -507,27 +593,36 @@ class FrameWriter(BasePredictionWriter):
         output_dir: where the products and the manifest go.
         products: ``{batch key: (kind, suffix, grid[, rows of])}`` (default :data:`DEFAULT_PRODUCTS`).
         reference_header: FITS header of the reference grid (its WCS goes into reference-grid products).
-        asynchronous: write on a background thread so that writing overlaps the next batch's
-            computation (pipeline mode hides its I/O). The predict loop hands over only the product
-            tensors and waits only when ``max_pending`` batches are still being written; the queue
-            is drained at the end of ``Trainer.predict`` (:meth:`flush`), so every output and manifest
-            row exists when ``predict`` returns. ``False`` writes in the loop.
-        max_pending: batches that may wait for the writer thread (bounds the memory held).
+        asynchronous: write while the next batch computes, so that pipeline mode hides its I/O:
+            ``"process"`` in a writer process (spawned on the first batch; the product tensors reach
+            it through shared memory), ``True`` / ``"thread"`` on a background thread, ``False`` in
+            the predict loop. The process keeps the writing's Python work (FITS headers, catalog
+            formatting) off the interpreter lock that the computing thread needs between its tensor
+            operations; a thread is cheaper to start (small runs, tests). The loop hands over only
+            the product tensors and waits only when ``max_pending`` batches are still being written;
+            the queue is drained at the end of ``Trainer.predict`` (:meth:`flush`), so every output
+            and manifest row exists when ``predict`` returns.
+        max_pending: batches that may wait for the writer (bounds the memory held).
     """
 
     def __init__(self, output_dir, products: Optional[Mapping[str, Sequence]] = None, reference_header=None,
-                 asynchronous: bool = True, max_pending: int = 2):
+                 asynchronous: Union[bool, str] = True, max_pending: int = 2):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.products = {k: tuple(v) for k, v in (products or DEFAULT_PRODUCTS).items()}
         self.reference_header = reference_header
-        self.asynchronous = bool(asynchronous)
+        if asynchronous not in (True, False, "thread", "process"):
+            raise ValueError(f"asynchronous must be True, False, 'thread' or 'process', got {asynchronous!r}")
+        self.mode = "loop" if asynchronous is False else ("process" if asynchronous == "process" else "thread")
+        self.asynchronous = self.mode != "loop"
         self.max_pending = max(1, int(max_pending))
         self.rows: list[dict] = []
         self.write_seconds: list[float] = []  # per frame, measured in the thread that writes
         self._done: Optional[dict[str, dict]] = None
         self._queue = None
         self._thread = None
+        self._proc = None
+        self._results = None
         self._error: Optional[BaseException] = None
 
     # -- resume --------------------------------------------------------------------------------
@@ -544,16 +639,67 @@ class FrameWriter(BasePredictionWriter):
         if not self.asynchronous:
             self.write_prediction(prediction, rank)
             return
+        if self.mode == "process":
+            self._collect(block=False)
+            self._raise_pending_error()
+            if self._proc is None:
+                self._start_process()
+            self._queue.put((self._slim(prediction, for_process=True), rank))  # blocks while max_pending wait
+            return
         self._raise_pending_error()
         if self._thread is None:
             self._start()
         self._queue.put((self._slim(prediction), rank))  # blocks while max_pending batches wait
 
-    def _slim(self, prediction: dict) -> dict:
-        """The prediction with only what the products need (frees the graph's other tensors now)."""
+    def _slim(self, prediction: dict, for_process: bool = False) -> dict:
+        """The prediction with only what the products need (frees the graph's other tensors now).
+        For the writer process also: tensors on the CPU, catalogs without their segmentation."""
         outputs = prediction.get("outputs") or {}
         keep = set(self.products) | {v[3] for v in self.products.values() if len(v) > 3}
-        return dict(prediction, outputs={k: v for k, v in outputs.items() if k in keep})
+        outputs = {k: v for k, v in outputs.items() if k in keep}
+        if for_process:
+            outputs = {k: _portable(v) for k, v in outputs.items()}
+        return dict(prediction, outputs=outputs)
+
+    # -- the writer process ----------------------------------------------------------------------
+    def _start_process(self) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP threads do not survive a fork
+        self._queue = ctx.Queue(maxsize=self.max_pending)
+        self._results = ctx.Queue()
+        header = self.reference_header.tostring() if self.reference_header is not None else None
+        self._proc = ctx.Process(target=_writer_process, name="astroprep-frame-writer", daemon=True,
+                                 args=(str(self.output_dir), self.products, header, self._queue, self._results))
+        self._proc.start()
+
+    def _collect(self, block: bool) -> None:
+        """Take the writer process's reports (manifest rows, timings, errors); with ``block``, until it
+        has stopped."""
+        import queue as _q
+
+        if self._results is None:
+            return
+        while True:
+            try:
+                msg = self._results.get(timeout=1.0) if block else self._results.get_nowait()
+            except _q.Empty:
+                if not block:
+                    return
+                if not self._proc.is_alive():  # died without reporting (killed): say so
+                    if self._error is None:
+                        self._error = _WriterProcessError(f"the writer process exited with code {self._proc.exitcode}")
+                    return
+                continue
+            kind = msg[0]
+            if kind == "rows":
+                self.rows += msg[1]
+                self.write_seconds += msg[2]
+            elif kind == "error":
+                if self._error is None:
+                    self._error = _WriterProcessError(msg[1])
+            elif kind == "done":
+                return
 
     def _start(self) -> None:
         import queue
@@ -579,7 +725,8 @@ class FrameWriter(BasePredictionWriter):
     def _raise_pending_error(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
-            raise RuntimeError(f"FrameWriter: writing outputs failed: {type(exc).__name__}: {exc}") from exc
+            what = str(exc) if isinstance(exc, _WriterProcessError) else f"{type(exc).__name__}: {exc}"
+            raise RuntimeError(f"FrameWriter: writing outputs failed: {what}") from exc
 
     def flush(self) -> None:
         """Wait until every queued batch is written, stop the writer thread, re-raise its error."""
@@ -591,6 +738,14 @@ class FrameWriter(BasePredictionWriter):
             self._queue.put(None)
             self._thread.join()
             self._thread, self._queue = None, None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._queue.put(None)
+            self._collect(block=True)
+            self._proc.join(timeout=60)
+            if self._proc.is_alive():  # pragma: no cover - a hung writer must not hang the run
+                self._proc.kill()
+            self._proc, self._queue, self._results = None, None, None
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.flush()
@@ -655,6 +810,59 @@ class FrameWriter(BasePredictionWriter):
         else:
             raise ValueError(f"unknown product kind {kind!r}")
         return fname
+
+
+class _WriterProcessError(RuntimeError):
+    """An error reported by the writer process (its message names the original exception)."""
+
+
+def _write_mode(value):
+    """``async_write`` of the config: true/false, or "thread"/"process"."""
+    if isinstance(value, str) and value.lower() in ("thread", "process"):
+        return value.lower()
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return bool(value)
+
+
+def _portable(value):
+    """A product as the writer process gets it: CPU tensors; a catalog with its columns only."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    cols = getattr(value, "columns", None)
+    if isinstance(cols, dict) and hasattr(value, "to_table"):
+        from .detect import Catalog
+
+        if isinstance(value, Catalog):
+            return Catalog({k: v.detach().cpu() for k, v in cols.items()}, None)
+    return value
+
+
+def _writer_process(output_dir: str, products: dict, header: Optional[str], jobs, results) -> None:
+    """Body of :class:`FrameWriter`'s writer process: write each queued prediction in the loop, report
+    the manifest rows (or the error) back; ``None`` ends it."""
+    torch.set_num_threads(1)
+    from astropy.io import fits
+
+    writer = FrameWriter(output_dir, products=products,
+                         reference_header=fits.Header.fromstring(header) if header is not None else None,
+                         asynchronous=False)
+    failed = False
+    while True:
+        item = jobs.get()
+        if item is None:
+            break
+        if failed:  # after a fatal error, drain without writing (as the writer thread)
+            continue
+        try:
+            n0 = len(writer.write_seconds)
+            rows = writer.write_prediction(*item)
+            results.put(("rows", rows, writer.write_seconds[n0:]))
+        except BaseException as exc:  # e.g. the manifest cannot be written
+            failed = True
+            results.put(("error", f"{type(exc).__name__}: {exc}"))
+        del item
+    results.put(("done",))
 
 
 def write_ecsv(table, path) -> None:
@@ -738,15 +946,52 @@ class SharedReference(nn.Module):
 
     The reference is the same for every frame of a batch; this avoids B identical computations
     (its background, for instance). Every tensor argument is sliced to its first element.
+
+    Args:
+        module: the stage to run on the reference.
+        cache: keep the last result and reuse it while the inputs are the same: a survey run
+            processes thousands of frames against one reference, so its products are made once.
+            "The same" is checked exactly (``torch.equal`` against a kept copy of the inputs, one
+            pass over them), never by identity or a hash, so a changed reference is never missed.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, cache: bool = True):
         super().__init__()
         self.module = module
+        self.cache = bool(cache)
+        self._kept: Optional[tuple] = None  # (inputs, output)
+
+    def _hit(self, args: dict):
+        if self._kept is None:
+            return None
+        kept, out = self._kept
+        if kept.keys() != args.keys():
+            return None
+        for k, v in args.items():
+            w = kept[k]
+            if isinstance(v, Tensor) != isinstance(w, Tensor):
+                return None
+            if isinstance(v, Tensor):
+                if (v.shape != w.shape or v.dtype != w.dtype or v.device != w.device
+                        or not (v is w or torch.equal(v, w))):
+                    return None
+            elif v is not w:
+                try:
+                    if not bool(v == w):
+                        return None
+                except Exception:  # no plain equality (arrays, WCS objects): not the same
+                    return None
+        return out
 
     def forward(self, **kwargs):
         b = next(v.shape[0] for v in kwargs.values() if isinstance(v, Tensor))
-        out = self.module(**{k: (v[:1] if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
+        args = {k: (v[:1] if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+        grad = torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in args.values())
+        out = None if (grad or not self.cache) else self._hit(args)
+        if out is None:
+            out = self.module(**args)
+            if self.cache and not grad:
+                self._kept = ({k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in args.items()}, out)
 
         def rep(v):
             return v.expand(b, *v.shape[1:]) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == 1 else v
@@ -819,7 +1064,7 @@ def run_from_config(cfg) -> dict:
         paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
     products = {k: tuple(v) for k, v in cfg.products.items()} if cfg.get("products") else None
     writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None,
-                         asynchronous=bool(cfg.get("async_write", True)))
+                         asynchronous=_write_mode(cfg.get("async_write", True)))
     dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                       prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
                                       skip=writer.finished if cfg.get("resume", True) else None)

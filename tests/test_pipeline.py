@@ -63,6 +63,96 @@ def test_glue_modules():
     assert out.shape == (2, 1, 2, 2) and torch.equal(out[0], out[1])
 
 
+
+class Sleepy(nn.Module):
+    """Records (name, start, end) of each call; sleeps (releasing the GIL) to make overlap visible."""
+
+    def __init__(self, name, log, secs=0.15, fail=False):
+        super().__init__()
+        self.name, self.log, self.secs, self.fail = name, log, secs, fail
+
+    def forward(self, image):
+        import time
+
+        t0 = time.perf_counter()
+        time.sleep(self.secs)
+        if self.fail:
+            raise RuntimeError("boom")
+        self.log.append((self.name, t0, time.perf_counter(), torch.is_inference_mode_enabled()))
+        return image + 1
+
+
+def test_pipeline_dependencies_from_reads_and_writes():
+    st = lambda r, w: P.Stage(Affine(), reads={"image": r}, writes=w)  # noqa: E731
+    todo = [("a", st("x", "y")), ("b", st("x", "z")), ("c", st("y", "u")), ("d", st("z", "y")),
+            ("e", st("u", "v"))]
+    # c reads a's y; d writes y that a wrote and c read (order kept); e reads c's u
+    assert P.Pipeline.dependencies(todo) == [set(), set(), {0}, {0, 1, 2}, {2}]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_concurrent_stages(workers):
+    log = []
+    pipe = P.Pipeline({
+        "sci": P.Stage(Sleepy("sci", log), reads={"image": "x"}, writes="y"),
+        "ref": P.Stage(Sleepy("ref", log), reads={"image": "x"}, writes="z"),
+        "join": P.Stage(Affine(1.0, 0.0), reads={"image": "y", "offset": "z"}, writes="w"),
+    }, workers=workers)
+    with torch.inference_mode():
+        out = pipe({"x": torch.zeros(2)})
+    assert torch.equal(out["w"], torch.full((2,), 2.0))
+    assert set(pipe.timings) == {"sci", "ref", "join"} and pipe.wall > 0
+    (n1, s1, e1, inf1), (n2, s2, e2, inf2) = sorted(log)
+    assert inf1 and inf2  # the caller's inference mode reached the stage threads
+    overlap = min(e1, e2) - max(s1, s2)
+    if workers == 2:
+        assert overlap > 0.05, log  # the two independent stages ran together
+        assert pipe.wall < pipe.timings["sci"] + pipe.timings["ref"]
+    else:
+        assert overlap <= 0
+
+
+def test_pipeline_concurrent_failure_names_the_stage():
+    log = []
+    pipe = P.Pipeline({
+        "ok": P.Stage(Sleepy("ok", log, 0.05), reads={"image": "x"}, writes="y"),
+        "bad": P.Stage(Sleepy("bad", log, 0.01, fail=True), reads={"image": "x"}, writes="z"),
+        "after": P.Stage(Affine(), reads={"image": "z"}, writes="w"),
+    }, workers=2)
+    with pytest.raises(P.PipelineError, match="bad.*boom"):
+        pipe({"x": torch.zeros(1)})
+    assert "after" not in pipe.timings  # nothing that needed the failed stage ran
+    with pytest.raises(ValueError, match="workers"):
+        P.Pipeline({}, workers=0)
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, image, mask=None):
+        self.calls += 1
+        return image * 2
+
+
+def test_shared_reference_cache_reuses_only_equal_inputs():
+    inner = Counting()
+    shared = P.SharedReference(inner)
+    ref = torch.arange(8.0).reshape(2, 1, 2, 2)
+    a = shared(image=ref)
+    b = shared(image=ref.clone())  # same values, another tensor: reused
+    assert inner.calls == 1 and torch.equal(a, b)
+    changed = ref.clone()
+    changed[0, 0, 1, 1] += 1e-6  # one pixel differs: recomputed
+    c = shared(image=changed)
+    assert inner.calls == 2 and c[0, 0, 1, 1] == changed[0, 0, 1, 1] * 2
+    shared(image=changed, mask=torch.zeros(2, 1, 2, 2, dtype=torch.bool))  # another argument: recomputed
+    assert inner.calls == 3
+    off = P.SharedReference(Counting(), cache=False)
+    off(image=ref), off(image=ref)
+    assert off.module.calls == 2
+
 def _write_frames(tmp_path, n=3, corrupt=True):
     from astroprep_torch import sim
     from astroprep_torch.io import write_fits
@@ -246,10 +336,11 @@ def test_compiled_graph_equals_eager_inductor():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("asynchronous", [True, False])
+@pytest.mark.parametrize("asynchronous", [True, False, "process"])
 def test_writer_thread_and_write_failures(tmp_path, asynchronous):
-    """The writer (on its thread or in the loop) has written everything when predict returns; a product
-    that cannot be written fails its frame in the manifest, with the reason, and the run goes on."""
+    """The writer (on its thread, in its process or in the loop) has written everything when predict
+    returns; a product that cannot be written fails its frame in the manifest, with the reason, and the
+    run goes on; a writer that cannot write at all stops the run with the reason."""
     import lightning as L
 
     from astroprep_torch.data import FitsFrameDataModule
@@ -261,7 +352,7 @@ def test_writer_thread_and_write_failures(tmp_path, asynchronous):
                         enable_model_summary=False, callbacks=[writer])
     trainer.predict(P.PreprocessModule(_tiny_pipeline()), datamodule=FitsFrameDataModule(tmp_path / "in"),
                     return_predictions=False)
-    assert writer._thread is None  # drained and stopped
+    assert writer._thread is None and writer._proc is None  # drained and stopped
     assert sorted(r["name"] for r in writer.rows) == ["frame0", "frame1", "frame2"]
     assert all((tmp_path / "out" / f"frame{i}.diff.fits").exists() for i in range(3))
     assert len(writer.write_seconds) == 3
@@ -274,6 +365,17 @@ def test_writer_thread_and_write_failures(tmp_path, asynchronous):
                     return_predictions=False)
     rows = P.read_manifest(tmp_path / "out2")
     assert {r["status"] for r in rows.values()} == {"failed"} and "hologram" in rows["frame0"]["reason"]
+
+    if asynchronous is not False:
+        (tmp_path / "not_a_dir").write_text("a file where the output folder should be")
+        dead = P.FrameWriter(tmp_path / "not_a_dir", products=products, asynchronous=asynchronous)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[dead])
+        with pytest.raises(RuntimeError, match="writing outputs failed: FileExistsError"):
+            trainer.predict(P.PreprocessModule(_tiny_pipeline()), datamodule=FitsFrameDataModule(tmp_path / "in"),
+                            return_predictions=False)
+    with pytest.raises(ValueError, match="asynchronous"):
+        P.FrameWriter(tmp_path / "x", asynchronous="fiber")
 
 
 def test_write_ecsv_round_trip(tmp_path):
