@@ -48,10 +48,14 @@ _SUBMODULES = (
     "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli",
 )
 
-__all__ = list(_SUBMODULES) + ["__version__"]
+__all__ = list(_SUBMODULES) + ["__version__", "retain_freed_memory"]
 
 
 def __getattr__(name: str):
+    if name == "retain_freed_memory":  # see astroprep_torch._ops.retain_freed_memory
+        from ._ops import retain_freed_memory
+
+        return retain_freed_memory
     if name in _SUBMODULES:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module

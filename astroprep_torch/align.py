@@ -560,6 +560,7 @@ def _reproject_grid_sample(image: Tensor, mask: Optional[Tensor], mapping: "_Map
     lim = torch.tensor([1.0 + sx / 2, 1.0 + sy / 2], dtype=gnodes.dtype, device=image.device)
     buf64 = gnodes.new_empty(b, chunk_rows, w_out * 2)  # reused: no fresh pages per chunk
     buf = image.new_empty(b, chunk_rows, w_out, 2)
+    bbuf = torch.empty(b, chunk_rows, w_out, 2, dtype=torch.bool, device=image.device)
     for r0 in range(0, h_out, chunk_rows):
         r1 = min(h_out, r0 + chunk_rows)
         # rows between the same four node rows share them: one small (rows x 4) @ (4 x 2W) product
@@ -575,8 +576,12 @@ def _reproject_grid_sample(image: Tensor, mask: Optional[Tensor], mapping: "_Map
             a = e
         grid = buf[:, : r1 - r0]
         grid.view(b, r1 - r0, w_out * 2).copy_(grid64)
-        # the inside test on the float64 coordinates (the float32 grid rounds to ~1e-4 px at 4096 px)
-        inside = (grid64.view(b, r1 - r0, w_out, 2).abs() <= lim).all(-1).unsqueeze(1)
+        # the inside test on the float64 coordinates (the float32 grid rounds to ~1e-4 px at 4096 px);
+        # grid64 is scratch once copied: |g| in place, and the (x ok, y ok) bool pairs, adjacent in
+        # memory, read as one int16 (both true <=> 0x0101) instead of an all(-1) reduction
+        ok2 = torch.le(grid64.abs_().view(b, r1 - r0, w_out, 2), lim, out=bbuf[:, : r1 - r0])
+        inside = (ok2.view(torch.int16) == 0x0101).view(b, 1, r1 - r0, w_out) if ok2.is_contiguous() \
+            else ok2.all(-1).unsqueeze(1)
         grid.clamp_(-1.0, 1.0)
         vals = F.grid_sample(src, grid, mode=interpolation, padding_mode="border", align_corners=True)
         v, fp = _finish(vals, inside, c, masked)

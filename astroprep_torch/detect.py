@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import bad_pixels, check_image, check_mask
+from ._checks import all_finite, bad_pixels, check_image, check_mask
 from ._ops import serial_on_cpu
 
 __all__ = [
@@ -237,11 +237,13 @@ def _strip_kernel(kernel, dtype, device):
     return None if sep is None else (sep[0].tolist(), sep[1].tolist())
 
 
-def _filter_threshold_strips(img: Tensor, tmap: Tensor, factors):
+def _filter_threshold_strips(img: Tensor, noise: Tensor, thresh: float, factors, bad: Optional[Tensor] = None):
     """Detected pixels of a CPU image without frame-sized temporaries: the image is filtered in strips
     of rows (the same float operations as :func:`_separable_filter`, so the same values), each strip
-    thresholded and compacted at once (numpy ``flatnonzero``, several times faster than ATen's
-    ``nonzero``). Returns the sorted linear indices over (B, H, W) and the filtered values there."""
+    thresholded at ``thresh * noise`` (the same float product as :func:`detection_threshold`) and
+    compacted at once (numpy ``flatnonzero``, several times faster than ATen's ``nonzero``). ``bad``
+    pixels enter the filter as 0 and are never detected. Returns the sorted linear indices over
+    (B, H, W) and the filtered values there."""
     import numpy as np
 
     B, _, H, W = img.shape
@@ -253,33 +255,45 @@ def _filter_threshold_strips(img: Tensor, tmap: Tensor, factors):
     pad = torch.zeros(R + 2 * ph, W + 2 * pw, dtype=dt)
     hbuf = torch.empty(R + 2 * ph, W, dtype=dt)
     obuf = torch.empty(R, W, dtype=dt)
-    flat_t = tmap.stride(-1) == 0 and tmap.stride(-2) == 0
+    tbuf = torch.empty(R, W, dtype=dt)
+    flat_t = noise.stride(-1) == 0 and noise.stride(-2) == 0
     idx_parts, f_parts = [], []
     for b in range(B):
-        tb = tmap[b if tmap.shape[0] > 1 else 0, 0]
+        nb = noise[b if noise.shape[0] > 1 else 0, 0]
+        bb = None if bad is None else bad[b if bad.shape[0] > 1 else 0, 0]
+        t_const = (thresh * nb[0, 0]).numpy() if flat_t else None
         for r0 in range(0, H, R):
             r1 = min(H, r0 + R)
             n = r1 - r0
-            if none:
+            if none and bb is None:
                 o = img[b, 0, r0:r1]
             else:
                 lo, hi = max(0, r0 - ph), min(H, r1 + ph)
                 P = pad[: n + 2 * ph]
                 a = lo - (r0 - ph)
                 P[:a].zero_()
-                P[a:a + hi - lo, pw:pw + W] = img[b, 0, lo:hi]
+                inner = P[a:a + hi - lo, pw:pw + W]
+                inner.copy_(img[b, 0, lo:hi])
+                if bb is not None:
+                    inner.masked_fill_(bb[lo:hi], 0.0)
                 P[a + hi - lo:].zero_()
-                h = hbuf[: n + 2 * ph]
-                torch.mul(P[:, 0:W], row[0], out=h)
-                for j in range(1, len(row)):
-                    h.add_(P[:, j:j + W], alpha=row[j])
-                o = obuf[:n]
-                torch.mul(h[0:n], col[0], out=o)
-                for i in range(1, len(col)):
-                    o.add_(h[i:i + n], alpha=col[i])
+                if none:
+                    o = P[ph:ph + n, pw:pw + W]
+                else:
+                    h = hbuf[: n + 2 * ph]
+                    torch.mul(P[:, 0:W], row[0], out=h)
+                    for j in range(1, len(row)):
+                        h.add_(P[:, j:j + W], alpha=row[j])
+                    o = obuf[:n]
+                    torch.mul(h[0:n], col[0], out=o)
+                    for i in range(1, len(col)):
+                        o.add_(h[i:i + n], alpha=col[i])
             on = o.numpy()
-            t = tb[0, 0].numpy() if flat_t else tb[r0:r1].numpy()
-            li = np.flatnonzero(on > t)
+            t = t_const if flat_t else torch.mul(nb[r0:r1], thresh, out=tbuf[:n]).numpy()
+            above = on > t
+            if bb is not None:
+                above &= ~bb[r0:r1].numpy()
+            li = np.flatnonzero(above)
             if li.size:
                 f_parts.append(on.reshape(-1)[li])
                 idx_parts.append(li + (b * H + r0) * W)
@@ -288,8 +302,13 @@ def _filter_threshold_strips(img: Tensor, tmap: Tensor, factors):
     return torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(f_parts))
 
 
-def detection_threshold(rms, image: Tensor, thresh: float) -> Tensor:
-    """``thresh * rms`` broadcast to (B,1,H,W); ``rms`` is a map (B,1,H,W)/(1,1,H,W), a (B,) tensor or a float."""
+def _noise_map(rms, image: Tensor) -> Tensor:
+    """``rms`` as a tensor broadcast to (B,1,H,W) without copying (a view); see :func:`detection_threshold`."""
+    return _noise_base(rms, image).expand(image.shape[0], 1, *image.shape[-2:])
+
+
+def _noise_base(rms, image: Tensor) -> Tensor:
+    """``rms`` checked and shaped (B|1, 1, H|1, W|1), not expanded."""
     B, _, H, W = image.shape
     r = torch.as_tensor(rms, dtype=image.dtype, device=image.device)
     if r.dim() == 0:
@@ -303,7 +322,13 @@ def detection_threshold(rms, image: Tensor, thresh: float) -> Tensor:
             raise ValueError(f"rms map must be shaped (B,1,H,W) like image {tuple(image.shape)}, got {tuple(r.shape)}")
     else:
         raise ValueError(f"rms must be a float, a (B,) tensor or a (B,1,H,W) map, got shape {tuple(r.shape)}")
-    return (thresh * r).expand(B, 1, H, W)
+    return r
+
+
+def detection_threshold(rms, image: Tensor, thresh: float) -> Tensor:
+    """``thresh * rms`` broadcast to (B,1,H,W); ``rms`` is a map (B,1,H,W)/(1,1,H,W), a (B,) tensor or a float."""
+    B, _, H, W = image.shape
+    return (thresh * _noise_base(rms, image)).expand(B, 1, H, W)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -838,21 +863,23 @@ def detect_sources(
     # one cheap reduction tells whether any NaN/inf needs zeroing (avoids full-frame isfinite passes)
     if mask is None and bool(torch.isfinite(image.sum())):
         bad = None
-        img = image
+    elif mask is not None and all_finite(image):
+        bad = mask.expand(image.shape)  # read only below: no copy
     else:
         bad = bad_pixels(image, mask)
-        img = torch.where(bad, torch.zeros_like(image), image)
-    tmap = detection_threshold(rms, image, thresh)
+    noise = _noise_base(rms, image)
     factors = None
-    if not dense and bad is None and _host(image):
+    if not dense and _host(image):
         factors = _strip_kernel(filter_kernel, image.dtype, device)
     filt = None
     if factors is not None:
-        # CPU: filter, threshold and compact strip by strip (no frame-sized temporaries)
-        idx, f = _filter_threshold_strips(img, tmap, factors)
+        # CPU: filter, threshold and compact strip by strip (no frame-sized temporaries); bad pixels
+        # enter the filter as 0 and are never detected
+        idx, f = _filter_threshold_strips(image, noise.expand(B, 1, H, W), thresh, factors, bad)
     else:
+        img = image if bad is None else torch.where(bad, torch.zeros_like(image), image)
         filt = filter_image(img, filter_kernel)
-        det = filt > tmap
+        det = filt > (thresh * noise).expand(B, 1, H, W)
         if bad is not None:
             det &= ~bad
         idx = det.reshape(-1).nonzero().squeeze(1)
@@ -864,11 +891,12 @@ def detect_sources(
     rem = idx % HW
     yi, xi = rem // W, rem % W
     f = f.double()
-    val = img.reshape(-1).index_select(0, idx).double()
-    if tmap.stride(-1) == 0 and tmap.stride(-2) == 0:  # one threshold per image: no frame-sized copy
-        tp = _g(tmap[:, 0, 0, 0], b).double()
+    val = image.reshape(-1).index_select(0, idx).double()  # detected pixels are never bad
+    if noise.shape[-2:] == (1, 1):  # one threshold per image: no frame-sized copy
+        tp = _g((thresh * noise)[:, 0, 0, 0].expand(B), b).double()
     else:
-        tp = tmap[b, 0, yi, xi].double()
+        nz = noise.expand(B, 1, H, W)
+        tp = (thresh * nz[b, 0, yi, xi]).double()
     u, v = _pixel_edges(idx, xi, yi, H, W)
     root = connected_components(P, u, v)
     roots, obj = _unique_roots(root)
@@ -1298,12 +1326,11 @@ class SourceExtractor(nn.Module):
         phot = _photometry_module()
         meas = None
         if phot is not None and hasattr(phot, "measure"):
-            rms_map = detection_threshold(rms, image, 1.0)
-            tmap = self.thresh * rms_map
+            rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
             sparse = {k: det[k] for k in ("pixels", "pixel_row", "pixel_filtered", "detected", "batch_index", "label")}
             meas = phot.measure(
                 image, None, rms_map,
-                thresh=tmap, detect_thresh=tmap,
+                thresh_nsigma=self.thresh,
                 phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
                 autoapers=self.autoapers, flux_fracs=self.flux_fracs,
                 gain=self.gain, mask=mask, mask_type=self.mask_type,

@@ -291,9 +291,10 @@ def _chunks(idx: Tensor, per_obj: int, max_elems: int):
 class _Frame:
     """Flattened per-frame data plus stamp gathering."""
 
-    def __init__(self, image, seg, var, blankmap, H, W, mask_type, bseg=None):
+    def __init__(self, image, seg, var, blankmap, H, W, mask_type, bseg=None, var_is_rms=False):
         self.img = image.reshape(-1)
         self.var = var  # broadcastable map (B?,1,H?,W?)
+        self.var_is_rms = var_is_rms  # ``var`` holds the rms: squared where gathered (no frame-sized square)
         # one gather instead of two: label of blanked pixels, -1 where not blanked (given as ``bseg``
         # by the detector's sparse path)
         if bseg is not None:
@@ -382,8 +383,10 @@ class _Frame:
         bb = b if B > 1 else torch.zeros_like(b)
         shape = (ix.shape[0], iy.shape[1], ix.shape[2])
         if H == 1 and W == 1:
-            return v.reshape(-1)[bb][:, None, None].expand(shape)
-        return v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)].expand(shape)
+            g = v.reshape(-1)[bb][:, None, None]
+        else:
+            g = v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)]
+        return (g * g if self.var_is_rms else g).expand(shape)
 
     def corrected(self, st: dict, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor) -> Tensor:
         """Pixel values with blanked neighbours replaced as SExtractor's MASK_TYPE (CORRECT: the pixel
@@ -1070,6 +1073,7 @@ def _measure(
     filter_kernel: Union[str, Tensor, None] = "default",
     thresh=None,
     detect_thresh=None,
+    thresh_nsigma: float = 1.5,
     phot_apertures: Sequence[float] = (10.0,),
     kron_fact: float = 2.5,
     min_radius: float = 3.5,
@@ -1099,7 +1103,8 @@ def _measure(
         filtered: the detection-filtered image (SExtractor's FILTERED check image); computed with
             ``filter_kernel`` when None.  Barycentres and second moments use it (as SExtractor).
         thresh: analysis threshold in ADU (scalar or map) for ``npix`` (ISOAREA_IMAGE);
-            default ``1.5 * rms``.  ``detect_thresh``: detection threshold in ADU (scalar or map) on
+            default ``thresh_nsigma * rms`` (1.5 rms), made only at the pixels where it is used.
+            ``detect_thresh``: detection threshold in ADU (scalar or map) on
             ``filtered`` that defines the blanked neighbour pixels; default ``thresh``.
         phot_apertures: aperture *diameters* in pixels (SExtractor's PHOT_APERTURES).
         kron_fact, min_radius: PHOT_AUTOPARAMS.  autoapers: PHOT_AUTOAPERS (diameters).
@@ -1146,14 +1151,17 @@ def _measure(
     mask = check_mask(mask, image)
     if rms is None and var is None:
         raise ValueError("give the noise as rms= (scalar, (B,) or map) or var=")
-    if var is not None:
-        varmap = _as_map(var, image, "var")
-    else:
-        r = _as_map(rms, image, "rms")
-        varmap = r * r
-    rmsmap = torch.sqrt(varmap)
-    threshmap = _as_map(thresh, image, "thresh") if thresh is not None else 1.5 * rmsmap
-    dthreshmap = _as_map(detect_thresh, image, "detect_thresh") if detect_thresh is not None else threshmap
+    # noise maps stay as given (an rms map is squared only where it is gathered: no frame-sized
+    # variance, rms or threshold copies)
+    var_is_rms = var is None
+    noise = _as_map(var, image, "var") if var is not None else _as_map(rms, image, "rms")
+    threshmap = _as_map(thresh, image, "thresh") if thresh is not None else None  # None: 1.5 rms
+
+    def thresh_at(idx):
+        if threshmap is not None:
+            return _at_pixels(threshmap, idx, B, H, W)
+        n_ = _at_pixels(noise, idx, B, H, W)
+        return thresh_nsigma * (n_ if var_is_rms else torch.sqrt(n_))
     if _sparse is not None:
         filtered = None
     elif filtered is None:
@@ -1253,8 +1261,10 @@ def _measure(
     y = ym + ymin.double()
 
     # isophotal measurements on the measurement image
-    varp = _at_pixels(varmap, pidx, B, H, W)
-    thr = _at_pixels(threshmap, pidx, B, H, W)
+    varp = _at_pixels(noise, pidx, B, H, W)
+    if var_is_rms:
+        varp = varp * varp
+    thr = thresh_at(pidx)
     npix = _ssum((v.detach() > thr).long())
     if isophotal is not None and isophotal.get("npix") is not None:
         onp = torch.as_tensor(isophotal["npix"], device=dev).double().reshape(-1)
@@ -1322,11 +1332,18 @@ def _measure(
             bseg.index_put_((pidx,), label.to(torch.int32).index_select(0, inv))
     else:
         if mask_type != "none":
+            if detect_thresh is not None:
+                dthreshmap = _as_map(detect_thresh, image, "detect_thresh")
+            elif threshmap is not None:
+                dthreshmap = threshmap
+            else:
+                dthreshmap = thresh_nsigma * (noise if var_is_rms else torch.sqrt(noise))
             det = filtered.detach() > dthreshmap
             blank = det
         if mask is not None:
             blank = mask if blank is None else (blank | mask)
-    fr = _Frame(image, seg, varmap, blank, H, W, mask_type if mask_type != "none" else "correct", bseg=bseg)
+    fr = _Frame(image, seg, noise, blank, H, W, mask_type if mask_type != "none" else "correct", bseg=bseg,
+                var_is_rms=var_is_rms)
     if mask_type == "none" and mask is not None:
         fr.mask_type = "blank"  # bad pixels only: contribute nothing
     geo = {"bi": bidx, "label": label, "x": x, "y": y, "a": a_, "bm": b_, "cxx": cxx, "cyy": cyy, "cxy": cxy}

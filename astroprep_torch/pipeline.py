@@ -364,8 +364,18 @@ class AlignToReference(nn.Module):
         c = image.shape[1]
         # Bad pixels become NaN, which spreads to every output pixel whose kernel touches them (as in
         # reproject); that is exact for masking and much cheaper than renormalised masked sampling.
-        marked = image if mask is None else torch.where(mask, torch.full_like(image, float("nan")), image)
-        stack = marked if extra is None else torch.cat([marked, extra], dim=1)
+        # The frame (marked) and the extra maps are written into one new stack: one frame-sized
+        # allocation, not two.
+        if mask is None and extra is None:
+            stack = image
+        else:
+            ce = 0 if extra is None else extra.shape[1]
+            stack = image.new_empty((image.shape[0], c + ce, *image.shape[-2:]))
+            stack[:, :c] = image
+            if mask is not None:
+                stack[:, :c].masked_fill_(mask.expand_as(image), float("nan"))
+            if extra is not None:
+                stack[:, c:] = extra
         use_wcs = self.method == "wcs" or (self.method == "auto" and src_wcs is not None and dst_wcs is not None)
         if use_wcs:
             if src_wcs is None or dst_wcs is None:
@@ -383,10 +393,17 @@ class AlignToReference(nn.Module):
                 warped = kornia.geometry.transform.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]),
                                                                mode="bilinear", align_corners=True)
                 out = torch.cat([out, warped], dim=1)
-        bad = ~torch.isfinite(out[:, :c]).all(dim=1, keepdim=True) | (footprint < 0.999)
+        if method == "wcs":
+            # reproject's footprint is 0 wherever any channel is not finite (those pixels hold NaN)
+            # and 1 elsewhere: the footprint alone marks the bad pixels, and the NaNs become 0 in place
+            # (the output is reproject's own new tensor)
+            bad = footprint < 0.999
+            out.nan_to_num_(nan=0.0)
+        else:
+            bad = ~torch.isfinite(out[:, :c]).all(dim=1, keepdim=True) | (footprint < 0.999)
+            out = torch.nan_to_num(out, nan=0.0)
         if reference_mask is not None:
             bad = bad | reference_mask
-        out = torch.nan_to_num(out, nan=0.0)
         return AlignedFrames(out[:, :c], out[:, c:] if extra is not None else None, bad, footprint, method)
 
 
@@ -844,6 +861,9 @@ def _writer_process(output_dir: str, products: dict, header: Optional[str], jobs
     torch.set_num_threads(1)
     from astropy.io import fits
 
+    from ._ops import retain_freed_memory
+
+    retain_freed_memory()
     writer = FrameWriter(output_dir, products=products,
                          reference_header=fits.Header.fromstring(header) if header is not None else None,
                          asynchronous=False)
@@ -1038,6 +1058,10 @@ def run_from_config(cfg) -> dict:
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("retain_memory", True):
+        from ._ops import retain_freed_memory
+
+        retain_freed_memory()  # frame after frame reuses the same pages (see its docstring)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     truth = None

@@ -85,7 +85,8 @@ def test_folder_with_a_corrupt_file_and_ddp(demo_run, tmp_path):
     (inputs / "corrupt.fits").write_bytes(sci[: len(sci) // 3])  # truncated
     out = tmp_path / "out"
     _astroprep("run", f"input={inputs}", f"reference={src / 'inputs' / 'reference.fits'}", f"output={out}",
-               "trainer.devices=2", "trainer.strategy=ddp", *SMALL[4:], env={"OMP_NUM_THREADS": "1"})
+               "trainer.devices=2", "trainer.strategy=ddp", "async_write=thread", *SMALL[4:],
+               env={"OMP_NUM_THREADS": "1"})
     from astroprep_torch.pipeline import read_manifest
 
     rows = read_manifest(out)
@@ -101,14 +102,15 @@ def test_classic_tool_presets(demo_run, tmp_path):
     """Drop-in presets: SExtractor check images and catalogs, SWarp-like reprojection."""
     src, _ = demo_run
     sci, ref = src / "inputs" / "science.fits", src / "inputs" / "reference.fits"
-    _astroprep("background", f"input={sci}", f"output={tmp_path / 'b'}", "trainer.enable_progress_bar=false")
+    fast = ["trainer.enable_progress_bar=false", "async_write=thread"]  # the writer process is tested elsewhere
+    _astroprep("background", f"input={sci}", f"output={tmp_path / 'b'}", *fast)
     assert (tmp_path / "b" / "science.bkg.fits").exists() and (tmp_path / "b" / "science.rms.fits").exists()
-    _astroprep("extract", f"input={sci}", f"output={tmp_path / 'e'}", "trainer.enable_progress_bar=false")
+    _astroprep("extract", f"input={sci}", f"output={tmp_path / 'e'}", *fast)
     from astropy.table import Table
 
     assert len(Table.read(tmp_path / "e" / "science.cat.ecsv")) > 50
     _astroprep("reproject", f"input={sci}", f"reference={ref}", f"output={tmp_path / 'r'}",
-               "trainer.enable_progress_bar=false", "pipeline.stages.align.module.interpolation=bilinear")
+               *fast, "pipeline.stages.align.module.interpolation=bilinear")
     from astroprep_torch.io import read_fits
 
     aligned = read_fits(tmp_path / "r" / "science.aligned.fits")
@@ -118,7 +120,8 @@ def test_classic_tool_presets(demo_run, tmp_path):
 def test_multirun_sweep_writes_metrics_per_run(tmp_path):
     """`astroprep run -m background.box_size=32,64`: one run per value, each with its metrics and config."""
     sweep = tmp_path / "sweep"
-    tiny = ["sim.shape=[192,192]", "sim.n_stars=80", "sim.n_transients=4", "sim.n_moving=0", *SMALL[4:]]
+    tiny = ["sim.shape=[192,192]", "sim.n_stars=80", "sim.n_transients=4", "sim.n_moving=0", "async_write=thread",
+            *SMALL[4:]]
     _astroprep("run", "-m", "background.box_size=32,64", f"hydra.sweep.dir={sweep}", *tiny)
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0", "1"]

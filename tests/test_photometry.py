@@ -290,6 +290,36 @@ def test_batch_and_dtype(device, dtype):
     np.testing.assert_array_equal(both["flags"][n1:].cpu().numpy(), one["flags"].cpu().numpy())
 
 
+
+def test_threaded_object_groups_equal_one_group(monkeypatch):
+    """measure() splits the objects over torch.get_num_threads() Python threads (>= _SPLIT_MIN objects);
+    every column equals the one-thread run's up to float summation order, flags exactly."""
+    img, _, _ = _star_field(n=120, shape=(160, 200), seed=5)
+    seg = torch.from_numpy(_segment(img, 3.0))[None, None]
+    image = torch.from_numpy(img).float()[None, None]
+    calls = []
+    real = P._split_run
+
+    def spy(fn, geo, n, workers):
+        calls.append(workers)
+        return real(fn, geo, n, workers)
+
+    monkeypatch.setattr(P, "_split_run", spy)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = P.measure(image, seg, 1.0, phot_apertures=(6.0, 10.0))
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setattr(P, "_SPLIT_MIN", 20)  # this frame's ~100 objects in two groups
+    two = P._measure(image, seg, 1.0, phot_apertures=(6.0, 10.0), workers=2)
+    assert calls == [1, 2] and len(one["x"]) >= 40
+    for k in ("x", "y", "flux_aper", "fluxerr_aper", "flux_auto", "fluxerr_auto", "kron_radius", "flux_radius"):
+        np.testing.assert_allclose(two[k].double().numpy(), one[k].double().numpy(), rtol=1e-5, atol=1e-4, err_msg=k)
+    for k in ("xwin", "ywin"):
+        np.testing.assert_allclose(two[k].double().numpy(), one[k].double().numpy(), atol=1e-3, err_msg=k)
+    np.testing.assert_array_equal(two["flags"].numpy(), one["flags"].numpy())
+
 def test_photometry_module_and_repr():
     img, _, _ = _star_field(n=10, shape=(64, 80), seed=4)
     seg = torch.from_numpy(_segment(img, 3.0))[None, None]

@@ -400,3 +400,22 @@ def test_write_ecsv_round_trip(tmp_path):
     t2 = Table({"S": ["a b", "c"], "V": [[1.0, 2.0], [3.0, 4.0]]})  # astropy's writer handles these
     P.write_ecsv(t2, tmp_path / "b.ecsv")
     assert list(Table.read(tmp_path / "b.ecsv", format="ascii.ecsv")["S"]) == ["a b", "c"]
+
+
+def test_retain_freed_memory_switch():
+    """astroprep_torch.retain_freed_memory(): applies once on glibc (True, idempotent); the environment
+    switch turns it off. Run in fresh interpreters: it is process-wide."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "import astroprep_torch as ap; print(ap.retain_freed_memory(), ap.retain_freed_memory())"
+    env = dict(os.environ)
+    env.pop("ASTROPREP_RETAIN_MEMORY", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert out == ["True", "True"]
+    env["ASTROPREP_RETAIN_MEMORY"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == ["False", "False"]
