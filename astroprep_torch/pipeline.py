@@ -638,8 +638,9 @@ class FrameWriter(BasePredictionWriter):
         self._done: Optional[dict[str, dict]] = None
         self._queue = None
         self._thread = None
-        self._proc = None
-        self._results = None
+        self._proc = None  # the writer service (process mode)
+        self._wid = 0
+        self._outstanding = 0  # batches handed to the writer process, not yet reported written
         self._error: Optional[BaseException] = None
 
     # -- resume --------------------------------------------------------------------------------
@@ -661,7 +662,11 @@ class FrameWriter(BasePredictionWriter):
             self._raise_pending_error()
             if self._proc is None:
                 self._start_process()
-            self._queue.put((self._slim(prediction, for_process=True), rank))  # blocks while max_pending wait
+            while self._outstanding >= self.max_pending:  # wait while max_pending batches are queued
+                self._collect(block=True, until="rows")
+                self._raise_pending_error()
+            self._outstanding += 1
+            self._proc.jobs.put(("write", self._wid, self._slim(prediction, for_process=True), rank))
             return
         self._raise_pending_error()
         if self._thread is None:
@@ -679,44 +684,34 @@ class FrameWriter(BasePredictionWriter):
         return dict(prediction, outputs=outputs)
 
     # -- the writer process ----------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.mode == "process":
+            self._start_process()  # the process starts while the first frames compute
+
     def _start_process(self) -> None:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP threads do not survive a fork
-        self._queue = ctx.Queue(maxsize=self.max_pending)
-        self._results = ctx.Queue()
-        header = self.reference_header.tostring() if self.reference_header is not None else None
-        self._proc = ctx.Process(target=_writer_process, name="astroprep-frame-writer", daemon=True,
-                                 args=(str(self.output_dir), self.products, header, self._queue, self._results))
-        self._proc.start()
-
-    def _collect(self, block: bool) -> None:
-        """Take the writer process's reports (manifest rows, timings, errors); with ``block``, until it
-        has stopped."""
-        import queue as _q
-
-        if self._results is None:
+        if self._proc is not None:
             return
-        while True:
-            try:
-                msg = self._results.get(timeout=1.0) if block else self._results.get_nowait()
-            except _q.Empty:
-                if not block:
-                    return
-                if not self._proc.is_alive():  # died without reporting (killed): say so
-                    if self._error is None:
-                        self._error = _WriterProcessError(f"the writer process exited with code {self._proc.exitcode}")
-                    return
-                continue
-            kind = msg[0]
+        self._proc = _writer_service()
+        self._wid = self._proc.register(self)
+        header = self.reference_header.tostring() if self.reference_header is not None else None
+        self._proc.jobs.put(("config", self._wid, str(self.output_dir), self.products, header))
+
+    def _collect(self, block: bool, until: str = "flushed") -> None:
+        """Take this writer's reports from the writer process (manifest rows, timings, errors);
+        with ``block``, wait until one of kind ``until`` arrived ("rows": a batch written;
+        "flushed": everything queued before the flush request is written)."""
+        if self._proc is None:
+            return
+        for kind, payload in self._proc.messages(self._wid, block, until):
             if kind == "rows":
-                self.rows += msg[1]
-                self.write_seconds += msg[2]
+                rows, secs = payload
+                self.rows += rows
+                self.write_seconds += secs
+                self._outstanding -= 1
             elif kind == "error":
+                self._outstanding = 0
                 if self._error is None:
-                    self._error = _WriterProcessError(msg[1])
-            elif kind == "done":
-                return
+                    self._error = _WriterProcessError(payload)
 
     def _start(self) -> None:
         import queue
@@ -756,13 +751,11 @@ class FrameWriter(BasePredictionWriter):
             self._thread.join()
             self._thread, self._queue = None, None
         if self._proc is not None:
-            if self._proc.is_alive():
-                self._queue.put(None)
-            self._collect(block=True)
-            self._proc.join(timeout=60)
-            if self._proc.is_alive():  # pragma: no cover - a hung writer must not hang the run
-                self._proc.kill()
-            self._proc, self._queue, self._results = None, None, None
+            if self._proc.alive():
+                self._proc.jobs.put(("flush", self._wid))
+            self._collect(block=True, until="flushed")
+            self._proc.unregister(self._wid)
+            self._proc, self._outstanding = None, 0
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.flush()
@@ -855,34 +848,110 @@ def _portable(value):
     return value
 
 
-def _writer_process(output_dir: str, products: dict, header: Optional[str], jobs, results) -> None:
-    """Body of :class:`FrameWriter`'s writer process: write each queued prediction in the loop, report
-    the manifest rows (or the error) back; ``None`` ends it."""
+class _WriterService:
+    """One writer process per parent process, shared by every process-mode :class:`FrameWriter`
+    (a Python and torch start costs seconds: paid once, not per run or per ``Trainer.predict``).
+    Jobs go in one queue, in order: ``("config", id, ...)``, ``("write", id, prediction, rank)``,
+    ``("flush", id)``; reports come back tagged with the writer's id."""
+
+    def __init__(self):
+        import itertools
+
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP threads do not survive a fork
+        self.jobs = ctx.Queue()
+        self.results = ctx.Queue()
+        self.proc = ctx.Process(target=_writer_process, name="astroprep-frame-writer", daemon=True,
+                                args=(self.jobs, self.results))
+        self.proc.start()
+        self.pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._inbox: dict = {}  # reports for writers other than the one collecting
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def register(self, writer) -> int:
+        wid = next(self._ids)
+        self._inbox[wid] = []
+        return wid
+
+    def unregister(self, wid: int) -> None:
+        self._inbox.pop(wid, None)
+
+    def messages(self, wid: int, block: bool, until: str):
+        """Reports for writer ``wid``: what is there now; with ``block``, up to the first of kind
+        ``until`` (an error report or the process's death also ends the wait)."""
+        import queue as _q
+
+        mine = self._inbox.setdefault(wid, [])
+        out = []
+        while True:
+            while mine:
+                kind, payload = mine.pop(0)
+                out.append((kind, payload))
+                if block and kind in (until, "error"):
+                    return out
+            try:
+                msg = self.results.get(timeout=1.0) if block else self.results.get_nowait()
+            except _q.Empty:
+                if not block:
+                    return out
+                if not self.alive():  # died without reporting (killed): say so
+                    out.append(("error", f"the writer process exited with code {self.proc.exitcode}"))
+                    return out
+                continue
+            kind, owner, payload = msg
+            self._inbox.setdefault(owner, []).append((kind, payload))
+
+
+_SERVICE: Optional[_WriterService] = None
+
+
+def _writer_service() -> _WriterService:
+    """The writer process of this process (started on first use, again after fork or its death)."""
+    global _SERVICE
+    if _SERVICE is None or _SERVICE.pid != os.getpid() or not _SERVICE.alive():
+        _SERVICE = _WriterService()
+    return _SERVICE
+
+
+def _writer_process(jobs, results) -> None:
+    """Body of the writer process: for each job, write in the loop with the writer its ``config``
+    job set up and report back; after a writer's fatal error, its later batches are drained
+    without writing (as the writer thread does)."""
     torch.set_num_threads(1)
     from astropy.io import fits
 
     from ._ops import retain_freed_memory
 
     retain_freed_memory()
-    writer = FrameWriter(output_dir, products=products,
-                         reference_header=fits.Header.fromstring(header) if header is not None else None,
-                         asynchronous=False)
-    failed = False
+    writers: dict = {}
+    failed: set = set()
     while True:
-        item = jobs.get()
-        if item is None:
-            break
-        if failed:  # after a fatal error, drain without writing (as the writer thread)
-            continue
-        try:
-            n0 = len(writer.write_seconds)
-            rows = writer.write_prediction(*item)
-            results.put(("rows", rows, writer.write_seconds[n0:]))
-        except BaseException as exc:  # e.g. the manifest cannot be written
-            failed = True
-            results.put(("error", f"{type(exc).__name__}: {exc}"))
-        del item
-    results.put(("done",))
+        job = jobs.get()
+        kind, wid = job[0], job[1]
+        if kind == "config":
+            _, _, output_dir, products, header = job
+            writers[wid] = FrameWriter(output_dir, products=products, asynchronous=False,
+                                       reference_header=fits.Header.fromstring(header) if header is not None else None)
+        elif kind == "flush":
+            writers.pop(wid, None)
+            failed.discard(wid)
+            results.put(("flushed", wid, None))
+        elif kind == "write":
+            if wid in failed or wid not in writers:
+                continue
+            w = writers[wid]
+            try:
+                n0 = len(w.write_seconds)
+                rows = w.write_prediction(*job[2:])
+                results.put(("rows", wid, (rows, w.write_seconds[n0:])))
+            except BaseException as exc:  # e.g. the manifest cannot be written
+                failed.add(wid)
+                results.put(("error", wid, f"{type(exc).__name__}: {exc}"))
+        del job
 
 
 def write_ecsv(table, path) -> None:

@@ -223,7 +223,7 @@ def run_pipeline_mode(pipeline, ref, paths, out_dir: Path, workers: int, batch_s
     prof["other (waiting for data, loop)"] = statistics.fmean(gaps) / batch_size - prof["compute"] - prof["write (main thread)"]
     wt = getattr(writer, "write_seconds", None)
     if wt:
-        prof["write (writer thread, overlapped)"] = statistics.fmean(wt[warmup:] or wt)
+        prof["write (writer thread/process, overlapped)"] = statistics.fmean(wt[warmup:] or wt)
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"steady": steady, "all": n / wall, "ok": ok, "n": n, "profile": prof}
 
@@ -275,8 +275,16 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep every product (needs ~100 MB per 2048^2 frame)")
     ap.add_argument("--tmp", default=None, help="folder for the frames and outputs (default: system temp)")
     ap.add_argument("--name", default="pipeline_throughput")
+    ap.add_argument("--writer", default="process", choices=("process", "thread"),
+                    help="where plan steps w<N> write (w<N>thread / w<N>process / w<N>sync name it)")
+    ap.add_argument("--no-retain", action="store_true",
+                    help="leave glibc malloc's defaults (astroprep run calls astroprep_torch.retain_freed_memory())")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.no_retain:
+        from astroprep_torch import retain_freed_memory
+
+        retain_freed_memory()  # as `astroprep run` does (config retain_memory: true)
     stars = args.stars if args.stars is not None else int(round(20000 * args.size ** 2 / (4136 * 4096)))
     warmup = args.warmup if args.warmup is not None else max(2, args.frames // 20)
     command = "python experiments/pipeline_throughput.py " + " ".join(sys.argv[1:])
@@ -309,12 +317,15 @@ def main() -> None:
                         stages[k] = stages.get(k, 0.0) + v * len(chunk) / len(paths)
                     r = {"steady": steady, "all": allfps, "profile": {}}
                 elif step.startswith("w"):
-                    w, async_write = int(step[1:].replace("sync", "")), not step.endswith("sync")
-                    label = f"pipeline mode, num_workers={w}, writer {'in background' if async_write else 'in the loop'}"
+                    mode = next((m for m in ("sync", "thread", "process") if step.endswith(m)), "")
+                    w = int(step[1:len(step) - len(mode)])
+                    async_write = {"sync": False, "thread": "thread", "process": "process"}.get(mode, args.writer)
+                    where = {False: "in the loop", "thread": "on a thread", "process": "in a writer process"}[async_write]
+                    label = f"pipeline mode, num_workers={w}, writer {where}"
                     r = run_pipeline_mode(pipeline, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
                                           args.keep)
                 else:
-                    raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync)")
+                    raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync, w<N>thread, w<N>process)")
                 r["block"] = bi
                 results.setdefault(label, []).append(r)
                 fr, sec = r["steady"]
@@ -343,7 +354,8 @@ def main() -> None:
              f"main process (DataLoader workers use 1 thread each). Pipeline mode writes every default product "
              f"(5 FITS images with WCS, 2 ECSV catalogs, 2 tensor shards per frame) and the manifest. Order: {order}. "
              f"Frames/s pooled over runs = steady frames / steady seconds; the ratio divides by compute-only's "
-             f"({base:.3f} frames/s); 'per-block ratio' compares each block's runs (median, range).", "",
+             f"({base:.3f} frames/s); 'per-block ratio' compares each block's runs (median, range). Freed memory "
+             f"{'stays in the process (astroprep_torch.retain_freed_memory(), as astroprep run does)' if not args.no_retain else 'goes back to the OS (glibc defaults, --no-retain)'}.", "",
              "| mode | runs | frames/s steady (pooled) | frames/s whole runs (mean) | ratio to compute-only (pooled) | per-block ratio median [min, max] |",
              "|---|---|---|---|---|---|"]
     base_by_block = {r["block"]: r["steady"][0] / r["steady"][1] for r in results[COMPUTE]}
@@ -353,7 +365,7 @@ def main() -> None:
         pb = f"{statistics.median(per_block):.3f} [{per_block[0]:.3f}, {per_block[-1]:.3f}]" if per_block else "-"
         lines.append(f"| {label} | {len(rs)} | {pooled(rs):.3f} | {statistics.fmean(r['all'] for r in rs):.3f} | "
                      f"{pooled(rs) / base:.3f} | {pb} |")
-    keys = ["compute", "write (main thread)", "other (waiting for data, loop)", "write (writer thread, overlapped)"]
+    keys = ["compute", "write (main thread)", "other (waiting for data, loop)", "write (writer thread/process, overlapped)"]
     lines += ["", "Goal (issue #9): pipeline mode with 2 workers within 10% of the compute-only rate (ratio >= 0.90).", "",
               "Main-thread time per frame in pipeline mode (s, steady state, mean over runs):", "",
               "| mode | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
