@@ -348,6 +348,26 @@ def _term_kernels(theta: Tensor, basis: KernelBasis, spatial_order: int) -> Tens
     return torch.cat([kp[:, :1] + first[:, None], kp[:, 1:]], 1)
 
 
+def _pad_replicate(x: Tensor, left: int, right: int, top: int, bottom: int) -> Tensor:
+    """``F.pad(x, (left, right, top, bottom), mode="replicate")``, the same values; without autograd
+    as one copy of the frame plus edge fills (ATen's replication-pad kernel is several times slower
+    than a copy on CPU)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return F.pad(x, (left, right, top, bottom), mode="replicate")
+    h, w = x.shape[-2:]
+    xp = x.new_empty((*x.shape[:-2], h + top + bottom, w + left + right))
+    xp[..., top:top + h, left:left + w] = x
+    if left:
+        xp[..., top:top + h, :left] = x[..., :, :1]
+    if right:
+        xp[..., top:top + h, left + w:] = x[..., :, w - 1:]
+    if top:
+        xp[..., :top, :] = xp[..., top:top + 1, :]
+    if bottom:
+        xp[..., top + h:, :] = xp[..., top + h - 1:top + h, :]
+    return xp
+
+
 def _fft_tiles(x: Tensor, kernels: Tensor, tile: tuple[int, int], r: int, max_tiles: int = 48) -> Tensor:
     """Convolve x (B, C, H, W) by per-tile kernels (B, C, ty, tx, k, k) or broadcastable.
 
@@ -359,7 +379,7 @@ def _fft_tiles(x: Tensor, kernels: Tensor, tile: tuple[int, int], r: int, max_ti
     th, tw = tile
     ty, tx = -(-h // th), -(-w // tw)
     # one padded copy: edges replicated by r (and over the round-up to whole tiles, cropped later)
-    xp = F.pad(x, (r, r + tx * tw - w, r, r + ty * th - h), mode="replicate")
+    xp = _pad_replicate(x, r, r + tx * tw - w, r, r + ty * th - h)
     ph, pw = th + 2 * r, tw + 2 * r
     bo, co = torch.broadcast_shapes((b, c), tuple(kernels.shape[:2]))
     out = x.new_empty(bo, co, ty * th, tx * tw)

@@ -456,3 +456,14 @@ def test_hydra_configs():
     for key, value in HOTPANTS_KW.items():
         got = getattr(hp, key)
         assert got == value or got == (value, value), (key, got, value)
+
+
+def test_pad_replicate_equals_torch():
+    import torch.nn.functional as F
+
+    from astroprep_torch.subtract import _pad_replicate
+
+    for shape in [(1, 1, 37, 53), (2, 3, 5, 4)]:
+        x = torch.randn(shape)
+        for pads in [(3, 5, 2, 7), (0, 4, 0, 1), (6, 0, 3, 0), (0, 0, 0, 0)]:
+            assert torch.equal(_pad_replicate(x, *pads), F.pad(x, pads, mode="replicate")), (shape, pads)
