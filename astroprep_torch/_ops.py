@@ -86,19 +86,19 @@ def retain_freed_memory() -> bool:
     return _RETAINED
 
 
-_POOL = (None, None, 0)  # (executor, pid that made it, workers)
+_POOLS: dict = {}  # name -> (executor, pid that made it, workers)
 
 
-def thread_pool(workers: int):
+def thread_pool(workers: int, name: str = "astroprep"):
     """A lazily made pool of ``workers`` threads for kernels that release the GIL (made anew after
-    fork, e.g. in a DataLoader worker: threads do not survive it)."""
-    global _POOL
-    pool, pid, n = _POOL
+    fork, e.g. in a DataLoader worker: threads do not survive it). Each ``name`` is its own pool:
+    code running on one pool's threads must not wait on jobs it submits to the same pool."""
+    pool, pid, n = _POOLS.get(name, (None, None, 0))
     if pool is None or pid != os.getpid() or n != workers:
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astroprep")
-        _POOL = (pool, os.getpid(), workers)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        _POOLS[name] = (pool, os.getpid(), workers)
     return pool
 
 

@@ -214,12 +214,15 @@ class Pipeline(nn.Module):
         running ones are done.  Autograd / inference mode of the caller carry over to the threads."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
+        from ._ops import thread_pool
+
         deps = self.dependencies(todo)
         done: set = set()
         running: dict = {}
         started: set = set()
         grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        pool = _stage_pool(self.workers)
+        # the stages' own pool: a stage may wait on _ops.thread_pool's jobs from one of these threads
+        pool = thread_pool(self.workers, name="astroprep-stage")
 
         def call(i):
             with torch.inference_mode(infer), torch.set_grad_enabled(grad):
@@ -252,23 +255,6 @@ class Pipeline(nn.Module):
             state = "" if st.enabled else "  (disabled)"
             lines.append(f"{name}: {sorted(set(k.rstrip('?') for k in st.reads.values()))} -> {w}{state}")
         return "\n".join(lines)
-
-
-_STAGE_POOL = (None, None, 0)  # (executor, pid that made it, workers)
-
-
-def _stage_pool(workers: int):
-    """Threads for concurrent stages: their own pool, apart from :func:`astroprep_torch._ops.thread_pool`
-    that stages use inside (a stage waiting on that pool from one of its threads would deadlock);
-    made anew after fork (threads do not survive it)."""
-    global _STAGE_POOL
-    pool, pid, n = _STAGE_POOL
-    if pool is None or pid != os.getpid() or n != workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astroprep-stage")
-        _STAGE_POOL = (pool, os.getpid(), workers)
-    return pool
 
 
 class PipelineError(RuntimeError):
