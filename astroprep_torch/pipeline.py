@@ -552,7 +552,7 @@ def compile_graph(pipeline: Pipeline, **options) -> Pipeline:
     """Compile ``pipeline``'s per-frame graph in place (see ``PreprocessModule(compile=True)``).
 
     Returns the pipeline; ``{name: how}`` in ``pipeline.compiled_stages`` says what each stage got
-    (``"torch.compile"``, ``"fused kernels"``, ``"eager"``).
+    (``"torch.compile"``, ``"fused kernels"``, ``"eager"``). Sets ``pipeline.workers = 1``.
     """
     how = {}
     for name, stage in pipeline.stages.items():
@@ -568,6 +568,9 @@ def compile_graph(pipeline: Pipeline, **options) -> Pipeline:
             stage.module = CompiledStageModule(m, name, **options)
             how[name] = "torch.compile"
     pipeline.compiled_stages = how
+    # compiled stages run one after the other: torch.compile does not support tracing from several
+    # threads at once
+    pipeline.workers = 1
     return pipeline
 
 
