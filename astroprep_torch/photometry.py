@@ -246,9 +246,9 @@ _SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one th
 
 
 def _split_run(fn, geo: dict, n: int, workers: int):
-    """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` contiguous groups, each
-    run by its own thread (the calling thread takes the last); outputs (tuples of tensors with one
-    row per object) are concatenated back in order.  One group when ``workers < 2``, on GPU, or for
+    """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` interleaved groups,
+    each run by its own thread (the calling thread takes the first); outputs (tuples of tensors with
+    one row per object) are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for
     fewer than ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the
     results equal the one-group run's (up to the summation order inside shared stamp batches)."""
     dev = next(iter(geo.values())).device
@@ -257,8 +257,9 @@ def _split_run(fn, geo: dict, n: int, workers: int):
         return fn(geo)
     import threading
 
-    bounds = [n * i // k for i in range(k + 1)]
-    parts = [{key: v[bounds[i]:bounds[i + 1]] for key, v in geo.items()} for i in range(k)]
+    # interleaved groups (object i to group i % k): each gets the same mix of stamp sizes and of
+    # frame regions, so the threads finish together (contiguous halves were ~4% slower at 4096^2)
+    parts = [{key: v[i::k] for key, v in geo.items()} for i in range(k)]
     res: list = [None] * k
     err: list = [None] * k
     grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
@@ -280,7 +281,14 @@ def _split_run(fn, geo: dict, n: int, workers: int):
     for e in err:
         if e is not None:
             raise e
-    return tuple(torch.cat([r[j] for r in res], 0) for j in range(len(res[0])))
+    out = []
+    for j in range(len(res[0])):
+        first = res[0][j]
+        o = first.new_empty((n, *first.shape[1:]))
+        for i in range(k):
+            o[i::k] = res[i][j]
+        out.append(o)
+    return tuple(out)
 
 def _chunks(idx: Tensor, per_obj: int, max_elems: int):
     n = max(1, max_elems // max(per_obj, 1))
@@ -1123,7 +1131,7 @@ def _measure(
         winpos_revert: as SExtractor 2.25, report the isophotal position as ``xwin, ywin`` when the
             windowed centroid wanders outside the object's bounding box (older SExtractor: False).
         max_elems: memory bound (elements per stamp chunk).
-        workers: CPU threads for the stamp stages (objects split into this many contiguous groups,
+        workers: CPU threads for the stamp stages (objects split into this many interleaved groups,
             each measured by its own thread with one intra-op thread; used for >= 2,000 objects and
             no autograd). :func:`measure` passes ``torch.get_num_threads()``.
 
