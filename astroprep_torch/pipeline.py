@@ -301,7 +301,8 @@ class SquareRoot(nn.Module):
     """``sqrt(clamp(x, 0))`` (variance -> rms)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.clamp(min=0).sqrt()
+        out = x.clamp(min=0)  # a new tensor: the root is taken in place (one frame-sized buffer, not two)
+        return out.sqrt_() if not (out.requires_grad and torch.is_grad_enabled()) else out.sqrt()
 
 
 class AlignedFrames(NamedTuple):

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_image, check_mask
+from ._checks import all_finite, check_image, check_mask
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,22 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     if k < 2 or k % 2:
         raise ValueError(f"normalize_frame: bin_factor must be an even integer >= 2, got {bin_factor}")
     b = image.shape[0]
-    finite = torch.isfinite(image)
-    good = finite if mask is None else finite & ~mask
-    bad = ~good
+    if all_finite(image):  # one cheap pass decides; no frame-sized isfinite map
+        bad = None if mask is None else mask.expand_as(image)
+    else:
+        bad = ~torch.isfinite(image)
+        if mask is not None:
+            bad |= mask
     med = _frame_median(image, bad)
     m = med.view(b, 1, 1, 1).to(image.dtype)
-    x = torch.where(good, image, m)
-    del finite, good, bad
+    x = image if bad is None else torch.where(bad, m, image)
+    del bad
     sigma = _frame_noise(x).view(b, 1, 1, 1)
     h, w = x.shape[-2:]
     ph, pw = (-h) % k, (-w) % k
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    bmax = F.max_pool2d(x, k)
+    bmax = _block_max(x, k)
     sub = F.avg_pool2d(x, k // 2)  # (B, 1, 2 hb, 2 wb): the four sub-block means of each block
     a1, a2, a3, a4 = sub[..., 0::2, 0::2], sub[..., 0::2, 1::2], sub[..., 1::2, 0::2], sub[..., 1::2, 1::2]
     total = a1 + a2 + a3 + a4
@@ -184,6 +187,17 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     out = torch.cat([(sky_b - m) / (3.0 * sigma), (0.25 * total - bg) / (2.0 * sigma),
                      (bmax - sky_b) / (5.0 * sigma), (bmax - amax) / (5.0 * sigma)], dim=1)
     return _asinh(out)
+
+
+def _block_max(x: Tensor, k: int) -> Tensor:
+    """``F.max_pool2d(x, k)`` for H, W multiples of ``k``, the same values: the maximum along rows of
+    ``k`` columns, then over ``k`` rows (two reductions over contiguous memory; ~5x faster than the
+    pooling kernel on CPU, which also makes indices)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return F.max_pool2d(x, k)
+    b, c, h, w = x.shape
+    cols = x.reshape(b, c, h, w // k, k).amax(-1)
+    return cols.view(b, c, h // k, k, w // k).amax(3)
 
 
 def _asinh(z: Tensor) -> Tensor:
