@@ -201,7 +201,10 @@ class Pipeline(nn.Module):
         for _, st in todo:
             reads = {k.rstrip("?") for k in st.reads.values()}
             w = st.writes
-            writes = {w} if isinstance(w, str) and w else set(w.values() if isinstance(w, dict) else w) if not isinstance(w, str) else set()
+            if isinstance(w, str):
+                writes = {w} if w else set()
+            else:
+                writes = set(w.values() if isinstance(w, dict) else w)
             rw.append((reads, writes))
         deps = []
         for j, (rj, wj) in enumerate(rw):
@@ -682,7 +685,7 @@ class FrameWriter(BasePredictionWriter):
         if self._proc is not None:
             return
         self._proc = _writer_service()
-        self._wid = self._proc.register(self)
+        self._wid = self._proc.register()
         header = self.reference_header.tostring() if self.reference_header is not None else None
         self._proc.jobs.put(("config", self._wid, str(self.output_dir), self.products, header))
 
@@ -862,7 +865,7 @@ class _WriterService:
     def alive(self) -> bool:
         return self.proc.is_alive()
 
-    def register(self, writer) -> int:
+    def register(self) -> int:
         wid = next(self._ids)
         self._inbox[wid] = []
         return wid
