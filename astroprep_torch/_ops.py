@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -14,17 +15,44 @@ from torch import Tensor
 _SERIAL_SEARCH = 1 << 16
 
 
-def searchsorted(sorted_sequence: Tensor, values: Tensor, *, right: bool = False) -> Tensor:
-    """``torch.searchsorted`` that runs single-threaded on CPU for small queries (same result)."""
-    if (sorted_sequence.device.type != "cpu" or values.numel() > _SERIAL_SEARCH or torch.compiler.is_compiling()
-            or torch.get_num_threads() == 1):
-        return torch.searchsorted(sorted_sequence, values, right=right)
+@contextlib.contextmanager
+def one_intraop_thread(active: bool = True):
+    """With ``active``: one intra-op (OpenMP) thread inside, the caller's setting restored on exit.
+    Yields the caller's thread count (None when not ``active``: nothing is asked of torch, so the
+    inactive form traces under ``torch.compile``)."""
+    if not active:
+        yield None
+        return
     n = torch.get_num_threads()
+    if n == 1:
+        yield n
+        return
     torch.set_num_threads(1)
     try:
-        return torch.searchsorted(sorted_sequence, values, right=right)
+        yield n
     finally:
         torch.set_num_threads(n)
+
+
+def with_caller_modes(fn):
+    """``fn`` wrapped to run under the autograd and inference modes of the thread that wraps it
+    (torch keeps them per thread): for work handed to other threads."""
+    grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(infer), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def searchsorted(sorted_sequence: Tensor, values: Tensor, *, right: bool = False) -> Tensor:
+    """``torch.searchsorted`` that runs single-threaded on CPU for small queries (same result)."""
+    small = (sorted_sequence.device.type == "cpu" and values.numel() <= _SERIAL_SEARCH
+             and not torch.compiler.is_compiling())
+    with one_intraop_thread(small):
+        return torch.searchsorted(sorted_sequence, values, right=right)
 
 
 def serial_on_cpu(fn):
@@ -35,15 +63,9 @@ def serial_on_cpu(fn):
 
     @functools.wraps(fn)
     def run(image, *args, **kwargs):
-        n = torch.get_num_threads()
-        if not (isinstance(image, Tensor) and image.device.type == "cpu" and n > 1
-                and not torch.compiler.is_compiling()):
+        cpu = isinstance(image, Tensor) and image.device.type == "cpu" and not torch.compiler.is_compiling()
+        with one_intraop_thread(cpu):
             return fn(image, *args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(image, *args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
 
     return run
 

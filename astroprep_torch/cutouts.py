@@ -182,11 +182,7 @@ def make_triplets(science: Tensor, reference: Tensor, difference: Tensor, xy: Te
                          f"{tuple(reference.shape)}, {tuple(difference.shape)}")
     # one gather per frame, stamps stacked after: no frame-sized (B, 3, H, W) copy of the three
     # frames (at 4096^2 that copy, 200 MB of fresh memory, cost more than the cutouts)
-    if mask is not None and mask.dim() == 4 and mask.shape[1] == 3:
-        masks = mask.unbind(1)
-        masks = [m[:, None] for m in masks]
-    else:
-        masks = [mask] * 3
+    masks = mask.split(1, dim=1) if mask is not None and mask.dim() == 4 and mask.shape[1] == 3 else [mask] * 3
     parts = [extract(f, xy, size, batch_index, mask=m, mode=mode, fill_value=fill_value)
              for f, m in zip((science, reference, difference), masks)]
     return Cutouts(torch.cat([p.stamps for p in parts], 1), torch.cat([p.mask for p in parts], 1))

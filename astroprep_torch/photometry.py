@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_image, check_mask
+from ._ops import one_intraop_thread, thread_pool, with_caller_modes
 
 __all__ = [
     "measure",
@@ -247,40 +248,32 @@ _SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one th
 
 def _split_run(fn, geo: dict, n: int, workers: int):
     """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` interleaved groups,
-    each run by its own thread (the calling thread takes the first); outputs (tuples of tensors with
-    one row per object) are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for
-    fewer than ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the
-    results equal the one-group run's (up to the summation order inside shared stamp batches)."""
+    each run by its own thread (the calling thread takes the first; the others come from
+    :func:`~astroprep_torch._ops.thread_pool`); outputs (tuples of tensors with one row per object)
+    are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for fewer than
+    ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the results equal
+    the one-group run's (up to the summation order inside shared stamp batches)."""
     dev = next(iter(geo.values())).device
     k = min(int(workers), n // max(_SPLIT_MIN // 2, 1))
     if k < 2 or dev.type != "cpu":
         return fn(geo)
-    import threading
+    from concurrent.futures import wait
 
     # interleaved groups (object i to group i % k): each gets the same mix of stamp sizes and of
     # frame regions, so the threads finish together (contiguous halves were ~4% slower at 4096^2)
     parts = [{key: v[i::k] for key, v in geo.items()} for i in range(k)]
-    res: list = [None] * k
-    err: list = [None] * k
-    grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    run = with_caller_modes(fn)
 
-    def work(i):
-        try:
-            torch.set_num_threads(1)  # this thread's OpenMP setting (the caller's is already 1)
-            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
-                res[i] = fn(parts[i])
-        except BaseException as e:  # re-raised in the calling thread
-            err[i] = e
+    def work(part):
+        torch.set_num_threads(1)  # this pool thread's OpenMP setting (the caller's is already 1)
+        return run(part)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, k)]
-    for t_ in threads:
-        t_.start()
-    work(0)
-    for t_ in threads:
-        t_.join()
-    for e in err:
-        if e is not None:
-            raise e
+    jobs = [thread_pool(k - 1, name="astroprep-groups").submit(work, p) for p in parts[1:]]
+    try:
+        res = [run(parts[0])]
+    finally:
+        wait(jobs)  # no group outlives the call, even when the first one failed
+    res += [j.result() for j in jobs]
     out = []
     for j in range(len(res[0])):
         first = res[0][j]
@@ -289,6 +282,7 @@ def _split_run(fn, geo: dict, n: int, workers: int):
             o[i::k] = res[i][j]
         out.append(o)
     return tuple(out)
+
 
 def _chunks(idx: Tensor, per_obj: int, max_elems: int):
     n = max(1, max_elems // max(per_obj, 1))
@@ -1059,16 +1053,11 @@ def measure(image: Tensor, segmentation: Tensor, rms=None, **kwargs) -> dict[str
     thread and restores the previous setting on exit; the stamp stages instead split the objects over
     ``torch.get_num_threads()`` Python threads (torch ops release the GIL), one group each.
     """
-    nthreads = torch.get_num_threads()
-    single = image.device.type == "cpu" and nthreads > 1
-    if single:
-        torch.set_num_threads(1)
-        kwargs.setdefault("workers", nthreads)
-    try:
+    cpu = image.device.type == "cpu"
+    with one_intraop_thread(cpu) as nthreads:
+        if cpu and nthreads > 1:
+            kwargs.setdefault("workers", nthreads)
         return _measure(image, segmentation, rms, **kwargs)
-    finally:
-        if single:
-            torch.set_num_threads(nthreads)
 
 
 def _measure(
@@ -1163,13 +1152,15 @@ def _measure(
     # variance, rms or threshold copies)
     var_is_rms = var is None
     noise = _as_map(var, image, "var") if var is not None else _as_map(rms, image, "rms")
-    threshmap = _as_map(thresh, image, "thresh") if thresh is not None else None  # None: 1.5 rms
+    threshmap = _as_map(thresh, image, "thresh") if thresh is not None else None  # None: nsigma rms
+
+    def nsigma_thresh(n_):  # the default threshold from noise values (rms or variance)
+        return thresh_nsigma * (n_ if var_is_rms else torch.sqrt(n_))
 
     def thresh_at(idx):
         if threshmap is not None:
             return _at_pixels(threshmap, idx, B, H, W)
-        n_ = _at_pixels(noise, idx, B, H, W)
-        return thresh_nsigma * (n_ if var_is_rms else torch.sqrt(n_))
+        return nsigma_thresh(_at_pixels(noise, idx, B, H, W))
     if _sparse is not None:
         filtered = None
     elif filtered is None:
@@ -1345,7 +1336,7 @@ def _measure(
             elif threshmap is not None:
                 dthreshmap = threshmap
             else:
-                dthreshmap = thresh_nsigma * (noise if var_is_rms else torch.sqrt(noise))
+                dthreshmap = nsigma_thresh(noise)
             det = filtered.detach() > dthreshmap
             blank = det
         if mask is not None:
@@ -1380,7 +1371,6 @@ def _measure(
         aflag |= _box_flag_trunc(x, rr, W) | _box_flag_trunc(y, rr, H)
     if gain_v > 0:
         va = va + torch.clamp(fa, min=0) / gain_v
-    if gain_v > 0:
         vauto = vauto + torch.clamp(fauto, min=0) / gain_v
     kron = torch.where(fauto > 0, kf2.to(dt), torch.zeros_like(fauto))
     aflag |= kflag | (aflag2 & (kf > 0))

@@ -217,19 +217,15 @@ class Pipeline(nn.Module):
         running ones are done.  Autograd / inference mode of the caller carry over to the threads."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from ._ops import thread_pool
+        from ._ops import thread_pool, with_caller_modes
 
         deps = self.dependencies(todo)
         done: set = set()
         running: dict = {}
         started: set = set()
-        grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         # the stages' own pool: a stage may wait on _ops.thread_pool's jobs from one of these threads
         pool = thread_pool(self.workers, name="astroprep-stage")
-
-        def call(i):
-            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
-                self._run_stage(todo[i][0], todo[i][1], batch)
+        call = with_caller_modes(lambda i: self._run_stage(todo[i][0], todo[i][1], batch))
 
         error = None
         while len(done) < len(todo):
@@ -604,8 +600,8 @@ class FrameWriter(BasePredictionWriter):
         products: ``{batch key: (kind, suffix, grid[, rows of])}`` (default :data:`DEFAULT_PRODUCTS`).
         reference_header: FITS header of the reference grid (its WCS goes into reference-grid products).
         asynchronous: write while the next batch computes, so that pipeline mode hides its I/O:
-            ``"process"`` in a writer process (spawned on the first batch; the product tensors reach
-            it through shared memory), ``True`` / ``"thread"`` on a background thread, ``False`` in
+            ``"process"`` in a writer process (one per process, spawned when prediction starts and
+            kept for later runs; the product tensors reach it through shared memory), ``True`` / ``"thread"`` on a background thread, ``False`` in
             the predict loop. The process keeps the writing's Python work (FITS headers, catalog
             formatting) off the interpreter lock that the computing thread needs between its tensor
             operations; a thread is cheaper to start (small runs, tests). The loop hands over only
@@ -830,14 +826,12 @@ def _write_mode(value):
 
 def _portable(value):
     """A product as the writer process gets it: CPU tensors; a catalog with its columns only."""
+    from .detect import Catalog
+
     if isinstance(value, Tensor):
         return value.detach().cpu()
-    cols = getattr(value, "columns", None)
-    if isinstance(cols, dict) and hasattr(value, "to_table"):
-        from .detect import Catalog
-
-        if isinstance(value, Catalog):
-            return Catalog({k: v.detach().cpu() for k, v in cols.items()}, None)
+    if isinstance(value, Catalog):
+        return Catalog({k: v.detach().cpu() for k, v in value.columns.items()}, None)
     return value
 
 
