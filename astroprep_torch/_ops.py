@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -15,23 +16,38 @@ from torch import Tensor
 _SERIAL_SEARCH = 1 << 16
 
 
+_SERIAL_LOCK = threading.Lock()
+_SERIAL = {"depth": 0, "saved": 1}  # open serial regions (any thread) and the setting they replaced
+
+
 @contextlib.contextmanager
 def one_intraop_thread(active: bool = True):
     """With ``active``: one intra-op (OpenMP) thread inside, the caller's setting restored on exit.
     Yields the caller's thread count (None when not ``active``: nothing is asked of torch, so the
-    inactive form traces under ``torch.compile``)."""
+    inactive form traces under ``torch.compile``).
+
+    torch's thread count is process-wide, and stages may run on several threads at once
+    (``Pipeline(workers=2)``): the regions are counted, the first one in saves the setting and the
+    last one out restores it, and every region yields that saved count (not the 1 another thread's
+    region set meanwhile). While any region is open, the whole process runs one intra-op thread,
+    which is what two concurrent stages on a small CPU want."""
     if not active:
         yield None
         return
-    n = torch.get_num_threads()
-    if n == 1:
-        yield n
-        return
-    torch.set_num_threads(1)
+    with _SERIAL_LOCK:
+        if _SERIAL["depth"] == 0:
+            _SERIAL["saved"] = torch.get_num_threads()
+            if _SERIAL["saved"] > 1:
+                torch.set_num_threads(1)
+        _SERIAL["depth"] += 1
+        n = _SERIAL["saved"]
     try:
         yield n
     finally:
-        torch.set_num_threads(n)
+        with _SERIAL_LOCK:
+            _SERIAL["depth"] -= 1
+            if _SERIAL["depth"] == 0 and _SERIAL["saved"] > 1:
+                torch.set_num_threads(_SERIAL["saved"])
 
 
 def with_caller_modes(fn):
@@ -84,6 +100,10 @@ def retain_freed_memory() -> bool:
     so a pipeline that processes frame after frame reuses the same pages, as a caching allocator
     does on the GPU. Measured on the 4096^2 Table 2 graph: 6-9 s -> 4.2-4.5 s per frame after the
     first. The cost: the process keeps its peak memory (plus fragmentation) until it exits.
+    Every thread allocates from the one main heap (``M_ARENA_MAX`` 1): with per-thread arenas,
+    memory freed by a stage on one thread is not reused by a stage on another, and concurrent
+    stages (``Pipeline(workers=2)``) faulted in fresh pages on every frame (15k faults, 0.7-1.0 s of
+    system time per 4096^2 frame; with one arena about 30 and 0.15 s).
 
     Process-wide and one-way (glibc cannot restore its dynamic thresholds); inherited by forked
     DataLoader workers. ``astroprep run`` (and its writer process) calls it unless the config says
@@ -99,9 +119,9 @@ def retain_freed_memory() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
         ok = (libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 36) == 1
-              and libc.mallopt(M_TOP_PAD, 64 << 20) == 1)
+              and libc.mallopt(M_TOP_PAD, 64 << 20) == 1 and libc.mallopt(M_ARENA_MAX, 1) == 1)
     except (OSError, AttributeError):
         return False
     _RETAINED = bool(ok)

@@ -45,17 +45,31 @@ def build_pipeline(overrides=()):
     return instantiate(cfg.pipeline)
 
 
-def time_ours(pipe, batch, repeat):
+def time_ours(pipe, batch, repeat, warmup):
     """Per-stage medians and the median wall time of a whole call (stages overlap when the graph
-    runs with workers > 1, so the total is the call's wall time, not the sum of the stages). Each
-    call gets a fresh copy of the frames (new tensors), as a survey run reads every frame anew."""
+    runs with workers > 1, so the total is the call's wall time, not the sum of the stages), after
+    ``warmup`` calls whose wall times are returned too. Each call gets a fresh copy of the frames
+    (new tensors), as a survey run reads every frame anew.
+
+    Why several warm-up calls: with freed memory kept in the process, the heap still grows over
+    the first few frames (allocation patterns differ from call to call until every size has a
+    free block to reuse); each new page is a fault (0.5-2 ns per byte on this VM). Measured on the
+    default graph: 2.4-2.9 s of system time on calls 2-3, ~0.15 s from about call 4 on, the steady
+    state a survey run over thousands of frames is in."""
     per_stage = {}
     totals = []
+    warm = []
 
     def fresh():
         return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     with torch.no_grad():
-        pipe(fresh())  # warm-up
+        for _ in range(max(1, warmup)):
+            b = fresh()
+            t0 = time.perf_counter()
+            pipe(b)
+            warm.append(time.perf_counter() - t0)
+            if os.environ.get("TABLE2_VERBOSE"):
+                print(f"warm-up call {len(warm)}: {warm[-1]:.3f} s", flush=True)
         for _ in range(repeat):
             b = fresh()
             t0 = time.perf_counter()
@@ -65,7 +79,7 @@ def time_ours(pipe, batch, repeat):
                 per_stage.setdefault(k, []).append(v)
             if os.environ.get("TABLE2_VERBOSE"):
                 print(f"call {len(totals)}: {totals[-1]:.3f} s", {k: round(v, 3) for k, v in pipe.timings.items()}, flush=True)
-    return {k: float(np.median(v)) for k, v in per_stage.items()}, float(np.median(totals))
+    return {k: float(np.median(v)) for k, v in per_stage.items()}, float(np.median(totals)), warm
 
 
 def run_sextractor(path: Path, tmp: Path) -> float:
@@ -112,6 +126,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=2, default=(4136, 4096))
     ap.add_argument("--stars", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5, help="calls before timing (the heap's growth settles)")
     ap.add_argument("--no-reproject", action="store_true", help="skip reproject_interp (23 s at 4096^2)")
     ap.add_argument("--no-peers", action="store_true", help="ours only (the peers' times from the last report)")
     ap.add_argument("--no-retain", action="store_true",
@@ -133,7 +148,7 @@ def main() -> None:
     batch = {"science": sci.image, "science_mask": sci.mask, "science_wcs": TanWCS.from_header(sci.header),
              "reference": ref.image, "reference_mask": ref.mask, "reference_wcs": TanWCS.from_header(ref.header)}
     pipe = build_pipeline(args.overrides)
-    stages, total = time_ours(pipe, batch, args.repeat)
+    stages, total, warm = time_ours(pipe, batch, args.repeat, args.warmup)
     print({k: round(v, 3) for k, v in stages.items()}, "total", round(total, 3), flush=True)
     if args.no_peers:
         return
@@ -150,8 +165,11 @@ def main() -> None:
     correct = t_se + (t_rp if t_rp == t_rp else 23.0) + HOTPANTS_4096_S
     lines = ["# Table 2: per-frame time, our pipeline vs the CPU toolchain", "", machine(), "",
              f"Frame {shape[0]}x{shape[1]} px, {args.stars} stars, TAN-SIP WCS, science shifted (3.3, -2.7) px and rotated "
-             f"0.05 deg against the reference. Ours: eager, median of {args.repeat} after a warm-up, "
-             f"the frames given as new tensors on every call.", "",
+             f"0.05 deg against the reference. Ours: eager, median of {args.repeat} calls after {len(warm)} warm-up "
+             f"calls, the frames given as new tensors on every call. The warm-up calls took "
+             f"{', '.join(f'{t:.2f}' for t in warm)} s: the first builds the reference's cache and every size "
+             "of buffer, the next few still grow the heap (page faults); a survey run is in the steady state "
+             "after them.", "",
              f"Command: `python experiments/pipeline_table2.py {' '.join(sys.argv[1:])}`; graph workers = "
              f"{pipe.workers} (stages whose inputs are ready run {'concurrently on that many threads; their times overlap, the total is the wall time of the call' if pipe.workers > 1 else 'one after the other'}). "
              f"Freed memory {'is kept in the process (astroprep_torch.retain_freed_memory(), as astroprep run does)' if not args.no_retain else 'goes back to the OS (glibc defaults, --no-retain)'}. "

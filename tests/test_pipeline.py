@@ -112,6 +112,46 @@ def test_pipeline_concurrent_stages(workers):
         assert overlap <= 0
 
 
+def test_serial_regions_on_concurrent_threads_restore_the_setting():
+    """one_intraop_thread on two threads whose regions overlap (A in, B in, A out, B out): inside,
+    one intra-op thread process-wide, and each region sees the caller's count; after both, the
+    caller's count is back (a plain save/restore per region would leave 1 behind)."""
+    import threading
+
+    from astroprep_torch._ops import one_intraop_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with one_intraop_thread() as n:
+                seen["a"] = (n, torch.get_num_threads())
+                a_in.set()
+                b_in.wait(5)
+            a_out.set()
+
+        def b():
+            a_in.wait(5)
+            with one_intraop_thread() as n:
+                seen["b"] = (n, torch.get_num_threads())
+                b_in.set()
+                a_out.wait(5)
+                seen["b_after_a"] = torch.get_num_threads()
+
+        ts = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert seen == {"a": (2, 1), "b": (2, 1), "b_after_a": 1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pipeline_concurrent_failure_names_the_stage():
     log = []
     pipe = P.Pipeline({
