@@ -87,7 +87,14 @@ and the difference is formed. What this module does, step by step:
   the kernel sum when the science frame was convolved); ``"template"`` in template counts.
 * **Noise**: variance images (given, or ``max(image, 0) / gain + (read_noise / gain)^2`` in ADU
   with ``read_noise`` in electrons, HOTPANTS' model) are propagated as ``var_target +
-  var_convolved (x) K^2`` (HOTPANTS' default, pixel covariance ignored).
+  var_convolved (x) K^2`` (HOTPANTS' default, pixel covariance ignored). With
+  ``variance_convolution="local"`` a *given* variance map of the convolved image is taken as
+  constant over each kernel footprint: ``var_convolved * sum K^2`` with the tile's kernel, one pass
+  instead of a tiled FFT. That is exact for a map constant over the kernel and, for a map that
+  varies on scales ``L`` much larger than the kernel (a background RMS^2 map interpolated from
+  meshes, as the pipeline passes), off by about ``sigma_K^2 / L^2`` relative (second order;
+  measured < 0.1% at GWAC size, ``tests/test_subtract.py``). A map with stars in it (Poisson
+  variance) needs ``"fft"``; the variance made here when none is given is always convolved by FFT.
 
 Host synchronisations (data-dependent Python control flow, isolated on purpose): the check that
 every pair has at least one stamp star, the choice of copy-free paths (same direction for the whole
@@ -411,6 +418,7 @@ def apply_kernel(
     variance: Optional[Tensor] = None,
     tile_size: Optional[int] = 128,
     variance_tile_size: Optional[int] = None,
+    variance_convolution: str = "fft",
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Convolve ``image`` (B, 1, H, W) with the spatially varying kernel of ``theta`` (B, M).
 
@@ -418,9 +426,13 @@ def apply_kernel(
     ``tile_size`` (an FFT size > 2r) the kernel is evaluated at each tile centre; with ``None`` the
     convolution is exact (one full-frame FFT per spatial term, and per pair of terms for the
     variance). ``variance_tile_size`` (default: ``tile_size``) is the FFT tile size of the variance
-    pass (K^2 held constant over those tiles).
+    pass (K^2 held constant over those tiles). ``variance_convolution="local"``: ``variance * sum K^2``
+    with the kernel of each variance tile (or of each pixel, ``tile_size=None``) instead of the
+    convolution, for maps that vary slowly over a kernel width (see the module docstring).
     The background is not added here.
     """
+    if variance_convolution not in ("fft", "local"):
+        raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
     b, _, h, w = image.shape
     r = basis.half_width
     kp = _term_kernels(theta, basis, spatial_order)  # (B, S, k, k)
@@ -433,7 +445,10 @@ def apply_kernel(
         conv = _fft_tiles(image, kp[:, :, None, None], full, r)  # (B, S, H, W)
         out = (conv * terms).sum(1, keepdim=True)
         vout = None
-        if variance is not None:
+        if variance is not None and variance_convolution == "local":
+            gram = torch.einsum("bpvu,bqvu->bpq", kp, kp)  # <K_p, K_q>: sum K^2 = terms^T gram terms
+            vout = variance * torch.einsum("phw,bpq,qhw->bhw", terms, gram, terms)[:, None]
+        elif variance is not None:
             idx = [(p, q) for p in range(ns) for q in range(p, ns)]
             kk = torch.stack([kp[:, p] * kp[:, q] * (1.0 if p == q else 2.0) for p, q in idx], 1)
             tt = torch.stack([terms[p] * terms[q] for p, q in idx], 0)
@@ -445,6 +460,8 @@ def apply_kernel(
         return _fft_tiles(image, kern, (th, th), r), None
     vtile = tile_size if variance_tile_size is None else variance_tile_size
     vth, vkern = (th, kern) if vtile == tile_size else _tile_kernels(kp, vtile, r, spatial_order, (h, w))
+    if variance_convolution == "local":
+        return _fft_tiles(image, kern, (th, th), r), _scale_tiles(variance, vkern.square().sum((-1, -2)), vth)
     if torch.is_grad_enabled() and (image.requires_grad or variance.requires_grad or kern.requires_grad):
         if vth == th:
             both = torch.cat([image, variance], 1)
@@ -471,6 +488,22 @@ def _tile_kernels(kp: Tensor, tile_size: int, r: int, spatial_order: int, shape)
     cx = cx.clamp(max=w - 1)
     terms = spatial_terms(cx[None, :].expand(ty, tx), cy[:, None].expand(ty, tx), spatial_order, (h, w))
     return th, torch.einsum("yxs,bsvu->byxvu", terms, kp)[:, None]  # (B, 1, ty, tx, k, k)
+
+
+def _scale_tiles(x: Tensor, factors: Tensor, th: int) -> Tensor:
+    """``x`` (B, 1, H, W) times a per-tile factor ``(B, 1, ty, tx)`` (or (B, 1, 1, 1)) on tiles of
+    ``th x th`` pixels (the last ones cropped): one pass, one new frame-sized tensor."""
+    b, c, h, w = x.shape
+    if factors.shape[-2:] == (1, 1):
+        return x * factors.to(x.dtype)
+    f = factors.to(x.dtype).repeat_interleave(th, -1)[..., :w]  # (B, 1, ty, W)
+    if x.requires_grad or f.requires_grad:
+        return x * f.repeat_interleave(th, -2)[..., :h, :]
+    out = torch.empty_like(x)
+    for i in range(f.shape[-2]):  # one tile row at a time, its factors broadcast over the rows
+        rows = slice(i * th, min(h, (i + 1) * th))
+        torch.mul(x[..., rows, :], f[..., i:i + 1, :], out=out[..., rows, :])
+    return out
 
 
 def _background(theta: Tensor, n_basis: int, spatial_order: int, background_order: int, shape, ref: Tensor,
@@ -1032,6 +1065,7 @@ def image_subtraction(
     stars_per_cell: int = 3,
     tile_size: Optional[int] = 128,
     variance_tile_size: Optional[int] = None,
+    variance_convolution: str = "fft",
     weighting: str = "variance",
     stamp_layout: str = "grid",
     debias: bool = True,
@@ -1066,6 +1100,8 @@ def image_subtraction(
         raise ValueError(f"normalize must be 'science' or 'template', got {normalize!r}")
     if stamp_layout not in ("hotpants", "grid"):
         raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
+    if variance_convolution not in ("fft", "local"):
+        raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
     if spatial_order < 0 or background_order < 0:
         raise ValueError("spatial_order and background_order must be >= 0")
     grid = as_pair(stamp_grid, "stamp_grid")
@@ -1216,8 +1252,12 @@ def image_subtraction(
         k2 = (_term_kernels(theta_c, basis, spatial_order)[:, 0] ** 2).sum((-1, -2))
     stats = _stamp_stats_simple(st, theta_fit, act, pc, ksum_ind, n_basis, n_bg, k2.to(fit_dtype))
     del st  # the stamp system (~90 MB at 10x10x3 stamps) is not needed for the frame-sized passes
+    # "local" applies to a variance map the caller gave for the convolved image; the Poisson
+    # variance made here follows the stars and is always convolved
+    given_conv = (given_s or not bool(conv_sci.any())) and (given_t or bool(conv_sci.all()))
     conv, var_k = apply_kernel(conv_img_c, theta_c, basis, spatial_order, var_conv_c, tile_size,
-                               None if tile_size is None else variance_tile_size)
+                               None if tile_size is None else variance_tile_size,
+                               variance_convolution if given_conv else "fft")
     bg_y, bg_x = _background(theta_c, n_basis, spatial_order, background_order, (h, w), science, factors=True)
     ksum = theta_c[:, 0]
     # difference = sign (model - target) * scale with sign = +1 when the science frame was convolved;
@@ -1305,6 +1345,9 @@ class ImageSubtraction(nn.Module):
         tile_size: FFT tile size for the spatially varying convolution (None = exact, slower).
         variance_tile_size: FFT tile size of the variance convolution by K^2 (None = ``tile_size``;
             256 changes the variance by < 0.3% but is not faster: ``experiments/results/subtract_speed.md``).
+        variance_convolution: ``"fft"`` (``var (x) K^2``, HOTPANTS) or ``"local"`` (``var * sum K^2``
+            per tile: for given variance maps that vary slowly over a kernel width, such as
+            background RMS^2 maps; one pass instead of a tiled FFT; see the module docstring).
         weighting: ``"variance"`` (inverse-variance weighted least squares) or ``"none"`` (HOTPANTS).
         stamp_layout: ``"hotpants"`` (stamp regions one kernel width smaller than the grid cells, and
             the stamp box at least ``stamp_half_width + kernel_half_width`` from the frame edges, as
@@ -1338,6 +1381,7 @@ class ImageSubtraction(nn.Module):
         stars_per_cell: int = 3,
         tile_size: Optional[int] = 128,
         variance_tile_size: Optional[int] = None,
+        variance_convolution: str = "fft",
         weighting: str = "variance",
         stamp_layout: str = "grid",
         debias: bool = True,
@@ -1365,6 +1409,9 @@ class ImageSubtraction(nn.Module):
         self.stars_per_cell = int(stars_per_cell)
         self.tile_size = None if tile_size is None else int(tile_size)
         self.variance_tile_size = None if variance_tile_size is None else int(variance_tile_size)
+        if variance_convolution not in ("fft", "local"):
+            raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
+        self.variance_convolution = variance_convolution
         self.weighting = weighting
         if stamp_layout not in ("hotpants", "grid"):
             raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
@@ -1393,7 +1440,8 @@ class ImageSubtraction(nn.Module):
             normalize=self.normalize, delta_basis=self.delta_basis, gain=self.gain, read_noise=self.read_noise,
             saturation=self.saturation, lower_limit=self.lower_limit, stamp_threshold=self.stamp_threshold,
             stars_per_cell=self.stars_per_cell, tile_size=self.tile_size,
-            variance_tile_size=self.variance_tile_size, weighting=self.weighting,
+            variance_tile_size=self.variance_tile_size, variance_convolution=self.variance_convolution,
+            weighting=self.weighting,
             stamp_layout=self.stamp_layout, debias=self.debias,
         )
 

@@ -467,3 +467,39 @@ def test_pad_replicate_equals_torch():
         x = torch.randn(shape)
         for pads in [(3, 5, 2, 7), (0, 4, 0, 1), (6, 0, 3, 0), (0, 0, 0, 0)]:
             assert torch.equal(_pad_replicate(x, *pads), F.pad(x, pads, mode="replicate")), (shape, pads)
+
+
+@pytest.mark.parametrize("tile_size", [64, None])
+def test_local_variance_convolution(tile_size):
+    """variance_convolution="local" (var * sum K^2 of the local kernel): on a given variance map that
+    varies slowly (a background-RMS^2-like gradient) it equals the FFT convolution to second order;
+    the difference image is untouched; on a map with stars it would not, so a variance made from
+    the image (none given) is always convolved; a bad value is refused by name."""
+    render = star_field(h=200, w=200, n=80, seed=4)
+    tmpl, sci = render(1.2) + 100, render(1.6) + 100
+    yy, xx = torch.meshgrid(torch.arange(200.0, dtype=torch.float64), torch.arange(200.0, dtype=torch.float64),
+                            indexing="ij")
+    smooth = (40.0 + 10.0 * torch.sin(xx / 60.0) + 0.05 * yy)[None, None]  # varies over ~60 px
+    # a kernel that changes over the frame (given coefficients: basis 1 varies in x, basis 2 in y)
+    theta = torch.zeros(1 + 20 * 6 + 3, dtype=torch.float64)
+    theta[0], theta[1 + 0 * 6 + 1], theta[1 + 1 * 6 + 2] = 1.0, 0.4, -0.3
+    kw = dict(kernel_half_width=6, gaussians=((0.7, 4), (1.5, 2)), spatial_order=2, background_order=1,
+              stamp_grid=(4, 4), stamp_half_width=8, stamp_threshold=3.0, convolve="template", tile_size=tile_size,
+              coefficients=theta)
+    fft = image_subtraction(sci[None, None], tmpl[None, None], science_var=smooth * 1.1, template_var=smooth, **kw)
+    loc = image_subtraction(sci[None, None], tmpl[None, None], science_var=smooth * 1.1, template_var=smooth,
+                            variance_convolution="local", **kw)
+    assert torch.equal(fft.difference, loc.difference)
+    # the template was convolved (science units, no rescaling): variance = science var + template part
+    part_fft, part_loc = fft.variance - smooth * 1.1, loc.variance - smooth * 1.1
+    rel = ((part_loc - part_fft) / part_fft)[0, 0, 8:-8, 8:-8].abs().max()
+    assert float(rel) < 1e-3
+    # and that part follows the kernel's spatial variation (sum K^2 is not one constant)
+    ksq = (part_loc / smooth)[0, 0, 8:-8, 8:-8]
+    assert float(ksq.max() - ksq.min()) > 1e-2 * float(ksq.mean())
+    # Poisson variance made here (stars in it): always the FFT convolution
+    a = image_subtraction(sci[None, None], tmpl[None, None], **kw)
+    b = image_subtraction(sci[None, None], tmpl[None, None], variance_convolution="local", **kw)
+    assert torch.equal(a.variance, b.variance)
+    with pytest.raises(ValueError, match="variance_convolution"):
+        ImageSubtraction(variance_convolution="exact")
