@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import all_finite, check_image, check_mask
+from ._ops import numpy_inplace_
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     bmax = _block_max(x, k)
-    sub = F.avg_pool2d(x, k // 2)  # (B, 1, 2 hb, 2 wb): the four sub-block means of each block
+    sub = _block_mean(x, k // 2)  # (B, 1, 2 hb, 2 wb): the four sub-block means of each block
     a1, a2, a3, a4 = sub[..., 0::2, 0::2], sub[..., 0::2, 1::2], sub[..., 1::2, 0::2], sub[..., 1::2, 1::2]
     total = a1 + a2 + a3 + a4
     amax = torch.maximum(torch.maximum(a1, a2), torch.maximum(a3, a4))
@@ -200,13 +201,38 @@ def _block_max(x: Tensor, k: int) -> Tensor:
     return cols.view(b, c, h // k, k, w // k).amax(3)
 
 
+def _block_mean(x: Tensor, k: int) -> Tensor:
+    """``F.avg_pool2d(x, k)`` for H, W multiples of ``k``, the same values to float rounding: the
+    ``k`` strided column slices added, then the ``k`` strided row slices of that (elementwise adds
+    over the frame; about 2x faster than the pooling kernel on CPU, where a sum over an inner
+    axis of 2 is slower still). Returns a strided view of a ``(B, C, H, W / k)`` buffer."""
+    if k == 1:
+        return x * 1.0
+    cols = torch.add(x[..., 0::k], x[..., 1::k])
+    for j in range(2, k):
+        cols.add_(x[..., j::k])
+    out = cols[..., 0::k, :]
+    for j in range(1, k):
+        out.add_(cols[..., j::k, :])  # rows j::k and 0::k of ``cols`` do not overlap
+    return out.mul_(1.0 / (k * k))
+
+
 def _asinh(z: Tensor) -> Tensor:
     """``asinh`` in a few vectorised passes (``torch.asinh`` is ~2x slower on CPU); same values to
     float rounding: ``sign(z) log1p(|z| + z^2 / (1 + sqrt(1 + z^2)))``."""
     a = z.abs()
     a2 = a * a
-    r = torch.log1p(a + a2 / (1.0 + torch.sqrt(a2 + 1.0)))
+    r = a + a2 / (1.0 + torch.sqrt(a2 + 1.0))
+    # numpy's SIMD log1p is ~4x faster than ATen's on this CPU (the same values to an ulp)
+    if not numpy_inplace_(r, _np_log1p):
+        r = torch.log1p(r)
     return torch.copysign(r, z)
+
+
+def _np_log1p(a) -> None:
+    import numpy as np
+
+    np.log1p(a, out=a)
 
 
 # --------------------------------------------------------------------------------------------

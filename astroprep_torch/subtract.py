@@ -92,9 +92,10 @@ and the difference is formed. What this module does, step by step:
   constant over each kernel footprint: ``var_convolved * sum K^2`` with the tile's kernel, one pass
   instead of a tiled FFT. That is exact for a map constant over the kernel and, for a map that
   varies on scales ``L`` much larger than the kernel (a background RMS^2 map interpolated from
-  meshes, as the pipeline passes), off by about ``sigma_K^2 / L^2`` relative (second order;
-  measured < 0.1% at GWAC size, ``tests/test_subtract.py``). A map with stars in it (Poisson
-  variance) needs ``"fft"``; the variance made here when none is given is always convolved by FFT.
+  meshes, as the pipeline passes), off by about ``sigma_K^2 / L^2`` relative (second order: at
+  most 8e-6 on the 4096^2 Table 2 frame; ``tests/test_subtract.py`` checks < 1e-3 on a map that
+  varies over ~60 px). A map with stars in it (Poisson variance) needs ``"fft"``; the variance
+  made here when none is given is always convolved by FFT.
 
 Host synchronisations (data-dependent Python control flow, isolated on purpose): the check that
 every pair has at least one stamp star, the choice of copy-free paths (same direction for the whole

@@ -307,25 +307,33 @@ def main() -> None:
         blocks = max(1, args.blocks)
         chunks = [paths[i * len(paths) // blocks:(i + 1) * len(paths) // blocks] for i in range(blocks)]
         w_block = 1 if blocks > 1 else warmup  # frames left out of each run's steady rate
+        graphs = {None: pipeline}  # graph-workers override (plan step suffix @g<N>) -> pipeline
         for bi, chunk in enumerate(chunks):
             for step in args.plan.split(","):
-                step = step.strip()
+                step, _, gw = step.strip().partition("@g")
+                gw = int(gw) if gw else None
+                if gw not in graphs:
+                    graphs[gw] = build_pipeline([f"pipeline.workers={gw}"])
+                pipe = graphs[gw]
+                suffix = f" [graph workers {gw}]" if gw is not None else ""
                 if step == "compute":
-                    label = COMPUTE
-                    steady, allfps, st = run_compute_only(pipeline, ref, chunk, args.batch_size, w_block)
-                    for k, v in st.items():
-                        stages[k] = stages.get(k, 0.0) + v * len(chunk) / len(paths)
+                    label = COMPUTE + suffix
+                    steady, allfps, st = run_compute_only(pipe, ref, chunk, args.batch_size, w_block)
+                    if gw is None:
+                        for k, v in st.items():
+                            stages[k] = stages.get(k, 0.0) + v * len(chunk) / len(paths)
                     r = {"steady": steady, "all": allfps, "profile": {}}
                 elif step.startswith("w"):
                     mode = next((m for m in ("sync", "thread", "process") if step.endswith(m)), "")
                     w = int(step[1:len(step) - len(mode)])
                     async_write = {"sync": False, "thread": "thread", "process": "process"}.get(mode, args.writer)
                     where = {False: "in the loop", "thread": "on a thread", "process": "in a writer process"}[async_write]
-                    label = f"pipeline mode, num_workers={w}, writer {where}"
-                    r = run_pipeline_mode(pipeline, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
+                    label = f"pipeline mode, num_workers={w}, writer {where}" + suffix
+                    r = run_pipeline_mode(pipe, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
                                           args.keep)
                 else:
-                    raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync, w<N>thread, w<N>process)")
+                    raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync, w<N>thread, w<N>process, "
+                                     "each optionally @g<N> for the graph's pipeline.workers)")
                 r["block"] = bi
                 results.setdefault(label, []).append(r)
                 fr, sec = r["steady"]
@@ -354,17 +362,22 @@ def main() -> None:
              f"main process (DataLoader workers use 1 thread each). Pipeline mode writes every default product "
              f"(5 FITS images with WCS, 2 ECSV catalogs, 2 tensor shards per frame) and the manifest. Order: {order}. "
              f"Frames/s pooled over runs = steady frames / steady seconds; the ratio divides by compute-only's "
-             f"({base:.3f} frames/s); 'per-block ratio' compares each block's runs (median, range). Freed memory "
+             f"({base:.3f} frames/s; a '[graph workers N]' row by the compute-only row of that graph, "
+             f"pipeline.workers=N, when the plan ran it); 'per-block ratio' compares each block's runs (median, "
+             f"range). Freed memory "
              f"{'stays in the process (astroprep_torch.retain_freed_memory(), as astroprep run does)' if not args.no_retain else 'goes back to the OS (glibc defaults, --no-retain)'}.", "",
              "| mode | runs | frames/s steady (pooled) | frames/s whole runs (mean) | ratio to compute-only (pooled) | per-block ratio median [min, max] |",
              "|---|---|---|---|---|---|"]
-    base_by_block = {r["block"]: r["steady"][0] / r["steady"][1] for r in results[COMPUTE]}
     for label, rs in results.items():
+        # the baseline: compute-only of the same graph (same "[graph workers N]" suffix) when it ran
+        g = label[label.index(" [graph workers"):] if " [graph workers" in label else ""
+        base_label = COMPUTE + g if COMPUTE + g in results else COMPUTE
+        base_by_block = {r["block"]: r["steady"][0] / r["steady"][1] for r in results[base_label]}
         per_block = sorted((r["steady"][0] / r["steady"][1]) / base_by_block[r["block"]] for r in rs
                            if r["block"] in base_by_block)
         pb = f"{statistics.median(per_block):.3f} [{per_block[0]:.3f}, {per_block[-1]:.3f}]" if per_block else "-"
         lines.append(f"| {label} | {len(rs)} | {pooled(rs):.3f} | {statistics.fmean(r['all'] for r in rs):.3f} | "
-                     f"{pooled(rs) / base:.3f} | {pb} |")
+                     f"{pooled(rs) / pooled(results[base_label]):.3f} | {pb} |")
     keys = ["compute", "write (main thread)", "other (waiting for data, loop)", "write (writer thread/process, overlapped)"]
     lines += ["", "Goal (issue #9): pipeline mode with 2 workers within 10% of the compute-only rate (ratio >= 0.90).", "",
               "Main-thread time per frame in pipeline mode (s, steady state, mean over runs):", "",

@@ -201,3 +201,15 @@ def test_pretrained_detects_defocus_at_all_amplitudes():
         for amp in (0.2, 0.5, 0.8):
             bad = sc(sim.simulate_frame((512, 512), seed=12, defects={"defocus": amp}, **kw).image).score
             assert bad.item() > 2 * good.item(), amp
+
+
+def test_block_reductions_equal_pooling():
+    """_block_max / _block_mean (contiguous reductions) give max_pool2d / avg_pool2d's values."""
+    import torch.nn.functional as F
+
+    from astroprep_torch.quality import _block_max, _block_mean
+
+    x = torch.randn(2, 1, 48, 72) * 100 + 1000
+    for k in (1, 2, 3, 4):
+        assert torch.equal(_block_max(x, k), F.max_pool2d(x, k))
+        torch.testing.assert_close(_block_mean(x, k), F.avg_pool2d(x, k), rtol=1e-6, atol=0)
