@@ -350,7 +350,7 @@ class _Frame:
             masked = torch.zeros_like(valid)
         out["masked"] = masked
         if want_var:
-            out["var"] = self._var_at(b, iy, ix)
+            out["var"] = self._var_at(b, iy, ix, iyr, x0, valid)
         return out
 
     def _runs(self, buf: Tensor, rbase: Tensor, c0: Tensor, s: int, bad=None):
@@ -379,13 +379,19 @@ class _Frame:
         view = buf.as_strided((buf.numel() - s + 1, s), (1, 1))
         return view.index_select(0, rstart.reshape(-1)).view(rstart.shape[0], rstart.shape[1], s)
 
-    def _var_at(self, b, iy, ix):
+    def _var_at(self, b, iy, ix, iyr, x0, valid):
         v = self.var
         B, _, H, W = v.shape
         bb = b if B > 1 else torch.zeros_like(b)
         shape = (ix.shape[0], iy.shape[1], ix.shape[2])
         if H == 1 and W == 1:
             g = v.reshape(-1)[bb][:, None, None]
+        elif not v.requires_grad and v.is_contiguous() and v.shape[1] == 1 and (H, W) == (self.H, self.W):
+            # row-run gathers as for the image (~8x faster than the element-wise gather); the
+            # off-frame pixels (garbage from the neighbouring row) are zeroed: every caller weights
+            # them by 0, and 0 * a non-finite garbage value would not be 0
+            rbase = bb[:, None] * (H * W) + iyr.clamp(0, H - 1) * W
+            g = self._runs(v.reshape(-1), rbase, x0, ix.shape[-1])[0].masked_fill_(~valid, 0.0)
         else:
             g = v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)]
         return (g * g if self.var_is_rms else g).expand(shape)

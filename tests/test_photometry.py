@@ -320,6 +320,25 @@ def test_threaded_object_groups_equal_one_group(monkeypatch):
         np.testing.assert_allclose(two[k].double().numpy(), one[k].double().numpy(), atol=1e-3, err_msg=k)
     np.testing.assert_array_equal(two["flags"].numpy(), one["flags"].numpy())
 
+def test_variance_map_row_gathers_equal_elementwise():
+    """An rms map is gathered as row runs (a contiguous map) or element by element (any other
+    layout): the same errors, including apertures that leave the frame (zero weight there)."""
+    img, _, _ = _star_field(n=120, shape=(160, 200), seed=5)
+    seg = torch.from_numpy(_segment(img, 3.0))[None, None]
+    image = torch.from_numpy(img).float()[None, None]
+    yy, xx = torch.meshgrid(torch.arange(160.0), torch.arange(200.0), indexing="ij")
+    rms = (2.0 + 0.01 * xx + 0.5 * torch.sin(yy / 7.0))[None, None]
+    strided = rms.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not contiguous
+    assert not strided.is_contiguous()
+    a = P.measure(image, seg, rms, phot_apertures=(6.0, 30.0))
+    b = P.measure(image, seg, strided, phot_apertures=(6.0, 30.0))
+    near_edge = (a["x"] < 15) | (a["x"] > 185) | (a["y"] < 15) | (a["y"] > 145)
+    assert int(near_edge.sum()) >= 5
+    for k in ("fluxerr_aper", "fluxerr_auto"):
+        assert torch.isfinite(a[k]).all(), k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0, msg=k)
+
+
 def test_photometry_module_and_repr():
     img, _, _ = _star_field(n=10, shape=(64, 80), seed=4)
     seg = torch.from_numpy(_segment(img, 3.0))[None, None]
