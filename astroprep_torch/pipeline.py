@@ -77,13 +77,17 @@ class Stage(nn.Module):
             (``PreprocessModule(compile=True)``, ``astroprep run compile=true``): for stages whose
             shapes depend on the data (detection, catalogs), where compilation would recompile on
             every frame. ``None`` (default) follows the graph's setting.
+        after: names of earlier stages this one also waits for when stages run at once
+            (``Pipeline(workers > 1)``), beyond what the reads and writes require: an ordering
+            hint, e.g. to keep light work off the cores while a stage that uses all of them runs.
     """
 
     def __init__(self, module, reads: Reads = (), writes: Writes = (), enabled: bool = True,
-                 compile: Optional[bool] = None):
+                 compile: Optional[bool] = None, after: Sequence[str] = ()):
         super().__init__()
         self.module = module
         self.compile = compile
+        self.after = [after] if isinstance(after, str) else list(after)
         self.reads = {k: k for k in reads} if not isinstance(reads, Mapping) else dict(reads)
         if isinstance(writes, str):
             self.writes: Union[str, list, dict] = writes
@@ -152,9 +156,12 @@ class Pipeline(nn.Module):
         names = [str(k) for k, _ in items]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        for name, st in items:
+        for j, (name, st) in enumerate(items):
             if not isinstance(st, Stage):
                 raise TypeError(f"stage {name!r} must be a pipeline.Stage, got {type(st).__name__}")
+            for other in st.after:
+                if other not in names[:j]:
+                    raise ValueError(f"stage {name!r}: after={other!r} must name an earlier stage, one of {names[:j]}")
         # A ModuleList (not a ModuleDict) so that any name works, "double" or "to" included.
         self.names = names
         self._stages = nn.ModuleList([st for _, st in items])
@@ -198,7 +205,9 @@ class Pipeline(nn.Module):
     @staticmethod
     def dependencies(todo: Sequence) -> list:
         """For ``[(name, Stage), ...]`` in running order: the set of earlier positions each stage
-        must wait for (it reads what they write, or writes what they read or write)."""
+        must wait for (it reads what they write, or writes what they read or write, or names them
+        in ``after``; a name in ``after`` that is not an earlier stage is an error, a disabled or
+        skipped one is ignored)."""
         rw = []
         for _, st in todo:
             reads = {k.rstrip("?") for k in st.reads.values()}
@@ -209,8 +218,15 @@ class Pipeline(nn.Module):
                 writes = set(w.values() if isinstance(w, dict) else w)
             rw.append((reads, writes))
         deps = []
+        pos = {name: i for i, (name, _) in enumerate(todo)}
         for j, (rj, wj) in enumerate(rw):
-            deps.append({i for i in range(j) if (rj & rw[i][1]) or (wj & (rw[i][0] | rw[i][1]))})
+            d = {i for i in range(j) if (rj & rw[i][1]) or (wj & (rw[i][0] | rw[i][1]))}
+            for name in getattr(todo[j][1], "after", ()):
+                if name in pos and pos[name] >= j:
+                    raise ValueError(f"stage {todo[j][0]!r}: after={name!r} must name an earlier stage")
+                if name in pos:
+                    d.add(pos[name])
+            deps.append(d)
         return deps
 
     def _run_concurrent(self, batch: dict, todo: Sequence) -> None:

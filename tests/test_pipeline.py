@@ -152,6 +152,24 @@ def test_serial_regions_on_concurrent_threads_restore_the_setting():
         torch.set_num_threads(before)
 
 
+def test_stage_after_orders_concurrent_stages():
+    """``Stage(after=[...])``: with 2 workers, an independent stage waits for the named earlier
+    stage (without it the two overlap); names that are not earlier stages are refused."""
+    for after, overlaps in (((), True), (("sci",), False)):
+        log = []
+        pipe = P.Pipeline({
+            "sci": P.Stage(Sleepy("sci", log), reads={"image": "x"}, writes="y"),
+            "ref": P.Stage(Sleepy("ref", log), reads={"image": "x"}, writes="z", after=after),
+        }, workers=2)
+        with torch.inference_mode():
+            pipe({"x": torch.zeros(2)})
+        (_, s1, e1, _), (_, s2, e2, _) = sorted(log)
+        assert (min(e1, e2) - max(s1, s2) > 0) == overlaps, log
+    with pytest.raises(ValueError, match="after='later'"):
+        P.Pipeline({"a": P.Stage(Affine(), reads={"image": "x"}, writes="y", after=["later"]),
+                    "later": P.Stage(Affine(), reads={"image": "x"}, writes="z")})
+
+
 def test_pipeline_concurrent_failure_names_the_stage():
     log = []
     pipe = P.Pipeline({
