@@ -17,46 +17,49 @@ _SERIAL_SEARCH = 1 << 16
 
 
 _SERIAL_LOCK = threading.Lock()
-_SERIAL = {"depth": 0, "saved": 1}  # open serial regions (any thread) and the setting they replaced
+_SERIAL = {"depth": 0, "saved": 1}  # open serial regions (any thread) and the count the first one saw
 
 
 @contextlib.contextmanager
 def one_intraop_thread(active: bool = True):
-    """With ``active``: one intra-op (OpenMP) thread inside, the caller's setting restored on exit.
-    Yields the caller's thread count (None when not ``active``: nothing is asked of torch, so the
-    inactive form traces under ``torch.compile``).
+    """With ``active``: one intra-op (OpenMP) thread inside, the thread's setting restored on exit.
+    Yields the caller's configured thread count (None when not ``active``: nothing is asked of
+    torch, so the inactive form traces under ``torch.compile``).
 
-    torch's thread count is process-wide, and stages may run on several threads at once
-    (``Pipeline(workers=2)``): the regions are counted, the first one in saves the setting and the
-    last one out restores it, and every region yields that saved count (not the 1 another thread's
-    region set meanwhile). While any region is open, the whole process runs one intra-op thread,
-    which is what two concurrent stages on a small CPU want."""
+    Stages may run on several threads at once (``Pipeline(workers=2)``), and torch's count is
+    partly per thread (OpenMP's ICV) and partly shared (the count a new thread starts from). So
+    each region restores, in its own thread, the value that thread had; and every region yields the
+    count the first open region saw, not the 1 another thread's region may show meanwhile."""
     if not active:
         yield None
         return
     with _SERIAL_LOCK:
         if _SERIAL["depth"] == 0:
             _SERIAL["saved"] = torch.get_num_threads()
-            if _SERIAL["saved"] > 1:
-                torch.set_num_threads(1)
         _SERIAL["depth"] += 1
         n = _SERIAL["saved"]
+    mine = torch.get_num_threads()
+    if mine != 1:
+        torch.set_num_threads(1)
     try:
         yield n
     finally:
+        if mine != 1:
+            torch.set_num_threads(mine)
         with _SERIAL_LOCK:
             _SERIAL["depth"] -= 1
-            if _SERIAL["depth"] == 0 and _SERIAL["saved"] > 1:
-                torch.set_num_threads(_SERIAL["saved"])
 
 
 def with_caller_modes(fn):
-    """``fn`` wrapped to run under the autograd and inference modes of the thread that wraps it
-    (torch keeps them per thread): for work handed to other threads."""
-    grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    """``fn`` wrapped to run under the autograd and inference modes and the intra-op thread count of
+    the thread that wraps it (torch keeps them per thread; a pool thread would otherwise keep
+    whatever count it last had or started with): for work handed to other threads."""
+    grad, infer, threads = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with torch.inference_mode(infer), torch.set_grad_enabled(grad):
             return fn(*args, **kwargs)
 

@@ -142,9 +142,10 @@ class Pipeline(nn.Module):
             stage that writes a key it reads, or that reads or writes a key it writes, so the
             results equal the sequential run's.  On a CPU, stages made of many small operations
             (detection, photometry) leave cores idle; the science-frame catalog, for one, can then
-            be made while the difference image is.  Stage timings overlap in this mode.  The GWAC
-            graph's config uses 2: with :func:`astroprep_torch.retain_freed_memory` (one heap for
-            every thread) a 4096^2 frame took 2.3-2.8 s instead of 2.7-3.2 s on the 2-core CPU.
+            be made while the difference image is.  Stage timings overlap in this mode, and a stage
+            started beside ``k`` others runs ``1 / (k + 1)`` of the caller's intra-op threads.  The
+            GWAC graph's config uses 2: a 4096^2 frame took 2.2-2.6 s instead of 2.7-3.2 s with 1
+            on the 2-core CPU (``experiments/pipeline_table2.py``).
 
     ``forward(batch) -> batch``: the same dictionary with every stage's outputs added.
     ``skip=`` (a set of names) skips stages for one call.
@@ -232,10 +233,11 @@ class Pipeline(nn.Module):
     def _run_concurrent(self, batch: dict, todo: Sequence) -> None:
         """Run ``todo`` on ``self.workers`` threads, each stage once its dependencies are done (the
         earliest ready stage first).  The first failure stops new stages and is raised once the
-        running ones are done.  Autograd / inference mode of the caller carry over to the threads."""
+        running ones are done.  Autograd / inference mode of the caller carry over to the threads,
+        and its intra-op thread count, shared among the stages running at once."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from ._ops import thread_pool, with_caller_modes
+        from ._ops import thread_pool
 
         deps = self.dependencies(todo)
         done: set = set()
@@ -243,7 +245,17 @@ class Pipeline(nn.Module):
         started: set = set()
         # the stages' own pool: a stage may wait on _ops.thread_pool's jobs from one of these threads
         pool = thread_pool(self.workers, name="astroprep-stage")
-        call = with_caller_modes(lambda i: self._run_stage(todo[i][0], todo[i][1], batch))
+        # Each stage runs under the caller's autograd / inference modes. Its intra-op thread count is
+        # the caller's, divided among the stages running when it starts: a stage started beside k
+        # others gets n // (k + 1) threads (at least 1), so concurrent stages share the cores
+        # instead of oversubscribing them (2 cores: 2.25 -> 2.1 s per 4096^2 GWAC frame).
+        grad, infer, n_threads = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()
+
+        def call(i: int, threads: int):
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
+                return self._run_stage(todo[i][0], todo[i][1], batch)
 
         error = None
         while len(done) < len(todo):
@@ -251,7 +263,7 @@ class Pipeline(nn.Module):
                 for i in range(len(todo)):
                     if i not in started and deps[i] <= done and len(running) < self.workers:
                         started.add(i)
-                        running[pool.submit(call, i)] = i
+                        running[pool.submit(call, i, max(1, n_threads // (len(running) + 1)))] = i
             if not running:
                 break
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)

@@ -2,6 +2,8 @@
 
 import json
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -168,6 +170,41 @@ def test_stage_after_orders_concurrent_stages():
     with pytest.raises(ValueError, match="after='later'"):
         P.Pipeline({"a": P.Stage(Affine(), reads={"image": "x"}, writes="y", after=["later"]),
                     "later": P.Stage(Affine(), reads={"image": "x"}, writes="z")})
+
+
+class ThreadCount(nn.Module):
+    """Records the intra-op thread count it runs with, after a pause (so that stages overlap)."""
+
+    def __init__(self, name, log, delay=0.15):
+        super().__init__()
+        self.name, self.log, self.delay = name, log, delay
+
+    def forward(self, image):
+        self.log[self.name] = torch.get_num_threads()
+        time.sleep(self.delay)
+        return image + 1
+
+
+def test_concurrent_stages_share_the_intraop_threads():
+    """With 2 workers, a stage started beside another gets the caller's threads divided by the
+    stages running (2 -> 1); a stage that then runs alone gets them all again; the caller's own
+    count is unchanged afterwards, call after call."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log = {}
+        pipe = P.Pipeline({
+            "first": P.Stage(ThreadCount("first", log), reads={"image": "x"}, writes="y"),
+            "beside": P.Stage(ThreadCount("beside", log), reads={"image": "x"}, writes="z"),
+            "alone": P.Stage(ThreadCount("alone", log, 0.0), reads={"image": "y", }, writes="w", after=["beside"]),
+        }, workers=2)
+        for _ in range(3):
+            log.clear()
+            pipe({"x": torch.zeros(2)})
+            assert log == {"first": 2, "beside": 1, "alone": 2}
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pipeline_concurrent_failure_names_the_stage():
