@@ -115,9 +115,10 @@ def test_pipeline_concurrent_stages(workers):
 
 
 def test_serial_regions_on_concurrent_threads_restore_the_setting():
-    """one_intraop_thread on two threads whose regions overlap (A in, B in, A out, B out): inside,
-    one intra-op thread process-wide, and each region sees the caller's count; after both, the
-    caller's count is back (a plain save/restore per region would leave 1 behind)."""
+    """one_intraop_thread on two threads whose regions overlap (A in, B in, A out, B out): one
+    intra-op thread inside each; every region yields the count the first one saw (2), not the 1
+    that A's region shows B meanwhile; B's thread keeps its 1 after A leaves; the caller's count
+    is unchanged afterwards."""
     import threading
 
     from astroprep_torch._ops import one_intraop_thread
