@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import threading
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,11 +51,13 @@ def one_intraop_thread(active: bool = True):
             _SERIAL["depth"] -= 1
 
 
-def with_caller_modes(fn):
-    """``fn`` wrapped to run under the autograd and inference modes and the intra-op thread count of
-    the thread that wraps it (torch keeps them per thread; a pool thread would otherwise keep
-    whatever count it last had or started with): for work handed to other threads."""
-    grad, infer, threads = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()
+def with_caller_modes(fn, threads: Optional[int] = None):
+    """``fn`` wrapped to run under the autograd and inference modes and the intra-op thread count
+    (``threads``, default: the count) of the thread that wraps it (torch keeps them per thread; a
+    pool thread would otherwise keep whatever count it last had or started with): for work handed
+    to other threads."""
+    grad, infer = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    threads = torch.get_num_threads() if threads is None else int(threads)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):

@@ -237,7 +237,7 @@ class Pipeline(nn.Module):
         and its intra-op thread count, shared among the stages running at once."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from ._ops import thread_pool
+        from ._ops import thread_pool, with_caller_modes
 
         deps = self.dependencies(todo)
         done: set = set()
@@ -249,13 +249,10 @@ class Pipeline(nn.Module):
         # the caller's, divided among the stages running when it starts: a stage started beside k
         # others gets n // (k + 1) threads (at least 1), so concurrent stages share the cores
         # instead of oversubscribing them (2 cores: 2.25 -> 2.1 s per 4096^2 GWAC frame).
-        grad, infer, n_threads = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()
+        n_threads = torch.get_num_threads()
 
-        def call(i: int, threads: int):
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            with torch.inference_mode(infer), torch.set_grad_enabled(grad):
-                return self._run_stage(todo[i][0], todo[i][1], batch)
+        def run(i: int):
+            return self._run_stage(todo[i][0], todo[i][1], batch)
 
         error = None
         while len(done) < len(todo):
@@ -263,7 +260,8 @@ class Pipeline(nn.Module):
                 for i in range(len(todo)):
                     if i not in started and deps[i] <= done and len(running) < self.workers:
                         started.add(i)
-                        running[pool.submit(call, i, max(1, n_threads // (len(running) + 1)))] = i
+                        share = max(1, n_threads // (len(running) + 1))
+                        running[pool.submit(with_caller_modes(run, threads=share), i)] = i
             if not running:
                 break
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
