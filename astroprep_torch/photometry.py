@@ -262,13 +262,9 @@ def _split_run(fn, geo: dict, n: int, workers: int):
     # interleaved groups (object i to group i % k): each gets the same mix of stamp sizes and of
     # frame regions, so the threads finish together (contiguous halves were ~4% slower at 4096^2)
     parts = [{key: v[i::k] for key, v in geo.items()} for i in range(k)]
-    run = with_caller_modes(fn)
+    run = with_caller_modes(fn, threads=1)  # one intra-op thread per group, as the caller's
 
-    def work(part):
-        torch.set_num_threads(1)  # this pool thread's OpenMP setting (the caller's is already 1)
-        return run(part)
-
-    jobs = [thread_pool(k - 1, name="astroprep-groups").submit(work, p) for p in parts[1:]]
+    jobs = [thread_pool(k - 1, name="astroprep-groups").submit(run, p) for p in parts[1:]]
     try:
         res = [run(parts[0])]
     finally:

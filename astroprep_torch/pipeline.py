@@ -207,8 +207,8 @@ class Pipeline(nn.Module):
     def dependencies(todo: Sequence) -> list:
         """For ``[(name, Stage), ...]`` in running order: the set of earlier positions each stage
         must wait for (it reads what they write, or writes what they read or write, or names them
-        in ``after``; a name in ``after`` that is not an earlier stage is an error, a disabled or
-        skipped one is ignored)."""
+        in ``after``, which :class:`Pipeline` checks names earlier stages; a disabled or skipped one
+        is not waited for)."""
         rw = []
         for _, st in todo:
             reads = {k.rstrip("?") for k in st.reads.values()}
@@ -222,11 +222,7 @@ class Pipeline(nn.Module):
         pos = {name: i for i, (name, _) in enumerate(todo)}
         for j, (rj, wj) in enumerate(rw):
             d = {i for i in range(j) if (rj & rw[i][1]) or (wj & (rw[i][0] | rw[i][1]))}
-            for name in getattr(todo[j][1], "after", ()):
-                if name in pos and pos[name] >= j:
-                    raise ValueError(f"stage {todo[j][0]!r}: after={name!r} must name an earlier stage")
-                if name in pos:
-                    d.add(pos[name])
+            d |= {pos[name] for name in todo[j][1].after if name in pos}
             deps.append(d)
         return deps
 
