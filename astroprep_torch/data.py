@@ -159,10 +159,18 @@ class FitsFrameDataModule(_DataModuleBase):
             it would only cost a copy).
         hdu: HDU to read (default: the first image HDU).
         skip: callable ``name -> bool`` marking finished frames (resume).
+        multiprocessing_context: how reader processes start: ``None`` (torch's default: ``fork`` on
+            Linux), ``"fork"``, ``"spawn"`` or ``"forkserver"``. ``"forkserver"`` forks them from a
+            small server process started once per process, with torch and the FITS reader already
+            imported: a fork of the computing process would make its whole heap copy-on-write,
+            and it would then copy every page it writes again (for a few frames after each
+            ``Trainer.predict`` starts). Like ``spawn``, it needs the ``if __name__ == "__main__":``
+            guard in scripts.
     """
 
     def __init__(self, inputs=(), batch_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
-                 pin_memory: bool = False, hdu=None, skip: Optional[Callable[[str], bool]] = None):
+                 pin_memory: bool = False, hdu=None, skip: Optional[Callable[[str], bool]] = None,
+                 multiprocessing_context: Optional[str] = None):
         super().__init__()
         self.inputs = inputs
         self.batch_size = int(batch_size)
@@ -171,6 +179,10 @@ class FitsFrameDataModule(_DataModuleBase):
         self.pin_memory = bool(pin_memory)
         self.hdu = hdu
         self.skip = skip
+        if multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError("multiprocessing_context must be None, 'fork', 'spawn' or 'forkserver', "
+                             f"got {multiprocessing_context!r}")
+        self.multiprocessing_context = multiprocessing_context
         self.dataset: Optional[FitsFrameDataset] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -183,9 +195,22 @@ class FitsFrameDataModule(_DataModuleBase):
                   collate_fn=collate_frames, pin_memory=self.pin_memory and torch.cuda.is_available())
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            if self.multiprocessing_context is not None:
+                kw["multiprocessing_context"] = _worker_context(self.multiprocessing_context)
         return DataLoader(self.dataset, **kw)
 
     test_dataloader = predict_dataloader
+
+
+def _worker_context(method: str):
+    """The multiprocessing context of the reader processes; a fork server (started on first use,
+    once per process) gets torch and the FITS reader imported first, so each reader forks ready."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "astropy.io.fits", "astroprep_torch.data", "astroprep_torch.io"])
+    return ctx
 
 
 __all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "resolve_inputs"]

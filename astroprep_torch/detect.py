@@ -1140,6 +1140,25 @@ class _LazySegmentation:
         return self._dense
 
 
+def rows_of_image(batch_index: Tensor, index: int):
+    """The rows whose ``batch_index`` equals ``index``, as an indexer for dimension 0.
+
+    A ``slice`` when those rows are contiguous (the usual case: catalogs are written image by image,
+    and a batch of one holds only rows of image 0), so that indexing gives views instead of
+    copies; otherwise the boolean row mask.
+    """
+    hit = batch_index.reshape(-1) == index
+    n = int(hit.sum())
+    if n == hit.numel():
+        return slice(None)
+    if n == 0:
+        return slice(0, 0)
+    first = int(hit.to(torch.uint8).argmax())
+    if bool(hit[first:first + n].all()):
+        return slice(first, first + n)
+    return hit
+
+
 class Catalog:
     """Sources of a batch of images as flat 1-D tensors (one row per source) plus the segmentation.
 
@@ -1199,8 +1218,8 @@ class Catalog:
         return Catalog({k: v.to(*args, **kwargs) for k, v in self.columns.items()}, self.segmentation.to(*args, **kwargs))
 
     def select(self, batch_index: int) -> "Catalog":
-        """Rows of one image."""
-        return self[self.columns["batch_index"] == batch_index]
+        """Rows of one image (views, not copies, when its rows are contiguous, as detection writes them)."""
+        return self[rows_of_image(self.columns["batch_index"], batch_index)]
 
     def to_table(self, batch_index: Optional[int] = None):
         """An astropy ``Table`` with SExtractor column names (``X_IMAGE`` etc. 1-based, as SExtractor writes them).

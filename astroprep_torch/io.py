@@ -273,7 +273,26 @@ def _clean_header(header, drop_wcs: bool):
     return out
 
 
-def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = False, *, index: int = 0) -> Path:
+def flush_to_disk(path: PathLike) -> None:
+    """Wait until ``path``'s data are on disk (``fdatasync``), then drop its pages from the page cache.
+
+    For outputs that are written once and not read back soon. Before a rename it makes the rename
+    atomic across a crash too (no empty file under the final name). Dropping the pages lets the
+    next files reuse them: the kernel otherwise takes fresh pages for every file written, and on
+    virtual machines a fresh page can cost ~10 us (the host maps it in on first touch), several times
+    the copy itself (16 MB: ~50 ms of CPU against ~7 ms here). Skips what the platform lacks.
+    """
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = False, *, index: int = 0,
+               flush: bool = False) -> Path:
     """Write one image to a FITS primary HDU, atomically.
 
     Args:
@@ -285,6 +304,8 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         wcs: optional :class:`~astroprep_torch.wcs.TanWCS`; element ``index`` replaces any WCS keys of
             ``header`` (CRPIX written 1-based).
         overwrite: replace an existing file; otherwise ``FileExistsError``.
+        flush: before the rename, wait until the data are on disk and drop them from the page cache
+            (:func:`flush_to_disk`; what the pipeline's writer does).
 
     The file is first written to a temporary file in the same folder and then renamed, so a failure
     never leaves a half-written ``path``.
@@ -318,12 +339,19 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         if not isinstance(wcs, TanWCS):
             raise TypeError(f"wcs must be a TanWCS or None, got {type(wcs).__name__}")
         hdr.update(wcs.to_header(index))
+    if arr.dtype.itemsize > 1 and not arr.dtype.isnative or arr.dtype.byteorder == ">":
+        arr = np.ascontiguousarray(arr)
+    elif arr.dtype.itemsize > 1:
+        # FITS is big-endian: one converting copy, instead of astropy's in-place swap and swap back.
+        arr = arr.astype(arr.dtype.newbyteorder(">"))
     hdu = fits.PrimaryHDU(data=np.ascontiguousarray(arr), header=hdr)
     suffix = ".gz" if path.name.lower().endswith(".gz") else ""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp.fits" + suffix)
     os.close(fd)
     try:
         hdu.writeto(tmp, overwrite=True, output_verify="fix+warn" if header is not None else "exception")
+        if flush:
+            flush_to_disk(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

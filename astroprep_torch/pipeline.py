@@ -633,10 +633,16 @@ class FrameWriter(BasePredictionWriter):
             the queue is drained at the end of ``Trainer.predict`` (:meth:`flush`), so every output
             and manifest row exists when ``predict`` returns.
         max_pending: batches that may wait for the writer (bounds the memory held).
+        flush_to_disk: each product is on disk before its rename, and its pages leave the page cache
+            (:func:`~astroprep_torch.io.flush_to_disk`): a crash never leaves an empty file under a
+            product's name, and a long run does not fill the page cache with outputs nobody reads
+            back. On virtual machines this also takes most of the writing's CPU time away (the
+            kernel reuses the dropped pages instead of taking fresh ones). ``False`` leaves the
+            write-back to the kernel.
     """
 
     def __init__(self, output_dir, products: Optional[Mapping[str, Sequence]] = None, reference_header=None,
-                 asynchronous: Union[bool, str] = True, max_pending: int = 2):
+                 asynchronous: Union[bool, str] = True, max_pending: int = 2, flush_to_disk: bool = True):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.products = {k: tuple(v) for k, v in (products or DEFAULT_PRODUCTS).items()}
@@ -646,6 +652,7 @@ class FrameWriter(BasePredictionWriter):
         self.mode = "loop" if asynchronous is False else ("process" if asynchronous == "process" else "thread")
         self.asynchronous = self.mode != "loop"
         self.max_pending = max(1, int(max_pending))
+        self.flush_to_disk = bool(flush_to_disk)
         self.rows: list[dict] = []
         self.write_seconds: list[float] = []  # per frame, measured in the thread that writes
         self._done: Optional[dict[str, dict]] = None
@@ -654,6 +661,7 @@ class FrameWriter(BasePredictionWriter):
         self._proc = None  # the writer service (process mode)
         self._wid = 0
         self._outstanding = 0  # batches handed to the writer process, not yet reported written
+        self._slots: Optional[_SharedSlots] = None  # shared-memory buffers of the writer process's inputs
         self._error: Optional[BaseException] = None
 
     # -- resume --------------------------------------------------------------------------------
@@ -693,7 +701,10 @@ class FrameWriter(BasePredictionWriter):
         keep = set(self.products) | {v[3] for v in self.products.values() if len(v) > 3}
         outputs = {k: v for k, v in outputs.items() if k in keep}
         if for_process:
-            outputs = {k: _portable(v) for k, v in outputs.items()}
+            if self._slots is None:
+                self._slots = self._proc.take_slots(self.max_pending)
+            outputs = {k: _portable(v, self._slots, k) for k, v in outputs.items()}
+            self._slots.next_turn()
         return dict(prediction, outputs=outputs)
 
     # -- the writer process ----------------------------------------------------------------------
@@ -707,7 +718,8 @@ class FrameWriter(BasePredictionWriter):
         self._proc = _writer_service()
         self._wid = self._proc.register()
         header = self.reference_header.tostring() if self.reference_header is not None else None
-        self._proc.jobs.put(("config", self._wid, str(self.output_dir), self.products, header))
+        self._proc.jobs.put(("config", self._wid, str(self.output_dir), self.products, header, self.max_pending,
+                             self.flush_to_disk))
 
     def _collect(self, block: bool, until: str = "flushed") -> None:
         """Take this writer's reports from the writer process (manifest rows, timings, errors);
@@ -768,7 +780,9 @@ class FrameWriter(BasePredictionWriter):
                 self._proc.jobs.put(("flush", self._wid))
             self._collect(block=True, until="flushed")
             self._proc.unregister(self._wid)
-            self._proc, self._outstanding = None, 0
+            if self._slots is not None:
+                self._proc.return_slots(self._slots)
+            self._proc, self._outstanding, self._slots = None, 0, None
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.flush()
@@ -813,26 +827,37 @@ class FrameWriter(BasePredictionWriter):
         return rows
 
     def _write_one(self, name, value, kind, suffix, header, i, n, catalog=None) -> str:
+        from .detect import rows_of_image
         from .io import write_fits
 
         if kind == "fits":
             fname = f"{name}.{suffix}.fits"
             img = _per_frame(value, i, n)
-            write_fits(self.output_dir / fname, img.detach().float().cpu(), header=_image_header(header), overwrite=True)
+            write_fits(self.output_dir / fname, img.detach().float().cpu(), header=_image_header(header), overwrite=True,
+                       flush=self.flush_to_disk)
         elif kind == "catalog":
             fname = f"{name}.{suffix}.ecsv"
             table = value.to_table(batch_index=i)
-            _atomic(self.output_dir / fname, lambda p: write_ecsv(table, p))
+            _atomic(self.output_dir / fname, lambda p: write_ecsv(table, p), self.flush_to_disk)
         elif kind == "tensor":
             fname = f"{name}.{suffix}.pt"
             if catalog is not None:
-                t = value[catalog["batch_index"] == i]  # one row per source of this frame
+                t = value[rows_of_image(catalog["batch_index"], i)]  # one row per source of this frame
             else:
                 t = _per_frame(value, i, n)[0] if isinstance(value, Tensor) and value.shape[0] == n else value
-            _atomic(self.output_dir / fname, lambda p: torch.save(t.detach().cpu().contiguous(), p))
+            _atomic(self.output_dir / fname, lambda p: torch.save(_compact(t), p), self.flush_to_disk)
         else:
             raise ValueError(f"unknown product kind {kind!r}")
         return fname
+
+
+def _compact(t: Tensor) -> Tensor:
+    """``t`` on the CPU with a storage of its own size: ``torch.save`` writes a view's whole storage
+    (every frame of a batch), so a view into a larger storage is copied first."""
+    t = t.detach().cpu().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
 
 
 class _WriterProcessError(RuntimeError):
@@ -848,14 +873,71 @@ def _write_mode(value):
     return bool(value)
 
 
-def _portable(value):
-    """A product as the writer process gets it: CPU tensors; a catalog with its columns only."""
+#: Product tensors from this size on reach the writer process through reused shared-memory slots;
+#: smaller ones (catalog columns) are pickled by value.
+_SLOT_MIN_BYTES = 1 << 20
+
+
+class _SharedSlots:
+    """Shared-memory buffers, reused frame after frame, that carry large product tensors to the
+    writer process.
+
+    Handing a tensor to another process moves it into new shared memory: a copy into fresh pages
+    (page faults, zeroing) in this process and a new mapping in the writer, about 25k page faults per
+    100 MB on either side, every frame. Here each product key owns ``ring`` grow-only buffers,
+    shared once; a frame's tensor is copied into the buffer of its turn and sent as a view of it.
+    The writer keeps the buffers it received mapped (torch's shared-storage cache finds them again
+    by file identity), so a frame costs one copy into pages already mapped on both sides.
+
+    ``ring`` must be at least the number of batches that may wait for the writer: a buffer is
+    reused only when the batch that last used it has been reported written.
+    """
+
+    def __init__(self, ring: int):
+        self.ring = max(1, int(ring))
+        self.turn = 0
+        self.buffers: dict[str, list] = {}
+
+    def next_turn(self) -> None:
+        self.turn = (self.turn + 1) % self.ring
+
+    def put(self, key: str, t: Tensor) -> Tensor:
+        nbytes = t.numel() * t.element_size()
+        ring = self.buffers.setdefault(key, [None] * self.ring)
+        buf = ring[self.turn]
+        if buf is None or buf.numel() < nbytes:
+            grow = nbytes if buf is None else nbytes + nbytes // 4  # a growing product (cutouts) grows once
+            buf = ring[self.turn] = torch.empty(grow, dtype=torch.uint8).share_memory_()
+        out = buf[:nbytes].view(t.dtype).view(t.shape)
+        out.copy_(t.detach())
+        return out
+
+
+def _portable(value, slots: Optional[_SharedSlots] = None, key: str = ""):
+    """A product as the writer process gets it: large tensors in ``slots`` (or moved to shared
+    memory), small ones and catalog columns as numpy arrays (pickled by value: no file descriptor
+    to pass per column). :func:`_unportable` turns it back."""
     from .detect import Catalog
 
     if isinstance(value, Tensor):
-        return value.detach().cpu()
+        if value.numel() * value.element_size() >= _SLOT_MIN_BYTES:
+            return slots.put(key, value) if slots is not None else value.detach().cpu()
+        return value.detach().cpu().numpy()
     if isinstance(value, Catalog):
-        return Catalog({k: v.detach().cpu() for k, v in value.columns.items()}, None)
+        return ("catalog", {k: v.detach().cpu().numpy() for k, v in value.columns.items()})
+    return value
+
+
+def _unportable(value):
+    """The writer process's side of :func:`_portable`: tensors and catalogs again."""
+    import numpy as np
+
+    from .detect import Catalog
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "catalog":
+        return Catalog({k: torch.from_numpy(v) for k, v in value[1].items()}, None)
     return value
 
 
@@ -879,6 +961,19 @@ class _WriterService:
         self.pid = os.getpid()
         self._ids = itertools.count(1)
         self._inbox: dict = {}  # reports for writers other than the one collecting
+        self._slots: list = []  # shared buffers of finished writers, for the next ones
+
+    def take_slots(self, ring: int) -> "_SharedSlots":
+        """Shared buffers for a writer: a finished writer's, when one had as many (each writer
+        owns its set until :meth:`return_slots`: a set never serves two writers at once)."""
+        for i, slots in enumerate(self._slots):
+            if slots.ring == ring:
+                return self._slots.pop(i)
+        return _SharedSlots(ring)
+
+    def return_slots(self, slots: "_SharedSlots") -> None:
+        slots.turn = 0
+        self._slots = [slots] + self._slots[:1]  # keep two sets at most
 
     def alive(self) -> bool:
         return self.proc.is_alive()
@@ -938,15 +1033,22 @@ def _writer_process(jobs, results) -> None:
     from ._ops import retain_freed_memory
 
     retain_freed_memory()
+    import collections
+
     writers: dict = {}
+    # The last batches' shared buffers stay mapped here: the next frames arrive in the same buffers
+    # (see _SharedSlots), which torch's shared-storage cache then finds mapped already.
+    held: collections.deque = collections.deque(maxlen=2)
     failed: set = set()
     while True:
         job = jobs.get()
         kind, wid = job[0], job[1]
         if kind == "config":
-            _, _, output_dir, products, header = job
-            writers[wid] = FrameWriter(output_dir, products=products, asynchronous=False,
+            _, _, output_dir, products, header, ring, flush = job
+            writers[wid] = FrameWriter(output_dir, products=products, asynchronous=False, flush_to_disk=flush,
                                        reference_header=fits.Header.fromstring(header) if header is not None else None)
+            if held.maxlen < ring:
+                held = collections.deque(held, maxlen=ring)
         elif kind == "flush":
             writers.pop(wid, None)
             failed.discard(wid)
@@ -957,7 +1059,9 @@ def _writer_process(jobs, results) -> None:
             w = writers[wid]
             try:
                 n0 = len(w.write_seconds)
-                rows = w.write_prediction(*job[2:])
+                prediction = dict(job[2], outputs={k: _unportable(v) for k, v in job[2]["outputs"].items()})
+                held.append([v for v in prediction["outputs"].values() if isinstance(v, Tensor)])
+                rows = w.write_prediction(prediction, *job[3:])
                 results.put(("rows", wid, (rows, w.write_seconds[n0:])))
             except BaseException as exc:  # e.g. the manifest cannot be written
                 failed.add(wid)
@@ -965,13 +1069,20 @@ def _writer_process(jobs, results) -> None:
         del job
 
 
+#: Text formats of float32/float16 ECSV values (a Python float's repr would print the float64
+#: expansion: 17 digits, 3x slower and longer, for the same float32 value).
+_ECSV_FORMATS = {"f4": "%.9g", "f2": "%.5g"}
+
+
 def write_ecsv(table, path) -> None:
     """Write an astropy ``Table`` as ECSV, several times faster than ``table.write(format="ascii.ecsv")``.
 
     The header (column names, datatypes, units, meta) is astropy's own; the data rows of plain 1-D
-    numeric and bool columns are formatted in one ``%``-operation per row with ``repr`` (shortest
-    round-trip text: reading the file back gives the same values bit for bit). Any other table
-    (masked, string or multidimensional columns) goes through astropy's writer unchanged.
+    numeric and bool columns are formatted in one ``%``-operation per row: float64 and integer
+    columns with ``repr`` (shortest round-trip text), float32 with 9 significant digits and float16
+    with 5, the fewest that round-trip every value of those types. Reading the file back gives the
+    same values bit for bit. Any other table (masked, string or multidimensional columns) goes
+    through astropy's writer unchanged.
     """
     import io as _io
 
@@ -984,7 +1095,7 @@ def write_ecsv(table, path) -> None:
         return
     buf = _io.StringIO()
     table[:0].write(buf, format="ascii.ecsv")
-    fmt = " ".join(["%r"] * len(cols))
+    fmt = " ".join(_ECSV_FORMATS.get(np.dtype(c.dtype).str[1:], "%r") for c in cols)
     values = [np.asarray(c).tolist() for c in cols]
     body = "\n".join([fmt % row for row in zip(*values)])
     with open(path, "w") as fh:
@@ -1004,11 +1115,16 @@ def _image_header(header):
     return h
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename onto ``path`` (never half-written)."""
+def _atomic(path: Path, write, flush: bool = False) -> None:
+    """Write through ``write(tmp_path)`` then rename onto ``path`` (never half-written); with ``flush``,
+    the data are on disk and out of the page cache before the rename (:func:`~astroprep_torch.io.flush_to_disk`)."""
+    from .io import flush_to_disk
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
+        if flush:
+            flush_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -1168,10 +1284,12 @@ def run_from_config(cfg) -> dict:
         paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
     products = {k: tuple(v) for k, v in cfg.products.items()} if cfg.get("products") else None
     writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None,
-                         asynchronous=_write_mode(cfg.get("async_write", True)))
+                         asynchronous=_write_mode(cfg.get("async_write", True)),
+                         flush_to_disk=bool(cfg.get("flush_outputs", True)))
     dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                       prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
-                                      skip=writer.finished if cfg.get("resume", True) else None)
+                                      skip=writer.finished if cfg.get("resume", True) else None,
+                                      multiprocessing_context=cfg.data.get("multiprocessing_context"))
     module = PreprocessModule(pipeline, reference=ref.data if ref is not None else None,
                               reference_mask=ref.mask if ref is not None else None,
                               reference_header=ref.header if ref is not None else None,

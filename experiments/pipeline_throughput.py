@@ -23,9 +23,13 @@ The machine is shared, so the frames are split into ``--blocks`` blocks and ever
 whole plan in turn: load changes from other users then hit every mode alike, and each block gives
 a paired ratio.
 
-Disk: one frame's products take ~100 MB at 2048^2 (10 GB for 100 frames), more than this machine can
-spare, so a small callback deletes a frame's products once the next batches are written (after the
-manifest row is appended); the writing itself is unchanged. Writes experiments/results/<name>.md.
+Disk: one frame's products take ~100 MB at 2048^2. A run keeps its products, as a real run does
+(the kernel then also writes them back to disk), and they are deleted after the run, outside the
+timing: a block of 10 frames needs ~1 GB. ``--delete-as-you-go`` (for small disks) instead deletes a
+frame's products once the next batches are written, in the main thread, which then pays the unlink
+(ext4 with ``discard``: several ms per file). The writer process of pipeline mode is started before
+the first block (it lives as long as the Python process, as the graph's warm-up does).
+Writes experiments/results/<name>.md.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from _common import machine, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE = "compute-only (frames in memory, no writing)"
+LOADER_CONTEXT = [None]  # --loader-context: how the DataLoader's reader processes start
 
 
 def build_pipeline(overrides=()):
@@ -198,7 +203,8 @@ def run_pipeline_mode(pipeline, ref, paths, out_dir: Path, workers: int, batch_s
         shutil.rmtree(out_dir)
     clock = MainThreadClock()
     writer = FrameWriter(out_dir, reference_header=ref.header, asynchronous=async_write)
-    dm = FitsFrameDataModule(paths, batch_size=batch_size, num_workers=workers, prefetch_factor=2, pin_memory=False)
+    dm = FitsFrameDataModule(paths, batch_size=batch_size, num_workers=workers, prefetch_factor=2, pin_memory=False,
+                             multiprocessing_context=LOADER_CONTEXT[0])
     module = timed_module(PreprocessModule(pipeline, reference=ref.data, reference_mask=ref.mask,
                                            reference_header=ref.header), clock)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -272,14 +278,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=10,
                     help="split the frames into this many blocks and run the whole plan on each block in turn")
-    ap.add_argument("--keep", action="store_true", help="keep every product (needs ~100 MB per 2048^2 frame)")
+    ap.add_argument("--delete-as-you-go", action="store_true",
+                    help="delete each frame's products during the run (disk space), not after it")
     ap.add_argument("--tmp", default=None, help="folder for the frames and outputs (default: system temp)")
     ap.add_argument("--name", default="pipeline_throughput")
     ap.add_argument("--writer", default="process", choices=("process", "thread"),
                     help="where plan steps w<N> write (w<N>thread / w<N>process / w<N>sync name it)")
     ap.add_argument("--no-retain", action="store_true",
                     help="leave glibc malloc's defaults (astroprep run calls astroprep_torch.retain_freed_memory())")
+    ap.add_argument("--loader-context", default=None, choices=("fork", "spawn", "forkserver"),
+                    help="FitsFrameDataModule(multiprocessing_context=...) (default: configs/data/fits.yaml's)")
     args = ap.parse_args()
+    from omegaconf import OmegaConf
+
+    LOADER_CONTEXT[0] = args.loader_context or OmegaConf.load(ROOT / "configs" / "data" / "fits.yaml").get(
+        "multiprocessing_context")
     torch.set_num_threads(args.threads)
     if not args.no_retain:
         from astroprep_torch import retain_freed_memory
@@ -302,6 +315,11 @@ def main() -> None:
         t_read, t_write = profile_io(paths, ref, pipeline, tmp / "profile")
         print(f"read one frame {t_read:.3f} s; write products {sum(t_write.values()):.3f} s {t_write}", flush=True)
 
+        if any(st.strip().split("@")[0].endswith("process") or (st.strip().startswith("w") and args.writer == "process"
+               and not st.strip().split("@")[0].endswith(("sync", "thread"))) for st in args.plan.split(",")):
+            from astroprep_torch.pipeline import _writer_service
+
+            _writer_service()  # the writer process starts once per Python process (seconds): before timing
         results: dict[str, list] = {}
         stages: dict[str, float] = {}
         blocks = max(1, args.blocks)
@@ -330,7 +348,7 @@ def main() -> None:
                     where = {False: "in the loop", "thread": "on a thread", "process": "in a writer process"}[async_write]
                     label = f"pipeline mode, num_workers={w}, writer {where}" + suffix
                     r = run_pipeline_mode(pipe, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
-                                          args.keep)
+                                          not args.delete_as_you_go)
                 else:
                     raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync, w<N>thread, w<N>process, "
                                      "each optionally @g<N> for the graph's pipeline.workers)")
@@ -351,6 +369,8 @@ def main() -> None:
     order = (f"{blocks} interleaved blocks of {len(paths) // blocks} frames, each block running {args.plan} in turn "
              f"(so load drift from other users hits every mode alike); steady rate of a run: after its first frame"
              if blocks > 1 else f"runs in this order: {args.plan}; steady rate: after the first {warmup} frames")
+    deletion = ("each frame's products are deleted during the run (--delete-as-you-go)" if args.delete_as_you_go
+                else "a run keeps its products (deleted after it, untimed)")
     lines = [f"# Pipeline-mode throughput ({args.frames} frames of {args.size}x{args.size})", "",
              f"Command: `{command}`", "",
              machine() + f"; 1-min load average before the run {load_before[0]:.2f}, after {load_after[0]:.2f} "
@@ -359,8 +379,10 @@ def main() -> None:
              f"Frames: one simulated GWAC-like field ({stars} stars, TAN-SIP WCS, 20 transients), fresh noise per "
              f"frame, float32 FITS ({args.size ** 2 * 4 / 1e6:.1f} MB each); the reference epoch given. Graph: "
              f"configs/pipeline/gwac.yaml (eager), batch size {args.batch_size}, {args.threads} torch threads in the "
-             f"main process (DataLoader workers use 1 thread each). Pipeline mode writes every default product "
-             f"(5 FITS images with WCS, 2 ECSV catalogs, 2 tensor shards per frame) and the manifest. Order: {order}. "
+             f"main process (DataLoader workers use 1 thread each, started by {LOADER_CONTEXT[0] or 'fork'}). Pipeline mode writes every default product "
+             f"(5 FITS images with WCS, 2 ECSV catalogs, 2 tensor shards per frame) and the manifest; "
+             f"{deletion}; "
+             f"the writer process is started before the first block. Order: {order}. "
              f"Frames/s pooled over runs = steady frames / steady seconds; the ratio divides by compute-only's "
              f"({base:.3f} frames/s; a '[graph workers N]' row by the compute-only row of that graph, "
              f"pipeline.workers=N, when the plan ran it); 'per-block ratio' compares each block's runs (median, "

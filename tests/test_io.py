@@ -205,3 +205,38 @@ def test_read_batch(tmp_path):
     write_fits(tmp_path / "small.fits", np.zeros((10, 10), np.float32))
     with pytest.raises(ValueError, match=r"small\.fits: image shape \(10, 10\) differs"):
         read_fits_batch([paths[0], tmp_path / "small.fits"])
+
+
+def _resident_pages(path) -> int:
+    """Pages of ``path`` in the page cache (Linux ``mincore`` on a read-only mapping, not touched)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = os.path.getsize(path)
+    n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = np.zeros(n, dtype=np.uint8)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)  # the mapping's address; reads nothing
+        rc = libc.mincore(view.ctypes.data, size, vec.ctypes.data)
+        del view
+    if rc != 0:
+        pytest.skip(f"mincore failed (errno {ctypes.get_errno()})")
+    return int((vec & 1).sum())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
+def test_write_fits_flush_leaves_the_page_cache(tmp_path):
+    """write_fits(flush=True): same file, on disk before the rename, and its pages dropped from the
+    page cache (a plain write leaves them there)."""
+    data = np.random.default_rng(0).normal(size=(512, 1024)).astype(np.float32)  # 2 MB
+    write_fits(tmp_path / "plain.fits", data)
+    write_fits(tmp_path / "flushed.fits", data, flush=True)
+    pages = (os.path.getsize(tmp_path / "flushed.fits") + 4095) // 4096
+    plain, flushed = _resident_pages(tmp_path / "plain.fits"), _resident_pages(tmp_path / "flushed.fits")
+    assert plain > pages // 2, plain  # written pages stay cached
+    assert flushed < pages // 10, (flushed, pages)
+    assert np.array_equal(fits.getdata(tmp_path / "flushed.fits"), data)  # reading loads the pages again
+    assert (tmp_path / "plain.fits").read_bytes() == (tmp_path / "flushed.fits").read_bytes()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

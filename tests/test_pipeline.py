@@ -279,6 +279,24 @@ def test_dataset_reports_corrupt_files(tmp_path):
         resolve_inputs(tmp_path / "nothing*.fits")
 
 
+@pytest.mark.parametrize("context", ["forkserver"])
+def test_data_module_reader_processes_started_by_context(tmp_path, context):
+    """Reader processes started by a fork server deliver the same batches (names, pixels,
+    masks, the corrupt file's error) as reading in the main process; a bad context is refused."""
+    from astroprep_torch.data import FitsFrameDataModule
+
+    _write_frames(tmp_path)
+    ref = list(FitsFrameDataModule(tmp_path, batch_size=1, num_workers=0).predict_dataloader())
+    dm = FitsFrameDataModule(tmp_path, batch_size=1, num_workers=1, multiprocessing_context=context)
+    got = list(dm.predict_dataloader())
+    assert [b["name"] for b in got] == [b["name"] for b in ref] and len(got) == 4
+    for a, b in zip(got, ref):
+        assert a["error"] == b["error"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    with pytest.raises(ValueError, match="multiprocessing_context"):
+        FitsFrameDataModule(tmp_path, multiprocessing_context="thread")
+
+
 def _tiny_pipeline():
     return P.Pipeline({"double": P.Stage(Affine(2.0, 0.0), reads={"image": "science"}, writes="difference")})
 
@@ -474,15 +492,69 @@ def test_writer_thread_and_write_failures(tmp_path, asynchronous):
         P.FrameWriter(tmp_path / "x", asynchronous="fiber")
 
 
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_writer_process_reuses_shared_buffers(tmp_path, max_pending):
+    """Large products reach the writer process through shared buffers reused frame after frame:
+    every frame's files hold that frame's values (a buffer is never overwritten while its frame
+    waits to be written), the buffers stay ``max_pending`` per product, a growing product (more
+    cutouts) grows its buffer, and catalogs and batches of two frames are split right."""
+    import numpy as np
+    from astropy.io import fits
+
+    from astroprep_torch.detect import Catalog
+
+    products = {"difference": ("fits", "diff", "science"), "candidates": ("catalog", "candidates", "science"),
+                "triplets": ("tensor", "triplets", "science", "candidates")}
+    writer = P.FrameWriter(tmp_path / "out", products=products, asynchronous="process", max_pending=max_pending)
+    base = torch.arange(600 * 600, dtype=torch.float32).reshape(1, 1, 600, 600)  # 1.4 MB: a shared buffer
+    expect = {}
+    for f in range(6):
+        n_img = 2 if f == 5 else 1
+        names = [f"frame{f}"] + (["frame5b"] if n_img == 2 else [])
+        diff = torch.cat([base + 1000 * f + 0.5 * j for j in range(n_img)])
+        rows = 3 + 40 * f  # the cutout cube grows: 40 x 3 x 63 x 63 floats is about 1.9 MB
+        bi = torch.arange(rows) % n_img
+        bi = bi.sort().values  # rows of image 0 first, as detection writes them
+        cat = Catalog({"batch_index": bi, "ident": torch.arange(rows, dtype=torch.float32) + f,
+                       "flux": torch.full((rows,), float(f))}, None)
+        trip = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1, 1).expand(rows, 3, 63, 63) + 1000 * f
+        pred = {"names": names, "paths": names, "headers": None, "failed": [], "timings": {},
+                "outputs": {"difference": diff, "candidates": cat, "triplets": trip.contiguous()}}
+        writer.write_on_batch_end(None, None, pred, None, None, f)
+        for j, name in enumerate(names):
+            expect[name] = (diff[j, 0].numpy().copy(), cat.columns["ident"][bi == j].numpy().copy(),
+                            trip[bi == j].numpy().copy())
+        del pred, diff, cat, trip  # the writer must not depend on the caller's tensors staying alive
+    slots = writer._slots
+    writer.flush()
+    assert {k: len(v) for k, v in slots.buffers.items()} == {"difference": max_pending, "triplets": max_pending}
+    out = tmp_path / "out"
+    for name, (img, x, cube) in expect.items():
+        assert np.array_equal(fits.getdata(out / f"{name}.diff.fits"), img), name
+        from astropy.table import Table
+
+        assert np.array_equal(np.asarray(Table.read(out / f"{name}.candidates.ecsv")["IDENT"]), x), name
+        back = torch.load(out / f"{name}.triplets.pt")
+        assert np.array_equal(back.numpy(), cube), name
+        assert back.untyped_storage().nbytes() == back.numel() * 4  # a shard holds its own rows only
+    assert sorted(P.read_manifest(out)) == sorted(expect)
+
+
 def test_write_ecsv_round_trip(tmp_path):
     """The fast ECSV writer reads back bit for bit, with astropy's header (units, meta)."""
     import numpy as np
     from astropy.table import Table
 
     rng = np.random.default_rng(0)
-    t = Table({"X_IMAGE": rng.normal(size=50), "FLUX": rng.normal(size=50).astype(np.float32),
-               "NUMBER": np.arange(50), "FLAGS": np.arange(50, dtype=np.uint8), "OK": np.arange(50) % 2 == 0})
+    n = 4000
+    bits32 = rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bits16 = rng.integers(0, 2**16, size=n, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    t = Table({"X_IMAGE": rng.normal(size=n), "FLUX": rng.normal(size=n).astype(np.float32),
+               "BITS32": np.where(np.isnan(bits32), np.float32(1.5), bits32),  # every exponent, denormals
+               "BITS16": np.where(np.isnan(bits16), np.float16(1.5), bits16),
+               "NUMBER": np.arange(n), "FLAGS": np.arange(n).astype(np.uint8), "OK": np.arange(n) % 2 == 0})
     t["X_IMAGE"][3], t["FLUX"][4] = np.nan, -np.inf
+    t["FLUX"][5] = np.nextafter(np.float32(0.1), np.float32(1))  # needs all 9 digits
     t["X_IMAGE"].unit = "pix"
     t.meta["comment"] = ["x, y 1-based"]
     P.write_ecsv(t, tmp_path / "a.ecsv")
