@@ -1157,6 +1157,18 @@ def read_manifest(output_dir) -> dict[str, dict]:
     return rows
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """A floating tensor's bit patterns (an integer view; other dtypes as they are): ``torch.equal``
+    on them is exact and NaN-safe, where on the floats a single NaN (a blank pixel) makes two
+    identical images unequal."""
+    if t.is_floating_point() and t.element_size() in _SAME_SIZE_INT:
+        return t.view(_SAME_SIZE_INT[t.element_size()])
+    return t
+
+
 class SharedReference(nn.Module):
     """Run ``module`` once on the first batch element and repeat its tensor outputs over the batch.
 
@@ -1167,8 +1179,9 @@ class SharedReference(nn.Module):
         module: the stage to run on the reference.
         cache: keep the last result and reuse it while the inputs are the same: a survey run
             processes thousands of frames against one reference, so its products are made once.
-            "The same" is checked exactly (``torch.equal`` against a kept copy of the inputs, one
-            pass over them), never by identity or a hash, so a changed reference is never missed.
+            "The same" is checked exactly (``torch.equal`` of the bit patterns against a kept copy
+            of the inputs, one pass over them; NaN pixels compare equal to themselves), never by
+            identity or a hash, so a changed reference is never missed.
     """
 
     def __init__(self, module: nn.Module, cache: bool = True):
@@ -1189,7 +1202,7 @@ class SharedReference(nn.Module):
                 return None
             if isinstance(v, Tensor):
                 if (v.shape != w.shape or v.dtype != w.dtype or v.device != w.device
-                        or not (v is w or torch.equal(v, w))):
+                        or not (v is w or torch.equal(_bits(v), _bits(w)))):
                     return None
             elif v is not w:
                 try:

@@ -248,6 +248,17 @@ def test_shared_reference_cache_reuses_only_equal_inputs():
     off = P.SharedReference(Counting(), cache=False)
     off(image=ref), off(image=ref)
     assert off.module.calls == 2
+    # a reference with blank (NaN) pixels is still the same reference on the next frame
+    inner = Counting()
+    shared = P.SharedReference(inner)
+    blank = ref.clone()
+    blank[0, 0, 0, 0] = float("nan")
+    shared(image=blank), shared(image=blank.clone())
+    assert inner.calls == 1
+    moved = blank.clone()
+    moved[0, 0, 0, 0], moved[0, 0, 0, 1] = 0.0, float("nan")  # the blank moved: recomputed
+    shared(image=moved)
+    assert inner.calls == 2
 
 def _write_frames(tmp_path, n=3, corrupt=True):
     from astroprep_torch import sim
