@@ -922,10 +922,19 @@ def _portable(value, slots: Optional[_SharedSlots] = None, key: str = ""):
     if isinstance(value, Tensor):
         if value.numel() * value.element_size() >= _SLOT_MIN_BYTES:
             return slots.put(key, value) if slots is not None else value.detach().cpu()
-        return value.detach().cpu().numpy()
+        return _by_value(value)
     if isinstance(value, Catalog):
-        return ("catalog", {k: v.detach().cpu().numpy() for k, v in value.columns.items()})
+        return ("catalog", {k: _by_value(v) for k, v in value.columns.items()})
     return value
+
+
+def _by_value(t: Tensor):
+    """A small tensor as a numpy array (pickled by value); dtypes numpy lacks (bfloat16) stay tensors."""
+    t = t.detach().cpu()
+    try:
+        return t.numpy()
+    except TypeError:
+        return t
 
 
 def _unportable(value):
@@ -937,7 +946,7 @@ def _unportable(value):
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "catalog":
-        return Catalog({k: torch.from_numpy(v) for k, v in value[1].items()}, None)
+        return Catalog({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in value[1].items()}, None)
     return value
 
 

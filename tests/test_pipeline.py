@@ -515,7 +515,7 @@ def test_writer_process_reuses_shared_buffers(tmp_path, max_pending):
     from astroprep_torch.detect import Catalog
 
     products = {"difference": ("fits", "diff", "science"), "candidates": ("catalog", "candidates", "science"),
-                "triplets": ("tensor", "triplets", "science", "candidates")}
+                "triplets": ("tensor", "triplets", "science", "candidates"), "small_bf16": ("tensor", "bf", "science")}
     writer = P.FrameWriter(tmp_path / "out", products=products, asynchronous="process", max_pending=max_pending)
     base = torch.arange(600 * 600, dtype=torch.float32).reshape(1, 1, 600, 600)  # 1.4 MB: a shared buffer
     expect = {}
@@ -530,7 +530,8 @@ def test_writer_process_reuses_shared_buffers(tmp_path, max_pending):
                        "flux": torch.full((rows,), float(f))}, None)
         trip = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1, 1).expand(rows, 3, 63, 63) + 1000 * f
         pred = {"names": names, "paths": names, "headers": None, "failed": [], "timings": {},
-                "outputs": {"difference": diff, "candidates": cat, "triplets": trip.contiguous()}}
+                "outputs": {"difference": diff, "candidates": cat, "triplets": trip.contiguous(),
+                            "small_bf16": torch.ones(n_img, 4, dtype=torch.bfloat16)}}  # numpy has no bfloat16
         writer.write_on_batch_end(None, None, pred, None, None, f)
         for j, name in enumerate(names):
             expect[name] = (diff[j, 0].numpy().copy(), cat.columns["ident"][bi == j].numpy().copy(),
@@ -548,6 +549,8 @@ def test_writer_process_reuses_shared_buffers(tmp_path, max_pending):
         back = torch.load(out / f"{name}.triplets.pt")
         assert np.array_equal(back.numpy(), cube), name
         assert back.untyped_storage().nbytes() == back.numel() * 4  # a shard holds its own rows only
+        bf = torch.load(out / f"{name}.bf.pt")
+        assert bf.dtype == torch.bfloat16 and torch.equal(bf, torch.ones(4, dtype=torch.bfloat16)), name
     assert sorted(P.read_manifest(out)) == sorted(expect)
 
 
