@@ -913,15 +913,15 @@ class _SharedSlots:
         return out
 
 
-def _portable(value, slots: Optional[_SharedSlots] = None, key: str = ""):
-    """A product as the writer process gets it: large tensors in ``slots`` (or moved to shared
-    memory), small ones and catalog columns as numpy arrays (pickled by value: no file descriptor
-    to pass per column). :func:`_unportable` turns it back."""
+def _portable(value, slots: _SharedSlots, key: str):
+    """A product as the writer process gets it: large tensors in ``slots``, small ones and catalog
+    columns as numpy arrays (pickled by value: no file descriptor to pass per column).
+    :func:`_unportable` turns it back."""
     from .detect import Catalog
 
     if isinstance(value, Tensor):
         if value.numel() * value.element_size() >= _SLOT_MIN_BYTES:
-            return slots.put(key, value) if slots is not None else value.detach().cpu()
+            return slots.put(key, value)
         return _by_value(value)
     if isinstance(value, Catalog):
         return ("catalog", {k: _by_value(v) for k, v in value.columns.items()})

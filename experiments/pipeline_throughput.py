@@ -192,6 +192,12 @@ def _steady_fps(ends, frames_per_batch, warmup_frames, t_start):
     return sum(frames_per_batch) - done, ends[-1] - ends[k]
 
 
+def writer_of(step: str, default: str):
+    """FrameWriter(asynchronous=...) of a plan step w<N>[sync|thread|process]."""
+    mode = next((m for m in ("sync", "thread", "process") if step.endswith(m)), "")
+    return {"sync": False, "thread": "thread", "process": "process"}.get(mode, default)
+
+
 def run_pipeline_mode(pipeline, ref, paths, out_dir: Path, workers: int, batch_size: int, warmup: int,
                       async_write: bool, keep: bool):
     import lightning as L
@@ -315,8 +321,8 @@ def main() -> None:
         t_read, t_write = profile_io(paths, ref, pipeline, tmp / "profile")
         print(f"read one frame {t_read:.3f} s; write products {sum(t_write.values()):.3f} s {t_write}", flush=True)
 
-        if any(st.strip().split("@")[0].endswith("process") or (st.strip().startswith("w") and args.writer == "process"
-               and not st.strip().split("@")[0].endswith(("sync", "thread"))) for st in args.plan.split(",")):
+        steps = [st.strip().partition("@g")[0] for st in args.plan.split(",")]
+        if any(st.startswith("w") and writer_of(st, args.writer) == "process" for st in steps):
             from astroprep_torch.pipeline import _writer_service
 
             _writer_service()  # the writer process starts once per Python process (seconds): before timing
@@ -344,7 +350,7 @@ def main() -> None:
                 elif step.startswith("w"):
                     mode = next((m for m in ("sync", "thread", "process") if step.endswith(m)), "")
                     w = int(step[1:len(step) - len(mode)])
-                    async_write = {"sync": False, "thread": "thread", "process": "process"}.get(mode, args.writer)
+                    async_write = writer_of(step, args.writer)
                     where = {False: "in the loop", "thread": "on a thread", "process": "in a writer process"}[async_write]
                     label = f"pipeline mode, num_workers={w}, writer {where}" + suffix
                     r = run_pipeline_mode(pipe, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
