@@ -339,9 +339,7 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         if not isinstance(wcs, TanWCS):
             raise TypeError(f"wcs must be a TanWCS or None, got {type(wcs).__name__}")
         hdr.update(wcs.to_header(index))
-    if arr.dtype.itemsize > 1 and not arr.dtype.isnative or arr.dtype.byteorder == ">":
-        arr = np.ascontiguousarray(arr)
-    elif arr.dtype.itemsize > 1:
+    if arr.dtype.itemsize > 1 and arr.dtype.byteorder != ">":
         # FITS is big-endian: one converting copy, instead of astropy's in-place swap and swap back.
         arr = arr.astype(arr.dtype.newbyteorder(">"))
     hdu = fits.PrimaryHDU(data=np.ascontiguousarray(arr), header=hdr)

@@ -946,7 +946,7 @@ def _unportable(value):
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "catalog":
-        return Catalog({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in value[1].items()}, None)
+        return Catalog({k: _unportable(v) for k, v in value[1].items()}, None)
     return value
 
 

@@ -54,7 +54,6 @@ from _common import machine, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPUTE = "compute-only (frames in memory, no writing)"
-LOADER_CONTEXT = [None]  # --loader-context: how the DataLoader's reader processes start
 
 
 def build_pipeline(overrides=()):
@@ -199,7 +198,7 @@ def writer_of(step: str, default: str):
 
 
 def run_pipeline_mode(pipeline, ref, paths, out_dir: Path, workers: int, batch_size: int, warmup: int,
-                      async_write: bool, keep: bool):
+                      async_write: bool, keep: bool, loader_context=None):
     import lightning as L
 
     from astroprep_torch.data import FitsFrameDataModule
@@ -210,7 +209,7 @@ def run_pipeline_mode(pipeline, ref, paths, out_dir: Path, workers: int, batch_s
     clock = MainThreadClock()
     writer = FrameWriter(out_dir, reference_header=ref.header, asynchronous=async_write)
     dm = FitsFrameDataModule(paths, batch_size=batch_size, num_workers=workers, prefetch_factor=2, pin_memory=False,
-                             multiprocessing_context=LOADER_CONTEXT[0])
+                             multiprocessing_context=loader_context)
     module = timed_module(PreprocessModule(pipeline, reference=ref.data, reference_mask=ref.mask,
                                            reference_header=ref.header), clock)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -297,7 +296,7 @@ def main() -> None:
     args = ap.parse_args()
     from omegaconf import OmegaConf
 
-    LOADER_CONTEXT[0] = args.loader_context or OmegaConf.load(ROOT / "configs" / "data" / "fits.yaml").get(
+    loader_context = args.loader_context or OmegaConf.load(ROOT / "configs" / "data" / "fits.yaml").get(
         "multiprocessing_context")
     torch.set_num_threads(args.threads)
     if not args.no_retain:
@@ -354,7 +353,7 @@ def main() -> None:
                     where = {False: "in the loop", "thread": "on a thread", "process": "in a writer process"}[async_write]
                     label = f"pipeline mode, num_workers={w}, writer {where}" + suffix
                     r = run_pipeline_mode(pipe, ref, chunk, tmp / "out", w, args.batch_size, w_block, async_write,
-                                          not args.delete_as_you_go)
+                                          not args.delete_as_you_go, loader_context)
                 else:
                     raise SystemExit(f"--plan: unknown step {step!r} (compute, w<N>, w<N>sync, w<N>thread, w<N>process, "
                                      "each optionally @g<N> for the graph's pipeline.workers)")
@@ -385,7 +384,7 @@ def main() -> None:
              f"Frames: one simulated GWAC-like field ({stars} stars, TAN-SIP WCS, 20 transients), fresh noise per "
              f"frame, float32 FITS ({args.size ** 2 * 4 / 1e6:.1f} MB each); the reference epoch given. Graph: "
              f"configs/pipeline/gwac.yaml (eager), batch size {args.batch_size}, {args.threads} torch threads in the "
-             f"main process (DataLoader workers use 1 thread each, started by {LOADER_CONTEXT[0] or 'fork'}). Pipeline mode writes every default product "
+             f"main process (DataLoader workers use 1 thread each, started by {loader_context or 'fork'}). Pipeline mode writes every default product "
              f"(5 FITS images with WCS, 2 ECSV catalogs, 2 tensor shards per frame) and the manifest; "
              f"{deletion}; "
              f"the writer process is started before the first block. Order: {order}. "
