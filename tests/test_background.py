@@ -312,3 +312,30 @@ def test_inference_mode_and_threads_match():
         torch.set_num_threads(n)
     for r in (inf, one):
         assert torch.equal(r.background, ref.background) and torch.equal(r.rms, ref.rms)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_box_row_groups_on_threads_match_one_thread(masked):
+    """With two threads the groups of box rows are made on both at once (one histogram buffer each):
+    every box gets the statistics of the one-thread run, bit for bit, with or without bad pixels,
+    and under inference mode."""
+    img = _t(_frame(520, 384, seed=5))
+    mask = None
+    if masked:
+        img[..., 3, 7] = float("nan")
+        mask = torch.zeros(img.shape, dtype=torch.bool)
+        mask[..., 100:230, 40:200] = True
+    kw = dict(box_size=32, chunk_pixels=32 * 384)  # one row of boxes a block: 17 rows -> many groups
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = background_2d(img, mask, **kw)
+        torch.set_num_threads(2)
+        two = background_2d(img, mask, **kw)
+        with torch.inference_mode():
+            inf = background_2d(img, mask, **kw)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.isfinite(one.background).all()
+    for r in (two, inf):
+        assert torch.equal(r.background, one.background) and torch.equal(r.rms, one.rms)
