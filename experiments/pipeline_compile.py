@@ -79,7 +79,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--stars", type=int, default=None, help="default: GWAC density (20000 per 4136x4096)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each after the first (the heap settles)")
+    ap.add_argument("--no-retain", action="store_true",
+                    help="leave glibc malloc's defaults (astroprep run calls astroprep_torch.retain_freed_memory())")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--override", action="append", default=[], help="Hydra override for the graph (repeatable)")
@@ -87,6 +90,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from astroprep_torch.pipeline import PreprocessModule
+
+    if not args.no_retain:
+        from astroprep_torch import retain_freed_memory
+
+        retain_freed_memory()  # as `astroprep run` does (config retain_memory: true)
 
     stars = args.stars if args.stars is not None else int(round(20000 * args.size ** 2 / (4136 * 4096)))
     load_before = os.getloadavg()[0]
@@ -102,6 +110,9 @@ def main() -> None:
         compiled.predict_step(batch)
         t_compile = time.perf_counter() - t0
         print(f"first call: eager {t_eager_first:.2f} s, compiled {t_compile:.2f} s (compilation)", flush=True)
+        for _ in range(args.warmup):
+            time_module(eager, batch, 1)
+            time_module(compiled, batch, 1)
         # Interleave the timed runs so that load drift hits both alike.
         te, tc, se, sc = [], [], [], []
         for _ in range(args.repeat):
@@ -121,7 +132,11 @@ def main() -> None:
              machine() + f"; 1-min load average before {load_before:.2f}, after {load_after:.2f} (shared machine).", "",
              f"One simulated GWAC-like frame ({stars} stars, TAN-SIP, reference given), configs/pipeline/gwac.yaml, "
              f"batch of 1, `PreprocessModule.predict_step` on the in-memory frame. torch.compile backend "
-             f"`{args.backend}`, static shapes. Median of {args.repeat} interleaved runs after the first call.", "",
+             f"`{args.backend}`, static shapes. Median of {args.repeat} interleaved runs after the first call and "
+             f"{args.warmup} untimed interleaved calls of each (the heap settles); freed memory "
+             f"{'kept in the process (retain_freed_memory(), as astroprep run does)' if not args.no_retain else 'returned to the OS (--no-retain)'}. "
+             "The first compiled call compiles every stage, reading inductor's on-disk cache where an "
+             "earlier run left it (a cold cache costs more).", "",
              f"- first call: eager {t_eager_first:.2f} s, compiled {t_compile:.2f} s (includes compilation)",
              f"- **time per frame: eager {t_e:.3f} s, compiled {t_c:.3f} s, speed-up {t_e / t_c:.2f}x**",
              f"- stages that fell back to eager: {fell_back or 'none'}", "",
