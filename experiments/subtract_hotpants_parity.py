@@ -15,7 +15,11 @@ configuration: 3 Gaussians sigma 0.7/1.5/3.0 of degrees 6/4/2, -ko 2, -bgo 1, 10
   HOTPANTS stamp regions, stars 20 sigma above the sky, -ks 2, no template-noise debiasing, the
   variance convolved by K^2);
 - ``default``: configs/subtract/default.yaml's choices at the same kernel size (inverse-variance
-  weights, debiasing, 3 sigma clip, 10 sigma stars, grid stamps, the variance scaled per tile).
+  weights, debiasing, 3 sigma clip, 10 sigma stars, grid stamps, the variance scaled per tile);
+- ``default, debias=False``: the same without the errors-in-variables correction. The correction
+  removes the template-noise bias of the fit (the kernel least squares otherwise shrink towards a
+  smoother kernel: constant stars leave a positive residual, see subtract_sim_fidelity.py) at the
+  price of a slightly noisier difference; this row shows that price against HOTPANTS.
 
 HOTPANTS (v5.1.11, built as the README's Development section says; `hotpants` on PATH or
 $HOTPANTS) gets the simulator's gain and read noise; pixels below half the sky or >= 60000 ADU are
@@ -51,6 +55,8 @@ SETTINGS = {
                      variance_convolution="fft"),
     "default": dict(clip_sigma=3.0, weighting="variance", stamp_layout="grid", stamp_threshold=10.0, debias=True,
                     variance_convolution="local"),
+    "default, debias=False": dict(clip_sigma=3.0, weighting="variance", stamp_layout="grid", stamp_threshold=10.0,
+                                  debias=False, variance_convolution="local"),
 }
 
 
