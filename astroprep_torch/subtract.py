@@ -48,7 +48,8 @@ and the difference is formed. What this module does, step by step:
   Bad stamps are then rejected as HOTPANTS does: first stamps whose individually fitted kernel
   sum is a ``clip_sigma`` outlier (both sides), then, iteratively (``max_iterations``), stamps whose
   figure of merit ``<r^2 / var>`` (HOTPANTS' ``-fom v``) exceeds the sigma-clipped mean by
-  ``clip_sigma`` standard deviations (one-sided; the clip starts from the median and MAD so that a
+  ``clip_sigma`` standard deviations (HOTPANTS ``-ks``; one-sided; the mean and std come from a
+  ``stat_sigma`` clip, HOTPANTS ``-ssig``, 3 by default, which starts from the median and MAD so that a
   single spoiled stamp among few cannot hide by inflating the std); a rejected stamp is replaced by its cell's next
   candidate. This loop stops on a data-dependent condition (one host sync per iteration).
 * **Template-noise correction** (``debias=True``, the default; ``False`` reproduces HOTPANTS): the
@@ -936,7 +937,8 @@ def _cat_stamps(a: _Stamps, b: _Stamps) -> _Stamps:
 
 
 def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations: int, k0sq: float,
-         kernels: Optional[tuple[Tensor, Tensor]] = None, valid: Optional[Tensor] = None, build=None):
+         kernels: Optional[tuple[Tensor, Tensor]] = None, valid: Optional[Tensor] = None, build=None,
+         stat_sigma: float = 3.0):
     """Weighted least squares with HOTPANTS' stamp rejection.
 
     ``st`` holds the stamp systems of the first candidates of every cell (candidate axis of any
@@ -985,7 +987,7 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
 
     act, pc = active()
     ks = ksum_ind[ar_b, ar_r, pc]
-    kmean, kstd = _sigma_clip(ks, act, clip_sigma)
+    kmean, kstd = _sigma_clip(ks, act, stat_sigma)
     bad = act & ((ks - kmean[:, None]).abs() > clip_sigma * kstd[:, None])
     ptr = ptr + bad.long()
     ensure()
@@ -1023,7 +1025,7 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
         # robust start: a stamp with a transient or a bad pixel has a merit >> 1 and must not hide
         # itself by inflating the std (the kernel-sum clip above stays HOTPANTS' plain one: the
         # individual kernel sums of faint stamps scatter with heavy tails)
-        mmean, mstd = _sigma_clip(merit, act, clip_sigma, robust_start=True)
+        mmean, mstd = _sigma_clip(merit, act, stat_sigma, robust_start=True)
         reject = act & ((merit - mmean[:, None]) > clip_sigma * mstd[:, None])
         if not bool(reject.any()):  # data-dependent stop (one host sync): HOTPANTS' check_again loop
             break
@@ -1070,6 +1072,7 @@ def image_subtraction(
     weighting: str = "variance",
     stamp_layout: str = "grid",
     debias: bool = True,
+    stat_sigma: float = 3.0,
     stamp_positions: Optional[Tensor] = None,
     coefficients: Optional[Tensor] = None,
     basis: Optional[KernelBasis] = None,
@@ -1095,6 +1098,8 @@ def image_subtraction(
     if template_var is not None:
         check_image(template_var, "template_var", channels=1)
         check_same_shape(template, template_var, "template", "template_var")
+    if not stat_sigma > 0:
+        raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
     if convolve not in ("auto", "template", "science"):
         raise ValueError(f"convolve must be 'auto', 'template' or 'science', got {convolve!r}")
     if normalize not in ("science", "template"):
@@ -1229,7 +1234,7 @@ def image_subtraction(
         k0sq = float((basis.kernels[0].double() ** 2).sum())
         theta, act, pc, ksum_ind, _, st = _fit(st, n_basis, n_bg, clip_sigma, max_iterations, k0sq,
                                                (basis.kernels, noise[1]) if noise is not None else None, valid=valid,
-                                               build=build)
+                                               build=build, stat_sigma=stat_sigma)
     else:
         theta = coefficients.to(fit_dtype)
         if theta.dim() == 1:
@@ -1357,6 +1362,8 @@ class ImageSubtraction(nn.Module):
             normal equations (errors-in-variables correction, noise level measured from the image;
             without it the fitted kernel is too smooth and constant stars leave positive residuals of
             0.07-0.13 sigma on simulated GWAC pairs). ``True`` (default); ``False`` reproduces HOTPANTS.
+        stat_sigma: clip of the iterative statistics (mean and std of the stamps' kernel sums and
+            figures of merit) that ``clip_sigma`` then rejects against (HOTPANTS ``-ssig``, 3).
     """
 
     def __init__(
@@ -1386,6 +1393,7 @@ class ImageSubtraction(nn.Module):
         weighting: str = "variance",
         stamp_layout: str = "grid",
         debias: bool = True,
+        stat_sigma: float = 3.0,
     ):
         super().__init__()
         if convolve not in ("auto", "template", "science"):
@@ -1418,6 +1426,9 @@ class ImageSubtraction(nn.Module):
             raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
         self.stamp_layout = stamp_layout
         self.debias = bool(debias)
+        if not stat_sigma > 0:
+            raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
+        self.stat_sigma = float(stat_sigma)
         basis = kernel_basis(self.kernel_half_width, self.gaussians, delta=self.delta_basis)
         self.n_basis = basis.kernels.shape[0]
         self.n_coefficients = 1 + (self.n_basis - 1) * _n_terms(self.spatial_order) + _n_terms(self.background_order)
@@ -1443,7 +1454,7 @@ class ImageSubtraction(nn.Module):
             stars_per_cell=self.stars_per_cell, tile_size=self.tile_size,
             variance_tile_size=self.variance_tile_size, variance_convolution=self.variance_convolution,
             weighting=self.weighting,
-            stamp_layout=self.stamp_layout, debias=self.debias,
+            stamp_layout=self.stamp_layout, debias=self.debias, stat_sigma=self.stat_sigma,
         )
 
     def forward(

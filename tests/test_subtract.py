@@ -503,3 +503,23 @@ def test_local_variance_convolution(tile_size):
     assert torch.equal(a.variance, b.variance)
     with pytest.raises(ValueError, match="variance_convolution"):
         ImageSubtraction(variance_convolution="exact")
+
+
+def test_stamp_statistics_clip_is_separate_from_the_rejection():
+    """HOTPANTS rejects stamps beyond ``-ks`` sigma of a mean and std that are themselves clipped at
+    ``-ssig`` (3): with ``clip_sigma=2`` a 2-sigma clip of the statistics as well would shrink the
+    std and reject good stamps (here 9 kept instead of 11 of 11 on a 512^2 pair)."""
+    from astroprep_torch import sim
+
+    pair = sim.simulate_pair((512, 512), n_stars=313, shift=(0.0, 0.0), fwhm=(2.5, 3.0), n_transients=5,
+                             n_moving=0, seed=3)
+    kw = dict(kernel_half_width=8, spatial_order=2, background_order=1, stamp_grid=(6, 6), clip_sigma=2.0,
+              weighting="none", stamp_layout="hotpants", debias=False, stamp_threshold=20.0, gain=1.5, read_noise=10.0)
+    used = {}
+    for stat_sigma in (2.0, 3.0):
+        res = ImageSubtraction(**kw, stat_sigma=stat_sigma)(pair.science.image, pair.reference.image)
+        used[stat_sigma] = int(res.stamp_stats.used.sum())
+    assert used[3.0] > used[2.0], used
+    assert ImageSubtraction(**kw).stat_sigma == 3.0  # HOTPANTS' -ssig default
+    with pytest.raises(ValueError, match="stat_sigma"):
+        ImageSubtraction(stat_sigma=0.0)
