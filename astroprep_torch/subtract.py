@@ -564,14 +564,18 @@ def _clipped_ratio(ratio: Tensor, start: Optional[Tensor] = None, iters: int = 6
     return scale
 
 
+_NOISE_SEGMENT = 256  # pixels of a row over which _noise_model takes the sky gradient as constant
+
+
 def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
                  min_rho: float = 0.05, samples: int = 60000) -> tuple[Tensor, Tensor]:
     """Measured noise of each frame relative to its variance model, for ``debias``.
 
     Returns ``(scale, rho)``: ``scale`` (B,) float64 = measured / modelled pixel variance, and
     ``rho`` (B, 2 max_lag + 1, 2 max_lag + 1) the pixel-noise correlation at lags ``|dx|, |dy| <=
-    max_lag`` (1 at the centre). Differences ``d`` of pixels a lag apart cancel the sky and its
-    gradients; ``E[d^2] = (V1 + V2)(1 - rho(lag))`` for noise of variance ``V`` with correlation
+    max_lag`` (1 at the centre). Differences ``d`` of pixels a lag apart cancel the sky, and
+    their median over each row segment its gradients; ``E[d^2] = (V1 + V2)(1 - rho(lag))`` for noise
+    of variance ``V`` with correlation
     ``rho``. At ``ref_lag`` pixels (rows and columns; no correlation left there from resampling or
     stacking kernels) this gives ``scale``: a wrong ``gain`` (0.67 for gain 1.5 given as 1), a
     sky-subtracted frame whose Poisson term is missing, noise-free data (0). At the short lags it
@@ -596,7 +600,16 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
         elif dx < 0:
             a0, v0, a1, v1 = a0[..., -dx:], v0[..., -dx:], a1[..., :dx], v1[..., :dx]
         vs = v0 + v1
-        r = (a1 - a0).square_().div_(vs.clamp(min=1e-300))
+        d = a1 - a0
+        # a sky gradient adds (gradient . lag) to every difference: remove the median of each row
+        # segment of _NOISE_SEGMENT pixels (the gradient is about constant over one; the noise's
+        # median over that many differences moves E[d^2] by < 1%, alike at every lag)
+        n_seg = max(1, d.shape[-1] // _NOISE_SEGMENT)
+        cut = n_seg * (d.shape[-1] // n_seg)
+        seg = d[..., :cut].reshape(b, d.shape[1], n_seg, -1)
+        d = (seg - seg.nanmedian(-1, keepdim=True).values).reshape(b, d.shape[1], cut)
+        vs = vs[..., :cut]
+        r = d.square_().div_(vs.clamp(min=1e-300))
         r = torch.where(vs > 0, r, torch.nan)
         return _clipped_ratio(r.reshape(b, -1), start, iters=6 if start is None else 4)
 
@@ -633,12 +646,34 @@ def _stamp_cells(h: int, w: int, grid: tuple[int, int], r: int, layout: str):
     return [c * h // ny for c in range(ny)], [c * w // nx for c in range(nx)], fw, fw
 
 
+def _cell_sky(image: Tensor, bad: Tensor, oy, ox, sh: int, sw: int, samples: int = 2048) -> tuple[Tensor, Tensor]:
+    """Median and 1.4826 MAD of every stamp region, (B, R) each (R = cells, row-major), from a strided
+    subsample of about ``samples`` pixels a region, bad and non-finite pixels left out (a region with
+    none left gets NaN). Per region, as HOTPANTS' stamp statistics: a sky gradient across the frame
+    would inflate one frame-wide noise estimate and raise the stamp-star threshold everywhere."""
+    b, _, h, w = image.shape
+    dev = image.device
+    step = max(1, int(math.sqrt(sh * sw / samples)))
+    rows = torch.tensor(oy, device=dev)[:, None] + torch.arange(0, sh, step, device=dev)  # (ny, ns)
+    cols = torch.tensor(ox, device=dev)[:, None] + torch.arange(0, sw, step, device=dev)  # (nx, ms)
+    ri, ci = rows.clamp(max=h - 1)[:, :, None, None], cols.clamp(max=w - 1)[None, None]
+    v = image[:, 0][:, ri, ci]  # (B, ny, ns, nx, ms)
+    out = bad[:, 0][:, ri, ci] | ~torch.isfinite(v) | (rows >= h)[:, :, None, None] | (cols >= w)[None, None]
+    v = torch.where(out, torch.nan, v).permute(0, 1, 3, 2, 4).reshape(b, len(oy) * len(ox), -1)
+    med = v.nanmedian(-1).values
+    mad = (v - med[..., None]).abs().nanmedian(-1).values * 1.4826
+    return med, mad.clamp(min=torch.finfo(image.dtype).tiny)
+
+
 def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int, iso: int, threshold: float,
                      per_cell: int, block: int = 8, pool: int = 32, border: Optional[int] = None,
-                     layout: str = "grid", r: int = 0, sky: Optional[tuple[Tensor, Tensor]] = None):
+                     layout: str = "grid", r: int = 0, sky: Optional[tuple[Tensor, Tensor]] = None,
+                     local_sky: bool = True):
     """Candidate stamp centres: (y, x, valid) each (B, R, K), R = cells, K = per_cell, best first.
 
-    A pixel qualifies when it is above ``sky + threshold sigma``, no bad pixel lies within ``half``
+    A pixel qualifies when it is above ``sky + threshold sigma`` (``local_sky``: the median and
+    robust sigma of its stamp region, :func:`_cell_sky`; else ``sky``, the frame's, or
+    :func:`_robust_sky`), no bad pixel lies within ``half``
     (tested on ``block``-pixel blocks, so conservatively by up to ``block - 1`` more pixels), it lies
     at least ``border`` (default ``half``) from the frame edges, inside a stamp region of ``layout``
     (:func:`_stamp_cells`), and it is the maximum within ``+-iso`` (isolation).
@@ -671,15 +706,20 @@ def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int,
     wp = w + (-w % bs)
     y, x = (flat // wp).clamp(max=h - 1), (flat % wp).clamp(max=w - 1)  # padding blocks are -inf anyway
     y, x, val = y.reshape(b, -1), x.reshape(b, -1), val.reshape(b, -1)
-    ok = torch.isfinite(val) & (val > (sky + threshold * sig).view(-1, 1))
-    ok &= (y >= border) & (y < h - border) & (x >= border) & (x < w - border)
-    ok &= ~coarse.reshape(b, -1).gather(1, (y // block) * wb + x // block)
     ny, nx = grid
     oy, ox, sh, sw = _stamp_cells(h, w, grid, r, layout)
     oyt = torch.tensor(oy, device=dev)
     oxt = torch.tensor(ox, device=dev)
     cy = (torch.searchsorted(oyt, y.contiguous(), right=True) - 1).clamp(0, ny - 1)
     cx = (torch.searchsorted(oxt, x.contiguous(), right=True) - 1).clamp(0, nx - 1)
+    if local_sky:
+        csky, csig = _cell_sky(det, bad, oy, ox, sh, sw)
+        thr = (csky + threshold * csig).gather(1, cy * nx + cx)  # NaN (never passes) in an all-bad region
+    else:
+        thr = (sky + threshold * sig).view(-1, 1)
+    ok = torch.isfinite(val) & (val > thr)
+    ok &= (y >= border) & (y < h - border) & (x >= border) & (x < w - border)
+    ok &= ~coarse.reshape(b, -1).gather(1, (y // block) * wb + x // block)
     ok &= (y - oyt[cy] < sh) & (x - oxt[cx] < sw)
     # rank per cell: sort by value (descending), then stably by cell id; invalid ones go last
     nr = ny * nx
@@ -795,7 +835,12 @@ def _debiased_solve(g: Tensor, gn: Tensor, rhs: Tensor, mu0: float = 2.0) -> Ten
     gs = g * d[..., :, None] * d[..., None, :]
     gns = gn * d[..., :, None] * d[..., None, :]
     eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
-    chol = torch.linalg.cholesky(gns + 1e-9 * eye)
+    chol, info = torch.linalg.cholesky_ex(gns + 1e-9 * eye)
+    if bool((info > 0).any()):  # one host sync; only when the noise model is not a covariance
+        # (e.g. correlations measured on a frame with structure left): its nearest PSD matrix
+        lam, q = torch.linalg.eigh(0.5 * (gns + gns.transpose(-1, -2)))
+        gns = (q * lam.clamp(min=0.0).unsqueeze(-2)) @ q.transpose(-1, -2)
+        chol = torch.linalg.cholesky(0.5 * (gns + gns.transpose(-1, -2)) + 1e-9 * eye)
     a = torch.linalg.solve_triangular(chol, gs, upper=False)
     a = torch.linalg.solve_triangular(chol, a.transpose(-1, -2), upper=False)  # L^-1 G L^-T
     mu, vec = torch.linalg.eigh(0.5 * (a + a.transpose(-1, -2)))

@@ -523,3 +523,27 @@ def test_stamp_statistics_clip_is_separate_from_the_rejection():
     assert ImageSubtraction(**kw).stat_sigma == 3.0  # HOTPANTS' -ssig default
     with pytest.raises(ValueError, match="stat_sigma"):
         ImageSubtraction(stat_sigma=0.0)
+
+
+def test_sky_gradient_common_to_both_frames():
+    """A smooth sky ramp added to both frames (raw frames, not background-subtracted):
+
+    - the stamp stars are found against each stamp region's own sky and noise, so a 300 ADU ramp
+      across the frame keeps about as many stamps as a flat sky (a frame-wide noise estimate, inflated
+      by the ramp, kept 17 of 30);
+    - the template-noise correction measures the noise from pixel differences with each row
+      segment's median removed, so a steep 3000 ADU ramp no longer fakes correlated noise (its
+      non-positive "covariance" made the Cholesky factorisation fail)."""
+    from astroprep_torch import sim
+
+    pair = sim.simulate_pair((512, 512), n_stars=313, shift=(0.0, 0.0), fwhm=(2.5, 3.0), n_transients=5,
+                             n_moving=0, seed=3)
+    sub = ImageSubtraction(stamp_grid=(6, 6), gain=1.5, read_noise=10.0)
+    used = {}
+    for amp in (0.0, 300.0, 3000.0):
+        ramp = torch.linspace(0.0, amp, 512).view(1, 1, 1, 512)
+        res = sub(pair.science.image + ramp, pair.reference.image + ramp)
+        used[amp] = int(res.stamp_stats.used.sum())
+        assert torch.isfinite(res.difference[..., 20:-20, 20:-20]).all()
+        assert float(res.kernel_sum[0]) == pytest.approx(1.0, abs=0.03), (amp, float(res.kernel_sum[0]))
+    assert used[300.0] >= 0.85 * used[0.0], used
