@@ -20,6 +20,8 @@ describing the raw integers; :func:`write_fits` drops such structural keys).
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -291,6 +293,48 @@ def flush_to_disk(path: PathLike) -> None:
         os.close(fd)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+# ".<file name>.<host>.<pid>.<random>.tmp<suffix>": a file being written, renamed onto its name when done
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)*$")
+
+
+def temporary_path(path, suffix: str = "") -> Path:
+    """A new, unused path beside ``path`` to write before renaming onto it (atomic replacement):
+    ``.<name>.<host>.<pid>.<random>.tmp<suffix>``, so that :func:`remove_stale_temporaries` can tell
+    the leftovers of a writer killed mid-write from files still being written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp" + suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files (:func:`temporary_path`) that writers killed mid-write (SIGKILL, a
+    crash) left in ``folder``: those of this host whose process is gone. Another host's (several
+    machines writing to one shared folder) and a live process's are kept. Returns the removed paths."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp*"):
+        m = _TEMPORARY.match(p.name)
+        if m is None or m["host"] != _HOST:
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue  # the process lives
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = False, *, index: int = 0,
                flush: bool = False) -> Path:
     """Write one image to a FITS primary HDU, atomically.
@@ -344,8 +388,7 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         arr = arr.astype(arr.dtype.newbyteorder(">"))
     hdu = fits.PrimaryHDU(data=np.ascontiguousarray(arr), header=hdr)
     suffix = ".gz" if path.name.lower().endswith(".gz") else ""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp.fits" + suffix)
-    os.close(fd)
+    tmp = temporary_path(path, ".fits" + suffix)
     try:
         hdu.writeto(tmp, overwrite=True, output_verify="fix+warn" if header is not None else "exception")
         if flush:

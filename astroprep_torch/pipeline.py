@@ -709,6 +709,11 @@ class FrameWriter(BasePredictionWriter):
 
     # -- the writer process ----------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        from .io import remove_stale_temporaries
+
+        gone = remove_stale_temporaries(self.output_dir)  # left by an earlier run killed mid-write
+        if gone:
+            log.info("removed %d temporary files of an interrupted run from %s", len(gone), self.output_dir)
         if self.mode == "process":
             self._start_process()  # the process starts while the first frames compute
 
@@ -1127,9 +1132,10 @@ def _image_header(header):
 def _atomic(path: Path, write, flush: bool = False) -> None:
     """Write through ``write(tmp_path)`` then rename onto ``path`` (never half-written); with ``flush``,
     the data are on disk and out of the page cache before the rename (:func:`~astroprep_torch.io.flush_to_disk`)."""
-    from .io import flush_to_disk
+    from .io import flush_to_disk, temporary_path
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    tmp = temporary_path(path, path.suffix)
+    tmp.unlink()  # a unique name; the writer makes the file
     try:
         write(tmp)
         if flush:

@@ -143,3 +143,58 @@ def test_multirun_sweep_writes_metrics_per_run(tmp_path):
     rows = [json.loads(line) for line in (sweep / "sweep.jsonl").read_text().splitlines()]
     assert sorted(r["job"] for r in rows) == [0, 1]
     assert {r["output"] for r in rows} == {str(p) for p in runs}
+
+
+def test_killed_mid_run_then_rerun_loses_and_duplicates_nothing(demo_run, tmp_path):
+    """SIGKILL a run over a folder once its first frames are written, rerun the same command: every
+    frame ends up with all its products exactly once, finished frames are not redone, the manifest
+    lists each frame once as ok, and no half-written or temporary file is left behind."""
+    import signal
+    import time
+
+    from astroprep_torch.pipeline import read_manifest
+
+    src, _ = demo_run
+    sci = (src / "inputs" / "science.fits").read_bytes()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = [f"f{i:02d}" for i in range(10)]
+    for n in names:
+        (inputs / f"{n}.fits").write_bytes(sci)
+    out = tmp_path / "out"
+    args = ["run", f"input={inputs}", f"reference={src / 'inputs' / 'reference.fits'}", f"output={out}",
+            "async_write=process", *SMALL[4:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ASTROPREP_COMMAND", None)
+    proc = subprocess.Popen([sys.executable, "-m", "astroprep_torch.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(out.glob("f*.diff.fits"))) >= 2:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its writer / reader processes
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done_before = {k for k, v in read_manifest(out).items() if v["status"] == "ok"}
+    assert len(done_before) < len(names)
+
+    _astroprep(*args, env={"OMP_NUM_THREADS": "1"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_finished"] == len(done_before), (metrics, done_before)
+    assert metrics["processed"] == len(names) - len(done_before)
+    rows = read_manifest(out)
+    assert {k: v["status"] for k, v in rows.items()} == {n: "ok" for n in names}
+    lines = [json.loads(l) for f in out.glob("manifest.rank*.jsonl") for l in f.read_text().splitlines()]
+    ok_rows = [r["name"] for r in lines if r["status"] == "ok"]
+    assert sorted(ok_rows) == sorted(names), "a frame was finished twice or not at all"
+    suffixes = {p.name[len("f00"):] for p in out.glob("f00.*")}
+    assert {".diff.fits", ".cat.ecsv", ".candidates.ecsv"} <= suffixes, suffixes
+    from astroprep_torch.io import read_fits
+
+    for n in names:
+        assert {p.name[len(n):] for p in out.glob(f"{n}.*")} == suffixes, n
+        assert read_fits(out / f"{n}.diff.fits").data.shape[-2:] == (256, 256)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name], "temporary files left behind"

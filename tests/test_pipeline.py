@@ -1,7 +1,7 @@
 """The graph (Stage, Pipeline), the writer and manifest, resume, and bad inputs in pipeline mode."""
 
 import json
-
+import os
 import time
 
 import pytest
@@ -619,3 +619,34 @@ def test_retain_freed_memory_switch():
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         faults[retain] = int(run.stdout.split()[-1])
     assert faults["0"] > 30000 and faults["1"] < 3000, faults
+
+
+def test_stale_temporary_files_of_killed_writers_are_removed(tmp_path):
+    """A writer killed mid-write leaves ``.<product>.<host>.<pid>.tmp<suffix>``; the next run's writer
+    removes those of this host whose process is gone, and keeps a live process's, another host's
+    (several machines writing to one folder) and anything else."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout.strip())
+    from astroprep_torch.io import _HOST as host
+    from astroprep_torch.io import temporary_path
+
+    assert temporary_path(tmp_path / "f00.cat.ecsv", ".ecsv").name.startswith(f".f00.cat.ecsv.{host}.{os.getpid()}.")
+    files = {
+        "dead": f".f01.diff.fits.{host}.{dead_pid}.k2j_x9.tmp.fits",
+        "dead_ecsv": f".f01.cat.ecsv.{host}.{dead_pid}.a8c2.tmp.ecsv",
+        "alive": f".f02.diff.fits.{host}.{os.getpid()}.qq1.tmp.fits",
+        "other_host": f".f03.diff.fits.{host}x.{dead_pid}.k2j_x9.tmp.fits",
+        "product": "f04.diff.fits",
+        "user_hidden": ".notes.tmp",
+    }
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"x")
+    writer = P.FrameWriter(tmp_path, asynchronous=False)
+    writer.setup(None, None, "predict")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not {files["dead"], files["dead_ecsv"]} & left
+    assert {files[k] for k in ("alive", "other_host", "product", "user_hidden")} <= left
