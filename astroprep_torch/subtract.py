@@ -22,7 +22,9 @@ and the difference is formed. What this module does, step by step:
   the differential background is a polynomial of total degree ``background_order`` in the same
   coordinates, evaluated per pixel.
 * **Stamps**: the frame is cut into a ``stamp_grid = (rows, columns)`` grid; in each cell the
-  brightest isolated local maxima of the template (peak above ``stamp_threshold`` robust sigma, the
+  brightest isolated local maxima of the template (peak above ``stamp_threshold`` robust sigma of the
+  stamp region over its median, as HOTPANTS' per-region statistics, so a sky gradient does not raise
+  the threshold; the
   highest pixel within ``stamp_half_width // 2``) whose whole footprint (``stamp_half_width +
   kernel_half_width``) is free of masked, saturated and non-finite pixels in *both* images (tested
   on 8-px blocks, so conservatively) are candidates, best first (``stars_per_cell`` of them). The
@@ -667,13 +669,11 @@ def _cell_sky(image: Tensor, bad: Tensor, oy, ox, sh: int, sw: int, samples: int
 
 def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int, iso: int, threshold: float,
                      per_cell: int, block: int = 8, pool: int = 32, border: Optional[int] = None,
-                     layout: str = "grid", r: int = 0, sky: Optional[tuple[Tensor, Tensor]] = None,
-                     local_sky: bool = True):
+                     layout: str = "grid", r: int = 0):
     """Candidate stamp centres: (y, x, valid) each (B, R, K), R = cells, K = per_cell, best first.
 
-    A pixel qualifies when it is above ``sky + threshold sigma`` (``local_sky``: the median and
-    robust sigma of its stamp region, :func:`_cell_sky`; else ``sky``, the frame's, or
-    :func:`_robust_sky`), no bad pixel lies within ``half``
+    A pixel qualifies when it is above ``sky + threshold sigma`` (the median and robust sigma of its
+    stamp region, :func:`_cell_sky`), no bad pixel lies within ``half``
     (tested on ``block``-pixel blocks, so conservatively by up to ``block - 1`` more pixels), it lies
     at least ``border`` (default ``half``) from the frame edges, inside a stamp region of ``layout``
     (:func:`_stamp_cells`), and it is the maximum within ``+-iso`` (isolation).
@@ -687,7 +687,6 @@ def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int,
     b, _, h, w = det.shape
     dev = det.device
     border = half if border is None else int(border)
-    sky, sig = _robust_sky(det) if sky is None else sky
     # near-bad map on blocks: any bad pixel in a block, dilated by ceil(half / block) blocks
     hb, wb = -(-h // block), -(-w // block)
     bp = torch.zeros(b, hb * block, wb * block, dtype=torch.bool, device=dev)
@@ -712,11 +711,8 @@ def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int,
     oxt = torch.tensor(ox, device=dev)
     cy = (torch.searchsorted(oyt, y.contiguous(), right=True) - 1).clamp(0, ny - 1)
     cx = (torch.searchsorted(oxt, x.contiguous(), right=True) - 1).clamp(0, nx - 1)
-    if local_sky:
-        csky, csig = _cell_sky(det, bad, oy, ox, sh, sw)
-        thr = (csky + threshold * csig).gather(1, cy * nx + cx)  # NaN (never passes) in an all-bad region
-    else:
-        thr = (sky + threshold * sig).view(-1, 1)
+    csky, csig = _cell_sky(det, bad, oy, ox, sh, sw)
+    thr = (csky + threshold * csig).gather(1, cy * nx + cx)  # NaN (never passes) in an all-bad region
     ok = torch.isfinite(val) & (val > thr)
     ok &= (y >= border) & (y < h - border) & (x >= border) & (x < w - border)
     ok &= ~coarse.reshape(b, -1).gather(1, (y // block) * wb + x // block)
@@ -1204,7 +1200,7 @@ def image_subtraction(
             # HOTPANTS flags a frame border of half + r and wants the whole +-half box clear of it
             border = 2 * half + r if stamp_layout == "hotpants" else half + r
             y, x, valid = _find_candidates(template.detach(), bad, grid, half + r, max(2, half // 2), stamp_threshold,
-                                           stars_per_cell, border=border, layout=stamp_layout, r=r, sky=sky_t)
+                                           stars_per_cell, border=border, layout=stamp_layout, r=r)
         else:
             pos = torch.as_tensor(stamp_positions, device=science.device).round().long()
             if pos.dim() == 2:
@@ -1391,7 +1387,8 @@ class ImageSubtraction(nn.Module):
         gain, read_noise, saturation, lower_limit: noise model (e-/ADU, e-) and bad-pixel limits,
             numbers or ``(science, template)`` pairs (HOTPANTS ``-ig/-tg``, ``-ir/-tr``, ``-iu/-tu``,
             ``-il/-tl``).
-        stamp_threshold: stars must peak this many robust sigma above the median sky.
+        stamp_threshold: stars must peak this many robust sigma above the median sky of their stamp
+            region (both measured in the region, as HOTPANTS -ft).
         stars_per_cell: candidates kept per cell (replacements for rejected stamps).
         tile_size: FFT tile size for the spatially varying convolution (None = exact, slower).
         variance_tile_size: FFT tile size of the variance convolution by K^2 (None = ``tile_size``;
