@@ -1134,8 +1134,7 @@ def _atomic(path: Path, write, flush: bool = False) -> None:
     the data are on disk and out of the page cache before the rename (:func:`~astroprep_torch.io.flush_to_disk`)."""
     from .io import flush_to_disk, temporary_path
 
-    tmp = temporary_path(path, path.suffix)
-    tmp.unlink()  # a unique name; the writer makes the file
+    tmp = temporary_path(path, path.suffix)  # the writer overwrites the empty file
     try:
         write(tmp)
         if flush:

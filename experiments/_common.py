@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,3 +58,51 @@ def git_rev() -> str:
                               cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def robust_std(a: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of the finite values of ``a``."""
+    a = a[np.isfinite(a)]
+    return float(1.4826 * np.median(np.abs(a - np.median(a))))
+
+
+def hotpants_exe() -> Optional[str]:
+    """The HOTPANTS binary (``$HOTPANTS`` or ``hotpants`` on PATH; see the README's Development
+    section for building it), or None."""
+    exe = os.environ.get("HOTPANTS") or shutil.which("hotpants")
+    return exe if exe and os.access(exe, os.X_OK) else None
+
+
+def hotpants_options(gaussians: Sequence, kernel_half_width: int, spatial_order: int, background_order: int,
+                     stamp_grid: Sequence[int], stamp_half_width: int, gain: tuple, read_noise: tuple,
+                     saturation: float, lower: float, clip_sigma: Optional[float] = None,
+                     normalize: Optional[str] = None) -> list:
+    """HOTPANTS options for ImageSubtraction's settings: the Gaussians and degrees (-ng), kernel half
+    width (-r), kernel and background orders (-ko, -bgo), stamp grid (-nsx, -nsy; ``stamp_grid`` is
+    (rows, columns)), stamp half width (-rss), optionally the rejection (-ks) and normalisation (-n),
+    the (image, template) gains and read noises (-ig -tg, -ir -tr), the valid range
+    (-il -tl ``lower``, -iu -tu ``saturation``), quiet (-v 0)."""
+    ng = [str(len(gaussians))] + [v for sigma, degree in gaussians for v in (str(int(degree)), str(float(sigma)))]
+    ny, nx = stamp_grid
+    opts = ["-ng", *ng, "-r", str(int(kernel_half_width)), "-ko", str(int(spatial_order)),
+            "-bgo", str(int(background_order)), "-nsx", str(int(nx)), "-nsy", str(int(ny)),
+            "-rss", str(int(stamp_half_width))]
+    if clip_sigma is not None:
+        opts += ["-ks", str(float(clip_sigma))]
+    if normalize is not None:
+        opts += ["-n", "i" if normalize == "science" else "t"]
+    return opts + ["-ig", str(gain[0]), "-tg", str(gain[1]), "-ir", str(read_noise[0]), "-tr", str(read_noise[1]),
+                   "-iu", str(saturation), "-tu", str(saturation), "-il", f"{lower:.0f}", "-tl", f"{lower:.0f}",
+                   "-v", "0"]
+
+
+def run_hotpants(exe: str, science: Path, template: Path, out: Path, options: Sequence[str], extra: Sequence[str] = (),
+                 prefix: Sequence[str] = ()) -> float:
+    """Run ``[*prefix, exe, -inim science, -tmplim template, -outim out, *extra, *options]`` in ``out``'s
+    folder, its progress lines (printed even at -v 0) into ``hotpants.log`` there; returns the wall time."""
+    folder = Path(out).parent
+    t0 = time.perf_counter()
+    with open(folder / "hotpants.log", "w") as log:
+        subprocess.run([*prefix, exe, "-inim", str(science), "-tmplim", str(template), "-outim", str(out), *extra,
+                        *options], check=True, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import hotpants_exe, hotpants_options, machine, run_hotpants, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOTPANTS_4096_S = 10.5  # quoted by the issue (this machine, one thread) when hotpants is not built
@@ -132,29 +132,16 @@ def run_swarp(path: Path, ref_header, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def hotpants_exe():
-    exe = os.environ.get("HOTPANTS") or shutil.which("hotpants")
-    return exe if exe and os.access(exe, os.X_OK) else None
-
-
 def hotpants_args(sub_cfg, sci_frame, ref_frame, lower: float) -> list:
-    """HOTPANTS options for our graph's subtraction settings (``configs/subtract``): the same
-    Gaussians and degrees (-ng), kernel half width (-r), kernel and background orders (-ko, -bgo),
-    stamp grid (-nsx, -nsy), stamp half width (-rss), clipping (-ks) and normalisation (-n); the
-    simulated frames' gain and read noise (its noise model needs them; ours takes the background
-    rms maps); pixels <= ``lower`` (SWarp's empty border is 0) or >= the saturation are invalid."""
-    ng = [str(len(sub_cfg.gaussians))]
-    for sigma, degree in sub_cfg.gaussians:
-        ng += [str(int(degree)), str(float(sigma))]
-    ny, nx = sub_cfg.stamp_grid
-    sat = sub_cfg.saturation if sub_cfg.saturation is not None else 60000.0
-    return (["-ng", *ng, "-r", str(int(sub_cfg.kernel_half_width)), "-ko", str(int(sub_cfg.spatial_order)),
-             "-bgo", str(int(sub_cfg.background_order)), "-nsx", str(int(nx)), "-nsy", str(int(ny)),
-             "-rss", str(int(sub_cfg.stamp_half_width)), "-ks", str(float(sub_cfg.clip_sigma)),
-             "-n", "i" if sub_cfg.normalize == "science" else "t",
-             "-ig", str(sci_frame.gain), "-tg", str(ref_frame.gain),
-             "-ir", str(sci_frame.header.get("RDNOISE", 0.0)), "-tr", str(ref_frame.header.get("RDNOISE", 0.0)),
-             "-iu", str(sat), "-tu", str(sat), "-il", f"{lower:.0f}", "-tl", f"{lower:.0f}", "-v", "0"])
+    """HOTPANTS options for our graph's subtraction settings (``configs/subtract``), with the simulated
+    frames' gain and read noise (its noise model needs them; ours takes the background rms maps);
+    pixels <= ``lower`` (SWarp's empty border is 0) or >= the saturation are invalid."""
+    return hotpants_options(
+        sub_cfg.gaussians, sub_cfg.kernel_half_width, sub_cfg.spatial_order, sub_cfg.background_order,
+        sub_cfg.stamp_grid, sub_cfg.stamp_half_width, (sci_frame.gain, ref_frame.gain),
+        (sci_frame.header.get("RDNOISE", 0.0), ref_frame.header.get("RDNOISE", 0.0)),
+        sub_cfg.saturation if sub_cfg.saturation is not None else 60000.0, lower,
+        clip_sigma=sub_cfg.clip_sigma, normalize=sub_cfg.normalize)
 
 
 def swarp_on_reference(tmp: Path, ref_header) -> Path:
@@ -171,15 +158,6 @@ def swarp_on_reference(tmp: Path, ref_header) -> Path:
     out = tmp / "science_on_reference.fits"
     fits.writeto(out, full, ref_header, overwrite=True)
     return out
-
-
-def run_hotpants(exe: str, science: Path, template: Path, args: list, tmp: Path) -> float:
-    out = tmp / "hotpants_diff.fits"
-    t0 = time.perf_counter()
-    with open(tmp / "hotpants.log", "w") as log:  # its progress lines, even at -v 0
-        subprocess.run([exe, "-inim", str(science), "-tmplim", str(template), "-outim", str(out), *args],
-                       check=True, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
 
 
 _REPROJECT = """
@@ -257,7 +235,8 @@ def main() -> None:
                 continue
             t = {"ours": float(np.median([c[0] for c in log[first:]])),
                  "se": run_sextractor(p_sci, tmp), "swarp": run_swarp(p_sci, ref.header, tmp)}
-            t["hotpants"] = run_hotpants(hp, swarp_on_reference(tmp, ref.header), p_ref, hp_args, tmp) if hp else HOTPANTS_4096_S
+            t["hotpants"] = run_hotpants(hp, swarp_on_reference(tmp, ref.header), p_ref, tmp / "hotpants_diff.fits",
+                                            hp_args) if hp else HOTPANTS_4096_S
             t["reproject"] = float("nan") if args.no_reproject else run_reproject(p_sci, p_ref)
             peers.append(t)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items() if v == v), flush=True)

@@ -26,15 +26,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_rev, machine, write_result  # noqa: E402
+from _common import git_rev, machine, robust_std, write_result  # noqa: E402
 
 from astroprep_torch import sim  # noqa: E402
 from astroprep_torch.subtract import ImageSubtraction  # noqa: E402
-
-
-def robust_std(a: np.ndarray) -> float:
-    a = a[np.isfinite(a)]
-    return float(1.4826 * np.median(np.abs(a - np.median(a))))
 
 
 def evaluate(pair, debias: bool, edge: int = 16) -> dict:

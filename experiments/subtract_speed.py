@@ -32,6 +32,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (workers inherit it)
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import hotpants_exe, hotpants_options, run_hotpants  # noqa: E402
 CACHE = Path(os.environ.get("SUBTRACT_SPEED_CACHE", "/tmp/astroprep_subtract_speed"))
 CONFIG = dict(kernel_half_width=8, gaussians=((0.7, 6), (1.5, 4), (3.0, 2)), spatial_order=2, background_order=1,
               stamp_grid=(10, 10), stamp_half_width=15, gain=1.5, read_noise=10.0, saturation=60000.0)
@@ -185,50 +187,40 @@ def sfft_worker(args) -> dict:
                 peak_mb=rss_mb(), base_mb=base)
 
 
-def hotpants_exe():
-    exe = os.environ.get("HOTPANTS") or shutil.which("hotpants")
-    ok = exe and os.access(exe, os.X_OK) and (shutil.which("time") or os.access("/usr/bin/time", os.X_OK))
-    return exe if ok else None
-
-
 def hotpants_run(exe: str, size: int, reps: int) -> dict:
     """HOTPANTS (one thread) on the same pair with the same configuration, ``reps`` runs: median wall
-    time, median CPU time (user + sys) and the largest peak RSS of its runs (GNU time)."""
+    time, median CPU time (user + sys) and the largest peak RSS of its runs. GNU time reports the
+    tool's own CPU time and peak RSS (a child forked from this process would count this process's
+    RSS before its exec in ru_maxrss)."""
     from astropy.io import fits
 
+    gnu_time = shutil.which("time") or "/usr/bin/time"
+    if not os.access(gnu_time, os.X_OK):
+        return dict(error="GNU time not found (Debian package `time`)")
     d = np.load(make_pair(size))
     paths = {}
     for key in ("sci", "ref"):
         paths[key] = CACHE / f"hotpants_{key}_{size}.fits"
         if not paths[key].exists():
             fits.writeto(paths[key], d[key].astype(np.float32), overwrite=True)
-    ng = [str(len(CONFIG["gaussians"]))] + [v for sig, deg in CONFIG["gaussians"] for v in (str(deg), str(sig))]
-    ny, nx = CONFIG["stamp_grid"]
     lower = 0.5 * float(min(np.median(d["sci"]), np.median(d["ref"])))
-    cmd = [exe, "-inim", str(paths["sci"]), "-tmplim", str(paths["ref"]), "-outim", str(CACHE / f"hotpants_diff_{size}.fits"),
-           "-ng", *ng, "-r", str(CONFIG["kernel_half_width"]), "-ko", str(CONFIG["spatial_order"]),
-           "-bgo", str(CONFIG["background_order"]), "-nsx", str(nx), "-nsy", str(ny), "-rss", str(CONFIG["stamp_half_width"]),
-           "-ig", str(CONFIG["gain"]), "-tg", str(CONFIG["gain"]), "-ir", str(CONFIG["read_noise"]),
-           "-tr", str(CONFIG["read_noise"]), "-iu", str(CONFIG["saturation"]), "-tu", str(CONFIG["saturation"]),
-           "-il", f"{lower:.0f}", "-tl", f"{lower:.0f}", "-v", "0"]
-    # GNU time reports the tool's own CPU time and peak RSS (a child forked from this process would
-    # count this process's RSS before its exec in ru_maxrss)
-    gnu_time = shutil.which("time") or "/usr/bin/time"
+    c = CONFIG
+    opts = hotpants_options(c["gaussians"], c["kernel_half_width"], c["spatial_order"], c["background_order"],
+                            c["stamp_grid"], c["stamp_half_width"], (c["gain"],) * 2, (c["read_noise"],) * 2,
+                            c["saturation"], lower)
+    stats = CACHE / "hotpants.time"
     walls, cpus, peaks = [], [], []
     for _ in range(max(1, reps)):
-        stats = CACHE / "hotpants.time"
-        t0 = time.perf_counter()
-        with open(CACHE / "hotpants.log", "w") as log:  # its progress lines, even at -v 0
-            rc = subprocess.run([gnu_time, "-o", str(stats), "-f", "%U %S %M", *cmd], stdout=log,
-                                stderr=subprocess.STDOUT).returncode
-        walls.append(time.perf_counter() - t0)
-        if rc != 0:
-            return dict(error=f"hotpants exited with {rc}: {' '.join(cmd[1:])}")
+        try:
+            walls.append(run_hotpants(exe, paths["sci"], paths["ref"], CACHE / f"hotpants_diff_{size}.fits", opts,
+                                      prefix=[gnu_time, "-o", str(stats), "-f", "%U %S %M"]))
+        except subprocess.CalledProcessError as exc:
+            return dict(error=f"hotpants exited with {exc.returncode}: {' '.join(opts)}")
         user, sys_, kb = stats.read_text().split()[-3:]
         cpus.append(float(user) + float(sys_))
         peaks.append(float(kb) / 1024.0)
     return dict(median=float(np.median(walls)), cpu=float(np.median(cpus)), peak_mb=float(max(peaks)),
-                cmd=" ".join(cmd[7:]))
+                cmd=" ".join(opts))
 
 
 def run(cmd_args: list[str], timeout=1800) -> dict:
