@@ -61,6 +61,13 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
 
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    """Take the schema back to ``revision`` (Alembic ``downgrade``; ``base`` drops every table)."""
+    from alembic import command
+
+    command.downgrade(alembic_config(engine), revision)
+
+
 def open_database(url: str = DEFAULT_URL, *, upgrade: bool = True) -> tuple[Engine, sessionmaker[Session]]:
     """Engine and session factory for ``url``, migrated to the newest schema when ``upgrade``."""
     engine = make_engine(url)
