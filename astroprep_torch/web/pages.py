@@ -161,6 +161,9 @@ def _object_ctx(db, o: MovingObject) -> dict:
     for k in ("e", "fwhm", "theta", "mag"):
         vals = [getattr(d, k) for d in dets if getattr(d, k) is not None and math.isfinite(getattr(d, k))]
         avg[k] = sum(vals) / len(vals) if vals else None
+    th = [math.radians(2 * d.theta) for d in dets if d.theta is not None and math.isfinite(d.theta)]
+    if th:  # THETA is an axis (period 180 deg): the mean direction of the doubled angles, halved
+        avg["theta"] = 0.5 * math.degrees(math.atan2(sum(map(math.sin, th)), sum(map(math.cos, th))))
     return {"object": o, "detections": dets, "avg": avg, "history": Q.history(db, object_id=o.id),
             "counts": Q.counts(db, MovingObject, MovingObject.field_id == o.field_id)}
 
