@@ -199,9 +199,13 @@ def test_ingest_loads_everything_once(app, night_dir):
         assert night.status == "LOADED"
         det = db.scalars(select(Detection).order_by(Detection.id)).first()
         assert len(det.obs80) == 80 and det.obs80.startswith("     AP00001")
-        assert (night_dir / det.thumb).is_file() and (night_dir / det.cutout).is_file()
-        cand = db.scalars(select(Candidate)).first()
-        assert (night_dir / cand.thumb).is_file() and cand.score is None  # no score column, no classifier
+        assert det.thumb == "web/seq/AP00001.u8.npy#0" and (night_dir / det.cutout).is_file()
+        cand = db.scalars(select(Candidate).order_by(Candidate.id)).first()
+        assert cand.thumb == "web/cand/frame000.u8.npy#0" and cand.score is None  # no score column, no classifier
+    import numpy as np
+
+    panels = np.load(night_dir / "web" / "cand" / "frame000.u8.npy")
+    assert panels.shape == (12, 63, 3 * 63 + 4) and panels.dtype == np.uint8
 
 
 def test_ingest_broken_run_loads_nothing(app, night_dir, tmp_path, monkeypatch):
@@ -344,7 +348,11 @@ def test_pages_render(client):
     page = client.get("/objects/2").text
     assert 'id="prev" href="/objects/1"' in page and 'id="next" href="/objects/3"' in page
     assert "1</span> / 5" in page  # the sequence player's frame counter
-    assert client.get("/objects/1").text.count("/files/1/web/seq/AP00001_") == 5
+    assert client.get("/objects/1").text.count("/files/1/web/seq/AP00001.u8.npy?row=") == 5
+    png = client.get("/files/1/web/seq/AP00001.u8.npy?row=4")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    assert client.get("/files/1/web/seq/AP00001.u8.npy?row=5").status_code == 404
+    assert client.get("/files/1/night.json?row=0").status_code == 404
     r = client.get("/fields/1/candidates?min_score=abc")
     assert r.status_code == 422 and "min_score must be a number" in r.text and "Traceback" not in r.text
 
@@ -384,17 +392,17 @@ def test_nights_create_edit_delete(client):
 
 def test_security_traversal_and_injection(client, app, night_dir, tmp_path):
     login(client, "val")
-    assert client.get("/files/1/web/seq/AP00001_0.png").status_code == 200
+    assert client.get("/files/1/sequences/AP00001.gif").status_code == 200
     outside = tmp_path / "secret.txt"
     outside.write_text("secret")
     (night_dir / "web" / "link.txt").unlink(missing_ok=True)
     (night_dir / "web" / "link.txt").symlink_to(outside)
     for bad in ["/files/1/..%2F..%2F..%2Fetc%2Fpasswd", "/files/1/%2e%2e/%2e%2e/etc/passwd", "/files/1//etc/passwd",
-                "/files/1/web/link.txt", "/files/1/nothing.png", "/files/99/web/seq/AP00001_0.png"]:
+                "/files/1/web/link.txt", "/files/1/nothing.png", "/files/99/sequences/AP00001.gif"]:
         r = client.get(bad)
         assert r.status_code == 404 and "secret" not in r.text and "root:" not in r.text, bad
     client.cookies.clear()
-    assert client.get("/files/1/web/seq/AP00001_0.png").status_code == 401
+    assert client.get("/files/1/sequences/AP00001.gif").status_code == 401
     evil = "x'); DROP TABLE users; -- \" <script>alert(1)</script>"
     hv = token(client, "val")
     assert client.post("/api/objects/4/label", json={"label": "valid", "comment": evil}, headers=hv).status_code == 200

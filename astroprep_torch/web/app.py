@@ -48,6 +48,14 @@ def _fmt(v, spec: str = ".2f", empty: str = "–") -> str:
         return str(v)
 
 
+def _thumb_url(thumb: str, field_id: int) -> str:
+    """URL of a stored thumbnail reference ``<file>`` or ``<file>#<row>`` of a field's run."""
+    from urllib.parse import quote
+
+    path, _, row = (thumb or "").partition("#")
+    return f"/files/{field_id}/{quote(path)}" + (f"?row={int(row)}" if row else "")
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", "")
 
@@ -95,6 +103,7 @@ def create_app(db_url: str = DEFAULT_URL, *, secret_key: Optional[str] = None, u
     app.state.secret = _secret(sessionmaker, secret_key)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["fmt"] = _fmt
+    templates.env.filters["thumb_url"] = _thumb_url
     app.state.templates = templates
     app.add_middleware(SessionMiddleware, secret_key=app.state.secret, session_cookie="astroprep_session",
                        max_age=14 * 24 * 3600, same_site="lax", https_only=False)

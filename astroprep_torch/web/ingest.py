@@ -3,8 +3,8 @@
 A run is the output folder of ``astroprep night`` (``night.json``, ``tracklets.ecsv``,
 ``sequences/``, ``cutouts/``, per-frame products; see the night contract) or of ``astroprep run``
 (``manifest.rank*.jsonl`` + ``<frame>.candidates.ecsv`` + ``<frame>.triplets.pt``). It becomes one
-*field* of the night. Everything is read and checked first; PNG thumbnails are written under
-``<run>/web/`` (only paths go into the database); then all rows are inserted in ONE transaction, so
+*field* of the night. Everything is read and checked first; thumbnail panels are written under
+``<run>/web/`` (one uint8 array per frame / object; the database keeps ``<file>#<row>``); then all rows are inserted in ONE transaction, so
 a broken run is reported and nothing of it is loaded. The run is keyed on its resolved path and a
 SHA-256 of the files read: ingesting the same run again adds nothing.
 
@@ -28,7 +28,7 @@ import torch
 from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from .images import side_by_side, to_uint8, write_pngs
+from .images import side_by_side, to_uint8, write_panels
 from .models import Candidate, Detection, Field, Frame, MovingObject, Night, Run
 
 TRACKLET_COLUMNS = ("trksub", "tracklet", "frame", "exposure", "mjd", "ra", "dec", "x", "y", "mag", "mag_err",
@@ -262,20 +262,22 @@ def load_scorer(classifier):
 
 
 def _candidate_thumbs(prod: RunProducts) -> dict[str, list[str]]:
-    """Write ``web/cand/<frame>/<number>.png`` (science | reference | difference) per candidate."""
+    """Write ``web/cand/<frame>.u8.npy`` (science | reference | difference panels, one row per
+    candidate); returns per frame the thumbnail references ``<file>#<row>``."""
     out = {}
     for c in prod.candidates:
         if c.triplets is None:
             out[c.frame] = [""] * len(c.x)
             continue
-        rel = [f"{WEB_DIR}/cand/{c.frame}/{int(n)}.png" for n in c.number]
-        write_pngs(side_by_side(to_uint8(c.triplets)), [prod.root / r for r in rel])
-        out[c.frame] = rel
+        rel = f"{WEB_DIR}/cand/{c.frame}.u8.npy"
+        write_panels(side_by_side(to_uint8(c.triplets)), prod.root / rel)
+        out[c.frame] = [f"{rel}#{k}" for k in range(len(c.x))]
     return out
 
 
 def _sequence_thumbs(prod: RunProducts, trksub: str, n: int) -> list[str]:
-    """Per-detection PNGs (science | difference) from ``sequences/<trksub>.pt``; "" when absent."""
+    """Per-detection panels (science | difference) from ``sequences/<trksub>.pt`` into
+    ``web/seq/<trksub>.u8.npy``; the references ``<file>#<k>`` ("" when there is no sequence)."""
     src = prod.root / "sequences" / f"{trksub}.pt"
     if not src.is_file():
         return [""] * n
@@ -286,9 +288,9 @@ def _sequence_thumbs(prod: RunProducts, trksub: str, n: int) -> list[str]:
         raise IngestError(f"{src}: expected a dict with 'science' and 'difference' (n, 1, S, S) tensors ({err})") from err
     if stamps.shape[0] != n:
         raise IngestError(f"{src}: {stamps.shape[0]} stamps for {n} detections of {trksub} in tracklets.ecsv")
-    rel = [f"{WEB_DIR}/seq/{trksub}_{k}.png" for k in range(n)]
-    write_pngs(side_by_side(to_uint8(stamps)), [prod.root / r for r in rel])
-    return rel
+    rel = f"{WEB_DIR}/seq/{trksub}.u8.npy"
+    write_panels(side_by_side(to_uint8(stamps)), prod.root / rel)
+    return [f"{rel}#{k}" for k in range(n)]
 
 
 def _none(v) -> Optional[float]:
@@ -319,10 +321,20 @@ def _obs80(line) -> str:
     return line.rjust(80) if 0 < len(line) < 80 else line
 
 
-def _cutout_paths(prod: RunProducts, trksub: str, n: int) -> list[str]:
-    files = sorted((prod.root / "cutouts").glob(f"{trksub}_*.fits"),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else 0)
-    rel = [str(p.relative_to(prod.root)) for p in files]
+def _cutout_index(prod: RunProducts) -> dict[str, list[str]]:
+    """``cutouts/<trksub>_<k>.fits`` grouped by trksub, in k order (one listing of the folder)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    folder = prod.root / "cutouts"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            stem, _, k = p.name.removesuffix(".fits").rpartition("_")
+            if p.name.endswith(".fits") and stem and k.isdigit():
+                groups.setdefault(stem, []).append((int(k), f"cutouts/{p.name}"))
+    return {t: [rel for _, rel in sorted(v)] for t, v in groups.items()}
+
+
+def _cutout_paths(index: dict, trksub: str, n: int) -> list[str]:
+    rel = index.get(trksub, [])
     return rel + [""] * (n - len(rel)) if len(rel) <= n else rel[:n]
 
 
@@ -346,8 +358,9 @@ def _insert_objects(session, prod: RunProducts, field_id: int) -> int:
                      "sequence_pt": f"sequences/{trk}.pt" if (prod.root / "sequences" / f"{trk}.pt").is_file() else ""})
     ids = session.scalars(insert(MovingObject).returning(MovingObject.id, sort_by_parameter_order=True), objs).all()
     dets = []
+    cutout_index = _cutout_index(prod)
     for oid, (trk, idx) in zip(ids, groups.items()):
-        thumbs, cutouts = _sequence_thumbs(prod, trk, len(idx)), _cutout_paths(prod, trk, len(idx))
+        thumbs, cutouts = _sequence_thumbs(prod, trk, len(idx)), _cutout_paths(cutout_index, trk, len(idx))
         for k, i in enumerate(idx):
             row = {c: _none(t[c][i]) for c in ("mjd", "ra", "dec", "x", "y", "mag", "mag_err", "snr", "e", "fwhm", "theta")}
             row.update(object_id=oid, frame=str(t["frame"][i]), exposure=int(t["exposure"][i]),

@@ -18,6 +18,7 @@ from . import queries as Q
 from .auth import authenticate, csrf_token, require_role
 from .deps import DB, PageUser, session_user
 from .export import export_labels
+from .images import panel_png
 from .models import Candidate, Field, Frame, MovingObject, Night, Run
 from .mpc import night_reports
 
@@ -254,8 +255,9 @@ def export_zip(db: DB, user: PageUser):
 
 # ---------------------------------------------------------------------------------------------- files
 @router.get("/files/{field_id}/{path:path}")
-def run_file(field_id: int, path: str, request: Request, db: DB):
-    """A file of an ingested run (thumbnails, sequences, cutouts): only inside that run's folder."""
+def run_file(field_id: int, path: str, request: Request, db: DB, row: Optional[int] = Query(None, ge=0)):
+    """A file of an ingested run (sequences, cutouts), or with ``row`` one thumbnail panel of a
+    ``.u8.npy`` file as PNG: only inside that run's folder, for a logged-in user."""
     if session_user(request, db) is None:
         raise HTTPException(401, "log in to see files")
     run_path = db.scalar(select(Run.path).join(Field, Field.run_id == Run.id).where(Field.id == field_id))
@@ -268,4 +270,12 @@ def run_file(field_id: int, path: str, request: Request, db: DB):
         raise HTTPException(404, "no such file") from None
     if not target.is_relative_to(root) or not target.is_file():
         raise HTTPException(404, "no such file in this run")
-    return FileResponse(target, headers={"Cache-Control": "private, max-age=3600"})
+    cache = {"Cache-Control": "private, max-age=3600"}
+    if row is None:
+        return FileResponse(target, headers=cache)
+    if not target.name.endswith(".u8.npy"):
+        raise HTTPException(404, "row= applies to thumbnail panels (.u8.npy) only")
+    try:
+        return Response(panel_png(target, row), media_type="image/png", headers=cache)
+    except (IndexError, ValueError, OSError):
+        raise HTTPException(404, f"no thumbnail {row} in {path}") from None

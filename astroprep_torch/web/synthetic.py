@@ -40,7 +40,8 @@ def _blob(size: int, amp: float, rng: np.random.Generator, sigma: float = 1.8) -
     return (amp * np.exp(-(xx**2 + yy**2) / (2 * sigma**2)) + rng.normal(0, 1, (size, size))).astype(np.float32)
 
 
-def _write_candidates(root: Path, frame: str, n: int, rng: np.random.Generator, size: int = 63) -> None:
+def _write_candidates(root: Path, frame: str, n: int, rng: np.random.Generator, size: int = 63,
+                      scores: bool = False) -> None:
     from astropy.table import Table
 
     x = rng.uniform(50, 4000, n)
@@ -48,6 +49,8 @@ def _write_candidates(root: Path, frame: str, n: int, rng: np.random.Generator, 
     flux = rng.uniform(200, 5000, n)
     t = Table({"NUMBER": np.arange(1, n + 1), "X_IMAGE": x + 1, "Y_IMAGE": y + 1, "FLUX_AUTO": flux,
                "FLUXERR_AUTO": np.sqrt(flux) + 10, "FLAGS": np.zeros(n, int)})
+    if scores:
+        t["score"] = rng.uniform(0, 1, n)
     t.write(root / f"{frame}.candidates.ecsv", format="ascii.ecsv", overwrite=True)
     amp = torch.from_numpy(rng.uniform(5, 60, (n, 3, 1, 1)).astype(np.float32))
     g = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size)
@@ -57,14 +60,18 @@ def _write_candidates(root: Path, frame: str, n: int, rng: np.random.Generator, 
     torch.save(trip.contiguous(), root / f"{frame}.triplets.pt")
 
 
-def _tracklet_rows(n_objects: int, frames: list[dict], rng: np.random.Generator) -> list[dict]:
+def _tracklet_rows(n_objects: int, frames: list[dict], rng: np.random.Generator,
+                   per_object: int | None = None) -> list[dict]:
     rows = []
     for k in range(n_objects):
+        first = int(rng.integers(0, len(frames) - per_object + 1)) if per_object else 0
+        seen = frames[first: first + per_object] if per_object else frames
         trk = f"AP{k + 1:05d}"
         ra0, dec0 = rng.uniform(30, 31), rng.uniform(10, 11)
         rate, pa = rng.uniform(0.1, 2.0), rng.uniform(0, 360)  # arcsec/min, deg
         x0, y0, mag = rng.uniform(200, 3800), rng.uniform(200, 3800), rng.uniform(15, 19)
-        for e, fr in enumerate(frames):
+        for fr in seen:
+            e = frames.index(fr)
             dt_min = (fr["mjd"] - frames[0]["mjd"]) * 1440
             d = rate * dt_min / 3600
             ra = ra0 + d * np.sin(np.radians(pa)) / np.cos(np.radians(dec0))
@@ -114,8 +121,12 @@ def _write_reports(root: Path, rows: list[dict]) -> None:
 
 
 def write_synthetic_night(root, *, n_frames: int = 5, n_objects: int = 4, n_candidates: int = 6,
-                          seed: int = 0, sequences: bool = True) -> Path:
-    """Write a synthetic night output folder under ``root`` following the night contract; returns it."""
+                          seed: int = 0, sequences: bool = True, detections_per_object: int | None = None,
+                          scores: bool = False) -> Path:
+    """Write a synthetic night output folder under ``root`` following the night contract; returns it.
+
+    Each object is seen on ``detections_per_object`` consecutive frames (all frames when None);
+    ``scores`` adds a ``score`` column (uniform random) to the candidate tables."""
     from astropy.table import Table
 
     root = Path(root)
@@ -125,11 +136,11 @@ def write_synthetic_night(root, *, n_frames: int = 5, n_objects: int = 4, n_cand
                "exptime": 15.0, "status": "ok", "reason": None} for i in range(n_frames)]
     man = []
     for fr in frames:
-        _write_candidates(root, fr["name"], n_candidates, rng)
+        _write_candidates(root, fr["name"], n_candidates, rng, scores=scores)
         man.append(json.dumps({"name": fr["name"], "path": fr["path"], "status": "ok", "reason": "",
                                "outputs": [f"{fr['name']}.candidates.ecsv", f"{fr['name']}.triplets.pt"]}))
     (root / "manifest.rank0.jsonl").write_text("\n".join(man) + "\n")
-    rows = _tracklet_rows(n_objects, frames, rng)
+    rows = _tracklet_rows(n_objects, frames, rng, detections_per_object)
     if rows:
         Table(rows=[[r[c] for c in rows[0]] for r in rows], names=list(rows[0])).write(
             root / "tracklets.ecsv", format="ascii.ecsv", overwrite=True)
