@@ -180,6 +180,16 @@ def test_sqlite_foreign_keys_and_migrations(tmp_path):
         assert "candidates" in {r[0] for r in c.execute(text("SELECT name FROM sqlite_master"))}
 
 
+def test_core_library_does_not_import_the_web_package():
+    import sys
+
+    code = ("import sys, astroprep_torch, astroprep_torch.cli, astroprep_torch._runners; "
+            "bad = [m for m in sys.modules if m.startswith(('astroprep_torch.web', 'fastapi', 'sqlalchemy'))]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_bad_db_url_is_a_clear_error():
     with pytest.raises(ValueError, match="not a database URL"):
         create_app("not a url")
@@ -243,6 +253,26 @@ def test_ingest_astroprep_run_folder(app, night_dir, tmp_path):
     assert out["added"] and out["candidates"] == 24 and out["detections"] == 0
     with pytest.raises(IngestError, match="neither night.json nor manifest"):
         ingest_run(app.state.sessionmaker, tmp_path, "x")
+
+
+def test_ingest_scores_candidates_with_braai(tmp_path, night_dir, sqlite_template):
+    """Candidates without a score column get braai's probability at ingest when classifier= is given."""
+    pytest.importorskip("h5py", reason="h5py is needed to read braai's Keras weights")
+    from conftest import shared_file
+
+    braai = shared_file("braai", "d6_m7.weights.h5").parent
+    shutil.copy(sqlite_template, tmp_path / "b.db")
+    from astroprep_torch.web.db import open_database
+
+    engine, S = open_database(f"sqlite:///{tmp_path / 'b.db'}")
+    out = ingest_run(S, night_dir, "n", classifier=braai)
+    assert out["scores"] == "classifier:braai"
+    with S() as db:
+        scores = db.scalars(select(Candidate.score)).all()
+    assert len(scores) == 60 and all(s is not None and 0.0 <= s <= 1.0 for s in scores)
+    engine.dispose()
+    with pytest.raises(IngestError, match="classifier=.*does not exist"):
+        ingest_run(open_database(f"sqlite:///{tmp_path / 'c.db'}")[1], night_dir, "n", classifier=tmp_path / "none")
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -331,6 +361,25 @@ def test_reports_hold_valid_objects_only(client, app):
     assert ades[0] == "# version=2022" and "! mpcCode X05" in ades
     rows = [ln for ln in ades if ln.startswith("AP")]
     assert len(rows) == 5 and all(r.startswith("AP00002") for r in rows)
+    assert "! name A. Tester" in ades and any("Gaia3" in r for r in rows)  # night.json's observatory block
+
+
+def test_ades_report_passes_the_iau_validator(client, app, tmp_path):
+    """The ADES PSV converts to XML with the IAU ADES tools and validates (submit and general)."""
+    pytest.importorskip("ades", reason="iau-ades (dev extra) is not installed")
+    if app.state.engine.dialect.name != "sqlite":
+        pytest.skip("the report text does not depend on the database: checked once, on SQLite")
+    import sys
+
+    hv = token(client, "val")
+    client.post("/api/objects/1/label", json={"label": "valid"}, headers=hv)
+    (tmp_path / "r.psv").write_text(client.get("/api/nights/1/report.ades.psv", headers=hv).text)
+    conv = subprocess.run([sys.executable, "-m", "ades.psvtoxml", str(tmp_path / "r.psv"), str(tmp_path / "r.xml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    val = subprocess.run([sys.executable, "-m", "ades.valall", str(tmp_path / "r.xml")], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert "submit is OK" in val.stdout and "general is OK" in val.stdout, val.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ pages
@@ -345,6 +394,10 @@ def test_pages_render(client):
                         ("/export", "Export labels")]:
         r = client.get(url)
         assert r.status_code == 200 and needle in r.text, url
+        assert 'src="http' not in r.text and 'href="http' not in r.text, url  # works offline: no CDN
+    assert "htmx" in client.get("/static/htmx.min.js").text[:200]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/token", "/api/nights", "/api/objects/{object_id}/label", "/api/nights/{night_id}/report.obs80"} <= set(paths)
     page = client.get("/objects/2").text
     assert 'id="prev" href="/objects/1"' in page and 'id="next" href="/objects/3"' in page
     assert "1</span> / 5" in page  # the sequence player's frame counter

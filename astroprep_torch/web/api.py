@@ -1,4 +1,4 @@
-"""The JSON API (described by FastAPI's OpenAPI at /docs and /openapi.json)."""
+"""The JSON API (described by FastAPI's OpenAPI at /openapi.json)."""
 
 from __future__ import annotations
 

@@ -97,7 +97,9 @@ def _install_handlers(app: FastAPI) -> None:
 def create_app(db_url: str = DEFAULT_URL, *, secret_key: Optional[str] = None, upgrade: bool = True) -> FastAPI:
     """The web application on the database ``db_url`` (created and migrated when ``upgrade``)."""
     engine, sessionmaker = open_database(db_url, upgrade=upgrade)
-    app = FastAPI(title="astroprep validation", version="1",
+    # no /docs or /redoc: FastAPI serves their JavaScript from a CDN, and the app must work offline;
+    # the OpenAPI description is at /openapi.json
+    app = FastAPI(title="astroprep validation", version="1", docs_url=None, redoc_url=None,
                   description="Validate transient candidates and moving objects; labels, MPC reports, exports.")
     app.state.engine, app.state.sessionmaker = engine, sessionmaker
     app.state.secret = _secret(sessionmaker, secret_key)

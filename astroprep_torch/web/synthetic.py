@@ -149,7 +149,11 @@ def write_synthetic_night(root, *, n_frames: int = 5, n_objects: int = 4, n_cand
             _write_sequences(root, f"AP{k + 1:05d}", [r for r in rows if r["tracklet"] == k], rng)
     _write_reports(root, rows)
     night = {"kind": "night", "version": 1, "frames": frames, "reference": frames[0]["name"], "template": "reference",
-             "n_tracklets": n_objects, "n_linked": len(rows), "observatory": {"code": OBSERVATORY, "name": "synthetic"},
+             "n_tracklets": n_objects, "n_linked": len(rows), "observatory": {"code": OBSERVATORY, "name": "synthetic", "astCat": "Gaia3",
+                                                             "submitter": "A. Tester", "observers": ["A. Tester"],
+                                                             "measurers": ["A. Tester"],
+                                                             "telescope": {"design": "reflector", "aperture": 0.6,
+                                                                           "detector": "CCD"}},
              "timings": {"total": 0.0}}
     (root / "night.json").write_text(json.dumps(night, indent=1))
     return root
