@@ -289,6 +289,7 @@ def test_api_lists(client):
     p1 = client.get(f"/api/fields/{fields[0]['id']}/candidates?page=1&sort=id", headers=h).json()
     p2 = client.get(f"/api/fields/{fields[0]['id']}/candidates?page=2&sort=id", headers=h).json()
     assert len(p1) == 50 and len(p2) == 10 and p1[0]["id"] < p2[0]["id"]
+    assert p1[0]["thumb_url"] == f"/files/{fields[0]['id']}/web/cand/frame000.u8.npy?row=0"
     assert client.get(f"/api/fields/{fields[0]['id']}/candidates?page=0", headers=h).status_code == 422
     assert client.get("/api/nights/999/fields", headers=h).status_code == 404
 

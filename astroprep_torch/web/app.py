@@ -21,6 +21,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from .db import DEFAULT_URL, open_database
 from .deps import LoginRequired
 from .models import Setting
+from .queries import thumb_url
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("astroprep.web")
@@ -46,14 +47,6 @@ def _fmt(v, spec: str = ".2f", empty: str = "–") -> str:
         return empty if v is None or v != v else format(v, spec)
     except (TypeError, ValueError):
         return str(v)
-
-
-def _thumb_url(thumb: str, field_id: int) -> str:
-    """URL of a stored thumbnail reference ``<file>`` or ``<file>#<row>`` of a field's run."""
-    from urllib.parse import quote
-
-    path, _, row = (thumb or "").partition("#")
-    return f"/files/{field_id}/{quote(path)}" + (f"?row={int(row)}" if row else "")
 
 
 def _wants_json(request: Request) -> bool:
@@ -105,7 +98,7 @@ def create_app(db_url: str = DEFAULT_URL, *, secret_key: Optional[str] = None, u
     app.state.secret = _secret(sessionmaker, secret_key)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["fmt"] = _fmt
-    templates.env.filters["thumb_url"] = _thumb_url
+    templates.env.filters["thumb_url"] = thumb_url
     app.state.templates = templates
     app.add_middleware(SessionMiddleware, secret_key=app.state.secret, session_cookie="astroprep_session",
                        max_age=14 * 24 * 3600, same_site="lax", https_only=False)

@@ -84,7 +84,15 @@ def object_json(o: MovingObject) -> dict:
 def candidate_json(c: Candidate, frame_name: str = "") -> dict:
     return {"id": c.id, "field_id": c.field_id, "frame": frame_name, "number": c.number, "x": c.x, "y": c.y,
             "ra": c.ra, "dec": c.dec, "snr": c.snr, "score": c.score, "label": c.label,
-            "thumb": c.thumb}
+            "thumb_url": thumb_url(c.thumb, c.field_id) if c.thumb else None}
+
+
+def thumb_url(thumb: str, field_id: int) -> str:
+    """URL of a stored thumbnail reference ``<file>`` or ``<file>#<row>`` of a field's run (a PNG)."""
+    from urllib.parse import quote
+
+    path, _, row = (thumb or "").partition("#")
+    return f"/files/{field_id}/{quote(path)}" + (f"?row={int(row)}" if row else "")
 
 
 def list_objects(db: Session, field_id: int, *, label: Optional[str] = None, min_score: Optional[float] = None,
