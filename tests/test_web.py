@@ -168,11 +168,21 @@ def login(client, name: str) -> str:
 def test_sqlite_foreign_keys_and_migrations(tmp_path):
     from astroprep_torch.web.db import downgrade, migrate, open_database
 
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from astroprep_torch.web.models import Base
+
     engine, _ = open_database(f"sqlite:///{tmp_path / 'm.db'}")
     with engine.connect() as c:
+        assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []  # migrations == models
         assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
-    downgrade(engine, "base")  # downgrade (batch mode) and up again
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert "ix_candidates_field_snr" in {r[1] for r in c.execute(text("PRAGMA index_list(candidates)"))}
+    downgrade(engine, "0001")  # batch mode on SQLite
+    with engine.connect() as c:
+        assert "ix_candidates_field_snr" not in {r[1] for r in c.execute(text("PRAGMA index_list(candidates)"))}
+    downgrade(engine, "base")
     with engine.connect() as c:
         assert "candidates" not in {r[0] for r in c.execute(text("SELECT name FROM sqlite_master"))}
     migrate(engine)

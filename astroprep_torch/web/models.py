@@ -105,7 +105,8 @@ class Candidate(Base):
     stamp: Mapped[str] = mapped_column(String(1024), default="")  # .npy triplet, relative to the run folder
     label: Mapped[str] = mapped_column(String(16), default="undefined")
     __table_args__ = (Index("ix_candidates_field_label", "field_id", "label"),
-                      Index("ix_candidates_field_score", "field_id", "score"))
+                      Index("ix_candidates_field_score", "field_id", "score"),
+                      Index("ix_candidates_field_snr", "field_id", "snr"))
 
 
 class MovingObject(Base):
