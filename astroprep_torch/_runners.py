@@ -74,8 +74,33 @@ def run_train_classifier(cfg: DictConfig):
     return train_from_config(cfg)
 
 
+def run_serve(cfg: DictConfig):
+    from .web.commands import serve
+
+    return serve(cfg)
+
+
+def run_user(cfg: DictConfig):
+    from .web.commands import user
+
+    return user(cfg)
+
+
+def run_ingest(cfg: DictConfig):
+    from .web.commands import ingest
+
+    return ingest(cfg)
+
+
+def run_export_labels(cfg: DictConfig):
+    from .web.commands import export
+
+    return export(cfg)
+
+
 def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair"]
+__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
+           "run_serve", "run_user", "run_ingest", "run_export_labels"]

@@ -10,6 +10,7 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
 * ``astroprep train-classifier`` -- train an alert classifier.
 * ``astroprep background | extract | reproject | subtract`` -- drop-in presets for the classic tools
   on FITS files (SExtractor check images, SExtractor catalog, SWarp/reproject, HOTPANTS).
+* ``astroprep serve | user | ingest | export-labels`` -- the validation web application (extra ``web``).
 
 ``astroprep --help`` lists them; ``astroprep run --help`` shows Hydra's help with the config.
 """
@@ -30,6 +31,10 @@ COMMANDS = {
     "extract": ("tool_extract", "run_pipeline"),
     "reproject": ("tool_reproject", "run_pipeline"),
     "subtract": ("tool_subtract", "run_pipeline"),
+    "serve": ("serve", "run_serve"),
+    "user": ("user", "run_user"),
+    "ingest": ("ingest", "run_ingest"),
+    "export-labels": ("export_labels", "run_export_labels"),
 }
 
 
@@ -59,6 +64,10 @@ def _usage() -> str:
         "extract": "SExtractor-like catalogs of FITS files",
         "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
         "subtract": "image subtraction of FITS pairs (HOTPANTS)",
+        "serve": "the validation web application (db=sqlite:///astroprep.db host= port=)",
+        "user": "create or update a web user (name= role=viewer|validator|admin password= db=)",
+        "ingest": "load a night/run output folder into the web database (run= night= db=)",
+        "export-labels": "people's labels as a training set (db= output=)",
     }
     for k in COMMANDS:
         lines.append(f"  {k:<18}{doc[k]}")
