@@ -234,6 +234,13 @@ def format_obs80(obs, meta: Optional[Mapping] = None, *, date_decimals: int = 5,
     return lines
 
 
+def _as_list(v) -> list:
+    """A name or a sequence of names (list, tuple, OmegaConf ListConfig) -> list of strings."""
+    if v is None or isinstance(v, str):
+        return [v] if v else []
+    return [str(x) for x in v if x]
+
+
 def _net_name(meta: Mapping) -> str:
     if meta.get("net"):
         return str(meta["net"])
@@ -244,7 +251,7 @@ def _net_name(meta: Mapping) -> str:
 def obs80_header(meta: Mapping) -> list:
     """The header block (COD, CON, OBS, MEA, TEL, NET, ACK, AC2, COM lines) from ``meta``."""
     def names(v):
-        return ", ".join(v) if isinstance(v, (list, tuple)) else str(v or "")
+        return ", ".join(_as_list(v))
 
     tel = meta.get("telescope") or {}
     tel_line = tel.get("name") if isinstance(tel, Mapping) else str(tel)
@@ -252,14 +259,13 @@ def obs80_header(meta: Mapping) -> list:
         tel_line = f"{tel['aperture']}-m {tel.get('design', 'reflector')} + {tel.get('detector', 'CCD')}"
     out = [("COD", str(meta.get("station", "")))]
     contact = meta.get("contact") or meta.get("submitter")
-    for c in (contact if isinstance(contact, (list, tuple)) else [contact]):
-        if c:
-            out.append(("CON", str(c)))
+    for c in _as_list(contact):
+        out.append(("CON", c))
     out += [("OBS", names(meta.get("observers"))), ("MEA", names(meta.get("measurers") or meta.get("observers"))),
             ("TEL", str(tel_line or "")), ("NET", _net_name(meta)), ("ACK", str(meta.get("ack", "") or "")),
             ("AC2", str(meta.get("ac2", "") or ""))]
-    for c in meta.get("comment") or []:
-        out.append(("COM", str(c)))
+    for c in _as_list(meta.get("comment")):
+        out.append(("COM", c))
     lines = [f"{k} {v}".rstrip() for k, v in out if v]
     bad = [ln for ln in lines if len(ln) > 80]
     if bad:
@@ -376,7 +382,7 @@ def _context_lines(meta: Mapping) -> list:
         return [f"# {name}"] + [f"! {k} {v}" for k, v in items] if items else []
 
     def people(v):
-        return [("name", x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x]
+        return [("name", x) for x in _as_list(v)]
 
     stn = str(meta.get("station", "")).strip()
     if len(stn) != 3:
@@ -384,7 +390,7 @@ def _context_lines(meta: Mapping) -> list:
     tel = dict(meta.get("telescope") or {})
     lines = ["# version=2022"]
     lines += block("observatory", [("mpcCode", stn), ("name", meta.get("observatory_name"))])
-    lines += block("submitter", people(meta.get("submitter") or (meta.get("measurers") or [None])[0])
+    lines += block("submitter", people(meta.get("submitter") or _as_list(meta.get("measurers"))[:1])
                    + [("institution", meta.get("institution"))])
     lines += block("observers", people(meta.get("observers")))
     lines += block("measurers", people(meta.get("measurers") or meta.get("observers")))
@@ -393,7 +399,7 @@ def _context_lines(meta: Mapping) -> list:
     if meta.get("funding"):
         lines += ["# fundingSource " + str(meta["funding"])]
     if meta.get("comment"):
-        lines += block("comment", [("line", c) for c in meta["comment"]])
+        lines += block("comment", [("line", c) for c in _as_list(meta["comment"])])
     return lines
 
 
