@@ -133,35 +133,41 @@ def _from_tangent(xi: Tensor, eta: Tensor, centre: Tensor) -> Tensor:
     return u / u.norm(dim=-1, keepdim=True)
 
 
-def _grid_pairs(q: Tensor, r: Tensor, radius: float, chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
-    """All pairs ``(i, j)`` with ``|q_i - r_j| <= radius`` (unit vectors; chord ``radius``).
+def _grid_pairs(q: Tensor, r: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    """All pairs ``(i, j)`` with ``|q_i - r_j| <= radius`` (Euclidean; for unit vectors a chord).
 
-    ``r`` is hashed on a cubic grid of cell ``radius`` and each query looks up its 27 neighbouring
-    cells by binary search.
+    The larger set is hashed on a cubic grid of cell ``2 * radius``; a ball of that radius lies in
+    the 2 x 2 x 2 block of cells nearest to its centre, so each point of the smaller set looks up
+    8 cells by binary search over the occupied cells.
     """
     empty = torch.zeros(0, dtype=torch.long, device=q.device)
     if q.shape[0] == 0 or r.shape[0] == 0:
         return empty, empty
-    if q.shape[0] > 4 * r.shape[0]:  # hash the larger set: 27 look-ups per element of the smaller
+    if q.shape[0] > r.shape[0]:
         rj, qi = _grid_pairs(r, q, radius)
         return qi, rj
-    cell = max(float(radius), 2.0 / (1 << 20))
-    k = int(2.0 / cell) + 4
+    lo = torch.minimum(q.amin(0), r.amin(0))
+    span = float((torch.maximum(q.amax(0), r.amax(0)) - lo).max())
+    cell = max(2.0 * float(radius), span / (1 << 20), 1e-300)
+    k = int(span / cell) + 4
 
     def key(c):
         return (c[..., 0] * k + c[..., 1]) * k + c[..., 2]
 
-    cr = torch.floor((r + 1.0) / cell).long() + 1
-    kr, order = torch.sort(key(cr))
-    cq = torch.floor((q + 1.0) / cell).long() + 1
-    d = torch.arange(-1, 2, device=q.device)
+    kr, order = torch.sort(key(torch.floor((r - lo) / cell).long() + 1))
+    ku, cu = torch.unique_consecutive(kr, return_counts=True)
+    su = torch.cumsum(cu, 0) - cu
+    base = torch.floor((q - lo) / cell - 0.5).long() + 1
+    d = torch.arange(2, device=q.device)
     offs = torch.stack(torch.meshgrid(d, d, d, indexing="ij"), -1).reshape(-1, 3)
-    keys = key(cq[:, None, :] + offs[None, :, :]).reshape(-1)  # (Nq * 27,)
-    lo = torch.searchsorted(kr, keys, side="left")
-    cnt = torch.searchsorted(kr, keys, side="right") - lo
-    qi = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device).repeat_interleave(27), cnt)
-    start = torch.repeat_interleave(lo - (torch.cumsum(cnt, 0) - cnt), cnt)
-    rj = order[torch.arange(qi.numel(), device=q.device) + start]
+    keys = key(base[:, None, :] + offs[None, :, :]).reshape(-1)  # (Nq * 8,)
+    pos = torch.searchsorted(ku, keys).clamp(max=ku.numel() - 1)
+    found = ku[pos] == keys
+    cnt = torch.where(found, cu[pos], torch.zeros_like(pos))
+    lo_idx = su[pos]
+    qi = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device).repeat_interleave(8), cnt)
+    first = torch.repeat_interleave(lo_idx - (torch.cumsum(cnt, 0) - cnt), cnt)
+    rj = order[torch.arange(qi.numel(), device=q.device) + first]
     ok = ((q[qi] - r[rj]) ** 2).sum(-1) <= radius * radius
     return qi[ok], rj[ok]
 
@@ -221,38 +227,60 @@ def _exposure_ids(t_min: Tensor, exposure, device) -> Tensor:
     return out
 
 
-def _prepare(ra, dec, mjd, mag, pos_err, a, b, theta, exposure, p) -> dict:
+def _trail_columns(cols: dict, n: int, dev, p: dict) -> dict:
+    """Trail orientation (deg mod 180, NaN if not elongated), measured length and its slack (arcsec)."""
+    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+    out = {"trail": nan, "tlen": nan, "tslack": nan, "exptime": nan}
+    a, b, theta = cols.get("a"), cols.get("b"), cols.get("theta")
+    if a is None and b is None and theta is None:
+        return out
+    if a is None or b is None:
+        raise ValueError("a and b (trail semi-axes, arcsec) must be given together")
+    a_t, b_t = _column(a, "a", n, dev), _column(b, "b", n, dev)
+    if theta is not None:
+        th = _column(theta, "theta", n, dev)
+        out["trail"] = torch.where(a_t >= p["trail_elongation"] * b_t, th % 180.0, nan)
+    if cols.get("exptime") is not None:
+        # A segment of length L smeared by a PSF of rms b has rms a = sqrt(b^2 + L^2 / 12) along it.
+        out["tlen"] = torch.sqrt(torch.clamp(12.0 * (a_t**2 - b_t**2), min=0.0))
+        out["tslack"] = 3.0 * b_t  # a and b of faint sources scatter by ~1/snr
+        out["exptime"] = _column(cols["exptime"], "exptime", n, dev, allow_nan=False, scalar_ok=True)
+    return out
+
+
+def _prepare(ra, dec, mjd, cols: dict, p: dict) -> dict:
     """Validate the columns and derive unit vectors, times (minutes), exposure ids and errors."""
     ra_t = torch.as_tensor(ra)
     dev = ra_t.device
-    n = ra_t.reshape(-1).shape[0] if ra_t.ndim <= 1 else -1
     if ra_t.ndim != 1:
         raise ValueError(f"ra must be a 1-D tensor (one value per detection), got shape {tuple(ra_t.shape)}")
+    n = ra_t.shape[0]
     ra_t = _column(ra, "ra", n, dev, allow_nan=False)
     dec_t = _column(dec, "dec", n, dev, allow_nan=False)
     t = _column(mjd, "mjd", n, dev, allow_nan=False)
     if ((dec_t < -90) | (dec_t > 90)).any():
         raise ValueError("dec must lie in [-90, 90] degrees")
     t_min = (t - (t.min() if n else 0.0)) * 1440.0
-    err = _column(pos_err, "pos_err", n, dev, allow_nan=False, scalar_ok=True)
+    err = _column(cols.get("pos_err"), "pos_err", n, dev, allow_nan=False, scalar_ok=True)
     if err is not None and (err < 0).any():
         raise ValueError("pos_err must be >= 0 (arcsec)")
     err = torch.zeros(n, dtype=torch.float64, device=dev) if err is None else err
     sig = torch.clamp(err, min=p["tolerance_floor"] / (p["n_sigma"] * math.sqrt(2.0)))
-    m = _column(mag, "mag", n, dev)
+    m = _column(cols.get("mag"), "mag", n, dev)
     m = torch.full((n,), float("nan"), dtype=torch.float64, device=dev) if m is None else m
-    trail = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
-    if a is not None or b is not None or theta is not None:
-        if a is None or b is None or theta is None:
-            raise ValueError("a, b and theta (trail shape) must be given together")
-        a_t, b_t, th = (_column(v, k, n, dev) for v, k in ((a, "a"), (b, "b"), (theta, "theta")))
-        trail = torch.where(a_t >= p["trail_elongation"] * b_t, th % 180.0, trail)
-    e = _exposure_ids(t_min, exposure, dev)
+    pix = None
+    if cols.get("x") is not None or cols.get("y") is not None:
+        if cols.get("x") is None or cols.get("y") is None:
+            raise ValueError("x and y (detector pixels) must be given together")
+        x, y = _column(cols["x"], "x", n, dev, allow_nan=False), _column(cols["y"], "y", n, dev, allow_nan=False)
+        pix = torch.stack([x, y, torch.zeros_like(x)], -1)
+    e = _exposure_ids(t_min, cols.get("exposure"), dev)
     n_exp = int(e.max()) + 1 if n else 0
     texp = torch.zeros(n_exp, dtype=torch.float64, device=dev).index_add_(0, e, t_min)
     texp = texp / torch.bincount(e, minlength=n_exp).clamp(min=1).to(texp.dtype)
     return {"xyz": radec_to_xyz(ra_t, dec_t), "t": t_min, "t0": t.min() if n else 0.0, "exp": e,
-            "texp": texp, "mag": m, "sig": sig, "trail": trail, "n": n, "n_exp": n_exp}
+            "texp": texp, "mag": m, "sig": sig, "pix": pix, "n": n, "n_exp": n_exp,
+            **_trail_columns(cols, n, dev, p)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,16 +302,30 @@ def find_stationary(D: dict, p: dict) -> Tensor:
     i, j = i[keep], j[keep]
     d = (D["xyz"][i] - D["xyz"][j]).norm(dim=-1) / ARCSEC
     ok = d <= _pair_tol(D["sig"][i], D["sig"][j], p)
-    i, j = i[ok], j[ok]
-    # Count distinct other exposures per detection.
+    stationary = _count_other_exposures(D, i[ok], j[ok]) >= p["stationary_matches"]
+    if D["pix"] is not None:  # detector artefacts: the same pixel in other exposures
+        i, j = _grid_pairs(D["pix"], D["pix"], p["pixel_tol"])
+        keep = D["exp"][i] != D["exp"][j]
+        stationary |= _count_other_exposures(D, i[keep], j[keep]) >= p["stationary_matches"]
+    return stationary
+
+
+def _count_other_exposures(D: dict, i: Tensor, j: Tensor) -> Tensor:
+    """Number of distinct exposures among the matches ``j`` of each detection ``i``."""
     code = torch.unique(i * D["n_exp"] + D["exp"][j])
-    count = torch.bincount(code // D["n_exp"], minlength=n)
-    return count >= p["stationary_matches"]
+    return torch.bincount(code // D["n_exp"], minlength=D["n"])
 
 
 def _angle_diff180(a: Tensor, b: Tensor) -> Tensor:
     d = (a - b) % 180.0
     return torch.minimum(d, 180.0 - d)
+
+
+def _trail_length_bad(D: dict, idx: Tensor, rate: Tensor, p: dict) -> Tensor:
+    """Trail much shorter than ``rate`` (arcsec/min) x exposure time (False if unknown): a round
+    detection cannot be a fast mover. (Longer than expected is allowed: blends, galaxies.)"""
+    expect = rate * D["exptime"][idx] / 60.0
+    return D["tlen"][idx] < (1.0 - p["trail_length_tol"]) * expect - D["tslack"][idx]
 
 
 def _seed_pairs(D: dict, active: Tensor, p: dict) -> tuple[Tensor, Tensor]:
@@ -312,6 +354,7 @@ def _seed_pairs(D: dict, active: Tensor, p: dict) -> tuple[Tensor, Tensor]:
             pa = torch.rad2deg(torch.atan2(xi, eta)) % 180.0
             for k in (i, j):
                 ok &= ~(_angle_diff180(D["trail"][k], pa) > p["trail_angle_tol"])
+                ok &= ~_trail_length_bad(D, k, sep / dtij, p)
             out_i.append(i[ok])
             out_j.append(j[ok])
     if not out_i:
@@ -391,6 +434,8 @@ def _member_badness(D: dict, members: Tensor, fit: dict, p: dict) -> Tensor:
     bad = (mag - med[:, None]).abs() > p["mag_tol"]
     pa = torch.rad2deg(torch.atan2(fit["vxi"], fit["veta"])) % 180.0
     bad |= _angle_diff180(D["trail"][idx], pa[:, None]) > p["trail_angle_tol"]
+    rate = torch.hypot(fit["vxi"], fit["veta"]) / ARCSEC
+    bad |= _trail_length_bad(D, idx, rate[:, None], p)
     z = torch.where(bad, torch.full_like(z, float("inf")), z)
     return torch.where(valid, z, torch.full_like(z, -1.0))
 
@@ -523,7 +568,8 @@ def _summarise(D: dict, members: Tensor, stationary: Tensor, p: dict) -> Trackle
 # Public API
 # --------------------------------------------------------------------------------------------
 DEFAULTS = dict(min_detections=3, rate_min=0.05, rate_max=60.0, tolerance_floor=2.0, n_sigma=4.0, mag_tol=1.0,
-                trail_elongation=1.5, trail_angle_tol=20.0, stationary_matches=1, max_gap=None, n_passes=2)
+                trail_elongation=2.0, trail_angle_tol=20.0, trail_length_tol=0.5, stationary_matches=1,
+                pixel_tol=0.3, max_gap=None, n_passes=2)
 
 
 def link_tracklets(
@@ -536,6 +582,9 @@ def link_tracklets(
     a=None,
     b=None,
     theta=None,
+    exptime=None,
+    x=None,
+    y=None,
     exposure=None,
     min_detections: int = 3,
     rate_min: float = 0.05,
@@ -543,9 +592,11 @@ def link_tracklets(
     tolerance_floor: float = 2.0,
     n_sigma: float = 4.0,
     mag_tol: float = 1.0,
-    trail_elongation: float = 1.5,
+    trail_elongation: float = 2.0,
     trail_angle_tol: float = 20.0,
+    trail_length_tol: float = 0.5,
     stationary_matches: int = 1,
+    pixel_tol: float = 0.3,
     max_gap: Optional[float] = None,
     n_passes: int = 2,
 ) -> Tracklets:
@@ -555,10 +606,15 @@ def link_tracklets(
         ra, dec: ``(N,)`` degrees (ICRS); mjd: ``(N,)`` MJD (UTC) of mid-exposure. NaN is an error.
         mag: ``(N,)`` magnitudes (NaN: unknown); members of a tracklet agree within ``mag_tol``.
         pos_err: ``(N,)`` or scalar, 1-sigma positional error per axis in arcsec.
-        a, b, theta: trail shape: semi-axes (any common unit) and the major axis' position angle on
-            the sky (deg, North through East; convert THETA_IMAGE with the frame's WCS first).
-            Detections with ``a >= trail_elongation * b`` must lie along the motion within
-            ``trail_angle_tol`` degrees.
+        a, b, theta: shape: rms semi-axes in arcsec (SExtractor A/B_WORLD x 3600) and the major axis'
+            position angle on the sky (deg, North through East; convert THETA_IMAGE with the frame's
+            WCS first). Detections with ``a >= trail_elongation * b`` must lie along the motion
+            within ``trail_angle_tol`` degrees.
+        exptime: exposure time in s (scalar or ``(N,)``); with ``a, b`` the trail length
+            ``sqrt(12 (a^2 - b^2))`` must be at least ``(1 - trail_length_tol) * rate * exptime - 3 b``
+            (round artefacts cannot be fast movers).
+        x, y: detector pixels (native, not resampled): a detection at the same pixel (within
+            ``pixel_tol``) in ``stationary_matches`` other exposures is a detector artefact.
         exposure: ``(N,)`` int exposure ids; default: detections whose times differ by < 1 s.
         min_detections: detections per tracklet (>= 2); fewer exposures give an empty result.
         rate_min, rate_max: rate limits in arcsec/min.
@@ -573,9 +629,11 @@ def link_tracklets(
     p = dict(min_detections=int(min_detections), rate_min=float(rate_min), rate_max=float(rate_max),
              tolerance_floor=float(tolerance_floor), n_sigma=float(n_sigma), mag_tol=float(mag_tol),
              trail_elongation=float(trail_elongation), trail_angle_tol=float(trail_angle_tol),
-             stationary_matches=int(stationary_matches), max_gap=max_gap, n_passes=int(n_passes))
+             trail_length_tol=float(trail_length_tol), stationary_matches=int(stationary_matches),
+             pixel_tol=float(pixel_tol), max_gap=max_gap, n_passes=int(n_passes))
     _check_params(p)
-    D = _prepare(ra, dec, mjd, mag, pos_err, a, b, theta, exposure, p)
+    cols = dict(mag=mag, pos_err=pos_err, a=a, b=b, theta=theta, exptime=exptime, x=x, y=y, exposure=exposure)
+    D = _prepare(ra, dec, mjd, cols, p)
     dev = D["xyz"].device
     if D["n"] == 0:
         return _empty_tracklets(0, torch.zeros(0, dtype=torch.bool, device=dev), dev, p)

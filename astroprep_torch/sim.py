@@ -712,6 +712,8 @@ class SimNight:
         frames: the ``SimFrame`` of each exposure in time order. Each header has ``DATE-OBS`` (UTC
             start, ISO with time), ``MJD-OBS`` (start), ``EXPTIME`` (s), ``TIMESYS = 'UTC'`` and the
             frame's exact WCS; each frame catalog lists stars (kind 0), transients (1) and movers (2).
+            Empty when the night was made with ``render=False``.
+        headers: each exposure's FITS header (the frames' headers when rendered); ``shape``: (H, W).
         mjd: ``(F,)`` float64, mid-exposure MJD (UTC) of each frame.
         movers: per object ``(M,)``: ``rate`` (arcsec/min), ``pa`` (deg, N through E, at the night's
             reference time ``mjd_ref``), ``mag``, ``flux`` (ADU); per object and frame ``(M, F)``:
@@ -725,6 +727,8 @@ class SimNight:
     """
 
     frames: list
+    headers: list
+    shape: tuple
     mjd: Tensor
     movers: dict
     stars: dict
@@ -857,15 +861,30 @@ def _draw_transients(n, shape, header, mag_range, n_frames, gen) -> dict:
     return {"ra": ra, "dec": dec, "mag": mag, "present": (f >= first[:, None]) & (f <= last[:, None])}
 
 
+def _mover_pixels(hdr, tracks: dict, k: int) -> tuple:
+    """Movers' pixel positions in frame ``k``: mid-exposure, exposure start and end."""
+    mx, my = _pixel_positions(hdr, tracks["ra"][:, k], tracks["dec"][:, k])
+    x0, y0 = _pixel_positions(hdr, tracks["ra_start"][:, k], tracks["dec_start"][:, k])
+    x1, y1 = _pixel_positions(hdr, tracks["ra_end"][:, k], tracks["dec_end"][:, k])
+    return mx, my, x0, y0, x1, y1
+
+
+def _detector_header(hdr: fits.Header, p: dict, fwhm_k: float) -> None:
+    hdr["GAIN"] = (p["gain"], "e-/ADU")
+    hdr["RDNOISE"] = (p["read_noise"], "read noise, e-")
+    hdr["SATURATE"] = (float(p["saturation"]) if p["saturation"] is not None else 0.0, "ADU")
+    hdr["SKYLEVEL"] = (p["sky"], "mean sky, ADU")
+    hdr["EXPTIME"] = (p["exptime"], "s")
+    hdr["FWHM"] = (fwhm_k, "PSF FWHM, pixels")
+
+
 def _night_frame(k, shape, hdr, stars, trans, movers, tracks, fwhm_k, p, gen, device, dtype) -> tuple:
     """Render exposure ``k`` of a night; returns the frame and the movers' pixel truth for it."""
     w = shape[1]
     sx, sy = _pixel_positions(hdr, stars["ra"], stars["dec"])
     on = trans["present"][:, k]
     tx, ty = _pixel_positions(hdr, trans["ra"][on], trans["dec"][on])
-    mx, my = _pixel_positions(hdr, tracks["ra"][:, k], tracks["dec"][:, k])
-    x0, y0 = _pixel_positions(hdr, tracks["ra_start"][:, k], tracks["dec_start"][:, k])
-    x1, y1 = _pixel_positions(hdr, tracks["ra_end"][:, k], tracks["dec_end"][:, k])
+    mx, my, x0, y0, x1, y1 = _mover_pixels(hdr, tracks, k)
     extra = _trail_image(shape, x0, y0, x1, y1, movers["flux"], fwhm_k)
     n_s, n_t = sx.numel(), tx.numel()
     kind = torch.cat([torch.zeros(n_s, dtype=torch.int8), torch.ones(n_t, dtype=torch.int8)])
@@ -876,8 +895,7 @@ def _night_frame(k, shape, hdr, stars, trans, movers, tracks, fwhm_k, p, gen, de
         sky_gradient=(0.0, 0.0), sky_ripple=0.0, gain=p["gain"], read_noise=p["read_noise"],
         saturation=p["saturation"], defects={}, gen=gen, device=device, dtype=dtype, extra=extra,
     )
-    frame.header["EXPTIME"] = (p["exptime"], "s")
-    frame.header["FWHM"] = (fwhm_k, "PSF FWHM, pixels")
+    _detector_header(frame.header, p, fwhm_k)
     hits = _cosmics_and_hot(shape, p["n_cosmics"], p["hot"], gen, math.sqrt(p["sky"] / p["gain"]))
     img = frame.image.view(-1)
     img.index_put_(((hits["y"] * w + hits["x"]).to(device),), hits["value"].to(device=device, dtype=img.dtype),
@@ -924,6 +942,7 @@ def simulate_night(
     gain: float = 1.5,
     read_noise: float = 10.0,
     saturation: Optional[float] = 60000.0,
+    render: bool = True,
     seed: int = 0,
     device=None,
     dtype: torch.dtype = torch.float32,
@@ -939,7 +958,8 @@ def simulate_night(
     ``mover_mag_range`` defaults to 4 mag brighter than to 0.2 mag fainter than the S/N = 5 limit
     of an untrailed source. Transients stay at one position in a contiguous run of frames; cosmic
     rays hit each frame; hot pixels sit at the same detector pixels in all frames. The other
-    arguments are those of :func:`simulate_frame`. Same ``seed``, same night.
+    arguments are those of :func:`simulate_frame`. Same ``seed``, same night. ``render=False``
+    makes the headers and the truth only (``frames`` empty): the same truth, no images.
     """
     shape = _check_shape(shape)
     h, w = shape
@@ -966,23 +986,34 @@ def simulate_night(
     hot["value"] = math.sqrt(sky / gain) * (10.0 + 100.0 * torch.rand(int(n_hot_pixels), generator=gen, dtype=torch.float64))
     p = dict(sky=sky, gain=gain, read_noise=read_noise, saturation=saturation, exptime=float(exptime),
              n_cosmics=n_cosmics, hot=hot)
-    frames, pix, cosmics = [], [], {"frame": [], "x": [], "y": []}
+    frames, headers, pix = [], [], []
+    cosmics = {"frame": [torch.zeros(0, dtype=torch.long)], "x": [torch.zeros(0, dtype=torch.long)],
+               "y": [torch.zeros(0, dtype=torch.long)]}
+    offsets = (torch.rand(int(n_frames), 2, generator=gen, dtype=torch.float64) * 2 - 1) * jitter
     for k in range(int(n_frames)):
-        off = ((torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * jitter).tolist()
-        hdr = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, crpix_offset=tuple(off))
+        hdr = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, crpix_offset=tuple(offsets[k].tolist()))
         _time_header(hdr, float(start[k]), float(exptime))
-        frame, mxy, cos = _night_frame(k, shape, hdr, stars, trans, movers, tracks, float(fw[k]), p, gen, dev, dtype)
-        frames.append(frame)
+        if render:
+            frame, mxy, cos = _night_frame(k, shape, hdr, stars, trans, movers, tracks, float(fw[k]), p, gen, dev, dtype)
+            frames.append(frame)
+            hdr = frame.header
+            cosmics["frame"].append(torch.full((cos["x"].numel(),), k))
+            cosmics["x"].append(cos["x"])
+            cosmics["y"].append(cos["y"])
+        else:
+            _detector_header(hdr, p, float(fw[k]))
+            mx, my, x0, y0, x1, y1 = _mover_pixels(hdr, tracks, k)
+            mxy = (mx, my, torch.hypot(x1 - x0, y1 - y0))
+        headers.append(hdr)
         pix.append(mxy)
-        cosmics["frame"].append(torch.full((cos["x"].numel(),), k))
-        cosmics["x"].append(cos["x"])
-        cosmics["y"].append(cos["y"])
-    return _night_truth(frames, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale, mjd_ref)
+    return _night_truth(shape, frames, headers, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale,
+                        mjd_ref)
 
 
-def _night_truth(frames, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale, mjd_ref) -> SimNight:
+def _night_truth(shape, frames, headers, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale,
+                 mjd_ref) -> SimNight:
     """Collect the truth tables of :func:`simulate_night` (per object and frame, ``(M, F)``)."""
-    h, w = frames[0].shape
+    h, w = shape
     mx = torch.stack([q[0] for q in pix], 1)
     my = torch.stack([q[1] for q in pix], 1)
     trail = torch.stack([q[2] for q in pix], 1)
@@ -994,14 +1025,14 @@ def _night_truth(frames, pix, cosmics, stars, trans, movers, tracks, mid, fw, p,
           "ra": tracks["ra"], "dec": tracks["dec"], "x": mx, "y": my, "mjd": mid[None, :].expand(m, -1).clone(),
           "trail": trail, "snr": torch.where(in_frame, snr, torch.zeros_like(snr)), "in_frame": in_frame}
     st = dict(stars)
-    st["x"] = torch.stack([f.catalog["x"][f.catalog["kind"] == 0].double().cpu() for f in frames], 1)
-    st["y"] = torch.stack([f.catalog["y"][f.catalog["kind"] == 0].double().cpu() for f in frames], 1)
+    xy = [_pixel_positions(hdr, stars["ra"], stars["dec"]) for hdr in headers]
+    st["x"], st["y"] = torch.stack([q[0] for q in xy], 1), torch.stack([q[1] for q in xy], 1)
     tr = dict(trans)
-    xy = [_pixel_positions(f.header, trans["ra"], trans["dec"]) for f in frames]
+    xy = [_pixel_positions(hdr, trans["ra"], trans["dec"]) for hdr in headers]
     tr["x"], tr["y"] = torch.stack([q[0] for q in xy], 1), torch.stack([q[1] for q in xy], 1)
     cos = {k: torch.cat(v) for k, v in cosmics.items()}
     hot = {"x": p["hot"]["x"], "y": p["hot"]["y"]}
-    return SimNight(frames=frames, mjd=mid, movers=mv, stars=st, transients=tr, cosmics=cos, hot_pixels=hot,
+    return SimNight(frames=frames, headers=headers, shape=(h, w), mjd=mid, movers=mv, stars=st, transients=tr, cosmics=cos, hot_pixels=hot,
                     pixel_scale=float(pixel_scale), exptime=p["exptime"], mjd_ref=mjd_ref)
 
 
@@ -1021,11 +1052,12 @@ def simulate_detections(
     ``L`` = trail length), magnitudes with ``1.0857 / snr``. Hot pixels give a detection in every
     frame at their detector pixel; ``n_spurious`` random detections per frame (S/N 5-7, cosmic rays
     and noise peaks) are added. Returns flat tensors ``ra, dec, mjd, mag, snr, pos_err`` (arcsec),
-    ``a, b`` (arcsec), ``theta`` (deg, North through East), ``x, y`` (frame pixels), ``exposure`` and
+    ``a, b`` (rms semi-axes, arcsec, relative scatter ``1 / snr``), ``theta`` (deg, North through
+    East), ``exptime`` (s), ``x, y`` (frame pixels), ``exposure`` and
     ``object`` (mover index; -1 star, -2 transient, -3 hot pixel, -4 spurious).
     """
     gen = torch.Generator().manual_seed(int(seed))
-    parts = [_frame_detections(night, k, snr_min, n_spurious, astrometric_floor, gen) for k in range(len(night.frames))]
+    parts = [_frame_detections(night, k, snr_min, n_spurious, astrometric_floor, gen) for k in range(len(night.headers))]
     return {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
 
 
@@ -1033,10 +1065,16 @@ def _source_snr(flux: Tensor, fwhm: float, p: dict) -> Tensor:
     return _trail_snr(flux, torch.zeros_like(flux), fwhm, p["sky"], p["gain"], p["read_noise"])
 
 
+def _measured_theta(pa: Tensor, trail: Tensor, s: float, gen) -> Tensor:
+    """Major-axis PA (deg mod 180): the motion PA +- 5 deg for trails longer than 2 PSF sigma, random otherwise."""
+    n = pa.numel()
+    along = (pa + torch.randn(n, generator=gen, dtype=torch.float64) * 5.0) % 180.0
+    return torch.where(trail > 2.0 * s, along, torch.rand(n, generator=gen, dtype=torch.float64) * 180.0)
+
+
 def _frame_detections(night: SimNight, k: int, snr_min, n_spurious, floor, gen) -> dict:
-    f = night.frames[k]
-    hdr = f.header
-    h, w = f.shape
+    hdr = night.headers[k]
+    h, w = night.shape
     fw = float(hdr["FWHM"])
     s = fw / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     p = {"sky": float(hdr["SKYLEVEL"]), "gain": float(hdr["GAIN"]), "read_noise": float(hdr["RDNOISE"])}
@@ -1063,15 +1101,18 @@ def _frame_detections(night: SimNight, k: int, snr_min, n_spurious, floor, gen) 
     keep = (measured >= snr_min) & inside
     x, y, snr, mag0, obj, trail = x[keep], y[keep], snr[keep], mag0[keep], obj[keep], trail[keep]
     err = torch.sqrt(s * s + trail**2 / 24.0) / snr + floor
-    x = x + torch.randn(x.numel(), generator=gen, dtype=torch.float64) * err
-    y = y + torch.randn(y.numel(), generator=gen, dtype=torch.float64) * err
+    scatter = torch.where(obj == -3, torch.zeros_like(err), err)  # a hot pixel is always at its pixel
+    x = x + torch.randn(x.numel(), generator=gen, dtype=torch.float64) * scatter
+    y = y + torch.randn(y.numel(), generator=gen, dtype=torch.float64) * scatter
     ra, dec = _sky_positions(hdr, x, y)
     scale = night.pixel_scale
     pa = torch.where(obj >= 0, mv["pa"][obj.clamp(min=0)] if mv["pa"].numel() else torch.zeros_like(x), torch.zeros_like(x))
     n = x.numel()
     return {"ra": ra, "dec": dec, "mjd": torch.full((n,), float(night.mjd[k]), dtype=torch.float64),
             "mag": mag0 + torch.randn(n, generator=gen, dtype=torch.float64) * 1.0857 / snr, "snr": snr,
-            "pos_err": err * scale, "a": torch.sqrt(s * s + trail**2 / 12.0) * scale,
-            "b": torch.full((n,), s * scale, dtype=torch.float64),
-            "theta": (pa + torch.randn(n, generator=gen, dtype=torch.float64) * 5.0) % 180.0,
+            "pos_err": err * scale,
+            "a": torch.sqrt(s * s + trail**2 / 12.0) * scale * (1 + torch.randn(n, generator=gen, dtype=torch.float64) / snr),
+            "b": s * scale * (1 + torch.randn(n, generator=gen, dtype=torch.float64) / snr),
+            "exptime": torch.full((n,), night.exptime, dtype=torch.float64),
+            "theta": _measured_theta(pa, trail, s, gen),
             "x": x, "y": y, "exposure": torch.full((n,), k, dtype=torch.long), "object": obj}

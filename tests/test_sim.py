@@ -179,3 +179,13 @@ def test_night_detections_catalog():
     assert keys <= set(d) and len({v.shape[0] for v in d.values()}) == 1
     assert bool((d["snr"] > 0).all()) and bool((d["pos_err"] > 0).all())
     assert int((d["object"] == -4).sum()) == 25
+
+
+def test_night_without_images_has_the_same_truth():
+    a = sim.simulate_night((128, 128), n_stars=30, n_movers=4, seed=9)
+    b = sim.simulate_night((128, 128), n_stars=30, n_movers=4, seed=9, render=False)
+    assert b.frames == [] and len(b.headers) == 5
+    for key in ("x", "y", "ra", "dec", "snr", "trail"):
+        assert torch.equal(a.movers[key], b.movers[key])
+    assert torch.equal(a.stars["x"], b.stars["x"])
+    assert a.headers[3]["CRPIX1"] == b.headers[3]["CRPIX1"] and a.headers[3]["FWHM"] == b.headers[3]["FWHM"]
