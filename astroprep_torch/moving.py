@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Tracklets", "TrackletLinker", "link_tracklets", "radec_to_xyz", "tangent_plane"]
+__all__ = ["TrackletLinker", "Tracklets", "link_tracklets", "radec_to_xyz", "shape_on_sky", "tangent_plane"]
 
 ARCSEC = math.pi / (180.0 * 3600.0)
 
@@ -562,6 +562,24 @@ def _summarise(D: dict, members: Tensor, stationary: Tensor, p: dict) -> Trackle
         pa=torch.rad2deg(torch.atan2(ra_rate, dec_rate)) % 360.0, rms=rms, mag=torch.nanmean(mag, 1),
         mjd=t0 + fit["tm"] / 1440.0, ra=ra, dec=dec, ra_rate=ra_rate, dec_rate=dec_rate, params=dict(p),
     )
+
+
+def shape_on_sky(wcs, x, y, a, b, theta) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel shapes to the sky: SExtractor ``A/B_IMAGE`` (px) and ``THETA_IMAGE`` (deg, counter-
+    clockwise from +x) at 0-based ``(x, y)`` -> ``a, b`` in arcsec and the major axis' position angle
+    (deg, North through East, modulo 180), through ``wcs`` (a ``TanWCS`` or anything with
+    ``pixel_to_world(x, y) -> (ra, dec)`` in degrees). Exact for any projection and distortion: the
+    unit steps along both axes are mapped to the sky at each position."""
+    x, y, a, b, t = (torch.as_tensor(v, dtype=torch.float64) for v in (x, y, a, b, theta))
+    t = torch.deg2rad(t)
+    c, s = torch.cos(t), torch.sin(t)
+    u0 = radec_to_xyz(*wcs.pixel_to_world(x, y))
+    ua = radec_to_xyz(*wcs.pixel_to_world(x + c, y + s))
+    ub = radec_to_xyz(*wcs.pixel_to_world(x - s, y + c))
+    xa, ea = tangent_plane(ua, u0)
+    xb, eb = tangent_plane(ub, u0)
+    pa = torch.rad2deg(torch.atan2(xa, ea)) % 180.0
+    return a * torch.hypot(xa, ea) / ARCSEC, b * torch.hypot(xb, eb) / ARCSEC, pa
 
 
 # --------------------------------------------------------------------------------------------

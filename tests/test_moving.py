@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from astropy.coordinates import SkyCoord
 from astropy.time import Time
 
 from astroprep_torch import moving, sim
-from astroprep_torch.moving import TrackletLinker, Tracklets, link_tracklets
+from astroprep_torch.moving import TrackletLinker, Tracklets, link_tracklets, shape_on_sky
 
 CSS_PSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mpc_reports" / "ades_master" / \
     "G96_20131004_1A_N20016_01_0001.mpcd.xml.psv"
@@ -234,3 +235,40 @@ def test_links_a_simulated_night_catalog():
     assert len(set(findable) & linked) >= 0.9 * len(findable)
     pure = sum(obj[tr.members(k)].unique().numel() == 1 and int(obj[tr.members(k)][0]) >= 0 for k in range(len(tr)))
     assert pure >= len(tr) - 1
+
+
+def test_round_detections_cannot_be_fast_movers():
+    ra, dec, mjd, obj = _night([150.0], [30.0], [20.0], [60.0], n_stars=0)  # 20"/min: 10" trail in 30 s
+    round_ = dict(a=torch.full_like(ra, 1.0), b=torch.full_like(ra, 1.0), theta=torch.zeros_like(ra), exptime=30.0)
+    assert len(link_tracklets(ra, dec, mjd, **round_)) == 0
+    a = math.sqrt(1.0 + 10.0**2 / 12.0)  # rms along a 10" trail smeared by a 1" PSF
+    trail = dict(a=torch.full_like(ra, a), b=torch.full_like(ra, 1.0), theta=torch.full_like(ra, 60.0), exptime=30.0)
+    assert _grouping_ok(link_tracklets(ra, dec, mjd, **trail).labels, obj, 1)
+    # Slow movers are round: no constraint.
+    ra, dec, mjd, obj = _night([150.0], [30.0], [0.5], [60.0], n_stars=0)
+    assert _grouping_ok(link_tracklets(ra, dec, mjd, **round_).labels, obj, 1)
+
+
+def test_detector_artefact_at_fixed_pixel_is_not_linked():
+    # A hot pixel: fixed detector pixel, sky position drifting linearly with the pointing.
+    ra, dec, mjd, obj = _night([150.0], [30.0], [2.0], [90.0], n_stars=0)
+    x, y = torch.full_like(ra, 100.0), torch.full_like(ra, 200.0)
+    assert len(link_tracklets(ra, dec, mjd)) == 1
+    tr = link_tracklets(ra, dec, mjd, x=x, y=y)
+    assert len(tr) == 0 and bool(tr.stationary.all())
+    # A real mover moves on the detector too.
+    x = x + torch.arange(ra.numel(), dtype=torch.float64) * 4.0
+    assert len(link_tracklets(ra, dec, mjd, x=x, y=y)) == 1
+
+
+def test_shape_on_sky_through_the_wcs():
+    from astroprep_torch.wcs import TanWCS
+
+    hdr = sim.make_header((256, 256), ra=150.0, dec=30.0, pixel_scale=2.0, rotation=30.0)
+    w = TanWCS.from_header(hdr)
+    x, y = torch.tensor([10.0, 128.0]), torch.tensor([20.0, 128.0])
+    a, b, pa = shape_on_sky(w, x, y, torch.tensor([3.0, 3.0]), torch.tensor([1.0, 1.0]), torch.tensor([90.0, 0.0]))
+    np.testing.assert_allclose(a.numpy(), 6.0, rtol=1e-3)
+    np.testing.assert_allclose(b.numpy(), 2.0, rtol=1e-3)
+    # make_header's CD matrix with rotation t = 30 deg: +y points to PA t, +x to PA t - 90 (mod 180).
+    np.testing.assert_allclose(pa.numpy(), [30.0, 120.0], atol=0.05)
