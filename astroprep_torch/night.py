@@ -21,7 +21,9 @@ Steps (each timed into ``night.json``):
    ``report.ades.psv``, ``sequences/<trksub>.gif|.pt``, ``cutouts/<trksub>_<k>.fits`` and
    ``night.json``, as ``NIGHT_CONTRACT`` (the layout ``astroprep ingest`` reads) says. ``x, y`` in
    ``tracklets.ecsv`` are 0-based pixels of the frame's aligned/difference products (the
-   reference grid), where the sequences and cutouts are cut.
+   reference grid), where the sequences and cutouts are cut. The ``obs80`` column holds the exact
+   80-column line, but astropy's ECSV reader strips its leading blanks: ``line.rjust(80)``
+   restores it (the station code ends every line).
 """
 
 from __future__ import annotations
@@ -151,9 +153,12 @@ def _zeropoint(header, default: Optional[float]) -> float:
 
 
 def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Optional[float] = None,
-                    min_snr: float = 5.0) -> dict:
+                    min_snr: float = 5.0, max_peak_ratio: Optional[float] = None) -> dict:
     """A frame's catalog (SExtractor column names, 1-based pixels) -> flat numpy columns with sky
-    positions (``wcs``: astropy WCS of the catalog's grid) and the frame's time."""
+    positions (``wcs``: astropy WCS of the catalog's grid), the frame's time and the detector pixel
+    (``xd, yd``: on the frame's own grid, from its header WCS). Detections below ``min_snr`` and,
+    when ``max_peak_ratio`` is given, sharper than a PSF (``FLUX_MAX / FLUX_AUTO`` above it: cosmic
+    rays and hot pixels) are dropped."""
     n = len(table)
     col = lambda k: np.asarray(table[k], dtype=np.float64) if k in table.colnames else np.full(n, np.nan)  # noqa: E731
     x, y = col("XWIN_IMAGE") - 1, col("YWIN_IMAGE") - 1
@@ -162,6 +167,8 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
     flux, ferr = col("FLUX_AUTO"), col("FLUXERR_AUTO")
     snr = np.where(ferr > 0, flux / np.where(ferr > 0, ferr, 1.0), np.nan)
     keep = np.isfinite(x) & np.isfinite(y) & (flux > 0) & (snr >= min_snr)
+    if max_peak_ratio is not None:
+        keep &= ~(col("FLUX_MAX") / np.where(flux > 0, flux, np.inf) > max_peak_ratio)
     scale = _pixel_scale(wcs)
     zp = _zeropoint(frame["header"], zeropoint)
     x, y, flux, ferr, snr = x[keep], y[keep], flux[keep], ferr[keep], snr[keep]
@@ -175,12 +182,55 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
         "e": 1.0 - np.where(a > 0, b / np.where(a > 0, a, 1.0), 1.0), "fwhm": 2.0 * col("FLUX_RADIUS")[keep] * scale,
         "theta": theta, "a": a * scale, "b": b * scale,
         "pa_trail": _sky_pa(wcs, x, y, theta) if len(x) else np.zeros(0), "pos_err": np.where(np.isfinite(perr), perr, 0.0),
+        **_detector_xy(frame["header"], ra, dec),
     }
+
+
+def _detector_xy(header, ra, dec) -> dict:
+    """0-based pixels of ``ra, dec`` on the frame's own detector grid (NaN without a WCS)."""
+    from astropy.wcs import WCS
+
+    try:
+        xd, yd = WCS(header).celestial.all_world2pix(ra, dec, 0) if len(ra) else (np.zeros(0), np.zeros(0))
+    except Exception:
+        xd = yd = np.full(len(ra), np.nan)
+    return {"xd": np.asarray(xd, float), "yd": np.asarray(yd, float)}
+
+
+def star_peak_ratio(table, min_snr: float = 20.0) -> float:
+    """Median ``FLUX_MAX / FLUX_AUTO`` of a frame's bright, round, unflagged sources (its PSF's
+    sharpness; NaN when the catalog has none)."""
+    if not len(table) or "FLUX_MAX" not in table.colnames:
+        return float("nan")
+    flux, ferr = np.asarray(table["FLUX_AUTO"], float), np.asarray(table["FLUXERR_AUTO"], float)
+    e = 1 - np.asarray(table["B_IMAGE"], float) / np.maximum(np.asarray(table["A_IMAGE"], float), 1e-9)
+    ok = (flux > 0) & (ferr > 0) & (flux / np.where(ferr > 0, ferr, 1) >= min_snr) & (e < 0.3)
+    if "FLAGS" in table.colnames:
+        ok &= np.asarray(table["FLAGS"]) == 0
+    return float(np.median(np.asarray(table["FLUX_MAX"], float)[ok] / flux[ok])) if ok.sum() >= 5 else float("nan")
+
+
+def fixed_pixel_detections(det: dict, radius: float = 1.0) -> np.ndarray:
+    """Bool per detection: within ``radius`` px of a detection of another exposure at the same
+    detector pixel (hot pixels, bad columns: they stay on the detector while the sky moves)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.stack([det["xd"], det["yd"]], 1)
+    bad = np.zeros(len(xy), dtype=bool)
+    ok = np.isfinite(xy).all(1)
+    if ok.sum() < 2:
+        return bad
+    idx = np.flatnonzero(ok)
+    pairs = cKDTree(xy[ok]).query_pairs(radius, output_type="ndarray")
+    exp = np.asarray(det["exposure"])[idx]
+    pairs = pairs[exp[pairs[:, 0]] != exp[pairs[:, 1]]]
+    bad[idx[pairs.reshape(-1)]] = True
+    return bad
 
 
 def _concat(parts: list) -> dict:
     keys = ["frame", "exposure", "mjd", "ra", "dec", "x", "y", "mag", "mag_err", "snr", "e", "fwhm", "theta", "a", "b",
-            "pa_trail", "pos_err"]
+            "pa_trail", "pos_err", "xd", "yd"]
     if not parts:
         return {k: np.zeros(0, dtype=object if k == "frame" else np.float64) for k in keys}
     return {k: np.concatenate([p[k] for p in parts]) for k in keys}
@@ -270,14 +320,15 @@ def _stamps_on_grid(out_dir: Path, rows, size: int):
 def write_night_outputs(out_dir: Path, rows, frames_by_name: dict, report_meta: dict, seq_cfg: dict) -> dict:
     """tracklets.ecsv (with obs80), the reports, sequences/ and cutouts/; returns step timings."""
     from . import reports
-    from .pipeline import write_ecsv
     from .sequences import CERES_SIZE, SequenceStamps, write_ceres_cutouts, write_sequence
 
     timings = {}
     t0 = time.perf_counter()
     obs = _observations(rows, frames_by_name, report_meta)
     rows["obs80"] = np.array(reports.format_obs80(obs, report_meta), dtype="U80") if len(rows) else np.zeros(0, "U80")
-    write_ecsv(rows, out_dir / "tracklets.ecsv")
+    # astropy's ECSV writer strips leading blanks unless told not to (its reader always strips
+    # them: ``line.rjust(80)`` restores an obs80 line, whose last column is never blank)
+    rows.write(out_dir / "tracklets.ecsv", format="ascii.ecsv", overwrite=True, strip_whitespace=False)
     reports.write_obs80(out_dir / "report.obs80.txt", obs, report_meta)
     reports.write_ades_psv(out_dir / "report.ades.psv", obs, report_meta)
     timings["reports"] = time.perf_counter() - t0
@@ -345,11 +396,27 @@ def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> t
             continue
         table, wcs = _catalog_and_wcs(out_dir, f, source, grid_header)
         f["status"], f["reason"] = "ok", None
+        stars, swcs = _catalog_and_wcs(out_dir, f, "science", grid_header)
+        ratio = star_peak_ratio(stars) * float(cfg.get("max_sharpness") or np.nan)
         parts.append(read_detections(table, wcs, f, len(ok), zeropoint=cfg.get("zeropoint"),
-                                     min_snr=float(cfg.get("min_snr", 5.0))))
-        f["seeing"] = float(np.nanmedian(parts[-1]["fwhm"])) if len(parts[-1]["fwhm"]) else float("nan")
+                                     min_snr=float(cfg.get("min_snr", 5.0)),
+                                     max_peak_ratio=ratio if np.isfinite(ratio) else None))
+        f["seeing"] = _seeing(stars, swcs)
         ok.append(f)
-    return _concat(parts), ok
+    det = _concat(parts)
+    if cfg.get("hot_pixel_radius") and len(det["ra"]):
+        keep = ~fixed_pixel_detections(det, float(cfg.hot_pixel_radius))
+        det = {k: v[keep] for k, v in det.items()}
+    return det, ok
+
+
+def _seeing(stars, wcs) -> float:
+    """Median FWHM (arcsec, 2 x FLUX_RADIUS) of a frame's bright sources."""
+    if not len(stars) or "FLUX_RADIUS" not in stars.colnames:
+        return float("nan")
+    snr = np.asarray(stars["FLUX_AUTO"], float) / np.maximum(np.asarray(stars["FLUXERR_AUTO"], float), 1e-30)
+    r = np.asarray(stars["FLUX_RADIUS"], float)[snr >= 20]
+    return float(2 * np.median(r) * _pixel_scale(wcs)) if len(r) else float("nan")
 
 
 def _grid_xy(det: dict, grid_header):

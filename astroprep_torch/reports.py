@@ -457,7 +457,7 @@ def write_ades_psv(path, obs, meta: Mapping, *, ra_decimals: int = 6, dec_decima
     cols["photCat"] = [str(meta.get("photometric_catalog", cat)) if h else "" for h in has_mag]
     keep = [c for c in ADES_COLUMNS if c in ("mode", "stn", "obsTime", "ra", "dec", "astCat") or any(cols[c])]
     if not any(cols["permID"]) and not any(cols["provID"]) and not any(cols["trkSub"]):
-        keep = ["trkSub"] + keep if n else keep
+        keep = ["trkSub"] + keep
     width = {c: max([len(c)] + [len(v) for v in cols[c]]) for c in keep}
     lines = _context_lines(meta)
     lines.append("|".join(c.ljust(width[c]) for c in keep).rstrip())
