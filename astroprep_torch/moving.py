@@ -34,6 +34,7 @@ floor alone applies).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,6 +59,7 @@ class Tracklets:
         mag: ``(K,)`` mean magnitude of the members (NaN without magnitudes).
         mjd: ``(K,)`` mean time of the members; ``ra, dec``: ``(K,)`` fitted position at ``mjd``.
         ra_rate, dec_rate: ``(K,)`` arcsec/min, ``dRA/dt cos(Dec)`` and ``dDec/dt``.
+        params: the linking parameters; timings: seconds per step (prepare, stationary, link).
     """
 
     labels: Tensor
@@ -73,6 +75,7 @@ class Tracklets:
     ra_rate: Tensor
     dec_rate: Tensor
     params: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.n.numel())
@@ -304,7 +307,9 @@ def find_stationary(D: dict, p: dict) -> Tensor:
     ok = d <= _pair_tol(D["sig"][i], D["sig"][j], p)
     stationary = _count_other_exposures(D, i[ok], j[ok]) >= p["stationary_matches"]
     if D["pix"] is not None:  # detector artefacts: the same pixel in other exposures
-        i, j = _grid_pairs(D["pix"], D["pix"], p["pixel_tol"])
+        rest = torch.nonzero(~stationary).flatten()
+        i, j = _grid_pairs(D["pix"][rest], D["pix"], p["pixel_tol"])
+        i = rest[i]
         keep = D["exp"][i] != D["exp"][j]
         stationary |= _count_other_exposures(D, i[keep], j[keep]) >= p["stationary_matches"]
     return stationary
@@ -651,13 +656,19 @@ def link_tracklets(
              pixel_tol=float(pixel_tol), max_gap=max_gap, n_passes=int(n_passes))
     _check_params(p)
     cols = dict(mag=mag, pos_err=pos_err, a=a, b=b, theta=theta, exptime=exptime, x=x, y=y, exposure=exposure)
+    t0 = time.perf_counter()
     D = _prepare(ra, dec, mjd, cols, p)
     dev = D["xyz"].device
     if D["n"] == 0:
         return _empty_tracklets(0, torch.zeros(0, dtype=torch.bool, device=dev), dev, p)
+    t1 = time.perf_counter()
     stationary = find_stationary(D, p)
+    timings = {"prepare": t1 - t0, "stationary": time.perf_counter() - t1}
     if D["n_exp"] < p["min_detections"]:
-        return _empty_tracklets(D["n"], stationary, dev, p)
+        out = _empty_tracklets(D["n"], stationary, dev, p)
+        out.timings = timings
+        return out
+    t2 = time.perf_counter()
     active = ~stationary
     found = []
     for _ in range(p["n_passes"]):
@@ -667,7 +678,10 @@ def link_tracklets(
         found.append(members)
         active[members[members >= 0]] = False
     members = torch.cat(found) if found else torch.zeros((0, D["n_exp"]), dtype=torch.long, device=dev)
-    return _summarise(D, members, stationary, p)
+    out = _summarise(D, members, stationary, p)
+    timings["link"] = time.perf_counter() - t2
+    out.timings = timings
+    return out
 
 
 def _check_params(p: dict) -> None:

@@ -272,3 +272,21 @@ def test_shape_on_sky_through_the_wcs():
     np.testing.assert_allclose(b.numpy(), 2.0, rtol=1e-3)
     # make_header's CD matrix with rotation t = 30 deg: +y points to PA t, +x to PA t - 90 (mod 180).
     np.testing.assert_allclose(pa.numpy(), [30.0, 120.0], atol=0.05)
+
+
+def test_config_group_files_instantiate():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(root / "moving"), version_base=None):
+        fine = instantiate(compose(config_name="fine"))
+    assert fine.params["tolerance_floor"] == 0.5 and fine.params["min_detections"] == 3
+    from omegaconf import OmegaConf
+
+    night_cfg = OmegaConf.load(root / "sim" / "gwac_night.yaml")
+    night_cfg.seed = 1
+    night_cfg.shape = [128, 128]
+    night_cfg.n_stars = 20
+    night = instantiate(night_cfg, render=False)
+    assert len(night.headers) == 5 and night.pixel_scale == 11.7
