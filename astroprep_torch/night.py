@@ -568,4 +568,4 @@ def score_tracklets(rows, truth, *, match_arcsec: float = 2.0, min_detections: i
             "tracklets": n_trk, "pure": pure, "purity": pure / max(n_trk, 1), "false_tracklets": n_trk - pure,
             "median_rate_error": float(np.median(rate_err)) if rate_err else float("nan"),
             "median_pa_error_deg": float(np.median(pa_err)) if pa_err else float("nan"),
-            "missed": sorted(findable - found)}
+            "missed": sorted(findable - found), "found_ids": sorted(found & findable), "findable_ids": sorted(findable)}

@@ -152,7 +152,6 @@ def test_night_without_any_usable_frame_names_the_problem(sim_night, tmp_path):
     assert json.loads((tmp_path / "night.json").read_text())["frames"][0]["status"] == "failed"
 
 
-@pytest.mark.slow
 def test_night_with_reference_and_science_detections(sim_night, tmp_path):
     from astroprep_torch.io import write_fits
     from astroprep_torch.sim import simulate_night
@@ -188,3 +187,19 @@ def test_fixed_pixel_detections_and_sky_position_angle():
     w.wcs.cdelt = [-1 / 3600, 1 / 3600]  # north up, east left
     pa = N._sky_pa(w, np.array([49.0, 49.0]), np.array([49.0, 49.0]), np.array([90.0, 0.0]))
     np.testing.assert_allclose(pa, [0.0, 90.0], atol=1e-3)  # along +y = north; along +x = west = PA 270 = 90 mod 180
+
+
+def test_readme_moving_objects_section_runs(tmp_path, monkeypatch):
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Moving objects"): text.index("## Development")]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), ns)
+    assert len(ns["trk"]) >= 10 and (tmp_path / "report.ades.psv").exists()
+    from test_reports import iau_validate
+
+    assert iau_validate(tmp_path / "report.ades.psv", tmp_path) == []
