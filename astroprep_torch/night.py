@@ -11,9 +11,11 @@ Steps (each timed into ``night.json``):
    place in most frames, so the median keeps the stars and drops the movers).
 3. **per-frame graph** -- :func:`~astroprep_torch.pipeline.run_from_config` over the frames with
    that reference, exactly as ``astroprep run`` (products, manifest, resume, bad frames reported).
-4. **detections** -- ``detections=difference`` (default): the candidates detected on each
-   difference image; ``detections=science``: each frame's own catalog (stars included: the linker
-   drops what is stationary). Pixel positions become RA/Dec with the WCS of their grid; S/N below
+4. **detections** -- ``detections=difference``: the candidates detected on each difference image;
+   ``detections=science``: each frame's own catalog (stars included: the linker drops what is
+   stationary); ``auto`` (default): difference, except without a reference on frames coarser than
+   ``auto_science_scale`` (4"/px), where the median template subtracts the slow movers
+   (:func:`detection_source`). Pixel positions become RA/Dec with the WCS of their grid; S/N below
    ``min_snr`` is dropped; magnitudes use the header zeropoint (``MAGZP``, ``ZP``, ``ZEROPNT``,
    ``MAGZERO``) or ``zeropoint``.
 5. **linking** -- :func:`astroprep_torch.moving.link_tracklets` with ``cfg.linking``.
@@ -177,7 +179,7 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
     perr = np.sqrt(np.clip((col("ERRX2_IMAGE") + col("ERRY2_IMAGE"))[keep] / 2, 0, None)) * scale
     return {
         "frame": np.full(len(x), frame["name"], dtype=object), "exposure": np.full(len(x), exposure, dtype=np.int64),
-        "mjd": np.full(len(x), frame["mjd"]), "ra": np.asarray(ra, float), "dec": np.asarray(dec, float), "x": x, "y": y,
+        "mjd": np.full(len(x), frame["mjd"]), "exptime": np.full(len(x), float(frame.get("exptime") or 0.0)), "ra": np.asarray(ra, float), "dec": np.asarray(dec, float), "x": x, "y": y,
         "mag": zp - 2.5 * np.log10(flux), "mag_err": 2.5 / math.log(10) * ferr / flux, "snr": snr,
         "e": 1.0 - np.where(a > 0, b / np.where(a > 0, a, 1.0), 1.0), "fwhm": 2.0 * col("FLUX_RADIUS")[keep] * scale,
         "theta": theta, "a": a * scale, "b": b * scale,
@@ -229,7 +231,7 @@ def fixed_pixel_detections(det: dict, radius: float = 1.0) -> np.ndarray:
 
 
 def _concat(parts: list) -> dict:
-    keys = ["frame", "exposure", "mjd", "ra", "dec", "x", "y", "mag", "mag_err", "snr", "e", "fwhm", "theta", "a", "b",
+    keys = ["frame", "exposure", "mjd", "exptime", "ra", "dec", "x", "y", "mag", "mag_err", "snr", "e", "fwhm", "theta", "a", "b",
             "pa_trail", "pos_err", "xd", "yd"]
     if not parts:
         return {k: np.zeros(0, dtype=object if k == "frame" else np.float64) for k in keys}
@@ -243,10 +245,18 @@ def link_night(det: dict, linking: dict):
     """``link_tracklets`` on the night's detections (trail shapes and positional errors included)."""
     from .moving import link_tracklets
 
+    import inspect
+
     t = lambda k: torch.as_tensor(np.asarray(det[k], dtype=np.float64))  # noqa: E731
+    extra = {}
+    accepts = inspect.signature(link_tracklets).parameters
+    if "exptime" in accepts:  # trail length against rate x exposure time
+        extra["exptime"] = t("exptime")
+    if "x" in accepts and len(det["xd"]) and np.isfinite(det["xd"]).all():  # native detector pixels
+        extra.update(x=t("xd"), y=t("yd"))
     return link_tracklets(t("ra"), t("dec"), t("mjd"), mag=t("mag"), pos_err=t("pos_err"), a=t("a"), b=t("b"),
                           theta=t("pa_trail"), exposure=torch.as_tensor(np.asarray(det["exposure"], dtype=np.int64)),
-                          **dict(linking))
+                          **extra, **dict(linking))
 
 
 def tracklet_rows(det: dict, tracklets, *, prefix: str = "AP", grid_xy=None):
@@ -385,9 +395,7 @@ def _catalog_and_wcs(out_dir: Path, frame: dict, source: str, grid_header):
 
 def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> tuple:
     """Detections of every processed frame; frames the graph failed on are marked failed."""
-    source = str(cfg.get("detections", "difference"))
-    if source not in ("difference", "science"):
-        raise ValueError(f"detections must be 'difference' or 'science', got {source!r}")
+    source = detection_source(cfg, grid_header)
     parts, ok = [], []
     for f in frames:
         row = manifest.get(f["name"])
@@ -404,10 +412,31 @@ def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> t
         f["seeing"] = _seeing(stars, swcs)
         ok.append(f)
     det = _concat(parts)
+    finite = np.isfinite(det["ra"]) & np.isfinite(det["dec"])  # pixels the WCS cannot map are not linked
+    det = {k: v[finite] for k, v in det.items()}
     if cfg.get("hot_pixel_radius") and len(det["ra"]):
         keep = ~fixed_pixel_detections(det, float(cfg.hot_pixel_radius))
         det = {k: v[keep] for k, v in det.items()}
     return det, ok
+
+
+def detection_source(cfg, grid_header) -> str:
+    """``detections``: ``difference``, ``science``, or ``auto``: the difference images with a given
+    reference, and without one the differences against the night's median template on well-sampled
+    frames but each frame's own catalog on coarse ones (pixel scale above ``auto_science_scale``
+    arcsec/px), where slow movers stay within the PSF all night and the median template subtracts
+    them (experiments/results/night_template.md)."""
+    from astropy.wcs import WCS
+
+    source = str(cfg.get("detections", "auto"))
+    if source not in ("auto", "difference", "science"):
+        raise ValueError(f"detections must be 'auto', 'difference' or 'science', got {source!r}")
+    if source != "auto":
+        return source
+    if cfg.get("reference"):
+        return "difference"
+    coarse = _pixel_scale(WCS(grid_header)) > float(cfg.get("auto_science_scale", 4.0))
+    return "science" if coarse else "difference"
 
 
 def _seeing(stars, wcs) -> float:
@@ -430,7 +459,7 @@ def _grid_xy(det: dict, grid_header):
 
 
 def _night_json(out_dir: Path, frames: list, reference, template: str, tracklets, n_linked: int, meta: dict,
-                timings: dict, message: Optional[str]) -> dict:
+                timings: dict, message: Optional[str], detections: Optional[str] = None) -> dict:
     doc = {"kind": "night", "version": 1,
            "frames": [{"name": f["name"], "path": f["path"], "mjd": f.get("mjd"), "exptime": f.get("exptime"),
                        "status": f.get("status", "failed"), "reason": f.get("reason")} for f in frames],
@@ -440,6 +469,8 @@ def _night_json(out_dir: Path, frames: list, reference, template: str, tracklets
            "timings": {k: round(float(v), 3) for k, v in timings.items()}}
     if message:
         doc["message"] = message
+    if detections:
+        doc["detections"] = detections
     (out_dir / "night.json").write_text(json.dumps(doc, indent=2))
     return doc
 
@@ -486,6 +517,7 @@ def run_night(cfg) -> dict:
     timings["pipeline"] = time.perf_counter() - t0
     grid_header = fits.getheader(reference)
     det, ok = _collect(out_dir, good, manifest, cfg, grid_header)
+    source = detection_source(cfg, grid_header)
     t0 = time.perf_counter()
     message = None
     if len(ok) < min_det:
@@ -496,7 +528,8 @@ def run_night(cfg) -> dict:
     rows, _ = tracklet_rows(det, tracklets, prefix=str(cfg.get("trksub_prefix", "AP")), grid_xy=_grid_xy(det, grid_header))
     timings.update(write_night_outputs(out_dir, rows, {f["name"]: f for f in ok}, meta, dict(cfg.get("sequence") or {})))
     timings["total"] = time.perf_counter() - t_all
-    doc = _night_json(out_dir, good + failed, reference, template, tracklets, len(rows), meta, timings, message)
+    doc = _night_json(out_dir, good + failed, reference, template, tracklets, len(rows), meta, timings, message,
+                      detections=source)
     print(f"[astroprep night] {len(ok)} frames linked ({len(failed) + len(good) - len(ok)} skipped), "
           f"{len(det['ra'])} detections, {len(tracklets)} tracklets, {len(rows)} linked detections -> {out_dir}")
     return doc
@@ -530,10 +563,12 @@ def write_simulated_night(night, out_dir) -> dict:
     return {"frames": [str(p) for p in paths], "truth": str(truth)}
 
 
-def score_tracklets(rows, truth, *, match_arcsec: float = 2.0, min_detections: int = 3, min_snr: float = 5.0) -> dict:
+def score_tracklets(rows, truth, *, match_arcsec: float = 2.0, min_detections: int = 3, min_snr: float = 5.0,
+                    min_motion_arcsec: float = 0.0) -> dict:
     """Linked detections (``tracklets.ecsv`` rows) against a simulated night's truth
     (``movers.truth.ecsv``): completeness = correctly linked / findable movers (at least
-    ``min_detections`` frames in the field with S/N >= ``min_snr``); purity = tracklets whose
+    ``min_detections`` frames in the field with S/N >= ``min_snr``, and moving at least
+    ``min_motion_arcsec`` on the sky between the first and last of them); purity = tracklets whose
     detections all match one mover; false tracklets; median relative rate error and PA error."""
     from astropy.coordinates import SkyCoord
     import astropy.units as u
@@ -551,6 +586,8 @@ def score_tracklets(rows, truth, *, match_arcsec: float = 2.0, min_detections: i
     ok = np.asarray(truth["in_frame"], bool) & (np.asarray(truth["snr"], float) >= min_snr)
     counts = np.bincount(np.asarray(truth["object"])[ok], minlength=int(np.max(truth["object"])) + 1)
     findable = set(np.flatnonzero(counts >= min_detections).tolist())
+    if min_motion_arcsec > 0:
+        findable = {o for o in findable if _motion_arcsec(truth, ok, o) >= min_motion_arcsec}
     found, pure, rate_err, pa_err, n_trk = set(), 0, [], [], 0
     rate_true = {int(o): float(r) for o, r in zip(truth["object"], truth["rate"])}
     pa_true = {int(o): float(p) for o, p in zip(truth["object"], truth["pa"])}
@@ -569,3 +606,13 @@ def score_tracklets(rows, truth, *, match_arcsec: float = 2.0, min_detections: i
             "median_rate_error": float(np.median(rate_err)) if rate_err else float("nan"),
             "median_pa_error_deg": float(np.median(pa_err)) if pa_err else float("nan"),
             "missed": sorted(findable - found), "found_ids": sorted(found & findable), "findable_ids": sorted(findable)}
+
+
+def _motion_arcsec(truth, ok, obj: int) -> float:
+    from astropy.coordinates import SkyCoord
+
+    sel = ok & (np.asarray(truth["object"]) == obj)
+    ra, dec = np.asarray(truth["ra"], float)[sel], np.asarray(truth["dec"], float)[sel]
+    if not len(ra):
+        return 0.0
+    return float(SkyCoord(ra[0], dec[0], unit="deg").separation(SkyCoord(ra[-1], dec[-1], unit="deg")).arcsec)

@@ -84,7 +84,7 @@ def test_night_without_reference_finds_the_movers(night_run, sim_night):
     out, doc = night_run
     d, paths = sim_night
     doc, rows = _check_contract(out)
-    assert doc["template"] == "night" and (out / "template.fits").exists()
+    assert doc["template"] == "night" and doc["detections"] == "difference" and (out / "template.fits").exists()
     score = N.score_tracklets(rows, Table.read(paths["truth"]))
     assert score["findable"] >= 4
     assert score["found"] >= score["findable"] - 1, score
@@ -174,6 +174,14 @@ def test_night_with_reference_and_science_detections(sim_night, tmp_path):
 # --------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------
+def test_commands_are_registered(capsys):
+    from astroprep_torch import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "night" in out and "simulate-night" in out
+
+
 def test_fixed_pixel_detections_and_sky_position_angle():
     det = {"xd": np.array([10.0, 10.4, 50.0, 80.0, 80.2]), "yd": np.array([10.0, 9.8, 50.0, 20.0, 20.1]),
            "exposure": np.array([0, 1, 2, 0, 0])}
