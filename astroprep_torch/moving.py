@@ -10,10 +10,14 @@ Algorithm (all steps vectorised over detections; Python loops run over exposures
 1. **Stationary sources.** Every detection is matched with the detections of the other exposures
    within its tolerance (below). A detection with matches in ``stationary_matches`` or more other
    exposures is stationary (a star, a galaxy, a transient at a fixed position) and is not linked.
-2. **Seed pairs.** For every pair of exposures, the detections within ``rate_max * dt`` of each other
-   (neighbours by hashing unit vectors on a 3-D grid, so RA wrap and the poles need no care) whose
-   implied rate lies in ``[rate_min, rate_max]``, whose magnitudes agree within ``mag_tol`` and whose
-   trails (if given) lie along the pair's motion.
+   With native detector pixels ``x, y``, a detection at the same pixel (``pixel_tol``) in as many
+   other exposures is a detector artefact (hot pixel) and is not linked either.
+2. **Seed pairs.** For pairs of exposures at most ``(E - 1) // (min_detections - 1)`` apart in time
+   order (any ``min_detections`` of ``E`` exposures include two that close), the detections within
+   ``rate_max * dt`` of each other (neighbours by hashing unit vectors on a 3-D grid, so RA wrap and
+   the poles need no care) whose implied rate lies in ``[rate_min, rate_max]``, whose magnitudes
+   agree within ``mag_tol`` and whose trails (if given) lie along the pair's motion and are not
+   much shorter than ``rate * exptime``.
 3. **Prediction.** Each seed pair predicts, by linear motion in the tangent plane at its first
    detection, a position in every other exposure; the nearest detection within the propagated
    tolerance joins. The members are fitted by weighted least squares (position linear in time,
@@ -243,9 +247,9 @@ def _trail_columns(cols: dict, n: int, dev, p: dict) -> dict:
     if theta is not None:
         th = _column(theta, "theta", n, dev)
         out["trail"] = torch.where(a_t >= p["trail_elongation"] * b_t, th % 180.0, nan)
+    # A segment of length L smeared by a PSF of rms b has rms a = sqrt(b^2 + L^2 / 12) along it.
+    out["tlen"] = torch.sqrt(torch.clamp(12.0 * (a_t**2 - b_t**2), min=0.0))
     if cols.get("exptime") is not None:
-        # A segment of length L smeared by a PSF of rms b has rms a = sqrt(b^2 + L^2 / 12) along it.
-        out["tlen"] = torch.sqrt(torch.clamp(12.0 * (a_t**2 - b_t**2), min=0.0))
         out["tslack"] = 3.0 * b_t  # a and b of faint sources scatter by ~1/snr
         out["exptime"] = _column(cols["exptime"], "exptime", n, dev, allow_nan=False, scalar_ok=True)
     return out
@@ -268,6 +272,11 @@ def _prepare(ra, dec, mjd, cols: dict, p: dict) -> dict:
     if err is not None and (err < 0).any():
         raise ValueError("pos_err must be >= 0 (arcsec)")
     err = torch.zeros(n, dtype=torch.float64, device=dev) if err is None else err
+    trail = _trail_columns(cols, n, dev, p)
+    # A trail's centroid moves along it when its faint ends drop below the isophote (trails only:
+    # the a, b of round sources scatter too much to measure a length).
+    tlen = torch.where(torch.isfinite(trail["trail"]), trail["tlen"], torch.zeros_like(trail["tlen"]))
+    err = torch.sqrt(err**2 + torch.nan_to_num(p["trail_err_frac"] * tlen) ** 2)
     sig = torch.clamp(err, min=p["tolerance_floor"] / (p["n_sigma"] * math.sqrt(2.0)))
     m = _column(cols.get("mag"), "mag", n, dev)
     m = torch.full((n,), float("nan"), dtype=torch.float64, device=dev) if m is None else m
@@ -282,8 +291,7 @@ def _prepare(ra, dec, mjd, cols: dict, p: dict) -> dict:
     texp = torch.zeros(n_exp, dtype=torch.float64, device=dev).index_add_(0, e, t_min)
     texp = texp / torch.bincount(e, minlength=n_exp).clamp(min=1).to(texp.dtype)
     return {"xyz": radec_to_xyz(ra_t, dec_t), "t": t_min, "t0": t.min() if n else 0.0, "exp": e,
-            "texp": texp, "mag": m, "sig": sig, "pix": pix, "n": n, "n_exp": n_exp,
-            **_trail_columns(cols, n, dev, p)}
+            "texp": texp, "mag": m, "sig": sig, "pix": pix, "n": n, "n_exp": n_exp, **trail}
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +599,7 @@ def shape_on_sky(wcs, x, y, a, b, theta) -> tuple[Tensor, Tensor, Tensor]:
 # Public API
 # --------------------------------------------------------------------------------------------
 DEFAULTS = dict(min_detections=3, rate_min=0.05, rate_max=60.0, tolerance_floor=2.0, n_sigma=4.0, mag_tol=1.0,
-                trail_elongation=2.0, trail_angle_tol=20.0, trail_length_tol=0.5, stationary_matches=1,
+                trail_elongation=2.0, trail_angle_tol=20.0, trail_length_tol=0.5, trail_err_frac=0.1, stationary_matches=1,
                 pixel_tol=0.3, max_gap=None, n_passes=2)
 
 
@@ -618,6 +626,7 @@ def link_tracklets(
     trail_elongation: float = 2.0,
     trail_angle_tol: float = 20.0,
     trail_length_tol: float = 0.5,
+    trail_err_frac: float = 0.1,
     stationary_matches: int = 1,
     pixel_tol: float = 0.3,
     max_gap: Optional[float] = None,
@@ -635,7 +644,8 @@ def link_tracklets(
             within ``trail_angle_tol`` degrees.
         exptime: exposure time in s (scalar or ``(N,)``); with ``a, b`` the trail length
             ``sqrt(12 (a^2 - b^2))`` must be at least ``(1 - trail_length_tol) * rate * exptime - 3 b``
-            (round artefacts cannot be fast movers).
+            (round artefacts cannot be fast movers). The positional error of a trail (elongated as
+            above) of measured length ``L`` grows to ``sqrt(pos_err^2 + (trail_err_frac * L)^2)``.
         x, y: detector pixels (native, not resampled): a detection at the same pixel (within
             ``pixel_tol``) in ``stationary_matches`` other exposures is a detector artefact.
         exposure: ``(N,)`` int exposure ids; default: detections whose times differ by < 1 s.
@@ -652,7 +662,8 @@ def link_tracklets(
     p = dict(min_detections=int(min_detections), rate_min=float(rate_min), rate_max=float(rate_max),
              tolerance_floor=float(tolerance_floor), n_sigma=float(n_sigma), mag_tol=float(mag_tol),
              trail_elongation=float(trail_elongation), trail_angle_tol=float(trail_angle_tol),
-             trail_length_tol=float(trail_length_tol), stationary_matches=int(stationary_matches),
+             trail_length_tol=float(trail_length_tol), trail_err_frac=float(trail_err_frac),
+             stationary_matches=int(stationary_matches),
              pixel_tol=float(pixel_tol), max_gap=max_gap, n_passes=int(n_passes))
     _check_params(p)
     cols = dict(mag=mag, pos_err=pos_err, a=a, b=b, theta=theta, exptime=exptime, x=x, y=y, exposure=exposure)

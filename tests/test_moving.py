@@ -221,6 +221,10 @@ def test_real_catalina_field_recovers_23_tracklets(min_detections):
     truth = {frozenset(np.nonzero(t == s)[0]) for s in set(trk)}
     assert groups == truth
     assert bool((tr.rate > 0.2).all()) and bool((tr.rate < 2.0).all())
+    # Without positional errors and magnitudes the default tolerance floor (2") alone does it too.
+    bare = link_tracklets(ra[perm], dec[perm], mjd[perm], min_detections=min_detections)
+    lab = bare.labels.numpy()
+    assert {frozenset(np.nonzero(lab == k)[0]) for k in range(len(bare))} == truth
 
 
 def test_links_a_simulated_night_catalog():
@@ -290,3 +294,13 @@ def test_config_group_files_instantiate():
     night_cfg.n_stars = 20
     night = instantiate(night_cfg, render=False)
     assert len(night.headers) == 5 and night.pixel_scale == 11.7
+
+
+def test_numpy_input_and_given_exposure_ids():
+    ra, dec, mjd, obj = _night([150.0, 150.1], [30.0, 29.95], [4.0, 15.0], [20.0, 290.0], n_stars=50)
+    ids = torch.unique(mjd, return_inverse=True)[1]
+    exposure = (40 - 7 * ids).numpy()  # arbitrary ids, decreasing with time
+    tr = link_tracklets(ra.numpy(), dec.numpy(), mjd.numpy(), exposure=exposure)
+    assert _grouping_ok(tr.labels, obj, 2)
+    with pytest.raises(ValueError, match="exposure must be an integer tensor"):
+        link_tracklets(ra, dec, mjd, exposure=mjd)
