@@ -135,16 +135,26 @@ def _pixel_scale(w) -> float:
     return float(np.mean(proj_plane_pixel_scales(w.celestial)) * 3600.0)
 
 
-def _sky_pa(w, x, y, theta_deg):
-    """Position angle on the sky (deg, N through E, in [0, 180)) of image angles ``theta_deg``
-    (SExtractor THETA_IMAGE: counter-clockwise from +x) at pixels ``x, y`` (0-based)."""
-    from astropy.coordinates import SkyCoord
+class _PixelToWorld:
+    """An astropy WCS seen as ``pixel_to_world(x, y) -> (ra, dec)`` tensors in degrees (0-based
+    pixels), as :func:`astroprep_torch.moving.shape_on_sky` takes it."""
 
-    t = np.deg2rad(theta_deg)
-    a = w.pixel_to_world(x - np.cos(t), y - np.sin(t))
-    b = w.pixel_to_world(x + np.cos(t), y + np.sin(t))
-    a, b = SkyCoord(a), SkyCoord(b)
-    return np.mod(a.position_angle(b).deg, 180.0)
+    def __init__(self, wcs):
+        self.wcs = wcs
+
+    def pixel_to_world(self, x, y):
+        ra, dec = self.wcs.all_pix2world(np.asarray(x, float), np.asarray(y, float), 0)
+        return torch.as_tensor(np.asarray(ra, float)), torch.as_tensor(np.asarray(dec, float))
+
+
+def _shapes_on_sky(wcs, x, y, a, b, theta) -> tuple:
+    """SExtractor A/B_IMAGE (px), THETA_IMAGE -> a, b (arcsec) and the major axis' PA (deg N->E)."""
+    from .moving import shape_on_sky
+
+    if not len(x):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    sa, sb, pa = shape_on_sky(_PixelToWorld(wcs), x, y, a, b, np.nan_to_num(theta))
+    return sa.numpy(), sb.numpy(), pa.numpy()
 
 
 def _zeropoint(header, default: Optional[float]) -> float:
@@ -175,6 +185,7 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
     zp = _zeropoint(frame["header"], zeropoint)
     x, y, flux, ferr, snr = x[keep], y[keep], flux[keep], ferr[keep], snr[keep]
     a, b, theta = col("A_IMAGE")[keep], col("B_IMAGE")[keep], col("THETA_IMAGE")[keep]
+    a_sky, b_sky, pa_sky = _shapes_on_sky(wcs, x, y, np.nan_to_num(a), np.nan_to_num(b), theta)
     ra, dec = wcs.all_pix2world(x, y, 0) if len(x) else (np.zeros(0), np.zeros(0))
     perr = np.sqrt(np.clip((col("ERRX2_IMAGE") + col("ERRY2_IMAGE"))[keep] / 2, 0, None)) * scale
     return {
@@ -182,8 +193,7 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
         "mjd": np.full(len(x), frame["mjd"]), "exptime": np.full(len(x), float(frame.get("exptime") or 0.0)), "ra": np.asarray(ra, float), "dec": np.asarray(dec, float), "x": x, "y": y,
         "mag": zp - 2.5 * np.log10(flux), "mag_err": 2.5 / math.log(10) * ferr / flux, "snr": snr,
         "e": 1.0 - np.where(a > 0, b / np.where(a > 0, a, 1.0), 1.0), "fwhm": 2.0 * col("FLUX_RADIUS")[keep] * scale,
-        "theta": theta, "a": a * scale, "b": b * scale,
-        "pa_trail": _sky_pa(wcs, x, y, theta) if len(x) else np.zeros(0), "pos_err": np.where(np.isfinite(perr), perr, 0.0),
+        "theta": theta, "a": a_sky, "b": b_sky, "pa_trail": pa_sky, "pos_err": np.where(np.isfinite(perr), perr, 0.0),
         **_detector_xy(frame["header"], ra, dec),
     }
 
@@ -212,24 +222,6 @@ def star_peak_ratio(table, min_snr: float = 20.0) -> float:
     return float(np.median(np.asarray(table["FLUX_MAX"], float)[ok] / flux[ok])) if ok.sum() >= 5 else float("nan")
 
 
-def fixed_pixel_detections(det: dict, radius: float = 1.0) -> np.ndarray:
-    """Bool per detection: within ``radius`` px of a detection of another exposure at the same
-    detector pixel (hot pixels, bad columns: they stay on the detector while the sky moves)."""
-    from scipy.spatial import cKDTree
-
-    xy = np.stack([det["xd"], det["yd"]], 1)
-    bad = np.zeros(len(xy), dtype=bool)
-    ok = np.isfinite(xy).all(1)
-    if ok.sum() < 2:
-        return bad
-    idx = np.flatnonzero(ok)
-    pairs = cKDTree(xy[ok]).query_pairs(radius, output_type="ndarray")
-    exp = np.asarray(det["exposure"])[idx]
-    pairs = pairs[exp[pairs[:, 0]] != exp[pairs[:, 1]]]
-    bad[idx[pairs.reshape(-1)]] = True
-    return bad
-
-
 def _concat(parts: list) -> dict:
     keys = ["frame", "exposure", "mjd", "exptime", "ra", "dec", "x", "y", "mag", "mag_err", "snr", "e", "fwhm", "theta", "a", "b",
             "pa_trail", "pos_err", "xd", "yd"]
@@ -252,8 +244,8 @@ def link_night(det: dict, linking: dict):
     accepts = inspect.signature(link_tracklets).parameters
     if "exptime" in accepts:  # trail length against rate x exposure time
         extra["exptime"] = t("exptime")
-    if "x" in accepts and len(det["xd"]) and np.isfinite(det["xd"]).all():  # native detector pixels
-        extra.update(x=t("xd"), y=t("yd"))
+    if "x" in accepts and len(det["xd"]) and np.isfinite(det["xd"]).all():
+        extra.update(x=t("xd"), y=t("yd"))  # native detector pixels: hot pixels stay put, the sky moves
     return link_tracklets(t("ra"), t("dec"), t("mjd"), mag=t("mag"), pos_err=t("pos_err"), a=t("a"), b=t("b"),
                           theta=t("pa_trail"), exposure=torch.as_tensor(np.asarray(det["exposure"], dtype=np.int64)),
                           **extra, **dict(linking))
@@ -414,9 +406,6 @@ def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> t
     det = _concat(parts)
     finite = np.isfinite(det["ra"]) & np.isfinite(det["dec"])  # pixels the WCS cannot map are not linked
     det = {k: v[finite] for k, v in det.items()}
-    if cfg.get("hot_pixel_radius") and len(det["ra"]):
-        keep = ~fixed_pixel_detections(det, float(cfg.hot_pixel_radius))
-        det = {k: v[keep] for k, v in det.items()}
     return det, ok
 
 

@@ -182,19 +182,19 @@ def test_commands_are_registered(capsys):
     assert "night" in out and "simulate-night" in out
 
 
-def test_fixed_pixel_detections_and_sky_position_angle():
-    det = {"xd": np.array([10.0, 10.4, 50.0, 80.0, 80.2]), "yd": np.array([10.0, 9.8, 50.0, 20.0, 20.1]),
-           "exposure": np.array([0, 1, 2, 0, 0])}
-    assert N.fixed_pixel_detections(det, 1.0).tolist() == [True, True, False, False, False]
+def test_shapes_on_sky_through_an_astropy_wcs():
     from astropy.wcs import WCS
 
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [150.0, 30.0]
     w.wcs.crpix = [50, 50]
-    w.wcs.cdelt = [-1 / 3600, 1 / 3600]  # north up, east left
-    pa = N._sky_pa(w, np.array([49.0, 49.0]), np.array([49.0, 49.0]), np.array([90.0, 0.0]))
-    np.testing.assert_allclose(pa, [0.0, 90.0], atol=1e-3)  # along +y = north; along +x = west = PA 270 = 90 mod 180
+    w.wcs.cdelt = [-2 / 3600, 2 / 3600]  # 2"/px, north up, east left
+    a, b, pa = N._shapes_on_sky(w, np.array([49.0, 49.0]), np.array([49.0, 49.0]), np.array([3.0, 3.0]),
+                                np.array([1.0, 1.0]), np.array([90.0, 0.0]))
+    np.testing.assert_allclose(a, [6.0, 6.0], rtol=1e-4)
+    np.testing.assert_allclose(b, [2.0, 2.0], rtol=1e-4)
+    np.testing.assert_allclose(pa, [0.0, 90.0], atol=1e-3)  # along +y = north; along +x = west (PA 270 = 90 mod 180)
 
 
 def test_readme_moving_objects_section_runs(tmp_path, monkeypatch):
