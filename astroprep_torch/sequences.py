@@ -78,7 +78,8 @@ def sequence_frames(science: Tensor, difference: Tensor, *, stretch: str = "asin
     ``science`` / ``difference`` (n, 1, S, S) are one object's stamps in time order. Each half has
     zscale limits shared by the sequence and the ``stretch`` (default asinh, astropy's a = 0.1);
     NaN (off the frame) is black; ``gap`` px of mid grey separate the halves; ``zoom`` repeats
-    pixels (nearest) so that small stamps are visible.
+    pixels (nearest) so that small stamps are visible. The first row is at the bottom (FITS as DS9
+    shows it: north up for the usual WCS).
     """
     from .stretch import to_uint8
 
@@ -87,7 +88,7 @@ def sequence_frames(science: Tensor, difference: Tensor, *, stretch: str = "asin
     sci = to_uint8(_shared_limits_normalise(science.float(), stretch, a))[:, 0]
     dif = to_uint8(_shared_limits_normalise(difference.float(), stretch, a))[:, 0]
     sep = torch.full((sci.shape[0], sci.shape[1], gap), 128, dtype=torch.uint8)
-    frames = torch.cat([sci, sep, dif], dim=2)
+    frames = torch.cat([sci, sep, dif], dim=2).flip(1)  # first row at the bottom, as DS9 shows FITS
     if zoom > 1:
         frames = frames.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
     return frames
