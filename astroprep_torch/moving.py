@@ -275,9 +275,11 @@ def _prepare(ra, dec, mjd, cols: dict, p: dict) -> dict:
     trail = _trail_columns(cols, n, dev, p)
     # A trail's centroid moves along it when its faint ends drop below the isophote (trails only:
     # the a, b of round sources scatter too much to measure a length).
+    # The stationarity and "has moved" tests keep the plain errors (``sig0``).
     tlen = torch.where(torch.isfinite(trail["trail"]), trail["tlen"], torch.zeros_like(trail["tlen"]))
-    err = torch.sqrt(err**2 + torch.nan_to_num(p["trail_err_frac"] * tlen) ** 2)
-    sig = torch.clamp(err, min=p["tolerance_floor"] / (p["n_sigma"] * math.sqrt(2.0)))
+    floor = p["tolerance_floor"] / (p["n_sigma"] * math.sqrt(2.0))
+    sig0 = torch.clamp(err, min=floor)
+    sig = torch.clamp(torch.sqrt(err**2 + torch.nan_to_num(p["trail_err_frac"] * tlen) ** 2), min=floor)
     m = _column(cols.get("mag"), "mag", n, dev)
     m = torch.full((n,), float("nan"), dtype=torch.float64, device=dev) if m is None else m
     pix = None
@@ -291,7 +293,7 @@ def _prepare(ra, dec, mjd, cols: dict, p: dict) -> dict:
     texp = torch.zeros(n_exp, dtype=torch.float64, device=dev).index_add_(0, e, t_min)
     texp = texp / torch.bincount(e, minlength=n_exp).clamp(min=1).to(texp.dtype)
     return {"xyz": radec_to_xyz(ra_t, dec_t), "t": t_min, "t0": t.min() if n else 0.0, "exp": e,
-            "texp": texp, "mag": m, "sig": sig, "pix": pix, "n": n, "n_exp": n_exp, **trail}
+            "texp": texp, "mag": m, "sig": sig, "sig0": sig0, "pix": pix, "n": n, "n_exp": n_exp, **trail}
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,12 +309,12 @@ def find_stationary(D: dict, p: dict) -> Tensor:
     n = D["n"]
     if n == 0:
         return torch.zeros(0, dtype=torch.bool)
-    rmax = float(_pair_tol(D["sig"].max(), D["sig"].max(), p)) * ARCSEC
+    rmax = float(_pair_tol(D["sig0"].max(), D["sig0"].max(), p)) * ARCSEC
     i, j = _grid_pairs(D["xyz"], D["xyz"], rmax)
     keep = D["exp"][i] != D["exp"][j]
     i, j = i[keep], j[keep]
     d = (D["xyz"][i] - D["xyz"][j]).norm(dim=-1) / ARCSEC
-    ok = d <= _pair_tol(D["sig"][i], D["sig"][j], p)
+    ok = d <= _pair_tol(D["sig0"][i], D["sig0"][j], p)
     stationary = _count_other_exposures(D, i[ok], j[ok]) >= p["stationary_matches"]
     if D["pix"] is not None:  # detector artefacts: the same pixel in other exposures
         rest = torch.nonzero(~stationary).flatten()
@@ -487,7 +489,7 @@ def _valid_candidates(D: dict, members: Tensor, fit: dict, p: dict) -> Tensor:
     """Enough members, rate within the limits, and moved more than the tolerance over the span."""
     rate = torch.hypot(fit["vxi"], fit["veta"]) / ARCSEC
     valid = members >= 0
-    sig = torch.where(valid, D["sig"][members.clamp(min=0)], torch.zeros_like(fit["res"]))
+    sig = torch.where(valid, D["sig0"][members.clamp(min=0)], torch.zeros_like(fit["res"]))
     sbar = sig.amax(1)
     moved = rate * fit["span"] > _pair_tol(sbar, sbar, p)
     return (fit["n"] >= p["min_detections"]) & (rate >= p["rate_min"]) & (rate <= p["rate_max"]) & moved
@@ -541,7 +543,13 @@ def _link_pass(D: dict, active: Tensor, p: dict) -> Tensor:
     fit = _fit(D, members)
     sig = torch.where(members >= 0, D["sig"][members.clamp(min=0)], torch.ones_like(fit["res"]))
     z2 = torch.where(members >= 0, (fit["res"] / sig) ** 2, torch.zeros_like(sig)).sum(1)
-    score = fit["n"].to(z2.dtype) * 1e6 - z2 / (2.0 * fit["n"] - 4.0).clamp(min=1.0)
+    # More detections first, then a better fit; ties (pairs fit exactly) go to the slower motion
+    # and the more consistent magnitudes.
+    rate = torch.hypot(fit["vxi"], fit["veta"]) / ARCSEC
+    mag = torch.where(members >= 0, D["mag"][members.clamp(min=0)], torch.full_like(sig, float("nan")))
+    spread = torch.nan_to_num(mag.nanquantile(1.0, dim=1) - mag.nanquantile(0.0, dim=1))
+    score = fit["n"].to(z2.dtype) * 1e6 - z2 / (2.0 * fit["n"] - 4.0).clamp(min=1.0) \
+        - 1e-3 * rate / p["rate_max"] - 1e-3 * spread
     return members[_greedy(members, score, D["n"])]
 
 

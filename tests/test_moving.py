@@ -304,3 +304,24 @@ def test_numpy_input_and_given_exposure_ids():
     assert _grouping_ok(tr.labels, obj, 2)
     with pytest.raises(ValueError, match="exposure must be an integer tensor"):
         link_tracklets(ra, dec, mjd, exposure=mjd)
+
+
+def test_trail_centroids_get_larger_along_track_tolerance():
+    ra, dec, mjd, obj = _night([150.0], [30.0], [20.0], [60.0], n_stars=0, noise=0.0)
+    # The middle detection's centroid slid 2" along its 10" trail (a faint end lost to the isophote).
+    c = SkyCoord(ra[2:3].numpy() * u.deg, dec[2:3].numpy() * u.deg).directional_offset_by(60.0 * u.deg, 2.0 * u.arcsec)
+    ra[2], dec[2] = float(c.ra.deg[0]), float(c.dec.deg[0])
+    err = torch.full_like(ra, 0.1)
+    assert int(link_tracklets(ra, dec, mjd, pos_err=err).n[0]) == 4
+    a, b = torch.full_like(ra, math.sqrt(1.0 + 100.0 / 12.0)), torch.ones_like(ra)
+    tr = link_tracklets(ra, dec, mjd, pos_err=err, a=a, b=b, theta=torch.full_like(ra, 60.0), exptime=30.0)
+    assert int(tr.n[0]) == 5
+
+
+def test_pairs_prefer_slow_consistent_partners():
+    # Two exposures; detection A can pair with B (slow, same magnitude) or C (fast, 0.8 mag off).
+    t = torch.tensor([60400.0, 60400.0 + 30 / 1440, 60400.0 + 30 / 1440], dtype=torch.float64)
+    ra = torch.tensor([150.0, 150.0 + 60 / 3600 / math.cos(math.radians(30)), 150.0], dtype=torch.float64)
+    dec = torch.tensor([30.0, 30.0, 30.0 + 900 / 3600], dtype=torch.float64)
+    tr = link_tracklets(ra, dec, t, mag=torch.tensor([18.0, 18.0, 18.8]), min_detections=2)
+    assert tr.labels.tolist() == [0, 0, -1]
