@@ -232,9 +232,11 @@ def test_astroquery_obs80_records():
 # ADES PSV
 # --------------------------------------------------------------------------------------------
 def test_ades_psv_is_accepted_by_the_iau_validator(tmp_path):
-    path = R.write_ades_psv(tmp_path / "report.ades.psv", _observations(), META)
+    meta = dict(META, funding="A funding agency, grant 1", observatory_name="Example Observatory", institution="A Univ.")
+    path = R.write_ades_psv(tmp_path / "report.ades.psv", _observations(), meta)
     text = path.read_text().splitlines()
-    assert text[0] == "# version=2022" and "! mpcCode XXX" in text
+    assert text[0] == "# version=2022" and "! mpcCode XXX" in text and "# fundingSource A funding agency, grant 1" in text
+    assert "! line simulated night" in text
     assert iau_validate(path, tmp_path) == []
     back = R.read_ades_psv(path)
     obs = _observations()
