@@ -13,9 +13,8 @@ Steps (each timed into ``night.json``):
    that reference, exactly as ``astroprep run`` (products, manifest, resume, bad frames reported).
 4. **detections** -- ``detections=difference``: the candidates detected on each difference image;
    ``detections=science``: each frame's own catalog (stars included: the linker drops what is
-   stationary); ``auto`` (default): difference, except without a reference on frames coarser than
-   ``auto_science_scale`` (4"/px), where the median template subtracts the slow movers
-   (:func:`detection_source`). Pixel positions become RA/Dec with the WCS of their grid; S/N below
+   stationary); ``auto`` (default): difference with a reference, science without one (measured:
+   :func:`detection_source`). The template still gives the difference stamps of the sequences. Pixel positions become RA/Dec with the WCS of their grid; S/N below
    ``min_snr`` is dropped; magnitudes use the header zeropoint (``MAGZP``, ``ZP``, ``ZEROPNT``,
    ``MAGZERO``) or ``zeropoint``.
 5. **linking** -- :func:`astroprep_torch.moving.link_tracklets` with ``cfg.linking``.
@@ -409,23 +408,18 @@ def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> t
     return det, ok
 
 
-def detection_source(cfg, grid_header) -> str:
-    """``detections``: ``difference``, ``science``, or ``auto``: the difference images with a given
-    reference, and without one the differences against the night's median template on well-sampled
-    frames but each frame's own catalog on coarse ones (pixel scale above ``auto_science_scale``
-    arcsec/px), where slow movers stay within the PSF all night and the median template subtracts
-    them (experiments/results/night_template.md)."""
-    from astropy.wcs import WCS
-
+def detection_source(cfg, grid_header=None) -> str:
+    """``detections``: ``difference``, ``science``, or ``auto``: the difference images against a given
+    reference, each frame's own catalog without one. On simulated nights (experiments/results/
+    night_template.md) the frames' own catalogs found as many movers as the differences against the
+    night's median template at 1"/px and more at 11.7"/px, where slow movers stay within the PSF
+    all night and the median template subtracts them."""
     source = str(cfg.get("detections", "auto"))
     if source not in ("auto", "difference", "science"):
         raise ValueError(f"detections must be 'auto', 'difference' or 'science', got {source!r}")
     if source != "auto":
         return source
-    if cfg.get("reference"):
-        return "difference"
-    coarse = _pixel_scale(WCS(grid_header)) > float(cfg.get("auto_science_scale", 4.0))
-    return "science" if coarse else "difference"
+    return "difference" if cfg.get("reference") else "science"
 
 
 def _seeing(stars, wcs) -> float:

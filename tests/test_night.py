@@ -84,7 +84,7 @@ def test_night_without_reference_finds_the_movers(night_run, sim_night):
     out, doc = night_run
     d, paths = sim_night
     doc, rows = _check_contract(out)
-    assert doc["template"] == "night" and doc["detections"] == "difference" and (out / "template.fits").exists()
+    assert doc["template"] == "night" and doc["detections"] == "science" and (out / "template.fits").exists()
     score = N.score_tracklets(rows, Table.read(paths["truth"]))
     assert score["findable"] >= 4
     assert score["found"] >= score["findable"] - 1, score
@@ -160,7 +160,7 @@ def test_night_with_reference_and_science_detections(sim_night, tmp_path):
     ref = simulate_night(**dict(SIM, n_frames=1, n_movers=0, n_transients=0, seed=SIM["seed"]))
     write_fits(tmp_path / "ref.fits", ref.frames[0].image, header=ref.frames[0].header)
     doc = run_night(f"input={d / 'frames'}", f"output={tmp_path / 'ref'}", f"reference={tmp_path / 'ref.fits'}")
-    assert doc["template"] == "reference"
+    assert doc["template"] == "reference" and doc["detections"] == "difference"
     truth = Table.read(paths["truth"])
     for out in (tmp_path / "ref",):
         score = N.score_tracklets(Table.read(out / "tracklets.ecsv"), truth)
