@@ -9,7 +9,8 @@ log-uniform over 0.1-30"/min:
   shape scatter, transients, hot pixels at fixed detector pixels, 100 spurious detections per frame);
 * image level, smaller field (2048^2, 5,000 stars: the same star density): frames rendered by
   ``simulate_night``, background by ``background_2d``, detection by ``SourceExtractor`` on each
-  frame (no template: the linker drops what is stationary), shapes to the sky with the frame's WCS.
+  frame (no template: the linker drops what is stationary; saturated detections, FLAGS 4, are
+  dropped), shapes to the sky with the frame's WCS.
 
 Findable: an object with at least ``min_detections`` detections (S/N >= 5) that lie farther than the
 linker's stationarity tolerance from all its other detections, i.e. it moves more than the position
@@ -132,14 +133,15 @@ def detect_frames(night, scale: float) -> dict:
     from astroprep_torch.background import background_2d
     from astroprep_torch.detect import SourceExtractor
 
-    se = SourceExtractor(thresh=3.0, minarea=5)
     cols = {k: [] for k in ("ra", "dec", "mjd", "mag", "pos_err", "a", "b", "theta", "exptime", "x", "y",
                             "exposure", "snr")}
     for k, f in enumerate(night.frames):
         bg = background_2d(f.image, f.mask)
-        cat = se(f.image - bg.background, bg.rms, mask=f.mask)
+        se = SourceExtractor(thresh=3.0, minarea=5, saturation=float(f.header["SATURATE"]))
+        cat = se(f.image - bg.background, bg.rms, background=bg.background)
         snr = cat.flux_auto / cat.fluxerr_auto.clamp(min=1e-12)
-        keep = (snr >= 5.0) & (cat.flux_auto > 0)
+        # Saturated detections (FLAGS 4: bright stars, their deblended pieces) have no usable centroid.
+        keep = (snr >= 5.0) & (cat.flux_auto > 0) & ((cat.flags.long() & 4) == 0)
         x, y = cat.x[keep].double(), cat.y[keep].double()
         wcs = f.wcs
         ra, dec = wcs.pixel_to_world(x, y)
