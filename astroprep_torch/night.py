@@ -164,12 +164,13 @@ def _zeropoint(header, default: Optional[float]) -> float:
 
 
 def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Optional[float] = None,
-                    min_snr: float = 5.0, max_peak_ratio: Optional[float] = None) -> dict:
+                    min_snr: float = 5.0, max_peak_ratio: Optional[float] = None, drop_flags: int = 4) -> dict:
     """A frame's catalog (SExtractor column names, 1-based pixels) -> flat numpy columns with sky
     positions (``wcs``: astropy WCS of the catalog's grid), the frame's time and the detector pixel
-    (``xd, yd``: on the frame's own grid, from its header WCS). Detections below ``min_snr`` and,
-    when ``max_peak_ratio`` is given, sharper than a PSF (``FLUX_MAX / FLUX_AUTO`` above it: cosmic
-    rays and hot pixels) are dropped."""
+    (``xd, yd``: on the frame's own grid, from its header WCS). Detections below ``min_snr``, with
+    any of the SExtractor ``FLAGS`` bits in ``drop_flags`` (default 4, saturated: bright stars
+    deblend into pieces that seem to move) and, when ``max_peak_ratio`` is given, sharper than a
+    PSF (``FLUX_MAX / FLUX_AUTO`` above it: cosmic rays and hot pixels) are dropped."""
     n = len(table)
     col = lambda k: np.asarray(table[k], dtype=np.float64) if k in table.colnames else np.full(n, np.nan)  # noqa: E731
     x, y = col("XWIN_IMAGE") - 1, col("YWIN_IMAGE") - 1
@@ -178,6 +179,8 @@ def read_detections(table, wcs, frame: dict, exposure: int, *, zeropoint: Option
     flux, ferr = col("FLUX_AUTO"), col("FLUXERR_AUTO")
     snr = np.where(ferr > 0, flux / np.where(ferr > 0, ferr, 1.0), np.nan)
     keep = np.isfinite(x) & np.isfinite(y) & (flux > 0) & (snr >= min_snr)
+    if drop_flags and "FLAGS" in table.colnames:
+        keep &= (np.asarray(table["FLAGS"]).astype(np.int64) & int(drop_flags)) == 0
     if max_peak_ratio is not None:
         keep &= ~(col("FLUX_MAX") / np.where(flux > 0, flux, np.inf) > max_peak_ratio)
     scale = _pixel_scale(wcs)
@@ -399,7 +402,8 @@ def _collect(out_dir: Path, frames: list, manifest: dict, cfg, grid_header) -> t
         ratio = star_peak_ratio(stars) * float(cfg.get("max_sharpness") or np.nan)
         parts.append(read_detections(table, wcs, f, len(ok), zeropoint=cfg.get("zeropoint"),
                                      min_snr=float(cfg.get("min_snr", 5.0)),
-                                     max_peak_ratio=ratio if np.isfinite(ratio) else None))
+                                     max_peak_ratio=ratio if np.isfinite(ratio) else None,
+                                     drop_flags=int(cfg.get("drop_flags") or 0)))
         f["seeing"] = _seeing(stars, swcs)
         ok.append(f)
     det = _concat(parts)
