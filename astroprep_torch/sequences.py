@@ -11,7 +11,7 @@
 * :func:`write_ceres_cutouts` -- the CERES dataset layout: one 200x200 FITS cutout per detection
   with ``TRKSUB``, ``FRAME``, ``MJD``, ``RA``, ``DEC`` and ``LABEL`` ('undefined' until a person
   labels it), read back by :func:`~astroprep_torch.cutouts.read_ceres_cutouts` and by
-  ``astroprep train-classifier data.source=fits_folder data.root=<dir>/cutouts``.
+  ``astroprep train-classifier data.source=fits_folder data.root=<dir>/cutouts model.in_channels=1``.
 """
 
 from __future__ import annotations
