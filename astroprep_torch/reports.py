@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -306,7 +306,7 @@ def _date_mjd(text: str) -> float:
 
     y, m, d = text.split()
     day = float(d)
-    djm0, djm = erfa.cal2jd(int(y), int(m), int(math.floor(day)))
+    _, djm = erfa.cal2jd(int(y), int(m), int(math.floor(day)))
     return float(djm) + (day - math.floor(day))
 
 

@@ -82,7 +82,7 @@ def _check_contract(out: Path):
 
 def test_night_without_reference_finds_the_movers(night_run, sim_night):
     out, doc = night_run
-    d, paths = sim_night
+    _, paths = sim_night
     doc, rows = _check_contract(out)
     assert doc["template"] == "night" and doc["detections"] == "science" and (out / "template.fits").exists()
     score = N.score_tracklets(rows, Table.read(paths["truth"]))
