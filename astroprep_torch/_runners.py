@@ -74,6 +74,24 @@ def run_train_classifier(cfg: DictConfig):
     return train_from_config(cfg)
 
 
+def run_night(cfg: DictConfig):
+    from .night import run_night as _run
+
+    return _run(cfg)
+
+
+def run_simulate_night(cfg: DictConfig) -> dict:
+    from hydra.utils import instantiate
+
+    from .night import write_simulated_night
+
+    t0 = time.perf_counter()
+    night = instantiate(cfg.night)
+    paths = write_simulated_night(night, Path(cfg.output))
+    print(f"simulated a night of {len(night.frames)} frames ({time.perf_counter() - t0:.1f} s), "
+          f"{night.movers['rate'].numel()} movers -> {cfg.output}")
+    return paths
+
 def run_serve(cfg: DictConfig):
     from .web.commands import serve
 
@@ -103,4 +121,4 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 
 __all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
-           "run_serve", "run_user", "run_ingest", "run_export_labels"]
+           "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels"]

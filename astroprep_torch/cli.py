@@ -8,6 +8,9 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
 * ``astroprep simulate`` -- write a simulated GWAC-like epoch pair as FITS files with WCS.
 * ``astroprep train-quality`` -- train the image-quality autoencoder.
 * ``astroprep train-classifier`` -- train an alert classifier.
+* ``astroprep night`` -- a night of frames of one field: the per-frame graph, then moving objects
+  linked across the night, MPC 80-column and ADES reports, sequences and CERES cutouts per object.
+* ``astroprep simulate-night`` -- write a simulated night (frames + movers' truth) as FITS files.
 * ``astroprep background | extract | reproject | subtract`` -- drop-in presets for the classic tools
   on FITS files (SExtractor check images, SExtractor catalog, SWarp/reproject, HOTPANTS).
 * ``astroprep serve | user | ingest | export-labels`` -- the validation web application (extra ``web``).
@@ -31,6 +34,9 @@ COMMANDS = {
     "extract": ("tool_extract", "run_pipeline"),
     "reproject": ("tool_reproject", "run_pipeline"),
     "subtract": ("tool_subtract", "run_pipeline"),
+    "night": ("night", "run_night"),
+    "simulate-night": ("simulate_night", "run_simulate_night"),
+
     "serve": ("serve", "run_serve"),
     "user": ("user", "run_user"),
     "ingest": ("ingest", "run_ingest"),
@@ -64,6 +70,9 @@ def _usage() -> str:
         "extract": "SExtractor-like catalogs of FITS files",
         "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
         "subtract": "image subtraction of FITS pairs (HOTPANTS)",
+        "night": "a night of frames -> moving objects, MPC/ADES reports, sequences, cutouts",
+        "simulate-night": "write a simulated night of one field (frames + movers' truth) as FITS",
+
         "serve": "the validation web application (db=sqlite:///astroprep.db host= port=)",
         "user": "create or update a web user (name= role=viewer|validator|admin password= db=)",
         "ingest": "load a night/run output folder into the web database (run= night= db=)",

@@ -21,8 +21,10 @@ Readers (edges of the library; optional dependencies imported lazily)
 ---------------------------------------------------------------------
 ``read_ztf_alerts(paths)``   Avro packets (fastavro), Kowalski/braai JSON, or Fink Parquet files
                              -> :class:`AlertBatch` with raw triplets ``(N, 3, 63, 63)``.
-``read_fits_folder(root)``   CERES layout: ``root/valid/*.fits`` and ``root/invalid/*.fits`` or a
-                             labels CSV -> :class:`FitsCutouts`.
+``read_fits_folder(root)``   CERES layout: ``root/valid/*.fits`` and ``root/invalid/*.fits``, a
+                             labels CSV, or (flat folder) each file's ``LABEL`` keyword -> :class:`FitsCutouts`.
+``read_ceres_cutouts(root)`` the flat layout ``astroprep night`` exports (``cutouts/<trksub>_<k>.fits``,
+                             header ``LABEL`` = valid / invalid / undefined).
 
 Simulation
 ----------
@@ -53,7 +55,7 @@ __all__ = [
     "braai_normalize", "l2_normalize", "zscale_interval", "zscale_asinh", "robust_standardize",
     "BraaiNormalize", "ZScaleAsinh", "RobustStandardize", "L2Normalize",
     "AlertBatch", "read_ztf_alerts", "read_avro_alerts", "read_alert_json", "read_fink_alerts",
-    "FitsCutouts", "read_fits_folder", "SimTriplets", "simulate_triplets", "SIM_KINDS",
+    "FitsCutouts", "read_fits_folder", "read_ceres_cutouts", "SimTriplets", "simulate_triplets", "SIM_KINDS",
 ]
 
 #: float32's largest finite value: ZTF's production pipeline works in float32, where the squared
@@ -654,7 +656,9 @@ def read_fits_folder(root, labels_csv=None, *, size: Optional[int] = None,
 
     Labels come from ``labels_csv`` (columns ``filename``/``file``/``name`` and ``label``; a label
     is positive when it is in ``positive`` or a non-zero number) or, without a CSV, from the
-    sub-folder name (``root/valid/*.fits`` -> 1, ``root/invalid/*.fits`` -> 0). All images must
+    sub-folder name (``root/valid/*.fits`` -> 1, ``root/invalid/*.fits`` -> 0) or, in a flat folder
+    without sub-folders, from each file's ``LABEL`` keyword (:func:`read_ceres_cutouts`: files still
+    labelled 'undefined' are left out). All images must
     share one shape unless ``size`` is given, in which case each is centre-cropped / NaN-padded to
     ``size`` x ``size``.
     """
@@ -680,6 +684,8 @@ def read_fits_folder(root, labels_csv=None, *, size: Optional[int] = None,
             lab = 1 if sub.name.lower() in positive else 0
             for f in sorted(sub.glob("*.fits*")) + sorted(sub.glob("*.fit")):
                 items.append((f, lab))
+        if not items and any(root.glob("*.fits")):
+            return read_ceres_cutouts(root, size=size, positive=positive)
     if not items:
         raise ValueError(f"no labelled FITS files found under {root}")
     imgs = []
@@ -698,6 +704,38 @@ def read_fits_folder(root, labels_csv=None, *, size: Optional[int] = None,
         raise ValueError(f"FITS cutouts have different shapes {sorted(shapes)}; pass size= to crop/pad them")
     return FitsCutouts(torch.from_numpy(np.stack(imgs)[:, None]), torch.tensor([l for _, l in items], dtype=torch.int64),
                        [p.name for p, _ in items])
+
+
+def read_ceres_cutouts(root, *, size: Optional[int] = None, include_undefined: bool = False,
+                       positive: Sequence[str] = ("valid", "real", "asteroid", "1", "true"),
+                       negative: Sequence[str] = ("invalid", "bogus", "0", "false")) -> FitsCutouts:
+    """Read the flat CERES export of ``astroprep night`` (``root/<trksub>_<k>.fits``, 200x200, header
+    ``LABEL``): label 1 for ``positive`` values, 0 for ``negative`` ones; files labelled
+    'undefined' (or without LABEL) are left out unless ``include_undefined``, where they get -1.
+    ``size`` centre-crops / NaN-pads as :func:`read_fits_folder`."""
+    from astropy.io import fits
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"CERES cutout folder {root} does not exist")
+    imgs, labels, names = [], [], []
+    for path in sorted(root.glob("*.fits")):
+        with fits.open(path, memmap=False) as hdul:
+            lab = str(hdul[0].header.get("LABEL", "undefined")).strip().lower()
+            value = 1 if lab in positive else 0 if lab in negative else -1
+            if value < 0 and not include_undefined:
+                continue
+            a = np.asarray(hdul[0].data, dtype=np.float32)
+        imgs.append(_crop_pad(a, size) if size is not None else a)
+        labels.append(value)
+        names.append(path.name)
+    if not imgs:
+        raise ValueError(f"no labelled FITS cutouts under {root} (LABEL must be valid/invalid; "
+                         f"pass include_undefined=True to read unlabelled ones)")
+    shapes = {a.shape for a in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"FITS cutouts have different shapes {sorted(shapes)}; pass size= to crop/pad them")
+    return FitsCutouts(torch.from_numpy(np.stack(imgs)[:, None]), torch.tensor(labels, dtype=torch.int64), names)
 
 
 def _parse_label(v: str, positive) -> int:

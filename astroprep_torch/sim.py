@@ -51,6 +51,9 @@ __all__ = [
     "render_stars",
     "simulate_frame",
     "simulate_pair",
+    "SimNight",
+    "simulate_night",
+    "simulate_detections",
 ]
 
 #: GWAC detector size as (H, W) = (rows, columns).
@@ -417,7 +420,9 @@ def _make_frame(
     gen: torch.Generator,
     device,
     dtype,
+    extra: Optional[Tensor] = None,
 ) -> SimFrame:
+    """Render one frame; ``extra`` (H, W), if given, is source light (e.g. trails) added before noise."""
     h, w = shape
     work = torch.float32 if dtype == torch.float32 else torch.float64
     bg = _sky(shape, sky, sky_gradient, sky_ripple, gen, "cpu", work).to(device)
@@ -459,6 +464,8 @@ def _make_frame(
         defect_mask |= (1.0 - throughput) > 0.1
 
     img = render_stars(shape, xs, ys, fl, fwhm=psf_fwhm, psf=psf_kind, beta=beta)
+    if extra is not None:
+        img = img + extra.to(device=device, dtype=img.dtype)
     stars = img * star_gain
     if "trail" in defects:
         amp = defects["trail"]
@@ -692,3 +699,420 @@ def simulate_pair(
     moving = {"x_ref": mx.to(**f), "y_ref": my.to(**f), "x": mx_sci.to(**f), "y": my_sci.to(**f),
               "flux": mflux.to(**f), "mag": mmag.to(**f)}
     return SimPair(reference=ref, science=sci, transients=transients, moving=moving)
+
+
+# --------------------------------------------------------------------------------------------
+# A night of one field: moving objects
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SimNight:
+    """A simulated night of one field (:func:`simulate_night`) and its truth.
+
+    Attributes:
+        frames: the ``SimFrame`` of each exposure in time order. Each header has ``DATE-OBS`` (UTC
+            start, ISO with time), ``MJD-OBS`` (start), ``EXPTIME`` (s), ``TIMESYS = 'UTC'`` and the
+            frame's exact WCS; each frame catalog lists stars (kind 0), transients (1) and movers (2).
+            Empty when the night was made with ``render=False``.
+        headers: each exposure's FITS header (the frames' headers when rendered); ``shape``: (H, W).
+        mjd: ``(F,)`` float64, mid-exposure MJD (UTC) of each frame.
+        movers: per object ``(M,)``: ``rate`` (arcsec/min), ``pa`` (deg, N through E, at the night's
+            reference time ``mjd_ref``), ``mag``, ``flux`` (ADU); per object and frame ``(M, F)``:
+            ``ra, dec`` (deg), ``x, y`` (0-based pixels of that frame), ``mjd`` (mid-exposure),
+            ``trail`` (trail length, px), ``snr`` (expected S/N of the trailed source),
+            ``in_frame`` (bool).
+        stars: ``ra, dec, mag, flux`` ``(S,)`` and ``x, y`` ``(S, F)``.
+        transients: ``ra, dec, mag, flux`` ``(T,)``; ``present, x, y`` ``(T, F)``.
+        cosmics: ``frame, x, y`` per affected pixel; ``hot_pixels``: ``x, y`` (same in all frames).
+        pixel_scale: arcsec/px; ``exptime``: s; ``mjd_ref``: the time at which ``pa`` is defined.
+    """
+
+    frames: list
+    headers: list
+    shape: tuple
+    mjd: Tensor
+    movers: dict
+    stars: dict
+    transients: dict
+    cosmics: dict
+    hot_pixels: dict
+    pixel_scale: float
+    exptime: float
+    mjd_ref: float
+
+
+def _offset_along(ra: Tensor, dec: Tensor, pa_deg: Tensor, dist_arcsec: Tensor) -> tuple[Tensor, Tensor]:
+    """Move ``(ra, dec)`` along the great circle leaving at ``pa_deg`` by ``dist_arcsec`` (may be < 0)."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    d = dist_arcsec.numpy()
+    pa = pa_deg.numpy() + np.where(d < 0, 180.0, 0.0)
+    c = SkyCoord(ra.numpy() * u.deg, dec.numpy() * u.deg).directional_offset_by(pa * u.deg, np.abs(d) * u.arcsec)
+    return (torch.from_numpy(np.asarray(c.ra.deg, dtype=np.float64)),
+            torch.from_numpy(np.asarray(c.dec.deg, dtype=np.float64)))
+
+
+def _trail_image(shape, x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor, flux: Tensor, fwhm: float,
+                 step: float = 0.25) -> Tensor:
+    """PSFs integrated along the segments ``(x0, y0) -> (x1, y1)``: ``ceil(length / step)`` samples each."""
+    length = torch.hypot(x1 - x0, y1 - y0)
+    k = torch.clamp(torch.ceil(length / step), min=1).long()
+    obj = torch.repeat_interleave(torch.arange(k.numel()), k)
+    start = torch.cumsum(k, 0) - k
+    j = torch.arange(int(k.sum())) - start[obj]
+    f = (j.to(x0.dtype) + 0.5) / k[obj].to(x0.dtype)
+    xs = x0[obj] + f * (x1 - x0)[obj]
+    ys = y0[obj] + f * (y1 - y0)[obj]
+    return render_stars(shape, xs, ys, flux[obj] / k[obj].to(flux.dtype), fwhm=fwhm)
+
+
+def _trail_snr(flux: Tensor, trail_px: Tensor, fwhm: float, sky: float, gain: float, read_noise: float) -> Tensor:
+    """S/N of a trailed Gaussian source with an optimal filter.
+
+    Noise-equivalent area ``2 sqrt(pi) s (2 sqrt(pi) s + L)`` (``s`` = PSF sigma, ``L`` = trail
+    length): ``4 pi s^2`` for a point source, ``L`` times the 1-D area across a long trail.
+    """
+    s = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    nea = 2.0 * math.sqrt(math.pi) * s * (2.0 * math.sqrt(math.pi) * s + trail_px)
+    var = sky / gain + (read_noise / gain) ** 2
+    return flux / torch.sqrt(flux / gain + nea * var)
+
+
+def _point_limit_mag(snr: float, fwhm: float, sky: float, gain: float, read_noise: float, zeropoint: float) -> float:
+    """Magnitude at which an untrailed source has S/N = ``snr`` (solves the quadratic in flux)."""
+    s = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    b = 4.0 * math.pi * s * s * (sky / gain + (read_noise / gain) ** 2)
+    flux = 0.5 * (snr * snr / gain + math.sqrt((snr * snr / gain) ** 2 + 4.0 * snr * snr * b))
+    return zeropoint - 2.5 * math.log10(flux)
+
+
+def _night_times(n_frames, cadence, exptime, mjd_start, gen) -> Tensor:
+    """Start MJDs: gaps uniform in ``cadence`` (minutes) between successive starts."""
+    lo, hi = cadence
+    gaps = lo + torch.rand(max(n_frames - 1, 0), generator=gen, dtype=torch.float64) * (hi - lo)
+    return mjd_start + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(gaps, 0)]) / 1440.0
+
+
+def _draw_movers(n, shape, header, rate_range, mag_range, half_span_min, pixel_scale, gen) -> dict:
+    """Movers at the reference time: log-uniform rates, uniform PA and magnitude, kept in the field."""
+    h, w = shape
+    lr = torch.log(torch.tensor(rate_range, dtype=torch.float64))
+    rate = torch.exp(lr[0] + torch.rand(n, generator=gen, dtype=torch.float64) * (lr[1] - lr[0]))
+    pa = torch.rand(n, generator=gen, dtype=torch.float64) * 360.0
+    mag = mag_range[0] + torch.rand(n, generator=gen, dtype=torch.float64) * (mag_range[1] - mag_range[0])
+    margin = (rate * half_span_min / pixel_scale + 30.0).clamp(max=0.45 * min(h, w))
+    x = margin + torch.rand(n, generator=gen, dtype=torch.float64) * (w - 1 - 2 * margin)
+    y = margin + torch.rand(n, generator=gen, dtype=torch.float64) * (h - 1 - 2 * margin)
+    ra, dec = _sky_positions(header, x, y)
+    return {"rate": rate, "pa": pa, "mag": mag, "ra0": ra, "dec0": dec}
+
+
+def _time_header(header: fits.Header, mjd_start: float, exptime: float) -> None:
+    from astropy.time import Time
+
+    header["DATE-OBS"] = (Time(mjd_start, format="mjd", scale="utc").isot, "UTC start of exposure")
+    header["MJD-OBS"] = (mjd_start, "MJD (UTC) start of exposure")
+    header["TIMESYS"] = "UTC"
+    header["EXPTIME"] = (exptime, "s")
+
+
+def _cosmics_and_hot(shape, n_cosmics, hot, gen, sky_noise):
+    """Cosmic-ray hits (short random-walk tracks of 1-4 pixels) for one frame: ``x, y, value``."""
+    h, w = shape
+    n = int(n_cosmics)
+    length = torch.randint(1, 5, (n,), generator=gen)
+    x0 = torch.randint(0, w, (n,), generator=gen)
+    y0 = torch.randint(0, h, (n,), generator=gen)
+    hit = torch.repeat_interleave(torch.arange(n), length)
+    step = torch.randint(-1, 2, (hit.numel(), 2), generator=gen)
+    first = torch.cumsum(length, 0) - length
+    step[first] = 0
+    walk = torch.cumsum(step, 0)
+    walk = walk - torch.repeat_interleave(walk[first], length, dim=0)
+    x = (x0[hit] + walk[:, 0]).clamp(0, w - 1)
+    y = (y0[hit] + walk[:, 1]).clamp(0, h - 1)
+    amp = sky_noise * (20.0 + 200.0 * torch.rand(hit.numel(), generator=gen, dtype=torch.float64))
+    return {"x": torch.cat([x, hot["x"]]), "y": torch.cat([y, hot["y"]]),
+            "value": torch.cat([amp, hot["value"]]), "n_cosmic": hit.numel()}
+
+
+def _mover_tracks(movers: dict, mid: Tensor, mjd_ref: float, exptime: float) -> dict:
+    """Sky positions ``(M, F)`` of each mover at mid-exposure, exposure start and exposure end."""
+    m, f = movers["rate"].numel(), mid.numel()
+    dt = ((mid - mjd_ref) * 1440.0)[None, :].expand(m, f)
+    out = {}
+    for name, shift in (("", 0.0), ("_start", -exptime / 120.0), ("_end", exptime / 120.0)):
+        d = (dt + shift) * movers["rate"][:, None]
+        ra, dec = _offset_along(movers["ra0"].repeat_interleave(f), movers["dec0"].repeat_interleave(f),
+                                movers["pa"].repeat_interleave(f), d.reshape(-1))
+        out["ra" + name], out["dec" + name] = ra.reshape(m, f), dec.reshape(m, f)
+    return out
+
+
+def _draw_transients(n, shape, header, mag_range, n_frames, gen) -> dict:
+    h, w = shape
+    x = 20.0 + torch.rand(n, generator=gen, dtype=torch.float64) * (w - 41)
+    y = 20.0 + torch.rand(n, generator=gen, dtype=torch.float64) * (h - 41)
+    ra, dec = _sky_positions(header, x, y)
+    mag = mag_range[0] + torch.rand(n, generator=gen, dtype=torch.float64) * (mag_range[1] - mag_range[0])
+    first = torch.randint(0, n_frames, (n,), generator=gen)
+    last = first + (torch.rand(n, generator=gen) * (n_frames - first)).long()
+    f = torch.arange(n_frames)[None, :]
+    return {"ra": ra, "dec": dec, "mag": mag, "present": (f >= first[:, None]) & (f <= last[:, None])}
+
+
+def _mover_pixels(hdr, tracks: dict, k: int) -> tuple:
+    """Movers' pixel positions in frame ``k``: mid-exposure, exposure start and end."""
+    mx, my = _pixel_positions(hdr, tracks["ra"][:, k], tracks["dec"][:, k])
+    x0, y0 = _pixel_positions(hdr, tracks["ra_start"][:, k], tracks["dec_start"][:, k])
+    x1, y1 = _pixel_positions(hdr, tracks["ra_end"][:, k], tracks["dec_end"][:, k])
+    return mx, my, x0, y0, x1, y1
+
+
+def _detector_header(hdr: fits.Header, p: dict, fwhm_k: float) -> None:
+    hdr["GAIN"] = (p["gain"], "e-/ADU")
+    hdr["RDNOISE"] = (p["read_noise"], "read noise, e-")
+    hdr["SATURATE"] = (float(p["saturation"]) if p["saturation"] is not None else 0.0, "ADU")
+    hdr["SKYLEVEL"] = (p["sky"], "mean sky, ADU")
+    hdr["EXPTIME"] = (p["exptime"], "s")
+    hdr["FWHM"] = (fwhm_k, "PSF FWHM, pixels")
+
+
+def _night_frame(k, shape, hdr, stars, trans, movers, tracks, fwhm_k, p, gen, device, dtype) -> tuple:
+    """Render exposure ``k`` of a night; returns the frame and the movers' pixel truth for it."""
+    w = shape[1]
+    sx, sy = _pixel_positions(hdr, stars["ra"], stars["dec"])
+    on = trans["present"][:, k]
+    tx, ty = _pixel_positions(hdr, trans["ra"][on], trans["dec"][on])
+    mx, my, x0, y0, x1, y1 = _mover_pixels(hdr, tracks, k)
+    extra = _trail_image(shape, x0, y0, x1, y1, movers["flux"], fwhm_k)
+    n_s, n_t = sx.numel(), tx.numel()
+    kind = torch.cat([torch.zeros(n_s, dtype=torch.int8), torch.ones(n_t, dtype=torch.int8)])
+    frame = _make_frame(
+        shape, hdr, torch.cat([sx, tx]), torch.cat([sy, ty]), torch.cat([stars["flux"], trans["flux"][on]]),
+        torch.cat([stars["mag"], trans["mag"][on]]), kind, torch.cat([stars["ra"], trans["ra"][on]]),
+        torch.cat([stars["dec"], trans["dec"][on]]), fwhm=fwhm_k, psf="gaussian", beta=2.5, sky=p["sky"],
+        sky_gradient=(0.0, 0.0), sky_ripple=0.0, gain=p["gain"], read_noise=p["read_noise"],
+        saturation=p["saturation"], defects={}, gen=gen, device=device, dtype=dtype, extra=extra,
+    )
+    _detector_header(frame.header, p, fwhm_k)
+    hits = _cosmics_and_hot(shape, p["n_cosmics"], p["hot"], gen, math.sqrt(p["sky"] / p["gain"]))
+    img = frame.image.view(-1)
+    img.index_put_(((hits["y"] * w + hits["x"]).to(device),), hits["value"].to(device=device, dtype=img.dtype),
+                   accumulate=True)
+    if p["saturation"] is not None:
+        frame.mask |= frame.image >= p["saturation"]
+        frame.image.clamp_(max=p["saturation"])
+    trail = torch.hypot(x1 - x0, y1 - y0)
+    nm = mx.numel()
+    cat = frame.catalog
+    new = {"x": mx, "y": my, "flux": movers["flux"], "mag": movers["mag"], "ra": tracks["ra"][:, k],
+           "dec": tracks["dec"][:, k], "peak": torch.full((nm,), float("nan")),
+           "kind": torch.full((nm,), 2, dtype=torch.int8)}
+    for key, v in new.items():
+        cat[key] = torch.cat([cat[key], v.to(device=cat[key].device, dtype=cat[key].dtype)])
+    cosmic = {"x": hits["x"][: hits["n_cosmic"]], "y": hits["y"][: hits["n_cosmic"]]}
+    return frame, (mx, my, trail), cosmic
+
+
+def simulate_night(
+    shape: tuple[int, int] = (2048, 2048),
+    *,
+    n_frames: int = 5,
+    cadence: tuple[float, float] = (5.0, 10.0),
+    exptime: float = 30.0,
+    mjd_start: float = 60400.75,
+    n_stars: int = 5000,
+    mag_range: tuple[float, float] = (8.0, 17.5),
+    alpha: float = 0.35,
+    zeropoint: float = 25.0,
+    fwhm: float = 2.5,
+    seeing_jitter: float = 0.15,
+    pixel_scale: float = 11.7,
+    ra: float = 150.0,
+    dec: float = 30.0,
+    jitter: float = 3.0,
+    n_movers: int = 100,
+    rate_range: tuple[float, float] = (0.1, 30.0),
+    mover_mag_range: Optional[tuple[float, float]] = None,
+    n_transients: int = 10,
+    n_cosmics: int = 20,
+    n_hot_pixels: int = 20,
+    sky: float = 1000.0,
+    gain: float = 1.5,
+    read_noise: float = 10.0,
+    saturation: Optional[float] = 60000.0,
+    render: bool = True,
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> SimNight:
+    """Simulate ``n_frames`` exposures of one field over a night, with stars, movers and artefacts.
+
+    Successive exposure starts are ``cadence`` minutes apart (uniform in the range); each frame's
+    pointing is offset by up to ``jitter`` pixels (uniform, both axes) and its seeing FWHM is
+    ``fwhm * (1 + seeing_jitter * N(0, 1))`` (clipped to 0.7-1.5 ``fwhm``). Movers follow great
+    circles at constant angular rate (log-uniform in ``rate_range``, arcsec/min; uniform position
+    angle), placed so that they stay in the field where the frame allows it, and are trailed by
+    ``rate * exptime``: the PSF is integrated along the segment travelled during the exposure.
+    ``mover_mag_range`` defaults to 4 mag brighter than to 0.2 mag fainter than the S/N = 5 limit
+    of an untrailed source. Transients stay at one position in a contiguous run of frames; cosmic
+    rays hit each frame; hot pixels sit at the same detector pixels in all frames. The other
+    arguments are those of :func:`simulate_frame`. Same ``seed``, same night. ``render=False``
+    makes the headers and the truth only (``frames`` empty): the same truth, no images.
+    """
+    shape = _check_shape(shape)
+    h, w = shape
+    gen = torch.Generator().manual_seed(int(seed))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    ref = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale)
+    sx, sy, smag, sflux = _draw_catalog(int(n_stars), shape, mag_range, alpha, zeropoint, gen, margin=-(2 * jitter + 8))
+    sra, sdec = _sky_positions(ref, sx, sy)
+    stars = {"ra": sra, "dec": sdec, "mag": smag, "flux": sflux}
+    start = _night_times(int(n_frames), cadence, exptime, mjd_start, gen)
+    mid = start + exptime / 2.0 / 86400.0
+    mjd_ref = float(mid.mean())
+    fw = (fwhm * (1 + seeing_jitter * torch.randn(int(n_frames), generator=gen, dtype=torch.float64))).clamp(0.7 * fwhm, 1.5 * fwhm)
+    lim = _point_limit_mag(5.0, fwhm, sky, gain, read_noise, zeropoint)
+    mmr = tuple(mover_mag_range) if mover_mag_range is not None else (lim - 4.0, lim + 0.2)
+    half = float((mid[-1] - mid[0]) * 720.0) + exptime / 120.0
+    movers = _draw_movers(int(n_movers), shape, ref, rate_range, mmr, half, pixel_scale, gen)
+    movers["flux"] = 10 ** (-0.4 * (movers["mag"] - zeropoint))
+    trans = _draw_transients(int(n_transients), shape, ref, (lim - 3.0, lim - 0.5), int(n_frames), gen)
+    trans["flux"] = 10 ** (-0.4 * (trans["mag"] - zeropoint))
+    tracks = _mover_tracks(movers, mid, mjd_ref, exptime)
+    hot = {"x": torch.randint(0, w, (int(n_hot_pixels),), generator=gen),
+           "y": torch.randint(0, h, (int(n_hot_pixels),), generator=gen)}
+    hot["value"] = math.sqrt(sky / gain) * (10.0 + 100.0 * torch.rand(int(n_hot_pixels), generator=gen, dtype=torch.float64))
+    p = dict(sky=sky, gain=gain, read_noise=read_noise, saturation=saturation, exptime=float(exptime),
+             n_cosmics=n_cosmics, hot=hot)
+    frames, headers, pix = [], [], []
+    cosmics = {"frame": [torch.zeros(0, dtype=torch.long)], "x": [torch.zeros(0, dtype=torch.long)],
+               "y": [torch.zeros(0, dtype=torch.long)]}
+    offsets = (torch.rand(int(n_frames), 2, generator=gen, dtype=torch.float64) * 2 - 1) * jitter
+    for k in range(int(n_frames)):
+        hdr = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, crpix_offset=tuple(offsets[k].tolist()))
+        _time_header(hdr, float(start[k]), float(exptime))
+        if render:
+            frame, mxy, cos = _night_frame(k, shape, hdr, stars, trans, movers, tracks, float(fw[k]), p, gen, dev, dtype)
+            frames.append(frame)
+            hdr = frame.header
+            cosmics["frame"].append(torch.full((cos["x"].numel(),), k))
+            cosmics["x"].append(cos["x"])
+            cosmics["y"].append(cos["y"])
+        else:
+            _detector_header(hdr, p, float(fw[k]))
+            mx, my, x0, y0, x1, y1 = _mover_pixels(hdr, tracks, k)
+            mxy = (mx, my, torch.hypot(x1 - x0, y1 - y0))
+        headers.append(hdr)
+        pix.append(mxy)
+    return _night_truth(shape, frames, headers, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale,
+                        mjd_ref)
+
+
+def _night_truth(shape, frames, headers, pix, cosmics, stars, trans, movers, tracks, mid, fw, p, pixel_scale,
+                 mjd_ref) -> SimNight:
+    """Collect the truth tables of :func:`simulate_night` (per object and frame, ``(M, F)``)."""
+    h, w = shape
+    mx = torch.stack([q[0] for q in pix], 1)
+    my = torch.stack([q[1] for q in pix], 1)
+    trail = torch.stack([q[2] for q in pix], 1)
+    snr = torch.stack([_trail_snr(movers["flux"], trail[:, k], float(fw[k]), p["sky"], p["gain"], p["read_noise"])
+                       for k in range(mid.numel())], 1)
+    in_frame = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
+    m = mx.shape[0]
+    mv = {"rate": movers["rate"], "pa": movers["pa"], "mag": movers["mag"], "flux": movers["flux"],
+          "ra": tracks["ra"], "dec": tracks["dec"], "x": mx, "y": my, "mjd": mid[None, :].expand(m, -1).clone(),
+          "trail": trail, "snr": torch.where(in_frame, snr, torch.zeros_like(snr)), "in_frame": in_frame}
+    st = dict(stars)
+    xy = [_pixel_positions(hdr, stars["ra"], stars["dec"]) for hdr in headers]
+    st["x"], st["y"] = torch.stack([q[0] for q in xy], 1), torch.stack([q[1] for q in xy], 1)
+    tr = dict(trans)
+    xy = [_pixel_positions(hdr, trans["ra"], trans["dec"]) for hdr in headers]
+    tr["x"], tr["y"] = torch.stack([q[0] for q in xy], 1), torch.stack([q[1] for q in xy], 1)
+    cos = {k: torch.cat(v) for k, v in cosmics.items()}
+    hot = {"x": p["hot"]["x"], "y": p["hot"]["y"]}
+    return SimNight(frames=frames, headers=headers, shape=(h, w), mjd=mid, movers=mv, stars=st, transients=tr, cosmics=cos, hot_pixels=hot,
+                    pixel_scale=float(pixel_scale), exptime=p["exptime"], mjd_ref=mjd_ref)
+
+
+def simulate_detections(
+    night: SimNight,
+    *,
+    snr_min: float = 5.0,
+    n_spurious: int = 100,
+    astrometric_floor: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """A detection catalog of a simulated night, drawn from its truth (no image processing).
+
+    Every source with a measured S/N (true S/N plus a unit normal draw) of at least ``snr_min`` is
+    detected: stars and transients as points, movers as trails. Positions scatter with the 1-sigma
+    error per axis ``sqrt(s^2 + L^2 / 24) / snr + astrometric_floor`` pixels (``s`` = PSF sigma,
+    ``L`` = trail length), magnitudes with ``1.0857 / snr``. Hot pixels give a detection in every
+    frame at their detector pixel; ``n_spurious`` random detections per frame (S/N 5-7, cosmic rays
+    and noise peaks) are added. Returns flat tensors ``ra, dec, mjd, mag, snr, pos_err`` (arcsec),
+    ``a, b`` (rms semi-axes, arcsec, relative scatter ``1 / snr``), ``theta`` (deg, North through
+    East), ``exptime`` (s), ``x, y`` (frame pixels), ``exposure`` and
+    ``object`` (mover index; -1 star, -2 transient, -3 hot pixel, -4 spurious).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    parts = [_frame_detections(night, k, snr_min, n_spurious, astrometric_floor, gen) for k in range(len(night.headers))]
+    return {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
+
+
+def _source_snr(flux: Tensor, fwhm: float, p: dict) -> Tensor:
+    return _trail_snr(flux, torch.zeros_like(flux), fwhm, p["sky"], p["gain"], p["read_noise"])
+
+
+def _measured_theta(pa: Tensor, trail: Tensor, s: float, gen) -> Tensor:
+    """Major-axis PA (deg mod 180): the motion PA +- 5 deg for trails longer than 2 PSF sigma, random otherwise."""
+    n = pa.numel()
+    along = (pa + torch.randn(n, generator=gen, dtype=torch.float64) * 5.0) % 180.0
+    return torch.where(trail > 2.0 * s, along, torch.rand(n, generator=gen, dtype=torch.float64) * 180.0)
+
+
+def _frame_detections(night: SimNight, k: int, snr_min, n_spurious, floor, gen) -> dict:
+    hdr = night.headers[k]
+    h, w = night.shape
+    fw = float(hdr["FWHM"])
+    s = fw / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    p = {"sky": float(hdr["SKYLEVEL"]), "gain": float(hdr["GAIN"]), "read_noise": float(hdr["RDNOISE"])}
+    st, tr, mv = night.stars, night.transients, night.movers
+    on = tr["present"][:, k]
+    hot_x, hot_y = night.hot_pixels["x"].double(), night.hot_pixels["y"].double()
+    n_sp = int(n_spurious)
+    sp_x = torch.rand(n_sp, generator=gen, dtype=torch.float64) * (w - 1)
+    sp_y = torch.rand(n_sp, generator=gen, dtype=torch.float64) * (h - 1)
+    x = torch.cat([st["x"][:, k], tr["x"][on, k], mv["x"][:, k], hot_x, sp_x])
+    y = torch.cat([st["y"][:, k], tr["y"][on, k], mv["y"][:, k], hot_y, sp_y])
+    snr = torch.cat([_source_snr(st["flux"], fw, p), _source_snr(tr["flux"][on], fw, p), mv["snr"][:, k],
+                     5.0 + 2.0 * torch.rand(hot_x.numel() + n_sp, generator=gen, dtype=torch.float64)])
+    mag0 = torch.cat([st["mag"], tr["mag"][on], mv["mag"],
+                      torch.full((hot_x.numel() + n_sp,), float(mv["mag"].max()) if mv["mag"].numel() else 20.0)])
+    mag0[mag0.numel() - (hot_x.numel() + n_sp):] -= torch.rand(hot_x.numel() + n_sp, generator=gen, dtype=torch.float64) * 2
+    obj = torch.cat([torch.full((st["x"].shape[0],), -1), torch.full((int(on.sum()),), -2),
+                     torch.arange(mv["x"].shape[0]), torch.full((hot_x.numel(),), -3), torch.full((n_sp,), -4)])
+    trail = torch.cat([torch.zeros(st["x"].shape[0] + int(on.sum())), mv["trail"][:, k], torch.zeros(hot_x.numel() + n_sp)]).double()
+    measured = snr + torch.randn(snr.numel(), generator=gen, dtype=torch.float64)
+    n_real = snr.numel() - (hot_x.numel() + n_sp)
+    measured[n_real:] = snr_min  # artefacts are always detected
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    keep = (measured >= snr_min) & inside
+    x, y, snr, mag0, obj, trail = x[keep], y[keep], snr[keep], mag0[keep], obj[keep], trail[keep]
+    err = torch.sqrt(s * s + trail**2 / 24.0) / snr + floor
+    scatter = torch.where(obj == -3, torch.zeros_like(err), err)  # a hot pixel is always at its pixel
+    x = x + torch.randn(x.numel(), generator=gen, dtype=torch.float64) * scatter
+    y = y + torch.randn(y.numel(), generator=gen, dtype=torch.float64) * scatter
+    ra, dec = _sky_positions(hdr, x, y)
+    scale = night.pixel_scale
+    pa = torch.where(obj >= 0, mv["pa"][obj.clamp(min=0)] if mv["pa"].numel() else torch.zeros_like(x), torch.zeros_like(x))
+    n = x.numel()
+    return {"ra": ra, "dec": dec, "mjd": torch.full((n,), float(night.mjd[k]), dtype=torch.float64),
+            "mag": mag0 + torch.randn(n, generator=gen, dtype=torch.float64) * 1.0857 / snr, "snr": snr,
+            "pos_err": err * scale,
+            "a": torch.sqrt(s * s + trail**2 / 12.0) * scale * (1 + torch.randn(n, generator=gen, dtype=torch.float64) / snr),
+            "b": s * scale * (1 + torch.randn(n, generator=gen, dtype=torch.float64) / snr),
+            "exptime": torch.full((n,), night.exptime, dtype=torch.float64),
+            "theta": _measured_theta(pa, trail, s, gen),
+            "x": x, "y": y, "exposure": torch.full((n,), k, dtype=torch.long), "object": obj}

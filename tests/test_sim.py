@@ -112,3 +112,80 @@ def test_sip_inverse_is_consistent():
     pix = np.array([[0.0, 0.0], [100.0, 400.0], [511.0, 511.0], [256.0, 10.0]])
     back = w.sip.foc2pix(w.sip.pix2foc(pix, 0), 0)
     np.testing.assert_allclose(back, pix, atol=5e-3)  # a 4th-order fit of the inverse
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate_night
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 11.7])
+def test_night_headers_times_and_truth(scale):
+    from astropy.time import Time
+
+    n = sim.simulate_night((256, 256), n_frames=5, n_stars=100, n_movers=8, pixel_scale=scale, exptime=30.0, seed=2)
+    assert len(n.frames) == 5 and n.mjd.shape == (5,)
+    gaps = torch.diff(n.mjd) * 1440.0
+    assert bool(((gaps >= 5.0) & (gaps <= 10.0)).all())
+    for k, f in enumerate(n.frames):
+        h = f.header
+        assert "T" in h["DATE-OBS"] and h["EXPTIME"] == 30.0
+        assert Time(h["DATE-OBS"], scale="utc").mjd == pytest.approx(h["MJD-OBS"], abs=1e-8)
+        assert h["MJD-OBS"] + 15.0 / 86400.0 == pytest.approx(float(n.mjd[k]), abs=1e-9)
+        # Truth pixel positions follow each frame's own (jittered) WCS.
+        x, y = WCS(h).all_world2pix(n.movers["ra"][:, k].numpy(), n.movers["dec"][:, k].numpy(), 0)
+        np.testing.assert_allclose(x, n.movers["x"][:, k].numpy(), atol=1e-6)
+        np.testing.assert_allclose(y, n.movers["y"][:, k].numpy(), atol=1e-6)
+        assert int((f.catalog["kind"] == 2).sum()) == 8
+    # Pointing jitter and changing seeing.
+    assert len({f.header["CRPIX1"] for f in n.frames}) == 5
+    assert len({f.header["FWHM"] for f in n.frames}) == 5
+    # Trail length = rate x exposure time, in pixels.
+    np.testing.assert_allclose(n.movers["trail"][:, 0].numpy(), (n.movers["rate"] * 0.5 / scale).numpy(), rtol=1e-3)
+
+
+def test_night_motion_matches_rate_and_pa():
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    n = sim.simulate_night((256, 256), n_stars=50, n_movers=30, pixel_scale=1.0, seed=5, dec=70.0)
+    r = n.movers
+    assert bool(((r["rate"] >= 0.1) & (r["rate"] <= 30.0)).all())
+    c0 = SkyCoord(r["ra"][:, 0].numpy() * u.deg, r["dec"][:, 0].numpy() * u.deg)
+    c1 = SkyCoord(r["ra"][:, -1].numpy() * u.deg, r["dec"][:, -1].numpy() * u.deg)
+    dt = float(n.mjd[-1] - n.mjd[0]) * 1440.0
+    np.testing.assert_allclose(c0.separation(c1).arcsec / dt, r["rate"].numpy(), rtol=1e-6)
+
+
+def test_night_trail_flux_and_seed():
+    a = sim.simulate_night((128, 128), n_stars=0, n_movers=1, n_transients=0, n_cosmics=0, n_hot_pixels=0,
+                           pixel_scale=1.0, rate_range=(2.0, 2.0), mover_mag_range=(15.0, 15.0), seed=1)
+    f = a.frames[0]
+    source = (f.noiseless - f.background).sum().item()
+    assert source == pytest.approx(a.movers["flux"][0].item(), rel=1e-3)
+    # The trail is elongated along its motion: second moments differ.
+    img = (f.noiseless - f.background)[0, 0].double()
+    yy, xx = torch.meshgrid(torch.arange(128.0, dtype=torch.float64), torch.arange(128.0, dtype=torch.float64), indexing="ij")
+    cx, cy = (img * xx).sum() / img.sum(), (img * yy).sum() / img.sum()
+    assert cx.item() == pytest.approx(a.movers["x"][0, 0].item(), abs=0.05)
+    assert cy.item() == pytest.approx(a.movers["y"][0, 0].item(), abs=0.05)
+    b = sim.simulate_night((128, 128), n_stars=20, n_movers=3, seed=1)
+    c = sim.simulate_night((128, 128), n_stars=20, n_movers=3, seed=1)
+    assert torch.equal(b.frames[2].image, c.frames[2].image)
+
+
+def test_night_detections_catalog():
+    n = sim.simulate_night((256, 256), n_stars=100, n_movers=10, pixel_scale=1.0, seed=3)
+    d = sim.simulate_detections(n, n_spurious=5, seed=1)
+    keys = {"ra", "dec", "mjd", "mag", "snr", "pos_err", "a", "b", "theta", "x", "y", "exposure", "object"}
+    assert keys <= set(d) and len({v.shape[0] for v in d.values()}) == 1
+    assert bool((d["snr"] > 0).all()) and bool((d["pos_err"] > 0).all())
+    assert int((d["object"] == -4).sum()) == 25
+
+
+def test_night_without_images_has_the_same_truth():
+    a = sim.simulate_night((128, 128), n_stars=30, n_movers=4, seed=9)
+    b = sim.simulate_night((128, 128), n_stars=30, n_movers=4, seed=9, render=False)
+    assert b.frames == [] and len(b.headers) == 5
+    for key in ("x", "y", "ra", "dec", "snr", "trail"):
+        assert torch.equal(a.movers[key], b.movers[key])
+    assert torch.equal(a.stars["x"], b.stars["x"])
+    assert a.headers[3]["CRPIX1"] == b.headers[3]["CRPIX1"] and a.headers[3]["FWHM"] == b.headers[3]["FWHM"]
