@@ -211,3 +211,38 @@ def test_readme_moving_objects_section_runs(tmp_path, monkeypatch):
     from test_reports import iau_validate
 
     assert iau_validate(tmp_path / "report.ades.psv", tmp_path) == []
+
+
+def test_night_products_ingest_into_the_web_app_and_report(night_run, tmp_path):
+    """The real ``astroprep night`` output goes through ``ingest``; a validated object's report
+    carries exactly its obs80 lines from ``tracklets.ecsv`` (columns 1-80, leading blanks included)."""
+    pytest.importorskip("fastapi", reason="the web extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from astroprep_torch.web import create_app
+    from astroprep_torch.web.auth import upsert_user
+    from astroprep_torch.web.db import open_database
+    from astroprep_torch.web.ingest import ingest_run
+
+    out, _ = night_run
+    rows = Table.read(out / "tracklets.ecsv")
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    _, maker = open_database(url)
+    info = ingest_run(maker, out, "2026-12-07")
+    assert info["added"] and info["detections"] == len(rows)
+    assert not ingest_run(maker, out, "2026-12-07")["added"]
+    with maker() as s:
+        upsert_user(s, "val", "validator", "val-pw")
+        s.commit()
+    client = TestClient(create_app(url, secret_key="test"))
+    h = {"Authorization": "Bearer " + client.post("/api/token", json={"username": "val", "password": "val-pw"}).json()["token"]}
+    night = client.get("/api/nights", headers=h).json()[0]
+    field = client.get(f"/api/nights/{night['id']}/fields", headers=h).json()[0]
+    objs = client.get(f"/api/fields/{field['id']}/objects", headers=h).json()
+    assert sorted(o["designation"] for o in objs) == sorted(set(rows["trksub"]))
+    first = objs[0]
+    assert client.post(f"/api/objects/{first['id']}/label", json={"label": "valid"}, headers=h).status_code == 200
+    report = client.get(f"/api/nights/{night['id']}/report.obs80", headers=h).text
+    lines = [ln for ln in report.splitlines() if len(ln) == 80 and ln[14] == "C"]
+    expected = [s.rjust(80) for s in rows["obs80"][rows["trksub"] == first["designation"]]]
+    assert sorted(lines) == sorted(expected)
