@@ -453,6 +453,7 @@ def _night_json(out_dir: Path, frames: list, reference, template: str, tracklets
            "reference": str(reference) if reference is not None else None, "template": template,
            "n_tracklets": int(len(tracklets)) if tracklets is not None else 0, "n_linked": int(n_linked),
            "observatory": {"code": str(meta.get("station", "")), "name": meta.get("observatory_name")},
+           "report": meta,
            "timings": {k: round(float(v), 3) for k, v in timings.items()}}
     if message:
         doc["message"] = message

@@ -41,7 +41,7 @@ import numpy as np
 __all__ = [
     "pack_number", "unpack_number", "pack_provisional", "unpack_provisional", "pack_designation",
     "unpack_designation", "format_obs80", "obs80_header", "write_obs80", "read_obs80", "parse_obs80",
-    "write_ades_psv", "read_ades_psv", "OBS80_HEADER_KEYS", "ADES_COLUMNS",
+    "write_ades_psv", "format_ades_psv", "read_ades_psv", "OBS80_HEADER_KEYS", "ADES_COLUMNS",
 ]
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -419,8 +419,15 @@ def _fmt(v, fmt: str) -> str:
     return format(f, fmt) if math.isfinite(f) else ""
 
 
-def write_ades_psv(path, obs, meta: Mapping, *, ra_decimals: int = 6, dec_decimals: int = 6) -> Path:
-    """Write ``obs`` as ADES PSV (version 2022) with the obsContext from ``meta``.
+def write_ades_psv(path, obs, meta: Mapping, **kwargs) -> Path:
+    """Write ``obs`` as ADES PSV (version 2022) with the obsContext from ``meta`` (see :func:`format_ades_psv`)."""
+    path = Path(path)
+    path.write_text("\n".join(format_ades_psv(obs, meta, **kwargs)) + "\n", encoding="utf-8")
+    return path
+
+
+def format_ades_psv(obs, meta: Mapping, *, ra_decimals: int = 6, dec_decimals: int = 6) -> list:
+    """The lines of an ADES PSV (version 2022) report of ``obs`` with the obsContext from ``meta``.
 
     Columns (ADES order): permID, provID, trkSub, mode, stn, obsTime (ISO UTC, ms, ``Z``), ra, dec
     (degrees), rmsRA, rmsDec (arcsec), astCat, mag, band, photCat, logSNR, seeing (arcsec), exp (s),
@@ -463,9 +470,7 @@ def write_ades_psv(path, obs, meta: Mapping, *, ra_decimals: int = 6, dec_decima
     lines.append("|".join(c.ljust(width[c]) for c in keep).rstrip())
     for i in range(n):
         lines.append("|".join(cols[c][i].ljust(width[c]) for c in keep).rstrip())
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return lines
 
 
 def read_ades_psv(path):
