@@ -125,7 +125,7 @@ def test_catalog_formats_and_proper_motion(tmp_path):
         assert len(c) == 2 and c.mag.tolist() == [12.0, 13.0]
     c = A.load_catalog(t, epoch=2026.0)  # 10 years after Gaia DR3's 2016.0
     assert float(c.ra[0] - 10.0) * 3600 == pytest.approx(10.0, rel=1e-6)
-    assert float(c.dec[1] - 45.0) * 3600 == pytest.approx(-10.0, rel=1e-6)
+    assert float(c.dec[1] - 45.0) * 3600 == pytest.approx(-36.0, rel=1e-6)
 
 
 def test_write_head_is_scamp_style(case, tmp_path):
