@@ -10,6 +10,10 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
 * ``astroprep train-classifier`` -- train an alert classifier.
 * ``astroprep background | extract | reproject | subtract`` -- drop-in presets for the classic tools
   on FITS files (SExtractor check images, SExtractor catalog, SWarp/reproject, HOTPANTS).
+* ``astroprep astrometry input=... catalog=... output=...`` -- WCS solutions against a reference
+  catalog (SCAMP): ``<frame>.head`` and ``<frame>.fits`` per frame.
+* ``astroprep stack input=... output=... combine=median [reference=...]`` -- co-add (SWarp):
+  ``coadd.fits``, ``coadd.weight.fits``, ``coadd.exposure.fits``.
 
 ``astroprep --help`` lists them; ``astroprep run --help`` shows Hydra's help with the config.
 """
@@ -30,6 +34,8 @@ COMMANDS = {
     "extract": ("tool_extract", "run_pipeline"),
     "reproject": ("tool_reproject", "run_pipeline"),
     "subtract": ("tool_subtract", "run_pipeline"),
+    "astrometry": ("astrometry", "run_astrometry"),
+    "stack": ("stack", "run_stack"),
 }
 
 
@@ -59,6 +65,8 @@ def _usage() -> str:
         "extract": "SExtractor-like catalogs of FITS files",
         "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
         "subtract": "image subtraction of FITS pairs (HOTPANTS)",
+        "astrometry": "solve frames' WCS (TAN-SIP/TPV) against a reference catalog (SCAMP)",
+        "stack": "co-add frames onto one grid: median/mean/weighted/clipped (SWarp)",
     }
     for k in COMMANDS:
         lines.append(f"  {k:<18}{doc[k]}")
