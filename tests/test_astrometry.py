@@ -168,3 +168,24 @@ def test_random_detections_are_rejected(case):
     with pytest.raises(A.AstrometryError):
         A.solve_astrometry(x, y, torch.rand(800, generator=g, dtype=torch.float64), case["cat"], shape=SHAPE,
                            wcs=TanWCS.from_header(case["start"]))
+
+
+def test_cli_writes_head_and_fits(tmp_path):
+    from astroprep_torch import cli
+    from astroprep_torch.io import write_fits
+    from astroprep_torch.sim import simulate_dithers
+
+    f = simulate_dithers(1, (256, 256), n_stars=400, sip=1.0, seed=4, mag_range=(12.0, 18.0))[0]
+    c = f.catalog
+    Table({"ra": c["ra"].numpy(), "dec": c["dec"].numpy(), "phot_g_mean_mag": c["mag"].numpy()}).write(
+        tmp_path / "ref.ecsv")
+    write_fits(tmp_path / "frame.fits", f.image, header=perturb(f.header, dra=0.5, ddec=0.3, rot=0.5, scale=1.01))
+    out = tmp_path / "out"
+    assert cli.main(["astrometry", f"input={tmp_path / 'frame.fits'}", f"catalog={tmp_path / 'ref.ecsv'}",
+                     f"output={out}"]) == 0
+    with fits.open(out / "frame.fits") as hl:
+        h = hl[0].header
+        assert h["CTYPE1"] == "RA---TAN-SIP" and 0 < h["ASTRRMS1"] * 3600 < 0.1 and "astrometry" in "\n".join(h["HISTORY"])
+    head = fits.Header.fromtextfile(str(out / "frame.head"))
+    err = grid_error(f.header, TanWCS.from_header(head), shape=(256, 256))
+    assert np.sqrt((err ** 2).mean()) < 0.05
