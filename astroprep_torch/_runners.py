@@ -142,7 +142,8 @@ def run_astrometry(cfg: DictConfig) -> dict:
         for card in res.header.cards:
             if card.keyword not in ("HISTORY",):
                 header[card.keyword] = (card.value, card.comment)
-        header.add_history(res.header["HISTORY"][-1])
+        for line in res.header["HISTORY"]:
+            header.add_history(line)
         write_head(out / f"{name}.head", res.header)
         write_fits(out / f"{name}.fits", frame.data, header=header, overwrite=True)
         summary[name] = {"ok": True, "n_matches": res.n_matches, "rms_arcsec": res.rms_arcsec, "rms_px": res.rms_px,
