@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._ops import serial_on_cpu
 from .align import AlignmentError, match_sources
 from .wcs import TanWCS
 
@@ -276,22 +277,31 @@ def _design(u: Tensor, v: Tensor, order: int) -> Tensor:
 
 
 def _lstsq(D: Tensor, t: Tensor, w: Tensor) -> Tensor:
-    """Weighted least squares ``D c = t`` (t (n, 2)) by QR of the column-scaled design."""
-    sw = w.sqrt().unsqueeze(1)
-    A = D * sw
-    norm = A.norm(dim=0).clamp_min(1e-300)
-    c = torch.linalg.lstsq(A / norm, t * sw, driver="gelsd" if A.device.type == "cpu" else None).solution
-    return c / norm.unsqueeze(1)
+    """Weighted least squares ``D c = t`` (t (n, 2)); weight 0 leaves a row out.
+
+    Normal equations with Jacobi (column) scaling, solved in float64: the monomials are of pixel
+    offsets normalised to [-1, 1], so the scaled Gram matrix stays well conditioned up to order 7."""
+    Dw = D * w.unsqueeze(1)
+    G = Dw.T @ D
+    d = G.diagonal().clamp_min(1e-300).rsqrt()
+    c = torch.linalg.solve(G * d[:, None] * d[None, :], (Dw.T @ t) * d[:, None])
+    return c * d[:, None]
 
 
-def _robust_poly(u: Tensor, v: Tensor, target: Tensor, order: int, clip: float, max_iter: int = 10):
-    """Iterated sigma-clipped polynomial fit; returns (coeffs (K, 2), keep mask (n,), residuals (n, 2))."""
+def _robust_poly(u: Tensor, v: Tensor, target: Tensor, order: int, clip: float, max_iter: int = 10,
+                 sigma: Optional[Tensor] = None, keep: Optional[Tensor] = None):
+    """Iterated sigma-clipped polynomial fit; returns (coeffs (K, 2), keep mask (n,), residuals (n, 2)).
+
+    ``sigma`` (n,): relative position errors; pairs are weighted by ``1 / sigma^2`` and clipped on
+    their residual divided by ``sigma``. ``keep``: the starting inlier mask (default all)."""
     D = _design(u, v, order)
-    keep = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
+    w = torch.ones_like(u) if sigma is None else 1.0 / sigma.clamp_min(1e-12) ** 2
+    if keep is None:
+        keep = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
     for _ in range(max_iter):
-        c = _lstsq(D[keep], target[keep], torch.ones(int(keep.sum()), dtype=_F64, device=u.device))
+        c = _lstsq(D, target, w * keep)
         res = D @ c - target
-        r2 = res.pow(2).sum(1)
+        r2 = res.pow(2).sum(1) * w
         s2 = r2[keep].median() / (2 * math.log(2))  # per-axis variance from the chi^2_2 median
         new = r2 <= (clip * clip) * s2.clamp_min(1e-30)
         if bool((new == keep).all()) or int(new.sum()) < D.shape[1] + 2:
@@ -308,21 +318,24 @@ class _Fit:
 
 
 def fit_wcs(x: Tensor, y: Tensor, ra: Tensor, dec: Tensor, *, crval, crpix, shape, order: int = 3,
-            distortion: str = "sip", clip: float = 3.5, max_iter: int = 10) -> _Fit:
+            distortion: str = "sip", clip: float = 3.5, max_iter: int = 10, sigma: Optional[Tensor] = None) -> _Fit:
     """Fit a TAN-SIP (or TPV) WCS to pairs of 0-based pixels and sky positions (deg), float64.
 
     ``crpix`` (0-based) stays fixed; ``crval`` is the starting tangent point, re-centred twice on the
     fitted constant term. ``order`` 1 gives plain TAN. Iterated ``clip``-sigma clipping of the 2-D
-    residuals. Returns the WCS, the inlier mask and the residuals (arcsec) of every pair.
+    residuals. ``sigma`` (n,): optional position errors (px) weighting the pairs. Returns the WCS,
+    the inlier mask and the residuals (arcsec) of every pair.
     """
     x, y, ra, dec = (torch.as_tensor(t, dtype=_F64).reshape(-1) for t in (x, y, ra, dec))
     crval = torch.as_tensor(crval, dtype=_F64).reshape(2).clone()
     cx, cy = float(crpix[0]), float(crpix[1])
     s = max(float(shape[0]), float(shape[1])) / 2.0
     u, v = (x - cx) / s, (y - cy) / s
+    keep = None
     for _ in range(3):
         xi, eta = _standard(ra, dec, crval)
-        c, keep, res = _robust_poly(u, v, torch.stack([xi.reshape(-1), eta.reshape(-1)], 1), order, clip, max_iter)
+        c, keep, res = _robust_poly(u, v, torch.stack([xi.reshape(-1), eta.reshape(-1)], 1), order, clip, max_iter,
+                                    None if sigma is None else torch.as_tensor(sigma, dtype=_F64).reshape(-1), keep)
         ra0, dec0 = _unproject(c[0, 0:1], c[0, 1:2], crval)
         crval = torch.cat([ra0.reshape(1), dec0.reshape(1)])
     scale = torch.tensor([float(s ** (p + q)) for p, q in _exponents(order)], dtype=_F64)
@@ -448,16 +461,19 @@ class AstrometryResult:
 
 
 def _coarse_match(det_xy, det_flux, cat_xy, cat_mag, tol, min_matches):
-    """Similarity (2, 3) mapping catalog pixels (through the starting WCS) onto detections."""
+    """Similarity (2, 3) mapping catalog pixels (through the starting WCS) onto detections.
+
+    Tries 40 then 80 control points, at ``tol`` then ``2 tol`` (distortion the start lacks)."""
     last = None
-    for ncp in (40, 80):
-        try:
-            res = match_sources(cat_xy, det_xy, src_flux=10 ** (-0.4 * (cat_mag - cat_mag.min())),
-                                dst_flux=det_flux, transform="similarity", pixel_tol=tol,
-                                max_control_points=ncp, retries=(ncp * 2,), min_matches=max(3, min(min_matches, 6)))
-            return res.matrix
-        except AlignmentError as exc:
-            last = exc
+    for t in (tol, 2 * tol):
+        for ncp in (40, 80):
+            try:
+                res = match_sources(cat_xy, det_xy, src_flux=10 ** (-0.4 * (cat_mag - cat_mag.min())),
+                                    dst_flux=det_flux, transform="similarity", pixel_tol=t, max_control_points=ncp,
+                                    retries=(ncp * 2,), min_matches=max(3, min(min_matches, 6)))
+                return res.matrix
+            except AlignmentError as exc:
+                last = exc
     raise last
 
 
@@ -497,8 +513,10 @@ def _check(n, n_possible, n_chance, scale_ratio, rms_px, *, min_matches, min_fra
         raise AstrometryError("astrometric solution rejected: " + "; ".join(problems))
 
 
-def _pair_round(wcs, cat, det_xy, shape, radius):
-    idx, cxy = _project_catalog(wcs, cat, shape, margin=radius)
+def _pair_round(wcs, cat, det_xy, shape, radius, matrix: Optional[Tensor] = None):
+    idx, cxy = _project_catalog(wcs, cat, shape, margin=radius + (0.25 * max(shape) if matrix is not None else 0))
+    if matrix is not None:
+        cxy = cxy @ matrix[:, :2].T.to(cxy) + matrix[:, 2].to(cxy)
     pairs = match_nearest(det_xy, cxy, radius)
     return torch.stack([pairs[:, 0], idx[pairs[:, 1]]], 1), idx.numel()
 
@@ -513,13 +531,14 @@ def _residual_stats(wcs: TanWCS, det_xy, cat, pairs):
     return res, rms
 
 
+@serial_on_cpu  # many small ops: one OpenMP thread is faster than fork/join on few busy cores
 def solve_astrometry(
     x: Tensor, y: Tensor, flux: Optional[Tensor], catalog, *, shape, wcs: Optional[TanWCS] = None,
     pointing: Optional[Sequence[float]] = None, pixel_scale: Optional[float] = None, order: int = 3,
     distortion: str = "sip", epoch: Optional[float] = None, match_tol: float = 5.0,
     max_radius: float = 10.0, clip: float = 3.5, rounds: int = 3, min_matches: int = 10,
     min_fraction: float = 0.1, max_scale_change: float = 0.1, max_rms_px: float = 1.0,
-    max_detections: int = 20000,
+    max_detections: int = 20000, errors: Optional[Tensor] = None,
 ) -> AstrometryResult:
     """Solve one frame's WCS from its detections and a reference catalog (see the module docstring).
 
@@ -538,6 +557,8 @@ def solve_astrometry(
         match_tol: pixel tolerance of the coarse (triangle) match; ``max_radius``: largest pairing
             radius (px) of the refinement rounds; ``clip``: sigma clipping threshold.
         min_matches, min_fraction, max_scale_change, max_rms_px: acceptance checks.
+        errors: optional (N,) centroid errors (px) of the detections: the fit weights pairs by
+            ``1 / errors^2`` (default: all equal).
 
     Raises:
         AstrometryError: no consistent match, or a solution failing the checks (the message says which).
@@ -558,13 +579,14 @@ def solve_astrometry(
     if keep_idx.numel() > max_detections:
         keep_idx = keep_idx[det_flux[keep_idx].topk(max_detections).indices]
     det_xy, det_flux = det_xy[keep_idx], det_flux[keep_idx]
+    det_err = None if errors is None else torch.as_tensor(errors, dtype=_F64).reshape(-1)[keep_idx]
     if det_xy.shape[0] < min_matches:
         raise AstrometryError(f"too few detections ({det_xy.shape[0]} < min_matches={min_matches}) to solve")
     starts = _starting_wcs(wcs, pointing, pixel_scale, (h, w))
     errors = []
     for start in starts:
         try:
-            res = _solve_from(start, det_xy, det_flux, cat, (h, w), order, distortion, match_tol, max_radius, clip,
+            res = _solve_from(start, det_xy, det_flux, det_err, cat, (h, w), order, distortion, match_tol, max_radius, clip,
                               rounds, min_matches, min_fraction, max_scale_change, max_rms_px)
             res.pairs = torch.stack([keep_idx[res.pairs[:, 0]], res.pairs[:, 1]], 1)
             return res
@@ -578,17 +600,14 @@ def _starting_wcs(wcs, pointing, pixel_scale, shape) -> list[TanWCS]:
     if wcs is not None:
         if not isinstance(wcs, TanWCS):
             wcs = TanWCS.from_header(wcs)
-        p = wcs.select(0)._element(0)  # distortion dropped: TAN with the header's linear part
-        return [TanWCS(p["crpix"], p["cd"], p["crval"], p["lonpole"],
-                       meta=[dict(kind="TAN", ctype=p["ctype"], radesys=p["radesys"], equinox=p["equinox"],
-                                  shape=tuple(shape))])]
+        return [wcs.select(0).to(torch.float64)]  # its distortion (if any) guides the first pairing
     if pointing is None or pixel_scale is None:
         raise ValueError("give a starting wcs, or pointing=(ra, dec) and pixel_scale (arcsec/px)")
     ra, dec = (float(v) for v in pointing)
     return [pointing_wcs(ra, dec, float(pixel_scale), shape, parity=p) for p in (-1, 1)]
 
 
-def _solve_from(start, det_xy, det_flux, cat, shape, order, distortion, match_tol, max_radius, clip, rounds,
+def _solve_from(start, det_xy, det_flux, det_err, cat, shape, order, distortion, match_tol, max_radius, clip, rounds,
                 min_matches, min_fraction, max_scale_change, max_rms_px) -> AstrometryResult:
     h, w = shape
     margin = 0.25 * max(h, w)
@@ -603,13 +622,17 @@ def _solve_from(start, det_xy, det_flux, cat, shape, order, distortion, match_to
     except AlignmentError as exc:
         raise AstrometryError(f"no consistent star pattern between the {det_xy.shape[0]} detections and the "
                               f"{idx.numel()} catalog stars near the frame: {exc}") from None
-    current = _wcs_through(start, matrix)
+    current = _wcs_through(start, matrix)  # linear part only
     crval0, crpix = current.crval[0].clone(), current.crpix[0].tolist()
+    distorted = start.has_sip or start.has_tpv
     radius, fit, n_pairs, n_possible = max_radius, None, 0, 0
     for r in range(rounds + 1):
-        pairs, n_cat_near = _pair_round(current, cat, det_xy, shape, radius)
+        if r == 0 and distorted:  # the start's distortion, corrected by the similarity
+            pairs, n_cat_near = _pair_round(start, cat, det_xy, shape, radius, matrix)
+        else:
+            pairs, n_cat_near = _pair_round(current, cat, det_xy, shape, radius)
         n_pairs = pairs.shape[0]
-        k_order = order if r > 0 else min(order, 1)
+        k_order = order if (r > 0 or distorted) else min(order, 1)
         n_coef = (k_order + 1) * (k_order + 2) // 2
         while k_order > 1 and n_pairs < 3 * n_coef:
             k_order -= 1
@@ -620,7 +643,8 @@ def _solve_from(start, det_xy, det_flux, cat, shape, order, distortion, match_to
         if n_pairs < max(min_matches, n_coef + 2):
             break
         fit = fit_wcs(det_xy[pairs[:, 0], 0], det_xy[pairs[:, 0], 1], cat.ra[pairs[:, 1]], cat.dec[pairs[:, 1]],
-                      crval=crval0, crpix=crpix, shape=shape, order=k_order, distortion=distortion, clip=clip)
+                      crval=crval0, crpix=crpix, shape=shape, order=k_order, distortion=distortion, clip=clip,
+                      sigma=None if det_err is None else det_err[pairs[:, 0]])
         current = fit.wcs
         px = float(current.pixel_scale()[0]) * 3600.0
         rms_px = float(fit.residuals[fit.keep].pow(2).sum(1).mean().sqrt()) / px
