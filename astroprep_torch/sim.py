@@ -712,6 +712,7 @@ def simulate_dithers(
     sip: Union[bool, float] = False,
     cosmic_rays: int = 0,
     mover_speed: float = 0.0,
+    integer_dither: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[SimFrame]:
@@ -737,6 +738,7 @@ def simulate_dithers(
     frames = []
     for i in range(int(n_frames)):
         off = (torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * dither if i else torch.zeros(2)
+        off = off.round() if integer_dither else off
         hdr = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, sip=sip,
                           crpix_offset=(float(off[0]), float(off[1])))
         hdr["EXPTIME"] = 1.0

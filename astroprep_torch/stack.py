@@ -29,7 +29,7 @@ Surface brightness: frames are interpolated, not flux-conserved (``conserve_flux
 ``FSCALASTRO_TYPE NONE``): on a grid of equal pixel area the values are the same either way.
 
 Memory: the output grid is processed in bands of ``chunk_rows`` rows; for each band only the
-rectangle of every frame that maps into it is read (a slice of a tensor, or a memory-mapped read
+rectangle of every frame that maps into it is read (a slice of a tensor, or a section read
 of a FITS file in :func:`stack_files`), so memory grows with the band, not with the number of
 frames times their size.
 """
@@ -460,7 +460,7 @@ class Stack(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# FITS files (memory-mapped: each band reads only the rows it needs)
+# FITS files (read by sections: each band reads only the rows it needs)
 # ----------------------------------------------------------------------------------------------
 def read_grid(path) -> tuple[TanWCS, tuple]:
     """Target grid from a FITS file (its first image HDU's header) or an ASCII ``.head`` file; the
@@ -484,31 +484,40 @@ def read_grid(path) -> tuple[TanWCS, tuple]:
     return wcs, (int(header["NAXIS2"]), int(header["NAXIS1"]))
 
 
-def _fits_frame(path: Path, weight_path, stack_ctx) -> _Frame:
-    from astropy.io import fits
-
-    hl = stack_ctx.enter_context(fits.open(path, memmap=True))
-    hdu = next((h for h in hl if h.header.get("NAXIS", 0) == 2 and h.data is not None), None)
+def _image_hdu(hl, path):
+    hdu = next((h for h in hl if h.header.get("NAXIS", 0) == 2 and h.header.get("NAXIS1", 0) > 0
+                and h.is_image), None)
     if hdu is None:
         raise ValueError(f"{path}: no 2-D image HDU")
-    data, header = hdu.data, hdu.header
+    return hdu
+
+
+def _fits_frame(path: Path, weight_path, stack_ctx) -> _Frame:
+    """A frame read by sections (``hdu.section``: only the requested rows come from the file)."""
+    from astropy.io import fits
+
+    hl = stack_ctx.enter_context(fits.open(path, memmap=False))
+    hdu = _image_hdu(hl, path)
+    header = hdu.header
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     try:
         wcs = TanWCS.from_header(header)
     except ValueError as exc:
         raise ValueError(f"{path}: cannot stack without a supported WCS: {exc}") from None
-    wdata = None
+    whdu = None
     if weight_path is not None:
-        wl = stack_ctx.enter_context(fits.open(weight_path, memmap=True))
-        wdata = next(h.data for h in wl if h.header.get("NAXIS", 0) == 2 and h.data is not None)
-        if wdata.shape != data.shape:
-            raise ValueError(f"weight map {weight_path} shape {wdata.shape} != {path} shape {data.shape}")
+        whdu = _image_hdu(stack_ctx.enter_context(fits.open(weight_path, memmap=False)), weight_path)
+        wshape = (int(whdu.header["NAXIS2"]), int(whdu.header["NAXIS1"]))
+        if wshape != shape:
+            raise ValueError(f"weight map {weight_path} shape {wshape} != {path} shape {shape}")
 
     def read(y0, y1, x0, x1):
-        img = torch.from_numpy(np.array(data[y0:y1, x0:x1], dtype=np.float32))[None, None]
-        wgt = None if wdata is None else torch.from_numpy(np.array(wdata[y0:y1, x0:x1], dtype=np.float32))[None, None]
+        img = torch.from_numpy(np.asarray(hdu.section[y0:y1, x0:x1], dtype=np.float32).copy())[None, None]
+        wgt = None if whdu is None else torch.from_numpy(
+            np.asarray(whdu.section[y0:y1, x0:x1], dtype=np.float32).copy())[None, None]
         return img, ~torch.isfinite(img), wgt
 
-    return _Frame(wcs, tuple(data.shape), float(header.get("EXPTIME", 1.0) or 1.0), path.name, read,
+    return _Frame(wcs, shape, float(header.get("EXPTIME", 1.0) or 1.0), path.name, read,
                   None, 0.0, float(header.get("FLXSCALE", 1.0) or 1.0))
 
 
@@ -518,10 +527,10 @@ def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] 
     """Co-add FITS frames (see :func:`stack`); returns ``(StackResult, target TanWCS)``.
 
     ``reference``: a FITS file or ``.head`` giving the output grid (default :func:`coadd_grid`).
-    ``weights``: one inverse-variance weight map per frame (SWarp's ``MAP_WEIGHT``); default
-    ``1 / sigma^2`` per frame from the MAD of a subsample. Exposure times come from ``EXPTIME``
+    ``weights``: one inverse-variance weight map per frame (SWarp's ``MAP_WEIGHT`` with
+    ``RESCALE_WEIGHTS N``); default ``1 / sigma^2`` per frame from the MAD of a subsample. Exposure times come from ``EXPTIME``
     (1 when absent). ``flux_scale="header"`` uses each frame's ``FLXSCALE`` (as SWarp; 1 when absent).
-    Frames are memory-mapped; every band of ``chunk_rows`` output rows reads only what it needs.
+    Frames are read by sections: every band of ``chunk_rows`` output rows reads only what it needs.
     """
     import contextlib
 
@@ -533,8 +542,10 @@ def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] 
     target, shape = read_grid(reference) if reference is not None else (None, None)
     with contextlib.ExitStack() as ctx:
         frames = [_fits_frame(p, weights[i] if weights is not None else None, ctx) for i, p in enumerate(paths)]
-        for f in frames:
-            sub = f.reader(0, f.shape[0], 0, f.shape[1])[0][0, 0, ::4, ::4] if f.weight_scalar is None else None
+        for f in frames:  # noise and level from every 4th row (read in strips of 256 rows)
+            sub = torch.cat([f.reader(r, min(r + 256, f.shape[0]), 0, f.shape[1])[0][0, 0, ::4, ::4]
+                             for r in range(0, f.shape[0], 256)]) if (weights is None or background == "constant") \
+                else None
             if weights is None:
                 f.weight_scalar = 1.0 / max(float(robust_sigma(sub)) ** 2, 1e-30)
             if background == "constant":
