@@ -41,7 +41,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -571,7 +571,8 @@ def solve_astrometry(
     h, w = int(shape[0]), int(shape[1])
     cat = catalog if isinstance(catalog, ReferenceCatalog) else load_catalog(catalog, epoch=epoch)
     det_xy = torch.stack([torch.as_tensor(x, dtype=_F64).reshape(-1), torch.as_tensor(y, dtype=_F64).reshape(-1)], 1)
-    det_flux = torch.ones(det_xy.shape[0], dtype=_F64) if flux is None else torch.as_tensor(flux, dtype=_F64).reshape(-1)
+    det_flux = torch.ones(det_xy.shape[0], dtype=_F64) if flux is None else \
+        torch.as_tensor(flux, dtype=_F64).reshape(-1)
     if det_flux.shape[0] != det_xy.shape[0]:
         raise ValueError(f"flux has {det_flux.shape[0]} rows for {det_xy.shape[0]} detections")
     good = torch.isfinite(det_xy).all(1) & torch.isfinite(det_flux)
@@ -586,8 +587,8 @@ def solve_astrometry(
     errors = []
     for start in starts:
         try:
-            res = _solve_from(start, det_xy, det_flux, det_err, cat, (h, w), order, distortion, match_tol, max_radius, clip,
-                              rounds, min_matches, min_fraction, max_scale_change, max_rms_px)
+            res = _solve_from(start, det_xy, det_flux, det_err, cat, (h, w), order, distortion, match_tol,
+                              max_radius, clip, rounds, min_matches, min_fraction, max_scale_change, max_rms_px)
             res.pairs = torch.stack([keep_idx[res.pairs[:, 0]], res.pairs[:, 1]], 1)
             return res
         except AstrometryError as exc:

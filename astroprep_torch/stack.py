@@ -492,13 +492,27 @@ def _image_hdu(hl, path):
     return hdu
 
 
-def _fits_frame(path: Path, weight_path, stack_ctx) -> _Frame:
-    """A frame read by sections (``hdu.section``: only the requested rows come from the file)."""
+def _fits_frame(path: Path, weight_path, stack_ctx, header_suffix: Optional[str] = ".head") -> _Frame:
+    """A frame read by sections (``hdu.section``: only the requested rows come from the file).
+
+    A ``<frame><header_suffix>`` file beside it (e.g. the ``.head`` of ``astroprep astrometry`` or
+    SCAMP) overrides the header's keys, as SWarp's ``HEADER_SUFFIX`` does."""
     from astropy.io import fits
 
     hl = stack_ctx.enter_context(fits.open(path, memmap=False))
     hdu = _image_hdu(hl, path)
     header = hdu.header
+    head = path.with_suffix(header_suffix) if header_suffix else None
+    if head is not None and head.is_file() and head != path:
+        header = header.copy()
+        text = head.read_bytes().decode("latin-1")
+        extra = fits.Header.fromstring(text, sep="\n" if "\n" in text[:81] else "")
+        if any(k.startswith(("CTYPE", "CD", "PC", "CRPIX")) for k in extra):  # a new WCS replaces the old one
+            for k in [k for k in header if k.split("_")[0] in ("A", "B", "AP", "BP") or k.startswith(("PV1_", "PV2_"))]:
+                del header[k]
+        for card in extra.cards:
+            if card.keyword not in ("HISTORY", "COMMENT", ""):
+                header[card.keyword] = card.value
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     try:
         wcs = TanWCS.from_header(header)
@@ -523,14 +537,18 @@ def _fits_frame(path: Path, weight_path, stack_ctx) -> _Frame:
 
 def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] = None, combine: str = "weighted",
                 interpolation: str = "bilinear", background=None, flux_scale=None, clip_sigma: float = 3.0,
-                clip_iters: int = 3, chunk_rows: Optional[int] = None, grid_step: Optional[int] = 16) -> tuple:
+                clip_iters: int = 3, chunk_rows: Optional[int] = None, grid_step: Optional[int] = 16,
+                header_suffix: Optional[str] = ".head") -> tuple:
     """Co-add FITS frames (see :func:`stack`); returns ``(StackResult, target TanWCS)``.
 
     ``reference``: a FITS file or ``.head`` giving the output grid (default :func:`coadd_grid`).
     ``weights``: one inverse-variance weight map per frame (SWarp's ``MAP_WEIGHT`` with
-    ``RESCALE_WEIGHTS N``); default ``1 / sigma^2`` per frame from the MAD of a subsample. Exposure times come from ``EXPTIME``
-    (1 when absent). ``flux_scale="header"`` uses each frame's ``FLXSCALE`` (as SWarp; 1 when absent).
+    ``RESCALE_WEIGHTS N``); default ``1 / sigma^2`` per frame from the MAD of a subsample. Exposure
+    times come from ``EXPTIME`` (1 when absent). ``flux_scale="header"`` uses each frame's ``FLXSCALE`` (as SWarp; 1 when absent).
     Frames are read by sections: every band of ``chunk_rows`` output rows reads only what it needs.
+    A ``<frame>.head`` beside a frame overrides its header (``header_suffix``; None: ignore them).
+    This is also the template builder for a night without a reference: ``stack_files(frames,
+    combine="median")`` then :func:`write_stack`.
     """
     import contextlib
 
@@ -541,7 +559,8 @@ def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] 
         raise ValueError(f"weights: {len(weights)} weight maps for {len(paths)} frames")
     target, shape = read_grid(reference) if reference is not None else (None, None)
     with contextlib.ExitStack() as ctx:
-        frames = [_fits_frame(p, weights[i] if weights is not None else None, ctx) for i, p in enumerate(paths)]
+        frames = [_fits_frame(p, weights[i] if weights is not None else None, ctx, header_suffix)
+                  for i, p in enumerate(paths)]
         for f in frames:  # noise and level from every 4th row (read in strips of 256 rows)
             sub = torch.cat([f.reader(r, min(r + 256, f.shape[0]), 0, f.shape[1])[0][0, 0, ::4, ::4]
                              for r in range(0, f.shape[0], 256)]) if (weights is None or background == "constant") \

@@ -169,3 +169,20 @@ def test_bad_arguments(frames):
         S.stack(images[:1], wcs)
     with pytest.raises(ValueError, match="images must be a"):
         S.stack(images[:, 0], wcs)
+
+
+def test_head_file_beside_a_frame_overrides_its_wcs(frames, tmp_path):
+    grid = tmp_path / "grid.head"
+    grid.write_text("\n".join(str(c) for c in frames[0].header.cards) + "\nEND\n")
+    good, _ = S.stack_files([write_fits(tmp_path / "a.fits", frames[1].image, header=frames[1].header)],
+                            reference=grid, combine="mean", weights=None, grid_step=None)
+    wrong = frames[1].header.copy()
+    wrong["CRVAL1"] += 5 / 3600  # 5 px off; the .head (as astroprep astrometry writes it) fixes it
+    p = write_fits(tmp_path / "b.fits", frames[1].image, header=wrong)
+    from astroprep_torch.astrometry import write_head
+
+    write_head(tmp_path / "b.head", frames[1].header)
+    fixed, _ = S.stack_files([p], reference=grid, combine="mean", grid_step=None)
+    assert torch.allclose(fixed.image.nan_to_num(), good.image.nan_to_num())
+    ignored, _ = S.stack_files([p], reference=grid, combine="mean", grid_step=None, header_suffix=None)
+    assert not torch.allclose(ignored.image.nan_to_num(), good.image.nan_to_num())
