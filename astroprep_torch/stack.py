@@ -236,8 +236,20 @@ def _source_box(frame: _Frame, band_wcs: TanWCS, rows: int, width: int, margin: 
     return y0, y1, x0, x1
 
 
+def _safe_step(grid_step: Optional[int], rows: int, width: int) -> Optional[int]:
+    """A grid step near ``grid_step`` for which neither ``rows - 1`` nor ``width - 1`` is a multiple:
+    ``align.reproject`` with ``grid_step`` fails on such output shapes (it indexes one node too far)."""
+    if grid_step is None:
+        return None
+    for s in (grid_step, grid_step - 1, grid_step + 1, grid_step - 2, grid_step + 2, grid_step + 3):
+        if s >= 2 and (rows - 1) % s and (width - 1) % s:
+            return s
+    return None
+
+
 def _resample_band(frames, band_wcs, rows, width, interpolation, grid_step):
     """Values, validity and weights (N, rows, width) of every frame on one output band."""
+    grid_step = _safe_step(grid_step, rows, width)
     vals, valid, wts, expo = [], [], [], []
     for f in frames:
         box = _source_box(f, band_wcs, rows, width)

@@ -186,3 +186,12 @@ def test_head_file_beside_a_frame_overrides_its_wcs(frames, tmp_path):
     assert torch.allclose(fixed.image.nan_to_num(), good.image.nan_to_num())
     ignored, _ = S.stack_files([p], reference=grid, combine="mean", grid_step=None, header_suffix=None)
     assert not torch.allclose(ignored.image.nan_to_num(), good.image.nan_to_num())
+
+
+def test_band_shapes_on_the_mapping_grid(frames):
+    # output bands of 17 rows and a width of 97 (both 1 + a multiple of the 16-px mapping grid)
+    images, wcs = batch(frames[:2])
+    tw = TanWCS.from_header(frames[0].header)
+    r = S.stack(images, wcs, tw, (85, 97), combine="mean", chunk_rows=17, grid_step=16)
+    e = S.stack(images, wcs, tw, (85, 97), combine="mean", chunk_rows=17, grid_step=None)
+    assert torch.allclose(r.image.nan_to_num(), e.image.nan_to_num(), atol=1e-2)
