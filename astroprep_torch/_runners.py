@@ -98,11 +98,13 @@ def _frame_epoch(header):
 
 def run_astrometry(cfg: DictConfig) -> dict:
     """``astroprep astrometry``: solve each frame against ``catalog``; write ``<frame>.head`` and ``<frame>.fits``."""
+    import json
+
     import torch
     from hydra.utils import instantiate
 
     from . import data as data_mod
-    from .astrometry import AstrometryError, load_catalog, solve_astrometry, write_head
+    from .astrometry import AstrometryError, load_catalog, solve_image, solved_header, write_head
     from .io import read_fits, write_fits
 
     if cfg.get("threads"):
@@ -121,36 +123,23 @@ def run_astrometry(cfg: DictConfig) -> dict:
         frame = read_fits(p)
         if frame.wcs is None and cfg.get("pointing") is None:
             raise ValueError(f"{p}: no supported WCS in the header; give pointing=[ra,dec] and pixel_scale=")
-        bkg = background(frame.data, frame.mask)
-        cat = extractor(frame.data - bkg.background, bkg.rms, frame.mask)
-        flags = cat["flags"] if "flags" in cat else torch.zeros(len(cat), dtype=torch.long)
-        ok = flags < 4  # not saturated / truncated / corrupted
-        flux = cat["flux_auto"] if "flux_auto" in cat else cat["flux_iso"]
-        ref = load_catalog(cfg.catalog, epoch=_frame_epoch(frame.header))
         start = dict(wcs=frame.wcs) if cfg.get("pointing") is None else dict(
             pointing=tuple(cfg.pointing), pixel_scale=float(cfg.pixel_scale))
+        ref = load_catalog(cfg.catalog, epoch=_frame_epoch(frame.header))
         try:
-            res = solve_astrometry(cat["x"][ok], cat["y"][ok], flux[ok], ref, shape=tuple(frame.data.shape[-2:]),
-                                   max_detections=int(cfg.max_detections), **start, **options)
+            res = solve_image(frame.data, ref, mask=frame.mask, background=background, extractor=extractor,
+                              max_detections=int(cfg.max_detections), **start, **options)
         except AstrometryError as exc:
             print(f"[astroprep] {name}: FAILED: {exc}")
             summary[name] = {"ok": False, "error": str(exc)}
             continue
-        header = frame.header.copy()
-        for k in [k for k in header if k.split("_")[0] in ("A", "B", "AP", "BP") or k.startswith(("PV1_", "PV2_"))]:
-            del header[k]
-        for card in res.header.cards:
-            if card.keyword not in ("HISTORY",):
-                header[card.keyword] = (card.value, card.comment)
-        for line in res.header["HISTORY"]:
-            header.add_history(line)
         write_head(out / f"{name}.head", res.header)
-        write_fits(out / f"{name}.fits", frame.data, header=header, overwrite=True)
+        write_fits(out / f"{name}.fits", frame.data, header=solved_header(frame.header, res), overwrite=True)
         summary[name] = {"ok": True, "n_matches": res.n_matches, "rms_arcsec": res.rms_arcsec, "rms_px": res.rms_px,
                          "seconds": time.perf_counter() - t0}
         print(f"[astroprep] {name}: {res.n_matches} stars, rms {res.rms_arcsec:.3f} arcsec ({res.rms_px:.3f} px) "
               f"-> {out / (name + '.head')}")
-    (out / "astrometry.json").write_text(__import__("json").dumps(summary, indent=2))
+    (out / "astrometry.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -159,7 +148,7 @@ def run_stack(cfg: DictConfig) -> dict:
     import torch
 
     from . import data as data_mod
-    from .stack import stack_files, write_stack
+    from .stack import build_template
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -171,9 +160,7 @@ def run_stack(cfg: DictConfig) -> dict:
         options["combine"] = str(cfg.combine)
     weights = list(cfg.weights) if cfg.get("weights") else None
     t0 = time.perf_counter()
-    res, target = stack_files(paths, reference=cfg.get("reference"), weights=weights, **options)
-    written = write_stack(cfg.output, res, target, combine=options["combine"], names=[p.name for p in paths])
-    h, w = res.image.shape[-2:]
-    print(f"[astroprep] stacked {len(paths)} frames ({options['combine']}) onto {h}x{w} in "
-          f"{time.perf_counter() - t0:.1f} s -> {written['coadd']}")
+    written = build_template(paths, cfg.output, reference=cfg.get("reference"), weights=weights, **options)
+    print(f"[astroprep] stacked {len(paths)} frames ({options['combine']}) in {time.perf_counter() - t0:.1f} s "
+          f"-> {written['coadd']}")
     return {k: str(v) for k, v in written.items()}

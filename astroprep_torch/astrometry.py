@@ -51,7 +51,8 @@ from ._ops import serial_on_cpu
 from .align import AlignmentError, match_sources
 from .wcs import TanWCS
 
-__all__ = ["AstrometryError", "ReferenceCatalog", "AstrometryResult", "load_catalog", "pointing_wcs",
+__all__ = ["AstrometryError", "ReferenceCatalog", "AstrometryResult", "load_catalog", "pointing_wcs", "detect_stars",
+           "solve_image", "solved_header",
            "solve_astrometry", "AstrometrySolver", "write_head", "fit_wcs", "match_nearest"]
 
 _F64 = torch.float64
@@ -731,3 +732,46 @@ class AstrometrySolver(nn.Module):
 
     def extra_repr(self) -> str:
         return f"catalog={len(self.catalog)} stars, " + ", ".join(f"{k}={v}" for k, v in self.options.items())
+
+
+def detect_stars(image: Tensor, mask: Optional[Tensor] = None, *, background=None, extractor=None,
+                 thresh: float = 5.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, y, flux)`` of the clean detections of one frame (1, 1, H, W): background subtracted
+    (``Background2D`` by default), then ``SourceExtractor`` (``thresh`` sigma by default); sources
+    flagged saturated, truncated or corrupted (SExtractor flags >= 4) are left out."""
+    from .background import Background2D
+    from .detect import SourceExtractor
+
+    background = background if background is not None else Background2D()
+    extractor = extractor if extractor is not None else SourceExtractor(thresh=thresh)
+    bkg = background(image, mask)
+    cat = extractor(image - bkg.background, bkg.rms, mask)
+    flags = cat["flags"] if "flags" in cat else torch.zeros(len(cat), dtype=torch.long)
+    ok = flags < 4
+    flux = cat["flux_auto"] if "flux_auto" in cat else cat["flux_iso"]
+    return cat["x"][ok], cat["y"][ok], flux[ok]
+
+
+def solve_image(image: Tensor, catalog, *, mask: Optional[Tensor] = None, wcs: Optional[TanWCS] = None,
+                background=None, extractor=None, thresh: float = 5.0, max_detections: int = 5000,
+                **options) -> AstrometryResult:
+    """Detect the stars of one frame (:func:`detect_stars`) and solve its WCS (:func:`solve_astrometry`
+    with ``options``): the pipeline stage "astrometry before alignment"."""
+    x, y, flux = detect_stars(image, mask, background=background, extractor=extractor, thresh=thresh)
+    return solve_astrometry(x, y, flux, catalog, shape=tuple(image.shape[-2:]), wcs=wcs,
+                            max_detections=max_detections, **options)
+
+
+def solved_header(header, result: AstrometryResult):
+    """A copy of the frame's ``header`` with its WCS (and any SIP / PV keys) replaced by the solution,
+    plus ``ASTRRMS1``/``ASTRRMS2``, ``ASTRNMAT`` and the HISTORY lines."""
+    out = header.copy()
+    for k in [k for k in out if k.split("_")[0] in ("A", "B", "AP", "BP") or k.startswith(("PV1_", "PV2_", "PC1_",
+                                                                                          "PC2_", "CDELT", "CROTA"))]:
+        del out[k]
+    for card in result.header.cards:
+        if card.keyword not in ("HISTORY", "COMMENT", ""):
+            out[card.keyword] = (card.value, card.comment)
+    for line in result.header["HISTORY"]:
+        out.add_history(line)
+    return out

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from .align import reproject
 from .wcs import TanWCS
 
-__all__ = ["COMBINES", "StackResult", "StackError", "stack", "stack_files", "coadd_grid", "Stack"]
+__all__ = ["COMBINES", "StackResult", "StackError", "stack", "stack_files", "coadd_grid", "Stack", "build_template",
+           "write_stack", "read_grid", "combine_values"]
 
 COMBINES = ("mean", "weighted", "median", "clipped")
 _D2R = math.pi / 180.0
@@ -610,3 +611,12 @@ def write_stack(out_dir, result: StackResult, target: TanWCS, *, combine: str, n
     write_fits(paths["weight"], result.weight, header=h, wcs=target, overwrite=True)
     write_fits(paths["exposure"], result.exposure, header=h, wcs=target, overwrite=True)
     return paths
+
+
+def build_template(paths: Sequence, output, *, combine: str = "median", reference=None, weights=None,
+                   **options) -> dict:
+    """A deep template from a night's frames (for ``astroprep night`` without a reference): stacks
+    ``paths`` with :func:`stack_files` and writes the three co-add files into ``output``; returns
+    their paths (``coadd``, ``weight``, ``exposure``)."""
+    res, target = stack_files(paths, reference=reference, weights=weights, combine=combine, **options)
+    return write_stack(output, res, target, combine=combine, names=[Path(p).name for p in paths])
