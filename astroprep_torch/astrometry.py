@@ -37,6 +37,7 @@ operation (no Python loop over stars). Not differentiable (it is a fit, not a la
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._ops import serial_on_cpu
+from ._ops import one_intraop_thread
 from .align import AlignmentError, match_sources
 from .wcs import TanWCS
 
@@ -532,7 +533,16 @@ def _residual_stats(wcs: TanWCS, det_xy, cat, pairs):
     return res, rms
 
 
-@serial_on_cpu  # many small ops: one OpenMP thread is faster than fork/join on few busy cores
+def _one_thread(fn):
+    """Run ``fn`` with one intra-op thread: many small ops, where OpenMP fork/join costs more than it gains."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with one_intraop_thread(not torch.compiler.is_compiling()):
+            return fn(*args, **kwargs)
+    return run
+
+
+@_one_thread
 def solve_astrometry(
     x: Tensor, y: Tensor, flux: Optional[Tensor], catalog, *, shape, wcs: Optional[TanWCS] = None,
     pointing: Optional[Sequence[float]] = None, pixel_scale: Optional[float] = None, order: int = 3,
