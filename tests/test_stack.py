@@ -195,3 +195,13 @@ def test_band_shapes_on_the_mapping_grid(frames):
     r = S.stack(images, wcs, tw, (85, 97), combine="mean", chunk_rows=17, grid_step=16)
     e = S.stack(images, wcs, tw, (85, 97), combine="mean", chunk_rows=17, grid_step=None)
     assert torch.allclose(r.image.nan_to_num(), e.image.nan_to_num(), atol=1e-2)
+
+
+def test_module_matches_function(frames):
+    images, wcs = batch(frames[:3])
+    tw, shape = target_of(frames)
+    mod = S.Stack(combine="clipped", clip_sigma=4.0)
+    assert "clipped" in repr(mod)
+    a = mod(images, wcs, tw, shape)
+    b = S.stack(images, wcs, tw, shape, combine="clipped", clip_sigma=4.0)
+    assert torch.equal(a.image.nan_to_num(), b.image.nan_to_num()) and torch.equal(a.count, b.count)
