@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "io", "wcs", "sim", "quality", "background", "align", "subtract", "detect", "photometry",
-    "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli",
+    "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli", "astrometry", "stack",
 )
 
 __all__ = list(_SUBMODULES) + ["__version__", "retain_freed_memory"]

@@ -121,4 +121,89 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 
 __all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
-           "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels"]
+           "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels",
+           "run_astrometry", "run_stack"]
+
+
+def _frame_epoch(header):
+    """Julian year of a frame from MJD-OBS or DATE-OBS (None when neither is there)."""
+    from astropy.time import Time
+
+    try:
+        if header.get("MJD-OBS") is not None:
+            return float(Time(float(header["MJD-OBS"]), format="mjd").jyear)
+        if header.get("DATE-OBS"):
+            return float(Time(str(header["DATE-OBS"])).jyear)
+    except ValueError:
+        return None
+    return None
+
+
+def run_astrometry(cfg: DictConfig) -> dict:
+    """``astroprep astrometry``: solve each frame against ``catalog``; write ``<frame>.head`` and ``<frame>.fits``."""
+    import json
+
+    import torch
+    from hydra.utils import instantiate
+
+    from . import data as data_mod
+    from .astrometry import AstrometryError, load_catalog, solve_image, solved_header, write_head
+    from .io import read_fits, write_fits
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    paths = data_mod.resolve_inputs(list(cfg.input) if not isinstance(cfg.input, str) else cfg.input)
+    if not paths:
+        raise FileNotFoundError(f"input: no FITS files in {cfg.input}")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    background, extractor = instantiate(cfg.background), instantiate(cfg.detect, _convert_="all")
+    options = OmegaConf.to_container(cfg.astrometry, resolve=True)
+    summary = {}
+    for p in paths:
+        name = data_mod.frame_name(p)
+        t0 = time.perf_counter()
+        frame = read_fits(p)
+        if frame.wcs is None and cfg.get("pointing") is None:
+            raise ValueError(f"{p}: no supported WCS in the header; give pointing=[ra,dec] and pixel_scale=")
+        start = dict(wcs=frame.wcs) if cfg.get("pointing") is None else dict(
+            pointing=tuple(cfg.pointing), pixel_scale=float(cfg.pixel_scale))
+        ref = load_catalog(cfg.catalog, epoch=_frame_epoch(frame.header))
+        try:
+            res = solve_image(frame.data, ref, mask=frame.mask, background=background, extractor=extractor,
+                              max_detections=int(cfg.max_detections), **start, **options)
+        except AstrometryError as exc:
+            print(f"[astroprep] {name}: FAILED: {exc}")
+            summary[name] = {"ok": False, "error": str(exc)}
+            continue
+        write_head(out / f"{name}.head", res.header)
+        write_fits(out / f"{name}.fits", frame.data, header=solved_header(frame.header, res), overwrite=True)
+        summary[name] = {"ok": True, "n_matches": res.n_matches, "rms_arcsec": res.rms_arcsec, "rms_px": res.rms_px,
+                         "seconds": time.perf_counter() - t0}
+        print(f"[astroprep] {name}: {res.n_matches} stars, rms {res.rms_arcsec:.3f} arcsec ({res.rms_px:.3f} px) "
+              f"-> {out / (name + '.head')}")
+    (out / "astrometry.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_stack(cfg: DictConfig) -> dict:
+    """``astroprep stack``: co-add the input frames; write coadd.fits, coadd.weight.fits, coadd.exposure.fits."""
+    import torch
+
+    from . import data as data_mod
+    from .stack import build_template
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    paths = data_mod.resolve_inputs(list(cfg.input) if not isinstance(cfg.input, str) else cfg.input)
+    if not paths:
+        raise FileNotFoundError(f"input: no FITS files in {cfg.input}")
+    options = OmegaConf.to_container(cfg.stack, resolve=True)
+    if cfg.get("combine"):
+        options["combine"] = str(cfg.combine)
+    weights = list(cfg.weights) if cfg.get("weights") else None
+    t0 = time.perf_counter()
+    written = build_template(paths, cfg.output, reference=cfg.get("reference"), weights=weights, **options)
+    print(f"[astroprep] stacked {len(paths)} frames ({options['combine']}) in {time.perf_counter() - t0:.1f} s "
+          f"-> {written['coadd']}")
+    return {k: str(v) for k, v in written.items()}

@@ -14,6 +14,10 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
 * ``astroprep background | extract | reproject | subtract`` -- drop-in presets for the classic tools
   on FITS files (SExtractor check images, SExtractor catalog, SWarp/reproject, HOTPANTS).
 * ``astroprep serve | user | ingest | export-labels`` -- the validation web application (extra ``web``).
+* ``astroprep astrometry input=... catalog=... output=...`` -- WCS solutions against a reference
+  catalog (SCAMP): ``<frame>.head`` and ``<frame>.fits`` per frame.
+* ``astroprep stack input=... output=... combine=median [reference=...]`` -- co-add (SWarp):
+  ``coadd.fits``, ``coadd.weight.fits``, ``coadd.exposure.fits``.
 
 ``astroprep --help`` lists them; ``astroprep run --help`` shows Hydra's help with the config.
 """
@@ -36,11 +40,12 @@ COMMANDS = {
     "subtract": ("tool_subtract", "run_pipeline"),
     "night": ("night", "run_night"),
     "simulate-night": ("simulate_night", "run_simulate_night"),
-
     "serve": ("serve", "run_serve"),
     "user": ("user", "run_user"),
     "ingest": ("ingest", "run_ingest"),
     "export-labels": ("export_labels", "run_export_labels"),
+    "astrometry": ("astrometry", "run_astrometry"),
+    "stack": ("stack", "run_stack"),
 }
 
 
@@ -72,11 +77,12 @@ def _usage() -> str:
         "subtract": "image subtraction of FITS pairs (HOTPANTS)",
         "night": "a night of frames -> moving objects, MPC/ADES reports, sequences, cutouts",
         "simulate-night": "write a simulated night of one field (frames + movers' truth) as FITS",
-
         "serve": "the validation web application (db=sqlite:///astroprep.db host= port=)",
         "user": "create or update a web user (name= role=viewer|validator|admin password= db=)",
         "ingest": "load a night/run output folder into the web database (run= night= db=)",
         "export-labels": "people's labels as a training set (db= output=)",
+        "astrometry": "solve frames' WCS (TAN-SIP/TPV) against a reference catalog (SCAMP)",
+        "stack": "co-add frames onto one grid: median/mean/weighted/clipped (SWarp)",
     }
     for k in COMMANDS:
         lines.append(f"  {k:<18}{doc[k]}")

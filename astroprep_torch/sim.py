@@ -54,6 +54,7 @@ __all__ = [
     "SimNight",
     "simulate_night",
     "simulate_detections",
+    "simulate_dithers",
 ]
 
 #: GWAC detector size as (H, W) = (rows, columns).
@@ -1116,3 +1117,79 @@ def _frame_detections(night: SimNight, k: int, snr_min, n_spurious, floor, gen) 
             "exptime": torch.full((n,), night.exptime, dtype=torch.float64),
             "theta": _measured_theta(pa, trail, s, gen),
             "x": x, "y": y, "exposure": torch.full((n,), k, dtype=torch.long), "object": obj}
+
+
+def simulate_dithers(
+    n_frames: int = 5,
+    shape: tuple[int, int] = (512, 512),
+    *,
+    n_stars: int = 1000,
+    dither: float = 10.0,
+    fwhm: float = 2.5,
+    mag_range: tuple[float, float] = (12.0, 20.0),
+    zeropoint: float = 25.0,
+    sky: float = 1000.0,
+    noise: float = 10.0,
+    ra: float = 150.0,
+    dec: float = 30.0,
+    pixel_scale: float = 1.0,
+    sip: Union[bool, float] = False,
+    cosmic_rays: int = 0,
+    mover_speed: float = 0.0,
+    integer_dither: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[SimFrame]:
+    """``n_frames`` dithered exposures of one star field (what a stack or an astrometric fit needs).
+
+    Frame ``i`` points ``dither`` pixels (uniform random in x and y, frame 0 undithered) away
+    from the field centre; every frame has a flat sky ``sky`` and Gaussian noise of constant
+    ``noise`` ADU (``variance`` is ``noise**2``), so the expected noise of a stack is known. The
+    truth ``catalog`` of each frame holds every star (``ra, dec, mag, flux`` and its ``x, y``).
+    ``cosmic_rays`` single hot pixels (+20 to +200 ``noise``) per frame are flagged in
+    ``defect_mask``; with ``mover_speed > 0`` one bright object moves by that many pixels per
+    frame along x (``kind`` 2 in the catalog).
+    """
+    shape = _check_shape(shape)
+    h, w = shape
+    gen = torch.Generator().manual_seed(int(seed))
+    base = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, sip=sip)
+    m = 2.0 * dither + 8.0
+    x0 = torch.rand(n_stars, generator=gen, dtype=torch.float64) * (w + 2 * m) - m
+    y0 = torch.rand(n_stars, generator=gen, dtype=torch.float64) * (h + 2 * m) - m
+    mag = mag_range[0] + torch.rand(n_stars, generator=gen, dtype=torch.float64) * (mag_range[1] - mag_range[0])
+    s_ra, s_dec = _sky_positions(base, x0, y0)
+    frames = []
+    for i in range(int(n_frames)):
+        off = (torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * dither if i else torch.zeros(2)
+        off = off.round() if integer_dither else off
+        hdr = make_header(shape, ra=ra, dec=dec, pixel_scale=pixel_scale, sip=sip,
+                          crpix_offset=(float(off[0]), float(off[1])))
+        hdr["EXPTIME"] = 1.0
+        x, y = _pixel_positions(hdr, s_ra, s_dec)
+        flux = 10 ** (-0.4 * (mag - zeropoint))
+        kind = torch.zeros(n_stars, dtype=torch.int8)
+        if mover_speed > 0:
+            x, y, flux, kind = (torch.cat([x, torch.tensor([w * 0.3 + i * mover_speed], dtype=torch.float64)]),
+                                torch.cat([y, torch.tensor([h * 0.5], dtype=torch.float64)]),
+                                torch.cat([flux, torch.tensor([10 ** (-0.4 * (mag_range[0] + 1 - zeropoint))])]),
+                                torch.cat([kind, torch.tensor([2], dtype=torch.int8)]))
+        stars = render_stars(shape, x.float(), y.float(), flux.float(), fwhm=fwhm).to(torch.float64)
+        noiseless = stars + sky
+        image = noiseless + noise * torch.randn(shape, generator=gen, dtype=torch.float64)
+        cr = torch.zeros(shape, dtype=torch.bool)
+        if cosmic_rays:
+            iy = torch.randint(0, h, (cosmic_rays,), generator=gen)
+            ix = torch.randint(0, w, (cosmic_rays,), generator=gen)
+            image[iy, ix] += noise * (20 + 180 * torch.rand(cosmic_rays, generator=gen, dtype=torch.float64))
+            cr[iy, ix] = True
+        ra_i, dec_i = (torch.cat([s_ra, _sky_positions(hdr, x[-1:], y[-1:])[0]]),
+                       torch.cat([s_dec, _sky_positions(hdr, x[-1:], y[-1:])[1]])) if mover_speed > 0 else (s_ra, s_dec)
+        mags = torch.cat([mag, torch.tensor([mag_range[0] + 1.0], dtype=torch.float64)]) if mover_speed > 0 else mag
+        t = lambda a: a.to(dtype)[None, None]
+        frames.append(SimFrame(
+            image=t(image), background=t(torch.full(shape, sky, dtype=torch.float64)), noiseless=t(noiseless),
+            variance=t(torch.full(shape, noise ** 2, dtype=torch.float64)), mask=torch.zeros(1, 1, h, w, dtype=torch.bool),
+            defect_mask=cr[None, None], header=hdr, fwhm=fwhm, gain=1.0,
+            catalog={"x": x, "y": y, "flux": flux, "mag": mags, "ra": ra_i, "dec": dec_i, "kind": kind}))
+    return frames
