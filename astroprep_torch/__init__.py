@@ -18,6 +18,13 @@ module          what it does
 ``cutouts``     stamps / triplets, ZTF alert reading
 ``classify``    braai port, torchvision backbones, ``AlertClassifier``
 ``pipeline``    Hydra-configured graph of stages, Lightning predict
+``astrometry``  WCS solutions (TAN-SIP / TPV) against a reference catalog
+``stack``       co-adds onto one grid (mean, weighted, median, clipped)
+``moving``      linking a night's detections into tracklets (rate, PA)
+``reports``     MPC 80-column and ADES PSV writers and readers
+``obstime``     mid-exposure UTC times from FITS headers
+``sequences``   per-object stamp sequences, GIFs, CERES cutouts
+``night``       ``astroprep night``: a night of frames to moving objects
 ``viz``         quick-look figures
 ==============  ==========================================================
 
@@ -46,6 +53,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "io", "wcs", "sim", "quality", "background", "align", "subtract", "detect", "photometry",
     "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli", "astrometry", "stack",
+    "moving", "reports", "obstime", "sequences", "night",
 )
 
 __all__ = list(_SUBMODULES) + ["__version__", "retain_freed_memory"]
