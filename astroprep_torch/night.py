@@ -236,21 +236,21 @@ def _concat(parts: list) -> dict:
 # 5. linking
 # --------------------------------------------------------------------------------------------
 def link_night(det: dict, linking: dict):
-    """``link_tracklets`` on the night's detections (trail shapes and positional errors included)."""
+    """``link_tracklets`` on the night's detections (trail shapes, exposure times, positional errors
+    and native detector pixels, where a hot pixel stays while the sky moves), with the keyword
+    arguments of ``configs/moving`` (``_target_`` ignored)."""
     from .moving import link_tracklets
 
-    import inspect
+    def t(k):
+        return torch.as_tensor(np.asarray(det[k], dtype=np.float64))
 
-    t = lambda k: torch.as_tensor(np.asarray(det[k], dtype=np.float64))  # noqa: E731
-    extra = {}
-    accepts = inspect.signature(link_tracklets).parameters
-    if "exptime" in accepts:  # trail length against rate x exposure time
-        extra["exptime"] = t("exptime")
-    if "x" in accepts and len(det["xd"]) and np.isfinite(det["xd"]).all():
-        extra.update(x=t("xd"), y=t("yd"))  # native detector pixels: hot pixels stay put, the sky moves
+    extra = {"exptime": t("exptime")}
+    if len(det["xd"]) and np.isfinite(det["xd"]).all():
+        extra.update(x=t("xd"), y=t("yd"))
+    kwargs = {k: v for k, v in dict(linking).items() if k != "_target_"}
     return link_tracklets(t("ra"), t("dec"), t("mjd"), mag=t("mag"), pos_err=t("pos_err"), a=t("a"), b=t("b"),
                           theta=t("pa_trail"), exposure=torch.as_tensor(np.asarray(det["exposure"], dtype=np.int64)),
-                          **extra, **dict(linking))
+                          **extra, **kwargs)
 
 
 def tracklet_rows(det: dict, tracklets, *, prefix: str = "AP", grid_xy=None):
