@@ -117,6 +117,14 @@ def check_float_dtype(x: Tensor, name: str, *, allowed=(torch.float32, torch.flo
     return x
 
 
+def check_wcs(wcs, name: str):
+    """``wcs`` must map pixels and sky (``pixel_to_world`` / ``world_to_pixel``, e.g. a TanWCS)."""
+    if wcs is None or not (hasattr(wcs, "pixel_to_world") and hasattr(wcs, "world_to_pixel")):
+        raise TypeError(f"{name} must be a WCS with pixel_to_world / world_to_pixel (e.g. a TanWCS from "
+                        f"TanWCS.from_header), got {type(wcs).__name__}")
+    return wcs
+
+
 def check_batch_nonempty(x: Tensor, name: str) -> Tensor:
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): nothing to compute")

@@ -863,7 +863,7 @@ class FrameWriter(BasePredictionWriter):
                 status, reason = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
                 self._remove(written)  # a failed frame leaves no product behind
                 written = []
-                if _disk_full(exc):
+                if _disk_full(exc, self.output_dir):
                     rows.append({"name": name, "path": path, "status": status, "reason": reason, "outputs": [], "rank": rank})
                     self._record(rows, rank, missing_ok=True)
                     raise OutputDiskFull(f"output disk full writing frame {name!r} in {self.output_dir} ({exc})") from exc
@@ -890,7 +890,7 @@ class FrameWriter(BasePredictionWriter):
             _append_jsonl(self.output_dir / f"manifest.rank{rank}.jsonl", rows)
         except OSError as exc:
             if not missing_ok:
-                if _disk_full(exc):
+                if _disk_full(exc, self.output_dir):
                     for r in rows:
                         self._remove(r["outputs"])  # products without a manifest row would be redone anyway
                     raise OutputDiskFull(f"output disk full writing the manifest in {self.output_dir} ({exc})") from exc
@@ -1224,13 +1224,22 @@ class OutputDiskFull(RunError, OSError):
     fail the same way."""
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _disk_full(exc: BaseException, folder=None) -> bool:
+    """Whether ``exc`` says the disk is full: ENOSPC / EDQUOT anywhere in its chain, or an OSError
+    without errno (astropy's "Not enough space on disk") while ``folder``'s disk has < 1 MiB free."""
     import errno
+    import shutil
 
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        exc = exc.__cause__ or exc.__context__
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, OSError) and folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            return False
     return False
 
 
