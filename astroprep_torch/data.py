@@ -2,8 +2,10 @@
 
 * :class:`FitsFrameDataset` / :class:`FitsFrameDataModule` -- FITS frames from paths, globs, folders
   or a list file, read by worker processes (``num_workers``, ``prefetch_factor``, pinned memory) so
-  that reading hides behind computation. A file that cannot be read does not stop the run: its item
-  carries ``error`` (the reason) and the pipeline records it in the manifest and moves on.
+  that reading hides behind computation. A file that cannot be read, or holds no usable image (too
+  small, every pixel bad, constant), does not stop the run: its item carries ``error`` (the reason)
+  and the pipeline records it in the manifest and moves on. Output names are unique per run
+  (:func:`frame_names`).
 
 An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool (True = bad),
 ``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
@@ -140,6 +142,7 @@ class FitsFrameDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        from ._checks import frame_problem
         from .io import read_fits
 
         path = self.paths[index]
@@ -149,6 +152,7 @@ class FitsFrameDataset(Dataset):
             item["image"] = f.data[0]
             item["mask"] = f.mask[0]
             item["header"] = f.header.tostring()
+            item["error"] = frame_problem(f.data, f.mask)  # too small, empty: said here, in the reader
         except Exception as exc:  # a bad file is reported, never fatal
             item["error"] = f"{type(exc).__name__}: {exc}"
             item["image"] = torch.zeros(1, 1, 1)

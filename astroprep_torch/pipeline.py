@@ -1439,9 +1439,12 @@ def run_from_config(cfg) -> dict:
         print(f"[astroprep] simulated a {pair.science.shape[0]}x{pair.science.shape[1]} two-epoch field "
               f"({time.perf_counter() - t0:.1f} s) -> {out_dir / 'inputs'}")
         inputs, reference_path, truth = [str(paths["science"])], str(paths["reference"]), pair.transients
-    paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    try:
+        paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    except OSError as exc:
+        raise InputError(str(exc)) from None
     if not paths:
-        raise FileNotFoundError(f"input: no FITS files in {inputs}")
+        raise InputError(f"input: no FITS files in {inputs}")
     pipeline: Pipeline = instantiate(cfg.pipeline)
     ref = None
     if cfg.get("needs_reference", True):
