@@ -6,6 +6,7 @@ boundary of a stage instead of corrupting data further down.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -150,11 +151,15 @@ def frame_problem(image: Tensor, mask: Optional[Tensor] = None, min_size: int = 
     h, w = image.shape[-2:]
     if h < min_size or w < min_size:
         return f"frame too small: {h}x{w} pixels (at least {min_size}x{min_size} needed)"
-    bad = bad_pixels(image, mask)
-    good = image[~bad]
-    if good.numel() == 0:
-        return "empty frame: every pixel is NaN, infinite or masked"
-    lo, hi = float(good.min()), float(good.max())
+    with torch.no_grad():
+        bad = bad_pixels(image, mask)
+        if not bool(bad.any()):
+            lo, hi = (float(v) for v in torch.aminmax(image))
+        elif bool(bad.all()):
+            return "empty frame: every pixel is NaN, infinite or masked"
+        else:
+            lo = float(image.masked_fill(bad, math.inf).amin())
+            hi = float(image.masked_fill(bad, -math.inf).amax())
     if lo == hi:
         return f"empty frame: every usable pixel equals {lo:g}"
     return ""

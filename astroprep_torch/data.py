@@ -9,7 +9,8 @@
 
 An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool (True = bad),
 ``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
-(the file stem, used to name outputs), ``path`` and ``error`` (``""`` when the read succeeded).
+(the file stem, used to name outputs), ``path``, ``error`` (``""`` when the read succeeded and the
+image is usable) and ``checked`` (True: the image was checked, see :func:`~astroprep_torch._checks.frame_problem`).
 :func:`collate_frames` stacks same-shape images into ``(B, 1, H, W)`` and keeps the rest as lists.
 """
 
@@ -146,7 +147,7 @@ class FitsFrameDataset(Dataset):
         from .io import read_fits
 
         path = self.paths[index]
-        item = {"name": self.names[index], "path": str(path), "error": "", "header": ""}
+        item = {"name": self.names[index], "path": str(path), "error": "", "header": "", "checked": True}
         try:
             f = read_fits(path, hdu=self.hdu)
             item["image"] = f.data[0]

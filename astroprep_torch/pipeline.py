@@ -509,12 +509,13 @@ class PreprocessModule(_LightningModule):
                 inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
         return inputs
 
-    def unusable(self, image: Tensor, mask: Tensor, header: str) -> str:
-        """Why one frame ``(1, 1, H, W)`` cannot be processed ("" when it can): too small, empty,
-        or (when both have a WCS) outside the reference's footprint."""
+    def unusable(self, image: Tensor, mask: Tensor, header: str, checked: bool = False) -> str:
+        """Why one frame ``(1, 1, H, W)`` cannot be processed ("" when it can): too small, empty
+        (unless ``checked``: the reader did that), or (when both have a WCS) outside the reference's
+        footprint."""
         from ._checks import frame_problem
 
-        problem = frame_problem(image, mask)
+        problem = "" if checked else frame_problem(image, mask)
         if problem or self.reference is None or self.reference_header is None:
             return problem
         from astropy.io import fits
@@ -527,7 +528,8 @@ class PreprocessModule(_LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
         names, paths = batch["name"], batch["path"]
-        errors = [e or self.unusable(batch["image"][i : i + 1], batch["mask"][i : i + 1], batch["header"][i])
+        checked = batch.get("checked") or [False] * len(names)
+        errors = [e or self.unusable(batch["image"][i : i + 1], batch["mask"][i : i + 1], batch["header"][i], checked[i])
                   for i, e in enumerate(batch["error"])]
         failed = [(n, p, e) for n, p, e in zip(names, paths, errors) if e]
         good = [i for i, e in enumerate(errors) if not e]

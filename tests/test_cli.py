@@ -360,7 +360,8 @@ def _build_wheel(tmp_path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
     for name in ("astroprep_torch", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
