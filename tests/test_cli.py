@@ -16,12 +16,13 @@ SMALL = ["sim.shape=[256,256]", "sim.n_stars=150", "sim.n_transients=6", "sim.n_
          "trainer.enable_progress_bar=false", "data.num_workers=0"]
 
 
-def _astroprep(*args, timeout=600, env=None):
+def _astroprep(*args, timeout=600, env=None, status=0):
+    """Run `astroprep`; its exit status must be ``status`` (1: some frames failed)."""
     cmd = [sys.executable, "-m", "astroprep_torch.cli", *args]
     e = dict(os.environ, **(env or {}))
     e.pop("ASTROPREP_COMMAND", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == status, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
 
@@ -86,7 +87,7 @@ def test_folder_with_a_corrupt_file_and_ddp(demo_run, tmp_path):
     out = tmp_path / "out"
     _astroprep("run", f"input={inputs}", f"reference={src / 'inputs' / 'reference.fits'}", f"output={out}",
                "trainer.devices=2", "trainer.strategy=ddp", "async_write=thread", *SMALL[4:],
-               env={"OMP_NUM_THREADS": "1"})
+               env={"OMP_NUM_THREADS": "1"}, status=1)  # a frame failed: exit status 1
     from astroprep_torch.pipeline import read_manifest
 
     rows = read_manifest(out)
