@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import DictConfig
 
     from . import _runners
-
     from ._checks import RunError
 
     target = getattr(_runners, fn_name)
