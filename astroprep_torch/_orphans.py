@@ -60,9 +60,6 @@ def reader_init(main_pid: int, worker_id: int) -> None:
     die_with_parent(main_pid)
 
 
-_TRACKERS: list = []  # the Popen objects of resource trackers started here (never reaped by subprocess)
-
-
 def resource_tracker_in_own_session() -> None:
     """Start this process's multiprocessing resource tracker (if it is not running yet) in a session
     of its own, so that a kill of the run's whole process group (``kill -9 -PGID``) does not take
@@ -77,7 +74,9 @@ def resource_tracker_in_own_session() -> None:
 
     def spawn(path, args, passfds):
         p = subprocess.Popen(args, executable=path, pass_fds=tuple(passfds), close_fds=True, start_new_session=True)
-        _TRACKERS.append(p)
+        # the multiprocessing module owns the tracker's pid (as with its own spawn): this Popen
+        # must neither poll nor reap it, nor warn that it still runs when it is collected
+        p.returncode = 0
         return p.pid
 
     original = util.spawnv_passfds
