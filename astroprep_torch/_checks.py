@@ -6,6 +6,7 @@ boundary of a stage instead of corrupting data further down.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -96,3 +97,69 @@ def as_pair(value, name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"{name} must be a positive int or a pair (h, w) of positive ints, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+class RunError(Exception):
+    """An error of a whole run whose message says everything (bad input, a full disk): the command
+    line prints it without a traceback and exits with status 2."""
+
+
+class InputError(RunError, ValueError):
+    """A run's input cannot be used (a missing or unreadable reference, colliding frame names, ...)."""
+
+
+def check_float_dtype(x: Tensor, name: str, *, allowed=(torch.float32, torch.float64)) -> Tensor:
+    """Refuse half precision and other dtypes the stage cannot compute in faithfully: float16 and
+    bfloat16 hold 3 and 2 significant digits (ADU values of 10^4 lose whole units), so the caller
+    converts (``x.float()``) knowing what it costs."""
+    if x.dtype not in allowed:
+        names = " or ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must be {names}, got {x.dtype}; convert it first (e.g. {name}.float())")
+    return x
+
+
+def check_wcs(wcs, name: str):
+    """``wcs`` must map pixels and sky (``pixel_to_world`` / ``world_to_pixel``, e.g. a TanWCS)."""
+    if wcs is None or not (hasattr(wcs, "pixel_to_world") and hasattr(wcs, "world_to_pixel")):
+        raise TypeError(f"{name} must be a WCS with pixel_to_world / world_to_pixel (e.g. a TanWCS from "
+                        f"TanWCS.from_header), got {type(wcs).__name__}")
+    return wcs
+
+
+def check_batch_nonempty(x: Tensor, name: str) -> Tensor:
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): nothing to compute")
+    return x
+
+
+def check_finite(x: Tensor, name: str, mask: Optional[Tensor] = None, hint: str = "") -> None:
+    """Raise naming ``name`` when it holds NaN or infinite values outside ``mask`` (True = bad)."""
+    if all_finite(x):
+        return
+    bad = ~torch.isfinite(x)
+    if mask is not None:
+        bad = bad & ~mask
+    n = int(bad.sum())
+    if n:
+        raise ValueError(f"{name} has {n} NaN or infinite value(s) outside the mask{hint}")
+
+
+def frame_problem(image: Tensor, mask: Optional[Tensor] = None, min_size: int = 16) -> str:
+    """Why a single frame ``(1, 1, H, W)`` (or ``(H, W)``) cannot be processed, in words; ``""``
+    when it can. Catches what would otherwise end deep in a stage with a message about something
+    else: a frame too small, with no usable pixel, or constant (all zero)."""
+    h, w = image.shape[-2:]
+    if h < min_size or w < min_size:
+        return f"frame too small: {h}x{w} pixels (at least {min_size}x{min_size} needed)"
+    with torch.no_grad():
+        bad = bad_pixels(image, mask)
+        if not bool(bad.any()):
+            lo, hi = (float(v) for v in torch.aminmax(image))
+        elif bool(bad.all()):
+            return "empty frame: every pixel is NaN, infinite or masked"
+        else:
+            lo = float(image.masked_fill(bad, math.inf).amin())
+            hi = float(image.masked_fill(bad, -math.inf).amax())
+    if lo == hi:
+        return f"empty frame: every usable pixel equals {lo:g}"
+    return ""

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import as_pair, check_image
+from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image
 from ._ops import searchsorted as _searchsorted
 from ._ops import sort_last, thread_pool
 
@@ -1054,9 +1054,13 @@ def background_2d(
 
     Returns:
         ``BackgroundResult(background, rms)``, each (B, 1, H, W), image dtype and device.
-        Where no box at all is valid the maps are NaN.
+        An image element without a single valid box (every pixel masked or NaN, or fewer than
+        ``min_pixels`` pixels in all: an image smaller than a box) raises ``ValueError`` naming it,
+        instead of returning NaN maps.
     """
     check_image(image, "image", channels=1)
+    check_float_dtype(image, "image")
+    check_batch_nonempty(image, "image")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if rms_estimator not in RMS_ESTIMATORS:
@@ -1194,6 +1198,7 @@ def background_2d(
         fill_rule, edge = "idw", "nan"
         kind = {"bicubic": "zoom", "bilinear": "bilinear"}.get(interpolation, interpolation)
 
+    _check_some_box_valid(valid, H, W, bh, bw, min_pixels)
     mesh = torch.stack([bkg_m, rms_m], 1)  # (B, 2, ny, nx)
     if filter_edge is not None:
         if filter_edge not in ("nan", "shrink"):
@@ -1205,6 +1210,21 @@ def background_2d(
     clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
     out = _interpolate_mesh(mesh, kind, bh, bw, H, W, clamp)  # (B, 2, H, W)
     return BackgroundResult(out[:, 0:1], out[:, 1:2])
+
+
+def _check_some_box_valid(valid: Tensor, H: int, W: int, bh: int, bw: int, min_pixels: int) -> None:
+    """Raise naming the image elements where no box is valid (one host sync; skipped when compiling)."""
+    if _compiling():
+        return
+    empty = ~valid.flatten(1).any(1)
+    if not bool(empty.any()):
+        return
+    which = torch.nonzero(empty).flatten().tolist()
+    why = (f"the image ({H}x{W} pixels) has fewer than min_pixels={min_pixels} pixels"
+           if H * W < min_pixels else
+           f"every box of {bh}x{bw} pixels has fewer than min_pixels={min_pixels} usable pixels "
+           "(masked, NaN or infinite pixels do not count, nor does the part of a box beyond the image)")
+    raise ValueError(f"image element(s) {which}: no background box is usable: {why}")
 
 
 def subtract_background(image: Tensor, mask: Optional[Tensor] = None, **kwargs) -> Tensor:

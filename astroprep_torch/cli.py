@@ -20,6 +20,11 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
   ``coadd.fits``, ``coadd.weight.fits``, ``coadd.exposure.fits``.
 
 ``astroprep --help`` lists them; ``astroprep run --help`` shows Hydra's help with the config.
+
+Exit status: 0 when every frame was processed (or skipped as finished), 1 when some frames failed
+(how many is printed; each with its reason in the summary and the manifest), 2 when the run could
+not start or had to stop (bad input such as a missing reference, a full output disk): a message,
+no traceback.
 """
 
 from __future__ import annotations
@@ -110,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import DictConfig
 
     from . import _runners
+    from ._checks import RunError
 
     target = getattr(_runners, fn_name)
+    results: list = []  # what each run (each job of a multirun) returned, or its RunError
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def _app(cfg: DictConfig):
-        return target(cfg)
+        try:
+            results.append(target(cfg))
+        except RunError as exc:  # a message says it all: no traceback
+            print(f"astroprep {command}: error: {exc}", file=sys.stderr)
+            results.append(exc)
 
     os.environ["ASTROPREP_COMMAND"] = command
     old = sys.argv
@@ -124,6 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         _app()
     finally:
         sys.argv = old
+    return exit_status(command, results)
+
+
+def exit_status(command: str, results: list) -> int:
+    """0 when every run succeeded; 2 when one stopped on a :class:`RunError`; 1 when frames failed
+    (their count is printed: the summary above lists each with its reason)."""
+    from ._checks import RunError
+
+    if any(isinstance(r, RunError) for r in results):
+        return 2
+    summaries = [r for r in results if isinstance(r, dict) and "failed" in r and "processed" in r]
+    failed = sum(len(s["failed"]) for s in summaries)
+    if failed:
+        tried = sum(len(s["failed"]) + s["processed"] for s in summaries)
+        print(f"astroprep {command}: {failed} of {tried} frame(s) failed (reasons above and in the manifest)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

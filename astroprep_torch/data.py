@@ -2,17 +2,21 @@
 
 * :class:`FitsFrameDataset` / :class:`FitsFrameDataModule` -- FITS frames from paths, globs, folders
   or a list file, read by worker processes (``num_workers``, ``prefetch_factor``, pinned memory) so
-  that reading hides behind computation. A file that cannot be read does not stop the run: its item
-  carries ``error`` (the reason) and the pipeline records it in the manifest and moves on.
+  that reading hides behind computation. A file that cannot be read, or holds no usable image (too
+  small, every pixel bad, constant), does not stop the run: its item carries ``error`` (the reason)
+  and the pipeline records it in the manifest and moves on. Output names are unique per run
+  (:func:`frame_names`).
 
 An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool (True = bad),
 ``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
-(the file stem, used to name outputs), ``path`` and ``error`` (``""`` when the read succeeded).
+(the file stem, used to name outputs), ``path``, ``error`` (``""`` when the read succeeded and the
+image is usable) and ``checked`` (True: the image was checked, see :func:`~astroprep_torch._checks.frame_problem`).
 :func:`collate_frames` stacks same-shape images into ``(B, 1, H, W)`` and keeps the rest as lists.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from pathlib import Path
@@ -81,6 +85,38 @@ def frame_name(path: PathLike) -> str:
     return Path(name).stem
 
 
+def frame_names(paths: Sequence[PathLike]) -> list[str]:
+    """Output stems for the frames of one run, unique within the run.
+
+    A frame keeps its plain :func:`frame_name` (``a`` for ``night1/a.fits``) when no other input has
+    the same one. Frames whose plain names collide are named by their path relative to the folder
+    the colliding inputs share, with ``__`` for each ``/`` (``collide/a.fits`` and
+    ``collide2/a.fits`` become ``collide__a`` and ``collide2__a``), so that no frame's products
+    overwrite another's. Inputs that still collide (``a.fits`` beside ``a.fits.gz``: one frame in two
+    files?) are refused with a ``ValueError`` naming them: rename one or run them separately.
+    """
+    paths = [Path(p) for p in paths]
+    plain = [frame_name(p) for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(plain):
+        groups.setdefault(n, []).append(i)
+    names = list(plain)
+    for n, members in groups.items():
+        if len(members) < 2:
+            continue
+        dirs = [paths[i].resolve().parent for i in members]
+        root = Path(os.path.commonpath([str(d) for d in dirs]))
+        for i, d in zip(members, dirs):
+            names[i] = "__".join(d.relative_to(root).parts + (n,))
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ValueError(f"inputs: {paths[seen[n]]} and {paths[i]} would both be frame {n!r} (their products "
+                             "would overwrite each other); rename one of them or process them in separate runs")
+        seen[n] = i
+    return names
+
+
 class FitsFrameDataset(Dataset):
     """Map-style dataset of FITS frames (see the module docstring for the item layout).
 
@@ -89,28 +125,35 @@ class FitsFrameDataset(Dataset):
         hdu: HDU index or name; ``None`` picks the first image HDU.
         skip: optional callable ``name -> bool``; frames for which it is True are left out
             (pipeline mode uses it to resume: finished frames are skipped).
+        names: the frames' output names; default :func:`frame_names` of ``paths`` (unique per run).
     """
 
-    def __init__(self, paths: Sequence[PathLike], hdu=None, skip: Optional[Callable[[str], bool]] = None):
+    def __init__(self, paths: Sequence[PathLike], hdu=None, skip: Optional[Callable[[str], bool]] = None,
+                 names: Optional[Sequence[str]] = None):
         paths = [Path(p) for p in paths]
-        if skip is not None:
-            paths = [p for p in paths if not skip(frame_name(p))]
-        self.paths = paths
+        names = frame_names(paths) if names is None else list(names)
+        if len(names) != len(paths):
+            raise ValueError(f"names: {len(names)} names for {len(paths)} paths")
+        keep = [i for i, n in enumerate(names) if skip is None or not skip(n)]
+        self.paths = [paths[i] for i in keep]
+        self.names = [names[i] for i in keep]
         self.hdu = hdu
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        from ._checks import frame_problem
         from .io import read_fits
 
         path = self.paths[index]
-        item = {"name": frame_name(path), "path": str(path), "error": "", "header": ""}
+        item = {"name": self.names[index], "path": str(path), "error": "", "header": "", "checked": True}
         try:
             f = read_fits(path, hdu=self.hdu)
             item["image"] = f.data[0]
             item["mask"] = f.mask[0]
             item["header"] = f.header.tostring()
+            item["error"] = frame_problem(f.data, f.mask)  # too small, empty: said here, in the reader
         except Exception as exc:  # a bad file is reported, never fatal
             item["error"] = f"{type(exc).__name__}: {exc}"
             item["image"] = torch.zeros(1, 1, 1)
@@ -121,29 +164,25 @@ class FitsFrameDataset(Dataset):
 def collate_frames(items: list[dict]) -> dict:
     """Stack frames of one shape into ``(B, 1, H, W)``; other fields become lists.
 
-    Frames whose read failed (``error`` set) keep a placeholder; frames of different shapes cannot
-    share a batch: use ``batch_size=1`` for heterogeneous inputs (the error says so).
+    Frames whose read failed (``error`` set) keep a placeholder. Frames of different shapes cannot
+    share a batch: the most common shape (the larger one on a tie) is stacked, and each frame of
+    another shape is reported as failed with the reason (run it with ``data.batch_size=1``), like
+    any bad frame, so one odd file never stops a batched run.
     """
-    batch: dict = {k: [it[k] for it in items] for k in items[0] if k not in ("image", "mask")}
-    good = [it for it in items if not it["error"]]
-    shapes = {tuple(it["image"].shape) for it in good}
-    if len(shapes) > 1:
-        raise ValueError(f"collate_frames: frames of different shapes {sorted(shapes)} cannot share a batch; use batch_size=1")
-    if good:
-        shape = next(iter(shapes))
-        images, masks = [], []
+    items = [dict(it) for it in items]
+    shapes = [tuple(it["image"].shape) for it in items if not it["error"]]
+    if shapes:
+        shape = max(dict.fromkeys(shapes), key=lambda s: (shapes.count(s), s[-1] * s[-2]))
         for it in items:
-            if it["error"]:
-                images.append(torch.zeros(shape))
-                masks.append(torch.ones(shape, dtype=torch.bool))
-            else:
-                images.append(it["image"])
-                masks.append(it["mask"])
-        batch["image"] = torch.stack(images)
-        batch["mask"] = torch.stack(masks)
+            if not it["error"] and tuple(it["image"].shape) != shape:
+                it["error"] = (f"image shape {tuple(it['image'].shape[-2:])} differs from "
+                               f"{shape[-2:]} of the other frames of its batch, which stacks same-shape "
+                               "frames only: process it with data.batch_size=1")
     else:
-        batch["image"] = torch.stack([it["image"] for it in items])
-        batch["mask"] = torch.stack([it["mask"] for it in items])
+        shape = tuple(items[0]["image"].shape)
+    batch: dict = {k: [it[k] for it in items] for k in items[0] if k not in ("image", "mask")}
+    batch["image"] = torch.stack([torch.zeros(shape) if it["error"] else it["image"] for it in items])
+    batch["mask"] = torch.stack([torch.ones(shape, dtype=torch.bool) if it["error"] else it["mask"] for it in items])
     return batch
 
 
@@ -166,13 +205,18 @@ class FitsFrameDataModule(_DataModuleBase):
             and it would then copy every page it writes again (for a few frames after each
             ``Trainer.predict`` starts). Like ``spawn``, it needs the ``if __name__ == "__main__":``
             guard in scripts.
+        names: the frames' output names, one per resolved input (default :func:`frame_names`).
+
+    Reader processes die with the process that started them (a parent-death signal), so a killed
+    run leaves none behind.
     """
 
     def __init__(self, inputs=(), batch_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
                  pin_memory: bool = False, hdu=None, skip: Optional[Callable[[str], bool]] = None,
-                 multiprocessing_context: Optional[str] = None):
+                 multiprocessing_context: Optional[str] = None, names: Optional[Sequence[str]] = None):
         super().__init__()
         self.inputs = inputs
+        self.names = names
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.prefetch_factor = int(prefetch_factor)
@@ -187,14 +231,18 @@ class FitsFrameDataModule(_DataModuleBase):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is None:
-            self.dataset = FitsFrameDataset(resolve_inputs(self.inputs), hdu=self.hdu, skip=self.skip)
+            self.dataset = FitsFrameDataset(resolve_inputs(self.inputs), hdu=self.hdu, skip=self.skip, names=self.names)
 
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
         kw = dict(batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                   collate_fn=collate_frames, pin_memory=self.pin_memory and torch.cuda.is_available())
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            from ._orphans import reader_init, resource_tracker_in_own_session
+
+            resource_tracker_in_own_session()
+            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                      worker_init_fn=functools.partial(reader_init, os.getpid()))
             if self.multiprocessing_context is not None:
                 kw["multiprocessing_context"] = _worker_context(self.multiprocessing_context)
         return DataLoader(self.dataset, **kw)
@@ -209,8 +257,10 @@ def _worker_context(method: str):
 
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "astropy.io.fits", "astroprep_torch.data", "astroprep_torch.io"])
+        # astroprep_torch._orphans first: the fork server dies with this process (see that module)
+        ctx.set_forkserver_preload(["astroprep_torch._orphans", "torch", "astropy.io.fits", "astroprep_torch.data",
+                                    "astroprep_torch.io"])
     return ctx
 
 
-__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "resolve_inputs"]
+__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "frame_names", "resolve_inputs"]

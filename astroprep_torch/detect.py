@@ -325,6 +325,31 @@ def _noise_base(rms, image: Tensor) -> Tensor:
     return r
 
 
+def check_rms(rms, image: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Check the noise ``rms`` of :func:`detect_sources` and return the mask to use.
+
+    A number or per-image values must be positive and finite (else ``ValueError`` naming them). A
+    map may hold non-positive or NaN values where no source can be measured (outside a footprint):
+    those pixels join the mask (returned, a new tensor) and are never detected; a map without a
+    single positive finite value outside the mask is refused.
+    """
+    if rms is None:
+        raise TypeError("rms must be the background noise: a positive float, a (B,) tensor or a (B, 1, H, W) map, got None")
+    r = _noise_base(rms, image)
+    with torch.no_grad():
+        bad_r = ~(r > 0) | ~torch.isfinite(r)  # NaN compares False: caught by the first term
+        if not bool(bad_r.any()):
+            return mask
+        if r.shape[-2:] == (1, 1):
+            raise ValueError(f"rms must be positive and finite, got {r.flatten().tolist()[:8]}")
+        bad = bad_r.expand(image.shape[0], 1, *image.shape[-2:])
+        bad = bad | mask if mask is not None else bad.clone()
+        if bool(bad.flatten(1).all(1).any()):
+            raise ValueError("rms map has no positive finite value outside the mask in image element(s) "
+                             f"{torch.nonzero(bad.flatten(1).all(1)).flatten().tolist()}")
+    return bad
+
+
 def detection_threshold(rms, image: Tensor, thresh: float) -> Tensor:
     """``thresh * rms`` broadcast to (B,1,H,W); ``rms`` is a map (B,1,H,W)/(1,1,H,W), a (B,) tensor or a float."""
     B, _, H, W = image.shape
@@ -1333,6 +1358,10 @@ class SourceExtractor(nn.Module):
 
     def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None) -> Catalog:
         check_image(image, "image", channels=1)
+        mask = check_mask(mask, image)
+        mask = check_rms(rms, image, mask)
+        if not all_finite(image):  # unmasked NaN/inf pixels are masked here, for photometry too
+            mask = bad_pixels(image, mask)
         B, _, H, W = image.shape
         det = detect_sources(
             image, rms, mask,

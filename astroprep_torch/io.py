@@ -128,15 +128,21 @@ def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dt
     fits = _fits()
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a FITS file name (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"FITS file not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"expected a FITS file, got a directory: {path}")
+    if hdu is not None and not isinstance(hdu, (int, str)) or isinstance(hdu, bool):
+        raise TypeError(f"hdu must be an HDU index (int), an EXTNAME (str) or None (the first image HDU), got {hdu!r}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             hdul = fits.open(path, memmap=False, do_not_scale_image_data=True)
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, f"cannot read FITS file {path}: permission denied", str(path)) from None
         except Exception as exc:  # astropy raises OSError / ValueError / TypeError on garbage
             raise OSError(f"cannot read FITS file {path}: corrupt or not FITS ({exc})") from exc
         try:
@@ -158,6 +164,8 @@ def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dt
         else:
             try:
                 index = hdul.index_of(hdu)
+                if not -len(hdul) <= index < len(hdul):
+                    raise IndexError(index)
             except (KeyError, IndexError) as exc:
                 raise ValueError(f"{path}: HDU {hdu!r} not found (HDUs: {_describe(hdul)})") from exc
         h = hdul[index]
@@ -298,13 +306,35 @@ _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)*$")
 
 
+def current_umask() -> int:
+    """The process's file mode creation mask (read from ``/proc/self/status`` where Linux has it,
+    so that no other thread ever sees a changed umask; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temporary_path(path, suffix: str = "") -> Path:
     """A new, unused path beside ``path`` to write before renaming onto it (atomic replacement):
     ``.<name>.<host>.<pid>.<random>.tmp<suffix>``, so that :func:`remove_stale_temporaries` can tell
-    the leftovers of a writer killed mid-write from files still being written."""
+    the leftovers of a writer killed mid-write from files still being written.
+
+    Its mode is that of any file the user creates (``0666`` less the umask: ``0644`` under umask
+    022), not the private ``0600`` of :func:`tempfile.mkstemp`, so that the product renamed from
+    it is readable by whoever may read the folder's other files."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp" + suffix)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -372,6 +402,9 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         arr = arr.reshape(arr.shape[-2:])
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"write_fits needs 2-D image data, got shape {arr.shape} (for {path})")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"write_fits writes real images (float, integer or bool data), got dtype {arr.dtype} "
+                        f"(for {path}); write e.g. the real and imaginary parts as two files")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     elif arr.dtype == np.float16:

@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._checks import InputError, RunError
+
 log = logging.getLogger(__name__)
 
 try:
@@ -507,8 +509,28 @@ class PreprocessModule(_LightningModule):
                 inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
         return inputs
 
+    def unusable(self, image: Tensor, mask: Tensor, header: str, checked: bool = False) -> str:
+        """Why one frame ``(1, 1, H, W)`` cannot be processed ("" when it can): too small, empty
+        (unless ``checked``: the reader did that), or (when both have a WCS) outside the reference's
+        footprint."""
+        from ._checks import frame_problem
+
+        problem = "" if checked else frame_problem(image, mask)
+        if problem or self.reference is None or self.reference_header is None:
+            return problem
+        from astropy.io import fits
+
+        sci = _try_wcs([fits.Header.fromstring(header) if isinstance(header, str) else header], image)
+        ref = _try_wcs([self.reference_header], image)
+        if sci is not None and ref is not None and not footprints_overlap(sci, image.shape[-2:], ref, self.reference.shape[-2:]):
+            return "no overlap: the frame's footprint (its WCS) does not overlap the reference"
+        return ""
+
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
-        names, paths, errors = batch["name"], batch["path"], batch["error"]
+        names, paths = batch["name"], batch["path"]
+        checked = batch.get("checked") or [False] * len(names)
+        errors = [e or self.unusable(batch["image"][i : i + 1], batch["mask"][i : i + 1], batch["header"][i], checked[i])
+                  for i, e in enumerate(batch["error"])]
         failed = [(n, p, e) for n, p, e in zip(names, paths, errors) if e]
         good = [i for i, e in enumerate(errors) if not e]
         result = {"names": [names[i] for i in good], "paths": [paths[i] for i in good], "outputs": {},
@@ -596,6 +618,23 @@ def compile_graph(pipeline: Pipeline, **options) -> Pipeline:
     # threads at once
     pipeline.workers = 1
     return pipeline
+
+
+def footprints_overlap(wcs_a, shape_a, wcs_b, shape_b, n: int = 17) -> bool:
+    """Whether two pixel grids (one WCS each, shapes ``(H, W)``) overlap on the sky: an ``n x n``
+    lattice over each frame (edges included) mapped into the other; any point inside is overlap."""
+    def inside(src, shape_src, dst, shape_dst) -> bool:
+        h, w = shape_src
+        ys = torch.linspace(-0.5, h - 0.5, n, dtype=torch.float64)
+        xs = torch.linspace(-0.5, w - 0.5, n, dtype=torch.float64)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        x, y = src.pixel_to_pixel(dst, xx.reshape(1, -1), yy.reshape(1, -1))
+        hd, wd = shape_dst
+        ok = (x >= -0.5) & (x <= wd - 0.5) & (y >= -0.5) & (y <= hd - 0.5)
+        return bool(ok.any())
+
+    a, b = wcs_a.to(device="cpu"), wcs_b.to(device="cpu")
+    return inside(a, shape_a, b, shape_b) or inside(b, shape_b, a, shape_a)
 
 
 def _try_wcs(headers, like: Tensor):
@@ -741,7 +780,8 @@ class FrameWriter(BasePredictionWriter):
             elif kind == "error":
                 self._outstanding = 0
                 if self._error is None:
-                    self._error = _WriterProcessError(payload)
+                    full = payload.startswith(OutputDiskFull.__name__ + ": ")
+                    self._error = OutputDiskFull(payload.split(": ", 1)[1]) if full else _WriterProcessError(payload)
 
     def _start(self) -> None:
         import queue
@@ -767,6 +807,8 @@ class FrameWriter(BasePredictionWriter):
     def _raise_pending_error(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
+            if isinstance(exc, OutputDiskFull):
+                raise exc
             what = str(exc) if isinstance(exc, _WriterProcessError) else f"{type(exc).__name__}: {exc}"
             raise RuntimeError(f"FrameWriter: writing outputs failed: {what}") from exc
 
@@ -821,15 +863,42 @@ class FrameWriter(BasePredictionWriter):
                 status = "ok"
             except Exception as exc:
                 status, reason = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
+                self._remove(written)  # a failed frame leaves no product behind
+                written = []
+                if _disk_full(exc, self.output_dir):
+                    rows.append({"name": name, "path": path, "status": status, "reason": reason, "outputs": [], "rank": rank})
+                    self._record(rows, rank, missing_ok=True)
+                    raise OutputDiskFull(f"output disk full writing frame {name!r} in {self.output_dir} ({exc})") from exc
             rows.append({"name": name, "path": path, "status": status, "reason": reason, "outputs": written,
                          "timings": prediction.get("timings", {}), "rank": rank})
         if n:
             self.write_seconds += [(time.perf_counter() - t_start) / n] * n
         for name, path, reason in prediction["failed"]:
             rows.append({"name": name, "path": path, "status": "failed", "reason": reason, "outputs": [], "rank": rank})
-        _append_jsonl(self.output_dir / f"manifest.rank{rank}.jsonl", rows)
-        self.rows += rows
+        self._record(rows, rank)
         return rows
+
+    def _remove(self, files: Sequence[str]) -> None:
+        for f in files:
+            try:
+                (self.output_dir / f).unlink()
+            except FileNotFoundError:
+                pass
+
+    def _record(self, rows: list, rank: int, missing_ok: bool = False) -> None:
+        """Append ``rows`` to the manifest (whole lines or none); with ``missing_ok``, a manifest that
+        cannot be written (the disk is full) only logs: the caller is already failing."""
+        try:
+            _append_jsonl(self.output_dir / f"manifest.rank{rank}.jsonl", rows)
+        except OSError as exc:
+            if not missing_ok:
+                if _disk_full(exc, self.output_dir):
+                    for r in rows:
+                        self._remove(r["outputs"])  # products without a manifest row would be redone anyway
+                    raise OutputDiskFull(f"output disk full writing the manifest in {self.output_dir} ({exc})") from exc
+                raise
+            log.warning("manifest rows not written: %s", exc)
+        self.rows += rows
 
     def _write_one(self, name, value, kind, suffix, header, i, n, catalog=None) -> str:
         from .detect import rows_of_image
@@ -966,11 +1035,14 @@ class _WriterService:
 
         import torch.multiprocessing as mp
 
+        from ._orphans import resource_tracker_in_own_session
+
+        resource_tracker_in_own_session()  # it cleans up after a killed run (see there)
         ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP threads do not survive a fork
         self.jobs = ctx.Queue()
         self.results = ctx.Queue()
         self.proc = ctx.Process(target=_writer_process, name="astroprep-frame-writer", daemon=True,
-                                args=(self.jobs, self.results))
+                                args=(self.jobs, self.results, os.getpid()))
         self.proc.start()
         self.pid = os.getpid()
         self._ids = itertools.count(1)
@@ -1037,10 +1109,14 @@ def _writer_service() -> _WriterService:
     return _SERVICE
 
 
-def _writer_process(jobs, results) -> None:
+def _writer_process(jobs, results, parent_pid: Optional[int] = None) -> None:
     """Body of the writer process: for each job, write in the loop with the writer its ``config``
     job set up and report back; after a writer's fatal error, its later batches are drained
-    without writing (as the writer thread does)."""
+    without writing (as the writer thread does). It dies with its parent (a killed run leaves no
+    writer behind)."""
+    from ._orphans import die_with_parent
+
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
     from astropy.io import fits
 
@@ -1145,21 +1221,72 @@ def _atomic(path: Path, write, flush: bool = False) -> None:
             tmp.unlink()
 
 
+class OutputDiskFull(RunError, OSError):
+    """The output folder's disk (or quota) is full: the run stops, since every later frame would
+    fail the same way."""
+
+
+def _disk_full(exc: BaseException, folder=None) -> bool:
+    """Whether ``exc`` says the disk is full: ENOSPC / EDQUOT anywhere in its chain, or an OSError
+    without errno (astropy's "Not enough space on disk") while ``folder``'s disk has < 1 MiB free."""
+    import errno
+    import shutil
+
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, OSError) and folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
 def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """Append ``rows`` as JSON lines, each whole or absent: one ``os.write`` of all the lines on an
+    ``O_APPEND`` descriptor, then ``fsync``. A partial line at the end (left by a crash or a full
+    disk) is cut off first, so that no row is ever glued onto it; a short write (a full disk) is
+    cut off again and raises ``OSError(ENOSPC)``."""
+    import errno
+
     if not rows:
         return
-    with open(path, "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = _drop_partial_line(fd)
+        try:
+            n = os.write(fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, f"short write: {n} of {len(data)} bytes", str(path))
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # no half row left behind
+            raise
+    finally:
+        os.close(fd)
+
+
+def _drop_partial_line(fd: int) -> int:
+    """Cut a file open on ``fd`` back to its last complete line; returns its size then."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+    keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+    os.ftruncate(fd, keep)
+    return keep
 
 
 def read_manifest(output_dir) -> dict[str, dict]:
-    """The merged manifest of a run: ``{frame name: last row}`` over every rank's file."""
+    """The merged manifest of a run: ``{frame name: last row}`` over every rank's file. A line cut
+    short (an interrupted write, a full disk) is dropped."""
     rows: dict[str, dict] = {}
     for f in sorted(Path(output_dir).glob("manifest.rank*.jsonl")):
-        for line in f.read_text().splitlines():
+        for line in f.read_bytes().decode("utf-8", "replace").splitlines():
             line = line.strip()
             if not line:
                 continue
@@ -1167,7 +1294,8 @@ def read_manifest(output_dir) -> dict[str, dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a row cut short by an interruption
                 continue
-            rows[r["name"]] = r
+            if isinstance(r, dict) and "name" in r:
+                rows[r["name"]] = r
     return rows
 
 
@@ -1270,6 +1398,21 @@ def pick_reference(paths: Sequence, scorer=None) -> Path:
     return best
 
 
+def read_reference(path):
+    """Read and check a run's reference frame; any problem is an :class:`InputError` naming it."""
+    from ._checks import frame_problem
+    from .io import read_fits
+
+    try:
+        ref = read_fits(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"reference {path}: {exc}") from None
+    problem = frame_problem(ref.data, ref.mask)
+    if problem:
+        raise InputError(f"reference {path}: {problem}")
+    return ref
+
+
 def run_from_config(cfg) -> dict:
     """What ``astroprep run`` does: see the module docstring and ``configs/config.yaml``."""
     from hydra.utils import instantiate
@@ -1298,22 +1441,29 @@ def run_from_config(cfg) -> dict:
         print(f"[astroprep] simulated a {pair.science.shape[0]}x{pair.science.shape[1]} two-epoch field "
               f"({time.perf_counter() - t0:.1f} s) -> {out_dir / 'inputs'}")
         inputs, reference_path, truth = [str(paths["science"])], str(paths["reference"]), pair.transients
-    paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    try:
+        paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+    except OSError as exc:
+        raise InputError(str(exc)) from None
     if not paths:
-        raise FileNotFoundError(f"input: no FITS files in {inputs}")
+        raise InputError(f"input: no FITS files in {inputs}")
     pipeline: Pipeline = instantiate(cfg.pipeline)
     ref = None
     if cfg.get("needs_reference", True):
         if reference_path is None:
             reference_path = pick_reference(paths)
             print(f"[astroprep] picked the reference: {reference_path}")
-        ref = read_fits(reference_path)
+        ref = read_reference(reference_path)
         paths = [p for p in paths if Path(p).resolve() != Path(reference_path).resolve()] or paths
+    try:
+        all_names = data_mod.frame_names(paths)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     products = {k: tuple(v) for k, v in cfg.products.items()} if cfg.get("products") else None
     writer = FrameWriter(out_dir, products=products, reference_header=ref.header if ref is not None else None,
                          asynchronous=_write_mode(cfg.get("async_write", True)),
                          flush_to_disk=bool(cfg.get("flush_outputs", True)))
-    dm = data_mod.FitsFrameDataModule(paths, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+    dm = data_mod.FitsFrameDataModule(paths, names=all_names, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                       prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory,
                                       skip=writer.finished if cfg.get("resume", True) else None,
                                       multiprocessing_context=cfg.data.get("multiprocessing_context"))
@@ -1326,12 +1476,16 @@ def run_from_config(cfg) -> dict:
     t0 = time.perf_counter()
     dm.setup("predict")
     n_todo = len(dm.dataset)
-    trainer.predict(module, datamodule=dm, return_predictions=False)
+    try:
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    except OutputDiskFull as exc:  # stop at once: every later frame would fail the same way
+        raise OutputDiskFull(f"{exc}; stopped after {sum(r['status'] == 'ok' for r in writer.rows)} frame(s) "
+                             f"written of {n_todo}: free space in {out_dir} and rerun (finished frames are skipped)") from None
     trainer.strategy.barrier()  # every rank has written its frames and manifest rows
     wall = time.perf_counter() - t0
     manifest = read_manifest(out_dir)
-    names = {data_mod.frame_name(p) for p in paths}
-    todo = {data_mod.frame_name(p) for p in dm.dataset.paths}
+    names = set(all_names)
+    todo = set(dm.dataset.names)
     rows = [r for n, r in manifest.items() if n in todo] if trainer.world_size > 1 else writer.rows
     summary = summarize(rows, wall, n_todo, len(names))
     if truth is not None:

@@ -121,7 +121,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import all_finite, as_pair, bad_pixels, check_image, check_mask, check_same_shape
+from ._checks import (all_finite, as_pair, bad_pixels, check_batch_nonempty, check_float_dtype, check_image,
+                      check_mask, check_same_shape)
 
 __all__ = [
     "KernelBasis",
@@ -1082,6 +1083,42 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
     return theta, act, pc, ksum_ind, merit, st
 
 
+def _check_subtraction_inputs(science, template, science_var, template_var, smask, tmask) -> None:
+    """Entry checks of :func:`image_subtraction`: dtypes, variance shapes and signs."""
+    check_float_dtype(science, "science")
+    check_float_dtype(template, "template")
+    check_batch_nonempty(science, "science")
+    for var, name, like, m in ((science_var, "science_var", science, smask), (template_var, "template_var", template, tmask)):
+        if var is None:
+            continue
+        check_image(var, name, channels=1)
+        check_same_shape(like, var, name.split("_")[0], name)
+        check_float_dtype(var, name)
+        neg = var < 0
+        if m is not None:
+            neg = neg & ~m
+        if bool(neg.any()):
+            raise ValueError(f"{name} has {int(neg.sum())} negative value(s) outside the mask: a variance is >= 0 "
+                             "(pass a variance map in ADU^2, or mask those pixels)")
+
+
+def _no_stamp_reason(science, template, smask, tmask, bad, which) -> str:
+    """Why no stamp star was found, in words (the error path only)."""
+    i = which[0]
+    if bool(bad[i].all()):
+        return "every pixel is masked, NaN, infinite, saturated or below lower_limit (an empty frame, or no overlap)"
+    for img, m, name in ((science, smask, "science"), (template, tmask, "template")):
+        nf = ~torch.isfinite(img[i])
+        if m is not None:
+            nf &= ~m[i]
+        n = int(nf.sum())
+        if n:
+            return (f"{name} has {n} NaN or infinite pixel(s) ({100 * n / nf.numel():.2g}%) outside its mask, and "
+                    "stamps touching a bad pixel are not used: mask or repair them")
+    return (f"{100 * float(bad[i].float().mean()):.3g}% of the pixels are bad; lower stamp_threshold, check "
+            "saturation/masks, or pass stamp_positions")
+
+
 def image_subtraction(
     science: Tensor,
     template: Tensor,
@@ -1133,12 +1170,7 @@ def image_subtraction(
     check_same_shape(science, template, "science", "template")
     smask = check_mask(science_mask, science, "science_mask")
     tmask = check_mask(template_mask, template, "template_mask")
-    if science_var is not None:
-        check_image(science_var, "science_var", channels=1)
-        check_same_shape(science, science_var, "science", "science_var")
-    if template_var is not None:
-        check_image(template_var, "template_var", channels=1)
-        check_same_shape(template, template_var, "template", "template_var")
+    _check_subtraction_inputs(science, template, science_var, template_var, smask, tmask)
     if not stat_sigma > 0:
         raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
     if convolve not in ("auto", "template", "science"):
@@ -1214,9 +1246,9 @@ def image_subtraction(
             y = torch.where(valid, y, torch.full_like(y, h // 2))
         n_found = valid[..., 0].sum(1)
         if bool((n_found == 0).any()):  # one host sync: refuse rather than return a garbage fit
-            raise ValueError(
-                f"no usable stamp star in batch element(s) {torch.nonzero(n_found == 0).flatten().tolist()}: "
-                "lower stamp_threshold, check saturation/masks, or pass stamp_positions")
+            which = torch.nonzero(n_found == 0).flatten().tolist()
+            raise ValueError(f"no usable stamp star in batch element(s) {which}: "
+                             f"{_no_stamp_reason(science, template, smask, tmask, bad, which)}")
         if convolve == "auto":
             f_t = _fwhm(_cut(template.detach(), y, x, half), sky_t[0].view(-1, 1, 1, 1, 1))
             f_s = _fwhm(_cut(science.detach(), y, x, half), sky_s[0].view(-1, 1, 1, 1, 1))

@@ -592,3 +592,32 @@ def test_hydra_config_instantiates(name, cls):
     cfg = OmegaConf.load(root / "configs" / "align" / f"{name}.yaml")
     mod = instantiate(cfg)
     assert isinstance(mod, getattr(align, cls))
+
+
+# -- #20: bad values at the entry, one WCS shared by a batch --------------------------------------
+def test_reproject_bad_dtype_and_wcs_arguments():
+    from astropy.io import fits
+
+    hdr = fits.Header(tan_header((32, 32)))
+    w = TanWCS.from_header(hdr)
+    img = torch.ones(1, 1, 32, 32)
+    with pytest.raises(TypeError, match=r"image must be float32 or float64, got torch\.float16"):
+        Reproject((32, 32))(img.half(), w, w)
+    with pytest.raises(TypeError, match="src_wcs must be a WCS"):
+        Reproject((32, 32))(img, None, w)
+    with pytest.raises(TypeError, match="dst_wcs must be a WCS"):
+        reproject(img, w, "header", (32, 32))
+
+
+@pytest.mark.parametrize("grid_step", [None, 8])
+def test_reproject_batch_with_one_shared_wcs(grid_step):
+    from astropy.io import fits
+
+    src = TanWCS.from_header(fits.Header(tan_header((48, 48), crpix_offset=(1.3, -0.7), rotation=3.0)))
+    dst = TanWCS.from_header(fits.Header(tan_header((48, 48))))
+    a, b = star_field((48, 48), seed=1, dtype=torch.float32)[0], star_field((48, 48), seed=2, dtype=torch.float32)[0]
+    both = Reproject((48, 48), grid_step=grid_step)(torch.cat([a, b]), src, dst)
+    for i, one in enumerate((a, b)):
+        single = Reproject((48, 48), grid_step=grid_step)(one, src, dst)
+        torch.testing.assert_close(both.image[i : i + 1], single.image, equal_nan=True)
+        torch.testing.assert_close(both.footprint[i : i + 1], single.footprint)

@@ -339,3 +339,25 @@ def test_box_row_groups_on_threads_match_one_thread(masked):
     assert torch.isfinite(one.background).all()
     for r in (two, inf):
         assert torch.equal(r.background, one.background) and torch.equal(r.rms, one.rms)
+
+
+# -- #20: bad values at the entry ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_naming_the_argument(dtype):
+    with pytest.raises(TypeError, match=r"image must be float32 or float64, got torch\.b?float16"):
+        Background2D(box_size=32)(_t(_frame(64, 64)).to(dtype))
+
+
+def test_empty_batch_small_image_and_all_masked_raise():
+    bg = Background2D(box_size=32)
+    x = _t(_frame(64, 64))
+    with pytest.raises(ValueError, match="image is an empty batch"):
+        bg(x[:0])
+    with pytest.raises(ValueError, match=r"element\(s\) \[0\]: no background box is usable: the image \(1x1 pixels\)"):
+        bg(x[..., :1, :1])
+    with pytest.raises(ValueError, match=r"element\(s\) \[1\]: no background box is usable: every box"):
+        bg(torch.cat([x, x]), torch.tensor([False, True]).view(2, 1, 1, 1).expand(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="no background box is usable"):
+        bg(x * float("nan"))
+    small = bg(x[..., :20, :20])  # smaller than a box, but 400 good pixels: a background
+    assert torch.isfinite(small.background).all()

@@ -48,3 +48,25 @@ def test_all_finite_and_bad_pixels():
         b = bad_pixels(y, m)
         assert bool(b[0, 0, 3, 4]) and bool(b[0, 0, 1, 2]) and int(b.sum()) == 2
     assert int(bad_pixels(x).sum()) == 0 and int(bad_pixels(x, m[0, 0]).sum()) == 1  # broadcast mask
+
+
+def test_frame_problem_says_what_is_wrong():
+    from astroprep_torch._checks import frame_problem
+
+    img = torch.randn(1, 1, 32, 32)
+    assert frame_problem(img) == ""
+    assert frame_problem(img[..., :1, :1]) == "frame too small: 1x1 pixels (at least 16x16 needed)"
+    assert frame_problem(img * float("nan")).startswith("empty frame: every pixel is NaN")
+    assert frame_problem(img, torch.ones_like(img, dtype=torch.bool)).startswith("empty frame: every pixel is NaN")
+    assert frame_problem(torch.zeros(1, 1, 32, 32)) == "empty frame: every usable pixel equals 0"
+
+
+def test_dtype_batch_wcs_checks_name_the_argument():
+    from astroprep_torch._checks import check_batch_nonempty, check_float_dtype, check_wcs
+
+    with pytest.raises(TypeError, match=r"science must be float32 or float64, got torch\.bfloat16"):
+        check_float_dtype(torch.ones(1, dtype=torch.bfloat16), "science")
+    with pytest.raises(ValueError, match="image is an empty batch"):
+        check_batch_nonempty(torch.ones(0, 1, 4, 4), "image")
+    with pytest.raises(TypeError, match="src_wcs must be a WCS"):
+        check_wcs(None, "src_wcs")

@@ -412,3 +412,37 @@ def test_simulated_gwac_frame_end_to_end_vs_source_extractor(tmp_path):
     c_o, p_o = scores(ox, oy, o_snr)
     assert c_sx > 90 and p_sx > 90  # the truth match itself is meaningful
     assert abs(c_o - c_sx) <= 0.5 and abs(p_o - p_sx) <= 0.5, (c_o, c_sx, p_o, p_sx)
+
+
+# -- #20: bad noise values, unmasked NaN pixels --------------------------------------------------
+def test_bad_rms_values_raise_naming_rms():
+    img = _gauss_field(dtype=torch.float32)
+    se = SourceExtractor()
+    for rms in (0.0, -5.0, float("nan"), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="rms must be positive and finite"):
+            se(img, rms)
+    with pytest.raises(TypeError, match="rms must be the background noise.*got None"):
+        se(img, None)
+    with pytest.raises(ValueError, match="rms map has no positive finite value"):
+        se(img, torch.full_like(img, -5.0))
+
+
+def test_rms_map_with_zero_or_nan_patch_masks_it():
+    img = _gauss_field(stars=((20.0, 30.0, 5000.0), (50.0, 10.0, 5000.0)), dtype=torch.float32)
+    rms = torch.full_like(img, 5.0)
+    rms[..., :, 40:] = 0.0  # e.g. outside a footprint
+    rms[..., 0:5, 0:5] = float("nan")
+    cat = SourceExtractor()(img, rms)
+    x = cat.columns["x"]
+    assert len(x) == 1 and abs(float(x[0]) - 20.0) < 0.5  # the star on the zero-rms side is not detected
+
+
+def test_unmasked_nan_pixels_do_not_spoil_photometry():
+    stars = tuple((float(x), float(y), 8000.0) for x, y in ((12, 12), (40, 14), (25, 40), (50, 50), (10, 52)))
+    img = _gauss_field(stars=stars, dtype=torch.float32)
+    img[..., 13, 12] = float("nan")  # next to a star's centre, not masked
+    img[..., 30, 30] = float("nan")
+    cat = SourceExtractor()(img, 5.0)
+    assert len(cat.columns["x"]) == 5
+    for k in ("flux_auto", "flux_aper", "flux_iso", "x", "y"):
+        assert torch.isfinite(cat.columns[k]).all(), k

@@ -240,3 +240,61 @@ def test_write_fits_flush_leaves_the_page_cache(tmp_path):
     assert np.array_equal(fits.getdata(tmp_path / "flushed.fits"), data)  # reading loads the pages again
     assert (tmp_path / "plain.fits").read_bytes() == (tmp_path / "flushed.fits").read_bytes()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+# -- #20: products readable by the team, clear errors -------------------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_respect_the_umask(tmp_path, umask, mode):
+    """Products get 0666 less the umask like any file the user writes (mkstemp alone gives 0600)."""
+    from astroprep_torch.pipeline import _atomic
+
+    old = os.umask(umask)
+    try:
+        write_fits(tmp_path / "a.fits", np.ones((4, 4), np.float32))
+        write_fits(tmp_path / "a.fits.gz", np.ones((4, 4), np.float32))
+        _atomic(tmp_path / "t.pt", lambda p: torch.save(torch.ones(2), p))
+    finally:
+        os.umask(old)
+    for name in ("a.fits", "a.fits.gz", "t.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch):
+    path = tmp_path / "a.fits"
+    write_fits(path, np.ones((4, 4), np.float32))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fits, "open", denied)
+    with pytest.raises(PermissionError, match="permission denied") as info:
+        read_fits(path)
+    assert "corrupt" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_permission_denied(tmp_path):
+    path = tmp_path / "a.fits"
+    write_fits(path, np.ones((4, 4), np.float32))
+    path.chmod(0)
+    with pytest.raises(PermissionError, match="permission denied"):
+        read_fits(path)
+
+
+def test_read_fits_bad_hdu_and_path_arguments(tmp_path):
+    path = tmp_path / "a.fits"
+    write_fits(path, np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"HDU 5 not found \(HDUs: 0:PrimaryHDU"):
+        read_fits(path, hdu=5)
+    with pytest.raises(TypeError, match="hdu must be"):
+        read_fits(path, hdu=1.5)
+    with pytest.raises(TypeError, match="path must be a FITS file name"):
+        read_fits(None)
+
+
+def test_write_fits_refuses_complex_data(tmp_path):
+    with pytest.raises(TypeError, match="complex64"):
+        write_fits(tmp_path / "c.fits", np.ones((4, 4), np.complex64))
+    with pytest.raises(TypeError, match="complex"):
+        write_fits(tmp_path / "c.fits", torch.ones(4, 4, dtype=torch.complex64))
+    assert not list(tmp_path.iterdir())

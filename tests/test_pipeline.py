@@ -650,3 +650,148 @@ def test_stale_temporary_files_of_killed_writers_are_removed(tmp_path):
     left = {p.name for p in tmp_path.iterdir()}
     assert not {files["dead"], files["dead_ecsv"]} & left
     assert {files[k] for k in ("alive", "other_host", "product", "user_hidden")} <= left
+
+
+# -- #20: runs that never lose data --------------------------------------------------------------
+def test_manifest_lines_whole_or_absent(tmp_path, monkeypatch):
+    """A partial last line (a crash, a full disk) is dropped on read and cut off before the next
+    append, so no row is glued onto it; a short write leaves the file as it was."""
+    import errno
+
+    path = tmp_path / "manifest.rank0.jsonl"
+    path.write_text(json.dumps({"name": "a", "status": "ok", "outputs": []}) + "\n" + '{"name": "b", "sta')
+    assert list(P.read_manifest(tmp_path)) == ["a"]
+    P._append_jsonl(path, [{"name": "c", "status": "ok", "outputs": []}])
+    assert list(P.read_manifest(tmp_path)) == ["a", "c"]
+    assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
+    before = path.read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(P.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError) as info:
+        P._append_jsonl(path, [{"name": "d", "status": "ok", "outputs": []}])
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+
+
+def _predict(out, products, inputs, asynchronous=False, batch_size=1):
+    import lightning as L
+
+    from astroprep_torch.data import FitsFrameDataModule
+
+    writer = P.FrameWriter(out, products=products, asynchronous=asynchronous)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer])
+    trainer.predict(P.PreprocessModule(_tiny_pipeline()), datamodule=FitsFrameDataModule(inputs, batch_size=batch_size),
+                    return_predictions=False)
+    return writer
+
+
+def test_failed_frame_leaves_no_products(tmp_path):
+    _write_frames(tmp_path / "in", n=2, corrupt=False)
+    products = {"difference": ("fits", "diff", "science"), "science": ("hologram", "sci", "science")}
+    _predict(tmp_path / "out", products, tmp_path / "in")
+    rows = P.read_manifest(tmp_path / "out")
+    assert {r["status"] for r in rows.values()} == {"failed"} and all(r["outputs"] == [] for r in rows.values())
+    assert not list((tmp_path / "out").glob("frame*")), "a failed frame kept some of its products"
+
+
+@pytest.mark.parametrize("asynchronous", [False, "thread"])
+def test_disk_full_stops_the_run(tmp_path, monkeypatch, asynchronous):
+    import errno
+
+    from astroprep_torch import io
+
+    _write_frames(tmp_path / "in", n=5, corrupt=False)
+    real = io.write_fits
+    calls = []
+
+    def write_fits(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "write_fits", write_fits)
+    with pytest.raises(P.OutputDiskFull, match="output disk full writing frame 'frame1'"):
+        _predict(tmp_path / "out", {"difference": ("fits", "diff", "science")}, tmp_path / "in", asynchronous)
+    assert len(calls) == 2, "it kept computing and writing after the disk was full"
+    rows = P.read_manifest(tmp_path / "out")
+    assert {k: v["status"] for k, v in rows.items()} == {"frame0": "ok", "frame1": "failed"}
+    assert sorted(p.name for p in (tmp_path / "out").glob("frame*")) == ["frame0.diff.fits"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped where mounting is not permitted)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("asynchronous", [False, "process"])
+def test_full_small_filesystem(tmp_path, small_filesystem, asynchronous):
+    """On a real full disk the run stops at the first frame that does not fit, with whole manifest
+    lines, and no half product or temporary file left; after making room, a rerun finishes the rest."""
+    from astroprep_torch.data import FitsFrameDataModule
+
+    _write_frames(tmp_path / "in", n=12, corrupt=False)
+    out = small_filesystem / "out"
+    out.mkdir()
+    (small_filesystem / "ballast").write_bytes(b"x" * 200_000)
+    products = {"difference": ("fits", "diff", "science")}
+    with pytest.raises(P.OutputDiskFull, match="output disk full"):
+        _predict(out, products, tmp_path / "in", asynchronous)
+    rows = P.read_manifest(out)
+    ok = sorted(k for k, v in rows.items() if v["status"] == "ok")
+    assert 1 <= len(ok) < 12
+    for line in (out / "manifest.rank0.jsonl").read_text().splitlines():
+        json.loads(line)  # every line whole
+    assert sorted(p.name for p in out.glob("frame*")) == sorted(f"{n}.diff.fits" for n in ok)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    (small_filesystem / "ballast").unlink()  # make room, rerun: the finished frames are skipped
+    import lightning as L
+
+    writer = P.FrameWriter(out, products=products, asynchronous=asynchronous)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer])
+    trainer.predict(P.PreprocessModule(_tiny_pipeline()),
+                    datamodule=FitsFrameDataModule(tmp_path / "in", skip=writer.finished), return_predictions=False)
+    assert sorted(r["name"] for r in writer.rows) == sorted(set(f"frame{i}" for i in range(12)) - set(ok))
+    assert {v["status"] for v in P.read_manifest(out).values()} == {"ok"} and len(P.read_manifest(out)) == 12
+
+
+def test_unusable_frames_and_reference_say_why(tmp_path):
+    from astroprep_torch import sim
+    from astroprep_torch._checks import InputError
+    from astroprep_torch.io import write_fits
+    from astroprep_torch.wcs import TanWCS
+
+    f = sim.simulate_frame((64, 64), n_stars=20, seed=0)
+    far = f.header.copy()
+    far["CRVAL1"] = (far["CRVAL1"] + 30.0) % 360.0
+    module = P.PreprocessModule(_tiny_pipeline(), reference=f.image, reference_header=f.header)
+    assert module.unusable(f.image, f.mask, f.header.tostring()) == ""
+    assert module.unusable(f.image, f.mask, far.tostring()).startswith("no overlap")
+    assert module.unusable(f.image * 0, f.mask, f.header.tostring()) == "empty frame: every usable pixel equals 0"
+    near, away = (TanWCS.from_header(h) for h in (f.header, far))
+    assert P.footprints_overlap(near, (64, 64), near, (64, 64))
+    assert not P.footprints_overlap(near, (64, 64), away, (64, 64))
+    big = f.header.copy()  # a reference much larger than the frame, containing it: overlap
+    big["CRPIX1"], big["CRPIX2"] = big["CRPIX1"] + 2000, big["CRPIX2"] + 2000
+    assert P.footprints_overlap(near, (64, 64), TanWCS.from_header(big), (4096, 4096))
+    with pytest.raises(InputError, match="reference .*missing.fits: FITS file not found"):
+        P.read_reference(tmp_path / "missing.fits")
+    write_fits(tmp_path / "nan.fits", torch.full((64, 64), float("nan")))
+    with pytest.raises(InputError, match="reference .*nan.fits: empty frame"):
+        P.read_reference(tmp_path / "nan.fits")
+    (tmp_path / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
+    with pytest.raises(InputError, match="reference .*broken.fits: cannot read"):
+        P.read_reference(tmp_path / "broken.fits")

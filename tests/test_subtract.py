@@ -547,3 +547,42 @@ def test_sky_gradient_common_to_both_frames():
         assert torch.isfinite(res.difference[..., 20:-20, 20:-20]).all()
         assert float(res.kernel_sum[0]) == pytest.approx(1.0, abs=0.03), (amp, float(res.kernel_sum[0]))
     assert used[300.0] >= 0.85 * used[0.0], used
+
+
+# -- #20: bad values at the entry -----------------------------------------------------------------
+def _pair():
+    render = star_field()
+    return (1.05 * render(1.5) + 130.0)[None, None].float(), (render(1.2) + 100.0)[None, None].float()
+
+
+def test_half_precision_and_negative_variance_are_refused():
+    sci, tmpl = _pair()
+    sub = ImageSubtraction(kernel_half_width=6, gaussians=((0.7, 4), (1.5, 2)), spatial_order=1, stamp_grid=(3, 3),
+                           stamp_half_width=8, stamp_threshold=3.0)
+    with pytest.raises(TypeError, match=r"science must be float32 or float64, got torch\.float16"):
+        sub(sci.half(), tmpl.half())
+    with pytest.raises(ValueError, match=r"science_var has 25600 negative value\(s\)"):
+        sub(sci, tmpl, science_var=-torch.ones_like(sci))
+    var = torch.ones_like(tmpl)
+    var[..., 0, 0] = -1.0
+    mask = torch.zeros_like(tmpl, dtype=torch.bool)
+    mask[..., 0, 0] = True
+    assert sub(sci, tmpl, template_mask=mask, template_var=var).difference.shape == sci.shape  # masked: fine
+
+
+def test_unmasked_nan_pixels_named_when_no_stamp_is_left():
+    sci, tmpl = _pair()
+    sub = ImageSubtraction(kernel_half_width=6, gaussians=((0.7, 4), (1.5, 2)), spatial_order=1, stamp_grid=(3, 3),
+                           stamp_half_width=8, stamp_threshold=3.0)
+    g = torch.Generator().manual_seed(0)
+    holes = torch.rand(sci.shape, generator=g) < 0.02
+    with pytest.raises(ValueError, match=r"science has \d+ NaN or infinite pixel\(s\) \(2\.?\d*%\) outside its mask"):
+        sub(torch.where(holes, float("nan"), sci), tmpl)
+    with pytest.raises(ValueError, match=r"template has \d+ NaN or infinite"):
+        sub(sci, torch.where(holes, float("inf"), tmpl))
+    with pytest.raises(ValueError, match="every pixel is masked, NaN"):
+        sub(sci * float("nan"), tmpl)
+    few = torch.zeros_like(holes)
+    few[..., 5, 5] = few[..., 80, 120] = True  # a few NaN pixels: the stamps avoid them
+    res = sub(torch.where(few, float("nan"), sci), tmpl)
+    assert float(res.kernel_sum[0]) == pytest.approx(1.05, rel=0.05)

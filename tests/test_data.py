@@ -1,0 +1,38 @@
+"""Frames for pipeline mode: unique output names per run, batches of mixed shapes (#20)."""
+
+import pytest
+import torch
+
+from astroprep_torch.data import FitsFrameDataset, collate_frames, frame_names
+
+
+def test_frame_names_unique_by_relative_path(tmp_path):
+    paths = [tmp_path / "collide" / "a.fits", tmp_path / "collide2" / "a.fits", tmp_path / "collide" / "b.fits",
+             tmp_path / "deep" / "x" / "a.fits.gz"]
+    assert frame_names(paths) == ["collide__a", "collide2__a", "b", "deep__x__a"]
+    assert frame_names([tmp_path / "n1" / "a.fits", tmp_path / "n2" / "b.fits"]) == ["a", "b"]  # plain when unique
+
+
+def test_frame_names_refuse_one_frame_in_two_files(tmp_path):
+    with pytest.raises(ValueError, match=r"a\.fits.* and .*a\.fits\.gz would both be frame 'collide__a'"):
+        frame_names([tmp_path / "collide" / "a.fits", tmp_path / "collide" / "a.fits.gz", tmp_path / "collide2" / "a.fits"])
+
+
+def test_dataset_items_carry_the_unique_names(tmp_path):
+    ds = FitsFrameDataset([tmp_path / "c" / "a.fits", tmp_path / "c2" / "a.fits"], skip=lambda n: n == "c2__a")
+    assert ds.names == ["c__a"] and ds[0]["name"] == "c__a" and ds[0]["error"]  # missing file: reported
+
+
+def _item(name, shape, error=""):
+    return {"name": name, "path": name, "error": error, "header": "", "image": torch.ones(1, *shape),
+            "mask": torch.zeros(1, *shape, dtype=torch.bool)}
+
+
+def test_odd_shaped_frame_is_reported_not_fatal():
+    batch = collate_frames([_item("tiny", (1, 1)), _item("a", (32, 32)), _item("b", (32, 32))])
+    assert batch["image"].shape == (3, 1, 32, 32)
+    assert "image shape (1, 1) differs from (32, 32)" in batch["error"][0] and "batch_size=1" in batch["error"][0]
+    assert batch["error"][1:] == ["", ""] and bool(batch["mask"][0].all())
+    # a tie keeps the larger frame: a 1x1 file never pushes a real frame out of its batch
+    tie = collate_frames([_item("tiny", (1, 1)), _item("a", (32, 32))])
+    assert tie["image"].shape == (2, 1, 32, 32) and tie["error"][0] and not tie["error"][1]
