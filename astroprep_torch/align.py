@@ -90,8 +90,10 @@ __all__ = [
     "refine",
     "fit_transform",
     "warp_affine",
+    "warp_variance",
     "apply_transform",
     "invert_transform",
+    "transform_scale_rotation",
 ]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos3")
@@ -539,7 +541,8 @@ def reproject(
             ``torch.compile`` so each becomes one fused loop. About 10x faster on CPU for Lanczos3;
             the first call pays the compilation (tens of seconds on a small CPU, cached on disk).
         coord_dtype: dtype of the coordinate computation (float64 recommended).
-        variance: optional ``(B, C, H, W)`` variance of ``image`` (pixels with independent noise).
+        variance: optional ``(B, C, H, W)`` variance of ``image`` (pixels with independent noise;
+            ``(B, C' < C, H, W)``: of its first ``C'`` channels).
             It is propagated through the same kernel as the image, with squared weights:
             ``var_out = sum_i w_i^2 var_i`` (renormalised as the image where masked pixels were left
             out, times ``|det J|^2`` with ``conserve_flux``). Resampling a variance (or rms) map as
@@ -554,9 +557,11 @@ def reproject(
     mask = check_mask(mask, image, "mask")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if variance is not None and (not isinstance(variance, Tensor) or variance.shape != image.shape):
-        raise ValueError(f"variance must be a tensor shaped like image {tuple(image.shape)}, got "
-                         f"{tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__}")
+    if variance is not None and (not isinstance(variance, Tensor) or variance.dim() != 4
+                                 or variance.shape[0] != image.shape[0] or variance.shape[1] > image.shape[1]
+                                 or variance.shape[2:] != image.shape[2:]):
+        raise ValueError(f"variance must be a tensor shaped like image {tuple(image.shape)} (or its first "
+                         f"channels), got {tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__}")
     h_out, w_out = as_pair(shape_out, "shape_out")
     b, c, h, w = image.shape
     nsrc, ndst = _batch_len(src_wcs), _batch_len(dst_wcs)
@@ -612,9 +617,9 @@ def _reproject_variance(variance: Optional[Tensor], image: Tensor, mask: Optiona
     """The variance of :func:`reproject`'s ``out``: :func:`_sample_variance` chunk by chunk."""
     if variance is None:
         return None
-    b, c = image.shape[:2]
+    b, c = variance.shape[:2]  # the variance of the first c channels of the image
     h_out, w_out = out.shape[-2:]
-    bad = None if mask is None else (mask | ~torch.isfinite(image)).expand_as(image)
+    bad = None if mask is None else (mask | ~torch.isfinite(image)).expand_as(image)[:, :c]
     res = variance.new_empty((b, c, h_out, w_out))
     for r0 in range(0, h_out, chunk_rows):
         r1 = min(h_out, r0 + chunk_rows)
@@ -728,6 +733,14 @@ def apply_transform(matrix: Tensor, xy: Tensor) -> Tensor:
     return xy @ matrix[..., :2].transpose(-1, -2) + matrix[..., 2].unsqueeze(-2)
 
 
+def transform_scale_rotation(matrix: Tensor) -> tuple[float, float]:
+    """Mean scale ``sqrt|det A|`` and rotation (degrees, in (-180, 180]) of a (2, 3) transform."""
+    a = matrix[..., :2].double()
+    scale = float(torch.linalg.det(a).abs().sqrt())
+    rot = math.degrees(math.atan2(float(a[1, 0] - a[0, 1]), float(a[0, 0] + a[1, 1])))
+    return scale, rot
+
+
 def invert_transform(matrix: Tensor) -> Tensor:
     """Inverse of a (..., 2, 3) affine transform."""
     a = matrix[..., :2]
@@ -814,9 +827,19 @@ def _invariants(xy: Tensor, tri: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _brightest(xy: Tensor, flux: Optional[Tensor], n: int) -> Tensor:
-    if flux is None or xy.shape[0] <= n:
-        return torch.arange(min(n, xy.shape[0]), device=xy.device)
-    return flux.topk(n).indices
+    """Indices of the ``n`` brightest points; without fluxes the ``n`` most isolated ones (largest
+    nearest-neighbour distance, ties by position): a choice that does not depend on the order of
+    the list and that a similarity transform (rotation, scale, shift) leaves unchanged."""
+    if xy.shape[0] <= n:
+        return torch.arange(xy.shape[0], device=xy.device)
+    if flux is not None:
+        return flux.topk(n).indices
+    d = torch.cdist(xy, xy)
+    d.fill_diagonal_(float("inf"))
+    nn_dist = d.amin(1)
+    order = torch.argsort(xy[:, 1], stable=True)
+    order = order[torch.argsort(xy[order, 0], stable=True)]  # ties broken by position, not list order
+    return order[torch.argsort(nn_dist[order], descending=True, stable=True)[:n]]
 
 
 def _nearest(a: Tensor, b: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
@@ -863,6 +886,7 @@ def match_sources(
     max_refine_points: int = 600,
     retries: Sequence[int] = (150,),
     weighting: str = "none",
+    min_inlier_fraction: float = 0.1,
 ) -> MatchResult:
     """Find the transform mapping the source list ``src_xy`` onto ``dst_xy`` (astroalign's method).
 
@@ -886,6 +910,12 @@ def match_sources(
     If that fails, it is retried with each number of control points in ``retries`` (more control
     points find overlaps between frames shifted by a large fraction of their size).
 
+    Without fluxes the control points are the most isolated points of each list (largest
+    nearest-neighbour distance): the same whatever the order of the list, and the same stars in
+    both lists up to the outliers. A transform is returned only when at least
+    ``min_inlier_fraction`` of the shorter list (of the points used in the final fit) supports
+    it: a few chance pairs among many points are an error, not an answer.
+
     Args:
         src_xy, dst_xy: ``(N, 2)`` and ``(M, 2)`` 0-based pixel positions ``(x, y)``.
         src_flux, dst_flux: optional ``(N,)`` / ``(M,)`` brightness used to pick control points.
@@ -896,8 +926,9 @@ def match_sources(
         :class:`MatchResult` ``(matrix, pairs, n_inliers, rms)``; ``matrix`` maps src onto dst.
 
     Raises:
-        AlignmentError: fewer than ``min_matches`` (>= 3) consistent pairs, or a fit whose inliers do
-            not agree (RMS above ``pixel_tol / 2``).
+        AlignmentError: fewer than ``min_matches`` (>= 3) consistent pairs, fewer than
+            ``min_inlier_fraction`` of the shorter list, or a fit whose inliers do not agree (RMS
+            above ``pixel_tol / 2``); the message says what was found.
 
     The matching itself is combinatorial and runs eagerly (data-dependent sizes); all heavy steps
     are batched tensor operations.
@@ -912,6 +943,8 @@ def match_sources(
         raise ValueError(f"min_matches must be >= 3, got {min_matches}")
     if weighting not in ("none", "flux"):
         raise ValueError(f"weighting must be 'none' or 'flux', got {weighting!r}")
+    if not 0 <= min_inlier_fraction <= 1:
+        raise ValueError(f"min_inlier_fraction must be in [0, 1], got {min_inlier_fraction!r}")
     if src_xy.shape[0] < 3 or dst_xy.shape[0] < 3:
         raise AlignmentError(f"need at least 3 sources in each list to match, got {src_xy.shape[0]} and "
                              f"{dst_xy.shape[0]}")
@@ -924,7 +957,8 @@ def match_sources(
     for ncp in (max_control_points,) + tuple(r for r in retries if r > max_control_points):
         try:
             res = _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol,
-                              min_matches, max_hypotheses, max_refine_points, weighting == "flux")
+                              min_matches, max_hypotheses, max_refine_points, weighting == "flux",
+                              min_inlier_fraction)
             return MatchResult(res.matrix.to(src_xy.dtype), res.pairs, res.n_inliers, res.rms.to(src_xy.dtype))
         except AlignmentError as err:
             last_err = err
@@ -934,7 +968,7 @@ def match_sources(
 
 
 def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol, min_matches,
-                max_hypotheses, max_refine_points, flux_weights) -> MatchResult:
+                max_hypotheses, max_refine_points, flux_weights, min_fraction=0.0) -> MatchResult:
     cs = src[_brightest(src, sflux, ncp)]
     cd = dst[_brightest(dst, dflux, ncp)]
     tri_s = _triangles(cs, n_neighbors)
@@ -1006,6 +1040,12 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
     rms = (apply_transform(matrix, a) - b).pow(2).sum(-1).mean().sqrt()
     if not bool(torch.isfinite(matrix).all()) or float(rms) > pixel_tol / 2:
         raise AlignmentError(f"inconsistent fit: RMS {float(rms):.3g} px over {n} pairs (> {pixel_tol / 2} px)")
+    n_short = min(rs.shape[0], rd.shape[0])
+    if n < min_fraction * n_short:
+        scale, rot = transform_scale_rotation(matrix)
+        raise AlignmentError(f"only {n} of {n_short} sources ({100 * n / n_short:.1f}% < {100 * min_fraction:.0f}%) "
+                             f"support the best transform (scale {scale:.3f}, rotation {rot:.1f} deg, RMS "
+                             f"{float(rms):.3g} px): no reliable match; are the frames of the same field?")
     pairs = torch.stack([rs_idx[pairs[:, 0]], rd_idx[pairs[:, 1]]], 1)
     return MatchResult(matrix, pairs, torch.tensor(n, device=src.device), rms)
 
@@ -1316,6 +1356,25 @@ def warp_affine(image: Tensor, matrix: Tensor, shape_out, *, interpolation: str 
     return warped, fp
 
 
+def warp_variance(variance: Tensor, matrix: Tensor, shape_out, values: Tensor, *,
+                  interpolation: str = "bilinear") -> Tensor:
+    """Variance of :func:`warp_affine`'s output: ``variance`` (B, C, H, W) of independent pixels
+    propagated through the same interpolation weights, squared (``sum_i w_i^2 var_i``). ``values``
+    (B, C, H_out, W_out) is the warped image: NaN there gives NaN here."""
+    h, w = as_pair(shape_out, "shape_out")
+    b, c = variance.shape[:2]
+    if matrix.dim() == 2:
+        matrix = matrix.expand(b, 2, 3)
+    inv = invert_transform(matrix.to(torch.float64))
+    ys = torch.arange(h, dtype=torch.float64, device=variance.device).reshape(1, h, 1)
+    xs = torch.arange(w, dtype=torch.float64, device=variance.device).reshape(1, 1, w)
+    sx = inv[:, 0, 0].view(-1, 1, 1) * xs + inv[:, 0, 1].view(-1, 1, 1) * ys + inv[:, 0, 2].view(-1, 1, 1)
+    sy = inv[:, 1, 0].view(-1, 1, 1) * xs + inv[:, 1, 1].view(-1, 1, 1) * ys + inv[:, 1, 2].view(-1, 1, 1)
+    v = _sample_variance(variance, None, sx.reshape(b, -1), sy.reshape(b, -1), interpolation,
+                         values.reshape(b, c, -1))
+    return v.reshape(b, c, h, w)
+
+
 def register(
     image: Tensor,
     reference: Tensor,
@@ -1382,11 +1441,12 @@ class Register(nn.Module):
 
     def __init__(self, transform: str = "similarity", interpolation: str = "bilinear", fwhm: float = 3.0,
                  threshold: float = 5.0, max_sources: int = 1000, binning: int = 2, max_control_points: int = 50,
-                 pixel_tol: float = 2.0, min_matches: int = 3):
+                 pixel_tol: float = 2.0, min_matches: int = 3, min_inlier_fraction: float = 0.1):
         super().__init__()
         self.transform, self.interpolation = transform, interpolation
         self.fwhm, self.threshold, self.max_sources, self.binning = fwhm, threshold, max_sources, binning
         self.max_control_points, self.pixel_tol, self.min_matches = max_control_points, pixel_tol, min_matches
+        self.min_inlier_fraction = min_inlier_fraction
 
     def forward(self, image: Tensor, reference: Tensor, mask: Optional[Tensor] = None,
                 reference_mask: Optional[Tensor] = None) -> RegisterResult:
@@ -1394,7 +1454,8 @@ class Register(nn.Module):
                         interpolation=self.interpolation, fwhm=self.fwhm, threshold=self.threshold,
                         max_sources=self.max_sources, binning=self.binning,
                         max_control_points=self.max_control_points,
-                        pixel_tol=self.pixel_tol, min_matches=self.min_matches)
+                        pixel_tol=self.pixel_tol, min_matches=self.min_matches,
+                        min_inlier_fraction=self.min_inlier_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
