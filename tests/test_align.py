@@ -654,3 +654,51 @@ def test_reproject_default_is_the_coarse_grid_mapping():
     import inspect
 
     assert inspect.signature(reproject).parameters["grid_step"].default == 32
+
+
+def test_match_shuffled_lists_without_fluxes_and_refuses_weak_transforms():
+    """Issue 19 item 2: 400 shuffled points, no fluxes, 20% outliers, rotation 123 deg, scale 1.05:
+    solved whatever the list order; two unrelated lists raise AlignmentError instead of a transform."""
+    rng = np.random.default_rng(3)
+    n = 400
+    src = rng.uniform(0, 2048, (n, 2))
+    th = math.radians(123.0)
+    a = 1.05 * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    dst = src @ a.T + np.array([40.0, -25.0])
+    dst[:80] = rng.uniform(0, 2048, (80, 2)) @ a.T
+    for seed in range(3):
+        p = np.random.default_rng(seed).permutation(n)
+        res = match_sources(torch.from_numpy(src[p]), torch.from_numpy(dst[np.random.default_rng(seed + 7).permutation(n)]))
+        m = res.matrix.numpy()
+        err = np.abs(src[80:] @ m[:, :2].T + m[:, 2] - dst[80:]).max()
+        assert err < 0.01 and int(res.n_inliers) >= 300
+    other = rng.uniform(0, 2048, (n, 2))
+    with pytest.raises(AlignmentError, match="support|matches|consistent|triangles"):
+        match_sources(torch.from_numpy(src), torch.from_numpy(other))
+
+
+@pytest.mark.slow
+def test_align_to_reference_refuses_another_field_and_propagates_variance():
+    """Issue 19 items 1-2: star matching of a frame against a reference of another field fails with
+    AlignmentError (plausibility bounds); a good registration carries the variance through
+    the squared weights; a reference without WCS is announced once."""
+    import warnings
+
+    from astroprep_torch import sim
+    from astroprep_torch.pipeline import AlignToReference
+
+    pair = sim.simulate_pair((256, 256), n_stars=200, shift=(3.3, -2.7), sip=False, seed=0)
+    other = sim.simulate_pair((256, 256), n_stars=200, shift=(0.0, 0.0), sip=False, seed=5)
+    sci = torch.cat([pair.science.image, pair.science.image])  # a batch of 2 star-matched frames
+    var = torch.full_like(sci, 100.0)
+    mod = AlignToReference()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = mod(sci, pair.reference.image, variance=var)
+        mod(sci[:1], pair.reference.image)
+    assert sum("star matching" in str(w.message) for w in rec) == 1
+    assert r.method == "stars" and r.variance is not None
+    inner = r.variance[:, :, 20:-20, 20:-20]
+    assert float(inner.max()) <= 100.0 + 1e-3 and float(inner.mean()) < 90.0  # averaged by interpolation
+    with pytest.raises(AlignmentError):
+        AlignToReference()(pair.science.image, other.reference.image)
