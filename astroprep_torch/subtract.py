@@ -569,7 +569,7 @@ def _clipped_ratio(ratio: Tensor, start: Optional[Tensor] = None, iters: int = 6
 _NOISE_SEGMENT = 256  # pixels of a row over which _noise_model takes the sky gradient as constant
 
 
-def _sky_pixels(image: Tensor, var: Tensor, nsig: float = 0.5, bin_size: int = 4) -> Tensor:
+def _sky_pixels(image: Tensor, var: Tensor, nsig: float = 1.0, bin_size: int = 4) -> Tensor:
     """Bool (B, 1, H, W): True on pixels away from sources. A source is where the image binned
     ``bin_size`` x ``bin_size`` exceeds its median by ``nsig`` (robust) sigma over the binned
     variance model, dilated by one bin: a selection on averages, so the noise of the kept pixels is
