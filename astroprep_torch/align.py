@@ -996,8 +996,9 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
     best_score, matrix = -1, None
     for i in range(0, hyp.shape[0], 256):
         moved = apply_transform(hyp[i:i + 256], cs.unsqueeze(0))  # (h, n, 2)
-        d2 = (moved.unsqueeze(2) - cd.reshape(1, 1, -1, 2)).pow(2).sum(-1)  # (h, n, m)
-        score = (d2.amin(-1) < pixel_tol ** 2).sum(-1)
+        # (h, n, m) distances by matrix products (float64): ~20x fewer passes than differences
+        d = torch.cdist(moved, cd.unsqueeze(0).expand(moved.shape[0], -1, -1), compute_mode="use_mm_for_euclid_dist")
+        score = (d.amin(-1) < pixel_tol).sum(-1)
         k = int(score.argmax())
         if int(score[k]) > best_score:
             best_score, matrix = int(score[k]), hyp[i + k]

@@ -605,20 +605,20 @@ def test_reproject_propagates_variance_through_the_kernel_weights(interp, conser
     """var_out = sum w_i^2 var_i: the propagated variance matches the empirical variance of resampled
     white noise (rotated, sub-pixel shifted, slightly rescaled grid), where resampling the variance
     as an image overstates it."""
-    shape = (96, 96)
+    shape = (64, 64)
     g = torch.Generator().manual_seed(0)
     w = TanWCS.from_header(tan_header(shape))
     wd = TanWCS.from_header(tan_header(shape, crpix_offset=(0.37, -0.61), rotation=7.0, scale=1.03))
     var = torch.full((1, 1, *shape), 4.0, dtype=torch.float64)
-    var[..., :, 48:] = 9.0  # two levels: the weights are applied per source pixel
-    noise = torch.randn((1, 400, *shape), generator=g, dtype=torch.float64) * var.sqrt()  # 400 channels
+    var[..., :, 32:] = 9.0  # two levels: the weights are applied per source pixel
+    noise = torch.randn((1, 300, *shape), generator=g, dtype=torch.float64) * var.sqrt()  # 300 channels
     out = reproject(noise, w, wd, shape, interpolation=interp, conserve_flux=conserve_flux,
                     variance=var.expand_as(noise).contiguous())
     emp = out.image.var(1)[0]
     prop = out.variance[0, 0]
-    inner = (slice(8, -8), slice(8, 40))  # the 4.0 half, away from the edge and the step
+    inner = (slice(8, -8), slice(8, 26))  # the 4.0 half, away from the edge and the step
     ratio = (emp[inner] / prop[inner]).mean()
-    assert float(ratio) == pytest.approx(1.0, abs=0.02)
+    assert float(ratio) == pytest.approx(1.0, abs=0.03)
     # the propagated variance is below the input's (interpolation averages), which an image-like
     # resampling of the variance map would not show
     assert float(prop[inner].mean()) < 0.9 * 4.0 * \
@@ -666,7 +666,7 @@ def test_match_shuffled_lists_without_fluxes_and_refuses_weak_transforms():
     a = 1.05 * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     dst = src @ a.T + np.array([40.0, -25.0])
     dst[:80] = rng.uniform(0, 2048, (80, 2)) @ a.T
-    for seed in range(3):
+    for seed in range(2):
         p = np.random.default_rng(seed).permutation(n)
         res = match_sources(torch.from_numpy(src[p]), torch.from_numpy(dst[np.random.default_rng(seed + 7).permutation(n)]))
         m = res.matrix.numpy()
