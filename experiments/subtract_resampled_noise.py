@@ -29,7 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+import os  # noqa: E402
+
+# ASTROPREP_ROOT: another checkout (e.g. the one before this change) for part B's "before" numbers
+ROOT = Path(os.environ.get("ASTROPREP_ROOT", Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -126,7 +129,11 @@ def main():
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--cases", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only-b", action="store_true", help="part B only, printed (with ASTROPREP_ROOT: another checkout)")
     args = p.parse_args()
+    if args.only_b:
+        print(ap.__file__, part_b(args.size, 7))
+        return
     rng = np.random.default_rng(args.seed)
     rows = part_a(args.size, args.cases, rng)
     b = part_b(args.size, 7)

@@ -198,3 +198,27 @@ def test_killed_mid_run_then_rerun_loses_and_duplicates_nothing(demo_run, tmp_pa
         assert {p.name[len(n):] for p in out.glob(f"{n}.*")} == suffixes, n
         assert read_fits(out / f"{n}.diff.fits").data.shape[-2:] == (256, 256)
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name], "temporary files left behind"
+
+
+def test_import_sets_the_openmp_wait_policy_before_torch():
+    """Issue 19 item 4: `import astroprep_torch` (and so the CLI) sets OMP_WAIT_POLICY=PASSIVE when
+    unset, before torch loads; an explicit value wins; imported after torch it warns."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = root
+
+    def run(code, **extra):
+        return subprocess.run([sys.executable, "-W", "always", "-c", code], env={**env, **extra},
+                              capture_output=True, text=True, check=True)
+
+    first = run("import os, astroprep_torch, torch; print(os.environ['OMP_WAIT_POLICY'])")
+    assert first.stdout.strip() == "PASSIVE" and "RuntimeWarning" not in first.stderr
+    assert run("import os, astroprep_torch; print(os.environ['OMP_WAIT_POLICY'])",
+               OMP_WAIT_POLICY="ACTIVE").stdout.strip() == "ACTIVE"
+    late = run("import torch, astroprep_torch")
+    assert "imported after torch" in late.stderr
