@@ -742,9 +742,13 @@ def transform_scale_rotation(matrix: Tensor) -> tuple[float, float]:
 
 
 def invert_transform(matrix: Tensor) -> Tensor:
-    """Inverse of a (..., 2, 3) affine transform."""
-    a = matrix[..., :2]
-    ainv = torch.linalg.inv(a)
+    """Inverse of a (..., 2, 3) affine transform.
+
+    The 2x2 inverse in closed form (adjugate / determinant): no LAPACK call, whose batched LU on the
+    strided ``[..., :2]`` view failed for batches of 2 on some MKL builds (DLASWP parameter error)."""
+    a, b, c, d = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 1, 0], matrix[..., 1, 1]
+    det = a * d - b * c
+    ainv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[..., None, None]
     t = -(ainv @ matrix[..., 2:])
     return torch.cat([ainv, t], dim=-1)
 

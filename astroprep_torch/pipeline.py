@@ -459,11 +459,8 @@ class AlignToReference(nn.Module):
             out, footprint, method = r.image, r.footprint, "stars"
             var_out = None if variance is None else align.warp_variance(variance, r.matrix, reference.shape[-2:],
                                                                         out[:, :c], interpolation=self.interpolation)
-            if extra is not None:
-                import kornia
-
-                warped = kornia.geometry.transform.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]),
-                                                               mode="bilinear", align_corners=True)
+            if extra is not None:  # align's warp (closed-form 2x2 inverse: no batched LAPACK call)
+                warped, _ = align.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]))
                 out = torch.cat([out, warped], dim=1)
         if method == "wcs":
             # reproject's footprint is 0 wherever any channel is not finite (those pixels hold NaN)

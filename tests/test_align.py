@@ -694,10 +694,10 @@ def test_align_to_reference_refuses_another_field_and_propagates_variance():
     mod = AlignToReference()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        r = mod(sci, pair.reference.image, variance=var)
+        r = mod(sci, pair.reference.image, variance=var, extra=var.sqrt())
         mod(sci[:1], pair.reference.image)
     assert sum("star matching" in str(w.message) for w in rec) == 1
-    assert r.method == "stars" and r.variance is not None
+    assert r.method == "stars" and r.variance is not None and r.extra.shape == sci.shape
     inner = r.variance[:, :, 20:-20, 20:-20]
     assert float(inner.max()) <= 100.0 + 1e-3 and float(inner.mean()) < 90.0  # averaged by interpolation
     with pytest.raises(AlignmentError):
