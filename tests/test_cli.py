@@ -222,3 +222,19 @@ def test_import_sets_the_openmp_wait_policy_before_torch():
                OMP_WAIT_POLICY="ACTIVE").stdout.strip() == "ACTIVE"
     late = run("import torch, astroprep_torch")
     assert "imported after torch" in late.stderr
+
+
+def test_gpu_check_fails_clearly_without_cuda():
+    """Issue 19 item 6: experiments/gpu_check.sh refuses at once, saying why, where torch sees no CUDA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run the GPU check")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", str(root / "experiments" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr
