@@ -48,6 +48,28 @@ import os
 # THP_MEM_ALLOC_ENABLE in the environment wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+
+def _set_openmp_wait_policy() -> None:
+    """OpenMP's idle workers sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the
+    environment says otherwise. Spinning workers take the core of a thread that is still working
+    when another process holds a core: stages then ran 3-10x slower on a shared machine
+    (``experiments/busy_machine.py``). The OpenMP runtime reads the variable when torch loads:
+    imported after torch, this can only warn."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    import sys
+
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in sys.modules:
+        import warnings
+
+        warnings.warn("astroprep_torch was imported after torch: OpenMP's wait policy stays ACTIVE (spinning); "
+                      "import astroprep_torch first or export OMP_WAIT_POLICY=PASSIVE (slow stages on a busy machine "
+                      "otherwise)", RuntimeWarning, stacklevel=3)
+
+
+_set_openmp_wait_policy()
+
 __version__ = "0.1.0"
 
 _SUBMODULES = (

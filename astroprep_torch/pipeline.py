@@ -330,12 +330,35 @@ class SquareRoot(nn.Module):
         return out.sqrt_() if not (out.requires_grad and torch.is_grad_enabled()) else out.sqrt()
 
 
+class SourceVariance(nn.Module):
+    """``rms^2 + max(image, 0) / gain``: the background variance plus the sources' Poisson term.
+
+    ``image`` is background-subtracted (ADU) and ``gain`` in e-/ADU (``None``: the background term
+    alone). Without the source term the variance of a difference is too small at star cores and
+    every bright star leaves false 5-sigma peaks. A gain below the true one overstates the source
+    term (conservative)."""
+
+    def __init__(self, gain: Optional[float] = 1.0):
+        super().__init__()
+        if gain is not None and not gain > 0:
+            raise ValueError(f"gain must be positive or None, got {gain!r}")
+        self.gain = gain
+
+    def forward(self, rms: Tensor, image: Tensor) -> Tensor:
+        var = rms.square()
+        if self.gain is None:
+            return var
+        return var.add_(image.clamp(min=0), alpha=1.0 / float(self.gain)) if not var.requires_grad else \
+            var + image.clamp(min=0) / float(self.gain)
+
+
 class AlignedFrames(NamedTuple):
     """Output of :class:`AlignToReference`: frames on the reference grid.
 
     ``image`` ``(B, 1, H, W)`` (0 where not covered), ``extra`` the other maps aligned with it
     (``(B, C, H, W)`` or None), ``mask`` bool (True where not fully covered or bad), ``footprint``
-    in [0, 1], and ``method`` (``"wcs"`` or ``"stars"``).
+    in [0, 1], ``method`` (``"wcs"`` or ``"stars"``) and ``variance``: the input variance propagated
+    through the interpolation weights (``sum_i w_i^2 var_i``; 0 where not covered) or None.
     """
 
     image: Tensor
@@ -343,6 +366,7 @@ class AlignedFrames(NamedTuple):
     mask: Tensor
     footprint: Tensor
     method: str
+    variance: Optional[Tensor] = None
 
 
 class AlignToReference(nn.Module):
@@ -355,22 +379,55 @@ class AlignToReference(nn.Module):
         transform: ``"similarity"`` or ``"affine"`` for star matching.
         fused: WCS reprojection through ``torch.compile``-fused resampling kernels
             (``align.reproject(fused=True)``; set by ``PreprocessModule(compile=True)``).
+        min_inlier_fraction, scale_range, max_rotation: plausibility bounds of a star-matching
+            registration: the fraction of the matched sources that supports it, its scale and its
+            rotation (degrees). A registration outside them raises ``AlignmentError`` (a frame of
+            another field, or chance matches) instead of producing a wrong alignment.
 
     ``forward(image, reference, mask=None, reference_mask=None, src_wcs=None, dst_wcs=None,
-    extra=None) -> AlignedFrames``: ``extra`` ``(B, C, H, W)`` maps (e.g. the rms) go along.
+    extra=None, variance=None) -> AlignedFrames``: ``extra`` ``(B, C, H, W)`` maps go along,
+    resampled as images; ``variance`` ``(B, 1, H, W)`` is propagated through the interpolation
+    weights (use it for noise maps: an rms map resampled as an image overstates the noise).
+    Without a reference WCS every frame is registered by star matching: said once (a warning).
     """
 
     def __init__(self, method: str = "auto", interpolation: str = "bilinear", grid_step: Optional[int] = 32,
-                 transform: str = "similarity", fused: bool = False):
+                 transform: str = "similarity", fused: bool = False, min_inlier_fraction: float = 0.1,
+                 scale_range: Sequence[float] = (0.9, 1.1), max_rotation: float = 180.0):
         super().__init__()
         if method not in ("auto", "wcs", "stars"):
             raise ValueError(f"method must be 'auto', 'wcs' or 'stars', got {method!r}")
         self.method, self.interpolation, self.grid_step, self.transform = method, interpolation, grid_step, transform
         self.fused = bool(fused)
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"scale_range must be (low <= 1, high >= 1) with low > 0, got {scale_range!r}")
+        self.min_inlier_fraction, self.scale_range, self.max_rotation = float(min_inlier_fraction), (lo, hi), float(max_rotation)
+        self._said_stars = False
+
+    def _check_plausible(self, r) -> None:
+        """Raise ``AlignmentError`` for a star-matching registration outside the bounds."""
+        from .align import AlignmentError, transform_scale_rotation
+
+        for b in range(r.matrix.shape[0]):
+            scale, rot = transform_scale_rotation(r.matrix[b])
+            if not self.scale_range[0] <= scale <= self.scale_range[1] or abs(rot) > self.max_rotation:
+                raise AlignmentError(
+                    f"frame {b}: implausible registration (scale {scale:.3f} outside {self.scale_range} or rotation "
+                    f"{rot:.1f} deg beyond {self.max_rotation:g}; {int(r.n_inliers[b])} star pairs): a frame of "
+                    "another field? (AlignToReference scale_range / max_rotation)")
+
+    def _say_stars(self, dst_wcs) -> None:
+        if self.method == "auto" and not self._said_stars:
+            import warnings
+
+            self._said_stars = True
+            warnings.warn(f"AlignToReference: {'the reference has no WCS' if dst_wcs is None else 'a frame has no WCS'}"
+                          ": frames are registered by star matching (said once)", stacklevel=3)
 
     def forward(self, image: Tensor, reference: Tensor, mask: Optional[Tensor] = None,
                 reference_mask: Optional[Tensor] = None, src_wcs=None, dst_wcs=None,
-                extra: Optional[Tensor] = None) -> AlignedFrames:
+                extra: Optional[Tensor] = None, variance: Optional[Tensor] = None) -> AlignedFrames:
         from . import align
 
         c = image.shape[1]
@@ -393,17 +450,19 @@ class AlignToReference(nn.Module):
             if src_wcs is None or dst_wcs is None:
                 raise ValueError("AlignToReference(method='wcs') needs src_wcs and dst_wcs")
             r = align.reproject(stack, src_wcs, dst_wcs, tuple(reference.shape[-2:]), None,
-                                interpolation=self.interpolation, grid_step=self.grid_step, fused=self.fused)
-            out, footprint, method = r.image, r.footprint, "wcs"
+                                interpolation=self.interpolation, grid_step=self.grid_step, fused=self.fused,
+                                variance=variance)
+            out, footprint, method, var_out = r.image, r.footprint, "wcs", r.variance
         else:
+            self._say_stars(dst_wcs)
             r = align.register(image, reference, mask, reference_mask, transform=self.transform,
-                               interpolation=self.interpolation)
+                               interpolation=self.interpolation, min_inlier_fraction=self.min_inlier_fraction)
+            self._check_plausible(r)
             out, footprint, method = r.image, r.footprint, "stars"
-            if extra is not None:
-                import kornia
-
-                warped = kornia.geometry.transform.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]),
-                                                               mode="bilinear", align_corners=True)
+            var_out = None if variance is None else align.warp_variance(variance, r.matrix, reference.shape[-2:],
+                                                                        out[:, :c], interpolation=self.interpolation)
+            if extra is not None:  # align's warp (closed-form 2x2 inverse: no batched LAPACK call)
+                warped, _ = align.warp_affine(extra, r.matrix.to(extra.dtype), tuple(reference.shape[-2:]))
                 out = torch.cat([out, warped], dim=1)
         if method == "wcs":
             # reproject's footprint is 0 wherever any channel is not finite (those pixels hold NaN)
@@ -416,7 +475,9 @@ class AlignToReference(nn.Module):
             out = torch.nan_to_num(out, nan=0.0)
         if reference_mask is not None:
             bad = bad | reference_mask
-        return AlignedFrames(out[:, :c], out[:, c:] if extra is not None else None, bad, footprint, method)
+        if var_out is not None:
+            var_out = var_out[:, :c].nan_to_num(nan=0.0)
+        return AlignedFrames(out[:, :c], out[:, c:] if extra is not None else None, bad, footprint, method, var_out)
 
 
 class CandidateTriplets(nn.Module):
@@ -552,7 +613,7 @@ class PreprocessModule(_LightningModule):
         return result
 
 
-_GLUE = (MaskUnion, SubtractMap, Square, SquareRoot)
+_GLUE = (MaskUnion, SubtractMap, Square, SquareRoot, SourceVariance)
 
 
 class CompiledStageModule(nn.Module):

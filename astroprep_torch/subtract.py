@@ -570,8 +570,24 @@ def _clipped_ratio(ratio: Tensor, start: Optional[Tensor] = None, iters: int = 6
 _NOISE_SEGMENT = 256  # pixels of a row over which _noise_model takes the sky gradient as constant
 
 
+def _sky_pixels(image: Tensor, var: Tensor, nsig: float = 1.0, bin_size: int = 4) -> Tensor:
+    """Bool (B, 1, H, W): True on pixels away from sources. A source is where the image binned
+    ``bin_size`` x ``bin_size`` exceeds its median by ``nsig`` (robust) sigma over the binned
+    variance model, dilated by one bin: a selection on averages, so the noise of the kept pixels is
+    hardly truncated."""
+    b, _, h, w = image.shape
+    k = max(1, min(bin_size, h, w))
+    binned = F.avg_pool2d(image.double(), k, k, ceil_mode=True)
+    vb = F.avg_pool2d(var.double(), k, k, ceil_mode=True)
+    z = (binned - binned.flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)) / vb.clamp(min=1e-300).sqrt()
+    zmed = z.flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)
+    zsig = 1.4826 * (z - zmed).abs().flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)
+    src = F.max_pool2d((z - zmed > nsig * zsig).to(image.dtype), 3, 1, 1) > 0
+    return ~src.repeat_interleave(k, 2).repeat_interleave(k, 3)[..., :h, :w]
+
+
 def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
-                 min_rho: float = 0.05, samples: int = 60000) -> tuple[Tensor, Tensor]:
+                 min_rho: float = 0.05, samples: int = 60000, sky: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Measured noise of each frame relative to its variance model, for ``debias``.
 
     Returns ``(scale, rho)``: ``scale`` (B,) float64 = measured / modelled pixel variance, and
@@ -585,7 +601,9 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
     gives ``rho = 1 - D(lag) / D(ref_lag)``, non-zero for resampled or stacked frames (bilinear
     resampling: up to 0.5 at one pixel); ``|rho| < min_rho`` is set to 0 (stars lift long-lag
     differences a little more than short ones). About ``samples`` pixel pairs per lag, from an
-    evenly spaced subsample of rows read once.
+    evenly spaced subsample of rows read once. ``sky`` (bool, like ``image``): only pairs of
+    pixels both True there are used (:func:`_sky_pixels`; in crowded fields the stars otherwise
+    lift both the scale and the correlations).
     """
     b, _, h, w = image.shape
     dev = image.device
@@ -595,6 +613,8 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
     offs = sorted(set(range(m + 1)) | {ref_lag})
     img_rows = {dy: image[:, 0].index_select(1, rows + dy).double() for dy in offs}
     var_rows = {dy: var[:, 0].index_select(1, rows + dy).double() for dy in offs}
+    if sky is not None:  # pairs with a non-sky pixel get a NaN variance: left out of the statistics
+        var_rows = {dy: torch.where(sky[:, 0].index_select(1, rows + dy), v, torch.nan) for dy, v in var_rows.items()}
 
     def ratio_at(dx: int, dy: int, start: Optional[Tensor] = None) -> Tensor:
         a0, v0, a1, v1 = img_rows[0], var_rows[0], img_rows[dy], var_rows[dy]
@@ -613,7 +633,7 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
         d = (seg - seg.nanmedian(-1, keepdim=True).values).reshape(b, d.shape[1], cut)
         vs = vs[..., :cut]
         r = d.square_().div_(vs.clamp(min=1e-300))
-        r = torch.where(vs > 0, r, torch.nan)
+        r = torch.where(vs > 0, r, torch.nan)  # (NaN > 0 is False: left-out pairs too)
         return _clipped_ratio(r.reshape(b, -1), start, iters=6 if start is None else 4)
 
     d_x = ratio_at(ref_lag, 0)
@@ -629,6 +649,43 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
             rho[:, m + dy, m + dx] = r
             rho[:, m - dy, m - dx] = r
     return d_ref, rho
+
+
+_NOISE_FREE = 1e-6  # measured / modelled noise variance below this: a noise-free frame, nothing to calibrate
+
+
+def _default_variance(image: Tensor, gain: float, read_noise: float, calibrate: bool) -> Tensor:
+    """The variance model of a frame given without one (see :class:`ImageSubtraction`, ``calibrate_noise``).
+
+    ``poisson_variance`` (HOTPANTS' model). With ``calibrate``: a frame whose sky was removed
+    (median below 3 robust sigma, so the model has no sky term) gets the measured sky variance
+    (MAD^2) added, and the model is then scaled by the frame's measured pixel noise over the model
+    (:func:`_noise_model` at a 5-pixel lag, where resampling leaves no correlation; clipped, so the
+    stars hardly count): a resampled frame, whose pixels are averages of several, has less noise
+    per pixel than its Poisson model says. Noise-free frames (nothing measured) keep the model.
+    """
+    var = poisson_variance(image, gain, read_noise)
+    if not calibrate:
+        return var
+    with torch.no_grad():
+        med, mad = _robust_sky(image.detach())
+        floor = torch.where(med < 3 * mad, mad.square(), torch.zeros_like(mad)).view(-1, 1, 1, 1)
+        model = var + floor
+        scale = _noise_model(image.detach(), model, max_lag=0, sky=_sky_pixels(image.detach(), model))[0]
+        scale = torch.where(torch.isfinite(scale) & (scale > _NOISE_FREE), scale, torch.ones_like(scale))
+    return (var + floor) * scale.to(var.dtype).view(-1, 1, 1, 1)
+
+
+def _correlated_noise_factor(kernel: Tensor, rho: Tensor) -> Tensor:
+    """``Var(K (x) n) / (sum K^2 Var n)`` for noise ``n`` with pixel correlation ``rho`` (B, 2m+1, 2m+1):
+    ``sum_lag rho(lag) A_K(lag) / A_K(0)`` with ``A_K`` the kernel's autocorrelation (B,). Resampled
+    noise (correlated at 1-2 px) convolved by a smooth kernel keeps more variance than its
+    per-pixel variance times ``sum K^2``: ignoring it understates the difference's noise."""
+    b, k, _ = kernel.shape
+    m = (rho.shape[-1] - 1) // 2
+    kk = kernel.double().reshape(1, b, k, k)
+    ac = F.conv2d(F.pad(kk, (m, m, m, m)), kk.reshape(b, 1, k, k), groups=b)[0]  # (B, 2m+1, 2m+1)
+    return (rho.to(ac) * ac).sum((-1, -2)) / ac[:, m, m].clamp(min=1e-300)
 
 
 def _stamp_cells(h: int, w: int, grid: tuple[int, int], r: int, layout: str):
@@ -1150,6 +1207,7 @@ def image_subtraction(
     weighting: str = "variance",
     stamp_layout: str = "grid",
     debias: bool = True,
+    calibrate_noise: bool = True,
     stat_sigma: float = 3.0,
     stamp_positions: Optional[Tensor] = None,
     coefficients: Optional[Tensor] = None,
@@ -1202,9 +1260,9 @@ def image_subtraction(
     lo_s, lo_t = _pair(lower_limit, "lower_limit")
     given_s, given_t = science_var is not None, template_var is not None
     if science_var is None:
-        science_var = poisson_variance(science, g_s, rn_s)
+        science_var = _default_variance(science, g_s, rn_s, calibrate_noise)
     if template_var is None:
-        template_var = poisson_variance(template, g_t, rn_t)
+        template_var = _default_variance(template, g_t, rn_t, calibrate_noise)
 
     with torch.no_grad():
         # bad = masked | non-finite | saturated | below the lower limit (|= in place: few passes)
@@ -1280,6 +1338,9 @@ def image_subtraction(
 
     # debias: the noise of the image to convolve, as measured, in units of its variance model
     noise = _noise_model(conv_img_c.detach(), var_conv_c.detach()) if debias and coefficients is None else None
+    # calibrate_noise: the pixel-noise correlation of the convolved image, on its sky pixels
+    measured = _noise_model(conv_img_c.detach(), var_conv_c.detach(),
+                            sky=_sky_pixels(conv_img_c.detach(), var_conv_c.detach())) if calibrate_noise else None
     if noise is not None and bool((noise[1].abs().sum((-1, -2)) == 1).all()):  # white noise: the cheaper form
         noise = (noise[0], None)
 
@@ -1337,6 +1398,11 @@ def image_subtraction(
     conv, var_k = apply_kernel(conv_img_c, theta_c, basis, spatial_order, var_conv_c, tile_size,
                                None if tile_size is None else variance_tile_size,
                                variance_convolution if given_conv else "fft")
+    if calibrate_noise and measured is not None:  # correlated (resampled) noise through the kernel
+        with torch.no_grad():
+            corr = _correlated_noise_factor(_term_kernels(theta_c, basis, spatial_order)[:, 0], measured[1])
+            corr = torch.where(measured[0] > _NOISE_FREE, corr, torch.ones_like(corr))  # nothing measured
+        var_k = var_k * corr.to(var_k.dtype).view(-1, 1, 1, 1)
     bg_y, bg_x = _background(theta_c, n_basis, spatial_order, background_order, (h, w), science, factors=True)
     ksum = theta_c[:, 0]
     # difference = sign (model - target) * scale with sign = +1 when the science frame was convolved;
@@ -1429,6 +1495,15 @@ class ImageSubtraction(nn.Module):
             per tile: for given variance maps that vary slowly over a kernel width, such as
             background RMS^2 maps; one pass instead of a tiled FFT; see the module docstring).
         weighting: ``"variance"`` (inverse-variance weighted least squares) or ``"none"`` (HOTPANTS).
+        calibrate_noise: ``True`` (default): the returned variance is calibrated on the data. A frame
+            given without a variance map gets ``poisson_variance`` (plus the measured sky variance
+            when its sky was removed: median below 3 robust sigma) scaled by its pixel noise as
+            measured on the sky (clipped differences of pixels 5 px apart), so a resampled frame,
+            with less noise per pixel than its Poisson model, is not over-weighted; and the
+            convolved image's variance is multiplied by ``sum_lag rho(lag) A_K(lag) / A_K(0)`` with
+            ``rho`` its measured pixel-noise correlation (resampled frames: 1-2 px) and ``A_K`` the
+            kernel's autocorrelation. Assumes the noise is stationary in shape (one correlation
+            per frame) and the sky pixels dominate the measurement. ``False``: HOTPANTS' noise image.
         stamp_layout: ``"hotpants"`` (stamp regions one kernel width smaller than the grid cells, and
             the stamp box at least ``stamp_half_width + kernel_half_width`` from the frame edges, as
             HOTPANTS) or ``"grid"`` (cells tile the frame; the box plus kernel inside the frame).
@@ -1467,6 +1542,7 @@ class ImageSubtraction(nn.Module):
         weighting: str = "variance",
         stamp_layout: str = "grid",
         debias: bool = True,
+        calibrate_noise: bool = True,
         stat_sigma: float = 3.0,
     ):
         super().__init__()
@@ -1500,6 +1576,7 @@ class ImageSubtraction(nn.Module):
             raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
         self.stamp_layout = stamp_layout
         self.debias = bool(debias)
+        self.calibrate_noise = bool(calibrate_noise)
         if not stat_sigma > 0:
             raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
         self.stat_sigma = float(stat_sigma)
@@ -1528,7 +1605,7 @@ class ImageSubtraction(nn.Module):
             stars_per_cell=self.stars_per_cell, tile_size=self.tile_size,
             variance_tile_size=self.variance_tile_size, variance_convolution=self.variance_convolution,
             weighting=self.weighting,
-            stamp_layout=self.stamp_layout, debias=self.debias, stat_sigma=self.stat_sigma,
+            stamp_layout=self.stamp_layout, debias=self.debias, calibrate_noise=self.calibrate_noise, stat_sigma=self.stat_sigma,
         )
 
     def forward(

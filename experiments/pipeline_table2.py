@@ -79,6 +79,10 @@ def warm_up(pipe, batch, n):
     return warm
 
 
+def _SYNC():  # replaced by torch.cuda.synchronize with --device cuda
+    return None
+
+
 def fresh(batch):
     """A fresh copy of the frames (new tensors), as a survey run reads every frame anew."""
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -93,6 +97,7 @@ def timed_calls(pipe, batch, n, log):
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             pipe(b)
+            _SYNC()
             wall = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             log.append((wall, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, dict(pipe.timings)))
@@ -197,6 +202,7 @@ def main() -> None:
     ap.add_argument("--no-retain", action="store_true",
                     help="leave glibc malloc's defaults (astroprep run calls astroprep_torch.retain_freed_memory())")
     ap.add_argument("--name", default="pipeline_table2", help="results file experiments/results/<name>.md")
+    ap.add_argument("--device", default="cpu", help="torch device of our pipeline (e.g. cuda); peers stay on the CPU")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the graph, e.g. pipeline.workers=1")
     args = ap.parse_args()
     if not args.no_retain:
@@ -213,6 +219,10 @@ def main() -> None:
     sci, ref = pair.science, pair.reference
     batch = {"science": sci.image, "science_mask": sci.mask, "science_wcs": TanWCS.from_header(sci.header),
              "reference": ref.image, "reference_mask": ref.mask, "reference_wcs": TanWCS.from_header(ref.header)}
+    if args.device != "cpu":  # the frames and WCS on the device; timings synchronise it
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        global _SYNC
+        _SYNC = torch.cuda.synchronize if args.device.startswith("cuda") else _SYNC
     pipe = build_pipeline(args.overrides)
     warm = warm_up(pipe, batch, args.warmup)
     rounds = 1 if args.no_peers else max(1, min(args.rounds, args.repeat))

@@ -150,7 +150,7 @@ def test_reproject_matches_reproject_interp(sip, device):
     h_src = tan_header(shape, crpix_offset=(3.3, -2.7), rotation=11.0, sip=sip)
     h_dst = tan_header((90, 100), scale=1.1, sip=sip)
     src_w, dst_w = TanWCS.from_header(h_src).to(device), TanWCS.from_header(h_dst).to(device)
-    ours = Reproject((90, 100))(img.to(device), src_w, dst_w)
+    ours = Reproject((90, 100), grid_step=None)(img.to(device), src_w, dst_w)  # the exact mapping
     assert isinstance(ours, ReprojectResult)
     ref, fp = reproject_interp((img[0, 0].numpy(), WCS(h_src)), WCS(h_dst), shape_out=(90, 100), order="bilinear")
     o = ours.image[0, 0].cpu().numpy()
@@ -621,3 +621,112 @@ def test_reproject_batch_with_one_shared_wcs(grid_step):
         single = Reproject((48, 48), grid_step=grid_step)(one, src, dst)
         torch.testing.assert_close(both.image[i : i + 1], single.image, equal_nan=True)
         torch.testing.assert_close(both.footprint[i : i + 1], single.footprint)
+
+# ---------------------------------------------------------------------------------------------
+# variance propagation through resampling (issue 19, item 1)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic", "lanczos3"])
+@pytest.mark.parametrize("conserve_flux", [False, True])
+def test_reproject_propagates_variance_through_the_kernel_weights(interp, conserve_flux):
+    """var_out = sum w_i^2 var_i: the propagated variance matches the empirical variance of resampled
+    white noise (rotated, sub-pixel shifted, slightly rescaled grid), where resampling the variance
+    as an image overstates it."""
+    shape = (64, 64)
+    g = torch.Generator().manual_seed(0)
+    w = TanWCS.from_header(tan_header(shape))
+    wd = TanWCS.from_header(tan_header(shape, crpix_offset=(0.37, -0.61), rotation=7.0, scale=1.03))
+    var = torch.full((1, 1, *shape), 4.0, dtype=torch.float64)
+    var[..., :, 32:] = 9.0  # two levels: the weights are applied per source pixel
+    noise = torch.randn((1, 300, *shape), generator=g, dtype=torch.float64) * var.sqrt()  # 300 channels
+    out = reproject(noise, w, wd, shape, interpolation=interp, conserve_flux=conserve_flux,
+                    variance=var.expand_as(noise).contiguous())
+    emp = out.image.var(1)[0]
+    prop = out.variance[0, 0]
+    inner = (slice(8, -8), slice(8, 26))  # the 4.0 half, away from the edge and the step
+    ratio = (emp[inner] / prop[inner]).mean()
+    assert float(ratio) == pytest.approx(1.0, abs=0.03)
+    # the propagated variance is below the input's (interpolation averages), which an image-like
+    # resampling of the variance map would not show
+    assert float(prop[inner].mean()) < 0.9 * 4.0 * \
+        (1.03 ** 4 if conserve_flux else 1.0)
+    naive = reproject(var, w, wd, shape, interpolation=interp, conserve_flux=conserve_flux).image[0, 0]
+    assert float((emp[inner] / naive[inner]).mean()) < 0.9
+    assert torch.isnan(out.variance[torch.isnan(out.image)]).all()
+
+
+def test_reproject_variance_with_mask_renormalises():
+    shape = (32, 32)
+    w = TanWCS.from_header(tan_header(shape))
+    wd = TanWCS.from_header(tan_header(shape, crpix_offset=(0.5, 0.0)))
+    img = torch.zeros((1, 1, *shape), dtype=torch.float64)
+    var = torch.ones_like(img)
+    mask = torch.zeros_like(img, dtype=torch.bool)
+    mask[..., 16, 16] = True
+    out = reproject(img, w, wd, shape, mask=mask, interpolation="bilinear", variance=var)
+    # half-pixel shift in x: weights (1/2, 1/2) -> 1/2; next to the bad pixel one good weight 1/2,
+    # renormalised to 1 -> variance 1
+    v = out.variance[0, 0]
+    assert float(v[8, 10]) == pytest.approx(0.5, abs=1e-6)
+    bad_row = v[16][torch.isfinite(v[16])]
+    assert torch.isclose(bad_row, torch.tensor(1.0, dtype=torch.float64)).any()
+    with pytest.raises(ValueError, match="variance"):
+        reproject(img, w, wd, shape, variance=var[..., :8])
+
+
+def test_reproject_default_is_the_coarse_grid_mapping():
+    """Issue 19 item 3: the eager default is the fast coarse-grid mapping (the pipeline's), the exact
+    per-pixel mapping an option."""
+    assert Reproject((8, 8)).grid_step == 32
+    import inspect
+
+    assert inspect.signature(reproject).parameters["grid_step"].default == 32
+
+
+def test_match_shuffled_lists_without_fluxes_and_refuses_weak_transforms():
+    """Issue 19 item 2: 400 shuffled points, no fluxes, 20% outliers, rotation 123 deg, scale 1.05:
+    solved whatever the list order; two unrelated lists raise AlignmentError instead of a transform."""
+    rng = np.random.default_rng(3)
+    n = 400
+    src = rng.uniform(0, 2048, (n, 2))
+    th = math.radians(123.0)
+    a = 1.05 * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    dst = src @ a.T + np.array([40.0, -25.0])
+    dst[:80] = rng.uniform(0, 2048, (80, 2)) @ a.T
+    for seed in range(2):
+        p = np.random.default_rng(seed).permutation(n)
+        res = match_sources(torch.from_numpy(src[p]), torch.from_numpy(dst[np.random.default_rng(seed + 7).permutation(n)]))
+        m = res.matrix.numpy()
+        err = np.abs(src[80:] @ m[:, :2].T + m[:, 2] - dst[80:]).max()
+        assert err < 0.01 and int(res.n_inliers) >= 300
+    other = rng.uniform(0, 2048, (n, 2))
+    with pytest.raises(AlignmentError, match="support|matches|consistent|triangles"):
+        match_sources(torch.from_numpy(src), torch.from_numpy(other))
+
+
+@pytest.mark.slow
+def test_align_to_reference_refuses_another_field_and_propagates_variance():
+    """Issue 19 items 1-2: star matching of a frame against a reference of another field fails with
+    AlignmentError (plausibility bounds); a good registration carries the variance through
+    the squared weights; a reference without WCS is announced once."""
+    import warnings
+
+    from astroprep_torch import sim
+    from astroprep_torch.pipeline import AlignToReference
+
+    pair = sim.simulate_pair((256, 256), n_stars=200, shift=(3.3, -2.7), sip=False, seed=0)
+    other = sim.simulate_pair((256, 256), n_stars=200, shift=(0.0, 0.0), sip=False, seed=5)
+    sci = torch.cat([pair.science.image, pair.science.image])  # a batch of 2 star-matched frames
+    var = torch.full_like(sci, 100.0)
+    mod = AlignToReference()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = mod(sci, pair.reference.image, variance=var, extra=var.sqrt())
+        mod(sci[:1], pair.reference.image)
+    assert sum("star matching" in str(w.message) for w in rec) == 1
+    assert r.method == "stars" and r.variance is not None and r.extra.shape == sci.shape
+    inner = r.variance[:, :, 20:-20, 20:-20]
+    assert float(inner.max()) <= 100.0 + 1e-3 and float(inner.mean()) < 90.0  # averaged by interpolation
+    with pytest.raises(AlignmentError):
+        AlignToReference()(pair.science.image, other.reference.image)

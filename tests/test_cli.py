@@ -415,3 +415,42 @@ def test_cli_from_a_wheel_in_a_fresh_venv(tmp_path):
     assert rc == 0 and (work / "sim" / "science.fits").exists(), err[-3000:]
     rc, out, err = _astroprep_rc("run", f"output={work / 'run'}", *SMALL, exe=exe, env=env, cwd=work)
     assert rc == 0 and "astroprep run summary" in out, err[-3000:]
+
+def test_import_sets_the_openmp_wait_policy_before_torch():
+    """Issue 19 item 4: `import astroprep_torch` (and so the CLI) sets OMP_WAIT_POLICY=PASSIVE when
+    unset, before torch loads; an explicit value wins; imported after torch it warns."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = root
+
+    def run(code, **extra):
+        return subprocess.run([sys.executable, "-W", "always", "-c", code], env={**env, **extra},
+                              capture_output=True, text=True, check=True)
+
+    first = run("import os, astroprep_torch, torch; print(os.environ['OMP_WAIT_POLICY'])")
+    assert first.stdout.strip() == "PASSIVE" and "RuntimeWarning" not in first.stderr
+    assert run("import os, astroprep_torch; print(os.environ['OMP_WAIT_POLICY'])",
+               OMP_WAIT_POLICY="ACTIVE").stdout.strip() == "ACTIVE"
+    late = run("import torch, astroprep_torch")
+    assert "imported after torch" in late.stderr
+
+
+def test_gpu_check_fails_clearly_without_cuda():
+    """Issue 19 item 6: experiments/gpu_check.sh refuses at once, saying why, where torch sees no CUDA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run the GPU check")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", str(root / "experiments" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr

@@ -795,3 +795,15 @@ def test_unusable_frames_and_reference_say_why(tmp_path):
     (tmp_path / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
     with pytest.raises(InputError, match="reference .*broken.fits: cannot read"):
         P.read_reference(tmp_path / "broken.fits")
+
+def test_source_variance_adds_the_poisson_term():
+    """Issue 19 item 1: the pipeline's variance maps are rms^2 plus the sources' Poisson term."""
+    rms = torch.full((1, 1, 4, 4), 3.0)
+    img = torch.zeros(1, 1, 4, 4)
+    img[..., 1, 1] = 200.0
+    img[..., 2, 2] = -50.0  # below the sky: no source term
+    v = P.SourceVariance(gain=2.0)(rms, img)
+    assert float(v[0, 0, 1, 1]) == 9.0 + 100.0 and float(v[0, 0, 2, 2]) == 9.0 and float(v[0, 0, 0, 0]) == 9.0
+    assert torch.equal(P.SourceVariance(gain=None)(rms, img), rms.square())
+    with pytest.raises(ValueError, match="gain"):
+        P.SourceVariance(gain=0.0)

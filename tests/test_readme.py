@@ -18,3 +18,10 @@ def test_readme_eager_mode_runs(tmp_path, monkeypatch):
     exec(compile("\n".join(blocks), "README.md", "exec"), ns)
     assert (tmp_path / "triplet.png").stat().st_size > 10_000
     assert len(ns["cat"]) > 50
+    # what the text promises: kernel sum ~1 without variance maps, unit noise-normalised scatter
+    sub = ns["sub"]
+    assert abs(float(sub.kernel_sum[0]) - 1) < 0.02, sub.kernel_sum
+    z = (sub.difference / sub.variance.sqrt())[0, 0, 20:-20, 20:-20].flatten()
+    z = z[z.isfinite()]
+    rstd = 1.4826 * float((z - z.median()).abs().median())
+    assert abs(rstd - 1) < 0.1, rstd

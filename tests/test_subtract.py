@@ -17,7 +17,7 @@ HOTPANTS_KW = dict(  # configs/subtract/hotpants.yaml, COMMAND.txt of ../shared/
     kernel_half_width=8, gaussians=((0.75, 6), (1.5, 4), (3.0, 2)), spatial_order=0, background_order=0,
     stamp_grid=(3, 3), stamp_half_width=12, clip_sigma=2.0, normalize="science", gain=(3.984, 4.1505),
     read_noise=11.837, saturation=40000.0, lower_limit=0.0, weighting="none", stamp_threshold=20.0,
-    stamp_layout="hotpants", debias=False,
+    stamp_layout="hotpants", debias=False, calibrate_noise=False,  # HOTPANTS' noise model
 )
 HOTPANTS_KSUM = 1.012384  # hotpants_stdout.txt, "Using Kernel Sum"
 
@@ -304,7 +304,8 @@ def test_sfft_parity(shared_data):
     tmpl = fits.getdata(shared_file("sfft_decam_decorr", "4check__Stack-DEC-OBS18.fits")).astype(np.float32)
     ref = fits.getdata(shared_file("sfft_decam_decorr", "4check__FinalDifference.fits")).astype(np.float64)
     kw = dict(kernel_half_width=10, spatial_order=1, background_order=1, stamp_grid=(4, 4),
-              stamp_half_width=15, gain=4.0, read_noise=11.837, saturation=40000.0)
+              stamp_half_width=15, gain=4.0, read_noise=11.837, saturation=40000.0,
+              calibrate_noise=False)  # SFFT's (HOTPANTS') noise model
     s_t, t_t = torch.from_numpy(sci)[None, None], torch.from_numpy(tmpl)[None, None]
     c = slice(10, -10)
     theirs = robust_std(ref[c, c])
