@@ -62,6 +62,26 @@ def run_pipeline(cfg: DictConfig):
     return run_from_config(cfg)
 
 
+def run_extract(cfg: DictConfig):
+    """``astroprep extract``: with ``sex=<file.sex>`` SExtractor's own configuration files
+    (:mod:`astroprep_torch.classic`), else the extract preset of the pipeline."""
+    if cfg.get("sex"):
+        from .classic import run_from_hydra
+
+        return run_from_hydra(cfg, "extract")
+    return run_pipeline(cfg)
+
+
+def run_background(cfg: DictConfig):
+    """``astroprep background``: with ``sex=<file.sex>`` its BACK_* keys (:mod:`astroprep_torch.classic`),
+    else the background preset of the pipeline."""
+    if cfg.get("sex"):
+        from .classic import run_from_hydra
+
+        return run_from_hydra(cfg, "background")
+    return run_pipeline(cfg)
+
+
 def run_train_quality(cfg: DictConfig):
     from .quality import train_from_config
 
@@ -78,4 +98,4 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair"]
+__all__ = ["run_simulate", "run_pipeline", "run_extract", "run_background", "run_train_quality", "run_train_classifier", "write_simulated_pair"]

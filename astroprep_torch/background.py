@@ -1023,8 +1023,13 @@ def background_2d(
     exact: Optional[bool] = None,
     filter_edge: Optional[str] = None,
     chunk_pixels: int = 1 << 20,
+    mesh_out: Optional[dict] = None,
 ) -> BackgroundResult:
     """Background and background-rms maps of ``image`` (B, 1, H, W).
+
+    ``mesh_out``: a dict that receives ``"mesh"``, the filled and filtered ``(B, 2, ny, nx)`` mesh of
+    [background, rms] box values the maps interpolate (SExtractor's global background RMS is the
+    median of its rms boxes: :func:`global_rms`).
 
     Args:
         image: (B, 1, H, W) float tensor, any H and W.
@@ -1201,10 +1206,28 @@ def background_2d(
         edge = filter_edge
     mesh = _fill_invalid(mesh, valid, fill_rule)
     mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
+    if mesh_out is not None:
+        mesh_out["mesh"] = mesh
     # photutils clips the cubic zoom to the mesh range
     clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
     out = _interpolate_mesh(mesh, kind, bh, bw, H, W, clamp)  # (B, 2, H, W)
     return BackgroundResult(out[:, 0:1], out[:, 1:2])
+
+
+def global_rms(mesh: Tensor) -> Tensor:
+    """SExtractor's global background RMS (``backsig``, the "RMS" it prints and thresholds against
+    when no weight map is given) per image, ``(B,)``: the median of the filtered rms boxes of
+    ``mesh`` (``background_2d(..., mesh_out=d)["mesh"]``), the mean of the two middle values for an
+    even count; ignoring boxes <= 0 when the median is not positive (SExtractor's fallback: 1)."""
+    r = mesh[:, 1].flatten(1).double()
+    out = []
+    for row in r:  # one value per image (B is small)
+        med = torch.quantile(row, 0.5)
+        if med <= 0:
+            pos = row[row > 0]
+            med = torch.quantile(pos, 0.5) if pos.numel() else torch.ones((), dtype=r.dtype, device=r.device)
+        out.append(med)
+    return torch.stack(out).to(mesh.dtype)
 
 
 def subtract_background(image: Tensor, mask: Optional[Tensor] = None, **kwargs) -> Tensor:

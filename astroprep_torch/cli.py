@@ -26,8 +26,8 @@ COMMANDS = {
     "simulate": ("simulate", "run_simulate"),
     "train-quality": ("train_quality", "run_train_quality"),
     "train-classifier": ("train_classifier", "run_train_classifier"),
-    "background": ("tool_background", "run_pipeline"),
-    "extract": ("tool_extract", "run_pipeline"),
+    "background": ("tool_background", "run_background"),
+    "extract": ("tool_extract", "run_extract"),
     "reproject": ("tool_reproject", "run_pipeline"),
     "subtract": ("tool_subtract", "run_pipeline"),
 }
@@ -55,8 +55,8 @@ def _usage() -> str:
         "simulate": "write a simulated GWAC-like epoch pair as FITS files",
         "train-quality": "train the image-quality autoencoder",
         "train-classifier": "train an alert (real/bogus) classifier",
-        "background": "SExtractor-like BACKGROUND / BACKGROUND_RMS maps of FITS files",
-        "extract": "SExtractor-like catalogs of FITS files",
+        "background": "SExtractor-like BACKGROUND / BACKGROUND_RMS maps of FITS files (sex=<file.sex>)",
+        "extract": "SExtractor-like catalogs of FITS files (sex=<file.sex>: SExtractor's own files)",
         "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
         "subtract": "image subtraction of FITS pairs (HOTPANTS)",
     }
