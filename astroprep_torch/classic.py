@@ -521,6 +521,36 @@ def write_check_images(cfg: SexConfig, images: dict, out_dir: Path, header=None)
 
 
 # ------------------------------------------------------------------------------------------------
+# the pipeline's extract preset: SExtractor's noise semantics
+# ------------------------------------------------------------------------------------------------
+_BACKGROUND_SETTINGS = ("box_size", "filter_size", "sigma", "maxiters", "estimator", "rms_estimator", "min_pixels",
+                        "interpolation", "filter_threshold", "method", "exclude_percentile", "median_factor",
+                        "mean_factor", "exact", "filter_edge", "chunk_pixels")
+
+
+class BackgroundWithGlobalRMS(torch.nn.Module):
+    """A :class:`~astroprep_torch.background.Background2D` that also returns SExtractor's global
+    background RMS per image (``global_rms``, ``(B,)``: the median of the filtered rms meshes), what
+    SExtractor thresholds against -- and computes every error with -- when no weight map is given.
+    ``forward(image, mask=None) -> (background, rms, global_rms)`` (a named tuple)."""
+
+    def __init__(self, background):
+        super().__init__()
+        self.background = background
+
+    def forward(self, image: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        from collections import namedtuple
+
+        from .background import background_2d, global_rms
+
+        mesh = {}
+        kw = {k: getattr(self.background, k) for k in _BACKGROUND_SETTINGS if hasattr(self.background, k)}
+        res = background_2d(image, mask, mesh_out=mesh, **kw)
+        out = namedtuple("BackgroundGlobal", ["background", "rms", "global_rms"])
+        return out(res.background, res.rms, global_rms(mesh["mesh"]))
+
+
+# ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
 def _read(path: PathLike):

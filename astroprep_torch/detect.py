@@ -1329,6 +1329,17 @@ class SourceExtractor(nn.Module):
     background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
     float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
     values with ``saturation``. See the module docstring for the algorithm.
+
+    Noise semantics: SExtractor without a weight map (``WEIGHT_TYPE NONE``, its default) thresholds
+    the filtered image at ``thresh`` x ONE global background RMS per image (the median of its rms
+    meshes, the "RMS" it prints; :func:`astroprep_torch.background.global_rms`) and uses that value
+    for every error: pass that scalar (or ``(B,)`` tensor) to reproduce SExtractor's catalog.  Passing
+    an rms MAP instead thresholds every pixel at ``thresh`` x its local rms and uses the map in the
+    errors, as SExtractor does with ``WEIGHT_TYPE BACKGROUND`` or ``MAP_RMS``: where the local rms is
+    below the global value (sky-dominated regions of a frame with a brighter corner, say) more faint
+    pixels pass and more objects are found, and fewer where it is above (near bright stars, whose
+    light raises the mesh rms).  ``astroprep extract`` passes the global value (configs/pipeline/
+    extract_only.yaml), ``astroprep extract sex=<file.sex>`` follows the file's WEIGHT_TYPE.
     """
 
     def __init__(

@@ -196,3 +196,24 @@ def test_catalog_types_and_background_command(tmp_path):
     assert fits.getdata(tmp_path / "o2" / "seg.fits").max() == 1
     res = classic.run_background(tmp_path / "f.fits", sexf, tmp_path / "o3", {"BACK_SIZE": 32})
     assert abs(fits.getdata(tmp_path / "o3" / "f.bkg.fits").mean() - 200) < 1.0 and 2.0 < res["backsig"] < 4.0
+
+
+def test_extract_preset_thresholds_against_the_global_rms():
+    """Issue #19 item 5: the pipeline's extract preset (``astroprep extract`` without sex=) uses
+    SExtractor's back.c background and thresholds against ONE global RMS per frame (65.4617 on sep's
+    frame, what source-extractor prints), not the rms map."""
+    from astropy.io import fits
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("tool_extract", overrides=["output=/tmp/unused"])
+    pipe = instantiate(cfg.pipeline)
+    img = torch.from_numpy(fits.getdata(shared_file("sep", "image.fits")).astype(np.float32))[None, None]
+    batch = pipe({"science": img, "science_mask": torch.zeros_like(img, dtype=torch.bool)})
+    assert batch["science_global_rms"].shape == (1,)
+    assert abs(float(batch["science_global_rms"][0]) - 65.4617) < 1e-3
+    thr = batch["catalog"]["thresh"]
+    assert torch.allclose(thr, torch.full_like(thr, 1.5 * float(batch["science_global_rms"][0])))
