@@ -82,6 +82,16 @@ def run_background(cfg: DictConfig):
     return run_pipeline(cfg)
 
 
+def run_subtract(cfg: DictConfig):
+    """``astroprep subtract``: with ``hotpants="<flags>"`` a HOTPANTS command line's fit
+    (:mod:`astroprep_torch.classic`), else the subtract preset of the pipeline."""
+    if cfg.get("hotpants"):
+        from .classic import run_subtract_from_hydra
+
+        return run_subtract_from_hydra(cfg)
+    return run_pipeline(cfg)
+
+
 def run_train_quality(cfg: DictConfig):
     from .quality import train_from_config
 
@@ -98,4 +108,4 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_extract", "run_background", "run_train_quality", "run_train_classifier", "write_simulated_pair"]
+__all__ = ["run_simulate", "run_pipeline", "run_extract", "run_background", "run_subtract", "run_train_quality", "run_train_classifier", "write_simulated_pair"]

@@ -551,6 +551,124 @@ class BackgroundWithGlobalRMS(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# HOTPANTS command lines
+# ------------------------------------------------------------------------------------------------
+#: HOTPANTS 5.1 defaults (its usage text) as ImageSubtraction keywords
+HOTPANTS_DEFAULTS = dict(
+    kernel_half_width=10, gaussians=((0.7, 6), (1.5, 4), (3.0, 2)), spatial_order=2, background_order=1,
+    stamp_grid=(10, 10), stamp_half_width=15, clip_sigma=2.0, stat_sigma=3.0, stamp_threshold=20.0,
+    normalize="template", convolve="auto", gain=(1.0, 1.0), read_noise=(0.0, 0.0), saturation=(25000.0, 25000.0),
+    lower_limit=(0.0, 0.0), stars_per_cell=3, weighting="none", stamp_layout="hotpants", debias=False,
+)
+#: flag -> (ImageSubtraction keyword, number of values); pair keywords take (science, template)
+_HP_SCALAR = {"-r": ("kernel_half_width", int), "-rss": ("stamp_half_width", int), "-ko": ("spatial_order", int),
+              "-bgo": ("background_order", int), "-ks": ("clip_sigma", float), "-ssig": ("stat_sigma", float),
+              "-ft": ("stamp_threshold", float), "-nss": ("stars_per_cell", int)}
+_HP_PAIR = {"-ig": ("gain", 0), "-tg": ("gain", 1), "-ir": ("read_noise", 0), "-tr": ("read_noise", 1),
+            "-iu": ("saturation", 0), "-tu": ("saturation", 1), "-il": ("lower_limit", 0), "-tl": ("lower_limit", 1)}
+_HP_FILES = {"-inim": "science", "-tmplim": "template", "-outim": "difference", "-oci": "convolved", "-oni": "noise",
+             "-savexy": "stamps"}
+_HP_NO_EFFECT = {"-v": 1, "-okn": 0}
+_HP_ARITY = {"-nrx": 1, "-nry": 1, "-kcs": 1, "-sft": 1, "-nft": 1, "-mins": 1, "-mous": 1, "-omi": 1, "-gd": 4,
+             "-rf": 1, "-rkw": 2, "-ssf": 1, "-cmp": 1, "-afssc": 1, "-fom": 1, "-sconv": 0, "-kfm": 1, "-fi": 1,
+             "-fin": 1, "-convvar": 0, "-ond": 1, "-nim": 0, "-ndm": 0, "-oki": 1, "-sht": 0, "-obs": 1, "-obz": 1,
+             "-nsht": 0, "-nbs": 1, "-nbz": 1, "-tuk": 1, "-iuk": 1, "-tp": 1, "-ip": 1, "-tni": 1, "-ini": 1,
+             "-tmi": 1, "-imi": 1, "-ki": 1, "-hki": 0, "-useWeight": 0, "-c": 1, "-n": 1}
+
+
+def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
+    """A HOTPANTS command line (flags only, or the whole command) -> (ImageSubtraction keywords with
+    HOTPANTS' defaults for what it leaves out, ``{role: file}`` of its file flags, unsupported flags).
+    ``-nsx``/``-nsy`` give ``stamp_grid`` (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i``
+    which image is convolved, ``-n t|i`` the flux normalisation."""
+    import shlex
+
+    tok = shlex.split(flags) if isinstance(flags, str) else [str(t) for t in flags]
+    if tok and not tok[0].startswith("-"):
+        tok = tok[1:]  # the program name
+    kw = {k: (list(v) if isinstance(v, tuple) and k != "gaussians" else v) for k, v in HOTPANTS_DEFAULTS.items()}
+    files, unsupported, grid = {}, [], list(HOTPANTS_DEFAULTS["stamp_grid"])
+    i = 0
+
+    def take(n):
+        nonlocal i
+        vals = tok[i + 1 : i + 1 + n]
+        if len(vals) < n:
+            raise ValueError(f"HOTPANTS flag {tok[i]} needs {n} value(s)")
+        i += 1 + n
+        return vals
+
+    while i < len(tok):
+        f = tok[i]
+        if f in _HP_SCALAR:
+            key, typ = _HP_SCALAR[f]
+            kw[key] = typ(take(1)[0])
+        elif f in _HP_PAIR:
+            key, j = _HP_PAIR[f]
+            kw[key][j] = float(take(1)[0])
+        elif f in ("-nsx", "-nsy"):
+            grid[1 if f == "-nsx" else 0] = int(take(1)[0])
+        elif f == "-ng":
+            n = int(tok[i + 1]) if i + 1 < len(tok) else -1
+            if n < 1:
+                raise ValueError("HOTPANTS flag -ng needs: ngauss degree0 sigma0 ... degreeN sigmaN")
+            vals = take(1 + 2 * n)[1:]
+            kw["gaussians"] = tuple((float(vals[2 * k + 1]), int(vals[2 * k])) for k in range(n))
+        elif f in ("-c", "-n"):
+            v = take(1)[0].lower()
+            table = {"-c": {"t": "template", "i": "science"}, "-n": {"t": "template", "i": "science"}}[f]
+            if v not in table:
+                unsupported.append(f"{f} {v}")
+            else:
+                kw["convolve" if f == "-c" else "normalize"] = table[v]
+        elif f in _HP_FILES:
+            files[_HP_FILES[f]] = take(1)[0]
+        elif f in _HP_NO_EFFECT:
+            take(_HP_NO_EFFECT[f])
+        elif f in _HP_ARITY:
+            vals = take(_HP_ARITY[f])
+            unsupported.append(" ".join([f] + vals))
+        else:
+            raise ValueError(f"unknown HOTPANTS flag {f!r} in {flags!r}")
+    kw["stamp_grid"] = tuple(grid)
+    for k in ("gain", "read_noise", "saturation", "lower_limit"):
+        kw[k] = tuple(kw[k])
+    return kw, files, unsupported
+
+
+def run_subtract(science: PathLike, reference: PathLike, flags: str, output: PathLike) -> dict:
+    """``astroprep subtract input=<fits> reference=<fits> hotpants="<flags>"``: HOTPANTS' fit with its
+    flags and defaults on an aligned pair; writes the difference (``-outim`` name or
+    ``<frame>.diff.fits``), and ``-oni`` (noise = sqrt(variance)) / ``-oci`` (convolved image) when given."""
+    from astropy.io import fits
+
+    from .subtract import ImageSubtraction
+
+    kw, files, unsupported = parse_hotpants(flags)
+    if unsupported:
+        warnings.warn("HOTPANTS flags not implemented, ignored: " + "; ".join(unsupported), UserWarning, stacklevel=2)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    sci, hdr, smask = _read(science)
+    ref, _, rmask = _read(reference)
+    res = ImageSubtraction(**kw)(sci, ref, smask, rmask)
+    stem = Path(science).name.split(".")[0]
+    products = {"difference": res.difference, "noise": res.variance.clamp(min=0).sqrt(), "convolved": res.convolved}
+    written = {}
+    for role, default in (("difference", f"{stem}.diff.fits"), ("noise", None), ("convolved", None)):
+        name = files.get(role, default)
+        if name is None:
+            continue
+        p = out / Path(name).name
+        fits.PrimaryHDU(products[role][0, 0].detach().cpu().numpy().astype(np.float32)).writeto(p, overwrite=True)
+        written[role] = str(p)
+    ksum = float(res.kernel_sum[0])
+    print(f"{science} - {reference}: kernel sum {ksum:.6f}, {int(res.stamp_stats.used.sum())} stamps -> "
+          + ", ".join(written.values()))
+    return {"paths": written, "kernel_sum": ksum, "result": res}
+
+
+# ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
 def _read(path: PathLike):
@@ -640,6 +758,19 @@ def _inputs(value) -> list[str]:
     return [str(p) for p in resolve_inputs(list(value) if not isinstance(value, str) else value)]
 
 
+def run_subtract_from_hydra(cfg) -> dict:
+    """The runner of ``astroprep subtract input=<fits> reference=<fits> hotpants="<flags>"`` (``-inim`` /
+    ``-tmplim`` in the flags stand in for a missing input / reference)."""
+    _, files, _ = parse_hotpants(cfg.hotpants)
+    sci = cfg.get("input") or files.get("science")
+    ref = cfg.get("reference") or files.get("template")
+    if not sci or not ref:
+        raise ValueError("astroprep subtract hotpants=...: give input=<science fits> and reference=<template fits> "
+                         "(or -inim / -tmplim in the flags)")
+    sci = sci if isinstance(sci, str) else list(sci)[0]
+    return run_subtract(sci, ref, cfg.hotpants, cfg.output)
+
+
 def run_from_hydra(cfg, command: str) -> dict:
     """The runner of ``astroprep extract|background ... sex=<file.sex>`` (``sex_keys={KEY: value}``
     overrides keys, as SExtractor's ``-KEY value``)."""
@@ -655,6 +786,6 @@ def run_from_hydra(cfg, command: str) -> dict:
     return out
 
 
-__all__ = ["SEX_DEFAULTS", "parse_sex", "read_param", "read_conv", "load_sex", "SexConfig", "extract",
+__all__ = ["HOTPANTS_DEFAULTS", "parse_hotpants", "run_subtract", "SEX_DEFAULTS", "parse_sex", "read_param", "read_conv", "load_sex", "SexConfig", "extract",
            "catalog_table", "write_catalog", "check_images", "run_extract", "run_background", "source_extractor",
            "background_kwargs"]

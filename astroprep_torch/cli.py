@@ -29,7 +29,7 @@ COMMANDS = {
     "background": ("tool_background", "run_background"),
     "extract": ("tool_extract", "run_extract"),
     "reproject": ("tool_reproject", "run_pipeline"),
-    "subtract": ("tool_subtract", "run_pipeline"),
+    "subtract": ("tool_subtract", "run_subtract"),
 }
 
 
@@ -58,7 +58,7 @@ def _usage() -> str:
         "background": "SExtractor-like BACKGROUND / BACKGROUND_RMS maps of FITS files (sex=<file.sex>)",
         "extract": "SExtractor-like catalogs of FITS files (sex=<file.sex>: SExtractor's own files)",
         "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
-        "subtract": "image subtraction of FITS pairs (HOTPANTS)",
+        "subtract": "image subtraction of FITS pairs (HOTPANTS; hotpants=\"<flags>\": its command line)",
     }
     for k in COMMANDS:
         lines.append(f"  {k:<18}{doc[k]}")

@@ -3,6 +3,7 @@ astroprep_torch.classic against image.cat and against Debian's source-extractor 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import warnings
 
@@ -217,3 +218,42 @@ def test_extract_preset_thresholds_against_the_global_rms():
     assert abs(float(batch["science_global_rms"][0]) - 65.4617) < 1e-3
     thr = batch["catalog"]["thresh"]
     assert torch.allclose(thr, torch.full_like(thr, 1.5 * float(batch["science_global_rms"][0])))
+
+
+def test_hotpants_flags_defaults_and_unsupported():
+    kw, files, uns = classic.parse_hotpants("hotpants -inim a.fits -tmplim b.fits -outim d.fits -r 6 -nsx 4 -nsy 5 "
+                                            "-ng 2 4 1.0 2 2.5 -c t -n i -iu 30000 -tg 2.0 -kfm 0.9 -convvar")
+    assert (kw["kernel_half_width"], kw["stamp_grid"], kw["gaussians"]) == (6, (5, 4), ((1.0, 4), (2.5, 2)))
+    assert (kw["convolve"], kw["normalize"], kw["saturation"], kw["gain"]) == ("template", "science", (30000.0, 25000.0), (1.0, 2.0))
+    assert (kw["spatial_order"], kw["background_order"], kw["stamp_half_width"], kw["clip_sigma"]) == (2, 1, 15, 2.0)
+    assert files == {"science": "a.fits", "template": "b.fits", "difference": "d.fits"}
+    assert uns == ["-kfm 0.9", "-convvar"]
+    with pytest.raises(ValueError, match="unknown HOTPANTS flag '-zz'"):
+        classic.parse_hotpants("-zz 1")
+    with pytest.raises(ValueError, match="-r needs 1 value"):
+        classic.parse_hotpants("-r")
+
+
+def test_hotpants_decam_command_via_the_cli(tmp_path, shared_data):
+    """``astroprep subtract ... hotpants="<COMMAND.txt flags>"`` on hotpants_decam: HOTPANTS' difference
+    (SSIM over the convolved area), kernel sum and noise image."""
+    from astropy.io import fits
+    from skimage.metrics import structural_similarity
+
+    from astroprep_torch.cli import main
+
+    d = shared_file("hotpants_decam", "COMMAND.txt").parent
+    line = [x for x in (d / "COMMAND.txt").read_text().splitlines() if x.startswith("hotpants ")][0]
+    flags = line.split(" ", 1)[1].replace("-inim input_sci", f"-inim {d}/input_sci").replace("-tmplim input_tmpl", f"-tmplim {d}/input_tmpl")
+    assert main(["subtract", f"hotpants='{flags}'", f"output={tmp_path}"]) == 0
+    ours = fits.getdata(tmp_path / "hotpants_diff.fits").astype(np.float64)
+    theirs = fits.getdata(d / "hotpants_diff.fits").astype(np.float64)
+    c = slice(8, -8)  # HOTPANTS leaves the outer kernel half width unconvolved
+    ssim = structural_similarity(ours[c, c], theirs[c, c], data_range=float(theirs[c, c].max() - theirs[c, c].min()))
+    assert ssim >= 0.999, ssim
+    ksum = float(re.search(r"Using Kernel Sum = ([0-9.]+)", (d / "hotpants_stdout.txt").read_text()).group(1))
+    res = classic.run_subtract(d / "input_sci_DEC-OBS04a_plus1000.fits", d / "input_tmpl_DEC-OBS18a_plus1000.fits",
+                               flags, tmp_path / "again")
+    assert abs(res["kernel_sum"] / ksum - 1) < 1e-3
+    noise = fits.getdata(tmp_path / "hotpants_noise.fits")
+    assert abs(np.median(noise[c, c] / fits.getdata(d / "hotpants_noise.fits")[c, c]) - 1) < 0.01
