@@ -92,6 +92,16 @@ def run_subtract(cfg: DictConfig):
     return run_pipeline(cfg)
 
 
+def run_reproject(cfg: DictConfig):
+    """``astroprep reproject``: with ``swarp=<file.swarp>`` / ``head=<target.head>`` SWarp's keys and
+    target grid (:mod:`astroprep_torch.classic`), else the reproject preset of the pipeline."""
+    if cfg.get("swarp") or cfg.get("head"):
+        from .classic import run_reproject_from_hydra
+
+        return run_reproject_from_hydra(cfg)
+    return run_pipeline(cfg)
+
+
 def run_train_quality(cfg: DictConfig):
     from .quality import train_from_config
 
@@ -108,4 +118,4 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_extract", "run_background", "run_subtract", "run_train_quality", "run_train_classifier", "write_simulated_pair"]
+__all__ = ["run_simulate", "run_pipeline", "run_extract", "run_background", "run_subtract", "run_reproject", "run_train_quality", "run_train_classifier", "write_simulated_pair"]

@@ -28,7 +28,7 @@ COMMANDS = {
     "train-classifier": ("train_classifier", "run_train_classifier"),
     "background": ("tool_background", "run_background"),
     "extract": ("tool_extract", "run_extract"),
-    "reproject": ("tool_reproject", "run_pipeline"),
+    "reproject": ("tool_reproject", "run_reproject"),
     "subtract": ("tool_subtract", "run_subtract"),
 }
 
@@ -57,7 +57,7 @@ def _usage() -> str:
         "train-classifier": "train an alert (real/bogus) classifier",
         "background": "SExtractor-like BACKGROUND / BACKGROUND_RMS maps of FITS files (sex=<file.sex>)",
         "extract": "SExtractor-like catalogs of FITS files (sex=<file.sex>: SExtractor's own files)",
-        "reproject": "reproject FITS files onto a target header (SWarp / reproject)",
+        "reproject": "reproject FITS files onto a target header (SWarp: swarp=<file.swarp> head=<target.head>)",
         "subtract": "image subtraction of FITS pairs (HOTPANTS; hotpants=\"<flags>\": its command line)",
     }
     for k in COMMANDS:

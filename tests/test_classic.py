@@ -257,3 +257,40 @@ def test_hotpants_decam_command_via_the_cli(tmp_path, shared_data):
     assert abs(res["kernel_sum"] / ksum - 1) < 1e-3
     noise = fits.getdata(tmp_path / "hotpants_noise.fits")
     assert abs(np.median(noise[c, c] / fits.getdata(d / "hotpants_noise.fits")[c, c]) - 1) < 0.01
+
+
+@pytest.mark.parametrize("case", [("m13.fits", "m13_rot30", "LANCZOS3"), ("decam_OBS04a_mini.fits", "decam_OBS04a_tan", "BILINEAR")],
+                         ids=["m13-rot30-LANCZOS3", "decam-TPV-BILINEAR"])
+def test_swarp_file_and_head_via_the_cli(tmp_path, case):
+    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>`` on swarp_refs (SWarp's
+    COMMAND.txt keys, TAN targets): median relative difference <= 1e-3 against SWarp's output."""
+    from astropy.io import fits
+    from scipy.ndimage import binary_erosion
+
+    from astroprep_torch.cli import main
+
+    src, out, rt = case
+    d = shared_file("swarp_refs", "COMMAND.txt").parent
+    (tmp_path / "my.swarp").write_text(f"RESAMPLING_TYPE {rt}  # as COMMAND.txt\nSUBTRACT_BACK N\nFSCALASTRO_TYPE NONE\n"
+                                       f"COMBINE Y\nCOMBINE_TYPE WEIGHTED\nIMAGEOUT_NAME {out}.fits\nWRITE_XML N\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["reproject", f"input={d / src}", f"swarp={tmp_path / 'my.swarp'}", f"head={d / (out + '.head')}",
+                     f"output={tmp_path}"]) == 0
+    ours = fits.getdata(tmp_path / f"{out}.fits").astype(np.float64)
+    ref = fits.getdata(d / f"{out}.fits").astype(np.float64)
+    good = binary_erosion((fits.getdata(d / f"{out}.weight.fits") > 0) & (fits.getdata(tmp_path / "coadd.weight.fits") == 1)
+                          & (ref != 0), iterations=5)
+    assert good.mean() > 0.5
+    assert np.median(np.abs(ours[good] - ref[good]) / np.abs(ref[good])) <= 1e-3
+    assert "SIP" in str(fits.getheader(tmp_path / f"{out}.fits")["HISTORY"])
+
+
+def test_swarp_head_parsing_and_errors(tmp_path):
+    (tmp_path / "t.head").write_text("NAXIS1  =                  100 / x\nNAXIS2  =                   80\n"
+                                     "CTYPE1  = 'RA---TAN'           / proj\nCD1_1   =   -1.735625125000e-04\nEND\n")
+    h = classic.read_head(tmp_path / "t.head")
+    assert (h["NAXIS1"], h["NAXIS2"], h["CTYPE1"]) == (100, 80, "RA---TAN") and h["CD1_1"] == pytest.approx(-1.735625125e-4)
+    (tmp_path / "bad.head").write_text("CTYPE1  = 'RA---TAN'\n")
+    with pytest.raises(ValueError, match="NAXIS1 and NAXIS2"):
+        classic.read_head(tmp_path / "bad.head")
