@@ -609,9 +609,11 @@ def _level_roots(L: Tensor, off: Tensor, n_nodes: int, eu: Tensor, ev: Tensor, c
     eu, ev = _g(eu, eorder), _g(ev, eorder)
     e_ge = torch.flip(torch.cumsum(torch.flip(torch.bincount(c, minlength=nl + 2), [0]), 0), [0]).tolist()
     parent = torch.arange(npc, device=dev)
+    off_p = _g(off, porder)  # node offsets of the pixels in level order (prefix slices below)
     for k in range(nl, 0, -1):
         act = porder[: n_ge[k]]
         u_, v_ = eu[e_ge[k + 1] : e_ge[k]], ev[e_ge[k + 1] : e_ge[k]]  # edges joining at this level
+        hooked = False
         while u_.numel():  # the edges of higher levels are all closed
             pu, pv = _find_roots(parent, u_), _find_roots(parent, v_)
             open_ = pu != pv
@@ -620,6 +622,7 @@ def _level_roots(L: Tensor, off: Tensor, n_nodes: int, eu: Tensor, ev: Tensor, c
             u_, v_, pu, pv = _g(u_, open_), _g(v_, open_), _g(pu, open_), _g(pv, open_)
             hi = torch.maximum(pu, pv)
             parent.scatter_reduce_(0, hi, torch.minimum(pu, pv), reduce="amin")
+            hooked = True
             # the hooked roots may form long chains (a bleed trail's pixels hook one onto the next);
             # chains consist of hooked roots only, so pointer doubling over them alone flattens them
             while True:
@@ -628,9 +631,12 @@ def _level_roots(L: Tensor, off: Tensor, n_nodes: int, eu: Tensor, ev: Tensor, c
                 if torch.equal(gp, pa):
                     break
                 parent.index_copy_(0, hi, gp)
-        top = _find_roots(parent, act)
-        parent.index_copy_(0, act, top)  # compressed: only pixels above this level ever moved
-        root.index_copy_(0, _g(off, act) + (k - 1), _g(off, top) + (k - 1))
+        if hooked:
+            top = _find_roots(parent, act)
+            parent.index_copy_(0, act, top)  # compressed: only pixels above this level ever moved
+        else:
+            top = _g(parent, act)  # already compressed at the level above
+        root.index_copy_(0, off_p[: n_ge[k]] + (k - 1), _g(off, top) + (k - 1))
     return root
 
 
