@@ -62,6 +62,46 @@ def run_pipeline(cfg: DictConfig):
     return run_from_config(cfg)
 
 
+def run_extract(cfg: DictConfig):
+    """``astroprep extract``: with ``sex=<file.sex>`` SExtractor's own configuration files
+    (:mod:`astroprep_torch.classic`), else the extract preset of the pipeline."""
+    if cfg.get("sex"):
+        from .classic import run_from_hydra
+
+        return run_from_hydra(cfg, "extract")
+    return run_pipeline(cfg)
+
+
+def run_background(cfg: DictConfig):
+    """``astroprep background``: with ``sex=<file.sex>`` its BACK_* keys (:mod:`astroprep_torch.classic`),
+    else the background preset of the pipeline."""
+    if cfg.get("sex"):
+        from .classic import run_from_hydra
+
+        return run_from_hydra(cfg, "background")
+    return run_pipeline(cfg)
+
+
+def run_subtract(cfg: DictConfig):
+    """``astroprep subtract``: with ``hotpants="<flags>"`` a HOTPANTS command line's fit
+    (:mod:`astroprep_torch.classic`), else the subtract preset of the pipeline."""
+    if cfg.get("hotpants"):
+        from .classic import run_subtract_from_hydra
+
+        return run_subtract_from_hydra(cfg)
+    return run_pipeline(cfg)
+
+
+def run_reproject(cfg: DictConfig):
+    """``astroprep reproject``: with ``swarp=<file.swarp>`` / ``head=<target.head>`` SWarp's keys and
+    target grid (:mod:`astroprep_torch.classic`), else the reproject preset of the pipeline."""
+    if cfg.get("swarp") or cfg.get("head"):
+        from .classic import run_reproject_from_hydra
+
+        return run_reproject_from_hydra(cfg)
+    return run_pipeline(cfg)
+
+
 def run_train_quality(cfg: DictConfig):
     from .quality import train_from_config
 
@@ -122,7 +162,7 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 __all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
            "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels",
-           "run_astrometry", "run_stack"]
+           "run_astrometry", "run_stack", "run_extract", "run_background", "run_subtract", "run_reproject"]
 
 
 def _frame_epoch(header):

@@ -1023,8 +1023,13 @@ def background_2d(
     exact: Optional[bool] = None,
     filter_edge: Optional[str] = None,
     chunk_pixels: int = 1 << 20,
+    mesh_out: Optional[dict] = None,
 ) -> BackgroundResult:
     """Background and background-rms maps of ``image`` (B, 1, H, W).
+
+    ``mesh_out``: a dict that receives ``"mesh"``, the filled and filtered ``(B, 2, ny, nx)`` mesh of
+    [background, rms] box values the maps interpolate (SExtractor's global background RMS is the
+    median of its rms boxes: :func:`global_rms`).
 
     Args:
         image: (B, 1, H, W) float tensor, any H and W.
@@ -1206,6 +1211,8 @@ def background_2d(
         edge = filter_edge
     mesh = _fill_invalid(mesh, valid, fill_rule)
     mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
+    if mesh_out is not None:
+        mesh_out["mesh"] = mesh
     # photutils clips the cubic zoom to the mesh range
     clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
     out = _interpolate_mesh(mesh, kind, bh, bw, H, W, clamp)  # (B, 2, H, W)
@@ -1225,6 +1232,21 @@ def _check_some_box_valid(valid: Tensor, H: int, W: int, bh: int, bw: int, min_p
            f"every box of {bh}x{bw} pixels has fewer than min_pixels={min_pixels} usable pixels "
            "(masked, NaN or infinite pixels do not count, nor does the part of a box beyond the image)")
     raise ValueError(f"image element(s) {which}: no background box is usable: {why}")
+
+def global_rms(mesh: Tensor) -> Tensor:
+    """SExtractor's global background RMS (``backsig``, the "RMS" it prints and thresholds against
+    when no weight map is given) per image, ``(B,)``: the median of the filtered rms boxes of
+    ``mesh`` (``background_2d(..., mesh_out=d)["mesh"]``), the mean of the two middle values for an
+    even count; ignoring boxes <= 0 when the median is not positive (SExtractor's fallback: 1)."""
+    r = mesh[:, 1].flatten(1).double()
+    out = []
+    for row in r:  # one value per image (B is small)
+        med = torch.quantile(row, 0.5)
+        if med <= 0:
+            pos = row[row > 0]
+            med = torch.quantile(pos, 0.5) if pos.numel() else torch.ones((), dtype=r.dtype, device=r.device)
+        out.append(med)
+    return torch.stack(out).to(mesh.dtype)
 
 
 def subtract_background(image: Tensor, mask: Optional[Tensor] = None, **kwargs) -> Tensor:

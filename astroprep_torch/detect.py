@@ -601,6 +601,70 @@ def _kth_largest(values: Tensor, seg: Tensor, n: int, k: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # deblending (SExtractor deblend.c), vectorised over objects and pixels
 # ----------------------------------------------------------------------------------------------
+def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
+    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged)."""
+    r = _g(parent, x)
+    while True:
+        r2 = _g(parent, r)
+        if torch.equal(r2, r):
+            return r
+        r = r2
+
+
+def _level_roots(L: Tensor, off: Tensor, n_nodes: int, eu: Tensor, ev: Tensor, c: Tensor) -> Tensor:
+    """Connected components of every deblending level at once: per node (pixel ``p``, level ``k`` for
+    ``k = 1..L[p]``, node id ``off[p] + k - 1``) the smallest node id of its level-``k`` component.
+
+    The levels are nested (a level-``k`` component is a union of level-``k+1`` ones), so one union-find
+    over the pixels, fed from the highest level down with the edges ``(eu, ev)`` whose lower end first
+    reaches each level (``c`` = the level count both ends reach), hooks every edge once: the cost is
+    the pixels' and edges', not the nodes' (pixels x levels, ~20x more for a saturated star).  Gives
+    :func:`connected_components` on the node graph exactly (roots are the smallest pixel of the
+    component, whose node at level ``k`` is the smallest node)."""
+    dev = L.device
+    npc = L.numel()
+    root = torch.empty(n_nodes, dtype=torch.int64, device=dev)
+    if n_nodes == 0:
+        return root
+    nl = int(L.max())
+    small = torch.int16 if nl < 32767 else torch.int64  # numpy sorts 16-bit keys by radix sort
+    porder = _argsort(L.to(small), descending=True)  # pixels above level k: a prefix
+    n_ge = torch.flip(torch.cumsum(torch.flip(torch.bincount(L, minlength=nl + 2), [0]), 0), [0]).tolist()
+    eorder = _argsort(c.to(small), descending=True)
+    eu, ev = _g(eu, eorder), _g(ev, eorder)
+    e_ge = torch.flip(torch.cumsum(torch.flip(torch.bincount(c, minlength=nl + 2), [0]), 0), [0]).tolist()
+    parent = torch.arange(npc, device=dev)
+    off_p = _g(off, porder)  # node offsets of the pixels in level order (prefix slices below)
+    for k in range(nl, 0, -1):
+        act = porder[: n_ge[k]]
+        u_, v_ = eu[e_ge[k + 1] : e_ge[k]], ev[e_ge[k + 1] : e_ge[k]]  # edges joining at this level
+        hooked = False
+        while u_.numel():  # the edges of higher levels are all closed
+            pu, pv = _find_roots(parent, u_), _find_roots(parent, v_)
+            open_ = pu != pv
+            if not bool(open_.any()):
+                break
+            u_, v_, pu, pv = _g(u_, open_), _g(v_, open_), _g(pu, open_), _g(pv, open_)
+            hi = torch.maximum(pu, pv)
+            parent.scatter_reduce_(0, hi, torch.minimum(pu, pv), reduce="amin")
+            hooked = True
+            # the hooked roots may form long chains (a bleed trail's pixels hook one onto the next);
+            # chains consist of hooked roots only, so pointer doubling over them alone flattens them
+            while True:
+                pa = _g(parent, hi)
+                gp = _g(parent, pa)
+                if torch.equal(gp, pa):
+                    break
+                parent.index_copy_(0, hi, gp)
+        if hooked:
+            top = _find_roots(parent, act)
+            parent.index_copy_(0, act, top)  # compressed: only pixels above this level ever moved
+        else:
+            top = _g(parent, act)  # already compressed at the level above
+        root.index_copy_(0, off_p[: n_ge[k]] + (k - 1), _g(off, top) + (k - 1))
+    return root
+
+
 def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nthresh, mincont, minarea, candidates):
     """Return (new object id per pixel, number of objects, blended flag per object, core centre).
 
@@ -650,13 +714,7 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     c = torch.minimum(L[eu], L[ev])
     keep = c > 0
     eu, ev, c = _g(eu, keep), _g(ev, keep), _g(c, keep)
-    e_rep = torch.repeat_interleave(torch.arange(eu.numel(), device=device), c)
-    e_off = torch.cumsum(c, 0) - c
-    e_lev = torch.arange(e_rep.numel(), device=device) - _g(e_off, e_rep)  # 0-based level - 1
-    nu = _g(_g(off, eu), e_rep) + e_lev
-    nv = _g(_g(off, ev), e_rep) + e_lev
-    root = connected_components(n_nodes, nu, nv)
-    del nu, nv, e_rep, e_lev
+    root = _level_roots(L, off, n_nodes, eu, ev, c)
     comp_ids, node_comp = _unique_roots(root)
     n_comp = comp_ids.numel()
     comp_area = torch.bincount(node_comp, minlength=n_comp)
@@ -1294,11 +1352,25 @@ class SourceExtractor(nn.Module):
         kron_fact, min_radius: ``PHOT_AUTOPARAMS``.
         saturation: ``SATUR_LEVEL`` in the units of ``image + background`` (flag 4), or ``None``.
         gain: e-/ADU for Poisson terms of the flux errors (``None`` or 0: background noise only).
+        winpos_max_radius: cap (px) of the XWIN window radius (``photometry.measure``'s
+            ``winpos_max_radius``; ``None`` = SExtractor's uncapped window): bounds the cost of huge
+            objects (saturated stars, halos); capped objects get FLAGS 16.
 
     ``forward(image, rms, mask=None, *, background=None) -> Catalog``: ``image`` (B,1,H,W)
     background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
     float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
     values with ``saturation``. See the module docstring for the algorithm.
+
+    Noise semantics: SExtractor without a weight map (``WEIGHT_TYPE NONE``, its default) thresholds
+    the filtered image at ``thresh`` x ONE global background RMS per image (the median of its rms
+    meshes, the "RMS" it prints; :func:`astroprep_torch.background.global_rms`) and uses that value
+    for every error: pass that scalar (or ``(B,)`` tensor) to reproduce SExtractor's catalog.  Passing
+    an rms MAP instead thresholds every pixel at ``thresh`` x its local rms and uses the map in the
+    errors, as SExtractor does with ``WEIGHT_TYPE BACKGROUND`` or ``MAP_RMS``: where the local rms is
+    below the global value (sky-dominated regions of a frame with a brighter corner, say) more faint
+    pixels pass and more objects are found, and fewer where it is above (near bright stars, whose
+    light raises the mesh rms).  ``astroprep extract`` passes the global value (configs/pipeline/
+    extract_only.yaml), ``astroprep extract sex=<file.sex>`` follows the file's WEIGHT_TYPE.
     """
 
     def __init__(
@@ -1318,6 +1390,7 @@ class SourceExtractor(nn.Module):
         mask_type: str = "correct",
         flux_fracs: Sequence[float] = (0.5,),
         autoapers: Sequence[float] = (0.0, 0.0),
+        winpos_max_radius: Optional[float] = 128.0,
     ):
         super().__init__()
         if thresh <= 0:
@@ -1349,6 +1422,7 @@ class SourceExtractor(nn.Module):
         self.mask_type = mask_type
         self.flux_fracs = tuple(float(v) for v in flux_fracs)
         self.autoapers = tuple(float(v) for v in autoapers)
+        self.winpos_max_radius = None if winpos_max_radius is None else float(winpos_max_radius)
 
     def extra_repr(self) -> str:
         return (
@@ -1384,6 +1458,7 @@ class SourceExtractor(nn.Module):
                 gain=self.gain, mask=mask, mask_type=self.mask_type,
                 saturation=self.saturation, background=background,
                 isophotal=det["isophotal"], blended=det["blended"], _sparse=sparse,
+                winpos_max_radius=self.winpos_max_radius,
             )
         if meas is None:
             meas = isophotal_moments(image, seg.dense(), filter_image(image, self.filter_kernel))

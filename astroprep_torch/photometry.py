@@ -124,6 +124,9 @@ WINPOS_NSIG = 4.0
 WINPOS_OVERSAMP = 11
 WINPOS_STEPMIN = 1e-4
 WINPOS_FAC = 2.0
+#: default cap (px) of the windowed centroid's integration radius ``4 sig`` (huge objects only: a
+#: saturated star's halo gives ``sig`` ~100 px, i.e. ~1,000^2-pixel windows iterated 16 times)
+WINPOS_MAX_RADIUS = 128.0
 EXACT_SUBROWS = 64  # sub-rows with exact chords for the "exact" circular overlap (error << 1e-4)
 
 #: SExtractor's ``default.conv`` (3x3 pyramid, FWHM 2 px), normalised at use.
@@ -243,6 +246,25 @@ def _size_buckets(half: Tensor) -> list[tuple[Tensor, int]]:
 
 
 
+_RECT_MIN = 64  # stamp side above which elliptical apertures get rectangular stamps
+
+
+def _rect_buckets(side_x: Tensor, side_y: Tensor) -> list[tuple[Tensor, int, int]]:
+    """``(objects, rows, columns)`` stamp groups for apertures whose x and y extents differ: square
+    stamps as :func:`_size_buckets` up to ``_RECT_MIN``; above, rows and columns bucketed separately,
+    so that an elongated object (a bleed trail: 50 x 2,000 px) costs its bounding box, not the square
+    of its length."""
+    out = []
+    for sel, s in _size_buckets(torch.maximum(side_x, side_y)):
+        if s <= _RECT_MIN:
+            out.append((sel, s, s))
+            continue
+        for sx_sel, sx in _size_buckets(side_x[sel]):
+            idx = sel[sx_sel]
+            for sy_sel, sy in _size_buckets(side_y[idx]):
+                out.append((idx[sy_sel], sy, sx))
+    return out
+
 _SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one thread
 
 
@@ -306,18 +328,22 @@ class _Frame:
         self.B = image.shape[0]
         self.mask_type = mask_type
 
-    def stamps(self, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor, s: int, reach: Tensor, want_var=True):
+    def stamps(self, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor, s: int, reach: Tensor, want_var=True,
+               sy: Optional[int] = None, reach_y: Optional[Tensor] = None):
         """Square stamps of side ``s`` starting at ``floor(c - reach) + 1`` (``reach`` per object, from
         :func:`_reach`; ``s >= _side(reach)``): they hold every pixel whose centre lies within
         ``reach`` of ``c`` in x and y.  Returns dict of (n, s, s) tensors and the stamp origin; dx/dy
-        are pixel-centre offsets from (cx, cy)."""
+        are pixel-centre offsets from (cx, cy).  With ``sy`` and ``reach_y``, rectangular stamps of
+        ``sy`` rows and ``s`` columns: ``reach`` then applies to x and ``reach_y`` to y."""
         H, W = self.H, self.W
         dev = self.img.device
+        sy = s if sy is None else sy
         x0 = torch.floor(cx - reach).long() + 1
-        y0 = torch.floor(cy - reach).long() + 1
+        y0 = torch.floor(cy - (reach if reach_y is None else reach_y)).long() + 1
         ar = torch.arange(s, device=dev)
+        ary = ar if sy == s else torch.arange(sy, device=dev)
         ixr = x0[:, None] + ar  # (n, s) columns
-        iyr = y0[:, None] + ar  # (n, s) rows
+        iyr = y0[:, None] + ary  # (n, sy) rows
         ix = ixr[:, None, :]  # (n, 1, s): broadcast views, no (n, s, s) index arrays
         iy = iyr[:, :, None]  # (n, s, 1)
         valid = ((iyr >= 0) & (iyr < H))[:, :, None] & ((ixr >= 0) & (ixr < W))[:, None, :]
@@ -335,8 +361,8 @@ class _Frame:
         fy = (cy.double() - y0.double()).to(dt)
         arf = ar.to(dt)
         n = x0.shape[0]
-        dx = (arf[None, None, :] - fx[:, None, None]).expand(n, s, s)
-        dy = (arf[None, :, None] - fy[:, None, None]).expand(n, s, s)
+        dx = (arf[None, None, :] - fx[:, None, None]).expand(n, sy, s)
+        dy = (ary.to(dt)[None, :, None] - fy[:, None, None]).expand(n, sy, s)
         out = {"pix": pix, "valid": valid, "dx": dx, "dy": dy, "flat": flat, "ix": ix, "iy": iy,
                "x0": x0, "y0": y0, "s": s}
         if self.blank is not None:
@@ -569,11 +595,11 @@ def _stage_kron(fr: _Frame, o: dict, kron_fact: float, min_radius: float, autoap
     dyl = torch.where(ell, dyl, circ)
     klim2 = torch.where(ell, torch.full_like(dxl, nsig ** 2), circ * circ)
     flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
-    reach = _reach(torch.maximum(dxl, dyl))
-    for sel, s in _size_buckets(_side(reach)):
-        for c in _chunks(sel, s * s * 4, max_elems):
+    rx, ry = _reach(dxl), _reach(dyl)
+    for sel, sy, s in _rect_buckets(_side(rx), _side(ry)):
+        for c in _chunks(sel, sy * s * 4, max_elems):
             b, lab = o["bi"][c], o["label"][c]
-            st = fr.stamps(b, lab, o["x"][c], o["y"][c], s, reach[c], want_var=False)
+            st = fr.stamps(b, lab, o["x"][c], o["y"][c], s, rx[c], want_var=False, sy=sy, reach_y=ry[c])
             dx, dy = st["dx"], st["dy"]
             r2 = (cxx[c, None, None].to(dt) * dx * dx + cyy[c, None, None].to(dt) * dy * dy
                   + cxy[c, None, None].to(dt) * dx * dy)
@@ -615,12 +641,12 @@ def _stage_auto(fr: _Frame, o: dict, kf: Tensor, autoaper1: float, max_elems: in
     kf_out = torch.where(ell, kf, torch.zeros_like(kf))
     flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
     active = torch.nonzero(kf > 0).flatten()  # kf == 0 <=> no usable pixel in step 1
-    reach = _reach(torch.maximum(dxl, dyl))
-    for sel, s in _size_buckets(_side(reach[active])):
+    rx, ry = _reach(dxl), _reach(dyl)
+    for sel, sy, s in _rect_buckets(_side(rx[active]), _side(ry[active])):
         sel = active[sel]
-        for c in _chunks(sel, s * s * 4, max_elems):
+        for c in _chunks(sel, sy * s * 4, max_elems):
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
-            st = fr.stamps(b, lab, cx, cy, s, reach[c])
+            st = fr.stamps(b, lab, cx, cy, s, rx[c], sy=sy, reach_y=ry[c])
             dx, dy = st["dx"], st["dy"]
             r2 = (cxx[c, None, None].to(dt) * dx * dx + cyy[c, None, None].to(dt) * dy * dy
                   + cxy[c, None, None].to(dt) * dx * dy)
@@ -766,10 +792,12 @@ def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float]
     return fr_, hl, flag
 
 
-def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
+def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int, max_radius: Optional[float] = None):
     """SExtractor's iterative windowed centroid (compute_winpos): Gaussian window of ``sig`` within
     ``4 sig`` (11x11 sub-sampling at the window edge), step factor 2, <= 16 iterations, stop when the
-    step < 1e-4 px.  All objects of a stamp size iterate together; the corrected stamps are cached per
+    step < 1e-4 px.  ``max_radius`` (px, None = none) truncates the integration radius ``4 sig`` of
+    huge objects (the Gaussian ``sig`` is kept), as SExtractor's window is truncated by its image
+    buffer; the objects whose window was truncated are flagged (returned ``flag``, FLAGS 16).  All objects of a stamp size iterate together; the corrected stamps are cached per
     object and re-gathered only when the stamp origin or the CORRECT mirror centre changes.  The
     separable Gaussian is folded into one small ``bmm`` (rows x [gx, gx dx, gx dx^2]) in the image
     dtype; the per-row marginals are then combined in float64."""
@@ -781,6 +809,9 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
     sig = sig.double()
     raper = WINPOS_NSIG * sig
     flag = torch.zeros(N, dtype=torch.bool, device=dev)
+    if max_radius is not None:
+        flag = raper > float(max_radius)
+        raper = raper.clamp(max=float(max_radius))
     niter = torch.zeros(N, dtype=torch.long, device=dev)
     wflag = torch.zeros(N, dtype=torch.long, device=dev)
     sc = 1.0 / WINPOS_OVERSAMP
@@ -947,12 +978,13 @@ def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int):
             if left.numel():
                 rest.append(left)
     if rest:
-        # the stragglers of every bucket and chunk together, on the largest stamp any of them needs
-        # (a larger stamp only adds pixels outside the window, whose weight is 0)
+        # the stragglers of every bucket and chunk together, grouped again by the stamp side they need
+        # (a larger stamp only adds pixels outside the window, whose weight is 0; one stamp of the
+        # largest side for all of them would make a few huge objects cost every straggler that side)
         left = torch.cat(rest)
-        s = int(_side(reach.index_select(0, left)).max())
-        for c in _chunks(left, s * s * 6, max_elems):
-            iterate(c, s, 0)
+        for sel, s in _size_buckets(_side(reach.index_select(0, left))):
+            for c in _chunks(left[sel], s * s * 6, max_elems):
+                iterate(c, s, 0)
     return mx, my, flag, niter, wflag
 
 
@@ -1087,6 +1119,7 @@ def _measure(
     blended: Optional[Tensor] = None,
     aper_subpix: int = APER_OVERSAMP,
     winpos_revert: bool = True,
+    winpos_max_radius: Optional[float] = WINPOS_MAX_RADIUS,
     max_elems: int = 1 << 22,
     workers: int = 1,
     _sparse: Optional[dict] = None,
@@ -1121,6 +1154,11 @@ def _measure(
         aper_subpix: 5 = SExtractor's sub-sampling of FLUX_APER; 0 = exact circular overlap.
         winpos_revert: as SExtractor 2.25, report the isophotal position as ``xwin, ywin`` when the
             windowed centroid wanders outside the object's bounding box (older SExtractor: False).
+        winpos_max_radius: cap (px) of the windowed centroid's integration radius ``4 sig``; ``None``
+            = no cap (SExtractor's window is only truncated by its image buffer).  Only objects with a
+            half-light radius above ``1.18 * winpos_max_radius / 4`` (37.6 px by default: saturated
+            stars, their halos, large galaxies) are affected; they get FLAGS 16, as SExtractor flags a
+            truncated window.  The cap bounds their cost: a window is iterated up to 16 times.
         max_elems: memory bound (elements per stamp chunk).
         workers: CPU threads for the stamp stages (objects split into this many interleaved groups,
             each measured by its own thread with one intra-op thread; used for >= 2,000 objects and
@@ -1359,7 +1397,7 @@ def _measure(
         kf, _, crowd1, kflag = _stage_kron(fr, g, kron_fact, min_radius, float(autoapers[0]), max_elems)
         fauto, vauto, kf2, crowd2, aflag2 = _stage_auto(fr, g, kf, float(autoapers[1]), max_elems)
         frad, hl, gflag = _stage_growth(fr, g, fauto, fracs, float(autoapers[0]), max_elems)
-        xw, yw, wflag, w_niter, w_flags = _stage_winpos(fr, g, hl * 2.0 / 2.35, max_elems)
+        xw, yw, wflag, w_niter, w_flags = _stage_winpos(fr, g, hl * 2.0 / 2.35, max_elems, winpos_max_radius)
         return (fa, va, ara, kf, crowd1, kflag, fauto, vauto, kf2, crowd2, aflag2, frad, gflag,
                 xw, yw, wflag, w_niter, w_flags)
 
@@ -1437,7 +1475,7 @@ class Photometry(nn.Module):
                  flux_fracs: Sequence[float] = (0.5,), gain: Optional[float] = None,
                  mask_type: str = "correct", saturation: Optional[float] = None,
                  filter_kernel: Optional[str] = "default", aper_subpix: int = APER_OVERSAMP,
-                 winpos_revert: bool = True):
+                 winpos_revert: bool = True, winpos_max_radius: Optional[float] = WINPOS_MAX_RADIUS):
         super().__init__()
         if mask_type not in _MASK_TYPES:
             raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
@@ -1445,7 +1483,8 @@ class Photometry(nn.Module):
                        min_radius=float(min_radius), autoapers=tuple(float(a) for a in autoapers),
                        flux_fracs=tuple(float(f) for f in flux_fracs), gain=gain, mask_type=mask_type,
                        saturation=saturation, filter_kernel=filter_kernel, aper_subpix=int(aper_subpix),
-                       winpos_revert=bool(winpos_revert))
+                       winpos_revert=bool(winpos_revert),
+                       winpos_max_radius=None if winpos_max_radius is None else float(winpos_max_radius))
 
     def forward(self, image: Tensor, segmentation: Tensor, rms=None, **kwargs) -> dict[str, Tensor]:
         return measure(image, segmentation, rms, **{**self.kw, **kwargs})

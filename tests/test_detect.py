@@ -91,6 +91,36 @@ def test_connected_components_long_path():
     assert torch.all(root == int(perm.min()))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_level_roots_equal_components_of_the_level_graph(seed):
+    """The deblender's per-level components (one union-find fed level by level, each pixel edge hooked
+    once) equal the connected components of the (pixel, level) node graph with every edge replicated
+    on each level both ends reach -- the graph it replaces, 10-30x larger for a saturated star."""
+    from astroprep_torch.detect import _level_roots, _pixel_edges
+
+    g = torch.Generator().manual_seed(seed)
+    H = W = 48
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img = torch.zeros(H, W, dtype=torch.float64)
+    for _ in range(6):  # nested peaks: many levels per pixel, components that split and merge
+        x0, y0, s = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([W, H, 6.0])).tolist()
+        img += 30 * torch.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * (s + 1.0) ** 2))
+    img[20, :] += 25.0  # a long thin ridge (a bleed trail): deep hooking chains
+    idx = torch.nonzero((img > 1.0).reshape(-1)).squeeze(1)
+    L = torch.clamp((img.reshape(-1)[idx] / 2.0).long(), 0, 31)
+    u, v = _pixel_edges(idx, idx % W, idx // W, H, W)
+    c = torch.minimum(L[u], L[v])
+    keep = c > 0
+    u, v, c = u[keep], v[keep], c[keep]
+    off = torch.cumsum(L, 0) - L
+    n_nodes = int(L.sum())
+    e_rep = torch.repeat_interleave(torch.arange(u.numel()), c)
+    e_lev = torch.arange(e_rep.numel()) - (torch.cumsum(c, 0) - c)[e_rep]
+    want = connected_components(n_nodes, off[u][e_rep] + e_lev, off[v][e_rep] + e_lev)
+    got = _level_roots(L, off, n_nodes, u, v, c)
+    assert n_nodes > 10 * idx.numel() // 2 and torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # detection behaviour on synthetic frames
 # ---------------------------------------------------------------------------------------------

@@ -378,3 +378,85 @@ def test_errors():
         P.measure(img, seg, torch.ones(3, 3))
     empty = P.measure(img, seg, 1.0)
     assert empty["x"].numel() == 0 and empty["flux_aper"].shape == (0, 1)
+
+
+def _large_object_frame(seed=3):
+    """384^2 noise (rms 1) with a huge round blob (sigma 40 px: half-light radius ~47 px, so the XWIN
+    window 4 sig ~ 160 px), a 300-px vertical trail 2 px wide, and 40 small stars."""
+    rng = np.random.default_rng(seed)
+    h = w = 384
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = rng.normal(0.0, 1.0, (h, w))
+    img += 60.0 * np.exp(-((xx - 200.3) ** 2 + (yy - 190.7) ** 2) / (2 * 40.0 ** 2))
+    img[40:340, 330:332] += 40.0
+    for x0, y0 in rng.uniform(20, 364, (40, 2)):
+        img += 80.0 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * 1.2 ** 2))
+    return torch.from_numpy(img).float()[None, None]
+
+
+def _spy_stamps(monkeypatch):
+    """Record (stage, rows, columns, n objects, smallest side needed) of every stamp gather."""
+    calls, stage = [], ["?"]
+    real_stamps = P._Frame.stamps
+
+    def stamps(self, b, label, cx, cy, s, reach, want_var=True, sy=None, reach_y=None):
+        need = P._side(reach if reach_y is None else torch.maximum(reach, reach_y))
+        calls.append((stage[0], s if sy is None else sy, s, len(b), int(need.min())))
+        return real_stamps(self, b, label, cx, cy, s, reach, want_var, sy, reach_y)
+
+    monkeypatch.setattr(P._Frame, "stamps", stamps)
+    for name in ("_stage_kron", "_stage_auto", "_stage_winpos"):
+        real = getattr(P, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            stage[0] = _name
+            try:
+                return _real(*a, **k)
+            finally:
+                stage[0] = "?"
+        monkeypatch.setattr(P, name, wrapped)
+    return calls
+
+
+def test_winpos_window_of_huge_objects_is_capped(monkeypatch):
+    """A huge object's XWIN window (4 sig ~ 160 px here, ~1,000 px for a saturated star's halo) is
+    truncated at winpos_max_radius (FLAGS 16), so no windowed-centroid stamp exceeds ~2 x the cap;
+    without the cap the stamp follows 4 sig.  Small objects are measured identically either way."""
+    from astroprep_torch.detect import SourceExtractor
+
+    img = _large_object_frame()
+    calls = _spy_stamps(monkeypatch)
+    cat = SourceExtractor(thresh=3.0)(img, 1.0)
+    win = [c for c in calls if c[0] == "_stage_winpos"]
+    assert win and max(max(c[1], c[2]) for c in win) <= 2 * P.WINPOS_MAX_RADIUS + 16
+    big = int(torch.argmax(cat["npix"]))
+    assert float(cat["flux_radius"][big]) > 40.0  # the window really is beyond the cap
+    assert int(cat["flags"][big]) & P.FLAG_APER_INCOMPLETE
+    assert abs(float(cat["xwin"][big]) - 200.3) < 0.5 and abs(float(cat["ywin"][big]) - 190.7) < 0.5
+    calls.clear()
+    ref = SourceExtractor(thresh=3.0, winpos_max_radius=None)(img, 1.0)
+    win = [c for c in calls if c[0] == "_stage_winpos"]
+    assert max(max(c[1], c[2]) for c in win) > 2 * P.WINPOS_MAX_RADIUS + 16
+    small = cat["flux_radius"] < 10.0
+    assert int(small.sum()) >= 20
+    for k in ("xwin", "ywin", "flux_auto", "flags"):
+        np.testing.assert_array_equal(cat[k][small].numpy(), ref[k][small].numpy(), err_msg=k)
+
+
+def test_stamp_sizes_follow_each_object_not_the_largest(monkeypatch):
+    """Windowed-centroid stragglers are regrouped by the stamp they need (a huge object does not make
+    every slow-converging small one iterate on its stamp), and elliptical apertures of an elongated
+    object (the 300 x 2 px trail) use rectangular stamps: every windowed-centroid stamp side is at most
+    ~2x the object's need, and the trail's Kron stamp is tall and narrow."""
+    img = _large_object_frame()
+    calls = _spy_stamps(monkeypatch)
+    from astroprep_torch.detect import SourceExtractor
+
+    monkeypatch.setattr(P, "_WINPOS_TAIL", 10 ** 6)  # every object is a straggler after 3 iterations
+    cat = SourceExtractor(thresh=3.0, winpos_max_radius=None)(img, 1.0)
+    assert len(cat) >= 30
+    win = [c for c in calls if c[0] == "_stage_winpos"]
+    for _, rows, cols, n, need in win:
+        assert max(rows, cols) <= 2.2 * need + 4, (rows, cols, n, need)
+    kron = [c for c in calls if c[0] == "_stage_kron" and c[1] > 300]  # the trail's and the blob's
+    assert any(c[2] <= 0.25 * c[1] for c in kron), kron  # the trail: a tall, narrow stamp

@@ -1,0 +1,906 @@
+"""Drop-in for SExtractor's own configuration: ``.sex`` / ``.param`` / ``.conv`` files onto the stages.
+
+``astroprep extract input=<fits> sex=<file.sex> output=<dir>`` and ``astroprep background input=<fits>
+sex=<file.sex>`` read a SExtractor configuration file and run :class:`~astroprep_torch.background.
+Background2D` (SExtractor's back.c flavour) and :class:`~astroprep_torch.detect.SourceExtractor` with
+SExtractor's semantics:
+
+* ``key value [value,...]  # comment`` lines; keys the file leaves out take SExtractor 2.25's defaults
+  (:data:`SEX_DEFAULTS`); file names (``PARAMETERS_NAME``, ``FILTER_NAME``, ``WEIGHT_IMAGE``) resolve
+  as SExtractor resolves them (relative to the working directory), then beside the ``.sex`` file.
+* Without a weight map (``WEIGHT_TYPE NONE``) SExtractor thresholds against ONE global background RMS
+  (the median of its filtered rms meshes, the "RMS" it prints), and every error uses it; that scalar
+  is passed to ``SourceExtractor`` (:func:`astroprep_torch.background.global_rms`).  ``WEIGHT_TYPE
+  BACKGROUND`` / ``MAP_RMS`` / ``MAP_VAR`` pass a per-pixel rms map instead.
+* ``SATUR_KEY`` / ``GAIN_KEY`` header values take precedence over ``SATUR_LEVEL`` / ``GAIN``, as in
+  SExtractor.
+* The catalog holds the ``.param`` columns we measure under SExtractor's names, written as
+  ``CATALOG_TYPE`` asks (``FITS_1.0``, ``FITS_LDAC``, ``ASCII_HEAD``, ``ASCII``) under
+  ``CATALOG_NAME`` in the output folder, and always as ECSV beside it.  ``CHECKIMAGE_TYPE``:
+  BACKGROUND, BACKGROUND_RMS, MINIBACKGROUND, MINIBACK_RMS, -BACKGROUND, FILTERED, OBJECTS, -OBJECTS,
+  SEGMENTATION.
+* Keys and parameters we do not implement are listed in ONE warning (keys that only matter for a
+  parameter that was not requested, and those that do not change the outputs -- memory, verbosity,
+  XML -- are not).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, Path]
+
+#: SExtractor 2.25 defaults of the keys this module reads (``sex -dd``).
+SEX_DEFAULTS = {
+    "CATALOG_NAME": "test.cat", "CATALOG_TYPE": "ASCII_HEAD", "PARAMETERS_NAME": "default.param",
+    "DETECT_TYPE": "CCD", "DETECT_MINAREA": "5", "THRESH_TYPE": "RELATIVE", "DETECT_THRESH": "1.5",
+    "ANALYSIS_THRESH": "1.5", "FILTER": "Y", "FILTER_NAME": "default.conv", "DEBLEND_NTHRESH": "32",
+    "DEBLEND_MINCONT": "0.005", "CLEAN": "Y", "CLEAN_PARAM": "1.0", "MASK_TYPE": "CORRECT",
+    "WEIGHT_TYPE": "NONE", "WEIGHT_IMAGE": "weight.fits", "WEIGHT_THRESH": "", "PHOT_APERTURES": "5",
+    "PHOT_AUTOPARAMS": "2.5,3.5", "PHOT_AUTOAPERS": "0.0,0.0", "PHOT_FLUXFRAC": "0.5",
+    "SATUR_LEVEL": "50000.0", "SATUR_KEY": "SATURATE", "MAG_ZEROPOINT": "0.0", "GAIN": "0.0",
+    "GAIN_KEY": "GAIN", "BACK_TYPE": "AUTO", "BACK_VALUE": "0.0", "BACK_SIZE": "64",
+    "BACK_FILTERSIZE": "3", "BACK_FILTTHRESH": "0.0", "BACKPHOTO_TYPE": "GLOBAL",
+    "CHECKIMAGE_TYPE": "NONE", "CHECKIMAGE_NAME": "check.fits",
+}
+#: keys that do not change the outputs (memory, verbosity, XML, threads)
+NO_EFFECT = {"MEMORY_OBJSTACK", "MEMORY_PIXSTACK", "MEMORY_BUFSIZE", "VERBOSE_TYPE", "WRITE_XML", "XML_NAME",
+             "XSL_URL", "NTHREADS", "HEADER_SUFFIX", "FITS_UNSIGNED", "CHECKIMAGE_NAME"}
+#: keys that only matter for some catalog parameters (warned about only when those are requested)
+ONLY_FOR = {
+    "PHOT_PETROPARAMS": ("PETRO",), "SEEING_FWHM": ("CLASS_STAR",), "STARNNW_NAME": ("CLASS_STAR",),
+    "PIXEL_SCALE": ("CLASS_STAR", "_WORLD", "_SKY", "_J2000", "_B1950"), "MAG_GAMMA": ("PHOTO",),
+    "PSF_NAME": ("_PSF", "PSF"), "PSF_NMAX": ("_PSF",), "PATTERN_TYPE": ("_PATTERN",),
+    "SOM_NAME": ("_SOM",), "ASSOC_NAME": ("ASSOC",), "ASSOC_DATA": ("ASSOC",), "ASSOC_PARAMS": ("ASSOC",),
+    "ASSOC_RADIUS": ("ASSOC",), "ASSOC_TYPE": ("ASSOC",), "ASSOCSELEC_TYPE": ("ASSOC",),
+    "INTERP_MAXXLAG": ("WEIGHT",), "INTERP_MAXYLAG": ("WEIGHT",), "INTERP_TYPE": ("WEIGHT",),
+    "FLAG_IMAGE": ("IMAFLAGS",), "FLAG_TYPE": ("IMAFLAGS",),
+}
+
+#: .param name -> (Catalog column, 1-based pixel coordinate)
+PARAM_COLUMNS = {
+    "NUMBER": ("number", False), "X_IMAGE": ("x", True), "Y_IMAGE": ("y", True),
+    "XWIN_IMAGE": ("xwin", True), "YWIN_IMAGE": ("ywin", True), "X2_IMAGE": ("x2", False),
+    "Y2_IMAGE": ("y2", False), "XY_IMAGE": ("xy", False), "ERRX2_IMAGE": ("errx2", False),
+    "ERRY2_IMAGE": ("erry2", False), "ERRXY_IMAGE": ("errxy", False), "A_IMAGE": ("a", False),
+    "B_IMAGE": ("b", False), "THETA_IMAGE": ("theta", False), "CXX_IMAGE": ("cxx", False),
+    "CYY_IMAGE": ("cyy", False), "CXY_IMAGE": ("cxy", False), "ISOAREA_IMAGE": ("npix", False),
+    "FLUX_MAX": ("peak", False), "FLUX_ISO": ("flux_iso", False), "FLUXERR_ISO": ("fluxerr_iso", False),
+    "FLUX_APER": ("flux_aper", False), "FLUXERR_APER": ("fluxerr_aper", False),
+    "KRON_RADIUS": ("kron_radius", False), "FLUX_AUTO": ("flux_auto", False),
+    "FLUXERR_AUTO": ("fluxerr_auto", False), "FLUX_RADIUS": ("flux_radius_fracs", False),
+    "THRESHOLD": ("thresh", False), "FLAGS": ("flags", False), "XMIN_IMAGE": ("xmin", True),
+    "XMAX_IMAGE": ("xmax", True), "YMIN_IMAGE": ("ymin", True), "YMAX_IMAGE": ("ymax", True),
+    "XPEAK_IMAGE": ("xpeak", True), "YPEAK_IMAGE": ("ypeak", True),
+}
+#: magnitudes: name -> (flux column, flux error column)
+MAG_COLUMNS = {"MAG_APER": "flux_aper", "MAG_AUTO": "flux_auto", "MAG_ISO": "flux_iso"}
+MAGERR_COLUMNS = {"MAGERR_APER": ("flux_aper", "fluxerr_aper"), "MAGERR_AUTO": ("flux_auto", "fluxerr_auto"),
+                  "MAGERR_ISO": ("flux_iso", "fluxerr_iso")}
+DERIVED = {"ELONGATION", "ELLIPTICITY", "BACKGROUND", "X_WORLD", "Y_WORLD", "ALPHA_J2000", "DELTA_J2000",
+           "ALPHA_SKY", "DELTA_SKY", "XWIN_WORLD", "YWIN_WORLD", "ALPHAWIN_J2000", "DELTAWIN_J2000"}
+CHECK_TYPES = {"NONE", "BACKGROUND", "BACKGROUND_RMS", "MINIBACKGROUND", "MINIBACK_RMS", "-BACKGROUND",
+               "FILTERED", "OBJECTS", "-OBJECTS", "SEGMENTATION"}
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------------
+def parse_sex(path: PathLike) -> dict[str, str]:
+    """``KEY value # comment`` lines of a SExtractor configuration file -> ``{KEY: "value"}`` (the value
+    text with its commas, whitespace around commas removed).  Raises ``FileNotFoundError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SExtractor configuration file not found: {path}")
+    out = {}
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        key = parts[0].upper()
+        val = parts[1].strip() if len(parts) > 1 else ""
+        out[key] = ",".join(v.strip() for v in val.split(","))
+    return out
+
+
+def read_param(path: PathLike) -> list[tuple[str, int]]:
+    """A ``.param`` file -> ``[(NAME, n)]``: one name a line, ``NAME(n)`` for the first n elements of a
+    vector (``n`` = 0 when not given); comments (``#``) and blank lines skipped."""
+    out = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = line.split()[0].upper()
+        n = 0
+        if "(" in name:
+            name, _, rest = name.partition("(")
+            try:
+                n = int(rest.rstrip(")"))
+            except ValueError as e:
+                raise ValueError(f"{path}: bad parameter {line!r} (expected NAME or NAME(n))") from e
+        out.append((name, n))
+    if not out:
+        raise ValueError(f"{path}: no catalog parameters")
+    return out
+
+
+def read_conv(path: PathLike) -> tuple[torch.Tensor, bool]:
+    """A SExtractor ``.conv`` filter -> (kernel (h, w) float64, normalised?).  ``CONV NORM`` /
+    ``CONV NONORM`` header, then rows of numbers; other comment lines (``#``) skipped."""
+    rows, norm = [], True
+    for line in Path(path).read_text(errors="replace").splitlines():
+        s = line.split("#", 1)[0].strip()
+        if not s:
+            continue
+        if s.upper().startswith("CONV"):
+            norm = "NONORM" not in s.upper()
+            continue
+        rows.append([float(v) for v in s.split()])
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{path}: expected a rectangular filter (rows of numbers after 'CONV NORM')")
+    return torch.tensor(rows, dtype=torch.float64), norm
+
+
+def _floats(text: str, key: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v != ""]
+    except ValueError as e:
+        raise ValueError(f"SExtractor key {key}: expected number(s), got {text!r}") from e
+
+
+def _yes(text: str) -> bool:
+    return text.strip().upper().startswith("Y")
+
+
+def resolve_file(name: str, sex_path: Optional[Path], key: str) -> Path:
+    """SExtractor's resolution of a file name: as given (relative to the working directory), then
+    beside the ``.sex`` file."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if sex_path is not None and not p.is_absolute() and (sex_path.parent / p).is_file():
+        return sex_path.parent / p
+    raise FileNotFoundError(f"{key} {name!r}: no such file in the working directory"
+                            + (f" nor beside {sex_path}" if sex_path is not None else ""))
+
+
+@dataclass
+class SexConfig:
+    """A resolved SExtractor configuration (the ``.sex`` keys with SExtractor's defaults filled in)."""
+
+    keys: dict
+    path: Optional[Path] = None
+    params: list = field(default_factory=list)
+    kernel: Optional[torch.Tensor] = None
+    unimplemented: list = field(default_factory=list)
+
+    def get(self, key: str) -> str:
+        return self.keys.get(key, SEX_DEFAULTS.get(key, ""))
+
+    def floats(self, key: str) -> list[float]:
+        return _floats(self.get(key), key)
+
+
+def load_sex(path: Optional[PathLike], overrides: Optional[dict] = None, *, need_params: bool = True) -> SexConfig:
+    """Read a ``.sex`` file (``None``: SExtractor's defaults only) plus ``overrides`` (``{KEY: value}``,
+    as SExtractor's ``-KEY value`` command-line options), its ``.param`` and ``.conv`` files."""
+    sp = Path(path) if path is not None else None
+    keys = parse_sex(sp) if sp is not None else {}
+    for k, v in (overrides or {}).items():
+        keys[str(k).upper()] = ",".join(s.strip() for s in str(v).split(","))
+    cfg = SexConfig(keys=keys, path=sp)
+    if need_params:
+        cfg.params = read_param(resolve_file(cfg.get("PARAMETERS_NAME"), sp, "PARAMETERS_NAME"))
+    if _yes(cfg.get("FILTER")):
+        name = cfg.get("FILTER_NAME")
+        try:
+            kernel, norm = read_conv(resolve_file(name, sp, "FILTER_NAME"))
+        except FileNotFoundError:
+            if "FILTER_NAME" in keys:
+                raise
+            kernel, norm = None, True  # the default.conv SExtractor ships: ours built in
+        cfg.kernel = kernel if kernel is not None else "default"
+        if not norm:
+            cfg.unimplemented.append("FILTER_NAME (CONV NONORM: the filter is normalised)")
+    cfg.unimplemented += _unimplemented(cfg)
+    return cfg
+
+
+def _unimplemented(cfg: SexConfig) -> list[str]:
+    """Keys and values we do not reproduce (for the one warning)."""
+    out = []
+    names = [n for n, _ in cfg.params]
+    for k, v in cfg.keys.items():
+        if k in SEX_DEFAULTS or k in NO_EFFECT:
+            continue
+        if k in ONLY_FOR and not any(any(t in n for t in ONLY_FOR[k]) for n in names):
+            continue
+        out.append(k)
+    checks = {
+        "DETECT_TYPE": ("CCD",), "BACKPHOTO_TYPE": ("GLOBAL",), "BACK_TYPE": ("AUTO", "MANUAL"),
+        "THRESH_TYPE": ("RELATIVE", "ABSOLUTE"), "MASK_TYPE": ("NONE", "BLANK", "CORRECT"),
+        "WEIGHT_TYPE": ("NONE", "BACKGROUND", "MAP_RMS", "MAP_VAR", "MAP_WEIGHT"),
+        "CATALOG_TYPE": ("NONE", "ASCII", "ASCII_HEAD", "FITS_1.0", "FITS_LDAC"),
+    }
+    for k, ok in checks.items():
+        if cfg.get(k).upper().split(",")[0] not in ok:
+            out.append(f"{k} {cfg.get(k)}")
+    if cfg.get("ANALYSIS_THRESH") != cfg.get("DETECT_THRESH"):
+        out.append("ANALYSIS_THRESH (different from DETECT_THRESH: DETECT_THRESH is used)")
+    if len(cfg.floats("DETECT_THRESH")) > 1:
+        out.append("DETECT_THRESH <mag/arcsec2>,<ZP> (surface-brightness form)")
+    for t in cfg.get("CHECKIMAGE_TYPE").upper().split(","):
+        if t and t not in CHECK_TYPES:
+            out.append(f"CHECKIMAGE_TYPE {t}")
+    for n in names:
+        if n not in PARAM_COLUMNS and n not in MAG_COLUMNS and n not in MAGERR_COLUMNS and n not in DERIVED:
+            out.append(f"parameter {n}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages, configured from the keys
+# ------------------------------------------------------------------------------------------------
+def background_kwargs(cfg: SexConfig) -> dict:
+    """``background_2d`` keyword arguments for BACK_SIZE, BACK_FILTERSIZE, BACK_FILTTHRESH (SExtractor
+    gives ``<width>,<height>``; ours ``(height, width)``)."""
+    size = [int(v) for v in cfg.floats("BACK_SIZE")]
+    fsize = [int(v) for v in cfg.floats("BACK_FILTERSIZE")]
+    box = size[0] if len(size) == 1 else (size[1], size[0])
+    filt = fsize[0] if len(fsize) == 1 else (fsize[1], fsize[0])
+    return dict(box_size=box, filter_size=filt, filter_threshold=float(cfg.floats("BACK_FILTTHRESH")[0]),
+                method="sextractor", interpolation="bicubic")
+
+
+def header_value(header, key_name: str, default: float) -> float:
+    """SExtractor's ``*_KEY`` rule: the header keyword's value when present, else ``default``."""
+    if header is not None and key_name and key_name in header:
+        try:
+            return float(header[key_name])
+        except (TypeError, ValueError):
+            pass
+    return float(default)
+
+
+def source_extractor(cfg: SexConfig, header=None, rms_scale: float = 1.0):
+    """:class:`~astroprep_torch.detect.SourceExtractor` for the keys (thresholds in units of the rms the
+    caller passes; ``rms_scale`` converts an ABSOLUTE threshold into those units)."""
+    from .detect import SourceExtractor
+
+    thr = cfg.floats("DETECT_THRESH")[0]
+    if cfg.get("THRESH_TYPE").upper() == "ABSOLUTE":
+        thr = thr / rms_scale
+    kron = cfg.floats("PHOT_AUTOPARAMS")
+    nfrac = max([n for name, n in cfg.params if name == "FLUX_RADIUS"] + [1])
+    fracs = cfg.floats("PHOT_FLUXFRAC")
+    fracs = (fracs + [fracs[-1]] * nfrac)[: max(nfrac, len(fracs))]
+    return SourceExtractor(
+        thresh=thr, minarea=int(cfg.floats("DETECT_MINAREA")[0]), filter_kernel=cfg.kernel,
+        deblend_nthresh=int(cfg.floats("DEBLEND_NTHRESH")[0]), deblend_cont=cfg.floats("DEBLEND_MINCONT")[0],
+        clean=_yes(cfg.get("CLEAN")), clean_param=cfg.floats("CLEAN_PARAM")[0],
+        phot_apertures=tuple(cfg.floats("PHOT_APERTURES")), kron_fact=kron[0],
+        min_radius=kron[1] if len(kron) > 1 else 3.5,
+        saturation=header_value(header, cfg.get("SATUR_KEY"), cfg.floats("SATUR_LEVEL")[0]),
+        gain=header_value(header, cfg.get("GAIN_KEY"), cfg.floats("GAIN")[0]) or None,
+        mask_type=cfg.get("MASK_TYPE").lower(), flux_fracs=tuple(fracs),
+        autoapers=tuple((cfg.floats("PHOT_AUTOAPERS") + [0.0, 0.0])[:2]),
+    )
+
+
+def _noise(cfg: SexConfig, image: torch.Tensor, rms_map: torch.Tensor, backsig: torch.Tensor, sp: Optional[Path]):
+    """(noise passed to SourceExtractor, mask or None) for WEIGHT_TYPE: the global RMS scalar (NONE),
+    the background rms map (BACKGROUND) or a map from WEIGHT_IMAGE (MAP_RMS / MAP_VAR / MAP_WEIGHT, the
+    latter scaled so that its median rms is the global RMS, as SExtractor rescales relative weights)."""
+    wtype = cfg.get("WEIGHT_TYPE").upper().split(",")[0]
+    if wtype == "NONE":
+        return float(backsig[0]), None
+    if wtype == "BACKGROUND":
+        return rms_map, None
+    from astropy.io import fits
+
+    wpath = resolve_file(cfg.get("WEIGHT_IMAGE").split(",")[0], sp, "WEIGHT_IMAGE")
+    w = torch.from_numpy(np.asarray(fits.getdata(wpath), dtype=np.float32))[None, None]
+    if w.shape != image.shape:
+        raise ValueError(f"WEIGHT_IMAGE {wpath}: shape {tuple(w.shape[-2:])} != image {tuple(image.shape[-2:])}")
+    if wtype == "MAP_RMS":
+        rms = w
+    elif wtype == "MAP_VAR":
+        rms = w.clamp(min=0).sqrt()
+    else:  # MAP_WEIGHT: relative weights
+        rms = torch.where(w > 0, w.clamp(min=1e-30).rsqrt(), torch.full_like(w, float("inf")))
+        fin = rms[torch.isfinite(rms)]
+        rms = rms * (float(backsig[0]) / float(fin.median())) if fin.numel() else rms
+    thr = cfg.get("WEIGHT_THRESH")
+    bad = ~torch.isfinite(rms) | (rms <= 0)
+    if thr:
+        t = float(thr.split(",")[0])
+        bad |= (w < t) if wtype == "MAP_WEIGHT" else (w > t)
+    return torch.where(bad, torch.ones_like(rms), rms), bad
+
+
+def extract(cfg: SexConfig, image: torch.Tensor, header=None, mask: Optional[torch.Tensor] = None) -> dict:
+    """SExtractor's run on ``image`` (1, 1, H, W): returns ``catalog`` (a ``Catalog``), ``background``,
+    ``rms`` (maps), ``mesh`` (the filtered mesh), ``backsig`` (the global RMS, (1,)), ``sub`` (image -
+    background), ``noise`` (what the thresholds used)."""
+    from .background import background_2d, global_rms
+
+    mesh = {}
+    res = background_2d(image, mask, mesh_out=mesh, **background_kwargs(cfg))
+    bkg = res.background
+    if cfg.get("BACK_TYPE").upper() == "MANUAL":  # SExtractor still measures the rms meshes
+        bkg = torch.full_like(bkg, cfg.floats("BACK_VALUE")[0])
+    backsig = global_rms(mesh["mesh"])
+    noise, wbad = _noise(cfg, image, res.rms, backsig, cfg.path)
+    if wbad is not None:
+        mask = wbad if mask is None else (mask | wbad)
+    sub = image - bkg
+    se = source_extractor(cfg, header, rms_scale=float(backsig[0]))
+    cat = se(sub, noise, mask, background=bkg)
+    return {"catalog": cat, "background": bkg, "rms": res.rms, "mesh": mesh["mesh"], "backsig": backsig,
+            "sub": sub, "noise": noise, "extractor": se}
+
+
+# ------------------------------------------------------------------------------------------------
+# catalogs
+# ------------------------------------------------------------------------------------------------
+def _mag(flux: np.ndarray, zp: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, zp - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), 99.0)
+
+
+def _magerr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, 1.0857 * err / np.where(flux > 0, flux, 1.0), 99.0)
+
+
+def _column(cols: dict, name: str, zp: float, bkg: np.ndarray, wcs):
+    """One catalog column (numpy) for a .param name, or None when not implemented."""
+    if name in PARAM_COLUMNS:
+        key, one = PARAM_COLUMNS[name]
+        if key not in cols:
+            return None
+        return cols[key] + 1 if one else cols[key]
+    if name in MAG_COLUMNS:
+        return _mag(cols[MAG_COLUMNS[name]], zp)
+    if name in MAGERR_COLUMNS:
+        f, e = MAGERR_COLUMNS[name]
+        return _magerr(cols[f], cols[e])
+    if name in ("ELONGATION", "ELLIPTICITY"):
+        q = cols["b"] / np.where(cols["a"] > 0, cols["a"], 1.0)
+        return 1.0 / np.where(q > 0, q, 1.0) if name == "ELONGATION" else 1.0 - q
+    if name == "BACKGROUND":
+        iy = np.clip(np.round(cols["y"]).astype(int), 0, bkg.shape[0] - 1)
+        ix = np.clip(np.round(cols["x"]).astype(int), 0, bkg.shape[1] - 1)
+        return bkg[iy, ix]
+    if wcs is not None and name in DERIVED:
+        win = "WIN" in name
+        x, y = (cols["xwin"], cols["ywin"]) if win else (cols["x"], cols["y"])
+        sky = wcs.all_pix2world(np.stack([x, y], 1), 0)
+        return sky[:, 0] if name.startswith(("X", "ALPHA")) else sky[:, 1]
+    return None
+
+
+def catalog_table(cfg: SexConfig, result: dict, header=None):
+    """The ``.param`` columns (SExtractor names, order, vector lengths) as an astropy Table."""
+    from astropy.table import Table
+
+    cat = result["catalog"]
+    cols = {k: v.detach().cpu().numpy() for k, v in cat.columns.items()}
+    cols["flux_radius_fracs"] = cols.get("flux_radius_fracs", cols["flux_radius"][:, None])
+    wcs = None
+    if header is not None and any(n in DERIVED and "_" in n and not n.startswith(("ELL", "ELO")) for n, _ in cfg.params):
+        from astropy.wcs import WCS
+
+        wcs = WCS(header).celestial if WCS(header).has_celestial else None
+    zp = cfg.floats("MAG_ZEROPOINT")[0]
+    bkg = result["background"][0, 0].detach().cpu().numpy()
+    t = Table()
+    for name, n in cfg.params:
+        a = _column(cols, name, zp, bkg, wcs)
+        if a is None:
+            continue
+        if a.ndim == 2:
+            a = a[:, : max(n, 1)]
+            if n <= 1:
+                a = a[:, 0]
+        t[name] = a
+    t.meta["comments"] = [f"SExtractor-compatible catalog from astroprep_torch ({cfg.path or 'defaults'})"]
+    return t
+
+
+def _ascii(t, path: Path, head: bool) -> None:
+    lines, col = [], 1
+    if head:
+        for name in t.colnames:
+            lines.append(f"# {col:3d} {name:<22s}")
+            col += t[name].shape[1] if t[name].ndim == 2 else 1
+    fmts = []
+    for name in t.colnames:
+        a = t[name]
+        fmts.append("{:10d}" if a.dtype.kind in "iu" else "{:15.7g}")
+    for i in range(len(t)):
+        row = []
+        for name, f in zip(t.colnames, fmts):
+            v = t[name][i]
+            row += [f.format(x) for x in (np.atleast_1d(v))]
+        lines.append(" ".join(row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fits_table(t, path: Path, ldac: bool, header=None) -> None:
+    from astropy.io import fits
+
+    hdus = [fits.PrimaryHDU()]
+    tab = fits.BinTableHDU(t.as_array())
+    if ldac:
+        hstr = (header.tostring(endcard=True) if header is not None else fits.Header().tostring(endcard=True))
+        imhead = fits.BinTableHDU.from_columns([fits.Column(name="Field Header Card", format=f"{len(hstr)}A",
+                                                            array=np.array([hstr]))])
+        imhead.header["EXTNAME"] = "LDAC_IMHEAD"
+        tab.header["EXTNAME"] = "LDAC_OBJECTS"
+        hdus.append(imhead)
+    hdus.append(tab)
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+
+
+def write_catalog(cfg: SexConfig, t, out_dir: Path, header=None, name: Optional[str] = None) -> list[Path]:
+    """Write the table as CATALOG_TYPE under CATALOG_NAME in ``out_dir``, and as ECSV beside it."""
+    ctype = cfg.get("CATALOG_TYPE").upper()
+    path = out_dir / (name or Path(cfg.get("CATALOG_NAME")).name)
+    written = []
+    if ctype in ("FITS_1.0", "FITS_LDAC"):
+        _fits_table(t, path, ctype == "FITS_LDAC", header)
+        written.append(path)
+    elif ctype in ("ASCII", "ASCII_HEAD"):
+        _ascii(t, path, ctype == "ASCII_HEAD")
+        written.append(path)
+    ecsv = path.with_suffix(".ecsv") if path.suffix != ".ecsv" else path.with_name(path.name + ".ecsv")
+    t.write(ecsv, format="ascii.ecsv", overwrite=True)
+    return written + [ecsv]
+
+
+def check_images(cfg: SexConfig, result: dict, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """``{CHECKIMAGE_TYPE: array}`` for the types we make (SExtractor's meanings)."""
+    from .detect import filter_image
+
+    out = {}
+    types = [t for t in cfg.get("CHECKIMAGE_TYPE").upper().split(",") if t and t != "NONE"]
+    for t in types:
+        if t == "BACKGROUND":
+            a = result["background"]
+        elif t == "BACKGROUND_RMS":
+            a = result["rms"]
+        elif t == "MINIBACKGROUND":
+            a = result["mesh"][:, :1]
+        elif t == "MINIBACK_RMS":
+            a = result["mesh"][:, 1:]
+        elif t == "-BACKGROUND":
+            a = result["sub"]
+        elif t == "FILTERED":
+            a = filter_image(result["sub"], cfg.kernel)
+        elif t in ("SEGMENTATION", "OBJECTS", "-OBJECTS"):
+            seg = result["catalog"].segmentation
+            if t == "SEGMENTATION":
+                a = seg.to(torch.int32)
+            else:
+                keep = (seg > 0) if t == "OBJECTS" else (seg == 0)
+                a = torch.where(keep, result["sub"], torch.zeros_like(result["sub"]))
+        else:
+            continue
+        out[t] = a[0, 0].detach().cpu().numpy()
+    return out
+
+
+def write_check_images(cfg: SexConfig, images: dict, out_dir: Path, header=None) -> list[Path]:
+    """Each check image under its CHECKIMAGE_NAME (in the order of CHECKIMAGE_TYPE) in ``out_dir``."""
+    from astropy.io import fits
+
+    types = [t for t in cfg.get("CHECKIMAGE_TYPE").upper().split(",") if t and t != "NONE"]
+    names = [n for n in cfg.get("CHECKIMAGE_NAME").split(",") if n]
+    written = []
+    for i, t in enumerate(types):
+        if t not in images:
+            continue
+        name = Path(names[i]).name if i < len(names) else f"check_{t.lstrip('-').lower()}.fits"
+        hdr = header.copy() if header is not None and not t.startswith("MINI") else None
+        if hdr is not None:
+            for k in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "BZERO", "BSCALE", "BLANK", "EXTEND", "SIMPLE"):
+                hdr.remove(k, ignore_missing=True, remove_all=True)
+        fits.PrimaryHDU(images[t], header=hdr).writeto(out_dir / name, overwrite=True)
+        written.append(out_dir / name)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline's extract preset: SExtractor's noise semantics
+# ------------------------------------------------------------------------------------------------
+_BACKGROUND_SETTINGS = ("box_size", "filter_size", "sigma", "maxiters", "estimator", "rms_estimator", "min_pixels",
+                        "interpolation", "filter_threshold", "method", "exclude_percentile", "median_factor",
+                        "mean_factor", "exact", "filter_edge", "chunk_pixels")
+
+
+class BackgroundWithGlobalRMS(torch.nn.Module):
+    """A :class:`~astroprep_torch.background.Background2D` that also returns SExtractor's global
+    background RMS per image (``global_rms``, ``(B,)``: the median of the filtered rms meshes), what
+    SExtractor thresholds against -- and computes every error with -- when no weight map is given.
+    ``forward(image, mask=None) -> (background, rms, global_rms)`` (a named tuple)."""
+
+    def __init__(self, background):
+        super().__init__()
+        self.background = background
+
+    def forward(self, image: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        from collections import namedtuple
+
+        from .background import background_2d, global_rms
+
+        mesh = {}
+        kw = {k: getattr(self.background, k) for k in _BACKGROUND_SETTINGS if hasattr(self.background, k)}
+        res = background_2d(image, mask, mesh_out=mesh, **kw)
+        out = namedtuple("BackgroundGlobal", ["background", "rms", "global_rms"])
+        return out(res.background, res.rms, global_rms(mesh["mesh"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# HOTPANTS command lines
+# ------------------------------------------------------------------------------------------------
+#: HOTPANTS 5.1 defaults (its usage text) as ImageSubtraction keywords
+HOTPANTS_DEFAULTS = dict(
+    kernel_half_width=10, gaussians=((0.7, 6), (1.5, 4), (3.0, 2)), spatial_order=2, background_order=1,
+    stamp_grid=(10, 10), stamp_half_width=15, clip_sigma=2.0, stat_sigma=3.0, stamp_threshold=20.0,
+    normalize="template", convolve="auto", gain=(1.0, 1.0), read_noise=(0.0, 0.0), saturation=(25000.0, 25000.0),
+    lower_limit=(0.0, 0.0), stars_per_cell=3, weighting="none", stamp_layout="hotpants", debias=False,
+)
+#: flag -> (ImageSubtraction keyword, number of values); pair keywords take (science, template)
+_HP_SCALAR = {"-r": ("kernel_half_width", int), "-rss": ("stamp_half_width", int), "-ko": ("spatial_order", int),
+              "-bgo": ("background_order", int), "-ks": ("clip_sigma", float), "-ssig": ("stat_sigma", float),
+              "-ft": ("stamp_threshold", float), "-nss": ("stars_per_cell", int)}
+_HP_PAIR = {"-ig": ("gain", 0), "-tg": ("gain", 1), "-ir": ("read_noise", 0), "-tr": ("read_noise", 1),
+            "-iu": ("saturation", 0), "-tu": ("saturation", 1), "-il": ("lower_limit", 0), "-tl": ("lower_limit", 1)}
+_HP_FILES = {"-inim": "science", "-tmplim": "template", "-outim": "difference", "-oci": "convolved", "-oni": "noise",
+             "-savexy": "stamps"}
+_HP_NO_EFFECT = {"-v": 1, "-okn": 0}
+_HP_ARITY = {"-nrx": 1, "-nry": 1, "-kcs": 1, "-sft": 1, "-nft": 1, "-mins": 1, "-mous": 1, "-omi": 1, "-gd": 4,
+             "-rf": 1, "-rkw": 2, "-ssf": 1, "-cmp": 1, "-afssc": 1, "-fom": 1, "-sconv": 0, "-kfm": 1, "-fi": 1,
+             "-fin": 1, "-convvar": 0, "-ond": 1, "-nim": 0, "-ndm": 0, "-oki": 1, "-sht": 0, "-obs": 1, "-obz": 1,
+             "-nsht": 0, "-nbs": 1, "-nbz": 1, "-tuk": 1, "-iuk": 1, "-tp": 1, "-ip": 1, "-tni": 1, "-ini": 1,
+             "-tmi": 1, "-imi": 1, "-ki": 1, "-hki": 0, "-useWeight": 0, "-c": 1, "-n": 1}
+
+
+def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
+    """A HOTPANTS command line (flags only, or the whole command) -> (ImageSubtraction keywords with
+    HOTPANTS' defaults for what it leaves out, ``{role: file}`` of its file flags, unsupported flags).
+    ``-nsx``/``-nsy`` give ``stamp_grid`` (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i``
+    which image is convolved, ``-n t|i`` the flux normalisation."""
+    import shlex
+
+    tok = shlex.split(flags) if isinstance(flags, str) else [str(t) for t in flags]
+    if tok and not tok[0].startswith("-"):
+        tok = tok[1:]  # the program name
+    kw = {k: (list(v) if isinstance(v, tuple) and k != "gaussians" else v) for k, v in HOTPANTS_DEFAULTS.items()}
+    files, unsupported, grid = {}, [], list(HOTPANTS_DEFAULTS["stamp_grid"])
+    i = 0
+
+    def take(n):
+        nonlocal i
+        vals = tok[i + 1 : i + 1 + n]
+        if len(vals) < n:
+            raise ValueError(f"HOTPANTS flag {tok[i]} needs {n} value(s)")
+        i += 1 + n
+        return vals
+
+    while i < len(tok):
+        f = tok[i]
+        if f in _HP_SCALAR:
+            key, typ = _HP_SCALAR[f]
+            kw[key] = typ(take(1)[0])
+        elif f in _HP_PAIR:
+            key, j = _HP_PAIR[f]
+            kw[key][j] = float(take(1)[0])
+        elif f in ("-nsx", "-nsy"):
+            grid[1 if f == "-nsx" else 0] = int(take(1)[0])
+        elif f == "-ng":
+            n = int(tok[i + 1]) if i + 1 < len(tok) else -1
+            if n < 1:
+                raise ValueError("HOTPANTS flag -ng needs: ngauss degree0 sigma0 ... degreeN sigmaN")
+            vals = take(1 + 2 * n)[1:]
+            kw["gaussians"] = tuple((float(vals[2 * k + 1]), int(vals[2 * k])) for k in range(n))
+        elif f in ("-c", "-n"):
+            v = take(1)[0].lower()
+            table = {"-c": {"t": "template", "i": "science"}, "-n": {"t": "template", "i": "science"}}[f]
+            if v not in table:
+                unsupported.append(f"{f} {v}")
+            else:
+                kw["convolve" if f == "-c" else "normalize"] = table[v]
+        elif f in _HP_FILES:
+            files[_HP_FILES[f]] = take(1)[0]
+        elif f in _HP_NO_EFFECT:
+            take(_HP_NO_EFFECT[f])
+        elif f in _HP_ARITY:
+            vals = take(_HP_ARITY[f])
+            unsupported.append(" ".join([f] + vals))
+        else:
+            raise ValueError(f"unknown HOTPANTS flag {f!r} in {flags!r}")
+    kw["stamp_grid"] = tuple(grid)
+    for k in ("gain", "read_noise", "saturation", "lower_limit"):
+        kw[k] = tuple(kw[k])
+    return kw, files, unsupported
+
+
+def run_subtract(science: PathLike, reference: PathLike, flags: str, output: PathLike) -> dict:
+    """``astroprep subtract input=<fits> reference=<fits> hotpants="<flags>"``: HOTPANTS' fit with its
+    flags and defaults on an aligned pair; writes the difference (``-outim`` name or
+    ``<frame>.diff.fits``), and ``-oni`` (noise = sqrt(variance)) / ``-oci`` (convolved image) when given."""
+    from astropy.io import fits
+
+    from .subtract import ImageSubtraction
+
+    kw, files, unsupported = parse_hotpants(flags)
+    if unsupported:
+        warnings.warn("HOTPANTS flags not implemented, ignored: " + "; ".join(unsupported), UserWarning, stacklevel=2)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    sci, hdr, smask = _read(science)
+    ref, _, rmask = _read(reference)
+    res = ImageSubtraction(**kw)(sci, ref, smask, rmask)
+    stem = Path(science).name.split(".")[0]
+    products = {"difference": res.difference, "noise": res.variance.clamp(min=0).sqrt(), "convolved": res.convolved}
+    written = {}
+    for role, default in (("difference", f"{stem}.diff.fits"), ("noise", None), ("convolved", None)):
+        name = files.get(role, default)
+        if name is None:
+            continue
+        p = out / Path(name).name
+        fits.PrimaryHDU(products[role][0, 0].detach().cpu().numpy().astype(np.float32)).writeto(p, overwrite=True)
+        written[role] = str(p)
+    ksum = float(res.kernel_sum[0])
+    print(f"{science} - {reference}: kernel sum {ksum:.6f}, {int(res.stamp_stats.used.sum())} stamps -> "
+          + ", ".join(written.values()))
+    return {"paths": written, "kernel_sum": ksum, "result": res}
+
+
+# ------------------------------------------------------------------------------------------------
+# SWarp: single-frame resampling onto a target .head
+# ------------------------------------------------------------------------------------------------
+#: SWarp 2.41 defaults of the keys we read
+SWARP_DEFAULTS = {"IMAGEOUT_NAME": "coadd.fits", "WEIGHTOUT_NAME": "coadd.weight.fits", "COMBINE": "Y",
+                  "RESAMPLING_TYPE": "LANCZOS3", "FSCALASTRO_TYPE": "FIXED", "SUBTRACT_BACK": "Y",
+                  "BACK_SIZE": "128", "BACK_FILTERSIZE": "3", "RESAMPLE_SUFFIX": ".resamp.fits",
+                  "HEADER_SUFFIX": ".head"}
+_SWARP_RESAMPLING = {"NEAREST": "nearest", "BILINEAR": "bilinear", "LANCZOS3": "lanczos3"}
+_SWARP_NO_EFFECT = {"VERBOSE_TYPE", "WRITE_XML", "XML_NAME", "NTHREADS", "MEM_MAX", "VMEM_MAX", "VMEM_DIR",
+                    "COMBINE_BUFSIZE", "DELETE_TMPFILES", "RESAMPLE", "RESAMPLE_DIR", "COPY_KEYWORDS",
+                    "WRITE_FILEINFO", "HEADER_ONLY", "COMBINE_TYPE", "WEIGHT_TYPE", "CELESTIAL_TYPE",
+                    "PROJECTION_TYPE", "CENTER_TYPE", "PIXELSCALE_TYPE", "IMAGE_SIZE", "CENTER", "PIXEL_SCALE"}
+
+
+def read_head(path: PathLike):
+    """A SWarp target ``.head`` (FITS header cards, one a line) -> astropy ``Header``."""
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        key = ln[:8].strip().upper()
+        if not key or key == "END" or ln[8:10] != "= ":
+            continue
+        raw = ln[10:].strip()
+        if raw.startswith("'"):
+            hdr[key] = raw[1:].split("'", 1)[0].rstrip()
+            continue
+        raw = raw.split("/", 1)[0].strip()
+        if raw in ("T", "F"):
+            hdr[key] = raw == "T"
+            continue
+        try:
+            hdr[key] = int(raw)
+        except ValueError:
+            try:
+                hdr[key] = float(raw.replace("D", "E"))
+            except ValueError as e:
+                raise ValueError(f"{path}: cannot read the value of {key} ({raw!r})") from e
+    if "NAXIS1" not in hdr or "NAXIS2" not in hdr:
+        raise ValueError(f"{path}: a SWarp target header needs NAXIS1 and NAXIS2")
+    return hdr
+
+
+def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLike, output: PathLike,
+                  overrides: Optional[dict] = None) -> dict:
+    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``: one frame resampled
+    onto the ``.head`` grid with SWarp's keys (RESAMPLING_TYPE, FSCALASTRO_TYPE NONE/FIXED/VARIABLE,
+    SUBTRACT_BACK with BACK_SIZE/BACK_FILTERSIZE, COMBINE: single-frame only); the input's SIP
+    distortion is honoured (SWarp ignores SIP), which the output header's HISTORY says."""
+    from astropy.io import fits
+
+    from .align import Reproject
+    from .wcs import TanWCS
+
+    keys = dict(SWARP_DEFAULTS)
+    given = parse_sex(swarp) if swarp else {}
+    keys.update(given)
+    keys.update({str(k).upper(): str(v) for k, v in (overrides or {}).items()})
+    unimpl = [k for k in given if k not in SWARP_DEFAULTS and k not in _SWARP_NO_EFFECT]
+    rt = keys["RESAMPLING_TYPE"].split(",")[0].upper()
+    if rt not in _SWARP_RESAMPLING:
+        unimpl.append(f"RESAMPLING_TYPE {rt} (LANCZOS3 used)")
+    fs = keys["FSCALASTRO_TYPE"].upper()
+    if unimpl:
+        warnings.warn(f"SWarp configuration {swarp}: not implemented, ignored: " + "; ".join(unimpl), UserWarning, stacklevel=2)
+    image, header, mask = _read(input_path)
+    image = image.double()
+    if _yes(keys["SUBTRACT_BACK"]):
+        from .background import background_2d
+
+        size = [int(float(v)) for v in keys["BACK_SIZE"].split(",")]
+        fsz = [int(float(v)) for v in keys["BACK_FILTERSIZE"].split(",")]
+        image = image - background_2d(image, mask, box_size=size[0] if len(size) == 1 else (size[1], size[0]),
+                                      filter_size=fsz[0] if len(fsz) == 1 else (fsz[1], fsz[0]),
+                                      method="sextractor").background
+    target = read_head(head)
+    shape = (int(target["NAXIS2"]), int(target["NAXIS1"]))
+    src, dst = TanWCS.from_header(header), TanWCS.from_header(target)
+    res = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))(
+        image, src, dst, mask)
+    out = res.image
+    if fs == "FIXED":  # flux per pixel conserved with the pixel-area ratio at the frame centres
+        out = out * (_pixel_area(target, shape) / _pixel_area(header, tuple(image.shape[-2:])))
+    hdr = target.copy()
+    hdr["HISTORY"] = "astroprep_torch reproject (SWarp drop-in): input SIP/TPV distortion honoured"
+    hdr["HISTORY"] = f"RESAMPLING_TYPE {rt} FSCALASTRO_TYPE {fs} SUBTRACT_BACK {keys['SUBTRACT_BACK']}"
+    o = Path(output)
+    o.mkdir(parents=True, exist_ok=True)
+    single = not _yes(keys["COMBINE"])
+    name = (Path(input_path).name.split(".")[0] + keys["RESAMPLE_SUFFIX"]) if single else Path(keys["IMAGEOUT_NAME"]).name
+    wname = (Path(name).name.replace(".fits", ".weight.fits")) if single else Path(keys["WEIGHTOUT_NAME"]).name
+    fits.PrimaryHDU(out[0, 0].float().numpy(), header=hdr).writeto(o / name, overwrite=True)
+    fits.PrimaryHDU(res.footprint[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
+    print(f"{input_path} -> {o / name} ({shape[1]}x{shape[0]}, {rt}, FSCALASTRO_TYPE {fs})")
+    return {"image": str(o / name), "weight": str(o / wname)}
+
+
+def _pixel_area(header, shape) -> float:
+    """Pixel area (deg^2) at the frame centre, from the header's celestial WCS (astropy)."""
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_area
+
+    return float(proj_plane_pixel_area(WCS(header).celestial))
+
+
+def run_reproject_from_hydra(cfg) -> dict:
+    """The runner of ``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``."""
+    head = cfg.get("head")
+    if not head:
+        raise ValueError("astroprep reproject swarp=...: give head=<target .head file> (SWarp's output grid)")
+    over = dict(cfg.get("swarp_keys") or {})
+    return {p: run_reproject(p, cfg.get("swarp"), head, cfg.output, over) for p in _inputs(cfg.get("input"))}
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------
+def _read(path: PathLike):
+    """The first 2-D image HDU of ``path`` as SExtractor reads it: ``BSCALE * raw + BZERO`` in float32
+    (astropy's scaling; :func:`astroprep_torch.io.read_fits` scales in float64, which differs from
+    SExtractor's values by up to an ulp of the scaled value), non-finite pixels masked."""
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input FITS file not found: {path}")
+    with fits.open(path) as hdul:
+        for hdu in hdul:
+            if hdu.data is not None and hdu.data.ndim == 2:
+                data = np.asarray(hdu.data, dtype=np.float32)
+                header = hdu.header.copy()
+                break
+        else:
+            raise ValueError(f"{path}: no 2-D image HDU")
+    image = torch.from_numpy(np.ascontiguousarray(data))[None, None]
+    bad = ~torch.isfinite(image)
+    if bool(bad.any()):
+        image = torch.where(bad, torch.zeros_like(image), image)
+        return image, header, bad
+    return image, header, None
+
+
+def warn_unimplemented(cfg: SexConfig) -> None:
+    if cfg.unimplemented:
+        warnings.warn(f"SExtractor configuration {cfg.path or '(defaults)'}: not implemented, ignored: "
+                      + "; ".join(cfg.unimplemented), UserWarning, stacklevel=2)
+
+
+def run_extract(input_path: PathLike, sex: Optional[PathLike], output: PathLike, overrides: Optional[dict] = None,
+                catalog_name: Optional[str] = None) -> dict:
+    """``astroprep extract input=<fits> sex=<file.sex> output=<dir>``: SExtractor's catalog and check
+    images of one frame, from SExtractor's configuration files.  Returns the written paths."""
+    cfg = load_sex(sex, overrides)
+    warn_unimplemented(cfg)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    image, header, mask = _read(input_path)
+    res = extract(cfg, image, header, mask)
+    t = catalog_table(cfg, res, header)
+    paths = write_catalog(cfg, t, out, header, catalog_name)
+    paths += write_check_images(cfg, check_images(cfg, res, image), out, header)
+    print(f"{input_path}: {len(t)} objects (global background RMS {float(res['backsig'][0]):.6g}) -> "
+          + ", ".join(str(p) for p in paths))
+    return {"catalog": [str(p) for p in paths], "n": len(t), "backsig": float(res["backsig"][0])}
+
+
+def run_background(input_path: PathLike, sex: Optional[PathLike], output: PathLike,
+                   overrides: Optional[dict] = None) -> dict:
+    """``astroprep background input=<fits> sex=<file.sex>``: SExtractor's BACKGROUND and BACKGROUND_RMS
+    maps (``<frame>.bkg.fits``, ``<frame>.rms.fits``) with the file's BACK_* keys."""
+    from astropy.io import fits
+
+    from .background import background_2d, global_rms
+
+    cfg = load_sex(sex, overrides, need_params=False)
+    cfg.unimplemented = [u for u in cfg.unimplemented if not u.startswith(("parameter", "CHECKIMAGE"))]
+    warn_unimplemented(cfg)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    image, header, mask = _read(input_path)
+    mesh = {}
+    res = background_2d(image, mask, mesh_out=mesh, **background_kwargs(cfg))
+    bkg = res.background
+    if cfg.get("BACK_TYPE").upper() == "MANUAL":
+        bkg = torch.full_like(bkg, cfg.floats("BACK_VALUE")[0])
+    stem = Path(input_path).name.split(".")[0]
+    paths = []
+    for suffix, a in (("bkg", bkg), ("rms", res.rms)):
+        p = out / f"{stem}.{suffix}.fits"
+        fits.PrimaryHDU(a[0, 0].detach().cpu().numpy()).writeto(p, overwrite=True)
+        paths.append(str(p))
+    backsig = float(global_rms(mesh["mesh"])[0])
+    print(f"{input_path}: background and rms maps (global RMS {backsig:.6g}) -> " + ", ".join(paths))
+    return {"paths": paths, "backsig": backsig}
+
+
+def _inputs(value) -> list[str]:
+    from .data import resolve_inputs
+
+    if value is None:
+        raise ValueError("input=<fits> is required with sex=<file.sex>")
+    return [str(p) for p in resolve_inputs(list(value) if not isinstance(value, str) else value)]
+
+
+def run_subtract_from_hydra(cfg) -> dict:
+    """The runner of ``astroprep subtract input=<fits> reference=<fits> hotpants="<flags>"`` (``-inim`` /
+    ``-tmplim`` in the flags stand in for a missing input / reference)."""
+    _, files, _ = parse_hotpants(cfg.hotpants)
+    sci = cfg.get("input") or files.get("science")
+    ref = cfg.get("reference") or files.get("template")
+    if not sci or not ref:
+        raise ValueError("astroprep subtract hotpants=...: give input=<science fits> and reference=<template fits> "
+                         "(or -inim / -tmplim in the flags)")
+    sci = sci if isinstance(sci, str) else list(sci)[0]
+    return run_subtract(sci, ref, cfg.hotpants, cfg.output)
+
+
+def run_from_hydra(cfg, command: str) -> dict:
+    """The runner of ``astroprep extract|background ... sex=<file.sex>`` (``sex_keys={KEY: value}``
+    overrides keys, as SExtractor's ``-KEY value``)."""
+    over = dict(cfg.get("sex_keys") or {})
+    paths = _inputs(cfg.get("input"))
+    out = {}
+    for p in paths:
+        if command == "extract":
+            name = None if len(paths) == 1 else f"{Path(p).name.split('.')[0]}.{Path(load_sex(cfg.sex, over).get('CATALOG_NAME')).name}"
+            out[p] = run_extract(p, cfg.sex, cfg.output, over, catalog_name=name)
+        else:
+            out[p] = run_background(p, cfg.sex, cfg.output, over)
+    return out
+
+
+__all__ = ["run_reproject", "read_head", "SWARP_DEFAULTS", "HOTPANTS_DEFAULTS", "parse_hotpants", "run_subtract", "SEX_DEFAULTS", "parse_sex", "read_param", "read_conv", "load_sex", "SexConfig", "extract",
+           "catalog_table", "write_catalog", "check_images", "run_extract", "run_background", "source_extractor",
+           "background_kwargs"]
