@@ -423,8 +423,9 @@ class _Mapping:
 
     def _nodes(self, s: int) -> Tensor:
         """Exact mapping (and ``|det J|``) on the nodes every ``s`` px, one beyond each edge."""
-        ny = -(-(self.h - 1) // s) + 3
-        nx = -(-(self.w - 1) // s) + 3
+        # a pixel at p uses nodes p // s .. p // s + 3 (node 0 sits at -s), the last row/column included
+        ny = (self.h - 1) // s + 4
+        nx = (self.w - 1) // s + 4
         gy = (torch.arange(ny, device=self.device, dtype=self.dtype) - 1) * s
         gx = (torch.arange(nx, device=self.device, dtype=self.dtype) - 1) * s
         yy, xx = torch.meshgrid(gy, gx, indexing="ij")

@@ -730,3 +730,15 @@ def test_align_to_reference_refuses_another_field_and_propagates_variance():
     assert float(inner.max()) <= 100.0 + 1e-3 and float(inner.mean()) < 90.0  # averaged by interpolation
     with pytest.raises(AlignmentError):
         AlignToReference()(pair.science.image, other.reference.image)
+
+
+@pytest.mark.parametrize("shape", [(33, 33), (65, 97), (81, 100), (2, 40)])
+@pytest.mark.parametrize("step", [16, 32])
+def test_grid_mapping_edges_when_the_size_is_a_multiple_of_the_step(shape, step):
+    """The coarse-grid mapping needs a node beyond the last row/column also when (H - 1) or (W - 1)
+    is a multiple of the step (it used to index past its grid there)."""
+    src = TanWCS.from_header(tan_header((128, 128), sip=True))
+    dst = TanWCS.from_header(tan_header((128, 128), crpix_offset=(2.3, -1.7), rotation=0.3))
+    bx, by = pixel_to_pixel(src, dst, shape, grid_step=step)
+    ex, ey = pixel_to_pixel(src, dst, shape, grid_step=None)
+    assert bx.shape == ex.shape and torch.hypot(bx - ex, by - ey).max() < 2e-3  # 1e-3 checked at cell centres
