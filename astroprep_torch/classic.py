@@ -559,6 +559,7 @@ HOTPANTS_DEFAULTS = dict(
     stamp_grid=(10, 10), stamp_half_width=15, clip_sigma=2.0, stat_sigma=3.0, stamp_threshold=20.0,
     normalize="template", convolve="auto", gain=(1.0, 1.0), read_noise=(0.0, 0.0), saturation=(25000.0, 25000.0),
     lower_limit=(0.0, 0.0), stars_per_cell=3, weighting="none", stamp_layout="hotpants", debias=False,
+    calibrate_noise=False,  # HOTPANTS' noise image: the Poisson model of the inputs, not measured
 )
 #: flag -> (ImageSubtraction keyword, number of values); pair keywords take (science, template)
 _HP_SCALAR = {"-r": ("kernel_half_width", int), "-rss": ("stamp_half_width", int), "-ko": ("spatial_order", int),
