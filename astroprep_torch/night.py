@@ -91,10 +91,11 @@ def _image_header(fits, path):
 # 2. template
 # --------------------------------------------------------------------------------------------
 def night_template(frames: list, out_path: Path, *, interpolation: str = "bilinear") -> Path:
-    """Median of the frames reprojected onto the grid of the sharpest one (header FWHM / SEEING;
-    the middle frame in time when none says): ``out_path`` (FITS with that frame's WCS)."""
-    from .align import reproject
+    """Median co-add of the frames (:func:`astroprep_torch.stack.stack_files`, memory-bounded) on the
+    grid of the sharpest one (header FWHM / SEEING; the middle frame in time when none says):
+    ``out_path`` (FITS with that frame's WCS)."""
     from .io import read_fits, write_fits
+    from .stack import StackError, stack_files
 
     if not frames:
         raise ValueError("night_template: no frames")
@@ -109,19 +110,16 @@ def night_template(frames: list, out_path: Path, *, interpolation: str = "biline
     if g.wcs is None:
         raise ValueError(f"a night template needs a celestial WCS in every frame; {grid['path']} has none "
                          f"(pass reference=<fits> instead)")
-    stack = []
-    for f in frames:
-        im = read_fits(f["path"])
-        if im.wcs is None:
-            raise ValueError(f"a night template needs a celestial WCS in every frame; {f['path']} has none")
-        r = reproject(im.data, im.wcs, g.wcs, tuple(g.data.shape[-2:]), im.mask, interpolation=interpolation)
-        stack.append(torch.where(r.mask, torch.full_like(r.image, float("nan")), r.image)[0, 0])
-    med = torch.nanmedian(torch.stack(stack), dim=0).values
+    try:
+        res, _ = stack_files([f["path"] for f in frames], reference=grid["path"], combine="median",
+                             interpolation=interpolation)
+    except StackError as exc:
+        raise ValueError(f"a night template needs a celestial WCS on the same field in every frame: {exc}") from exc
     header = g.header.copy()
     for k in ("DATE-OBS", "MJD-OBS", "DATE-AVG", "MJD-AVG", "TIME-OBS", "UT", "UTC-OBS", "UTCSTART"):
         header.remove(k, ignore_missing=True, remove_all=True)
     header["NCOMBINE"] = (len(frames), "frames in the median template")
-    write_fits(out_path, torch.nan_to_num(med, nan=0.0), header=header, overwrite=True)
+    write_fits(out_path, torch.nan_to_num(res.image, nan=0.0), header=header, overwrite=True)
     return Path(out_path)
 
 
