@@ -592,7 +592,6 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
     del x64
     sig2 = torch.where(var2 > 0, torch.sqrt(var2.clamp(min=0)), torch.zeros_like(var2))
     bm_mean = mean2.to(torch.float32)
-    bm_sigma = sig2.to(torch.float32)
     nlev = torch.floor(_SEX_STEP * npix2.to(f64) + 1.0).clamp(max=_SEX_MAXLEVELS).long()
     qscale = torch.where(sig2 > 0, 2 * _SEX_NSIGMA * sig2 / nlev.to(f64), torch.ones_like(sig2)).to(torch.float32)
     qzero = (mean2 - _SEX_NSIGMA * sig2).to(torch.float32)

@@ -26,7 +26,6 @@ SExtractor's semantics:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

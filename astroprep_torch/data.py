@@ -20,10 +20,9 @@ import functools
 import glob
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 try:  # Lightning is a runtime dependency, but keep the dataset usable without it.

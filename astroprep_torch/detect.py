@@ -579,7 +579,6 @@ def _kth_largest(values: Tensor, seg: Tensor, n: int, k: int) -> Tensor:
         order = _argsort(values, descending=True)
         seg_o = _g(seg, order)
         order2 = _argsort(seg_o)  # grouped by segment, descending values inside
-        seg_s = _g(seg_o, order2)
         val_s = _g(_g(values, order), order2)
         start = torch.cumsum(counts, 0) - counts
         has = counts >= k

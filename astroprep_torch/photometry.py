@@ -222,7 +222,7 @@ def _size_buckets(half: Tensor) -> list[tuple[Tensor, int]]:
     order = torch.argsort(which, stable=True)
     # small buckets are merged into the next larger size (a larger stamp serves any smaller need):
     # fewer, fuller batches (per-op overhead) at the cost of <= 4x the area for those few objects
-    pend, pend_n, first = [], 0, 0
+    pend, pend_n, first, last = [], 0, 0, 0
     start = 0
     for w, n in enumerate(counts):
         if not n:

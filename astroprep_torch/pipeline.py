@@ -1480,7 +1480,6 @@ def run_from_config(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from . import data as data_mod
-    from .io import read_fits
 
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)

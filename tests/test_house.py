@@ -107,3 +107,17 @@ def test_every_group_option_composes_in_a_primary_config(compose):
     assert not failures, "\n".join(failures)
     new = sorted(set(orphans) - KNOWN_ORPHANS)
     assert not new, f"config options that no primary config can select: {new}"
+
+
+def test_package_passes_ruff_with_the_complexity_cap():
+    """pyflakes and the McCabe cap of pyproject.toml's [tool.ruff] over the package (the cap only goes down)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff (dev extra) is not installed")
+    root = CONFIGS.parent
+    proc = subprocess.run([ruff, "check", "--no-cache", "astroprep_torch"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -10,7 +10,7 @@ from sqlalchemy import Select, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from .models import LABELS, Candidate, Detection, Field, Frame, LabelEvent, MovingObject, Night, User
+from .models import LABELS, Candidate, Field, Frame, LabelEvent, MovingObject, Night, User
 
 PAGE_SIZE = 50
 CANDIDATE_SORTS = {"score": (Candidate.score.desc(), Candidate.id), "-score": (Candidate.score.asc(), Candidate.id),
