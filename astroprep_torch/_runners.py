@@ -56,6 +56,15 @@ def run_simulate(cfg: DictConfig) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+def run_calibrate(cfg: DictConfig) -> list:
+    from .calibrate import calibrate_from_config
+
+    t0 = time.perf_counter()
+    paths = calibrate_from_config(cfg)
+    print(f"calibrated {len(paths)} frame(s) in {time.perf_counter() - t0:.1f} s -> {cfg.output}")
+    return [str(p) for p in paths]
+
+
 def run_pipeline(cfg: DictConfig):
     from .pipeline import run_from_config
 
@@ -78,4 +87,4 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair"]
+__all__ = ["run_simulate", "run_calibrate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair"]

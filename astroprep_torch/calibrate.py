@@ -47,7 +47,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,10 +71,12 @@ __all__ = [
     "bad_pixel_map",
     "saturation_mask",
     "SaturationMask",
+    "SaturationMasks",
     "calibrate_frames",
     "Calibrated",
     "CCDCalibration",
     "header_value",
+    "header_saturation",
     "calibrate_files",
     "calibrate_from_config",
 ]
@@ -558,11 +560,34 @@ def _bleed(core: Tensor, above: Tensor, dim: int) -> Tensor:
     return core | fwd | bwd
 
 
-class SaturationMask(nn.Module):
-    """``forward(image, mask=None, level=None) -> mask | saturation_mask(image, level)``.
+def header_saturation(headers, like: Optional[Tensor] = None) -> Tensor:
+    """The saturation level (``SATURATE``, ``SATLEVEL``, ``SATURATN``) of each header as a (B,) tensor;
+    NaN where a header has none (no saturation masking for that frame)."""
+    vals = []
+    for h in headers:
+        try:
+            v = header_value(h, SATURATION_KEYS)
+        except ValueError:
+            v = None
+        vals.append(float("nan") if v is None else v)
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {"dtype": torch.float32}
+    return torch.tensor(vals, **kw)
 
-    ``level`` (per image, e.g. the headers' ``SATURATE``) wins over the constructor's ``level``;
-    see :func:`saturation_mask` for ``grow``, ``bleed_axis`` and ``bleed_fraction``.
+
+class SaturationMasks(NamedTuple):
+    """``mask``: the input mask or'ed with ``saturated`` (what later stages should ignore);
+    ``saturated``: the saturation and bleed-trail mask alone (for SExtractor's FLAGS bit 4)."""
+
+    mask: Tensor
+    saturated: Tensor
+
+
+class SaturationMask(nn.Module):
+    """``forward(image, mask=None, level=None) -> SaturationMasks(mask | saturated, saturated)``.
+
+    ``level`` (per image, e.g. the headers' ``SATURATE``; NaN or <= 0 = none) wins over the
+    constructor's ``level``; see :func:`saturation_mask` for ``grow``, ``bleed_axis`` and
+    ``bleed_fraction``. ``enabled=False`` returns the mask unchanged and an empty saturation mask.
     """
 
     def __init__(self, level: Optional[float] = None, grow: int = 2, bleed_axis: Optional[int] = 0,
@@ -571,13 +596,14 @@ class SaturationMask(nn.Module):
         self.level, self.grow, self.bleed_axis = level, int(grow), bleed_axis
         self.bleed_fraction, self.enabled = float(bleed_fraction), bool(enabled)
 
-    def forward(self, image: Tensor, mask: Optional[Tensor] = None, level=None) -> Tensor:
+    def forward(self, image: Tensor, mask: Optional[Tensor] = None, level=None) -> SaturationMasks:
         base = mask if mask is not None else torch.zeros_like(image, dtype=torch.bool)
         lv = level if level is not None else self.level
         if not self.enabled or lv is None:
-            return base
-        return base | saturation_mask(image, lv, grow=self.grow, bleed_axis=self.bleed_axis,
-                                      bleed_fraction=self.bleed_fraction)
+            return SaturationMasks(base, torch.zeros_like(base))
+        sat = saturation_mask(image, lv, grow=self.grow, bleed_axis=self.bleed_axis,
+                              bleed_fraction=self.bleed_fraction)
+        return SaturationMasks(base | sat, sat)
 
 
 # ----------------------------------------------------------------------------------------------

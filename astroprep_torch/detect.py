@@ -1273,7 +1273,8 @@ class SourceExtractor(nn.Module):
     ``forward(image, rms, mask=None, *, background=None) -> Catalog``: ``image`` (B,1,H,W)
     background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
     float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
-    values with ``saturation``. See the module docstring for the algorithm.
+    values with ``saturation``; ``saturated`` (optional bool (B,1,H,W)) flags (4) the objects that touch it.
+    See the module docstring for the algorithm.
     """
 
     def __init__(
@@ -1331,7 +1332,8 @@ class SourceExtractor(nn.Module):
             f"deblend_cont={self.deblend_cont}, clean={self.clean}, clean_param={self.clean_param}"
         )
 
-    def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None) -> Catalog:
+    def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
+                saturated: Optional[Tensor] = None) -> Catalog:
         check_image(image, "image", channels=1)
         B, _, H, W = image.shape
         det = detect_sources(
@@ -1382,6 +1384,9 @@ class SourceExtractor(nn.Module):
                 raw = (image.reshape(-1).index_select(0, pix) + bk).double()  # the same float sum as image + background
             rmax = _segment_max(raw, det["pixel_row"], len(det["label"]))
             flags |= torch.where(rmax >= self.saturation, FLAG_SATURATED, 0)
+        if saturated is not None:  # a saturation / bleed-trail mask (calibrate.saturation_mask): flag 4
+            hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
+            flags |= torch.where(_segment_max(hit, det["pixel_row"], len(det["label"])) > 0, FLAG_SATURATED, 0)
         cols["flags"] = flags
         return Catalog(cols, seg)
 

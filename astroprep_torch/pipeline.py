@@ -494,10 +494,13 @@ class PreprocessModule(_LightningModule):
     def make_inputs(self, images: Tensor, masks: Tensor, headers: Sequence[str]) -> dict:
         from astropy.io import fits
 
+        from .calibrate import header_saturation
+
         b = images.shape[0]
         inputs = {"science": images, "science_mask": masks}
         hdrs = [fits.Header.fromstring(h) if isinstance(h, str) else h for h in headers]
         inputs["science_wcs"] = _try_wcs(hdrs, images)
+        inputs["science_saturation"] = header_saturation(hdrs, images)  # SATURATE (NaN: none)
         if self.reference is not None:
             ref = self.reference.to(images.device, images.dtype)
             inputs["reference"] = ref.expand(b, -1, -1, -1)
@@ -505,6 +508,7 @@ class PreprocessModule(_LightningModule):
             inputs["reference_mask"] = rm.to(images.device).expand(b, -1, -1, -1)
             if self.reference_header is not None:
                 inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
+                inputs["reference_saturation"] = header_saturation([self.reference_header] * b, images)
         return inputs
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
@@ -1301,6 +1305,8 @@ def run_from_config(cfg) -> dict:
     paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
     if not paths:
         raise FileNotFoundError(f"input: no FITS files in {inputs}")
+    if any(cfg.get(k) for k in ("bias", "dark", "flat")):  # raw frames: CCD calibration first
+        paths, reference_path = _calibrate_inputs(cfg, paths, reference_path, out_dir / "calibrated")
     pipeline: Pipeline = instantiate(cfg.pipeline)
     ref = None
     if cfg.get("needs_reference", True):
@@ -1348,6 +1354,17 @@ def run_from_config(cfg) -> dict:
         _append_jsonl(Path(job["sweep_dir"]) / "sweep.jsonl", [dict(summary, output=str(out_dir))])
     print(format_summary(summary, pipeline))
     return summary
+
+
+def _calibrate_inputs(cfg, paths, reference_path, folder: Path):
+    """Calibrate the raw inputs (and the reference) with the night's bias/dark/flat frames."""
+    from .calibrate import calibrate_from_config
+
+    raw = list(paths) + ([Path(reference_path)] if reference_path is not None else [])
+    t0 = time.perf_counter()
+    out = calibrate_from_config(cfg, inputs=[str(p) for p in raw], output=folder)
+    print(f"[astroprep] calibrated {len(out)} raw frame(s) ({time.perf_counter() - t0:.1f} s) -> {folder}")
+    return out[: len(paths)], (str(out[-1]) if reference_path is not None else None)
 
 
 def _hydra_job() -> dict:
