@@ -320,8 +320,26 @@ class RawFile:
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
         from astropy.io import fits
 
-        with fits.open(self.path, memmap=True) as hdul:
-            return np.asarray(hdul[self.hdu].section[rows, cols], dtype=np.float64)
+        # integer raw data (uint16 as int16 + BZERO) is scaled here: astropy cannot memory-map it scaled
+        with fits.open(self.path, memmap=True, do_not_scale_image_data=True) as hdul:
+            h = hdul[self.hdu]
+            raw = np.asarray(h.section[rows, cols])
+            hdr = h.header
+        data = raw.astype(np.float64)
+        if isinstance(h, fits.CompImageHDU) or not np.issubdtype(raw.dtype, np.integer):
+            return data if not isinstance(h, fits.CompImageHDU) else np.asarray(self._read_scaled(rows, cols), np.float64)
+        scale, zero = float(hdr.get("BSCALE", 1.0)), float(hdr.get("BZERO", 0.0))
+        if scale != 1.0 or zero != 0.0:
+            data = data * scale + zero
+        if "BLANK" in hdr:
+            data[raw == int(hdr["BLANK"])] = np.nan
+        return data
+
+    def _read_scaled(self, rows: slice, cols: slice):
+        from astropy.io import fits
+
+        with fits.open(self.path) as hdul:
+            return np.array(hdul[self.hdu].section[rows, cols], dtype=np.float64)
 
     def _overscan_full(self) -> np.ndarray:
         """The overscan value per raw row (H, 1) or per raw column (1, W), zero outside the strip."""
@@ -740,6 +758,8 @@ def _calibrated_header(header, f: RawFile, cal: CCDCalibration, level: float, na
                        read_noise: float):
     """The raw header with what was applied recorded (see the module docstring)."""
     hdr = header.copy()
+    for k in ("BZERO", "BSCALE", "BLANK"):  # the output is float
+        hdr.remove(k, ignore_missing=True)
     stamp = "astroprep_torch.calibrate"
     if f.overscan is not None:
         hdr["OVERSCAN"] = (f"{format_section(f.overscan)} {f.overscan_method}", "overscan subtracted")
