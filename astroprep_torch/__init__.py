@@ -44,7 +44,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "io", "wcs", "sim", "quality", "background", "align", "subtract", "detect", "photometry",
+    "io", "wcs", "sim", "calibrate", "quality", "background", "align", "subtract", "detect", "photometry",
     "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli",
 )
 

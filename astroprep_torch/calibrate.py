@@ -72,6 +72,8 @@ __all__ = [
     "saturation_mask",
     "SaturationMask",
     "SaturationMasks",
+    "grow_mask",
+    "GrowUnion",
     "calibrate_frames",
     "Calibrated",
     "CCDCalibration",
@@ -558,10 +560,7 @@ def saturation_mask(image: Tensor, level, *, grow: int = 2, bleed_axis: Optional
         if bleed_axis not in (0, 1):
             raise ValueError(f"bleed_axis must be 0 (columns), 1 (rows) or None, got {bleed_axis!r}")
         core = _bleed(core, image >= bleed_fraction * lv, dim=2 + bleed_axis)
-    if grow > 0 and bool(core.any()):
-        k = 2 * int(grow) + 1
-        core = torch.nn.functional.max_pool2d(core.to(torch.float16 if core.is_cuda else torch.float32), k, 1, int(grow)) > 0
-    return core
+    return grow_mask(core, int(grow))
 
 
 def _bleed(core: Tensor, above: Tensor, dim: int) -> Tensor:
@@ -576,6 +575,27 @@ def _bleed(core: Tensor, above: Tensor, dim: int) -> Tensor:
     fwd = forward(core, above)
     bwd = forward(core.flip(dim), above.flip(dim)).flip(dim)
     return core | fwd | bwd
+
+
+def grow_mask(mask: Tensor, radius: int) -> Tensor:
+    """``mask (B, 1, H, W)`` dilated by a square of half size ``radius`` pixels."""
+    if radius <= 0 or not bool(mask.any()):
+        return mask
+    k = 2 * int(radius) + 1
+    return torch.nn.functional.max_pool2d(mask.to(torch.float16 if mask.is_cuda else torch.float32), k, 1, int(radius)) > 0
+
+
+class GrowUnion(nn.Module):
+    """``forward(a, b=None) -> a | grow_mask(b, radius)``: e.g. the difference image's mask, the
+    template's saturated pixels spread by the convolution kernel (HOTPANTS' output mask) joined to
+    the science mask."""
+
+    def __init__(self, radius: int = 10):
+        super().__init__()
+        self.radius = int(radius)
+
+    def forward(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
+        return a if b is None else a | grow_mask(b.expand(a.shape), self.radius)
 
 
 def header_saturation(headers, like: Optional[Tensor] = None) -> Tensor:

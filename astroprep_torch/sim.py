@@ -875,11 +875,14 @@ def expose(camera: Camera, signal: Optional[Tensor], exptime: float, *, seed: in
 
 
 def simulate_raw(frame: SimFrame, camera: Optional[Camera] = None, *, exptime: Optional[float] = None,
-                 halo_fraction: float = 0.0, halo_fwhm: float = 20.0, seed: int = 0) -> RawFrame:
+                 halo_fraction: float = 0.0, halo_fwhm: float = 20.0, halo_min_flux: Optional[float] = None,
+                 seed: int = 0) -> RawFrame:
     """The raw frame a ``camera`` records of the scene of ``frame`` (its noiseless sky and stars).
 
-    ``halo_fraction`` > 0 adds halos around stars whose peak exceeds the camera's full well (they
-    belong to the scene: ``truth`` includes them). The frame's WCS and keywords are kept (its
+    ``halo_fraction`` > 0 adds halos around stars brighter than ``halo_min_flux`` (ADU; default: the
+    flux whose peak in this frame reaches the camera's full well; give the same value to the frames of
+    one field so that its stars keep their halos from frame to frame). Halos belong to the scene:
+    ``truth`` includes them. The frame's WCS and keywords are kept (its
     science area starts at raw pixel (0, 0), so CRPIX is unchanged). ``camera`` defaults to
     :func:`make_camera` of the frame's shape with the frame's gain.
     """
@@ -888,12 +891,11 @@ def simulate_raw(frame: SimFrame, camera: Optional[Camera] = None, *, exptime: O
     signal = frame.noiseless[0, 0].detach().to("cpu", torch.float64)
     if halo_fraction > 0:
         c = frame.catalog
-        sigma = frame.fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        peak_e = c["flux"].double().cpu() / (2 * math.pi * sigma**2) * camera.gain
+        if halo_min_flux is None:
+            sigma = frame.fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+            halo_min_flux = camera.full_well / camera.gain * 2 * math.pi * sigma**2
         signal = add_halos(signal, c["x"].double().cpu(), c["y"].double().cpu(), c["flux"].double().cpu(),
-                           fraction=halo_fraction, fwhm=halo_fwhm,
-                           min_flux=float(c["flux"].double().cpu()[peak_e > camera.full_well].min()) - 1e-9
-                           if bool((peak_e > camera.full_well).any()) else float("inf"))
+                           fraction=halo_fraction, fwhm=halo_fwhm, min_flux=float(halo_min_flux))
     base = frame.header.copy()
     for k in ("SATURATE", "GAIN", "RDNOISE"):
         base.remove(k, ignore_missing=True)

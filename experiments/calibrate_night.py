@@ -66,8 +66,9 @@ def simulate(size: int, seed: int = 0) -> dict:
     pair = sim.simulate_pair((size, size), n_stars=n, saturation=None, n_transients=20, n_moving=0,
                              shift=(3.3, -2.7), seed=seed)
     cam = sim.make_camera((size, size), seed=seed + 1)
-    raw_ref = sim.simulate_raw(pair.reference, cam, halo_fraction=0.01, seed=seed + 2)
-    raw_sci = sim.simulate_raw(pair.science, cam, halo_fraction=0.01, seed=seed + 3)
+    halo = 1.5e5  # halos around the stars brighter than this (ADU), in both frames
+    raw_ref = sim.simulate_raw(pair.reference, cam, halo_fraction=0.01, halo_min_flux=halo, seed=seed + 2)
+    raw_sci = sim.simulate_raw(pair.science, cam, halo_fraction=0.01, halo_min_flux=halo, seed=seed + 3)
     cal = sim.simulate_calibration_frames(cam, n_bias=7, n_dark=5, n_flat=7, seed=seed + 4)
     return {"pair": pair, "camera": cam, "raw_ref": raw_ref, "raw_sci": raw_sci, "cal": cal}
 

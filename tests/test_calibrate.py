@@ -211,3 +211,14 @@ def test_cli_calibrate(raw_night, tmp_path):
     assert rc == 0 and (tmp_path / "science.cal.fits").is_file() and not (tmp_path / "science.var.fits").exists()
     hdr = fits.getheader(tmp_path / "science.cal.fits")
     assert "FLATCORR" in hdr and "DARKCORR" not in hdr
+
+
+def test_grow_union_spreads_only_the_second_mask():
+    a = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    a[0, 0, 0, 0] = True
+    b = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    b[0, 0, 6, 6] = True
+    out = C.GrowUnion(radius=2)(a, b)
+    assert bool(out[0, 0, 0, 0]) and not bool(out[0, 0, 1, 1])  # a is not grown
+    assert int(out[0, 0, 4:9, 4:9].sum()) == 25 and int(out.sum()) == 26
+    assert torch.equal(C.GrowUnion(2)(a, None), a)
