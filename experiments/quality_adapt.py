@@ -48,6 +48,14 @@ INSTRUMENTS = (
 )
 
 
+NOTE = ("Defocus: the shipped model's features (block sky, flux, brightest pixel, sharpness at 4x4 binning) do "
+        "not separate a defocused frame from a sharp one when the instrument's own PSF is broad (Moffat 5 px) "
+        "and the field sparse: its frames reconstruct as well as the good ones (the frame AUC stays below 0.95 "
+        "before and after adaptation). Thresholds cannot create a signal the features lack: such an instrument "
+        "needs a PSF-width check (e.g. the catalog's FWHM against the night's median) or a model retrained on "
+        "its own good frames (`astroprep train-quality`).\n")
+
+
 def auc(pos, neg) -> float:
     pos, neg = torch.as_tensor(pos, dtype=torch.float64), torch.as_tensor(neg, dtype=torch.float64)
     if pos.numel() == 0 or neg.numel() == 0:
@@ -153,6 +161,7 @@ def main() -> None:
                  "by more than half against all patches of good frames. The shipped model's frame ranking is "
                  "unchanged by a global threshold; the per-position baseline of `adapt` (median over the night's "
                  "frames of each patch's error) also removes the instrument's fixed structure (vignetting).\n")
+    lines.append(NOTE)
     text = "\n".join(lines)
     print(text)
     write_result("quality_adapt", text)
