@@ -25,7 +25,8 @@ The algorithms are those of astropy's ``ccdproc`` (the trusted reference; see
   ``flat^2`` (plus the flat's own term). The output stays in ADU (not gain-corrected).
 * **Bad pixels** (:func:`bad_pixel_map`): hot pixels of the master dark and the outliers of the
   master bias (above ``k`` robust sigmas from the median), flat pixels below ``flat_low`` or above
-  ``flat_high``, and pixels the combination masked.
+  ``flat_high``, and pixels the combination masked. Files written by :func:`calibrate_files` have
+  them filled from their neighbours (variance infinite) or set to NaN (``bad_pixel_fill``).
 * **Saturation** (:func:`saturation_mask`): pixels at or above the level, their bleed trails (pixels
   above ``bleed_fraction * level`` connected to a saturated pixel along the readout axis) and a
   ``grow`` margin, as HOTPANTS masks ``-iu``/``-tu`` pixels and their neighbours.
@@ -52,6 +53,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = [
     "Section",
@@ -80,6 +82,7 @@ __all__ = [
     "header_value",
     "header_saturation",
     "calibrate_files",
+    "fill_bad_pixels",
     "calibrate_from_config",
 ]
 
@@ -800,7 +803,7 @@ def _calibrated_header(header, f: RawFile, cal: CCDCalibration, level: float, na
             hdr[key] = (names.get(kind, "T")[:60], f"master {kind} applied")
             hdr.add_history(f"{stamp}: {kind} corrected with {names.get(kind, 'a master ' + kind)}")
     if cal.bad is not None:
-        hdr["BPMCORR"] = (int(cal.bad.sum()), "bad pixels from the masters, set to NaN")
+        hdr["BPMCORR"] = (int(cal.bad.sum()), "bad pixels from the masters (filled or NaN)")
     if math.isfinite(level):
         hdr["SATURATE"] = (level, "lowest calibrated saturated level, ADU")
     hdr["GAIN"], hdr["RDNOISE"] = (gain, "e-/ADU"), (read_noise, "read noise, e-")
@@ -808,13 +811,27 @@ def _calibrated_header(header, f: RawFile, cal: CCDCalibration, level: float, na
     return hdr
 
 
+def fill_bad_pixels(image: Tensor, bad: Tensor, size: int = 5) -> Tensor:
+    """``image (B, 1, H, W)`` with ``bad`` pixels replaced by the mean of the good pixels of the
+    ``size`` x ``size`` box around them (IRAF ``fixpix``-like; a box with no good pixel gives 0)."""
+    if not bool(bad.any()):
+        return image
+    good = (~bad).to(image.dtype)
+    pad = size // 2
+    s = F.avg_pool2d(torch.where(bad, torch.zeros_like(image), image), size, 1, pad, count_include_pad=False)
+    n = F.avg_pool2d(good, size, 1, pad, count_include_pad=False)
+    return torch.where(bad, s / n.clamp(min=1e-12) * (n > 0), image)
+
+
 def calibrate_files(paths, output: PathLike, calibration: CCDCalibration, *, raw_kwargs: Optional[dict] = None,
-                    saturation: Optional[float] = None, write_variance: bool = True, bad_value: float = float("nan"),
+                    saturation: Optional[float] = None, write_variance: bool = True, bad_value="interpolate",
                     names: Optional[dict] = None, suffix: str = ".cal.fits") -> list:
     """Calibrate raw FITS files one at a time into ``output``; returns the written paths.
 
-    Bad pixels (from the masters) are written as ``bad_value`` (NaN: the readers mask them); the
-    variance goes to ``<name>.var.fits`` when ``write_variance``.
+    Bad pixels (from the masters) are filled from their neighbours (``bad_value="interpolate"``,
+    :func:`fill_bad_pixels`; their variance is set to infinity) or written as ``bad_value`` (e.g. NaN,
+    which the readers then mask: the subtraction spreads a masked template pixel over the kernel's
+    footprint). The variance goes to ``<name>.var.fits`` when ``write_variance``.
     """
     from .io import write_fits
 
@@ -830,7 +847,11 @@ def calibrate_files(paths, output: PathLike, calibration: CCDCalibration, *, raw
         res = calibration(raw, exptime=f.exptime, saturation=level, gain=gain, read_noise=rn,
                           overscan=format_section(f.overscan) if f.overscan is not None else None,
                           trim=format_section(f.trim) if f.trim is not None else None)
-        image = res.image.masked_fill(res.mask, bad_value) if res.mask.any() else res.image
+        if bad_value == "interpolate":
+            image = fill_bad_pixels(res.image, res.mask)
+            res.variance = res.variance.masked_fill(res.mask, float("inf"))
+        else:
+            image = res.image.masked_fill(res.mask, float(bad_value)) if res.mask.any() else res.image
         hdr = _calibrated_header(f.header, f, calibration, float(res.saturation[0]), names or {}, gain, rn)
         stem = f.path.name.split(".fits")[0]
         path = out_dir / f"{stem}{suffix}"
@@ -876,4 +897,5 @@ def calibrate_from_config(cfg, inputs=None, output: Optional[PathLike] = None) -
         raise ValueError("input: no raw science frames to calibrate (input=<files>)")
     return calibrate_files(inputs if isinstance(inputs, (str, Path)) else list(inputs), out_dir, cal,
                            raw_kwargs=raw_kwargs, saturation=_opt(c, "saturation"),
-                           write_variance=bool(_opt(c, "write_variance", True)), names=names)
+                           write_variance=bool(_opt(c, "write_variance", True)), names=names,
+                           bad_value=_opt(c, "bad_pixel_fill", "interpolate"))

@@ -155,12 +155,13 @@ def test_calibrated_frame_within_noise_of_truth(raw_night, tmp_path):
     var = fits.getdata(tmp_path / "science.var.fits")
     raw = raw_night["raw"]
     assert img.shape == (96, 128)
-    good = np.isfinite(img) & ~raw.saturated[0, 0].numpy()
+    good = np.isfinite(var) & ~raw.saturated[0, 0].numpy()
     chi = ((img - raw.truth[0, 0].numpy()) / np.sqrt(var))[good]
     assert abs(chi.mean()) < 0.1 and 0.9 < chi.std() < 1.15
-    # hot pixels of the camera are found from the master dark and written as NaN
+    # hot pixels of the camera are found from the master dark, filled from their neighbours, variance inf
     hot = raw_night["camera"].hot.numpy()
-    assert hot.any() and np.isnan(img[hot]).all()
+    assert hot.any() and np.isfinite(img).all() and np.isinf(var[hot]).all()
+    assert np.abs(img[hot] - raw.truth[0, 0].numpy()[hot]).max() < 0.5 * raw.truth[0, 0].numpy()[hot].max()
     for key in ("BIASCORR", "DARKCORR", "FLATCORR", "OVERSCAN", "TRIM", "SATURATE"):
         assert key in hdr, key
     assert "BIASSEC" not in hdr and hdr["DATASEC"] == "[1:128,1:96]"
@@ -222,3 +223,12 @@ def test_grow_union_spreads_only_the_second_mask():
     assert bool(out[0, 0, 0, 0]) and not bool(out[0, 0, 1, 1])  # a is not grown
     assert int(out[0, 0, 4:9, 4:9].sum()) == 25 and int(out.sum()) == 26
     assert torch.equal(C.GrowUnion(2)(a, None), a)
+
+
+def test_fill_bad_pixels_uses_good_neighbours_only():
+    img = torch.arange(49.0).reshape(1, 1, 7, 7)
+    bad = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    bad[0, 0, 3, 3] = True
+    img[0, 0, 3, 3] = 1e6
+    out = C.fill_bad_pixels(img, bad, size=3)
+    assert float(out[0, 0, 3, 3]) == pytest.approx(24.0) and torch.equal(out[~bad], img[~bad])
