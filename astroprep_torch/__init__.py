@@ -73,7 +73,7 @@ _set_openmp_wait_policy()
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "io", "wcs", "sim", "quality", "background", "align", "subtract", "detect", "photometry",
+    "io", "wcs", "sim", "calibrate", "quality", "background", "align", "subtract", "detect", "photometry",
     "stretch", "cutouts", "classify", "pipeline", "data", "viz", "cli", "astrometry", "stack",
     "moving", "reports", "obstime", "sequences", "night",
 )

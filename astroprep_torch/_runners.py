@@ -56,6 +56,15 @@ def run_simulate(cfg: DictConfig) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+def run_calibrate(cfg: DictConfig) -> list:
+    from .calibrate import calibrate_from_config
+
+    t0 = time.perf_counter()
+    paths = calibrate_from_config(cfg)
+    print(f"calibrated {len(paths)} frame(s) in {time.perf_counter() - t0:.1f} s -> {cfg.output}")
+    return [str(p) for p in paths]
+
+
 def run_pipeline(cfg: DictConfig):
     from .pipeline import run_from_config
 
@@ -160,9 +169,6 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
-           "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels",
-           "run_astrometry", "run_stack", "run_extract", "run_background", "run_subtract", "run_reproject"]
 
 
 def _frame_epoch(header):
@@ -247,3 +253,7 @@ def run_stack(cfg: DictConfig) -> dict:
     print(f"[astroprep] stacked {len(paths)} frames ({options['combine']}) in {time.perf_counter() - t0:.1f} s "
           f"-> {written['coadd']}")
     return {k: str(v) for k, v in written.items()}
+
+__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
+           "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels",
+           "run_astrometry", "run_stack", "run_extract", "run_background", "run_subtract", "run_reproject", "run_calibrate"]

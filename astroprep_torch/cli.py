@@ -6,6 +6,7 @@ Commands (each a Hydra app over the project's ``configs/``; any ``key=value`` ov
 * ``astroprep run`` -- the default pipeline (the paper's GWAC graph) on an embedded simulated
   two-epoch field, or on real FITS files with ``input=... reference=... output=...``.
 * ``astroprep simulate`` -- write a simulated GWAC-like epoch pair as FITS files with WCS.
+* ``astroprep calibrate`` -- CCD calibration of raw frames (``bias=... dark=... flat=... input=... output=...``).
 * ``astroprep train-quality`` -- train the image-quality autoencoder.
 * ``astroprep train-classifier`` -- train an alert classifier.
 * ``astroprep night`` -- a night of frames of one field: the per-frame graph, then moving objects
@@ -37,6 +38,7 @@ from pathlib import Path
 COMMANDS = {
     "run": ("config", "run_pipeline"),
     "simulate": ("simulate", "run_simulate"),
+    "calibrate": ("calibrate", "run_calibrate"),
     "train-quality": ("train_quality", "run_train_quality"),
     "train-classifier": ("train_classifier", "run_train_classifier"),
     "background": ("tool_background", "run_background"),
@@ -74,6 +76,7 @@ def _usage() -> str:
     doc = {
         "run": "run the preprocessing pipeline (default: embedded simulated GWAC-like field)",
         "simulate": "write a simulated GWAC-like epoch pair as FITS files",
+        "calibrate": "CCD calibration: master bias/dark/flat applied to raw frames",
         "train-quality": "train the image-quality autoencoder",
         "train-classifier": "train an alert (real/bogus) classifier",
         "background": "SExtractor-like BACKGROUND / BACKGROUND_RMS maps of FITS files (sex=<file.sex>)",

@@ -1358,7 +1358,8 @@ class SourceExtractor(nn.Module):
     ``forward(image, rms, mask=None, *, background=None) -> Catalog``: ``image`` (B,1,H,W)
     background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
     float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
-    values with ``saturation``. See the module docstring for the algorithm.
+    values with ``saturation``; ``saturated`` (optional bool (B,1,H,W)) flags (4) the objects that touch it.
+    See the module docstring for the algorithm.
 
     Noise semantics: SExtractor without a weight map (``WEIGHT_TYPE NONE``, its default) thresholds
     the filtered image at ``thresh`` x ONE global background RMS per image (the median of its rms
@@ -1429,7 +1430,8 @@ class SourceExtractor(nn.Module):
             f"deblend_cont={self.deblend_cont}, clean={self.clean}, clean_param={self.clean_param}"
         )
 
-    def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None) -> Catalog:
+    def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
+                saturated: Optional[Tensor] = None) -> Catalog:
         check_image(image, "image", channels=1)
         mask = check_mask(mask, image)
         mask = check_rms(rms, image, mask)
@@ -1485,6 +1487,9 @@ class SourceExtractor(nn.Module):
                 raw = (image.reshape(-1).index_select(0, pix) + bk).double()  # the same float sum as image + background
             rmax = _segment_max(raw, det["pixel_row"], len(det["label"]))
             flags |= torch.where(rmax >= self.saturation, FLAG_SATURATED, 0)
+        if saturated is not None:  # a saturation / bleed-trail mask (calibrate.saturation_mask): flag 4
+            hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
+            flags |= torch.where(_segment_max(hit, det["pixel_row"], len(det["label"])) > 0, FLAG_SATURATED, 0)
         cols["flags"] = flags
         return Catalog(cols, seg)
 

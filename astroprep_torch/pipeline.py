@@ -557,10 +557,13 @@ class PreprocessModule(_LightningModule):
     def make_inputs(self, images: Tensor, masks: Tensor, headers: Sequence[str]) -> dict:
         from astropy.io import fits
 
+        from .calibrate import header_saturation
+
         b = images.shape[0]
         inputs = {"science": images, "science_mask": masks}
         hdrs = [fits.Header.fromstring(h) if isinstance(h, str) else h for h in headers]
         inputs["science_wcs"] = _try_wcs(hdrs, images)
+        inputs["science_saturation"] = header_saturation(hdrs, images)  # SATURATE (NaN: none)
         if self.reference is not None:
             ref = self.reference.to(images.device, images.dtype)
             inputs["reference"] = ref.expand(b, -1, -1, -1)
@@ -568,6 +571,7 @@ class PreprocessModule(_LightningModule):
             inputs["reference_mask"] = rm.to(images.device).expand(b, -1, -1, -1)
             if self.reference_header is not None:
                 inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
+                inputs["reference_saturation"] = header_saturation([self.reference_header] * b, images)
         return inputs
 
     def unusable(self, image: Tensor, mask: Tensor, header: str, checked: bool = False) -> str:
@@ -1507,7 +1511,11 @@ def run_from_config(cfg) -> dict:
         raise InputError(str(exc)) from None
     if not paths:
         raise InputError(f"input: no FITS files in {inputs}")
+    if any(cfg.get(k) for k in ("bias", "dark", "flat")):  # raw frames: CCD calibration first
+        paths, reference_path = _calibrate_inputs(cfg, paths, reference_path, out_dir / "calibrated")
     pipeline: Pipeline = instantiate(cfg.pipeline)
+    adapt_quality(pipeline, list(paths) + ([reference_path] if reference_path else []),
+                  cfg.get("quality_adapt", "auto"), int(cfg.get("quality_adapt_frames", 16)))
     ref = None
     if cfg.get("needs_reference", True):
         if reference_path is None:
@@ -1562,6 +1570,52 @@ def run_from_config(cfg) -> dict:
         _append_jsonl(Path(job["sweep_dir"]) / "sweep.jsonl", [dict(summary, output=str(out_dir))])
     print(format_summary(summary, pipeline))
     return summary
+
+
+def adapt_quality(pipeline: Pipeline, paths: Sequence, mode="auto", max_frames: int = 16) -> Optional[float]:
+    """Adapt the graph's quality scorer to the instrument from the night's own frames (up to
+    ``max_frames``, evenly spaced; at least 3), see :meth:`QualityScorer.adapt`.
+
+    ``mode``: ``"auto"`` adapts the shipped model (``QualityScorer.pretrained()``) unless it is already
+    adapted; ``True`` always; ``False`` never. Returns the new threshold, or None when nothing changed.
+    """
+    from .io import read_fits
+    from .quality import QualityScorer
+
+    stage = pipeline.stages.get("quality")
+    scorer = getattr(stage, "module", None)
+    if mode in (False, "false", None) or stage is None or not stage.enabled or not isinstance(scorer, QualityScorer):
+        return None
+    if mode == "auto" and (scorer.baseline is not None or not scorer.scope):
+        return None
+    picked = [paths[int(i)] for i in torch.linspace(0, len(paths) - 1, min(len(paths), max_frames)).round().long().unique()]
+    frames = []
+    for p in picked:
+        try:
+            f = read_fits(p)
+            frames.append((f.data, f.mask))
+        except Exception as exc:  # an unreadable frame is reported later by the data module
+            log.warning("quality adaptation: skipped %s (%s)", p, exc)
+    if len(frames) < 3:
+        print(f"[astroprep] quality: {len(frames)} frame(s), too few to adapt the thresholds (>= 3); "
+              f"the shipped model's threshold stays ({scorer.scope})")
+        return None
+    t0 = time.perf_counter()
+    thr = scorer.adapt([d for d, _ in frames], mask=None)
+    print(f"[astroprep] quality: thresholds adapted to this instrument from {len(frames)} frames "
+          f"({time.perf_counter() - t0:.1f} s; patch error ratio > {thr:.2f} is bad)")
+    return thr
+
+
+def _calibrate_inputs(cfg, paths, reference_path, folder: Path):
+    """Calibrate the raw inputs (and the reference) with the night's bias/dark/flat frames."""
+    from .calibrate import calibrate_from_config
+
+    raw = list(paths) + ([Path(reference_path)] if reference_path is not None else [])
+    t0 = time.perf_counter()
+    out = calibrate_from_config(cfg, inputs=[str(p) for p in raw], output=folder)
+    print(f"[astroprep] calibrated {len(out)} raw frame(s) ({time.perf_counter() - t0:.1f} s) -> {folder}")
+    return out[: len(paths)], (str(out[-1]) if reference_path is not None else None)
 
 
 def _hydra_job() -> dict:

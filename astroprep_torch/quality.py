@@ -367,6 +367,8 @@ class QualityScorer(nn.Module):
         self.score_top = float(score_top)
         self.peak_weight = float(peak_weight)
         self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
+        self.register_buffer("baseline", None)  # log patch errors typical of the instrument (see adapt)
+        self.scope = ""  # what the model was trained on (set by pretrained())
 
     # -- core -------------------------------------------------------------------------------
     def residual(self, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -387,12 +389,58 @@ class QualityScorer(nn.Module):
             # Channel 0 is the squared error, channel 1 the signed residual of the peak channels.
             err = torch.cat([err, res[:, 2:].mean(dim=1, keepdim=True)], dim=1)
         pooled = F.avg_pool2d(err, k, stride=s, ceil_mode=True, count_include_pad=False)
-        if pooled.shape[1] == 1:
-            return pooled
-        # One-sided: only peaks *missing* (predicted above observed) count. Observed peaks above the
-        # prediction happen in good parts of frames whose global noise is underestimated (e.g. a
-        # frame partly in a shutter shadow) and must not flag those parts.
-        return pooled[:, :1] + self.peak_weight * pooled[:, 1:].clamp(min=0).square()
+        if pooled.shape[1] > 1:
+            # One-sided: only peaks *missing* (predicted above observed) count. Observed peaks above the
+            # prediction happen in good parts of frames whose global noise is underestimated (e.g. a
+            # frame partly in a shutter shadow) and must not flag those parts.
+            pooled = pooled[:, :1] + self.peak_weight * pooled[:, 1:].clamp(min=0).square()
+        return pooled if self.baseline is None else pooled / self._typical(pooled)
+
+    def _typical(self, pe: Tensor) -> Tensor:
+        """The instrument's typical patch error (exp of the adapted baseline), per patch position when
+        the baseline has this frame's patch grid, else its median."""
+        base = self.baseline.to(pe.dtype)
+        if base.shape[-2:] != pe.shape[-2:]:
+            base = base.median()
+        return base.exp()
+
+    @torch.no_grad()
+    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None) -> float:
+        """Adapt the thresholds to an instrument from frames of one night (or a few good frames).
+
+        No retraining: the patch errors of ``frames`` (a ``(B, 1, H, W)`` tensor or a list of them)
+        give the instrument's typical error, per patch position (the median over frames, when there
+        are at least 3 frames of one shape and ``per_position``: vignetting, fixed patterns and the
+        field's own structure then cancel; the spread is measured on each frame against the median of
+        the *other* frames, so that 3 frames do not understate it) or over all patches. Patch errors become ratios to that
+        typical error and the threshold is ``exp(median + k * sigma)`` of their logarithms, sigma
+        being 1.4826 x the median deviation of the lower half from the median (defects raise errors,
+        so bad patches do not widen it). Robust as long as most patches at each position are good:
+        the night's own frames, bad ones included, will do. Returns the threshold (a ratio).
+        """
+        frames = [frames] if isinstance(frames, Tensor) else list(frames)
+        if not frames:
+            raise ValueError("adapt: frames is empty")
+        self.baseline = None
+        errs = [self.patch_errors(f if f.dim() == 4 else f.unsqueeze(0), mask).double().clamp(min=1e-12).log()
+                for f in frames]
+        same = len({tuple(e.shape[-2:]) for e in errs}) == 1
+        if per_position and same and sum(e.shape[0] for e in errs) >= 3:
+            logs = torch.cat(errs, 0)
+            base = logs.median(dim=0, keepdim=True).values
+            r = _leave_one_out_residuals(logs)
+        else:
+            logs = torch.cat([e.reshape(-1) for e in errs])
+            base = logs.median().reshape(1, 1, 1, 1)
+            r = logs - base
+        r = r.reshape(-1)
+        med = r.median()
+        # the spread of the good patches from the lower half alone: defects only raise errors, so
+        # bad frames in the night widen the upper half but not the lower one
+        sigma = 1.482602218505602 * (med - r[r <= med]).median()
+        self.baseline = base.to(self.threshold.dtype)
+        self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
+        return float(self.threshold)
 
     def forward(self, image: Tensor, mask: Optional[Tensor] = None) -> QualityResult:
         image = check_image(image, "image", channels=1)
@@ -452,6 +500,7 @@ class QualityScorer(nn.Module):
                                   peak_weight=self.peak_weight),
             "features_version": FEATURES_VERSION,
             "threshold": float(self.threshold),
+            **({"baseline": self.baseline.cpu()} if self.baseline is not None else {}),
             **extra,
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -476,14 +525,36 @@ class QualityScorer(nn.Module):
         model.load_state_dict(payload["state_dict"])
         kw = dict(payload["scorer_config"], threshold=payload["threshold"])
         kw.update(overrides)
-        return cls(model, **kw).eval()
+        scorer = cls(model, **kw).eval()
+        if payload.get("baseline") is not None:
+            scorer.baseline = payload["baseline"]
+        return scorer
 
     @classmethod
     def pretrained(cls, **overrides) -> "QualityScorer":
-        """The default scorer shipped with the package: trained on simulated GWAC-like frames
-        (``configs/quality/train.yaml``; ``astroprep train-quality`` reproduces it) with a
-        calibrated threshold. A starting point: retrain on your own good frames."""
-        return cls.load(PRETRAINED_PATH, **overrides)
+        """The default scorer shipped with the package.
+
+        Scope: trained on simulated GWAC-like frames only (11.7"/px, Gaussian PSF of 2-3.5 px FWHM,
+        500-2,000 ADU skies, no vignetting; ``configs/quality/train.yaml``, ``astroprep train-quality``
+        reproduces it), with a threshold calibrated on such frames. Its *ranking* of frames carries
+        over to other telescopes, its threshold does not (it flagged ~65% of the patches of good frames
+        of a real 1-m telescope): on another instrument call :meth:`adapt` with the night's frames (or a
+        few good ones) -- seconds, no retraining; ``astroprep run`` does so by default
+        (``quality_adapt: auto``) -- or retrain on your own good frames.
+        """
+        scorer = cls.load(PRETRAINED_PATH, **overrides)
+        scorer.scope = "simulated GWAC-like frames"
+        return scorer
+
+
+def _leave_one_out_residuals(logs: Tensor) -> Tensor:
+    """``logs[i] - median(logs[j != i])`` for each frame ``i`` of ``logs (N, 1, nh, nw)`` (N >= 3)."""
+    n = logs.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool, device=logs.device)
+    others = torch.stack([logs[keep[i]] for i in range(n)])  # (N, N-1, 1, nh, nw): N is a night's frames
+    lo = others.kthvalue((n - 1 + 1) // 2, dim=1).values
+    hi = others.kthvalue((n - 1) // 2 + 1, dim=1).values
+    return logs - 0.5 * (lo + hi)
 
 
 # --------------------------------------------------------------------------------------------

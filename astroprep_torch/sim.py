@@ -55,6 +55,15 @@ __all__ = [
     "simulate_night",
     "simulate_detections",
     "simulate_dithers",
+    "Camera",
+    "RawFrame",
+    "make_camera",
+    "expose",
+    "bleed_columns",
+    "add_halos",
+    "simulate_raw",
+    "simulate_calibration_frames",
+    "write_raw",
 ]
 
 #: GWAC detector size as (H, W) = (rows, columns).
@@ -1193,3 +1202,230 @@ def simulate_dithers(
             defect_mask=cr[None, None], header=hdr, fwhm=fwhm, gain=1.0,
             catalog={"x": x, "y": y, "flux": flux, "mag": mags, "ra": ra_i, "dec": dec_i, "kind": kind}))
     return frames
+
+
+# --------------------------------------------------------------------------------------------
+# Raw-frame effects (a CCD camera): bias, overscan, dark current, flat field, saturation and bleed
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Camera:
+    """A simulated CCD: fixed patterns of one detector (see :func:`make_camera`).
+
+    ``bias`` (H, W + overscan) ADU: level + column pattern + a row pattern that the overscan
+    shares; ``dark`` (H, W) dark current in e-/s (with hot pixels); ``flat`` (H, W) relative
+    response (vignetting x dust donuts x pixel-to-pixel), mean 1 (so > 1 at the centre); ``overscan``:
+    columns appended at the right; ``gain`` e-/ADU, ``read_noise`` e-, ``full_well`` e- (charge above
+    it bleeds along the columns), ``saturation`` the ADC's top value in raw ADU.
+    """
+
+    bias: Tensor
+    dark: Tensor
+    flat: Tensor
+    overscan: int
+    gain: float
+    read_noise: float
+    full_well: float
+    saturation: float
+    hot: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.flat.shape)  # type: ignore[return-value]
+
+    @property
+    def saturate_level(self) -> float:
+        """The raw level written as ``SATURATE``: where the first pixel reaches full well (less 5 read
+        noise sigmas) or the ADC's top value, whichever is lower."""
+        well = float(self.bias.min()) + self.full_well / self.gain - 5.0 * self.read_noise / self.gain
+        return min(self.saturation, well)
+
+
+@dataclass
+class RawFrame:
+    """A raw frame ``raw (1, 1, H, W + overscan)`` in ADU with its header (BIASSEC, DATASEC, TRIMSEC,
+    GAIN, RDNOISE, SATURATE, EXPTIME, IMAGETYP) and truth: ``truth`` (1, 1, H, W) the ideal noiseless
+    frame in calibrated ADU (what calibration should recover), ``variance`` (1, 1, H, W) the noise
+    variance of that frame after calibration with perfect masters, ``saturated`` (1, 1, H, W) bool the
+    pixels at full well or the ADC limit (cores and bleed trails)."""
+
+    raw: Tensor
+    header: fits.Header
+    truth: Tensor
+    variance: Tensor
+    saturated: Tensor
+
+
+def _flat_pattern(shape, vignetting, n_dust, dust_depth, prnu, gen, dtype) -> Tensor:
+    h, w = shape
+    yy, xx = _coords(shape, "cpu", dtype)
+    r2 = (xx * w / max(h, w)) ** 2 + (yy * h / max(h, w)) ** 2
+    flat = 1.0 - vignetting * r2 / 2.0  # cos^4-like fall-off: 1 - vignetting at the corners
+    if n_dust:
+        p = torch.rand(int(n_dust), 4, generator=gen, dtype=torch.float64).tolist()
+        Y = torch.arange(h, dtype=dtype)[:, None]
+        X = torch.arange(w, dtype=dtype)[None, :]
+        for cx, cy, rad, dep in p:
+            rad = 6.0 + 18.0 * rad  # donut radius in pixels (out-of-focus dust on a window)
+            d = torch.sqrt((X - cx * (w - 1)) ** 2 + (Y - cy * (h - 1)) ** 2)
+            ring = torch.exp(-0.5 * ((d - 0.7 * rad) / (0.25 * rad)) ** 2)
+            flat = flat * (1.0 - dust_depth * (0.5 + dep) * ring)
+    flat = flat * (1.0 + prnu * torch.randn(shape, generator=gen, dtype=dtype))
+    return flat / flat.mean()  # mean 1, as a normalised master flat: truth and calibrated frames agree
+
+
+def make_camera(shape: tuple[int, int], *, overscan: int = 32, bias_level: float = 1000.0,
+                bias_row_amplitude: float = 4.0, bias_column_amplitude: float = 3.0,
+                dark_current: float = 0.05, hot_fraction: float = 2e-4, hot_current: float = 50.0,
+                vignetting: float = 0.35, n_dust: int = 4, dust_depth: float = 0.08, prnu: float = 0.005,
+                gain: float = 1.5, read_noise: float = 10.0, full_well: float = 90000.0,
+                saturation: float = 65535.0, seed: int = 0) -> Camera:
+    """A simulated CCD of science area ``shape = (H, W)`` (see :class:`Camera`).
+
+    Bias: ``bias_level`` + a smooth row pattern (shared with the overscan, so the overscan removes it)
+    of ``bias_row_amplitude`` ADU + a fixed column pattern (``bias_column_amplitude`` ADU; the master
+    bias removes it). Dark: ``dark_current`` e-/s with a fraction ``hot_fraction`` of hot pixels at
+    ``hot_current`` e-/s. Flat: ``1 - vignetting`` at the corners, ``n_dust`` dust donuts of depth
+    ~``dust_depth``, pixel-to-pixel response of rms ``prnu``.
+    """
+    h, w = _check_shape(shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    f64 = torch.float64
+    rows = torch.linspace(0, 1, h, dtype=f64)
+    ph = torch.rand(2, generator=gen, dtype=f64).tolist()
+    row_pat = bias_row_amplitude * torch.sin(2 * math.pi * (1.5 * rows + ph[0]))
+    col_pat = bias_column_amplitude * torch.randn(w + overscan, generator=gen, dtype=f64)
+    col_pat[w:] = 0.0  # the overscan carries the level and the row pattern only
+    bias = bias_level + row_pat[:, None] + col_pat[None, :]
+    hot = torch.rand(h, w, generator=gen, dtype=f64) < hot_fraction
+    dark = torch.full((h, w), float(dark_current), dtype=f64).masked_fill(hot, float(hot_current))
+    flat = _flat_pattern((h, w), vignetting, n_dust, dust_depth, prnu, gen, f64)
+    return Camera(bias=bias, dark=dark, flat=flat, overscan=int(overscan), gain=float(gain),
+                  read_noise=float(read_noise), full_well=float(full_well), saturation=float(saturation), hot=hot)
+
+
+def bleed_columns(electrons: Tensor, full_well: float) -> tuple[Tensor, Tensor]:
+    """Spill charge above ``full_well`` along the columns of ``electrons (H, W)``.
+
+    Per column, the excess charge fills ``excess / full_well`` more pixels to full well, half above
+    and half below the column's saturated run (two saturated stars in one column make one trail).
+    Returns the bled frame and the mask of pixels at full well (cores and trails).
+    """
+    h, w = electrons.shape
+    over = electrons > full_well
+    if not bool(over.any()):
+        return electrons, over
+    excess = (electrons - full_well).clamp(min=0).sum(0)  # (W,)
+    rows = torch.arange(h, device=electrons.device)[:, None]
+    top = torch.where(over, rows, h).amin(0)
+    bottom = torch.where(over, rows, -1).amax(0)
+    half = torch.ceil(excess / full_well / 2.0).long()
+    trail = (rows >= (top - half)[None, :]) & (rows <= (bottom + half)[None, :]) & over.any(0)[None, :]
+    return torch.where(trail, torch.full_like(electrons, full_well), electrons), trail
+
+
+def add_halos(signal: Tensor, x: Tensor, y: Tensor, flux: Tensor, *, fraction: float = 0.02,
+              fwhm: float = 20.0, min_flux: float = 0.0) -> Tensor:
+    """Add a broad Gaussian halo (``fraction`` of the flux, FWHM ``fwhm`` px) around stars brighter
+    than ``min_flux`` to ``signal (H, W)`` (scattered light around bright stars)."""
+    keep = flux > min_flux
+    if not bool(keep.any()) or fraction <= 0:
+        return signal
+    return render_stars(tuple(signal.shape), x[keep], y[keep], flux[keep] * fraction, fwhm=fwhm,
+                        out=signal.clone(), chunk=64)
+
+
+def _raw_header(camera: Camera, exptime: float, kind: str, base: Optional[fits.Header] = None) -> fits.Header:
+    h, w = camera.shape
+    hdr = base.copy() if base is not None else fits.Header()
+    hdr["IMAGETYP"] = kind
+    hdr["EXPTIME"] = (float(exptime), "s")
+    hdr["GAIN"] = (camera.gain, "e-/ADU")
+    hdr["RDNOISE"] = (camera.read_noise, "read noise, e-")
+    hdr["SATURATE"] = (round(camera.saturate_level, 1), "saturation (full well or ADC), raw ADU")
+    hdr["BIASSEC"] = f"[{w + 1}:{w + camera.overscan},1:{h}]"
+    hdr["DATASEC"] = f"[1:{w},1:{h}]"
+    hdr["TRIMSEC"] = f"[1:{w},1:{h}]"
+    return hdr
+
+
+def expose(camera: Camera, signal: Optional[Tensor], exptime: float, *, seed: int = 0, kind: str = "object",
+           header: Optional[fits.Header] = None) -> RawFrame:
+    """Read out ``signal (H, W)`` (ideal ADU, before the flat; None = a bias) through ``camera``.
+
+    raw = ADC(bias + [Poisson(gain * flat * signal + dark * exptime), bled at full well] / gain + read
+    noise), clipped at the ADC's ``saturation`` and rounded; the overscan columns carry the bias and
+    read noise only.
+    """
+    h, w = camera.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    f64 = torch.float64
+    sig = torch.zeros(h, w, dtype=f64) if signal is None else signal.detach().reshape(h, w).to("cpu", f64)
+    expected = camera.gain * camera.flat * sig.clamp(min=0) + camera.dark * float(exptime)
+    electrons = torch.poisson(expected, generator=gen)
+    electrons, at_well = bleed_columns(electrons, camera.full_well)
+    adu = torch.zeros(h, w + camera.overscan, dtype=f64)
+    adu[:, :w] = electrons / camera.gain
+    adu = adu + camera.bias + torch.randn(adu.shape, generator=gen, dtype=f64) * (camera.read_noise / camera.gain)
+    raw = adu.round().clamp(0.0, camera.saturation)
+    saturated = at_well | (raw[:, :w] >= camera.saturation)
+    var = (camera.gain * camera.flat * sig.clamp(min=0) + camera.dark * float(exptime)) / camera.gain**2
+    var = (var + (camera.read_noise / camera.gain) ** 2) / camera.flat**2
+    b = lambda t: t.reshape(1, 1, *t.shape)  # noqa: E731
+    return RawFrame(raw=b(raw).float(), header=_raw_header(camera, exptime, kind, header), truth=b(sig).float(),
+                    variance=b(var).float(), saturated=b(saturated))
+
+
+def simulate_raw(frame: SimFrame, camera: Optional[Camera] = None, *, exptime: Optional[float] = None,
+                 halo_fraction: float = 0.0, halo_fwhm: float = 20.0, halo_min_flux: Optional[float] = None,
+                 seed: int = 0) -> RawFrame:
+    """The raw frame a ``camera`` records of the scene of ``frame`` (its noiseless sky and stars).
+
+    ``halo_fraction`` > 0 adds halos around stars brighter than ``halo_min_flux`` (ADU; default: the
+    flux whose peak in this frame reaches the camera's full well; give the same value to the frames of
+    one field so that its stars keep their halos from frame to frame). Halos belong to the scene:
+    ``truth`` includes them. The frame's WCS and keywords are kept (its
+    science area starts at raw pixel (0, 0), so CRPIX is unchanged). ``camera`` defaults to
+    :func:`make_camera` of the frame's shape with the frame's gain.
+    """
+    camera = camera if camera is not None else make_camera(frame.shape, gain=frame.gain, seed=seed + 1)
+    exptime = float(frame.header.get("EXPTIME", 18.0) if exptime is None else exptime)
+    signal = frame.noiseless[0, 0].detach().to("cpu", torch.float64)
+    if halo_fraction > 0:
+        c = frame.catalog
+        if halo_min_flux is None:
+            sigma = frame.fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+            halo_min_flux = camera.full_well / camera.gain * 2 * math.pi * sigma**2
+        signal = add_halos(signal, c["x"].double().cpu(), c["y"].double().cpu(), c["flux"].double().cpu(),
+                           fraction=halo_fraction, fwhm=halo_fwhm, min_flux=float(halo_min_flux))
+    base = frame.header.copy()
+    for k in ("SATURATE", "GAIN", "RDNOISE"):
+        base.remove(k, ignore_missing=True)
+    return expose(camera, signal, exptime, seed=seed, header=base)
+
+
+def simulate_calibration_frames(camera: Camera, *, n_bias: int = 5, n_dark: int = 5, dark_exptime: float = 60.0,
+                                n_flat: int = 5, flat_level: float = 20000.0, flat_exptime: float = 5.0,
+                                flat_gradient: float = 0.0, seed: int = 0) -> dict:
+    """Bias, dark and flat frames of ``camera``: ``{"bias": [RawFrame], "dark": [...], "flat": [...]}``.
+
+    Flats see a uniform illumination of ``flat_level`` ADU (dome; ``flat_gradient`` adds a linear
+    twilight gradient across x, as a fraction), each at a slightly different level (+-10%).
+    """
+    h, w = camera.shape
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    out: dict = {"bias": [], "dark": [], "flat": []}
+    for i in range(int(n_bias)):
+        out["bias"].append(expose(camera, None, 0.0, seed=seed * 1000 + i, kind="bias"))
+    for i in range(int(n_dark)):
+        out["dark"].append(expose(camera, None, dark_exptime, seed=seed * 1000 + 100 + i, kind="dark"))
+    xx = torch.linspace(-0.5, 0.5, w, dtype=torch.float64)[None, :]
+    for i in range(int(n_flat)):
+        level = flat_level * (0.9 + 0.2 * float(torch.rand(1, generator=gen, dtype=torch.float64)))
+        illum = (level * (1.0 + flat_gradient * xx)).expand(h, w)
+        out["flat"].append(expose(camera, illum, flat_exptime, seed=seed * 1000 + 200 + i, kind="flat"))
+    return out
+
+
+def write_raw(path, frame: RawFrame) -> None:
+    """Write a :class:`RawFrame` as a float32 FITS file (raw ADU, integer values) with its header."""
+    fits.PrimaryHDU(frame.raw[0, 0].cpu().numpy(), header=frame.header).writeto(path, overwrite=True)

@@ -476,3 +476,21 @@ def test_unmasked_nan_pixels_do_not_spoil_photometry():
     assert len(cat.columns["x"]) == 5
     for k in ("flux_auto", "flux_aper", "flux_iso", "x", "y"):
         assert torch.isfinite(cat.columns[k]).all(), k
+
+def test_saturated_mask_sets_flag_4():
+    """A saturation / bleed-trail mask (calibrate.saturation_mask) flags the objects touching it."""
+    from astroprep_torch.detect import SourceExtractor
+    from astroprep_torch import sim
+
+    f = sim.simulate_frame((96, 96), n_stars=12, mag_range=(11.0, 14.0), sky=0.0, sky_gradient=(0, 0),
+                           saturation=None, seed=2)
+    sat = torch.zeros_like(f.mask)
+    c = f.catalog
+    inside = (c["x"] > 8) & (c["x"] < 88) & (c["y"] > 8) & (c["y"] < 88)
+    i = int(torch.argmax(torch.where(inside, c["flux"], torch.zeros_like(c["flux"]))))
+    x, y = int(c["x"][i].round()), int(c["y"][i].round())
+    sat[0, 0, y, x] = True  # the brightest star's peak
+    cat = SourceExtractor()(f.image, 10.0 / 1.5)
+    flagged = SourceExtractor()(f.image, 10.0 / 1.5, saturated=sat)
+    assert len(cat) == len(flagged) and int(((cat.columns["flags"] & 4) > 0).sum()) == 0
+    assert int(((flagged.columns["flags"] & 4) > 0).sum()) == 1

@@ -213,3 +213,48 @@ def test_block_reductions_equal_pooling():
     for k in (1, 2, 3, 4):
         assert torch.equal(_block_max(x, k), F.max_pool2d(x, k))
         torch.testing.assert_close(_block_mean(x, k), F.avg_pool2d(x, k), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# adaptation to another instrument (issue 26): thresholds from a night's own frames, no retraining
+# ------------------------------------------------------------------------------------------------
+def _other_instrument_night(n_good=5, shape=(256, 256)):
+    """Frames of a 1-m-class telescope: Moffat PSF of 5 px, bright sky, vignetted (uncalibrated)."""
+    vig = sim._flat_pattern(shape, 0.35, 0, 0.0, 0.0, torch.Generator().manual_seed(0), torch.float64).float()
+    vig = (vig / vig.max())[None, None]
+    kw = dict(psf="moffat", fwhm=5.0, sky=3000.0, n_stars=60, mag_range=(10.0, 19.0), saturation=None)
+    good = [sim.simulate_frame(shape, seed=900 + i, **kw).image * vig for i in range(n_good)]
+    moon = sim.simulate_frame(shape, seed=990, defects={"moonlight": 0.8}, **kw)
+    return good, moon.image * vig
+
+
+def test_adapt_to_another_instrument_from_the_night():
+    good, moon = _other_instrument_night()
+    scorer = QualityScorer.pretrained()
+    assert scorer.scope and scorer.baseline is None
+    with torch.no_grad():
+        before = torch.cat([scorer(g).patch_error.reshape(-1) for g in good])
+        flagged_before = float((before > scorer.threshold).float().mean())
+        thr = scorer.adapt(good + [moon])  # the night's own frames, the bad one included
+        after = [scorer(g) for g in good]
+        m = scorer(moon)
+    flagged_after = float(torch.cat([(r.patch_error > scorer.threshold).reshape(-1) for r in after]).float().mean())
+    assert flagged_before > 0.5 and flagged_after <= 0.05, (flagged_before, flagged_after, thr)
+    assert float(m.score[0]) > max(float(r.score[0]) for r in after) and bool(m.bad_mask.any())
+
+
+def test_adapt_roundtrip_and_arguments(tmp_path):
+    good, _ = _other_instrument_night(n_good=3, shape=(128, 128))
+    scorer = QualityScorer.pretrained()
+    with pytest.raises(ValueError, match="empty"):
+        scorer.adapt([])
+    thr = scorer.adapt(good)
+    assert scorer.baseline.shape == (1, 1, 1, 1) or scorer.baseline.shape[-2:] == (1, 1)
+    scorer.save(tmp_path / "adapted.pt")
+    back = QualityScorer.load(tmp_path / "adapted.pt")
+    assert float(back.threshold) == pytest.approx(thr) and torch.equal(back.baseline, scorer.baseline)
+    with torch.no_grad():
+        torch.testing.assert_close(back(good[0]).patch_error, scorer(good[0]).patch_error)
+    # a frame of another size falls back to the median baseline
+    with torch.no_grad():
+        assert scorer(torch.cat([good[0], good[0]], -1)).patch_error.shape[-2:] == (1, 2)

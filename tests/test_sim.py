@@ -189,3 +189,45 @@ def test_night_without_images_has_the_same_truth():
         assert torch.equal(a.movers[key], b.movers[key])
     assert torch.equal(a.stars["x"], b.stars["x"])
     assert a.headers[3]["CRPIX1"] == b.headers[3]["CRPIX1"] and a.headers[3]["FWHM"] == b.headers[3]["FWHM"]
+
+# ------------------------------------------------------------------------------------------------
+# raw-frame effects (issue 26)
+# ------------------------------------------------------------------------------------------------
+def test_camera_patterns_and_raw_frame_layout():
+    cam = sim.make_camera((64, 80), overscan=16, vignetting=0.4, n_dust=2, seed=1)
+    assert cam.bias.shape == (64, 96) and cam.flat.shape == (64, 80) and cam.dark.shape == (64, 80)
+    assert abs(float(cam.flat.mean()) - 1.0) < 1e-9
+    assert float(cam.flat[32, 40]) > float(cam.flat[0, 0]) * 1.3  # vignetted corners
+    r = sim.expose(cam, torch.full((64, 80), 100.0), 10.0, seed=2)
+    assert r.raw.shape == (1, 1, 64, 96) and float(r.raw.min()) >= 0
+    assert r.header["BIASSEC"] == "[81:96,1:64]" and r.header["TRIMSEC"] == "[1:80,1:64]"
+    assert torch.equal(r.raw, r.raw.round())  # an ADC gives integers
+    # the overscan carries the bias level (and row pattern) only
+    over = r.raw[0, 0, :, 80:] - cam.bias[:, 80:].float()
+    assert abs(float(over.mean())) < 1.0 and float(over.std()) < 2 * cam.read_noise / cam.gain
+
+
+def test_bleed_trails_and_saturation_truth():
+    cam = sim.make_camera((64, 64), full_well=1000.0, seed=0)
+    sig = torch.zeros(64, 64)
+    sig[30:32, 20] = 5000.0  # 2 pixels far above the well of ~667 ADU
+    r = sim.expose(cam, sig, 0.0, seed=1)
+    col = r.saturated[0, 0, :, 20]
+    assert int(col.sum()) > 2 and bool(col[30]) and not r.saturated[0, 0, :, 40].any()
+    bled, trail = sim.bleed_columns(torch.tensor([[0.0], [3000.0], [0.0], [0.0], [0.0]]), 1000.0)
+    assert bool(trail[1, 0]) and int(trail.sum()) == 3 and float(bled.max()) == 1000.0
+
+
+def test_simulate_raw_and_calibration_frames():
+    f = sim.simulate_frame((48, 56), n_stars=20, saturation=None, seed=4)
+    cam = sim.make_camera((48, 56), full_well=3000.0, seed=5)  # a shallow well: the bright stars saturate
+    r = sim.simulate_raw(f, cam, halo_fraction=0.05, seed=6)
+    assert r.saturated.any()
+    assert r.truth.shape == (1, 1, 48, 56) and float(r.truth.sum()) > float(f.noiseless.sum()) + 1.0  # halos
+    assert "CRPIX1" in r.header and r.header["EXPTIME"] == f.header["EXPTIME"]
+    cal = sim.simulate_calibration_frames(cam, n_bias=2, n_dark=3, n_flat=2, dark_exptime=30.0, seed=1)
+    assert [len(cal[k]) for k in ("bias", "dark", "flat")] == [2, 3, 2]
+    assert cal["dark"][0].header["EXPTIME"] == 30.0 and cal["flat"][0].header["IMAGETYP"] == "flat"
+    # a bias frame: the bias pattern plus read noise
+    d = cal["bias"][0].raw[0, 0] - cam.bias.float()
+    assert abs(float(d.mean())) < 0.5
