@@ -357,6 +357,20 @@ def write_night_outputs(out_dir: Path, rows, frames_by_name: dict, report_meta: 
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
+def _calibrate_night(cfg, paths: list, out_dir: Path) -> tuple:
+    """The raw frames (and reference) calibrated into ``<output>/calibrated/``, and the config that
+    points at them (bias/dark/flat cleared: the per-frame graph must not calibrate them again)."""
+    from omegaconf import OmegaConf
+
+    from .pipeline import _calibrate_inputs
+
+    paths, reference = _calibrate_inputs(cfg, paths, cfg.get("reference"), out_dir / "calibrated")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.bias = cfg.dark = cfg.flat = None
+    cfg.reference = reference
+    return paths, cfg
+
+
 def _run_graph(cfg, frames: list, reference: Path, out_dir: Path) -> dict:
     """The per-frame graph over ``frames`` with ``reference`` (``astroprep run``'s machinery);
     returns the manifest rows by frame name."""
@@ -483,7 +497,12 @@ def run_night(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings, t_all = {}, time.perf_counter()
     t0 = time.perf_counter()
-    good, failed = frame_times(resolve_inputs(cfg.input))
+    paths = resolve_inputs(cfg.input)
+    if any(cfg.get(k) for k in ("bias", "dark", "flat")):  # raw frames: CCD calibration first, as astroprep run
+        paths, cfg = _calibrate_night(cfg, paths, out_dir)
+        timings["calibrate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    good, failed = frame_times(paths)
     timings["times"] = time.perf_counter() - t0
     for f in failed:
         print(f"[astroprep night] skipped {f['path']}: {f['reason']}")
