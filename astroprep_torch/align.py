@@ -514,6 +514,28 @@ class ReprojectResult(NamedTuple):
         return self.footprint < 1 - 1e-6
 
 
+def _check_reproject_args(image, mask, src_wcs, dst_wcs, interpolation, variance):
+    """:func:`reproject`'s argument checks (each error names the argument); returns the checked mask."""
+    check_image(image, "image")
+    check_float_dtype(image, "image")  # half precision: 44% of pixels off by > 100 ADU, silently
+    check_batch_nonempty(image, "image")
+    check_wcs(src_wcs, "src_wcs")
+    check_wcs(dst_wcs, "dst_wcs")
+    mask = check_mask(mask, image, "mask")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if variance is not None and (not isinstance(variance, Tensor) or variance.dim() != 4
+                                 or variance.shape[0] != image.shape[0] or variance.shape[1] > image.shape[1]
+                                 or variance.shape[2:] != image.shape[2:]):
+        raise ValueError(f"variance must be a tensor shaped like image {tuple(image.shape)} (or its first "
+                         f"channels), got {tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__}")
+    b = image.shape[0]
+    for name, wcs in (("src_wcs", src_wcs), ("dst_wcs", dst_wcs)):
+        if _batch_len(wcs) not in (1, b):
+            raise ValueError(f"{name} holds {_batch_len(wcs)} WCS for a batch of {b} images (need 1 or {b})")
+    return mask
+
+
 def reproject(
     image: Tensor,
     src_wcs,
@@ -562,26 +584,9 @@ def reproject(
     Returns:
         :class:`ReprojectResult` ``(image, footprint, variance)``.
     """
-    check_image(image, "image")
-    check_float_dtype(image, "image")  # half precision: 44% of pixels off by > 100 ADU, silently
-    check_batch_nonempty(image, "image")
-    check_wcs(src_wcs, "src_wcs")
-    check_wcs(dst_wcs, "dst_wcs")
-    mask = check_mask(mask, image, "mask")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if variance is not None and (not isinstance(variance, Tensor) or variance.dim() != 4
-                                 or variance.shape[0] != image.shape[0] or variance.shape[1] > image.shape[1]
-                                 or variance.shape[2:] != image.shape[2:]):
-        raise ValueError(f"variance must be a tensor shaped like image {tuple(image.shape)} (or its first "
-                         f"channels), got {tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__}")
+    mask = _check_reproject_args(image, mask, src_wcs, dst_wcs, interpolation, variance)
     h_out, w_out = as_pair(shape_out, "shape_out")
     b, c, h, w = image.shape
-    nsrc, ndst = _batch_len(src_wcs), _batch_len(dst_wcs)
-    if nsrc not in (1, b):
-        raise ValueError(f"src_wcs holds {nsrc} WCS for a batch of {b} images (need 1 or {b})")
-    if ndst not in (1, b):
-        raise ValueError(f"dst_wcs holds {ndst} WCS for a batch of {b} images (need 1 or {b})")
     if chunk_rows is None:
         chunk_rows = max(1, (1 << 20) // max(w_out, 1))
     chunk_rows = min(int(chunk_rows), h_out)
