@@ -196,8 +196,18 @@ def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dt
     if raw.ndim != 2:
         warnings.warn(f"{path}: HDU {index} data of shape {raw.shape} squeezed to 2-D", stacklevel=2)
         raw = raw.reshape(raw.shape[-2:])
-    native = raw.dtype.newbyteorder("=")
-    raw = raw.astype(native, copy=False)
+    arr, blank = _scaled(raw, header, path, index)
+    data = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype, device=device)
+    mask = ~torch.isfinite(data)
+    if blank is not None:
+        mask |= torch.from_numpy(blank).to(device)
+    wcs = _wcs_or_none(header, path, index, device)
+    return FitsImage(data=data[None, None], mask=mask[None, None], header=header, wcs=wcs, path=str(path))
+
+
+def _scaled(raw: np.ndarray, header, path, index) -> tuple:
+    """(physical values = raw * BSCALE + BZERO in native byte order, BLANK pixels or None)."""
+    raw = raw.astype(raw.dtype.newbyteorder("="), copy=False)
     blank = None
     bscale = float(header.get("BSCALE", 1.0))
     bzero = float(header.get("BZERO", 0.0))
@@ -214,12 +224,7 @@ def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dt
             arr = raw.astype(np.float64) * bscale + bzero
     else:
         raise ValueError(f"{path}: HDU {index} has unsupported data type {raw.dtype}")
-    data = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype, device=device)
-    mask = ~torch.isfinite(data)
-    if blank is not None:
-        mask |= torch.from_numpy(blank).to(device)
-    wcs = _wcs_or_none(header, path, index, device)
-    return FitsImage(data=data[None, None], mask=mask[None, None], header=header, wcs=wcs, path=str(path))
+    return arr, blank
 
 
 def _wcs_or_none(header, path, index, device):
