@@ -246,3 +246,28 @@ def test_night_products_ingest_into_the_web_app_and_report(night_run, tmp_path):
     lines = [ln for ln in report.splitlines() if len(ln) == 80 and ln[14] == "C"]
     expected = [s.rjust(80) for s in rows["obs80"][rows["trksub"] == first["designation"]]]
     assert sorted(lines) == sorted(expected)
+
+
+def test_night_from_raw_frames_with_bias_and_flat(tmp_path):
+    """``astroprep night ... bias= flat=``: raw frames (bias pattern, overscan, vignetted flat) are
+    calibrated once into ``<output>/calibrated/`` and the night is linked from the calibrated frames."""
+    from astroprep_torch import sim
+
+    night = sim.simulate_night(**SIM)
+    cam = sim.make_camera(SIM["shape"], overscan=16, gain=night.frames[0].gain, seed=1)
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    for k, frame in enumerate(night.frames):
+        sim.write_raw(raw_dir / f"frame{k:02d}.fits", sim.simulate_raw(frame, cam, seed=10 + k))
+    cal = sim.simulate_calibration_frames(cam, n_bias=3, n_dark=0, n_flat=3, seed=2)
+    for kind in ("bias", "flat"):
+        for i, fr in enumerate(cal[kind]):
+            sim.write_raw(tmp_path / f"{kind}{i}.fits", fr)
+    out = tmp_path / "out"
+    doc = run_night(f"input={raw_dir}", f"output={out}", f"bias={tmp_path / 'bias*.fits'}", f"flat={tmp_path / 'flat*.fits'}")
+    calibrated = sorted((out / "calibrated").glob("frame*.cal.fits"))
+    assert len(calibrated) == SIM["n_frames"]
+    with fits.open(calibrated[0]) as h:
+        assert h[0].header.get("BIASCORR") and h[0].header.get("FLATCORR") and h[0].data.shape == SIM["shape"]
+    assert all(f["status"] == "ok" for f in doc["frames"]) and "calibrate" in doc["timings"]
+    assert doc["n_tracklets"] >= 1
