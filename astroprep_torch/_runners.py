@@ -185,6 +185,16 @@ def _frame_epoch(header):
     return None
 
 
+def _input_paths(cfg: DictConfig) -> list:
+    """The FITS files named by ``input=`` (files, folders, globs, list files), at least one."""
+    from .data import resolve_inputs
+
+    paths = resolve_inputs(cfg.input)
+    if not paths:
+        raise FileNotFoundError(f"input: no FITS files in {cfg.input}")
+    return paths
+
+
 def run_astrometry(cfg: DictConfig) -> dict:
     """``astroprep astrometry``: solve each frame against ``catalog``; write ``<frame>.head`` and ``<frame>.fits``."""
     import json
@@ -198,9 +208,7 @@ def run_astrometry(cfg: DictConfig) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    paths = data_mod.resolve_inputs(list(cfg.input) if not isinstance(cfg.input, str) else cfg.input)
-    if not paths:
-        raise FileNotFoundError(f"input: no FITS files in {cfg.input}")
+    paths = _input_paths(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     background, extractor = instantiate(cfg.background), instantiate(cfg.detect, _convert_="all")
@@ -236,14 +244,11 @@ def run_stack(cfg: DictConfig) -> dict:
     """``astroprep stack``: co-add the input frames; write coadd.fits, coadd.weight.fits, coadd.exposure.fits."""
     import torch
 
-    from . import data as data_mod
     from .stack import build_template
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    paths = data_mod.resolve_inputs(list(cfg.input) if not isinstance(cfg.input, str) else cfg.input)
-    if not paths:
-        raise FileNotFoundError(f"input: no FITS files in {cfg.input}")
+    paths = _input_paths(cfg)
     options = OmegaConf.to_container(cfg.stack, resolve=True)
     if cfg.get("combine"):
         options["combine"] = str(cfg.combine)

@@ -870,7 +870,7 @@ def _inputs(value) -> list[str]:
 
     if value is None:
         raise ValueError("input=<fits> is required with sex=<file.sex>")
-    return [str(p) for p in resolve_inputs(list(value) if not isinstance(value, str) else value)]
+    return [str(p) for p in resolve_inputs(value)]
 
 
 def run_subtract_from_hydra(cfg) -> dict:

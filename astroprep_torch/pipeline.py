@@ -1506,7 +1506,7 @@ def run_from_config(cfg) -> dict:
               f"({time.perf_counter() - t0:.1f} s) -> {out_dir / 'inputs'}")
         inputs, reference_path, truth = [str(paths["science"])], str(paths["reference"]), pair.transients
     try:
-        paths = data_mod.resolve_inputs(list(inputs) if not isinstance(inputs, str) else inputs)
+        paths = data_mod.resolve_inputs(inputs)
     except OSError as exc:
         raise InputError(str(exc)) from None
     if not paths:

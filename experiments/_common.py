@@ -106,3 +106,22 @@ def run_hotpants(exe: str, science: Path, template: Path, out: Path, options: Se
         subprocess.run([*prefix, exe, "-inim", str(science), "-tmplim", str(template), "-outim", str(out), *extra,
                         *options], check=True, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     return time.perf_counter() - t0
+
+
+#: the SExtractor settings our detection benchmarks run the peer with (keyword -> value, in file order)
+SEX_BASE = {
+    "CATALOG_NAME": "c.fits", "CATALOG_TYPE": "FITS_1.0", "PARAMETERS_NAME": "p.param", "DETECT_MINAREA": 5,
+    "THRESH_TYPE": "ABSOLUTE", "DETECT_THRESH": None, "ANALYSIS_THRESH": None, "FILTER": "Y",
+    "FILTER_NAME": "default.conv", "DEBLEND_NTHRESH": 32, "DEBLEND_MINCONT": 0.005, "CLEAN": "Y",
+    "CLEAN_PARAM": 1.0, "MASK_TYPE": "CORRECT", "PHOT_APERTURES": 10, "PHOT_AUTOPARAMS": "2.5,3.5",
+    "SATUR_LEVEL": "1e9", "GAIN": 0.0, "BACK_TYPE": "MANUAL", "BACK_VALUE": 0.0, "CHECKIMAGE_TYPE": "NONE",
+    "VERBOSE_TYPE": "QUIET", "MEMORY_OBJSTACK": 60000, "MEMORY_PIXSTACK": 20000000,
+}
+
+
+def sex_config(thresh: float, **keys) -> str:
+    """A ``.sex`` file's text: :data:`SEX_BASE` with DETECT/ANALYSIS_THRESH = ``thresh`` (absolute);
+    ``keys`` replace keywords or add them at the end."""
+    conf = dict(SEX_BASE, DETECT_THRESH=thresh, ANALYSIS_THRESH=thresh)
+    conf.update(keys)
+    return "".join(f"{k} {v}\n" for k, v in conf.items())

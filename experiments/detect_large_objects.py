@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import SHARED_DATA, git_rev, machine, write_result  # noqa: E402
+from _common import SHARED_DATA, git_rev, machine, sex_config, write_result  # noqa: E402
 
 from astroprep_torch.background import Background2D  # noqa: E402
 from astroprep_torch.detect import SourceExtractor  # noqa: E402
@@ -63,33 +63,6 @@ from astroprep_torch.sim import render_stars, simulate_frame  # noqa: E402
 
 SATURATION = 60000.0
 PARAMS = "X_IMAGE\nY_IMAGE\nXWIN_IMAGE\nYWIN_IMAGE\nFLUX_APER(1)\nFLUX_AUTO\nKRON_RADIUS\nFLUX_RADIUS\nFLAGS\n"
-SEX_CONF = """CATALOG_NAME c.fits
-CATALOG_TYPE FITS_1.0
-PARAMETERS_NAME p.param
-DETECT_MINAREA 5
-THRESH_TYPE ABSOLUTE
-DETECT_THRESH {thr}
-ANALYSIS_THRESH {thr}
-FILTER Y
-FILTER_NAME default.conv
-DEBLEND_NTHRESH 32
-DEBLEND_MINCONT 0.005
-CLEAN Y
-CLEAN_PARAM 1.0
-MASK_TYPE CORRECT
-PHOT_APERTURES 10
-PHOT_AUTOPARAMS 2.5,3.5
-PHOT_FLUXFRAC 0.5
-SATUR_LEVEL 1e9
-GAIN 0.0
-BACK_TYPE MANUAL
-BACK_VALUE 0.0
-CHECKIMAGE_TYPE NONE
-VERBOSE_TYPE QUIET
-MEMORY_OBJSTACK 60000
-MEMORY_PIXSTACK 30000000
-MEMORY_BUFSIZE 4096
-"""
 CONV = "CONV NORM\n1 2 1\n2 4 2\n1 2 1\n"
 
 
@@ -209,7 +182,7 @@ def _ours(module, data, rms):
 def time_frame(name, data, rms, reps, tmp, exe, modules):
     """Alternated medians: {label: (wall, cpu, N)} for every module of ``modules`` and SExtractor."""
     fits.writeto(tmp / "img.fits", data, overwrite=True)
-    (tmp / "s.sex").write_text(SEX_CONF.format(thr=1.5 * rms))
+    (tmp / "s.sex").write_text(sex_config(1.5 * rms, PHOT_FLUXFRAC=0.5, MEMORY_PIXSTACK=30000000, MEMORY_BUFSIZE=4096))
     cmd = [exe, "img.fits", "-c", "s.sex"]
 
     def sex():

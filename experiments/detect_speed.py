@@ -43,36 +43,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import sex_config  # noqa: E402
 from astroprep_torch import photometry  # noqa: E402
 from astroprep_torch.detect import SourceExtractor, detect_sources  # noqa: E402
 from astroprep_torch.sim import simulate_frame  # noqa: E402
 
-SEX_CONF = """CATALOG_NAME {cat}
-CATALOG_TYPE FITS_1.0
-PARAMETERS_NAME {param}
-DETECT_MINAREA 5
-THRESH_TYPE ABSOLUTE
-DETECT_THRESH {thr}
-ANALYSIS_THRESH {thr}
-FILTER Y
-FILTER_NAME {conv}
-DEBLEND_NTHRESH 32
-DEBLEND_MINCONT 0.005
-CLEAN Y
-CLEAN_PARAM 1.0
-MASK_TYPE CORRECT
-PHOT_APERTURES 10
-PHOT_AUTOPARAMS 2.5,3.5
-SATUR_LEVEL 1e9
-GAIN 0.0
-BACK_TYPE MANUAL
-BACK_VALUE 0.0
-CHECKIMAGE_TYPE NONE
-VERBOSE_TYPE QUIET
-MEMORY_OBJSTACK 60000
-MEMORY_PIXSTACK 20000000
-"""
 
 
 def _cpu(children=False):
@@ -276,7 +253,7 @@ def main():
             r["sex"], r["N sex"] = nan2, 0
             if exe:
                 fits.writeto(tmp / "img.fits", data, overwrite=True)
-                (tmp / "s.sex").write_text(SEX_CONF.format(cat="c.fits", param="p.param", thr=1.5 * rms, conv="default.conv"))
+                (tmp / "s.sex").write_text(sex_config(1.5 * rms))
                 cmd = [exe, "img.fits", "-c", "s.sex"]
                 r["sex"] = median_time(lambda: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True), args.reps,
                                        children=True)
