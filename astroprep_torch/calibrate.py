@@ -55,6 +55,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._robust import MAD_TO_STD, mad_std
+
 __all__ = [
     "Section",
     "parse_section",
@@ -87,7 +89,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, Path]
-MAD_TO_SIGMA = 1.482602218505602
+MAD_TO_SIGMA = MAD_TO_STD  # one constant for the package (astropy's), see _robust
 #: header keywords tried, in order, for the gain (e-/ADU) and the read noise (e-)
 GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
 READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE", "RDNOISE1")
@@ -523,7 +525,7 @@ def bad_pixel_map(bias: Optional[Master] = None, dark: Optional[Master] = None, 
     for m, k in ((bias, bias_sigma), (dark, hot_sigma)):
         if m is not None:
             med = m.image.median()
-            sig = MAD_TO_SIGMA * (m.image - med).abs().median()
+            sig = mad_std(m.image, center=med)
             add(m.mask | ((m.image - med) > k * sig.clamp(min=1e-12)))
     if flat is not None:
         add(flat.mask | (flat.image < flat_low) | (flat.image > flat_high))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_image
+from ._robust import MAD_TO_STD, mad_std
 from .cutouts import braai_normalize, l2_normalize, robust_standardize, simulate_triplets, zscale_asinh
 
 __all__ = [
@@ -292,7 +293,7 @@ def robust_standardize_fast(x: Tensor, *, step: int = 4, eps: float = 1e-12) -> 
     cnt = torch.isfinite(sub).sum(-1, keepdim=True)
     idx = (cnt - 1).clamp_min(0) // 2
     med = sub.sort(-1).values.gather(-1, idx)
-    mad = (sub - med).abs().sort(-1).values.gather(-1, idx) * 1.482602218505602
+    mad = (sub - med).abs().sort(-1).values.gather(-1, idx) * MAD_TO_STD
     med = torch.nan_to_num(med, nan=0.0)
     scale = torch.where(mad > eps, mad, torch.ones_like(mad))  # NaN (all-NaN stamp) also -> 1
     out = (flat - med) / scale
@@ -601,8 +602,7 @@ class AstroAugment(nn.Module):
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.noise > 0:
             flat = x.flatten(2)
-            med = flat.nanmedian(-1, keepdim=True).values
-            sig = 1.4826 * (flat - med).abs().nanmedian(-1, keepdim=True).values
+            sig = mad_std(flat, dim=-1, keepdim=True, ignore_nan=True)
             sig = torch.nan_to_num(sig, nan=0.0)[..., None]
             amp = torch.rand(n, 1, 1, 1, generator=generator, device="cpu").to(x.device, x.dtype) * self.noise
             eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import as_pair, check_image
+from ._robust import mad_std
+from .stretch import zscale
 
 __all__ = [
     "Cutouts", "extract", "make_triplets", "CutoutExtractor", "TripletExtractor",
@@ -283,7 +285,7 @@ def robust_standardize(x: Tensor, *, nan_to: float = 0.0, eps: float = 1e-12) ->
     check_image(x, "x")
     flat = x.flatten(2)
     med = torch.nanmedian(flat, dim=-1, keepdim=True).values
-    mad = torch.nanmedian((flat - med).abs(), dim=-1, keepdim=True).values * 1.482602218505602
+    mad = mad_std(flat, dim=-1, keepdim=True, ignore_nan=True, center=med)
     finite = torch.isfinite(flat)
     cnt = finite.sum(-1, keepdim=True).clamp_min(1)
     mean = torch.where(finite, flat, torch.zeros_like(flat)).sum(-1, keepdim=True) / cnt
@@ -299,96 +301,15 @@ def zscale_interval(x: Tensor, *, n_samples: int = 1000, contrast: float = 0.25,
                     min_npixels: int = 5, krej: float = 2.5, max_iterations: int = 5) -> tuple[Tensor, Tensor]:
     """IRAF/astropy zscale (vmin, vmax) of each cutout and channel of ``x`` (N, C, H, W) -> (N, C) each.
 
-    Uses ``astroprep_torch.stretch.ZScale`` when that module is available; otherwise this batched
-    fallback of astropy's ``ZScaleInterval`` (regular sample of at most ``n_samples`` finite pixels,
-    iterative line fit with ``krej``-sigma rejection grown by 1 % of the sample, slope / ``contrast``).
-    Like astropy, the fallback keeps the finite pixels in order and samples every
-    ``int(n_finite / n_samples)``-th of them.
+    :func:`astroprep_torch.stretch.zscale` on every (cutout, channel) plane: astropy's
+    ``ZScaleInterval`` (regular sample of at most ``n_samples`` finite pixels in C order, iterative
+    line fit with ``krej``-sigma rejection grown by 1 % of the sample, slope / ``contrast``).
     """
     check_image(x, "x")
     N, C = x.shape[:2]
-    try:  # the shared implementation, when present
-        from . import stretch as _stretch  # noqa: WPS433
-        if hasattr(_stretch, "ZScale"):
-            z = _stretch.ZScale(n_samples=n_samples, contrast=contrast, max_reject=max_reject,
-                                min_npixels=min_npixels, krej=krej, max_iterations=max_iterations)
-            vmin, vmax = z(x.reshape(N * C, 1, *x.shape[-2:]))
-            if vmin.numel() == N * C and vmax.numel() == N * C:
-                return vmin.reshape(N, C).to(x.dtype), vmax.reshape(N, C).to(x.dtype)
-    except (ImportError, TypeError, AttributeError):
-        pass
-    return _zscale_fallback(x, n_samples, contrast, max_reject, min_npixels, krej, max_iterations)
-
-
-def _zscale_fallback(x, n_samples, contrast, max_reject, min_npixels, krej, max_iterations):
-    N, C = x.shape[:2]
-    flat = x.reshape(N * C, -1)
-    # astropy: keep the finite values (in order), then take every int(n / n_samples)-th, at most n_samples
-    fin = torch.isfinite(flat)
-    order = torch.argsort((~fin).to(torch.int8), dim=-1, stable=True)
-    compact = flat.gather(1, order)
-    nfin = fin.sum(-1)
-    stride = torch.clamp(nfin // n_samples, min=1)
-    take = torch.arange(n_samples, device=x.device)[None] * stride[:, None]
-    inrange = take < nfin[:, None]
-    samp = compact.gather(1, take.clamp(max=flat.shape[1] - 1))
-    samp = torch.where(inrange, samp, torch.full_like(samp, float("nan")))
-    good0 = torch.isfinite(samp)
-    # sort with non-finite values last; count finite ones per row
-    big = torch.finfo(x.dtype).max
-    samp = torch.where(good0, samp, torch.full_like(samp, big)).sort(dim=-1).values
-    npix = good0.sum(-1)  # (M,)
-    M, L = samp.shape
-    idx = torch.arange(L, device=x.device, dtype=x.dtype)
-    valid = idx[None, :] < npix[:, None]
-    nf = npix.clamp_min(1)
-    vmin = samp[:, 0]
-    vmax = samp.gather(1, (nf - 1)[:, None])[:, 0]
-    minpix = torch.clamp((npix * max_reject).long(), min=min_npixels)
-    ngrow = torch.clamp((npix * 0.01).long(), min=1)
-    bad = ~valid
-    ngood = npix.clone()
-    last = npix + 1
-    active = torch.ones(M, dtype=torch.bool, device=x.device)
-    slope = torch.zeros(M, dtype=x.dtype, device=x.device)
-    intercept = torch.zeros(M, dtype=x.dtype, device=x.device)
-    sampz = torch.where(valid, samp, torch.zeros_like(samp))
-    kmax = int(ngrow.max()) if M else 1
-    for _ in range(max_iterations):
-        active = active & (ngood < last) & (ngood >= minpix)
-        w = (~bad).to(x.dtype)
-        sw = w.sum(-1).clamp_min(1)
-        mx = (w * idx).sum(-1) / sw
-        my = (w * sampz).sum(-1) / sw
-        sxx = (w * (idx - mx[:, None]) ** 2).sum(-1)
-        sxy = (w * (idx - mx[:, None]) * (sampz - my[:, None])).sum(-1)
-        b_new = torch.where(sxx > 0, sxy / sxx.clamp_min(1e-30), torch.zeros_like(sxx))
-        a_new = my - b_new * mx
-        slope = torch.where(active, b_new, slope)
-        intercept = torch.where(active, a_new, intercept)
-        flatres = sampz - (intercept[:, None] + slope[:, None] * idx)
-        gcount = w.sum(-1).clamp_min(2)
-        gm = (w * flatres).sum(-1) / gcount
-        thr = krej * torch.sqrt((w * (flatres - gm[:, None]) ** 2).sum(-1) / gcount)
-        newbad = bad | (flatres.abs() > thr[:, None])
-        # grow rejected pixels by ngrow (astropy: convolve with ones(ngrow), mode='same')
-        if kmax > 1:
-            k = kmax
-            grown = F.max_pool1d(newbad.to(x.dtype)[:, None], kernel_size=k, stride=1, padding=k // 2)[:, 0, :L]
-            newbad = grown > 0
-        newbad = newbad | ~valid
-        bad = torch.where(active[:, None], newbad, bad)
-        last = torch.where(active, ngood, last)
-        ngood = torch.where(active, (~bad).sum(-1), ngood)
-    ok = ngood >= minpix
-    s = slope / contrast if contrast > 0 else slope
-    center = ((npix - 1) // 2).to(x.dtype)
-    med = torch.where(valid, samp, torch.full_like(samp, float("nan"))).nanmedian(dim=-1).values
-    lo = torch.maximum(vmin, med - (center - 1) * s)
-    hi = torch.minimum(vmax, med + (npix.to(x.dtype) - center) * s)
-    vmin = torch.where(ok, lo, vmin)
-    vmax = torch.where(ok, hi, vmax)
-    return vmin.reshape(N, C), vmax.reshape(N, C)
+    vmin, vmax = zscale(x.reshape(N * C, 1, *x.shape[-2:]), n_samples=n_samples, contrast=contrast,
+                        max_reject=max_reject, min_npixels=min_npixels, krej=krej, max_iterations=max_iterations)
+    return vmin.reshape(N, C).to(x.dtype), vmax.reshape(N, C).to(x.dtype)
 
 
 def zscale_asinh(x: Tensor, *, a: float = 0.1, nan_to: float = 0.0, **zscale_kwargs) -> Tensor:

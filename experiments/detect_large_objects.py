@@ -214,7 +214,7 @@ def _baseline_module(rev, tmp):
         t.extractall(tmp / "base", filter="data")
     dst = tmp / "base" / "astroprep_torch_baseline"
     (tmp / "base" / "astroprep_torch").rename(dst)
-    for f in dst.glob("*.py"):
+    for f in dst.rglob("*.py"):  # sub-packages (detect/) too
         f.write_text(f.read_text().replace("astroprep_torch.", "astroprep_torch_baseline."))
     sys.path.insert(0, str(tmp / "base"))
     return importlib.import_module("astroprep_torch_baseline.detect")

@@ -101,7 +101,7 @@ def _baseline_package(rev: str, tmp: Path):
     src = tmp / "base" / "astroprep_torch"
     dst = tmp / "base" / "astroprep_torch_baseline"
     src.rename(dst)
-    for f in dst.glob("*.py"):
+    for f in dst.rglob("*.py"):  # sub-packages (detect/) too
         f.write_text(f.read_text().replace("astroprep_torch.", "astroprep_torch_baseline."))
     sys.path.insert(0, str(tmp / "base"))
     return importlib.import_module("astroprep_torch_baseline.detect")

@@ -21,7 +21,15 @@ from astroprep_torch.detect import (
     label_image,
 )
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    """These tests run on two intra-op threads; the previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
 
 SEP_GLOBAL_RMS = 65.4617  # the global background RMS SExtractor 2.25 prints for sep/image.fits
 

@@ -1,0 +1,326 @@
+"""Step 4, deblending exactly as SExtractor's ``deblend.c``, vectorised over objects and pixels.
+
+``deblend_nthresh`` sub-thresholds ``t_k = t0 (peak/t0)^(k/N)`` lie between the detection threshold
+``t0`` and the object's filtered peak; at each level the object's pixels above ``t_k`` split into
+8-connected branches of at least ``min(minarea, 3)`` pixels (SExtractor's ``MAXDEBAREA``); walking the
+tree from the top, a node splits when more than one of its children holds
+``sum(f - t_k) > deblend_cont * sum(f)`` of the object. Only objects with at least two local maxima
+can split; for those all levels are labelled at once as one graph of ``(pixel, level)`` nodes, and
+the tree walk is a loop over the levels (vectorised over every node of every object). Pixels below
+the split go to a branch by SExtractor's ``gatherup`` rule (the most probable branch, deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ._index import _argsort, _g, _unique_roots
+from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
+
+MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
+
+
+class DeblendResult(NamedTuple):
+    """Objects after deblending (``centre`` and ``gathered`` are None when nothing split)."""
+
+    obj: Tensor  #: (P,) object of each pixel: unsplit objects keep their id, branches come after n_obj
+    n: int  #: number of object ids
+    blended: Tensor  #: (n,) bool: a deblended branch
+    centre: Optional[tuple]  #: (mx, my) (n,) core barycentre of each branch (NaN for the others)
+    gathered: Optional[Tensor]  #: (P,) bool: pixel given to its branch by ``gatherup``
+
+
+def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
+    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged)."""
+    r = _g(parent, x)
+    while True:
+        r2 = _g(parent, r)
+        if torch.equal(r2, r):
+            return r
+        r = r2
+
+
+def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
+    """Union the edges ``(u_, v_)`` in the pixel forest ``parent`` (in place); whether any hooked."""
+    hooked = False
+    while u_.numel():  # the edges of higher levels are all closed
+        pu, pv = _find_roots(parent, u_), _find_roots(parent, v_)
+        open_ = pu != pv
+        if not bool(open_.any()):
+            break
+        u_, v_, pu, pv = _g(u_, open_), _g(v_, open_), _g(pu, open_), _g(pv, open_)
+        hi = torch.maximum(pu, pv)
+        parent.scatter_reduce_(0, hi, torch.minimum(pu, pv), reduce="amin")
+        hooked = True
+        # the hooked roots may form long chains (a bleed trail's pixels hook one onto the next);
+        # chains consist of hooked roots only, so pointer doubling over them alone flattens them
+        while True:
+            pa = _g(parent, hi)
+            gp = _g(parent, pa)
+            if torch.equal(gp, pa):
+                break
+            parent.index_copy_(0, hi, gp)
+    return hooked
+
+
+def _count_at_or_above(levels: Tensor, nl: int) -> list:
+    """``out[k]`` = how many entries of ``levels`` are >= k, for k = 0..nl+1."""
+    return torch.flip(torch.cumsum(torch.flip(torch.bincount(levels, minlength=nl + 2), [0]), 0), [0]).tolist()
+
+
+def _level_roots(L: Tensor, off: Tensor, n_nodes: int, eu: Tensor, ev: Tensor, c: Tensor) -> Tensor:
+    """Connected components of every deblending level at once: per node (pixel ``p``, level ``k`` for
+    ``k = 1..L[p]``, node id ``off[p] + k - 1``) the smallest node id of its level-``k`` component.
+
+    The levels are nested (a level-``k`` component is a union of level-``k+1`` ones), so one union-find
+    over the pixels, fed from the highest level down with the edges ``(eu, ev)`` whose lower end first
+    reaches each level (``c`` = the level count both ends reach), hooks every edge once: the cost is
+    the pixels' and edges', not the nodes' (pixels x levels, ~20x more for a saturated star).  Gives
+    :func:`~.labels.connected_components` on the node graph exactly (roots are the smallest pixel of
+    the component, whose node at level ``k`` is the smallest node)."""
+    dev = L.device
+    root = torch.empty(n_nodes, dtype=torch.int64, device=dev)
+    if n_nodes == 0:
+        return root
+    nl = int(L.max())
+    small = torch.int16 if nl < 32767 else torch.int64  # numpy sorts 16-bit keys by radix sort
+    porder = _argsort(L.to(small), descending=True)  # pixels above level k: a prefix
+    n_ge = _count_at_or_above(L, nl)
+    eorder = _argsort(c.to(small), descending=True)
+    eu, ev = _g(eu, eorder), _g(ev, eorder)
+    e_ge = _count_at_or_above(c, nl)
+    parent = torch.arange(L.numel(), device=dev)
+    off_p = _g(off, porder)  # node offsets of the pixels in level order (prefix slices below)
+    for k in range(nl, 0, -1):
+        act = porder[: n_ge[k]]
+        # edges joining at this level
+        if _hook_level(parent, eu[e_ge[k + 1]: e_ge[k]], ev[e_ge[k + 1]: e_ge[k]]):
+            top = _find_roots(parent, act)
+            parent.index_copy_(0, act, top)  # compressed: only pixels above this level ever moved
+        else:
+            top = _g(parent, act)  # already compressed at the level above
+        root.index_copy_(0, off_p[: n_ge[k]] + (k - 1), _g(off, top) + (k - 1))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps of _deblend
+# ----------------------------------------------------------------------------------------------
+class _Candidates(NamedTuple):
+    """The pixels of the objects that may split, and the levels each exceeds."""
+
+    pidx: Tensor  #: global pixel ids
+    loc: Tensor  #: (P,) candidate-local id of every pixel (-1 for the others)
+    po: Tensor  #: object of each candidate pixel
+    pf: Tensor  #: filtered value
+    L: Tensor  #: number of sub-levels it exceeds (0..nthresh-1)
+    tk_obj: Tensor  #: (n_obj, nthresh-1) sub-thresholds of every object
+
+
+def _sub_thresholds(t0_obj: Tensor, peak_obj: Tensor, nthresh: int) -> Tensor:
+    """(n_obj, nthresh-1) ``t_k = t0 (peak/t0)^(k/N)``, rounded to float as SExtractor stores them."""
+    ks = torch.arange(1, nthresh, device=t0_obj.device, dtype=torch.float64)
+    tk = t0_obj[:, None] * torch.pow((peak_obj / t0_obj).clamp_min(1.0)[:, None], ks[None, :] / nthresh)
+    tk = torch.where((peak_obj > 0)[:, None], tk, t0_obj[:, None].expand_as(tk))
+    return tk.float().double()  # SExtractor stores the sub-thresholds as float (PIXTYPE)
+
+
+def _candidate_pixels(obj, f, cand_pix, t0_obj, peak_obj, nthresh) -> _Candidates:
+    """Number of sub-levels each candidate pixel exceeds: the closed form, then corrected against the
+    exact (float-rounded) thresholds, so that memory stays O(pixels), not O(pixels x levels)."""
+    device = obj.device
+    pidx = cand_pix.nonzero().squeeze(1)
+    npc = pidx.numel()
+    loc = torch.full((obj.numel(),), -1, dtype=torch.int64, device=device)
+    loc[pidx] = torch.arange(npc, device=device)
+    po, pf = _g(obj, pidx), _g(f, pidx)
+    tk_obj = _sub_thresholds(t0_obj, peak_obj, nthresh)
+    nl = nthresh - 1
+    lr = torch.log((peak_obj / t0_obj).clamp_min(1.0 + 1e-12))
+    q = nthresh * torch.log((pf / _g(t0_obj, po)).clamp_min(1e-300)) / _g(lr, po)
+    L = (torch.ceil(q) - 1).clamp(0, nl).long()
+    tflat = tk_obj.reshape(-1)
+    base = po * nl
+    up = (L < nl) & (pf > tflat[base + L.clamp(max=nl - 1)])
+    L = L + up.long()
+    down = (L >= 1) & ~(pf > tflat[base + (L - 1).clamp(min=0)])
+    L = L - down.long()
+    return _Candidates(pidx, loc, po, pf, L, tk_obj)
+
+
+class _LevelTree(NamedTuple):
+    """The components of every level (nodes = (pixel, level)), and their place in the tree."""
+
+    node_pix: Tensor  #: candidate pixel of each node
+    node_comp: Tensor  #: component of each node
+    comp_lev: Tensor  #: level of each component (1..nthresh-1)
+    comp_obj: Tensor  #: object of each component
+    comp_t: Tensor  #: its sub-threshold
+    valid: Tensor  #: at least min(minarea, MAXDEBAREA) pixels
+    sig: Tensor  #: valid and holding more than deblend_cont of the object's flux above its threshold
+    par: Tensor  #: parent component (n_comp + object id at level 1)
+
+
+def _level_tree(cd: _Candidates, u, v, cand_pix, fdflux_obj, *, mincont, minarea) -> _LevelTree:
+    """Label every level at once (:func:`_level_roots`) and describe its components."""
+    device = cd.L.device
+    L = cd.L
+    off = torch.cumsum(L, 0) - L
+    n_nodes = int(L.sum())
+    node_pix = torch.repeat_interleave(torch.arange(L.numel(), device=device), L)
+    node_lev = torch.arange(n_nodes, device=device) - _g(off, node_pix) + 1
+    # edges among candidate pixels, replicated on every level both ends reach
+    ce = _g(cand_pix, u)
+    eu, ev = _g(cd.loc, _g(u, ce)), _g(cd.loc, _g(v, ce))
+    c = torch.minimum(L[eu], L[ev])
+    keep = c > 0
+    root = _level_roots(L, off, n_nodes, _g(eu, keep), _g(ev, keep), _g(c, keep))
+    comp_ids, node_comp = _unique_roots(root)
+    n_comp = comp_ids.numel()
+    comp_area = torch.bincount(node_comp, minlength=n_comp)
+    comp_lev = _g(node_lev, comp_ids)
+    comp_pix = _g(node_pix, comp_ids)  # representative (the first) pixel of the component
+    comp_obj = _g(cd.po, comp_pix)
+    comp_f = _segment_sum(_g(cd.pf, node_pix), node_comp, n_comp)
+    comp_t = cd.tk_obj[comp_obj, comp_lev - 1]
+    # SExtractor's deblending lutz keeps branches of at least min(minarea, MAXDEBAREA = 3) pixels
+    valid = comp_area >= min(minarea, MAXDEBAREA)
+    sig = valid & (comp_f - comp_t * comp_area.to(comp_f.dtype) > _g(fdflux_obj * mincont, comp_obj))
+    # parent of a level-k component: the component holding the same pixel at level k-1 (k >= 2),
+    # the object itself at k = 1 (parents are indexed n_comp + object id)
+    par = torch.where(
+        comp_lev > 1,
+        node_comp[(_g(off, comp_pix) + comp_lev - 2).clamp_min(0)],
+        n_comp + comp_obj,
+    )
+    return _LevelTree(node_pix, node_comp, comp_lev, comp_obj, comp_t, valid, sig, par)
+
+
+def _walk_tree(tree: _LevelTree, n_obj: int, nthresh: int):
+    """SExtractor's walk from the top level down: ``(selected (n_comp,), ok (n_comp + n_obj,))``, the
+    branches kept and whether each node (components, then objects) stays whole."""
+    device = tree.par.device
+    n_comp = tree.comp_lev.numel()
+    ok = torch.ones(n_comp + n_obj, dtype=torch.bool, device=device)
+    selected = torch.zeros(n_comp, dtype=torch.bool, device=device)
+    for k in range(nthresh - 1, 0, -1):  # children at level k, parents at level k-1
+        ch = ((tree.comp_lev == k) & tree.valid).nonzero().squeeze(1)
+        if ch.numel() == 0:
+            continue
+        pa = _g(tree.par, ch)
+        m = torch.zeros(n_comp + n_obj, dtype=torch.int64, device=device).index_add_(0, pa, _g(tree.sig, ch).long())
+        allok = torch.ones(n_comp + n_obj, dtype=torch.int64, device=device).scatter_reduce_(
+            0, pa, _g(ok, ch).long(), reduce="amin"
+        )
+        ok &= allok.bool()
+        split = m > 1
+        selected[ch] |= _g(ok, ch) & _g(tree.sig, ch) & _g(split, pa)
+        ok &= ~split
+    return selected, ok
+
+
+def _branch_amplitudes(an, t_det: Tensor) -> Tensor:
+    """``gatherup`` amplitude of each branch: ``t0 exp(npix / (2 pi abcor a b))``, at most 4 x its peak."""
+    ab2 = 2 * math.pi * an.abcor * an.a * an.b
+    dist = an.fdnpix / ab2
+    amp = torch.where(dist < 70.0, t_det * torch.exp(dist.clamp(max=70.0)), 4.0 * an.fdpeak)
+    return torch.minimum(amp, 4.0 * an.fdpeak)
+
+
+def _pair_free_pixels(fp: Tensor, po: Tensor, son_obj: Tensor, n_obj: int):
+    """Every (free pixel, branch of its object) pair: ``(pair_pix, pair_son, rep)``."""
+    device = fp.device
+    order = _argsort(son_obj)  # sons of each split object, contiguous after sorting by object
+    cnt = torch.bincount(_g(son_obj, order), minlength=n_obj)
+    start = torch.cumsum(cnt, 0) - cnt
+    rep = _g(cnt, _g(po, fp))
+    pair_pix = torch.repeat_interleave(fp, rep)
+    pair_off = torch.cumsum(rep, 0) - rep
+    j = torch.arange(pair_pix.numel(), device=device) - torch.repeat_interleave(pair_off, rep)
+    return pair_pix, _g(order, _g(start, _g(po, pair_pix)) + j), rep
+
+
+def _gather_free(fp, po, son_obj, n_obj, gx, gy, an, amp) -> Tensor:
+    """SExtractor's ``gatherup`` for the free pixels ``fp`` of split objects: the branch of largest
+    probability ``amp exp(-d)`` (``d`` the ellipse distance / abcor); the closest branch in that metric
+    when every probability vanishes."""
+    device = fp.device
+    pair_pix, pair_son, rep = _pair_free_pixels(fp, po, son_obj, n_obj)
+    dx = _g(gx, pair_pix) - an.mx[pair_son]
+    dy = _g(gy, pair_pix) - an.my[pair_son]
+    d = 0.5 * (an.cxx[pair_son] * dx * dx + an.cyy[pair_son] * dy * dy + an.cxy[pair_son] * dx * dy)
+    d = d / an.abcor[pair_son]
+    prob = torch.where(d < 70.0, _g(amp, pair_son) * torch.exp(-d.clamp(max=70.0)), torch.zeros_like(d))
+    npp = fp.numel()
+    pair_row = torch.repeat_interleave(torch.arange(npp, device=device), rep)
+    pmax = _segment_max(prob, pair_row, npp)
+    psum = _segment_sum(prob, pair_row, npp)
+    dmin = _segment_min(d, pair_row, npp)
+    use_p = _g(psum, pair_row) > 1e-31
+    win = torch.where(use_p, prob == _g(pmax, pair_row), d == _g(dmin, pair_row))
+    best = torch.full((npp,), -1, dtype=torch.int64, device=device)
+    best.scatter_reduce_(0, _g(pair_row, win), _g(pair_son, win), reduce="amax", include_self=True)
+    return best
+
+
+def _unsplit(obj: Tensor, n_obj: int) -> DeblendResult:
+    return DeblendResult(obj, n_obj, torch.zeros(n_obj, dtype=torch.bool, device=obj.device), None, None)
+
+
+def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj) -> DeblendResult:
+    """Give every pixel of a split object to a branch: its core pixels (nodes of the selected
+    component) directly, the others by :func:`_gather_free`."""
+    device = obj.device
+    npc, n_sel = cd.pidx.numel(), sel.numel()
+    sel_map = torch.full((tree.comp_lev.numel(),), -1, dtype=torch.int64, device=device)
+    sel_map[sel] = torch.arange(n_sel, device=device)
+    node_sel = _g(sel_map, tree.node_comp)
+    has = node_sel >= 0
+    core_pix = _g(tree.node_pix, has)  # candidate-local pixel ids
+    core_son = _g(node_sel, has)
+    son_obj = _g(tree.comp_obj, sel)
+    gx, gy, gval = _g(x, cd.pidx), _g(y, cd.pidx), _g(val, cd.pidx)
+    an = _analyse(core_son, n_sel, _g(gx, core_pix), _g(gy, core_pix), _g(cd.pf, core_pix), _g(gval, core_pix),
+                  _g(tree.comp_t, sel))
+    # gatherup amplitudes (thresholds reset to the detection threshold first)
+    amp = _branch_amplitudes(an, _g(t0_obj, son_obj))
+    assign = torch.full((npc,), -1, dtype=torch.int64, device=device)
+    assign[core_pix] = core_son
+    fp = ((assign < 0) & _g(split_obj, cd.po)).nonzero().squeeze(1)
+    if fp.numel():
+        assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp)
+    new_obj = obj.clone()
+    moved = _g(split_obj, cd.po)
+    new_obj[_g(cd.pidx, moved)] = n_obj + _g(assign, moved)
+    blended = torch.cat([torch.zeros(n_obj, dtype=torch.bool, device=device),
+                         torch.ones(n_sel, dtype=torch.bool, device=device)])
+    nan = torch.full((n_obj,), math.nan, dtype=torch.float64, device=device)
+    gathered = torch.zeros(obj.numel(), dtype=torch.bool, device=device)
+    gathered[_g(cd.pidx, fp)] = True
+    return DeblendResult(new_obj, n_obj + n_sel, blended, (torch.cat([nan, an.mx]), torch.cat([nan, an.my])), gathered)
+
+
+def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nthresh, mincont, minarea,
+             candidates) -> DeblendResult:
+    """Deblend the ``candidates`` (n_obj,) bool objects: see the module docstring.
+
+    ``obj`` (P,) object of each pixel; ``u, v`` 8-neighbour pixel edges; ``x, y`` float64 coordinates,
+    ``f``/``val`` filtered/unfiltered values; per object the threshold ``t0_obj``, filtered peak and
+    flux. Output objects keep the ids of unsplit objects; split objects are replaced by their
+    branches, appended after ``n_obj`` (the caller renumbers).
+    """
+    cand_pix = _g(candidates, obj)
+    if nthresh < 2 or mincont >= 1.0 or not bool(cand_pix.any()):
+        return _unsplit(obj, n_obj)
+    cd = _candidate_pixels(obj, f, cand_pix, t0_obj, peak_obj, nthresh)
+    tree = _level_tree(cd, u, v, cand_pix, fdflux_obj, mincont=mincont, minarea=minarea)
+    selected, ok = _walk_tree(tree, n_obj, nthresh)
+    split_obj = ~ok[tree.comp_lev.numel():] & candidates
+    if not bool(split_obj.any()):
+        return _unsplit(obj, n_obj)
+    sel = (selected & _g(split_obj, tree.comp_obj)).nonzero().squeeze(1)
+    return _split_objects(obj, n_obj, cd, tree, sel, split_obj, x, y, val, t0_obj)

@@ -1,0 +1,424 @@
+"""The detection stage: :func:`detect_sources` (filter, threshold, label, deblend, clean as named
+steps) and :class:`SourceExtractor` (detection + ``photometry.measure`` -> :class:`~.catalog.Catalog`)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import all_finite, bad_pixels, check_image, check_mask
+from .._ops import serial_on_cpu
+from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
+from ._index import _argsort, _g, _unique_roots
+from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
+from .catalog import Catalog, _LazySegmentation
+from .clean import _clean, _follow_masters
+from .deblend import MAXDEBAREA, _deblend
+from .filter import filter_image
+from .labels import _pixel_edges, connected_components
+from .threshold import _detected_pixels, _noise_base, _noise_map, _undetectable, check_rms
+
+
+# ----------------------------------------------------------------------------------------------
+# detect_sources, step by step
+# ----------------------------------------------------------------------------------------------
+class _Pixels(NamedTuple):
+    """The detected pixels, sorted by linear index over (B, H, W)."""
+
+    idx: Tensor  #: linear index
+    b: Tensor  #: image (batch index)
+    x: Tensor  #: column (int64)
+    y: Tensor  #: row (int64)
+    f: Tensor  #: filtered value (float64)
+    val: Tensor  #: unfiltered value (float64)
+    tp: Tensor  #: detection threshold there (float64)
+
+    def take(self, sel: Tensor) -> "_Pixels":
+        return _Pixels(*(_g(t, sel) for t in self))
+
+
+class _Objects(NamedTuple):
+    """Objects as pixel lists: ``obj`` (P,) the object of each pixel, per object its threshold ``t0``,
+    whether it is a deblended branch, its branch-core ``centre`` and the ``gathered`` pixels (None
+    when nothing was deblended)."""
+
+    obj: Tensor
+    n: int
+    t0: Tensor
+    blended: Tensor
+    centre: Optional[tuple]
+    gathered: Optional[Tensor]
+
+
+def _pixel_table(image: Tensor, idx: Tensor, f: Tensor, noise: Tensor, thresh: float) -> _Pixels:
+    """Coordinates, values and thresholds of the detected pixels ``idx`` (never bad pixels)."""
+    B, _, H, W = image.shape
+    b = idx // (H * W)
+    rem = idx % (H * W)
+    yi, xi = rem // W, rem % W
+    val = image.reshape(-1).index_select(0, idx).double()
+    if noise.shape[-2:] == (1, 1):  # one threshold per image: no frame-sized copy
+        tp = _g((thresh * noise)[:, 0, 0, 0].expand(B), b).double()
+    else:
+        tp = (thresh * noise.expand(B, 1, H, W)[b, 0, yi, xi]).double()
+    return _Pixels(idx, b, xi, yi, f.double(), val, tp)
+
+
+def _components(pix: _Pixels, H: int, W: int, minarea: int):
+    """8-connected components of at least ``minarea`` pixels: ``(pix, u, v, obj, n)``, the kept
+    pixels, their 8-neighbour edges and their object (0..n-1)."""
+    P = pix.idx.numel()
+    u, v = _pixel_edges(pix.idx, pix.x, pix.y, H, W)
+    roots, obj = _unique_roots(connected_components(P, u, v))
+    big = torch.bincount(obj, minlength=roots.numel()) >= minarea
+    keep_pix = _g(big, obj)
+    if not bool(keep_pix.all()):  # drop small components, renumber
+        newid = torch.cumsum(big.long(), 0) - 1
+        sel = keep_pix.nonzero().squeeze(1)
+        remap = torch.full((P,), -1, dtype=torch.int64, device=pix.idx.device)
+        remap[sel] = torch.arange(sel.numel(), device=pix.idx.device)
+        eok = _g(keep_pix, u) & _g(keep_pix, v)
+        u, v = _g(remap, _g(u, eok)), _g(remap, _g(v, eok))
+        pix = pix.take(sel)
+        obj = _g(newid, _g(obj, sel))
+    return pix, u, v, obj, int(big.sum())
+
+
+def _split_candidates(u, v, f, obj, n: int, minarea: int) -> Tensor:
+    """Objects that can split: at least two local maxima of the filtered image among detected
+    8-neighbours (from the edge list, no full-frame pass) and ``2 min(minarea, 3)`` pixels."""
+    not_max = torch.zeros(obj.numel(), dtype=torch.bool, device=obj.device)
+    not_max[u[_g(f, u) < _g(f, v)]] = True
+    not_max[v[_g(f, v) < _g(f, u)]] = True
+    nmax = torch.bincount(obj[~not_max], minlength=n)
+    return (nmax >= 2) & (torch.bincount(obj, minlength=n) >= 2 * min(minarea, MAXDEBAREA))
+
+
+def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthresh, cont) -> _Objects:
+    """Deblend the objects (:func:`~.deblend._deblend`) and compact the ids of the split ones."""
+    t0_obj = _segment_min(pix.tp, obj, n)
+    blended = torch.zeros(n, dtype=torch.bool, device=obj.device)
+    if not (nthresh > 1 and cont < 1.0 and n > 0):
+        return _Objects(obj, n, t0_obj, blended, None, None)
+    r = _deblend(
+        obj, n, u, v, xd, yd, pix.f, pix.val, t0_obj, _segment_max(pix.f, obj, n), _segment_sum(pix.f, obj, n),
+        nthresh=nthresh, mincont=cont, minarea=minarea, candidates=_split_candidates(u, v, pix.f, obj, n, minarea),
+    )
+    if r.n == n:
+        return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered)
+    # objects that were split leave empty ids: compact and carry per-object data along
+    present = torch.bincount(r.obj, minlength=r.n) > 0
+    t0_full = torch.cat([t0_obj, _segment_min(pix.tp, r.obj, r.n)[n:]])
+    newid = torch.cumsum(present.long(), 0) - 1
+    centre = (r.centre[0][present], r.centre[1][present])
+    return _Objects(_g(newid, r.obj), int(present.sum()), _g(t0_full, present), _g(r.blended, present), centre,
+                    r.gathered)
+
+
+def _raster_order(idx: Tensor, o: _Objects) -> _Objects:
+    """Renumber the objects by batch index, then first raster pixel (SExtractor-like numbering)."""
+    first = _segment_min(idx.double(), o.obj, o.n).long()
+    order = _argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(o.n, device=order.device)
+    centre = None if o.centre is None else (o.centre[0][order], o.centre[1][order])
+    return _Objects(_g(rank, o.obj), o.n, _g(o.t0, order), _g(o.blended, order), centre, o.gathered)
+
+
+def _analyse_objects(o: _Objects, xd, yd, pix: _Pixels) -> Analysis:
+    """Analysis of the final objects at the detection threshold ("robust": the branch-core centre
+    kept for deblended ones)."""
+    an = _analyse(o.obj, o.n, xd, yd, pix.f, pix.val, o.t0)
+    if o.centre is not None and bool(o.blended.any()):
+        centre = (torch.where(o.blended, o.centre[0], an.mx), torch.where(o.blended, o.centre[1], an.my))
+        an = _analyse(o.obj, o.n, xd, yd, pix.f, pix.val, o.t0, centre=centre)
+    return an
+
+
+def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, *, minarea, clean_param, H, W):
+    """CLEAN (:func:`~.clean._clean`): removed objects merge into their remover (SExtractor's
+    ``mergeobject`` adds their fluxes and keeps the remover's centre). Returns ``(objects, analysis,
+    batch index, ate)``, ``ate`` marking the objects that swallowed others."""
+    mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered)
+    alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W)
+    master = _follow_masters(master)
+    ate = torch.zeros(o.n, dtype=torch.bool, device=bobj.device)
+    ate[master[~alive]] = True
+    newid = torch.cumsum(alive.long(), 0) - 1
+    obj = _g(newid, _g(master, o.obj))
+    sel = alive.nonzero().squeeze(1)
+    n = sel.numel()
+    an = an.take(sel)
+    an = an._replace(fdflux=_segment_sum(pix.f, obj, n), fdnpix=torch.bincount(obj, minlength=n).to(torch.float64))
+    o = _Objects(obj, n, _g(o.t0, sel), _g(o.blended, sel), None, None)
+    return o, an, _g(bobj, sel), _g(ate, sel)
+
+
+def _labels(bobj: Tensor, B: int) -> Tensor:
+    """Labels 1..n per image of objects ordered by batch index."""
+    counts = torch.bincount(bobj, minlength=B)
+    start = torch.cumsum(counts, 0) - counts
+    return torch.arange(bobj.numel(), device=bobj.device) - _g(start, bobj) + 1
+
+
+def _dense_segmentation(idx: Tensor, pixel_label: Tensor, shape) -> Tensor:
+    B, _, H, W = shape
+    seg = torch.zeros(B * H * W, dtype=torch.int64, device=idx.device)
+    seg.scatter_(0, idx, pixel_label)
+    return seg.view(B, 1, H, W)
+
+
+@serial_on_cpu
+def detect_sources(
+    image: Tensor,
+    rms,
+    mask: Optional[Tensor] = None,
+    *,
+    thresh: float = 1.5,
+    minarea: int = 5,
+    filter_kernel: Union[str, Tensor, None] = "default",
+    deblend_nthresh: int = 32,
+    deblend_cont: float = 0.005,
+    clean: bool = True,
+    clean_param: float = 1.0,
+    dense: bool = True,
+) -> dict:
+    """Segment a background-subtracted (B,1,H,W) image. Returns a dict of tensors.
+
+    ``segmentation`` (B,1,H,W) int64 labels 1..n per image (0 = sky), and per object (ordered by
+    batch index then label): ``batch_index``, ``label``, ``blended`` (bool), ``thresh`` (detection
+    threshold t0), ``xmin, xmax, ymin, ymax`` (int), ``cpeak`` (filtered peak), ``cflux`` (filtered
+    flux) and the detection-image moments ``mx, my`` (0-based); ``filtered`` is the filtered image.
+
+    Always present, the sparse form: ``detected`` (P,) sorted linear indices (over B*H*W) of every
+    pixel above threshold, ``pixels`` (Q,) the sorted linear indices of the labelled ones, ``pixel_row``
+    (Q,) their object (row) index and ``pixel_filtered`` (Q,) their filtered value. ``dense=False``
+    leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
+    thresholded strip by strip and no frame-sized array is made at all.
+    """
+    check_image(image, "image", channels=1)
+    mask = check_mask(mask, image)
+    B, _, H, W = image.shape
+    noise = _noise_base(rms, image)
+    det_idx, f, filt = _detected_pixels(image, noise, thresh, filter_kernel, _undetectable(image, mask), dense)
+    pix, u, v, obj, n = _components(_pixel_table(image, det_idx, f, noise, thresh), H, W, minarea)
+    xd, yd = pix.x.double(), pix.y.double()
+    o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont)
+    o = _raster_order(pix.idx, o)
+    bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
+    an = _analyse_objects(o, xd, yd, pix)
+    ate = torch.zeros(o.n, dtype=torch.bool, device=image.device)
+    if clean and o.n > 1:
+        o, an, bobj, ate = _clean_objects(o, an, bobj, pix, minarea=minarea, clean_param=clean_param, H=H, W=W)
+    obj, n = o.obj, o.n
+    label = _labels(bobj, B)
+    return dict(
+        segmentation=_dense_segmentation(pix.idx, _g(label, obj), image.shape) if dense else None,
+        detected=det_idx,
+        pixels=pix.idx,
+        pixel_row=obj,
+        pixel_filtered=pix.f,
+        batch_index=bobj,
+        label=label,
+        blended=o.blended,
+        thresh=o.t0.to(image.dtype),
+        xmin=_segment_min(xd, obj, n).long(), xmax=_segment_max(xd, obj, n).long(),
+        ymin=_segment_min(yd, obj, n).long(), ymax=_segment_max(yd, obj, n).long(),
+        cpeak=_segment_max(pix.f, obj, n).to(image.dtype),
+        cflux=an.fdflux.to(image.dtype),
+        mx=an.mx.to(image.dtype),
+        my=an.my.to(image.dtype),
+        isophotal=_overrides(an, o.blended, ate),
+        filtered=filt,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# SourceExtractor
+# ----------------------------------------------------------------------------------------------
+def _photometry_module():
+    try:
+        return importlib.import_module("astroprep_torch.photometry")
+    except ImportError:
+        return None
+
+
+def _raw_values(image: Tensor, pix: Tensor, background) -> Tensor:
+    """``image + background`` (float64) at the labelled pixels ``pix``: the same float sum as the frame's."""
+    if background is None:
+        return image.reshape(-1).index_select(0, pix).double()
+    B, _, H, W = image.shape
+    bk = torch.as_tensor(background, dtype=image.dtype, device=image.device)
+    if bk.dim() == 4:
+        bb = pix // (H * W) if bk.shape[0] > 1 else torch.zeros_like(pix)
+        rem = pix % (H * W)
+        yy = rem // W if bk.shape[2] > 1 else torch.zeros_like(pix)
+        xx = rem % W if bk.shape[3] > 1 else torch.zeros_like(pix)
+        bk = bk[bb, 0, yy, xx]
+    return (image.reshape(-1).index_select(0, pix) + bk).double()
+
+
+def _detection_flags(det: dict, meas: dict, H: int, W: int) -> Tensor:
+    """FLAGS from the measurement (its bit 2 replaced by the detector's), 2 (blended), 8 (truncated)."""
+    flags = torch.zeros(len(det["label"]), dtype=torch.int64, device=det["label"].device)
+    if "flags" in meas:
+        flags |= meas["flags"].to(torch.int64) & ~FLAG_BLENDED
+    flags |= torch.where(det["blended"], FLAG_BLENDED, 0)
+    trunc = (det["xmin"] == 0) | (det["ymin"] == 0) | (det["xmax"] == W - 1) | (det["ymax"] == H - 1)
+    return flags | torch.where(trunc, FLAG_TRUNCATED, 0)
+
+
+def _saturation_flags(image: Tensor, det: dict, saturation, background, saturated) -> Tensor:
+    """FLAGS 4: a raw pixel (``image + background``) at or above ``saturation``, or a pixel in the
+    ``saturated`` mask (calibrate.saturation_mask: saturation and bleed trails)."""
+    n = len(det["label"])
+    flags = torch.zeros(n, dtype=torch.int64, device=image.device)
+    if saturation is not None:
+        rmax = _segment_max(_raw_values(image, det["pixels"], background), det["pixel_row"], n)
+        flags |= torch.where(rmax >= saturation, FLAG_SATURATED, 0)
+    if saturated is not None:
+        hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
+        flags |= torch.where(_segment_max(hit, det["pixel_row"], n) > 0, FLAG_SATURATED, 0)
+    return flags
+
+
+class SourceExtractor(nn.Module):
+    """SExtractor-style source extraction on background-subtracted images.
+
+    Args:
+        thresh: detection threshold in units of the background rms (``DETECT_THRESH``).
+        minarea: minimum number of pixels above threshold (``DETECT_MINAREA``).
+        filter_kernel: ``"default"`` (SExtractor's default.conv), a 2-D tensor/list, or ``None``.
+        deblend_nthresh, deblend_cont: ``DEBLEND_NTHRESH``, ``DEBLEND_MINCONT``.
+        clean, clean_param: ``CLEAN``, ``CLEAN_PARAM``.
+        phot_apertures: aperture *diameters* in pixels (``PHOT_APERTURES``).
+        kron_fact, min_radius: ``PHOT_AUTOPARAMS``.
+        saturation: ``SATUR_LEVEL`` in the units of ``image + background`` (flag 4), or ``None``.
+        gain: e-/ADU for Poisson terms of the flux errors (``None`` or 0: background noise only).
+        winpos_max_radius: cap (px) of the XWIN window radius (``photometry.measure``'s
+            ``winpos_max_radius``; ``None`` = SExtractor's uncapped window): bounds the cost of huge
+            objects (saturated stars, halos); capped objects get FLAGS 16.
+
+    ``forward(image, rms, mask=None, *, background=None) -> Catalog``: ``image`` (B,1,H,W)
+    background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
+    float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
+    values with ``saturation``; ``saturated`` (optional bool (B,1,H,W)) flags (4) the objects that touch it.
+    See the module docstring for the algorithm.
+
+    Noise semantics: SExtractor without a weight map (``WEIGHT_TYPE NONE``, its default) thresholds
+    the filtered image at ``thresh`` x ONE global background RMS per image (the median of its rms
+    meshes, the "RMS" it prints; :func:`astroprep_torch.background.global_rms`) and uses that value
+    for every error: pass that scalar (or ``(B,)`` tensor) to reproduce SExtractor's catalog.  Passing
+    an rms MAP instead thresholds every pixel at ``thresh`` x its local rms and uses the map in the
+    errors, as SExtractor does with ``WEIGHT_TYPE BACKGROUND`` or ``MAP_RMS``: where the local rms is
+    below the global value (sky-dominated regions of a frame with a brighter corner, say) more faint
+    pixels pass and more objects are found, and fewer where it is above (near bright stars, whose
+    light raises the mesh rms).  ``astroprep extract`` passes the global value (configs/pipeline/
+    extract_only.yaml), ``astroprep extract sex=<file.sex>`` follows the file's WEIGHT_TYPE.
+    """
+
+    def __init__(
+        self,
+        thresh: float = 1.5,
+        minarea: int = 5,
+        filter_kernel="default",
+        deblend_nthresh: int = 32,
+        deblend_cont: float = 0.005,
+        clean: bool = True,
+        clean_param: float = 1.0,
+        phot_apertures: Sequence[float] = (10.0,),
+        kron_fact: float = 2.5,
+        min_radius: float = 3.5,
+        saturation: Optional[float] = None,
+        gain: Optional[float] = None,
+        mask_type: str = "correct",
+        flux_fracs: Sequence[float] = (0.5,),
+        autoapers: Sequence[float] = (0.0, 0.0),
+        winpos_max_radius: Optional[float] = 128.0,
+    ):
+        super().__init__()
+        if thresh <= 0:
+            raise ValueError(f"thresh must be > 0, got {thresh}")
+        if int(minarea) < 1:
+            raise ValueError(f"minarea must be >= 1, got {minarea}")
+        if int(deblend_nthresh) < 1:
+            raise ValueError(f"deblend_nthresh must be >= 1, got {deblend_nthresh}")
+        if not 0.0 <= deblend_cont <= 1.0:
+            raise ValueError(f"deblend_cont must be in [0, 1], got {deblend_cont}")
+        if clean_param <= 0:
+            raise ValueError(f"clean_param must be > 0, got {clean_param}")
+        self.thresh = float(thresh)
+        self.minarea = int(minarea)
+        if filter_kernel is not None and not isinstance(filter_kernel, str):
+            filter_kernel = torch.as_tensor(filter_kernel, dtype=torch.float64)
+        self.filter_kernel = filter_kernel
+        self.deblend_nthresh = int(deblend_nthresh)
+        self.deblend_cont = float(deblend_cont)
+        self.clean = bool(clean)
+        self.clean_param = float(clean_param)
+        self.phot_apertures = tuple(float(a) for a in (phot_apertures if isinstance(phot_apertures, (list, tuple)) else [phot_apertures]))
+        self.kron_fact = float(kron_fact)
+        self.min_radius = float(min_radius)
+        self.saturation = None if saturation is None else float(saturation)
+        self.gain = None if not gain else float(gain)
+        if mask_type not in ("correct", "blank", "none"):
+            raise ValueError(f"mask_type must be 'correct', 'blank' or 'none', got {mask_type!r}")
+        self.mask_type = mask_type
+        self.flux_fracs = tuple(float(v) for v in flux_fracs)
+        self.autoapers = tuple(float(v) for v in autoapers)
+        self.winpos_max_radius = None if winpos_max_radius is None else float(winpos_max_radius)
+
+    def extra_repr(self) -> str:
+        return (
+            f"thresh={self.thresh}, minarea={self.minarea}, deblend_nthresh={self.deblend_nthresh}, "
+            f"deblend_cont={self.deblend_cont}, clean={self.clean}, clean_param={self.clean_param}"
+        )
+
+
+    def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
+                saturated: Optional[Tensor] = None) -> Catalog:
+        check_image(image, "image", channels=1)
+        mask = check_mask(mask, image)
+        mask = check_rms(rms, image, mask)
+        if not all_finite(image):  # unmasked NaN/inf pixels are masked here, for photometry too
+            mask = bad_pixels(image, mask)
+        B, _, H, W = image.shape
+        det = detect_sources(
+            image, rms, mask,
+            thresh=self.thresh, minarea=self.minarea, filter_kernel=self.filter_kernel,
+            deblend_nthresh=self.deblend_nthresh, deblend_cont=self.deblend_cont,
+            clean=self.clean, clean_param=self.clean_param, dense=False,
+        )
+        seg = _LazySegmentation(det["pixels"], _g(det["label"], det["pixel_row"]), (B, 1, H, W))
+        meas = self._measure(image, rms, mask, det, background)
+        if meas is None:
+            meas = isophotal_moments(image, seg.dense(), filter_image(image, self.filter_kernel))
+        cols = {"batch_index": det["batch_index"], "number": det["label"]}
+        for k in ("xmin", "xmax", "ymin", "ymax"):
+            cols[k] = det[k]
+        cols.update({k: v for k, v in meas.items() if k not in ("batch_index", "label", "flags")})
+        cols["thresh"] = det["thresh"]
+        cols["flags"] = _detection_flags(det, meas, H, W) | _saturation_flags(
+            image, det, self.saturation, background, saturated)
+        return Catalog(cols, seg)
+
+    def _measure(self, image: Tensor, rms, mask, det: dict, background) -> Optional[dict]:
+        """``photometry.measure`` on the detector's sparse segmentation; None without that module."""
+        phot = _photometry_module()
+        if phot is None or not hasattr(phot, "measure"):
+            return None
+        rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
+        sparse = {k: det[k] for k in ("pixels", "pixel_row", "pixel_filtered", "detected", "batch_index", "label")}
+        return phot.measure(
+            image, None, rms_map,
+            thresh_nsigma=self.thresh,
+            phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
+            autoapers=self.autoapers, flux_fracs=self.flux_fracs,
+            gain=self.gain, mask=mask, mask_type=self.mask_type,
+            saturation=self.saturation, background=background,
+            isophotal=det["isophotal"], blended=det["blended"], _sparse=sparse,
+            winpos_max_radius=self.winpos_max_radius,
+        )
