@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ASTROPREP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    """At most 2 intra-op threads for the whole session (set through a fixture, restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_generate_tests(metafunc):
