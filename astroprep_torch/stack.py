@@ -398,9 +398,9 @@ class FrameMatch(NamedTuple):
 
 
 def _full_frame(f: _Frame) -> tuple[Tensor, Tensor]:
-    """The whole frame (1, 1, H, W) (detached, float64) and its bad-pixel mask."""
+    """The whole frame (1, 1, H, W) (detached, in its floating dtype) and its bad-pixel mask."""
     img, msk, wgt = f.reader(0, f.shape[0], 0, f.shape[1])
-    img = img.detach().to(torch.float64)
+    img = img.detach() if img.is_floating_point() else img.detach().float()
     bad = ~torch.isfinite(img) if msk is None else (msk | ~torch.isfinite(img))
     if wgt is not None:
         bad = bad | ~(wgt > 0)
