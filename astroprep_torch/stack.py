@@ -457,8 +457,21 @@ def _aperture_fluxes(img: Tensor, bad: Tensor, x: Tensor, y: Tensor, r: float, r
     return flux, ok
 
 
-def match_flux_scales(frames: Sequence[_Frame], *, box: int = 64, aperture: Optional[float] = None,
-                      min_stars: int = 5, backgrounds: Optional[list] = None) -> list[FrameMatch]:
+def match_flux_scales(images: Tensor, wcs: TanWCS, *, masks: Optional[Tensor] = None, box: int = 64,
+                      aperture: Optional[float] = None, min_stars: int = 5, saturation: Optional[float] = None,
+                      names: Optional[Sequence[str]] = None) -> list[FrameMatch]:
+    """Relative flux scale of each of ``images`` (N, 1, H, W) against the first: what
+    ``stack(..., flux_scale="auto")`` applies (see :func:`_match_flux_scales` for the method)."""
+    n, _, h, w = images.shape
+    names = list(names) if names is not None else [f"frame {i}" for i in range(n)]
+    frames = [_Frame(wcs.select(i), (h, w), 1.0, names[i],
+                     _tensor_reader(images[i, 0], None if masks is None else masks[i, 0], None), saturation=saturation)
+              for i in range(n)]
+    return _match_flux_scales(frames, box=box, aperture=aperture, min_stars=min_stars)
+
+
+def _match_flux_scales(frames: Sequence[_Frame], *, box: int = 64, aperture: Optional[float] = None,
+                       min_stars: int = 5, backgrounds: Optional[list] = None) -> list[FrameMatch]:
     """Relative flux scale of every frame against the first (SCAMP's relative zero points, as FLXSCALE):
     bright isolated unsaturated stars detected in the first frame (``detect.SourceExtractor``) are
     measured at their sky positions, mapped through each frame's WCS, with ``photometry.sum_circle``
@@ -501,7 +514,7 @@ def _match_frames(frames: list, background, flux_scale, box: int = 64, aperture:
         return frames
     backgrounds: list = []
     if flux_scale == "auto":
-        for f, m in zip(frames, match_flux_scales(frames, box=box, aperture=aperture, backgrounds=backgrounds)):
+        for f, m in zip(frames, _match_flux_scales(frames, box=box, aperture=aperture, backgrounds=backgrounds)):
             f.scale = m.scale
     else:
         cache: dict = {}
@@ -631,12 +644,13 @@ class Stack(nn.Module):
 
     def __init__(self, combine: str = "weighted", interpolation: str = "bilinear", background=None,
                  clip_sigma: float = 3.0, clip_iters: int = 3, chunk_rows: Optional[int] = None,
-                 grid_step: Optional[int] = 16):
+                 grid_step: Optional[int] = 16, background_box: int = 64, flux_aperture: Optional[float] = None):
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         self.options = dict(combine=combine, interpolation=interpolation, background=background,
-                            clip_sigma=clip_sigma, clip_iters=clip_iters, chunk_rows=chunk_rows, grid_step=grid_step)
+                            clip_sigma=clip_sigma, clip_iters=clip_iters, chunk_rows=chunk_rows, grid_step=grid_step,
+                            background_box=background_box, flux_aperture=flux_aperture)
 
     def forward(self, images: Tensor, wcs: TanWCS, target_wcs: Optional[TanWCS] = None, shape_out=None,
                 masks: Optional[Tensor] = None, weights=None, exposure=None, flux_scale=None) -> StackResult:

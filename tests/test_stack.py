@@ -262,6 +262,9 @@ def test_auto_flux_scale_recovers_transparency(hazy):
     r = S.stack(images, wcs, tw, (256, 256), combine="mean", flux_scale="auto", background="2d")
     truth = torch.tensor([1 / t for t in TRANSPARENCY], dtype=torch.float64)
     assert ((r.flux_scale - truth).abs() / truth).max() < 0.01
+    matched = S.match_flux_scales(images, wcs)
+    assert [m.scale for m in matched] == r.flux_scale.tolist() and min(m.n_stars for m in matched) >= 20
+    assert matched[0] == S.FrameMatch(1.0, matched[0].n_stars, 0.0)
     plain = S.stack(images, wcs, tw, (256, 256), combine="mean", background="2d")
     assert torch.equal(plain.flux_scale, torch.ones(4, dtype=torch.float64))
     # the co-add's stars carry frame 0's flux scale: as bright as a co-add of frames without haze
