@@ -498,6 +498,9 @@ def _match_flux_scales(frames: Sequence[_Frame], *, box: int = 64, aperture: Opt
         if i == 0:
             ref_flux, ref_ok = flux, ok
         both = ok & ref_ok
+        if i == 0 and int(both.sum()) < min_stars:
+            raise StackError(f"flux_scale=auto: {f.name} (the flux reference) has {int(both.sum())} bright isolated "
+                             f"unsaturated stars (need {min_stars}): give flux_scale factors (or FLXSCALE) instead")
         if int(both.sum()) < min_stars:
             raise StackError(f"flux_scale=auto: {f.name} has {int(both.sum())} usable stars in common with "
                              f"{frames[0].name} (need {min_stars}): give flux_scale factors (or FLXSCALE) instead")

@@ -304,6 +304,8 @@ def test_auto_flux_scale_needs_common_stars(hazy):
     blank[2] = 1000 + 10 * torch.randn(blank[2].shape, generator=torch.Generator().manual_seed(9), dtype=blank.dtype)
     with pytest.raises(S.StackError, match="flux_scale=auto: frame 2 has 0 usable stars in common with frame 0"):
         S.stack(blank, wcs, combine="mean", flux_scale="auto")
+    with pytest.raises(S.StackError, match=r"frame 0 \(the flux reference\) has 0 bright isolated"):
+        S.stack(blank[[2, 1, 0, 3]], wcs, combine="mean", flux_scale="auto")
     with pytest.raises(ValueError, match="flux_scale must be one of"):
         S.stack(images, wcs, flux_scale="guess")
     with pytest.raises(ValueError, match="background must be one of"):
