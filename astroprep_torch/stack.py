@@ -48,10 +48,12 @@ from torch import Tensor, nn
 from .align import reproject
 from .wcs import TanWCS
 
-__all__ = ["COMBINES", "StackResult", "StackError", "stack", "stack_files", "coadd_grid", "Stack", "build_template",
-           "write_stack", "read_grid", "combine_values"]
+__all__ = ["COMBINES", "BACKGROUNDS", "FLUX_SCALES", "StackResult", "StackError", "FrameMatch", "stack", "stack_files",
+           "coadd_grid", "Stack", "build_template", "write_stack", "read_grid", "combine_values", "match_flux_scales"]
 
 COMBINES = ("mean", "weighted", "median", "clipped")
+BACKGROUNDS = (None, "constant", "2d", "match")
+FLUX_SCALES = (None, "header", "auto")
 _D2R = math.pi / 180.0
 
 
@@ -61,12 +63,14 @@ class StackError(ValueError):
 
 class StackResult(NamedTuple):
     """Co-add ``image`` (1, 1, H, W) (NaN where no frame contributes), ``weight`` (inverse variance,
-    0 there), ``exposure`` (sum of exposure times) and ``count`` (frames per pixel, int32)."""
+    0 there), ``exposure`` (sum of exposure times), ``count`` (frames per pixel, int32) and
+    ``flux_scale`` (N,) float64, the factor applied to each frame (1 where none was)."""
 
     image: Tensor
     weight: Tensor
     exposure: Tensor
     count: Tensor
+    flux_scale: Optional[Tensor] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +88,8 @@ class _Frame:
     weight_scalar: Optional[float] = None
     offset: float = 0.0
     scale: float = 1.0
+    background: Optional["_BackgroundMap"] = None  # a 2-D background subtracted before ``offset``
+    saturation: Optional[float] = None  # raw level above which stars are not used for flux scaling
 
 
 def _tensor_reader(image: Tensor, mask: Optional[Tensor], weight: Optional[Tensor]):
@@ -259,6 +265,8 @@ def _resample_band(frames, band_wcs, rows, width, interpolation, grid_step):
         y0, y1, x0, x1 = box
         img, msk, wgt = f.reader(y0, y1, x0, x1)
         src = _shifted(f.wcs, x0, y0)
+        if f.background is not None:
+            img = img - f.background.rows(y0, y1, x0, x1).to(img.dtype)
         img = (img - f.offset) * f.scale if (f.offset != 0.0 or f.scale != 1.0) else img
         bad = ~torch.isfinite(img) if msk is None else (msk | ~torch.isfinite(img))
         if wgt is not None:
@@ -356,7 +364,175 @@ def _stack_frames(frames: Sequence[_Frame], target: TanWCS, shape_out, *, combin
         weight[0, 0, r0:r1] = wsum
         exposure[0, 0, r0:r1] = (kept.to(dtype) * expo.to(dtype).reshape(-1, 1, 1)).sum(0)
         count[0, 0, r0:r1] = kept.sum(0).to(torch.int32)
-    return StackResult(out, weight, exposure, count)
+    return StackResult(out, weight, exposure, count, torch.tensor([f.scale for f in frames], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-frame matching: 2-D background, automatic flux scale
+# ----------------------------------------------------------------------------------------------
+class _BackgroundMap(NamedTuple):
+    """A frame's 2-D background as its coarse mesh and the separable interpolation rows
+    (``background.background_2d`` with ``method="sextractor"``, SWarp's own background code:
+    natural cubic spline through the box centres), so any rectangle is evaluated exactly without
+    keeping a frame-sized map."""
+
+    mesh: Tensor  # (ny, nx) float64
+    ry: Tensor  # (H, ny)
+    rx: Tensor  # (W, nx)
+
+    def rows(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        return (self.ry[y0:y1] @ self.mesh @ self.rx[x0:x1].T)[None, None]
+
+    def level(self) -> float:
+        """Median of the box values (mean of the two middle ones for an even count)."""
+        return float(torch.quantile(self.mesh.reshape(-1), 0.5))
+
+
+class FrameMatch(NamedTuple):
+    """Automatic flux scale of one frame: ``scale`` (multiplies the frame), the number of stars
+    used and the robust scatter (1.4826 MAD) of their flux ratios."""
+
+    scale: float
+    n_stars: int
+    scatter: float
+
+
+def _full_frame(f: _Frame) -> tuple[Tensor, Tensor]:
+    """The whole frame (1, 1, H, W) (detached, in its floating dtype) and its bad-pixel mask."""
+    img, msk, wgt = f.reader(0, f.shape[0], 0, f.shape[1])
+    img = img.detach() if img.is_floating_point() else img.detach().float()
+    bad = ~torch.isfinite(img) if msk is None else (msk | ~torch.isfinite(img))
+    if wgt is not None:
+        bad = bad | ~(wgt > 0)
+    return torch.where(bad, torch.zeros_like(img), img), bad
+
+
+def _measure_background(img: Tensor, bad: Tensor, box: int, cache: dict):
+    """(``_BackgroundMap``, full background map, global rms) of one frame."""
+    from .background import _interp_matrices, background_2d, global_rms
+
+    mesh_out: dict = {}
+    bkg = background_2d(img, bad, box_size=box, method="sextractor", mesh_out=mesh_out)
+    mesh = mesh_out["mesh"].to(torch.float64)
+    H, W = img.shape[-2:]
+    key = (H, W, box, mesh.device)
+    if key not in cache:  # frames of one shape share the interpolation rows
+        cache[key] = _interp_matrices("spline", mesh.shape[-2], mesh.shape[-1], box, box, H, W, mesh.device,
+                                      torch.float64)
+    ry, rx = cache[key]
+    return _BackgroundMap(mesh[0, 0], ry, rx), bkg.background, float(global_rms(mesh)[0])
+
+
+def _bright_stars(sub: Tensor, bad: Tensor, rms: float, saturation: Optional[float], bkg: Tensor,
+                  max_stars: int = 400) -> tuple[Tensor, Tensor, float]:
+    """Positions (x, y) of the brightest isolated, unsaturated, unflagged stars (S/N > 50 in
+    FLUX_AUTO) of a background-subtracted frame, and an aperture radius (4 half-light radii, at
+    least 3 px) for their photometry. ``saturation``: the raw level (``sub + bkg``) of saturation."""
+    from .detect import SourceExtractor
+
+    cat = SourceExtractor(thresh=5.0, minarea=5, saturation=saturation)(sub.float(), rms, bad, background=bkg.float())
+    snr = cat["flux_auto"] / cat["fluxerr_auto"].clamp_min(1e-30)
+    ok = (cat["flags"] == 0) & (snr > 50) & torch.isfinite(snr)
+    idx = ok.nonzero().reshape(-1)
+    idx = idx[snr[idx].argsort(descending=True)[:max_stars]]
+    radius = 4.0 * float(cat["flux_radius"][idx].median()) if idx.numel() else 3.0
+    return cat["x"][idx].double(), cat["y"][idx].double(), max(3.0, radius)
+
+
+def _aperture_fluxes(img: Tensor, bad: Tensor, x: Tensor, y: Tensor, r: float, rms: float) -> tuple[Tensor, Tensor]:
+    """Fluxes in circles of radius ``r`` at (x, y) and whether each is usable (inside the frame,
+    no bad pixel in the aperture, S/N > 20)."""
+    from .photometry import sum_circle
+
+    H, W = img.shape[-2:]
+    inside = torch.isfinite(x) & torch.isfinite(y) & (x > r + 1) & (y > r + 1) & (x < W - r - 2) & (y < H - r - 2)
+    flux = torch.full_like(x, math.nan)
+    ok = torch.zeros_like(inside)
+    if bool(inside.any()):
+        xi, yi = x[inside], y[inside]
+        f, e, flag = sum_circle(img, xi, yi, r, var=rms * rms)
+        nbad, _, _ = sum_circle(bad.to(img.dtype), xi, yi, r + 1.0)
+        flux[inside] = f
+        ok[inside] = (flag == 0) & (nbad == 0) & (f > 20 * e)
+    return flux, ok
+
+
+def match_flux_scales(images: Tensor, wcs: TanWCS, *, masks: Optional[Tensor] = None, box: int = 64,
+                      aperture: Optional[float] = None, min_stars: int = 5, saturation: Optional[float] = None,
+                      names: Optional[Sequence[str]] = None) -> list[FrameMatch]:
+    """Relative flux scale of each of ``images`` (N, 1, H, W) against the first: what
+    ``stack(..., flux_scale="auto")`` applies (see :func:`_match_flux_scales` for the method)."""
+    n, _, h, w = images.shape
+    names = list(names) if names is not None else [f"frame {i}" for i in range(n)]
+    frames = [_Frame(wcs.select(i), (h, w), 1.0, names[i],
+                     _tensor_reader(images[i, 0], None if masks is None else masks[i, 0], None), saturation=saturation)
+              for i in range(n)]
+    return _match_flux_scales(frames, box=box, aperture=aperture, min_stars=min_stars)
+
+
+def _match_flux_scales(frames: Sequence[_Frame], *, box: int = 64, aperture: Optional[float] = None,
+                       min_stars: int = 5, backgrounds: Optional[list] = None) -> list[FrameMatch]:
+    """Relative flux scale of every frame against the first (SCAMP's relative zero points, as FLXSCALE):
+    bright isolated unsaturated stars detected in the first frame (``detect.SourceExtractor``) are
+    measured at their sky positions, mapped through each frame's WCS, with ``photometry.sum_circle``
+    on each frame's 2-D-background-subtracted pixels; the scale is the median of ``flux_first /
+    flux_frame`` over the stars usable in both. Assumes the WCS are right to a fraction of the
+    aperture and the PSFs alike enough that the aperture (default 4 half-light radii) holds the same
+    fraction of the light. Frames are read one at a time. A :class:`StackError` names a frame with
+    fewer than ``min_stars`` usable stars in common with the first."""
+    cache: dict = {}
+    out, ref_flux, ra, dec, radius = [], None, None, None, None
+    for i, f in enumerate(frames):
+        img, bad = _full_frame(f)
+        bmap, bkg, rms = _measure_background(img, bad, box, cache)
+        if backgrounds is not None:
+            backgrounds.append(bmap)
+        sub = img - bkg
+        if i == 0:
+            x, y, r_auto = _bright_stars(sub, bad, rms, f.saturation, bkg)
+            radius = float(aperture) if aperture else r_auto
+            ra, dec = f.wcs.pixel_to_world(x, y)
+            ra, dec = ra.reshape(-1), dec.reshape(-1)
+        px, py = f.wcs.world_to_pixel(ra, dec)
+        flux, ok = _aperture_fluxes(sub, bad, px.reshape(-1).to(sub.dtype), py.reshape(-1).to(sub.dtype), radius, rms)
+        if i == 0:
+            ref_flux, ref_ok = flux, ok
+        both = ok & ref_ok
+        if i == 0 and int(both.sum()) < min_stars:
+            raise StackError(f"flux_scale=auto: {f.name} (the flux reference) has {int(both.sum())} bright isolated "
+                             f"unsaturated stars (need {min_stars}): give flux_scale factors (or FLXSCALE) instead")
+        if int(both.sum()) < min_stars:
+            raise StackError(f"flux_scale=auto: {f.name} has {int(both.sum())} usable stars in common with "
+                             f"{frames[0].name} (need {min_stars}): give flux_scale factors (or FLXSCALE) instead")
+        ratio = (ref_flux[both] / flux[both]).to(torch.float64)
+        med = ratio.median()
+        out.append(FrameMatch(float(med), int(both.sum()), float(1.4826 * (ratio - med).abs().median())))
+    return out
+
+
+def _match_frames(frames: list, background, flux_scale, box: int = 64, aperture: Optional[float] = None) -> list:
+    """Apply ``background`` in ("2d", "match") and ``flux_scale="auto"`` to the frames (in place)."""
+    two_d = isinstance(background, str) and background in ("2d", "match")
+    if not two_d and flux_scale != "auto":
+        return frames
+    backgrounds: list = []
+    if flux_scale == "auto":
+        for f, m in zip(frames, _match_flux_scales(frames, box=box, aperture=aperture, backgrounds=backgrounds)):
+            f.scale = m.scale
+    else:
+        cache: dict = {}
+        for f in frames:
+            img, bad = _full_frame(f)
+            backgrounds.append(_measure_background(img, bad, box, cache)[0])
+    if two_d:
+        for f, b in zip(frames, backgrounds):
+            f.background = b
+            f.offset = 0.0
+        if background == "match":  # back to the first frame's level (in its scaled units)
+            level = backgrounds[0].level() * frames[0].scale
+            for f in frames:
+                f.offset = -level / f.scale
+    return frames
 
 
 def _check_on_grid(frames: Sequence[_Frame], target: TanWCS, shape_out) -> None:
@@ -374,9 +550,12 @@ def _prepare_frames(frames: list, background, flux_scale, names_for_errors: str)
             raise ValueError(f"background: {len(off)} offsets for {n} {names_for_errors}")
         for f, o in zip(frames, off):
             f.offset = o
-    elif background not in (None, "constant"):
-        raise ValueError(f"background must be None, 'constant' or one offset per frame, got {background!r}")
-    if flux_scale is not None:
+    elif background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS} or one offset per frame, got {background!r}")
+    if isinstance(flux_scale, str):
+        if flux_scale not in FLUX_SCALES:
+            raise ValueError(f"flux_scale must be one of {FLUX_SCALES} or one factor per frame, got {flux_scale!r}")
+    elif flux_scale is not None:
         sc = [float(v) for v in (flux_scale.tolist() if isinstance(flux_scale, Tensor) else flux_scale)]
         if len(sc) != n or not all(math.isfinite(v) and v > 0 for v in sc):
             raise ValueError(f"flux_scale: need {n} positive factors, got {sc[:8]}")
@@ -391,6 +570,7 @@ def stack(
     exposure: Optional[Sequence[float]] = None, combine: str = "weighted", interpolation: str = "bilinear",
     background=None, flux_scale=None, clip_sigma: float = 3.0, clip_iters: int = 3,
     chunk_rows: Optional[int] = None, grid_step: Optional[int] = 16, names: Optional[Sequence[str]] = None,
+    background_box: int = 64, flux_aperture: Optional[float] = None, saturation: Optional[float] = None,
 ) -> StackResult:
     """Co-add ``images`` (N, 1, H, W) with their batched ``wcs`` onto ``target_wcs`` / ``shape_out``.
 
@@ -398,7 +578,11 @@ def stack(
     :class:`StackError` names the frames when they belong to fields that do not overlap).
     ``weights``: inverse-variance maps (N, 1, H, W) or one number per frame (default: ``1 / sigma^2``
     from the frame's MAD). ``exposure``: per-frame exposure times for the exposure map (default 1).
-    ``background``: None, ``"constant"`` or (N,) offsets; ``flux_scale``: None or (N,) factors.
+    ``background``: None, ``"constant"``, ``"2d"`` (subtract each frame's ``background_2d`` map,
+    boxes of ``background_box`` px), ``"match"`` (the same, then add back the first frame's median
+    level) or (N,) offsets; ``flux_scale``: None, (N,) factors or ``"auto"`` (:func:`match_flux_scales`
+    against the first frame, ``flux_aperture`` radius px or automatic; stars brighter than
+    ``saturation`` (raw level) are not used); the factors applied are ``StackResult.flux_scale``.
     ``interpolation`` and ``grid_step`` as in :func:`~astroprep_torch.align.reproject`;
     ``chunk_rows`` output rows per band (None: ~64 MB per frames-by-band array). Differentiable
     with respect to ``images`` (mean, weighted and clipped through the kept values, median through
@@ -430,12 +614,17 @@ def stack(
         off = _clipped_median(img.detach() if m is None else img.detach()[~m]) if background == "constant" else 0.0
         frames.append(_Frame(wcs.select(i), (h, w), float(exposure[i]) if exposure is not None else 1.0, names[i],
                              _tensor_reader(img, m, wmaps[i, 0] if wmaps is not None else None), scalar, off))
+        frames[-1].saturation = saturation
+    if flux_scale == "header":
+        raise ValueError("flux_scale='header' reads FLXSCALE from FITS headers: use stack_files, or give factors")
     frames = _prepare_frames(frames, background, flux_scale, "images")
-    return _run(frames, target_wcs, shape_out, combine=combine, interpolation=interpolation, chunk_rows=chunk_rows,
-                grid_step=grid_step, clip_sigma=clip_sigma, clip_iters=clip_iters, dtype=images.dtype)
+    match = dict(background=background, flux_scale=flux_scale, box=background_box, aperture=flux_aperture)
+    return _run(frames, target_wcs, shape_out, match=match, combine=combine, interpolation=interpolation,
+                chunk_rows=chunk_rows, grid_step=grid_step, clip_sigma=clip_sigma, clip_iters=clip_iters,
+                dtype=images.dtype)
 
 
-def _run(frames, target_wcs, shape_out, **kw) -> StackResult:
+def _run(frames, target_wcs, shape_out, match: Optional[dict] = None, **kw) -> StackResult:
     if not frames:
         raise ValueError("stack needs at least one frame")
     if target_wcs is None:
@@ -446,6 +635,8 @@ def _run(frames, target_wcs, shape_out, **kw) -> StackResult:
         if shape_out is None:
             raise ValueError("shape_out is needed: the target WCS has no NAXIS1/NAXIS2")
     _check_on_grid(frames, target_wcs, shape_out)
+    if match:
+        _match_frames(frames, **match)
     res = _stack_frames(frames, target_wcs.select(0), shape_out, **kw)
     return res
 
@@ -456,12 +647,13 @@ class Stack(nn.Module):
 
     def __init__(self, combine: str = "weighted", interpolation: str = "bilinear", background=None,
                  clip_sigma: float = 3.0, clip_iters: int = 3, chunk_rows: Optional[int] = None,
-                 grid_step: Optional[int] = 16):
+                 grid_step: Optional[int] = 16, background_box: int = 64, flux_aperture: Optional[float] = None):
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         self.options = dict(combine=combine, interpolation=interpolation, background=background,
-                            clip_sigma=clip_sigma, clip_iters=clip_iters, chunk_rows=chunk_rows, grid_step=grid_step)
+                            clip_sigma=clip_sigma, clip_iters=clip_iters, chunk_rows=chunk_rows, grid_step=grid_step,
+                            background_box=background_box, flux_aperture=flux_aperture)
 
     def forward(self, images: Tensor, wcs: TanWCS, target_wcs: Optional[TanWCS] = None, shape_out=None,
                 masks: Optional[Tensor] = None, weights=None, exposure=None, flux_scale=None) -> StackResult:
@@ -544,20 +736,25 @@ def _fits_frame(path: Path, weight_path, stack_ctx, header_suffix: Optional[str]
             np.asarray(whdu.section[y0:y1, x0:x1], dtype=np.float32).copy())[None, None]
         return img, ~torch.isfinite(img), wgt
 
+    saturation = header.get("SATURATE")
     return _Frame(wcs, shape, float(header.get("EXPTIME", 1.0) or 1.0), path.name, read,
-                  None, 0.0, float(header.get("FLXSCALE", 1.0) or 1.0))
+                  None, 0.0, float(header.get("FLXSCALE", 1.0) or 1.0),
+                  saturation=float(saturation) if isinstance(saturation, (int, float)) and saturation > 0 else None)
 
 
 def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] = None, combine: str = "weighted",
                 interpolation: str = "bilinear", background=None, flux_scale=None, clip_sigma: float = 3.0,
                 clip_iters: int = 3, chunk_rows: Optional[int] = None, grid_step: Optional[int] = 16,
-                header_suffix: Optional[str] = ".head") -> tuple:
+                header_suffix: Optional[str] = ".head", background_box: int = 64,
+                flux_aperture: Optional[float] = None) -> tuple:
     """Co-add FITS frames (see :func:`stack`); returns ``(StackResult, target TanWCS)``.
 
     ``reference``: a FITS file or ``.head`` giving the output grid (default :func:`coadd_grid`).
     ``weights``: one inverse-variance weight map per frame (SWarp's ``MAP_WEIGHT`` with
     ``RESCALE_WEIGHTS N``); default ``1 / sigma^2`` per frame from the MAD of a subsample. Exposure
-    times come from ``EXPTIME`` (1 when absent). ``flux_scale="header"`` uses each frame's ``FLXSCALE`` (as SWarp; 1 when absent).
+    times come from ``EXPTIME`` (1 when absent). ``flux_scale="header"`` uses each frame's ``FLXSCALE`` (as SWarp; 1 when absent);
+    ``flux_scale="auto"`` measures it against the first frame (:func:`match_flux_scales`, stars above
+    the header's ``SATURATE`` left out; one frame read at a time). ``background``: as in :func:`stack`.
     Frames are read by sections: every band of ``chunk_rows`` output rows reads only what it needs.
     A ``<frame>.head`` beside a frame overrides its header (``header_suffix``; None: ignore them).
     This is also the template builder for a night without a reference: ``stack_files(frames,
@@ -568,6 +765,9 @@ def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] 
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("stack_files: no input frames")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"stack: input frame(s) not found: {', '.join(missing[:6])}")
     if weights is not None and len(weights) != len(paths):
         raise ValueError(f"weights: {len(weights)} weight maps for {len(paths)} frames")
     target, shape = read_grid(reference) if reference is not None else (None, None)
@@ -588,13 +788,18 @@ def stack_files(paths: Sequence, *, reference=None, weights: Optional[Sequence] 
         if target is None:
             _check_one_field(frames)
             target, shape = coadd_grid([f.wcs for f in frames], [f.shape for f in frames])
-        res = _run(frames, target, shape, combine=combine, interpolation=interpolation, chunk_rows=chunk_rows,
-                   grid_step=grid_step, clip_sigma=clip_sigma, clip_iters=clip_iters, dtype=torch.float32)
+        match = dict(background=background, flux_scale=flux_scale, box=background_box, aperture=flux_aperture)
+        res = _run(frames, target, shape, match=match, combine=combine, interpolation=interpolation,
+                   chunk_rows=chunk_rows, grid_step=grid_step, clip_sigma=clip_sigma, clip_iters=clip_iters,
+                   dtype=torch.float32)
     return res, target
 
 
-def write_stack(out_dir, result: StackResult, target: TanWCS, *, combine: str, names: Sequence[str] = ()) -> dict:
-    """Write ``coadd.fits``, ``coadd.weight.fits`` and ``coadd.exposure.fits`` (with the grid's WCS)."""
+def write_stack(out_dir, result: StackResult, target: TanWCS, *, combine: str, names: Sequence[str] = (),
+                background=None, flux_scale=None) -> dict:
+    """Write ``coadd.fits``, ``coadd.weight.fits`` and ``coadd.exposure.fits`` (with the grid's WCS);
+    the header lists the frames (``IMCMBnnn``), the flux scale applied to each (``FLXSCnnn``) and,
+    when given as strings, the ``background`` and ``flux_scale`` modes (``BACKMTCH``, ``FLXSCTYP``)."""
     from astropy.io import fits
 
     from .io import write_fits
@@ -606,6 +811,12 @@ def write_stack(out_dir, result: StackResult, target: TanWCS, *, combine: str, n
     h["NCOMBINE"] = (len(names), "frames in the stack")
     for i, n in enumerate(names[:999]):
         h[f"IMCMB{i + 1:03d}"] = str(n)[:68]
+    if result.flux_scale is not None:
+        for i, v in enumerate(result.flux_scale.tolist()[:999]):
+            h[f"FLXSC{i + 1:03d}"] = (float(f"{v:.7g}"), f"flux scale applied to frame {i + 1}")
+    for key, mode in (("BACKMTCH", background), ("FLXSCTYP", flux_scale)):
+        if isinstance(mode, str):
+            h[key] = (mode, "astroprep stack per-frame " + ("background" if key == "BACKMTCH" else "flux scale"))
     paths = {"coadd": out / "coadd.fits", "weight": out / "coadd.weight.fits", "exposure": out / "coadd.exposure.fits"}
     write_fits(paths["coadd"], result.image, header=h, wcs=target, overwrite=True)
     write_fits(paths["weight"], result.weight, header=h, wcs=target, overwrite=True)
@@ -619,4 +830,5 @@ def build_template(paths: Sequence, output, *, combine: str = "median", referenc
     ``paths`` with :func:`stack_files` and writes the three co-add files into ``output``; returns
     their paths (``coadd``, ``weight``, ``exposure``)."""
     res, target = stack_files(paths, reference=reference, weights=weights, combine=combine, **options)
-    return write_stack(output, res, target, combine=combine, names=[Path(p).name for p in paths])
+    return write_stack(output, res, target, combine=combine, names=[Path(p).name for p in paths],
+                       background=options.get("background"), flux_scale=options.get("flux_scale"))

@@ -1,7 +1,6 @@
 """Co-addition: combine types, weights, exposure, masks, chunking, files, bad input, gradients."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -240,3 +239,158 @@ def test_parity_with_swarp(tmp_path, combine):
     full[:8], full[-8:], full[:, :8], full[:, -8:] = False, False, False, False
     d = np.abs(ours.image[0, 0].double().numpy() - sw)[full]
     assert full.sum() > 5000 and np.median(d) < 1e-3 * 10.0 / math.sqrt(5)
+
+
+# -- per-frame matching: automatic flux scale, 2-D background ---------------------------------------
+TRANSPARENCY = [1.0, 0.7, 1.2, 0.85]
+
+
+@pytest.fixture(scope="module")
+def hazy():
+    """Four dithered 256^2 frames of one field with known transparencies (star flux x t_i), sky 1000."""
+    fr = simulate_dithers(4, (256, 256), n_stars=300, dither=5.0, noise=10.0, seed=1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    images = torch.cat([(f.noiseless - 1000) * t + 1000 + 10 * torch.randn(f.noiseless.shape, generator=g,
+                                                                          dtype=torch.float64)
+                        for f, t in zip(fr, TRANSPARENCY)])
+    return fr, images, TanWCS.stack([TanWCS.from_header(f.header) for f in fr])
+
+
+def test_auto_flux_scale_recovers_transparency(hazy):
+    fr, images, wcs = hazy
+    tw = TanWCS.from_header(fr[0].header)
+    r = S.stack(images, wcs, tw, (256, 256), combine="mean", flux_scale="auto", background="2d")
+    truth = torch.tensor([1 / t for t in TRANSPARENCY], dtype=torch.float64)
+    assert ((r.flux_scale - truth).abs() / truth).max() < 0.01
+    matched = S.match_flux_scales(images, wcs)
+    assert [m.scale for m in matched] == r.flux_scale.tolist() and min(m.n_stars for m in matched) >= 20
+    assert matched[0] == S.FrameMatch(1.0, matched[0].n_stars, 0.0)
+    plain = S.stack(images, wcs, tw, (256, 256), combine="mean", background="2d")
+    assert torch.equal(plain.flux_scale, torch.ones(4, dtype=torch.float64))
+    # the co-add's stars carry frame 0's flux scale: as bright as a co-add of frames without haze
+    clear = S.stack(torch.cat([f.image for f in fr]), wcs, tw, (256, 256), combine="mean", background="2d")
+    full = (r.count[0, 0] == 4) & (fr[0].noiseless[0, 0] > 1500)
+    ratio = float(r.image[0, 0][full].sum() / clear.image[0, 0][full].sum())
+    ratio_plain = float(plain.image[0, 0][full].sum() / clear.image[0, 0][full].sum())
+    assert abs(ratio - 1) < 0.01 and abs(ratio_plain - sum(TRANSPARENCY) / 4) < 0.01
+
+
+def test_auto_flux_scale_files_header_and_cli(hazy, tmp_path):
+    fr, images, _ = hazy
+    paths = [write_fits(tmp_path / f"h{i}.fits", images[i:i + 1].float(), header=f.header) for i, f in enumerate(fr)]
+    from astropy.io import fits
+
+    from astroprep_torch import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["stack", f"input={tmp_path}/h*.fits", f"output={out}", "combine=median",
+                     "stack.flux_scale=auto", "stack.background=match"]) == 0
+    h = fits.getheader(out / "coadd.fits")
+    got = [h[f"FLXSC{i + 1:03d}"] for i in range(4)]
+    assert np.allclose(got, [1 / t for t in TRANSPARENCY], rtol=0.01)
+    assert h["FLXSCTYP"] == "auto" and h["BACKMTCH"] == "match"
+    # with FLXSCALE in the headers, flux_scale=header applies the same factors
+    for p, v in zip(paths, got):
+        fits.setval(p, "FLXSCALE", value=v)
+    a, _ = S.stack_files(paths, combine="median", flux_scale="header", background="match")
+    b, _ = S.stack_files(paths, combine="median", flux_scale="auto", background="match")
+    assert torch.allclose(a.flux_scale, b.flux_scale, rtol=1e-6)
+    assert torch.allclose(a.image.nan_to_num(), b.image.nan_to_num(), atol=1e-3)
+
+
+def test_auto_flux_scale_needs_common_stars(hazy):
+    fr, images, wcs = hazy
+    blank = images.clone()
+    blank[2] = 1000 + 10 * torch.randn(blank[2].shape, generator=torch.Generator().manual_seed(9), dtype=blank.dtype)
+    with pytest.raises(S.StackError, match="flux_scale=auto: frame 2 has 0 usable stars in common with frame 0"):
+        S.stack(blank, wcs, combine="mean", flux_scale="auto")
+    with pytest.raises(S.StackError, match=r"frame 0 \(the flux reference\) has 0 bright isolated"):
+        S.stack(blank[[2, 1, 0, 3]], wcs, combine="mean", flux_scale="auto")
+    with pytest.raises(ValueError, match="flux_scale must be one of"):
+        S.stack(images, wcs, flux_scale="guess")
+    with pytest.raises(ValueError, match="background must be one of"):
+        S.stack(images, wcs, background="plane")
+
+
+def sky_frames():
+    """Four frames with sky levels 800-1400 ADU and tilted planes of 60-150 ADU across the frame."""
+    fr = simulate_dithers(4, (192, 192), n_stars=80, dither=4.0, noise=10.0, seed=3, dtype=torch.float64)
+    yy, xx = torch.meshgrid(torch.arange(192.0, dtype=torch.float64), torch.arange(192.0, dtype=torch.float64),
+                            indexing="ij")
+    levels, tilts = [800.0, 1400.0, 1000.0, 1200.0], [(60, 0), (0, -100), (-80, 80), (150, 40)]
+    images = torch.cat([f.image + (lv - 1000) + (tx * xx + ty * yy) / 191
+                        for f, lv, (tx, ty) in zip(fr, levels, tilts)])
+    return fr, images, TanWCS.stack([TanWCS.from_header(f.header) for f in fr]), levels
+
+
+def _block_medians(img, keep, block=32):
+    h, w = img.shape
+    out = []
+    for y in range(0, h - block + 1, block):
+        for x in range(0, w - block + 1, block):
+            v = img[y:y + block, x:x + block][keep[y:y + block, x:x + block]]
+            if v.numel() > block * block // 2:
+                out.append(float(v.median()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["2d", "match"])
+def test_background_matching_flattens_the_coadd(mode):
+    fr, images, wcs, levels = sky_frames()
+    tw = TanWCS.from_header(fr[0].header)
+    stars = fr[0].noiseless[0, 0] - 1000
+    r = S.stack(images, wcs, tw, (192, 192), combine="mean", background=mode, background_box=32)
+    raw = S.stack(images, wcs, tw, (192, 192), combine="mean")
+    keep = (r.count[0, 0] == 4) & (stars < 1.0)
+    sigma_c = 10.0 / 2  # noise of the mean of 4 frames
+    flat = _block_medians(r.image[0, 0], keep)
+    assert float(flat.std()) < 0.2 * sigma_c and float((flat - flat.median()).abs().max()) < 0.5 * sigma_c
+    assert float(_block_medians(raw.image[0, 0], keep).std()) > sigma_c  # the mean of the tilts
+    level = levels[0] + 60 / 2 if mode == "match" else 0.0  # frame 0's median sky: its level + half its tilt
+    assert abs(float(flat.median()) - level) < 0.3 * sigma_c
+
+
+def test_background_rows_equal_background_2d():
+    from astroprep_torch.background import background_2d
+
+    img = 1000 + 10 * torch.randn(1, 1, 150, 170, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    img = img + torch.linspace(0, 50, 170, dtype=torch.float64)
+    bad = torch.zeros_like(img, dtype=torch.bool)
+    bmap, full, _ = S._measure_background(img, bad, 32, {})
+    assert torch.allclose(bmap.rows(0, 150, 0, 170), full, atol=1e-6)
+    assert torch.allclose(bmap.rows(17, 60, 33, 101), background_2d(img, bad, box_size=32, method="sextractor").background[..., 17:60, 33:101],
+                          atol=1e-6)
+
+
+# -- bad input: files ---------------------------------------------------------------------------------
+def test_file_errors_name_the_file(frames, tmp_path):
+    from astropy.io import fits
+
+    good = write_fits(tmp_path / "good.fits", frames[0].image, header=frames[0].header)
+    fits.PrimaryHDU(frames[1].image[0, 0].numpy()).writeto(tmp_path / "nowcs.fits")
+    with pytest.raises(ValueError, match=r"nowcs\.fits: cannot stack without a supported WCS"):
+        S.stack_files([good, tmp_path / "nowcs.fits"])
+    with pytest.raises(FileNotFoundError, match=r"input frame\(s\) not found: .*missing\.fits"):
+        S.stack_files([good, tmp_path / "missing.fits"])
+    fits.PrimaryHDU(np.ones((50, 60), np.float32)).writeto(tmp_path / "w.fits")
+    with pytest.raises(ValueError, match=r"weight map .*w\.fits shape \(50, 60\) != .*good\.fits shape \(96, 96\)"):
+        S.stack_files([good], weights=[tmp_path / "w.fits"])
+    far = frames[1].header.copy()
+    far["CRVAL1"] += 2.0
+    other = write_fits(tmp_path / "elsewhere.fits", frames[1].image, header=far)
+    with pytest.raises(S.StackError, match=r"different fields.*\[good\.fits\].*\[elsewhere\.fits\]"):
+        S.stack_files([good, other])
+
+
+def test_files_of_different_shapes_stack_by_their_wcs(frames, tmp_path):
+    from astropy.io import fits
+
+    big = write_fits(tmp_path / "big.fits", frames[0].image, header=frames[0].header)
+    h = frames[0].header.copy()  # the same sky: a 60x70 cut of frame 0 from pixel (10, 20)
+    h["CRPIX1"] -= 10
+    h["CRPIX2"] -= 20
+    fits.PrimaryHDU(frames[0].image[0, 0, 20:80, 10:80].numpy(), header=h).writeto(tmp_path / "cut.fits")
+    r, _ = S.stack_files([big, tmp_path / "cut.fits"], reference=big, combine="mean", grid_step=None)
+    inner = r.count[0, 0] == 2
+    assert int(inner.sum()) > 3000
+    assert torch.allclose(r.image[0, 0][inner], frames[0].image[0, 0][inner].float(), atol=1e-3)
