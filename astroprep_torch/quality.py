@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import all_finite, check_image, check_mask
-from ._ops import numpy_inplace_
+from .stretch import signed_asinh as _asinh  # asinh of the features: the stretch module's kernel
 
 log = logging.getLogger(__name__)
 
@@ -215,24 +215,6 @@ def _block_mean(x: Tensor, k: int) -> Tensor:
     for j in range(1, k):
         out.add_(cols[..., j::k, :])  # rows j::k and 0::k of ``cols`` do not overlap
     return out.mul_(1.0 / (k * k))
-
-
-def _asinh(z: Tensor) -> Tensor:
-    """``asinh`` in a few vectorised passes (``torch.asinh`` is ~2x slower on CPU); same values to
-    float rounding: ``sign(z) log1p(|z| + z^2 / (1 + sqrt(1 + z^2)))``."""
-    a = z.abs()
-    a2 = a * a
-    r = a + a2 / (1.0 + torch.sqrt(a2 + 1.0))
-    # numpy's SIMD log1p is ~4x faster than ATen's on this CPU (the same values to an ulp)
-    if not numpy_inplace_(r, _np_log1p):
-        r = torch.log1p(r)
-    return torch.copysign(r, z)
-
-
-def _np_log1p(a) -> None:
-    import numpy as np
-
-    np.log1p(a, out=a)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ histogram equalisation, and fully through :class:`HistogramEqualization` with ``
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -548,7 +549,7 @@ class ManualInterval(BaseInterval):
 
 
 # --------------------------------------------------------------------------------------------
-# stretches
+# stretches: each kind written once, its backend variants registered side by side
 # --------------------------------------------------------------------------------------------
 
 #: kind -> default ``a`` (astropy's defaults; ``power`` has none, as astropy's ``PowerStretch``).
@@ -556,6 +557,204 @@ STRETCHES = {
     "linear": None, "sqrt": None, "squared": None, "power": None, "log": 1000.0, "asinh": 0.1,
     "sinh": 1.0 / 3.0, "powerdist": 1000.0,
 }
+
+
+class _StretchParams(NamedTuple):
+    """What a stretch kernel needs besides the values. ``clip``: the values were clipped to
+    ``[0, 1]`` (a kernel may take its ``x >= 0`` branch; the linear stretch clips after)."""
+
+    a: Optional[float]
+    clip: bool
+    slope: float = 1.0
+    intercept: float = 0.0
+
+
+#: ``{kind: {variant: kernel}}``, filled by :func:`_register_stretch` beside each formula.
+#: ``"graph"``: ``kernel(x, p) -> Tensor``, out-of-place torch ops (autograd, ``torch.compile``).
+#: ``"inplace"``: ``kernel(y, p) -> Tensor``, eager torch ops on a buffer we own (returns ``y`` or
+#: a new tensor). ``"numpy"`` (transcendental kinds only): ``kernel(block, p)``, numpy ufuncs with
+#: ``out=block`` on a CPU block (see :func:`_numpy_stretch`).
+_STRETCH_KERNELS: dict[str, dict[str, Callable]] = {}
+
+
+def _register_stretch(kind: str, variant: str):
+    """Decorator: register ``fn`` as the ``variant`` kernel of the stretch ``kind``."""
+    def register(fn: Callable) -> Callable:
+        _STRETCH_KERNELS.setdefault(kind, {})[variant] = fn
+        return fn
+    return register
+
+
+@_register_stretch("linear", "graph")
+def _linear(x: Tensor, p: _StretchParams) -> Tensor:
+    """``slope x + intercept``, clipped after when ``p.clip`` and not the identity."""
+    y = x
+    if p.slope != 1:
+        y = y * p.slope
+    if p.intercept != 0:
+        y = y + p.intercept
+    if p.clip and (p.slope != 1 or p.intercept != 0):
+        y = y.clamp(0.0, 1.0)
+    return y
+
+
+@_register_stretch("linear", "inplace")
+def _linear_(y: Tensor, p: _StretchParams) -> Tensor:
+    if p.slope != 1:
+        y.mul_(p.slope)
+    if p.intercept != 0:
+        y.add_(p.intercept)
+    if p.clip and (p.slope != 1 or p.intercept != 0):
+        y.clamp_(0.0, 1.0)
+    return y
+
+
+@_register_stretch("sqrt", "graph")
+def _sqrt(x: Tensor, p: _StretchParams) -> Tensor:
+    return torch.sqrt(x)
+
+
+@_register_stretch("sqrt", "inplace")
+def _sqrt_(y: Tensor, p: _StretchParams) -> Tensor:
+    # 1 / rsqrt(x): ATen's rsqrt and reciprocal are SIMD kernels, its sqrt goes through MKL's VML
+    # (slower on AMD CPUs); <= 2 ulp from sqrt, 0 -> 0, inf -> inf, x < 0 -> NaN
+    return y.rsqrt_().reciprocal_()
+
+
+@_register_stretch("squared", "graph")
+def _squared(x: Tensor, p: _StretchParams) -> Tensor:
+    return x * x
+
+
+@_register_stretch("squared", "inplace")
+def _squared_(y: Tensor, p: _StretchParams) -> Tensor:
+    return y.mul_(y)
+
+
+@_register_stretch("power", "graph")
+def _power(x: Tensor, p: _StretchParams) -> Tensor:
+    """``x^a``; for clipped input (``x >= 0``) as ``2^(a log2 x)``, which fuses to SIMD exp2/log2
+    when compiled."""
+    if p.clip and not x.requires_grad:
+        return torch.exp2(torch.log2(x) * p.a)
+    return torch.pow(x, p.a)
+
+
+@_register_stretch("power", "inplace")
+def _power_(y: Tensor, p: _StretchParams) -> Tensor:
+    return y.pow_(p.a)
+
+
+@_register_stretch("power", "numpy")
+def _power_np(b, p: _StretchParams) -> None:
+    np.power(b, p.a, out=b)
+
+
+@_register_stretch("log", "graph")
+def _log(x: Tensor, p: _StretchParams) -> Tensor:
+    """``log(a x + 1) / log(a + 1)``."""
+    return torch.log(x * p.a + 1.0) / math.log(p.a + 1.0)
+
+
+@_register_stretch("log", "inplace")
+def _log_(y: Tensor, p: _StretchParams) -> Tensor:
+    # log2 is ATen's faster CPU kernel; ln 2 folds into the normalisation
+    return y.mul_(p.a).add_(1.0).log2_().mul_(1.0 / math.log2(p.a + 1.0))
+
+
+@_register_stretch("log", "numpy")
+def _log_np(b, p: _StretchParams) -> None:
+    np.multiply(b, p.a, out=b)
+    np.add(b, 1.0, out=b)
+    np.log(b, out=b)
+    np.multiply(b, 1.0 / math.log(p.a + 1.0), out=b)
+
+
+@_register_stretch("asinh", "graph")
+def _asinh_stretch(x: Tensor, p: _StretchParams) -> Tensor:
+    """``asinh(x / a) / asinh(1 / a)``; for clipped input (``x >= 0``) through
+    ``asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a)`` (SIMD log/sqrt when compiled)."""
+    a = p.a
+    if p.clip:
+        return ((torch.log(x + torch.sqrt(x * x + a * a)) - math.log(a)) / math.asinh(1.0 / a)).clamp(0.0, 1.0)
+    return torch.asinh(x / a) / math.asinh(1.0 / a)
+
+
+@_register_stretch("asinh", "inplace")
+def _asinh_stretch_(y: Tensor, p: _StretchParams) -> Tensor:
+    # torch.asinh is a scalar loop on CPU; asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a) instead, exact
+    # for x >= 0 (with clip: x in [0, 1]); log and sqrt are SIMD-vectorised. ~1 ulp of the output.
+    a = p.a
+    norm = math.asinh(1.0 / a)
+    if p.clip:
+        r = torch.addcmul(torch.tensor(a * a, dtype=y.dtype, device=y.device), y, y).rsqrt_()
+        torch.addcdiv(y, torch.ones((), dtype=y.dtype, device=y.device), r, out=r).log_()
+        return torch.add(torch.tensor(-math.log(a) / norm, dtype=y.dtype, device=y.device), r,
+                         alpha=1.0 / norm, out=y).clamp_(0.0, 1.0)
+    y.div_(a)
+    sign = torch.sign(y)
+    t = y.abs_()
+    huge = t > 1e18 if y.dtype == torch.float32 else None  # t^2 overflows float32
+    r = torch.mul(t, t).add_(1.0).sqrt_()
+    y = r.add_(t).log_()
+    if huge is not None:
+        y = torch.where(huge, torch.log(2.0 * t), y)
+    return y.mul_(sign).div_(norm)
+
+
+@_register_stretch("asinh", "numpy")
+def _asinh_stretch_np(b, p: _StretchParams) -> None:
+    np.multiply(b, 1.0 / p.a, out=b)
+    np.arcsinh(b, out=b)
+    np.multiply(b, 1.0 / math.asinh(1.0 / p.a), out=b)
+
+
+def signed_asinh(z: Tensor) -> Tensor:
+    """``asinh(z)`` of any real ``z`` (unnormalised; the feature compression of
+    :func:`~astroprep_torch.quality.normalize_frame`) as ``sign(z) log1p(|z| + z^2 / (1 + sqrt(1 + z^2)))``
+    in a few vectorised passes, the ``log1p`` through numpy's SIMD ufunc on large CPU tensors
+    (``torch.asinh`` is a scalar loop on CPU); the same values as ``torch.asinh`` to float rounding."""
+    a = z.abs()
+    a2 = a * a
+    r = a + a2 / (1.0 + torch.sqrt(a2 + 1.0))
+    if not numpy_inplace_(r, _log1p_np):
+        r = torch.log1p(r)
+    return torch.copysign(r, z)
+
+
+def _log1p_np(b) -> None:
+    np.log1p(b, out=b)
+
+
+@_register_stretch("sinh", "graph")
+def _sinh(x: Tensor, p: _StretchParams) -> Tensor:
+    """``sinh(x / a) / sinh(1 / a)`` with ``e^t = 2^(t log2 e)`` (exp2 is SIMD-vectorised on CPU)."""
+    e = torch.exp2(x * (math.log2(math.e) / p.a))
+    return (e - 1.0 / e) * (0.5 / math.sinh(1.0 / p.a))
+
+
+@_register_stretch("sinh", "inplace")
+def _sinh_(y: Tensor, p: _StretchParams) -> Tensor:
+    e = y.mul_(math.log2(math.e) / p.a).exp2_()
+    return e.sub_(torch.reciprocal(e)).mul_(0.5 / math.sinh(1.0 / p.a))
+
+
+@_register_stretch("sinh", "numpy")
+def _sinh_np(b, p: _StretchParams) -> None:
+    np.multiply(b, 1.0 / p.a, out=b)
+    np.sinh(b, out=b)
+    np.multiply(b, 1.0 / math.sinh(1.0 / p.a), out=b)
+
+
+@_register_stretch("powerdist", "graph")
+def _powerdist(x: Tensor, p: _StretchParams) -> Tensor:
+    """``(a^x - 1) / (a - 1)``."""
+    return (torch.pow(torch.as_tensor(p.a, dtype=x.dtype, device=x.device), x) - 1.0) / (p.a - 1.0)
+
+
+@_register_stretch("powerdist", "inplace")
+def _powerdist_(y: Tensor, p: _StretchParams) -> Tensor:
+    return torch.pow(torch.as_tensor(p.a, dtype=y.dtype, device=y.device), y).sub_(1.0).div_(p.a - 1.0)
 
 
 def apply_stretch(
@@ -572,41 +771,16 @@ def apply_stretch(
     clipped after. With ``clip=False`` out-of-range input is used as is and may give NaN (sqrt/log/
     fractional power of negatives); ``invalid`` replaces those NaNs for sqrt, log and ``0 < a < 1``
     power, as astropy's ``invalid=`` keyword (ignored when ``clip``).
+
+    Eager calls that need no gradient run the ``"inplace"`` / ``"numpy"`` kernels on one output
+    buffer (:func:`_stretch_inplace`); the others the ``"graph"`` kernel. Both give the same
+    numbers to float rounding (tests compare them).
     """
     a = _check_stretch(kind, a)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and values.requires_grad):
         return _stretch_inplace(values, kind, a, clip, slope, intercept, invalid, _owned)
     x = values.clamp(0.0, 1.0) if clip else values
-    if kind == "linear":
-        y = x
-        if slope != 1:
-            y = y * slope
-        if intercept != 0:
-            y = y + intercept
-        if clip and (slope != 1 or intercept != 0):
-            y = y.clamp(0.0, 1.0)
-        return y
-    if kind == "sqrt":
-        y = torch.sqrt(x)
-    elif kind == "squared":
-        y = x * x
-    elif kind == "power":
-        if clip and not x.requires_grad:  # x >= 0: 2^(a log2 x) fuses to SIMD exp2/log2 when compiled
-            y = torch.exp2(torch.log2(x) * a)
-        else:
-            y = torch.pow(x, a)
-    elif kind == "log":
-        y = torch.log(x * a + 1.0) / math.log(a + 1.0)
-    elif kind == "asinh":
-        if clip:  # x >= 0: asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a), SIMD log/sqrt when compiled
-            y = ((torch.log(x + torch.sqrt(x * x + a * a)) - math.log(a)) / math.asinh(1.0 / a)).clamp(0.0, 1.0)
-        else:
-            y = torch.asinh(x / a) / math.asinh(1.0 / a)
-    elif kind == "sinh":
-        e = torch.exp2(x * (math.log2(math.e) / a))  # exp2 is SIMD-vectorised, sinh is not (CPU)
-        y = (e - 1.0 / e) * (0.5 / math.sinh(1.0 / a))
-    else:  # powerdist
-        y = (torch.pow(torch.as_tensor(a, dtype=x.dtype, device=x.device), x) - 1.0) / (a - 1.0)
+    y = _STRETCH_KERNELS[kind]["graph"](x, _StretchParams(a, clip, slope, intercept))
     if _makes_invalid(kind, a) and not clip and invalid is not None:
         y = torch.where(x < 0, torch.full_like(y, float(invalid)), y)
     return y
@@ -616,17 +790,18 @@ def _makes_invalid(kind: str, a: Optional[float]) -> bool:
     return kind in ("sqrt", "log") or (kind == "power" and 0 < a < 1)
 
 
-_CHUNK = 1 << 22  # elements per chunk of the eager stretch (16 MB of float32): with 2 OpenMP threads each op
-# launch costs tens of microseconds, more than a pass over L3-resident data
+# Elements per chunk of the eager stretch (16 MB of float32): few op launches, each over
+# cache-resident data.
+_CHUNK = 1 << 22
 
 
 def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, slope: float, intercept: float,
                      invalid: Optional[float], owned: bool = False) -> Tensor:
     """Same maths as :func:`apply_stretch` without autograd (eager, no gradient needed).
 
-    Works in place on one output buffer (no temporaries), in chunks of ``_CHUNK`` values; the
-    transcendental kinds run numpy's SIMD ufuncs over the buffer (see ``_NUMPY_KERNELS``).
-    ``owned``: ``values`` is a temporary of the caller and becomes the output.
+    Works in place on one output buffer (no temporaries), in chunks of ``_CHUNK`` values, with the
+    kind's ``"inplace"`` kernel, or its ``"numpy"`` kernel over the whole buffer where that applies
+    (:func:`_numpy_stretch`). ``owned``: ``values`` is a temporary of the caller and becomes the output.
     """
     neg = values < 0 if (_makes_invalid(kind, a) and not clip and invalid is not None) else None
     if owned and values.is_contiguous():
@@ -636,7 +811,8 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
         owned = False
     src = values.reshape(-1)
     dst = y.view(-1)
-    use_np = kind in _NUMPY_KERNELS and numpy_applies(dst, _NUMPY_MIN)
+    p = _StretchParams(a, clip, slope, intercept)
+    use_np = _numpy_stretch_applies(kind, dst)
     for start in range(0, dst.numel(), _CHUNK):
         out = dst[start:start + _CHUNK]
         chunk = src[start:start + _CHUNK]
@@ -645,99 +821,43 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
         elif not owned:
             out.copy_(chunk)
         if not use_np:
-            res = _stretch_chunk_(out, kind, a, clip, slope, intercept)
-            if res is not out:
-                out.copy_(res)
+            _stretch_chunk_(out, kind, p)
     if use_np:
-        numpy_inplace_(dst, _numpy_kernel(kind, a), min_numel=_NUMPY_MIN)
+        numpy_inplace_(dst, _numpy_stretch(kind, p), min_numel=_NUMPY_MIN)
     if neg is not None:
         y.masked_fill_(neg, float(invalid))
     return y
 
 
+def _stretch_chunk_(out: Tensor, kind: str, p: _StretchParams) -> None:
+    """Run the kind's ``"inplace"`` kernel on ``out``, leaving the result in ``out``."""
+    res = _STRETCH_KERNELS[kind]["inplace"](out, p)
+    if res is not out:
+        out.copy_(res)
+
+
 # Transcendental stretches on CPU go through numpy's SIMD float ufuncs (the same ones astropy
 # calls), split over torch's thread count, in cache-sized blocks: ATen's CPU log/pow/asinh/sinh are
-# MKL VML or scalar loops, 2-10x slower per element on this project's AMD CPUs.
-_NUMPY_KERNELS = ("power", "log", "asinh", "sinh")  # (sqrt: ATen 1/rsqrt is as fast)
+# MKL VML or scalar loops (sqrt is not: 1/rsqrt is as fast). The measured ratios are in
+# experiments/results/stretch_kernels.md.
 _NUMPY_MIN = 1 << 16
 _NUMPY_BLOCK = 1 << 15
 
 
-def _numpy_kernel(kind: str, a: Optional[float]):
-    import numpy as np
+def _numpy_stretch_applies(kind: str, t: Tensor) -> bool:
+    """Whether the numpy kernel of ``kind`` runs on ``t`` (one exists and ``t`` is a large CPU tensor)."""
+    return "numpy" in _STRETCH_KERNELS[kind] and numpy_applies(t, _NUMPY_MIN)
 
-    if kind == "power":
-        steps = [lambda b: np.power(b, a, out=b)]
-    elif kind == "log":
-        scale = 1.0 / math.log(a + 1.0)
-        steps = [lambda b: np.multiply(b, a, out=b), lambda b: np.add(b, 1.0, out=b), lambda b: np.log(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
-    elif kind == "asinh":
-        scale = 1.0 / math.asinh(1.0 / a)
-        steps = [lambda b: np.multiply(b, 1.0 / a, out=b), lambda b: np.arcsinh(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
-    else:  # sinh
-        scale = 1.0 / math.sinh(1.0 / a)
-        steps = [lambda b: np.multiply(b, 1.0 / a, out=b), lambda b: np.sinh(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
 
-    def run(arr):
+def _numpy_stretch(kind: str, p: _StretchParams) -> Callable:
+    """``run(arr)``: the kind's ``"numpy"`` kernel over a numpy array in ``_NUMPY_BLOCK`` blocks."""
+    kernel = _STRETCH_KERNELS[kind]["numpy"]
+
+    def run(arr) -> None:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             for i in range(0, arr.size, _NUMPY_BLOCK):
-                blk = arr[i:i + _NUMPY_BLOCK]
-                for step in steps:
-                    step(blk)
+                kernel(arr[i:i + _NUMPY_BLOCK], p)
     return run
-
-
-def _stretch_chunk_(y: Tensor, kind: str, a: Optional[float], clip: bool, slope: float, intercept: float) -> Tensor:
-    """Stretch ``y`` (already clipped if ``clip``) in place where possible; returns the result."""
-    if kind == "linear":
-        if slope != 1:
-            y.mul_(slope)
-        if intercept != 0:
-            y.add_(intercept)
-        if clip and (slope != 1 or intercept != 0):
-            y.clamp_(0.0, 1.0)
-    elif kind == "sqrt":
-        # 1 / rsqrt(x): ATen's rsqrt and reciprocal are SIMD kernels, its sqrt goes through MKL's
-        # VML, which is ~2x slower on AMD CPUs; <= 2 ulp from sqrt, 0 -> 0, inf -> inf, x < 0 -> NaN
-        y.rsqrt_().reciprocal_()
-    elif kind == "squared":
-        y.mul_(y)
-    elif kind == "power":
-        y.pow_(a)
-    elif kind == "log":
-        # log2 is ATen's faster CPU kernel; ln 2 folds into the normalisation
-        y.mul_(a).add_(1.0).log2_().mul_(1.0 / math.log2(a + 1.0))
-    elif kind == "asinh":
-        # torch.asinh is a scalar loop on CPU (~10x slower than numpy's SIMD arcsinh); use
-        # asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a), exact for x >= 0 (with clip: x in [0, 1]);
-        # log2 and sqrt are SIMD-vectorised. Absolute error ~1 ulp of the output.
-        norm = math.asinh(1.0 / a)
-        if clip:
-            r = torch.addcmul(torch.tensor(a * a, dtype=y.dtype, device=y.device), y, y).rsqrt_()
-            torch.addcdiv(y, torch.ones((), dtype=y.dtype, device=y.device), r, out=r).log_()
-            torch.add(torch.tensor(-math.log(a) / norm, dtype=y.dtype, device=y.device), r,
-                      alpha=1.0 / norm, out=y).clamp_(0.0, 1.0)
-        else:
-            y.div_(a)
-            sign = torch.sign(y)
-            t = y.abs_()
-            huge = t > 1e18 if y.dtype == torch.float32 else None  # t^2 overflows float32
-            r = torch.mul(t, t).add_(1.0).sqrt_()
-            y = r.add_(t).log_()
-            if huge is not None:
-                y = torch.where(huge, torch.log(2.0 * t), y)
-            y.mul_(sign).div_(norm)
-    elif kind == "sinh":
-        # sinh(t) = (e^t - e^-t) / 2 with e^t = 2^(t log2 e): exp2 is a SIMD kernel in ATen, torch.exp
-        # and torch.sinh are not (MKL VML / scalar loop)
-        e = y.mul_(math.log2(math.e) / a).exp2_()
-        y = e.sub_(torch.reciprocal(e)).mul_(0.5 / math.sinh(1.0 / a))
-    else:  # powerdist
-        y = torch.pow(torch.as_tensor(a, dtype=y.dtype, device=y.device), y).sub_(1.0).div_(a - 1.0)
-    return y
 
 
 def _check_stretch(kind: str, a: Optional[float]) -> Optional[float]:
@@ -991,8 +1111,11 @@ def _normalize_eager(image: Tensor, vmin: Tensor, vmax: Tensor, clip: bool, stre
     scale = 1.0 / torch.where(same, torch.ones_like(span), span)
     lo_l, scale_l, same_l = lo.tolist(), scale.tolist(), same.tolist()  # one host sync
     replace = _makes_invalid(stretch.kind, stretch.a) and stretch.invalid is not None and not clip
-    use_np = stretch.kind in _NUMPY_KERNELS and not replace and numpy_applies(out[0], _NUMPY_MIN)
-    kernel = _numpy_kernel(stretch.kind, stretch.a) if use_np else None
+    use_np = not replace and _numpy_stretch_applies(stretch.kind, out[0])
+    # clipped values lie in [0, 1]: the stretch may take its non-negative branch (but a linear
+    # stretch is not clipped after, as astropy's ImageNormalize calls it with clip=False)
+    p = _StretchParams(stretch.a, clip and stretch.kind != "linear", stretch.slope, stretch.intercept)
+    kernel = _numpy_stretch(stretch.kind, p) if use_np else None
     for row in range(g):
         for start in range(0, flat.shape[1], _CHUNK):
             o = out[row, start:start + _CHUNK]
@@ -1006,12 +1129,7 @@ def _normalize_eager(image: Tensor, vmin: Tensor, vmax: Tensor, clip: bool, stre
             if use_np:
                 continue
             neg = o < 0 if replace else None
-            # clipped values lie in [0, 1]: the stretch may take its non-negative branch (but a
-            # linear stretch is not clipped after, as astropy's ImageNormalize calls it with clip=False)
-            res = _stretch_chunk_(o, stretch.kind, stretch.a, clip and stretch.kind != "linear", stretch.slope,
-                                  stretch.intercept)
-            if res is not o:
-                o.copy_(res)
+            _stretch_chunk_(o, stretch.kind, p)
             if neg is not None:
                 o.masked_fill_(neg, stretch.invalid)
         if use_np:
