@@ -303,8 +303,26 @@ def _zscale_from_samples(
     limits ``median -/+ slope/contrast * (distance from the centre rank)``, bounded by the sample
     min/max. Every row runs all ``max_iterations`` with an ``active`` mask instead of ``break``.
     """
+    s = _sorted_samples(samples, valid)
+    npix_f = s.npix.to(samples.dtype)
+    minpix = torch.clamp(torch.floor(npix_f * max_reject), min=float(min_npixels))
+    slope, ngood = _fit_with_rejection(s, minpix, krej, max_iterations)
+    return _zscale_limits(s, slope, ngood >= minpix, contrast)
+
+
+class _SortedSamples(NamedTuple):
+    """zscale's samples sorted per row: values ``y`` ``(G, n)`` (0 past the real ones), ranks ``x``
+    ``(1, n)``, the count ``npix`` ``(G,)`` and ``inside`` ``(G, n)`` marking the real ones."""
+
+    y: Tensor
+    x: Tensor
+    npix: Tensor
+    inside: Tensor
+
+
+def _sorted_samples(samples: Tensor, valid: Tensor) -> _SortedSamples:
     wdt = samples.dtype
-    g, n = samples.shape
+    n = samples.shape[1]
     dev = samples.device
     inf = torch.tensor(float("inf"), dtype=wdt, device=dev)
     y = torch.where(valid, samples, inf).sort(dim=-1).values
@@ -312,49 +330,74 @@ def _zscale_from_samples(
     inside = torch.arange(n, device=dev).unsqueeze(0) < npix.unsqueeze(1)
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.arange(n, device=dev, dtype=wdt).unsqueeze(0)
-    last_i = (npix - 1).clamp(min=0)
-    vmin = y[:, 0]
-    vmax = y.gather(1, last_i.unsqueeze(1)).squeeze(1)
+    return _SortedSamples(y, x, npix, inside)
 
-    npix_f = npix.to(wdt)
-    minpix = torch.clamp(torch.floor(npix_f * max_reject), min=float(min_npixels))
-    ngrow = torch.clamp(torch.floor(npix_f * 0.01), min=1.0).long()
-    down = torch.div(ngrow - 1, 2, rounding_mode="floor")  # bad pixel i marks [i - down, i + up]
+
+def _grow_bounds(npix: Tensor, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``(G, n)``: a rejected sample i marks ``[i - down, i + up]``, the box of
+    ``max(1, int(0.01 npix))`` samples in numpy ``convolve(..., 'same')`` alignment; sample j is
+    marked when a rejected one lies in ``[lo_j, hi_j)``."""
+    ngrow = torch.clamp(torch.floor(npix.to(dtype) * 0.01), min=1.0).long()
+    down = torch.div(ngrow - 1, 2, rounding_mode="floor")
     up = ngrow - 1 - down
-    j = torch.arange(n, device=dev).unsqueeze(0)
+    j = torch.arange(n, device=npix.device).unsqueeze(0)
     lo = (j - up.unsqueeze(1)).clamp(min=0)
     hi = (j + down.unsqueeze(1) + 1).clamp(max=n)
+    return lo, hi
 
-    bad = torch.zeros_like(inside)
-    ngood = npix_f
-    last = npix_f + 1
-    active = torch.ones(g, dtype=torch.bool, device=dev)
-    slope = torch.zeros(g, dtype=wdt, device=dev)
+
+def _line_residuals(s: _SortedSamples, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted least-squares line of ``y`` on ``x`` (weights ``w``): ``(slope (G, 1), residuals
+    (G, n), population std of the weighted residuals (G, 1))``."""
+    x, y = s.x, s.y
+    sw = w.sum(-1, keepdim=True).clamp(min=1.0)
+    xm = (w * x).sum(-1, keepdim=True) / sw
+    ym = (w * y).sum(-1, keepdim=True) / sw
+    dx = x - xm
+    sxx = (w * dx * dx).sum(-1, keepdim=True)
+    sxy = (w * dx * (y - ym)).sum(-1, keepdim=True)
+    b1 = sxy / torch.where(sxx > 0, sxx, torch.ones_like(sxx))
+    flat = y - (ym + b1 * dx)
+    fm = (w * flat).sum(-1, keepdim=True) / sw
+    sd = torch.sqrt((w * (flat - fm) ** 2).sum(-1, keepdim=True) / sw)
+    return b1, flat, sd
+
+
+def _fit_with_rejection(s: _SortedSamples, minpix: Tensor, krej: float, max_iterations: int) -> tuple[Tensor, Tensor]:
+    """The k-sigma rejection loop: ``(slope (G,), number of samples kept (G,))``. Every row runs all
+    ``max_iterations``; a row stops changing once nothing more is rejected or too few remain."""
+    g, n = s.y.shape
+    wdt = s.y.dtype
+    lo, hi = _grow_bounds(s.npix, n, wdt)
+    bad = torch.zeros_like(s.inside)
+    ngood = s.npix.to(wdt)
+    last = ngood + 1
+    active = torch.ones(g, dtype=torch.bool, device=s.y.device)
+    slope = torch.zeros(g, dtype=wdt, device=s.y.device)
     for _ in range(max_iterations):
         active = active & ~((ngood >= last) | (ngood < minpix))
-        w = (inside & ~bad).to(wdt)
-        s = w.sum(-1, keepdim=True).clamp(min=1.0)
-        xm = (w * x).sum(-1, keepdim=True) / s
-        ym = (w * y).sum(-1, keepdim=True) / s
-        dx = x - xm
-        sxx = (w * dx * dx).sum(-1, keepdim=True)
-        sxy = (w * dx * (y - ym)).sum(-1, keepdim=True)
-        b1 = sxy / torch.where(sxx > 0, sxx, torch.ones_like(sxx))
-        flat = y - (ym + b1 * dx)
-        fm = (w * flat).sum(-1, keepdim=True) / s
-        sd = torch.sqrt((w * (flat - fm) ** 2).sum(-1, keepdim=True) / s)
+        b1, flat, sd = _line_residuals(s, (s.inside & ~bad).to(wdt))
         thr = krej * sd
-        rejected = bad | (((flat < -thr) | (flat > thr)) & inside)
+        rejected = bad | (((flat < -thr) | (flat > thr)) & s.inside)
         csum = torch.nn.functional.pad(rejected.to(torch.int32).cumsum(-1), (1, 0))
-        grown = ((csum.gather(1, hi) - csum.gather(1, lo)) > 0) & inside
-        ng = (inside & ~grown).sum(-1).to(wdt)
-        act = active.unsqueeze(1)
-        bad = torch.where(act, grown, bad)
+        grown = ((csum.gather(1, hi) - csum.gather(1, lo)) > 0) & s.inside
+        ng = (s.inside & ~grown).sum(-1).to(wdt)
+        bad = torch.where(active.unsqueeze(1), grown, bad)
         slope = torch.where(active, b1.squeeze(1), slope)
         last = torch.where(active, ngood, last)
         ngood = torch.where(active, ng, ngood)
+    return slope, ngood
 
-    ok = ngood >= minpix
+
+def _zscale_limits(s: _SortedSamples, slope: Tensor, ok: Tensor, contrast: float) -> tuple[Tensor, Tensor]:
+    """``median -/+ slope / contrast * (distance from the centre rank)`` within the sample min/max
+    where the fit kept enough samples (``ok``), the min/max elsewhere; NaN for empty rows."""
+    y, npix = s.y, s.npix
+    n = y.shape[1]
+    wdt = y.dtype
+    last_i = (npix - 1).clamp(min=0)
+    vmin = y[:, 0]
+    vmax = y.gather(1, last_i.unsqueeze(1)).squeeze(1)
     if contrast > 0:
         slope = slope / contrast
     center = torch.div(npix - 1, 2, rounding_mode="floor")
@@ -946,53 +989,72 @@ def equalize_hist(
     if not smooth and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and image.requires_grad):
         return _equalize_eager(flat, mflat, nbins).reshape(image.shape)
     bad = _bad_map(flat, mflat)
-    g, length = flat.shape
     wdt = _work_dtype(flat) if not smooth else flat.dtype
+    lo, width = _hist_bins(flat, mflat, nbins, wdt, detach=not smooth)
+    xv = torch.where(bad, lo, flat.to(wdt))
+    hist = (_smooth_histogram if smooth else _hard_histogram)(xv, bad, lo, width, nbins)
+    cdf = hist.cumsum(-1)
+    cdf = cdf / cdf[:, -1:].clamp(min=torch.finfo(wdt).tiny)
+    return _interp_cdf(flat.to(wdt), cdf, lo, width).to(image.dtype).reshape(image.shape)
+
+
+def _hist_bins(flat: Tensor, mflat: Optional[Tensor], nbins: int, wdt: torch.dtype, detach: bool):
+    """``(lo, width)`` ``(G, 1)`` of ``nbins`` equal bins over each row's good min..max (widened by
+    +-0.5 where they are equal), in ``wdt``; ``detach``: no gradient through the limits."""
     lo, hi = _masked_minmax(flat, mflat)
-    if not smooth:
+    if detach:
         lo, hi = lo.detach(), hi.detach()
     lo = lo.to(wdt)
     hi = hi.to(wdt)
     same = hi == lo
     lo = torch.where(same, lo - 0.5, lo).unsqueeze(1)
     hi = torch.where(same, hi + 0.5, hi).unsqueeze(1)
-    width = (hi - lo) / nbins
-    xv = torch.where(bad, lo, flat.to(wdt))
-    if not smooth:
-        offsets = (torch.arange(g, device=flat.device) * (nbins + 1)).unsqueeze(1)
-        idx = torch.floor((xv.detach() - lo) / width).long().clamp(0, nbins - 1)
-        idx = torch.where(bad, torch.full_like(idx, nbins), idx) + offsets
-        hist = torch.zeros(g * (nbins + 1), dtype=wdt, device=flat.device)
-        hist = hist.scatter_add(0, idx.reshape(-1), torch.ones_like(xv).reshape(-1))
-        hist = hist.view(g, nbins + 1)[:, :nbins]
-    else:
-        # each pixel splits its count linearly between the two nearest bin *edges*; the count up
-        # to edge k+1 is the smooth version of skimage's "pixels in bins 0..k" at centre k
-        offsets = (torch.arange(g, device=flat.device) * (nbins + 2)).unsqueeze(1)
-        p = ((xv - lo) / width).clamp(0.0, float(nbins))
-        i0 = torch.floor(p.detach()).long().clamp(0, nbins - 1)
-        f = p - i0.to(wdt)
-        good = (~bad).to(wdt)
-        i0 = torch.where(bad, torch.full_like(i0, nbins + 1), i0) + offsets
-        i1 = torch.where(bad, i0, i0 + 1)
-        hist = torch.zeros(g * (nbins + 2), dtype=wdt, device=flat.device)
-        hist = hist.scatter_add(0, i0.reshape(-1), ((1.0 - f) * good).reshape(-1))
-        hist = hist.scatter_add(0, i1.reshape(-1), (f * good).reshape(-1))
-        hist = hist.view(g, nbins + 2)[:, : nbins + 1]
-        hist = torch.cat([hist[:, :2].sum(-1, keepdim=True), hist[:, 2:]], dim=1)
-    cdf = hist.cumsum(-1)
-    cdf = cdf / cdf[:, -1:].clamp(min=torch.finfo(wdt).tiny)
-    # np.interp at the (uniform) bin centres lo + (k + 1/2) width
-    xin = flat.to(wdt)
+    return lo, (hi - lo) / nbins
+
+
+def _hard_histogram(xv: Tensor, bad: Tensor, lo: Tensor, width: Tensor, nbins: int) -> Tensor:
+    """Counts ``(G, nbins)`` of the good values of ``xv`` (skimage's rule: the last bin includes the maximum)."""
+    g = xv.shape[0]
+    offsets = (torch.arange(g, device=xv.device) * (nbins + 1)).unsqueeze(1)
+    idx = torch.floor((xv.detach() - lo) / width).long().clamp(0, nbins - 1)
+    idx = torch.where(bad, torch.full_like(idx, nbins), idx) + offsets
+    hist = torch.zeros(g * (nbins + 1), dtype=xv.dtype, device=xv.device)
+    hist = hist.scatter_add(0, idx.reshape(-1), torch.ones_like(xv).reshape(-1))
+    return hist.view(g, nbins + 1)[:, :nbins]
+
+
+def _smooth_histogram(xv: Tensor, bad: Tensor, lo: Tensor, width: Tensor, nbins: int) -> Tensor:
+    """Differentiable counts ``(G, nbins)``: each good pixel splits its count linearly between the two
+    nearest bin *edges*; the count up to edge k+1 is the smooth version of skimage's "pixels in bins
+    0..k" at centre k."""
+    g = xv.shape[0]
+    wdt = xv.dtype
+    offsets = (torch.arange(g, device=xv.device) * (nbins + 2)).unsqueeze(1)
+    p = ((xv - lo) / width).clamp(0.0, float(nbins))
+    i0 = torch.floor(p.detach()).long().clamp(0, nbins - 1)
+    f = p - i0.to(wdt)
+    good = (~bad).to(wdt)
+    i0 = torch.where(bad, torch.full_like(i0, nbins + 1), i0) + offsets
+    i1 = torch.where(bad, i0, i0 + 1)
+    hist = torch.zeros(g * (nbins + 2), dtype=wdt, device=xv.device)
+    hist = hist.scatter_add(0, i0.reshape(-1), ((1.0 - f) * good).reshape(-1))
+    hist = hist.scatter_add(0, i1.reshape(-1), (f * good).reshape(-1))
+    hist = hist.view(g, nbins + 2)[:, : nbins + 1]
+    return torch.cat([hist[:, :2].sum(-1, keepdim=True), hist[:, 2:]], dim=1)
+
+
+def _interp_cdf(xin: Tensor, cdf: Tensor, lo: Tensor, width: Tensor) -> Tensor:
+    """``np.interp`` of ``cdf`` ``(G, nbins)`` at the (uniform) bin centres ``lo + (k + 1/2) width``,
+    clamped outside; non-finite values stay as they are."""
+    nbins = cdf.shape[1]
     p = ((xin - lo) / width - 0.5).clamp(0.0, nbins - 1.0)
     i0 = torch.floor(p.detach()).long().clamp(0, nbins - 2)
     i0 = torch.where(torch.isfinite(xin), i0, torch.zeros_like(i0))
-    f = p - i0.to(wdt)
+    f = p - i0.to(xin.dtype)
     c0 = cdf.gather(1, i0)
     c1 = cdf.gather(1, i0 + 1)
     out = c0 + (c1 - c0) * f
-    out = torch.where(torch.isfinite(xin), out, xin)
-    return out.to(image.dtype).reshape(image.shape)
+    return torch.where(torch.isfinite(xin), out, xin)
 
 
 def _equalize_eager(flat: Tensor, mflat: Optional[Tensor], nbins: int) -> Tensor:
@@ -1233,7 +1295,23 @@ def make_lupton_rgb(
     r, g, b = (_rgb_input(x, n) for x, n in ((image_r, "image_r"), (image_g, "image_g"), (image_b, "image_b")))
     if not (r.shape == g.shape == b.shape):
         raise ValueError(f"The image shapes must match. r: {tuple(r.shape)}, g: {tuple(g.shape)} b: {tuple(b.shape)}")
-    bands = [r, g, b]
+    shifted = []
+    for band, iv in zip((r, g, b), _lupton_intervals(interval, minimum)):
+        x4 = band.reshape((-1, 1) + band.shape[-2:])
+        vmin = iv.limits(x4, None, False).vmin.reshape((-1, 1, 1)).to(band.dtype)
+        shifted.append(band.reshape((-1,) + band.shape[-2:]) - vmin)
+    rgb = _lupton_scale(torch.stack(shifted, dim=1), stretch_object, stretch, Q)  # (N, 3, H, W)
+    rgb = rgb.reshape(r.shape[:-2] + (3,) + r.shape[-2:])
+    if output_dtype == torch.uint8:
+        return to_uint8(rgb)
+    if not output_dtype.is_floating_point:
+        raise ValueError(f"output_dtype must be torch.uint8 or a float dtype, got {output_dtype}")
+    return rgb.to(output_dtype)
+
+
+def _lupton_intervals(interval, minimum) -> list:
+    """The three bands' intervals: ``interval`` (one or three), else ``minimum`` (one or three values)
+    as manual lower limits, else ``vmin = 0``."""
     if interval is None:
         if minimum is not None:
             mins = list(minimum) if isinstance(minimum, (list, tuple)) else [minimum] * 3
@@ -1245,12 +1323,12 @@ def make_lupton_rgb(
     intervals = list(interval) if isinstance(interval, (list, tuple)) else [interval] * 3
     if len(intervals) != 3:
         raise ValueError("please provide 1 or 3 intervals.")
-    shifted = []
-    for band, iv in zip(bands, intervals):
-        x4 = band.reshape((-1, 1) + band.shape[-2:])
-        vmin = iv.limits(x4, None, False).vmin.reshape((-1, 1, 1)).to(band.dtype)
-        shifted.append(band.reshape((-1,) + band.shape[-2:]) - vmin)
-    rgb = torch.stack(shifted, dim=1)  # (N, 3, H, W)
+    return intervals
+
+
+def _lupton_scale(rgb: Tensor, stretch_object: Optional[nn.Module], stretch: float, Q: float) -> Tensor:
+    """Scale ``(N, 3, H, W)`` bands by ``f(I) / I`` of their mean ``I`` (0 where ``I <= 0``), clip
+    below at 0 and divide by the largest band where it exceeds 1."""
     intensity = (rgb[:, 0:1] + rgb[:, 1:2] + rgb[:, 2:3]) / 3.0
     if stretch_object is None:
         f_i = lupton_asinh(intensity, stretch, Q)
@@ -1264,11 +1342,4 @@ def make_lupton_rgb(
     rgb = (rgb * ratio).clamp(min=0.0)
     peak = rgb.amax(dim=1, keepdim=True)
     over = peak > 1.0
-    rgb = torch.where(over, rgb / torch.where(over, peak, torch.ones_like(peak)), rgb)
-    out_shape = r.shape[:-2] + (3,) + r.shape[-2:]
-    rgb = rgb.reshape(out_shape)
-    if output_dtype == torch.uint8:
-        return to_uint8(rgb)
-    if not output_dtype.is_floating_point:
-        raise ValueError(f"output_dtype must be torch.uint8 or a float dtype, got {output_dtype}")
-    return rgb.to(output_dtype)
+    return torch.where(over, rgb / torch.where(over, peak, torch.ones_like(peak)), rgb)
