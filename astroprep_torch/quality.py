@@ -161,6 +161,14 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     k = int(bin_factor)
     if k < 2 or k % 2:
         raise ValueError(f"normalize_frame: bin_factor must be an even integer >= 2, got {bin_factor}")
+    x, m = _fill_bad_with_median(image, mask)[:2]
+    sigma = _frame_noise(x).view(-1, 1, 1, 1)
+    return _asinh(_block_features(x, k, m, sigma))
+
+
+def _fill_bad_with_median(image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(x, m, bad)``: ``image`` with masked and non-finite pixels set to the frame median ``m``
+    ``(B, 1, 1, 1)``; ``bad`` their map (``None`` when there are none to replace)."""
     b = image.shape[0]
     if all_finite(image):  # one cheap pass decides; no frame-sized isfinite map
         bad = None if mask is None else mask.expand_as(image)
@@ -171,8 +179,12 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     med = _frame_median(image, bad)
     m = med.view(b, 1, 1, 1).to(image.dtype)
     x = image if bad is None else torch.where(bad, m, image)
-    del bad
-    sigma = _frame_noise(x).view(b, 1, 1, 1)
+    return x, m, bad
+
+
+def _block_features(x: Tensor, k: int, m: Tensor, sigma: Tensor) -> Tensor:
+    """The four channels of :func:`normalize_frame` before ``asinh``, from the clean frame ``x``, its
+    median ``m`` and noise ``sigma``."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % k, (-w) % k
     if ph or pw:
@@ -185,15 +197,14 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     amin = torch.minimum(torch.minimum(a1, a2), torch.minimum(a3, a4))
     sky_b = 0.5 * (total - amax - amin)
     bg = _local_background(sky_b)
-    out = torch.cat([(sky_b - m) / (3.0 * sigma), (0.25 * total - bg) / (2.0 * sigma),
-                     (bmax - sky_b) / (5.0 * sigma), (bmax - amax) / (5.0 * sigma)], dim=1)
-    return _asinh(out)
+    return torch.cat([(sky_b - m) / (3.0 * sigma), (0.25 * total - bg) / (2.0 * sigma),
+                      (bmax - sky_b) / (5.0 * sigma), (bmax - amax) / (5.0 * sigma)], dim=1)
 
 
 def _block_max(x: Tensor, k: int) -> Tensor:
     """``F.max_pool2d(x, k)`` for H, W multiples of ``k``, the same values: the maximum along rows of
-    ``k`` columns, then over ``k`` rows (two reductions over contiguous memory; ~5x faster than the
-    pooling kernel on CPU, which also makes indices)."""
+    ``k`` columns, then over ``k`` rows (two reductions over contiguous memory; faster than the
+    pooling kernel on CPU, which also makes indices: experiments/results/stretch_kernels.md)."""
     if x.requires_grad and torch.is_grad_enabled():
         return F.max_pool2d(x, k)
     b, c, h, w = x.shape
@@ -204,8 +215,9 @@ def _block_max(x: Tensor, k: int) -> Tensor:
 def _block_mean(x: Tensor, k: int) -> Tensor:
     """``F.avg_pool2d(x, k)`` for H, W multiples of ``k``, the same values to float rounding: the
     ``k`` strided column slices added, then the ``k`` strided row slices of that (elementwise adds
-    over the frame; about 2x faster than the pooling kernel on CPU, where a sum over an inner
-    axis of 2 is slower still). Returns a strided view of a ``(B, C, H, W / k)`` buffer."""
+    over the frame; faster than the pooling kernel on CPU, where a sum over an inner axis of 2 is
+    slower still: experiments/results/stretch_kernels.md). Returns a strided view of a
+    ``(B, C, H, W / k)`` buffer."""
     if k == 1:
         return x * 1.0
     cols = torch.add(x[..., 0::k], x[..., 1::k])
@@ -583,10 +595,11 @@ _PSF_NSIGMA = 5.0
 _PSF_MESH = 32
 _PSF_BOX = 8
 _PSF_STARS = 32
-# Floors of the night's spread (log units): a 3-sigma flag then means a PSF at least e^0.45 = 1.57x
-# the night's median width, or fewer than e^-0.75 = 0.47x its star count, whatever few frames say
+# Floors of the night's spread (log units): a 3-sigma flag then means a PSF at least e^0.6 = 1.8x
+# the night's median width (seeing alone rarely varies that much in a night), or fewer than
+# e^-0.75 = 0.47x its star count, whatever few frames say
 # (the count's floor also grows as 2 / sqrt(1 + the night's median count): twice Poisson's scatter).
-_PSF_MIN_SPREAD = (0.15, 0.25)
+_PSF_MIN_SPREAD = (0.2, 0.25)
 # The PSF check scores threshold x exp(_PSF_SLOPE (z - k)): steep, so that frames within the night's
 # spread (z well below k) stay far below the autoencoder's own errors.
 _PSF_SLOPE = 2.0
@@ -621,15 +634,38 @@ def star_stats(image: Tensor, mask: Optional[Tensor] = None) -> StarStats:
     sigmas above a mesh background (masked and non-finite pixels set to the background); the
     width is measured on the ``_PSF_STARS`` brightest at least ``_PSF_BOX + 1`` pixels from the edge."""
     image = check_image(image, "image", channels=1)
-    x = image.float()
-    bad = ~torch.isfinite(x) if mask is None else (~torch.isfinite(x)) | check_mask(mask, image)
-    x = torch.where(bad, _frame_median(x, bad).view(-1, 1, 1, 1), x)
+    x, _, bad = _fill_bad_with_median(image.float(), check_mask(mask, image))
     d = x - _mesh_background(x)
-    d = d.masked_fill(bad, 0.0)
+    if bad is not None:
+        d = d.masked_fill(bad, 0.0)
     sigma = _frame_noise(x).view(-1, 1, 1, 1)
-    peaks = (F.max_pool2d(d, 3, 1, 1) == d) & (d > _PSF_NSIGMA * sigma)
+    peaks = (_max3x3(d) == d) & (d > _PSF_NSIGMA * sigma)
     count = peaks.sum(dim=(1, 2, 3)).to(torch.float32)
     return StarStats(_log_widths(d, peaks), torch.log1p(count))
+
+
+def _max3x3(d: Tensor) -> Tensor:
+    """``F.max_pool2d(d, 3, 1, 1)``, the same values, as maxima of shifted views (rows, then
+    columns): a fraction of the pooling kernel's time on CPU."""
+    p = F.pad(d, (1, 1, 1, 1), value=-float("inf"))
+    r = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
+    return torch.maximum(torch.maximum(r[..., :-2, :], r[..., 1:-1, :]), r[..., 2:, :])
+
+
+def _brightest(values: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of ``values`` ``(B, N)`` where ``keep`` and their indices, each ``(B, k)``
+    (``-inf`` past the kept ones): a top-k over the few kept values instead of the whole frame."""
+    b = values.shape[0]
+    rows, cols = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=b)
+    width = max(k, int(counts.max()) if rows.numel() else 0)
+    pos = torch.arange(rows.numel(), device=values.device) - (counts.cumsum(0) - counts)[rows]
+    dense = values.new_full((b, width), -float("inf"))
+    dense[rows, pos] = values[rows, cols]
+    where = torch.zeros((b, width), dtype=torch.long, device=values.device)
+    where[rows, pos] = cols
+    top, j = dense.topk(k, dim=1)
+    return top, where.gather(1, j)
 
 
 def _log_widths(d: Tensor, peaks: Tensor) -> Tensor:
@@ -638,8 +674,7 @@ def _log_widths(d: Tensor, peaks: Tensor) -> Tensor:
     r = _PSF_BOX
     inner = torch.zeros_like(peaks)
     inner[..., r + 1:h - r - 1, r + 1:w - r - 1] = True
-    cand = torch.where(peaks & inner, d, torch.full_like(d, -float("inf"))).reshape(b, -1)
-    top, idx = cand.topk(min(_PSF_STARS, cand.shape[1]), dim=1)
+    top, idx = _brightest(d.reshape(b, -1), (peaks & inner).reshape(b, -1), _PSF_STARS)
     off = torch.arange(-r, r + 1, device=d.device)
     rows = (idx // w)[..., None, None] + off[:, None]
     cols = (idx % w)[..., None, None] + off[None, :]
@@ -667,9 +702,8 @@ def _robust_reference(values: Tensor, floor: float) -> tuple[float, float]:
 def _psf_z(stats: StarStats, ref: Tensor) -> Tensor:
     """How many of the night's sigmas a frame's stars are broader, or fewer, than the median (``(B,)``;
     the larger of the two, ignoring what is NaN, 0 if both are)."""
-    w_med, w_sig, n_med, n_sig = ref[:4].tolist()
-    zw = (stats.log_width.double() - w_med) / w_sig
-    zn = (n_med - stats.log_count.double()) / n_sig
+    zw = (stats.log_width.to(ref.dtype) - ref[0]) / ref[1]
+    zn = (ref[2] - stats.log_count.to(ref.dtype)) / ref[3]
     z = torch.fmax(zw, zn)  # fmax ignores a NaN operand
     return z.nan_to_num(0.0)
 

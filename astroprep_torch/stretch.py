@@ -106,7 +106,7 @@ def _as_groups(image: Tensor, mask: Optional[Tensor], per_channel: bool, name: s
 
 def _bad_map(flat: Tensor, mflat: Optional[Tensor]) -> Tensor:
     """Bool map of excluded pixels: masked or non-finite (``x - x`` is NaN exactly for NaN/inf;
-    this is ~2x faster than ``torch.isfinite`` on CPU)."""
+    cheaper than ``torch.isfinite`` on CPU: experiments/results/stretch_kernels.md)."""
     bad = (flat - flat) != 0
     return bad if mflat is None else bad | mflat
 
@@ -660,7 +660,8 @@ def _sqrt(x: Tensor, p: _StretchParams) -> Tensor:
 @_register_stretch("sqrt", "inplace")
 def _sqrt_(y: Tensor, p: _StretchParams) -> Tensor:
     # 1 / rsqrt(x): ATen's rsqrt and reciprocal are SIMD kernels, its sqrt goes through MKL's VML
-    # (slower on AMD CPUs); <= 2 ulp from sqrt, 0 -> 0, inf -> inf, x < 0 -> NaN
+    # on some CPUs (experiments/results/stretch_kernels.md); <= 2 ulp from sqrt, 0 -> 0, inf -> inf,
+    # x < 0 -> NaN
     return y.rsqrt_().reciprocal_()
 
 

@@ -55,7 +55,7 @@ NOTE = ("Defocus: the shipped model's features (block sky, flux, brightest pixel
         "`adapt` therefore also measures the night's stars (`quality.star_stats`: the median equivalent width "
         "sqrt(flux / peak) of each frame's brightest stars and the number of 5-sigma peaks) and scores a frame "
         "whose stars are k of the night's robust sigmas broader, or fewer, than the night's median "
-        "(`threshold x exp(2 (z - k))` on every patch, spreads floored at 0.15 / 0.25 in log and twice "
+        "(`threshold x exp(2 (z - k))` on every patch, spreads floored at 0.2 / 0.25 in log and twice "
         "Poisson's for counts).\n")
 
 

@@ -291,6 +291,15 @@ def test_star_stats_width_and_count():
     # equivalent width sqrt(flux / peak) of a Gaussian: sqrt(2 pi) sigma = 1.06 FWHM
     assert torch.allclose(st.log_width.exp(), torch.tensor([2.5, 5.0]) * 1.06, rtol=0.25), st.log_width.exp()
     assert float(st.log_count[0]) > float(st.log_count[1]) - 0.5 and float(st.log_count[0]) > math.log(20)
+    # masked and non-finite pixels are ignored, not counted as stars
+    holed = sharp.clone()
+    holed[..., :40, :] = float("nan")
+    cover = torch.zeros_like(sharp, dtype=torch.bool)
+    cover[..., :40, :] = True
+    a, b = quality.star_stats(holed), quality.star_stats(sharp.masked_fill(cover, 1e6), cover)
+    assert torch.isfinite(a.log_width).all() and torch.equal(a.log_count, b.log_count)
+    assert float(a.log_count[0]) <= float(st.log_count[0])
+    torch.testing.assert_close(quality._max3x3(sharp), torch.nn.functional.max_pool2d(sharp, 3, 1, 1), rtol=0, atol=0)
     empty = quality.star_stats(torch.full((1, 1, 64, 64), 100.0) + torch.randn(1, 1, 64, 64))
     assert float(empty.log_count[0]) < math.log(3) and bool(torch.isnan(empty.log_width[0]))
     with pytest.raises(ValueError):
