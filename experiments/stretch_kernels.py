@@ -58,6 +58,11 @@ def cases(n: int):
     yield ("signed_asinh (numpy log1p) vs torch.asinh", lambda: st.signed_asinh(z), lambda: torch.asinh(z))
     yield ("quality block max vs max_pool2d (k=4)", lambda: quality._block_max(img, 4), lambda: F.max_pool2d(img, 4))
     yield ("quality block mean vs avg_pool2d (k=2)", lambda: quality._block_mean(img, 2), lambda: F.avg_pool2d(img, 2))
+    yield ("quality 3x3 maxima (shifted views) vs max_pool2d", lambda: quality._max3x3(img), lambda: F.max_pool2d(img, 3, 1, 1))
+    frame = img * 50 + 1000
+    scorer = quality.QualityScorer.pretrained()
+    yield ("cost, not a replacement: the PSF check of adapted scorers (star_stats) vs the autoencoder's patch errors",
+           lambda: quality.star_stats(frame), lambda: scorer.patch_errors(frame))
 
 
 def main() -> None:
