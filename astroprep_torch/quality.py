@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import all_finite, check_image, check_mask
-from ._ops import numpy_inplace_
+from .stretch import signed_asinh as _asinh  # asinh of the features: the stretch module's kernel
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ except Exception:  # pragma: no cover
 __all__ = [
     "QualityAutoencoder", "QualityScorer", "QualityResult", "QualityModule", "QualityDataModule",
     "QualityMonitor", "MonitorReport", "monitor", "normalize_frame", "baseline_features",
-    "PRETRAINED_PATH", "train_from_config",
+    "PRETRAINED_PATH", "train_from_config", "StarStats", "star_stats",
 ]
 
 #: Weights, architecture and threshold of the model shipped with the package.
@@ -161,6 +161,14 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     k = int(bin_factor)
     if k < 2 or k % 2:
         raise ValueError(f"normalize_frame: bin_factor must be an even integer >= 2, got {bin_factor}")
+    x, m = _fill_bad_with_median(image, mask)[:2]
+    sigma = _frame_noise(x).view(-1, 1, 1, 1)
+    return _asinh(_block_features(x, k, m, sigma))
+
+
+def _fill_bad_with_median(image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(x, m, bad)``: ``image`` with masked and non-finite pixels set to the frame median ``m``
+    ``(B, 1, 1, 1)``; ``bad`` their map (``None`` when there are none to replace)."""
     b = image.shape[0]
     if all_finite(image):  # one cheap pass decides; no frame-sized isfinite map
         bad = None if mask is None else mask.expand_as(image)
@@ -171,8 +179,12 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     med = _frame_median(image, bad)
     m = med.view(b, 1, 1, 1).to(image.dtype)
     x = image if bad is None else torch.where(bad, m, image)
-    del bad
-    sigma = _frame_noise(x).view(b, 1, 1, 1)
+    return x, m, bad
+
+
+def _block_features(x: Tensor, k: int, m: Tensor, sigma: Tensor) -> Tensor:
+    """The four channels of :func:`normalize_frame` before ``asinh``, from the clean frame ``x``, its
+    median ``m`` and noise ``sigma``."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % k, (-w) % k
     if ph or pw:
@@ -185,15 +197,14 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
     amin = torch.minimum(torch.minimum(a1, a2), torch.minimum(a3, a4))
     sky_b = 0.5 * (total - amax - amin)
     bg = _local_background(sky_b)
-    out = torch.cat([(sky_b - m) / (3.0 * sigma), (0.25 * total - bg) / (2.0 * sigma),
-                     (bmax - sky_b) / (5.0 * sigma), (bmax - amax) / (5.0 * sigma)], dim=1)
-    return _asinh(out)
+    return torch.cat([(sky_b - m) / (3.0 * sigma), (0.25 * total - bg) / (2.0 * sigma),
+                      (bmax - sky_b) / (5.0 * sigma), (bmax - amax) / (5.0 * sigma)], dim=1)
 
 
 def _block_max(x: Tensor, k: int) -> Tensor:
     """``F.max_pool2d(x, k)`` for H, W multiples of ``k``, the same values: the maximum along rows of
-    ``k`` columns, then over ``k`` rows (two reductions over contiguous memory; ~5x faster than the
-    pooling kernel on CPU, which also makes indices)."""
+    ``k`` columns, then over ``k`` rows (two reductions over contiguous memory; faster than the
+    pooling kernel on CPU, which also makes indices: experiments/results/stretch_kernels.md)."""
     if x.requires_grad and torch.is_grad_enabled():
         return F.max_pool2d(x, k)
     b, c, h, w = x.shape
@@ -204,8 +215,9 @@ def _block_max(x: Tensor, k: int) -> Tensor:
 def _block_mean(x: Tensor, k: int) -> Tensor:
     """``F.avg_pool2d(x, k)`` for H, W multiples of ``k``, the same values to float rounding: the
     ``k`` strided column slices added, then the ``k`` strided row slices of that (elementwise adds
-    over the frame; about 2x faster than the pooling kernel on CPU, where a sum over an inner
-    axis of 2 is slower still). Returns a strided view of a ``(B, C, H, W / k)`` buffer."""
+    over the frame; faster than the pooling kernel on CPU, where a sum over an inner axis of 2 is
+    slower still: experiments/results/stretch_kernels.md). Returns a strided view of a
+    ``(B, C, H, W / k)`` buffer."""
     if k == 1:
         return x * 1.0
     cols = torch.add(x[..., 0::k], x[..., 1::k])
@@ -215,24 +227,6 @@ def _block_mean(x: Tensor, k: int) -> Tensor:
     for j in range(1, k):
         out.add_(cols[..., j::k, :])  # rows j::k and 0::k of ``cols`` do not overlap
     return out.mul_(1.0 / (k * k))
-
-
-def _asinh(z: Tensor) -> Tensor:
-    """``asinh`` in a few vectorised passes (``torch.asinh`` is ~2x slower on CPU); same values to
-    float rounding: ``sign(z) log1p(|z| + z^2 / (1 + sqrt(1 + z^2)))``."""
-    a = z.abs()
-    a2 = a * a
-    r = a + a2 / (1.0 + torch.sqrt(a2 + 1.0))
-    # numpy's SIMD log1p is ~4x faster than ATen's on this CPU (the same values to an ulp)
-    if not numpy_inplace_(r, _np_log1p):
-        r = torch.log1p(r)
-    return torch.copysign(r, z)
-
-
-def _np_log1p(a) -> None:
-    import numpy as np
-
-    np.log1p(a, out=a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +362,7 @@ class QualityScorer(nn.Module):
         self.peak_weight = float(peak_weight)
         self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
         self.register_buffer("baseline", None)  # log patch errors typical of the instrument (see adapt)
+        self.register_buffer("psf_reference", None)  # the night's star width and count (see adapt)
         self.scope = ""  # what the model was trained on (set by pretrained())
 
     # -- core -------------------------------------------------------------------------------
@@ -394,7 +389,18 @@ class QualityScorer(nn.Module):
             # prediction happen in good parts of frames whose global noise is underestimated (e.g. a
             # frame partly in a shutter shadow) and must not flag those parts.
             pooled = pooled[:, :1] + self.peak_weight * pooled[:, 1:].clamp(min=0).square()
-        return pooled if self.baseline is None else pooled / self._typical(pooled)
+        pe = pooled if self.baseline is None else pooled / self._typical(pooled)
+        if self.psf_reference is not None:
+            pe = torch.maximum(pe, self._psf_error(image, mask).to(pe.dtype).view(-1, 1, 1, 1))
+        return pe
+
+    def _psf_error(self, image: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The PSF check as a patch error ``(B,)`` for every patch of a frame: ``threshold x
+        exp(_PSF_SLOPE (z - k))``, ``z`` the frame's :func:`_psf_z` and ``k`` that of :meth:`adapt`, so a frame whose
+        stars are ``k`` of the night's sigmas broader (or fewer) than the median reaches the threshold."""
+        ref = self.psf_reference.double()
+        z = _psf_z(star_stats(image, mask), ref)
+        return self.threshold.double() * torch.exp((_PSF_SLOPE * (z - ref[4])).clamp(max=30.0))
 
     def _typical(self, pe: Tensor) -> Tensor:
         """The instrument's typical patch error (exp of the adapted baseline), per patch position when
@@ -405,7 +411,7 @@ class QualityScorer(nn.Module):
         return base.exp()
 
     @torch.no_grad()
-    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None) -> float:
+    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True) -> float:
         """Adapt the thresholds to an instrument from frames of one night (or a few good frames).
 
         No retraining: the patch errors of ``frames`` (a ``(B, 1, H, W)`` tensor or a list of them)
@@ -417,11 +423,19 @@ class QualityScorer(nn.Module):
         being 1.4826 x the median deviation of the lower half from the median (defects raise errors,
         so bad patches do not widen it). Robust as long as most patches at each position are good:
         the night's own frames, bad ones included, will do. Returns the threshold (a ratio).
+
+        ``psf``: also check each frame's stars against the night's (:func:`star_stats`): their width
+        (the median ``sqrt(flux / peak)`` of the brightest) and their number, each as a log against the
+        night's median over a spread that defects do not widen (:func:`_robust_reference`).
+        A frame ``z`` of these sigmas broader or sparser scores ``threshold x exp(2 (z - k))`` on
+        every patch: the autoencoder's features, binned 4 x 4, cannot tell a defocused frame from a sharp one
+        when the instrument's own PSF is broad and its field sparse; the night's own stars can.
         """
         frames = [frames] if isinstance(frames, Tensor) else list(frames)
         if not frames:
             raise ValueError("adapt: frames is empty")
         self.baseline = None
+        self.psf_reference = None
         errs = [self.patch_errors(f if f.dim() == 4 else f.unsqueeze(0), mask).double().clamp(min=1e-12).log()
                 for f in frames]
         same = len({tuple(e.shape[-2:]) for e in errs}) == 1
@@ -440,7 +454,18 @@ class QualityScorer(nn.Module):
         sigma = 1.482602218505602 * (med - r[r <= med]).median()
         self.baseline = base.to(self.threshold.dtype)
         self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
+        if psf:
+            self.psf_reference = self._night_psf_reference(frames, float(k), mask)
         return float(self.threshold)
+
+    def _night_psf_reference(self, frames: list, k: float, mask) -> Tensor:
+        """``[width median, width spread, count median, count spread, k]`` of the night's frames."""
+        stats = [star_stats(f if f.dim() == 4 else f.unsqueeze(0), mask) for f in frames]
+        w_med, w_sig = _robust_reference(torch.cat([s.log_width for s in stats]), _PSF_MIN_SPREAD[0])
+        n_med, n_sig = _robust_reference(torch.cat([s.log_count for s in stats]), _PSF_MIN_SPREAD[1])
+        if math.isfinite(n_med):  # counts scatter at least twice as Poisson's: few stars prove little
+            n_sig = max(n_sig, 2.0 / math.sqrt(math.exp(n_med)))
+        return torch.tensor([w_med, w_sig, n_med, n_sig, k], dtype=torch.float64, device=self.threshold.device)
 
     def forward(self, image: Tensor, mask: Optional[Tensor] = None) -> QualityResult:
         image = check_image(image, "image", channels=1)
@@ -501,6 +526,7 @@ class QualityScorer(nn.Module):
             "features_version": FEATURES_VERSION,
             "threshold": float(self.threshold),
             **({"baseline": self.baseline.cpu()} if self.baseline is not None else {}),
+            **({"psf_reference": self.psf_reference.cpu()} if self.psf_reference is not None else {}),
             **extra,
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -528,6 +554,8 @@ class QualityScorer(nn.Module):
         scorer = cls(model, **kw).eval()
         if payload.get("baseline") is not None:
             scorer.baseline = payload["baseline"]
+        if payload.get("psf_reference") is not None:
+            scorer.psf_reference = payload["psf_reference"]
         return scorer
 
     @classmethod
@@ -555,6 +583,129 @@ def _leave_one_out_residuals(logs: Tensor) -> Tensor:
     lo = others.kthvalue((n - 1 + 1) // 2, dim=1).values
     hi = others.kthvalue((n - 1) // 2 + 1, dim=1).values
     return logs - 0.5 * (lo + hi)
+
+
+# --------------------------------------------------------------------------------------------
+# PSF check of adapted scorers: stars broader or fewer than on the night's typical frame
+# --------------------------------------------------------------------------------------------
+# Local maxima (3 x 3) this many noise sigmas above a mesh background count as stars; the width is
+# measured in a (2 _PSF_BOX + 1)^2 box around the _PSF_STARS brightest (assumes a PSF FWHM below
+# ~2 _PSF_BOX pixels; a broader PSF saturates the width, its missing peaks still lower the count).
+_PSF_NSIGMA = 5.0
+_PSF_MESH = 32
+_PSF_BOX = 8
+_PSF_STARS = 32
+# Floors of the night's spread (log units): a 3-sigma flag then means a PSF at least e^0.6 = 1.8x
+# the night's median width (seeing alone rarely varies that much in a night), or fewer than
+# e^-0.75 = 0.47x its star count, whatever few frames say
+# (the count's floor also grows as 2 / sqrt(1 + the night's median count): twice Poisson's scatter).
+_PSF_MIN_SPREAD = (0.2, 0.25)
+# The PSF check scores threshold x exp(_PSF_SLOPE (z - k)): steep, so that frames within the night's
+# spread (z well below k) stay far below the autoencoder's own errors.
+_PSF_SLOPE = 2.0
+
+
+class StarStats(NamedTuple):
+    """Per-frame star statistics ``(B,)`` behind the PSF check of :meth:`QualityScorer.adapt`.
+
+    Attributes:
+        log_width: median over the brightest stars of ``0.5 log(flux / peak)`` (the log of an
+            equivalent width, in pixels); NaN without stars.
+        log_count: ``log(1 + n)`` of the number ``n`` of stars.
+    """
+
+    log_width: Tensor
+    log_count: Tensor
+
+
+def _mesh_background(x: Tensor) -> Tensor:
+    """Median of each ``_PSF_MESH``-pixel mesh (from every other pixel), bilinear between centres."""
+    b, _, h, w = x.shape
+    m = _PSF_MESH
+    s = F.pad(x, (0, (-w) % m, 0, (-h) % m), mode="replicate")
+    nh, nw = s.shape[-2] // m, s.shape[-1] // m
+    cells = s[..., ::2, ::2].reshape(b, 1, nh, m // 2, nw, m // 2).permute(0, 1, 2, 4, 3, 5)
+    med = cells.reshape(b, 1, nh, nw, -1).median(dim=-1).values
+    return F.interpolate(med, size=(nh * m, nw * m), mode="bilinear", align_corners=False)[..., :h, :w]
+
+
+def star_stats(image: Tensor, mask: Optional[Tensor] = None) -> StarStats:
+    """:class:`StarStats` of ``(B, 1, H, W)`` frames: stars are local maxima ``_PSF_NSIGMA`` noise
+    sigmas above a mesh background (masked and non-finite pixels set to the background); the
+    width is measured on the ``_PSF_STARS`` brightest at least ``_PSF_BOX + 1`` pixels from the edge."""
+    image = check_image(image, "image", channels=1)
+    x, _, bad = _fill_bad_with_median(image.float(), check_mask(mask, image))
+    d = x - _mesh_background(x)
+    if bad is not None:
+        d = d.masked_fill(bad, 0.0)
+    sigma = _frame_noise(x).view(-1, 1, 1, 1)
+    peaks = (_max3x3(d) == d) & (d > _PSF_NSIGMA * sigma)
+    count = peaks.sum(dim=(1, 2, 3)).to(torch.float32)
+    return StarStats(_log_widths(d, peaks), torch.log1p(count))
+
+
+def _max3x3(d: Tensor) -> Tensor:
+    """``F.max_pool2d(d, 3, 1, 1)``, the same values, as maxima of shifted views (rows, then
+    columns): a fraction of the pooling kernel's time on CPU."""
+    p = F.pad(d, (1, 1, 1, 1), value=-float("inf"))
+    r = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
+    return torch.maximum(torch.maximum(r[..., :-2, :], r[..., 1:-1, :]), r[..., 2:, :])
+
+
+def _brightest(values: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of ``values`` ``(B, N)`` where ``keep`` and their indices, each ``(B, k)``
+    (``-inf`` past the kept ones): a top-k over the few kept values instead of the whole frame."""
+    b = values.shape[0]
+    rows, cols = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=b)
+    width = max(k, int(counts.max()) if rows.numel() else 0)
+    pos = torch.arange(rows.numel(), device=values.device) - (counts.cumsum(0) - counts)[rows]
+    dense = values.new_full((b, width), -float("inf"))
+    dense[rows, pos] = values[rows, cols]
+    where = torch.zeros((b, width), dtype=torch.long, device=values.device)
+    where[rows, pos] = cols
+    top, j = dense.topk(k, dim=1)
+    return top, where.gather(1, j)
+
+
+def _log_widths(d: Tensor, peaks: Tensor) -> Tensor:
+    """Median ``0.5 log(box flux / peak)`` over the brightest ``peaks`` of background-free ``d``."""
+    b, _, h, w = d.shape
+    r = _PSF_BOX
+    inner = torch.zeros_like(peaks)
+    inner[..., r + 1:h - r - 1, r + 1:w - r - 1] = True
+    top, idx = _brightest(d.reshape(b, -1), (peaks & inner).reshape(b, -1), _PSF_STARS)
+    off = torch.arange(-r, r + 1, device=d.device)
+    rows = (idx // w)[..., None, None] + off[:, None]
+    cols = (idx % w)[..., None, None] + off[None, :]
+    flat = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).reshape(b, -1)
+    box = d.reshape(b, -1).gather(1, flat).reshape(b, -1, 2 * r + 1, 2 * r + 1)
+    peak, flux = box[..., r, r], box.sum(dim=(-2, -1))
+    ok = torch.isfinite(top) & (flux > peak)
+    lw = 0.5 * torch.log(flux.clamp(min=1e-30) / peak.clamp(min=1e-30))
+    return torch.where(ok, lw, torch.full_like(lw, float("nan"))).nanmedian(dim=1).values
+
+
+def _robust_reference(values: Tensor, floor: float) -> tuple[float, float]:
+    """Median of the finite ``values`` and a spread that defects do not widen: 1.4826 x the median
+    deviation from the median of the lower and of the upper half, the smaller of the two (a defect
+    moves a frame's stars one way, but which way depends on the defect), at least ``floor``;
+    ``(NaN, floor)`` without finite values."""
+    v = values[torch.isfinite(values)].double()
+    if v.numel() == 0:
+        return float("nan"), floor
+    med = v.median()
+    lower, upper = (med - v[v <= med]).median(), (v[v >= med] - med).median()
+    return float(med), max(floor, float(1.482602218505602 * torch.minimum(lower, upper)))
+
+
+def _psf_z(stats: StarStats, ref: Tensor) -> Tensor:
+    """How many of the night's sigmas a frame's stars are broader, or fewer, than the median (``(B,)``;
+    the larger of the two, ignoring what is NaN, 0 if both are)."""
+    zw = (stats.log_width.to(ref.dtype) - ref[0]) / ref[1]
+    zn = (ref[2] - stats.log_count.to(ref.dtype)) / ref[3]
+    z = torch.fmax(zw, zn)  # fmax ignores a NaN operand
+    return z.nan_to_num(0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ histogram equalisation, and fully through :class:`HistogramEqualization` with ``
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -105,7 +106,7 @@ def _as_groups(image: Tensor, mask: Optional[Tensor], per_channel: bool, name: s
 
 def _bad_map(flat: Tensor, mflat: Optional[Tensor]) -> Tensor:
     """Bool map of excluded pixels: masked or non-finite (``x - x`` is NaN exactly for NaN/inf;
-    this is ~2x faster than ``torch.isfinite`` on CPU)."""
+    cheaper than ``torch.isfinite`` on CPU: experiments/results/stretch_kernels.md)."""
     bad = (flat - flat) != 0
     return bad if mflat is None else bad | mflat
 
@@ -302,8 +303,26 @@ def _zscale_from_samples(
     limits ``median -/+ slope/contrast * (distance from the centre rank)``, bounded by the sample
     min/max. Every row runs all ``max_iterations`` with an ``active`` mask instead of ``break``.
     """
+    s = _sorted_samples(samples, valid)
+    npix_f = s.npix.to(samples.dtype)
+    minpix = torch.clamp(torch.floor(npix_f * max_reject), min=float(min_npixels))
+    slope, ngood = _fit_with_rejection(s, minpix, krej, max_iterations)
+    return _zscale_limits(s, slope, ngood >= minpix, contrast)
+
+
+class _SortedSamples(NamedTuple):
+    """zscale's samples sorted per row: values ``y`` ``(G, n)`` (0 past the real ones), ranks ``x``
+    ``(1, n)``, the count ``npix`` ``(G,)`` and ``inside`` ``(G, n)`` marking the real ones."""
+
+    y: Tensor
+    x: Tensor
+    npix: Tensor
+    inside: Tensor
+
+
+def _sorted_samples(samples: Tensor, valid: Tensor) -> _SortedSamples:
     wdt = samples.dtype
-    g, n = samples.shape
+    n = samples.shape[1]
     dev = samples.device
     inf = torch.tensor(float("inf"), dtype=wdt, device=dev)
     y = torch.where(valid, samples, inf).sort(dim=-1).values
@@ -311,49 +330,74 @@ def _zscale_from_samples(
     inside = torch.arange(n, device=dev).unsqueeze(0) < npix.unsqueeze(1)
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.arange(n, device=dev, dtype=wdt).unsqueeze(0)
-    last_i = (npix - 1).clamp(min=0)
-    vmin = y[:, 0]
-    vmax = y.gather(1, last_i.unsqueeze(1)).squeeze(1)
+    return _SortedSamples(y, x, npix, inside)
 
-    npix_f = npix.to(wdt)
-    minpix = torch.clamp(torch.floor(npix_f * max_reject), min=float(min_npixels))
-    ngrow = torch.clamp(torch.floor(npix_f * 0.01), min=1.0).long()
-    down = torch.div(ngrow - 1, 2, rounding_mode="floor")  # bad pixel i marks [i - down, i + up]
+
+def _grow_bounds(npix: Tensor, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` ``(G, n)``: a rejected sample i marks ``[i - down, i + up]``, the box of
+    ``max(1, int(0.01 npix))`` samples in numpy ``convolve(..., 'same')`` alignment; sample j is
+    marked when a rejected one lies in ``[lo_j, hi_j)``."""
+    ngrow = torch.clamp(torch.floor(npix.to(dtype) * 0.01), min=1.0).long()
+    down = torch.div(ngrow - 1, 2, rounding_mode="floor")
     up = ngrow - 1 - down
-    j = torch.arange(n, device=dev).unsqueeze(0)
+    j = torch.arange(n, device=npix.device).unsqueeze(0)
     lo = (j - up.unsqueeze(1)).clamp(min=0)
     hi = (j + down.unsqueeze(1) + 1).clamp(max=n)
+    return lo, hi
 
-    bad = torch.zeros_like(inside)
-    ngood = npix_f
-    last = npix_f + 1
-    active = torch.ones(g, dtype=torch.bool, device=dev)
-    slope = torch.zeros(g, dtype=wdt, device=dev)
+
+def _line_residuals(s: _SortedSamples, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted least-squares line of ``y`` on ``x`` (weights ``w``): ``(slope (G, 1), residuals
+    (G, n), population std of the weighted residuals (G, 1))``."""
+    x, y = s.x, s.y
+    sw = w.sum(-1, keepdim=True).clamp(min=1.0)
+    xm = (w * x).sum(-1, keepdim=True) / sw
+    ym = (w * y).sum(-1, keepdim=True) / sw
+    dx = x - xm
+    sxx = (w * dx * dx).sum(-1, keepdim=True)
+    sxy = (w * dx * (y - ym)).sum(-1, keepdim=True)
+    b1 = sxy / torch.where(sxx > 0, sxx, torch.ones_like(sxx))
+    flat = y - (ym + b1 * dx)
+    fm = (w * flat).sum(-1, keepdim=True) / sw
+    sd = torch.sqrt((w * (flat - fm) ** 2).sum(-1, keepdim=True) / sw)
+    return b1, flat, sd
+
+
+def _fit_with_rejection(s: _SortedSamples, minpix: Tensor, krej: float, max_iterations: int) -> tuple[Tensor, Tensor]:
+    """The k-sigma rejection loop: ``(slope (G,), number of samples kept (G,))``. Every row runs all
+    ``max_iterations``; a row stops changing once nothing more is rejected or too few remain."""
+    g, n = s.y.shape
+    wdt = s.y.dtype
+    lo, hi = _grow_bounds(s.npix, n, wdt)
+    bad = torch.zeros_like(s.inside)
+    ngood = s.npix.to(wdt)
+    last = ngood + 1
+    active = torch.ones(g, dtype=torch.bool, device=s.y.device)
+    slope = torch.zeros(g, dtype=wdt, device=s.y.device)
     for _ in range(max_iterations):
         active = active & ~((ngood >= last) | (ngood < minpix))
-        w = (inside & ~bad).to(wdt)
-        s = w.sum(-1, keepdim=True).clamp(min=1.0)
-        xm = (w * x).sum(-1, keepdim=True) / s
-        ym = (w * y).sum(-1, keepdim=True) / s
-        dx = x - xm
-        sxx = (w * dx * dx).sum(-1, keepdim=True)
-        sxy = (w * dx * (y - ym)).sum(-1, keepdim=True)
-        b1 = sxy / torch.where(sxx > 0, sxx, torch.ones_like(sxx))
-        flat = y - (ym + b1 * dx)
-        fm = (w * flat).sum(-1, keepdim=True) / s
-        sd = torch.sqrt((w * (flat - fm) ** 2).sum(-1, keepdim=True) / s)
+        b1, flat, sd = _line_residuals(s, (s.inside & ~bad).to(wdt))
         thr = krej * sd
-        rejected = bad | (((flat < -thr) | (flat > thr)) & inside)
+        rejected = bad | (((flat < -thr) | (flat > thr)) & s.inside)
         csum = torch.nn.functional.pad(rejected.to(torch.int32).cumsum(-1), (1, 0))
-        grown = ((csum.gather(1, hi) - csum.gather(1, lo)) > 0) & inside
-        ng = (inside & ~grown).sum(-1).to(wdt)
-        act = active.unsqueeze(1)
-        bad = torch.where(act, grown, bad)
+        grown = ((csum.gather(1, hi) - csum.gather(1, lo)) > 0) & s.inside
+        ng = (s.inside & ~grown).sum(-1).to(wdt)
+        bad = torch.where(active.unsqueeze(1), grown, bad)
         slope = torch.where(active, b1.squeeze(1), slope)
         last = torch.where(active, ngood, last)
         ngood = torch.where(active, ng, ngood)
+    return slope, ngood
 
-    ok = ngood >= minpix
+
+def _zscale_limits(s: _SortedSamples, slope: Tensor, ok: Tensor, contrast: float) -> tuple[Tensor, Tensor]:
+    """``median -/+ slope / contrast * (distance from the centre rank)`` within the sample min/max
+    where the fit kept enough samples (``ok``), the min/max elsewhere; NaN for empty rows."""
+    y, npix = s.y, s.npix
+    n = y.shape[1]
+    wdt = y.dtype
+    last_i = (npix - 1).clamp(min=0)
+    vmin = y[:, 0]
+    vmax = y.gather(1, last_i.unsqueeze(1)).squeeze(1)
     if contrast > 0:
         slope = slope / contrast
     center = torch.div(npix - 1, 2, rounding_mode="floor")
@@ -548,7 +592,7 @@ class ManualInterval(BaseInterval):
 
 
 # --------------------------------------------------------------------------------------------
-# stretches
+# stretches: each kind written once, its backend variants registered side by side
 # --------------------------------------------------------------------------------------------
 
 #: kind -> default ``a`` (astropy's defaults; ``power`` has none, as astropy's ``PowerStretch``).
@@ -556,6 +600,205 @@ STRETCHES = {
     "linear": None, "sqrt": None, "squared": None, "power": None, "log": 1000.0, "asinh": 0.1,
     "sinh": 1.0 / 3.0, "powerdist": 1000.0,
 }
+
+
+class _StretchParams(NamedTuple):
+    """What a stretch kernel needs besides the values. ``clip``: the values were clipped to
+    ``[0, 1]`` (a kernel may take its ``x >= 0`` branch; the linear stretch clips after)."""
+
+    a: Optional[float]
+    clip: bool
+    slope: float = 1.0
+    intercept: float = 0.0
+
+
+#: ``{kind: {variant: kernel}}``, filled by :func:`_register_stretch` beside each formula.
+#: ``"graph"``: ``kernel(x, p) -> Tensor``, out-of-place torch ops (autograd, ``torch.compile``).
+#: ``"inplace"``: ``kernel(y, p) -> Tensor``, eager torch ops on a buffer we own (returns ``y`` or
+#: a new tensor). ``"numpy"`` (transcendental kinds only): ``kernel(block, p)``, numpy ufuncs with
+#: ``out=block`` on a CPU block (see :func:`_numpy_stretch`).
+_STRETCH_KERNELS: dict[str, dict[str, Callable]] = {}
+
+
+def _register_stretch(kind: str, variant: str):
+    """Decorator: register ``fn`` as the ``variant`` kernel of the stretch ``kind``."""
+    def register(fn: Callable) -> Callable:
+        _STRETCH_KERNELS.setdefault(kind, {})[variant] = fn
+        return fn
+    return register
+
+
+@_register_stretch("linear", "graph")
+def _linear(x: Tensor, p: _StretchParams) -> Tensor:
+    """``slope x + intercept``, clipped after when ``p.clip`` and not the identity."""
+    y = x
+    if p.slope != 1:
+        y = y * p.slope
+    if p.intercept != 0:
+        y = y + p.intercept
+    if p.clip and (p.slope != 1 or p.intercept != 0):
+        y = y.clamp(0.0, 1.0)
+    return y
+
+
+@_register_stretch("linear", "inplace")
+def _linear_(y: Tensor, p: _StretchParams) -> Tensor:
+    if p.slope != 1:
+        y.mul_(p.slope)
+    if p.intercept != 0:
+        y.add_(p.intercept)
+    if p.clip and (p.slope != 1 or p.intercept != 0):
+        y.clamp_(0.0, 1.0)
+    return y
+
+
+@_register_stretch("sqrt", "graph")
+def _sqrt(x: Tensor, p: _StretchParams) -> Tensor:
+    return torch.sqrt(x)
+
+
+@_register_stretch("sqrt", "inplace")
+def _sqrt_(y: Tensor, p: _StretchParams) -> Tensor:
+    # 1 / rsqrt(x): ATen's rsqrt and reciprocal are SIMD kernels, its sqrt goes through MKL's VML
+    # on some CPUs (experiments/results/stretch_kernels.md); <= 2 ulp from sqrt, 0 -> 0, inf -> inf,
+    # x < 0 -> NaN
+    return y.rsqrt_().reciprocal_()
+
+
+@_register_stretch("squared", "graph")
+def _squared(x: Tensor, p: _StretchParams) -> Tensor:
+    return x * x
+
+
+@_register_stretch("squared", "inplace")
+def _squared_(y: Tensor, p: _StretchParams) -> Tensor:
+    return y.mul_(y)
+
+
+@_register_stretch("power", "graph")
+def _power(x: Tensor, p: _StretchParams) -> Tensor:
+    """``x^a``; for clipped input (``x >= 0``) as ``2^(a log2 x)``, which fuses to SIMD exp2/log2
+    when compiled."""
+    if p.clip and not x.requires_grad:
+        return torch.exp2(torch.log2(x) * p.a)
+    return torch.pow(x, p.a)
+
+
+@_register_stretch("power", "inplace")
+def _power_(y: Tensor, p: _StretchParams) -> Tensor:
+    return y.pow_(p.a)
+
+
+@_register_stretch("power", "numpy")
+def _power_np(b, p: _StretchParams) -> None:
+    np.power(b, p.a, out=b)
+
+
+@_register_stretch("log", "graph")
+def _log(x: Tensor, p: _StretchParams) -> Tensor:
+    """``log(a x + 1) / log(a + 1)``."""
+    return torch.log(x * p.a + 1.0) / math.log(p.a + 1.0)
+
+
+@_register_stretch("log", "inplace")
+def _log_(y: Tensor, p: _StretchParams) -> Tensor:
+    # log2 is ATen's faster CPU kernel; ln 2 folds into the normalisation
+    return y.mul_(p.a).add_(1.0).log2_().mul_(1.0 / math.log2(p.a + 1.0))
+
+
+@_register_stretch("log", "numpy")
+def _log_np(b, p: _StretchParams) -> None:
+    np.multiply(b, p.a, out=b)
+    np.add(b, 1.0, out=b)
+    np.log(b, out=b)
+    np.multiply(b, 1.0 / math.log(p.a + 1.0), out=b)
+
+
+@_register_stretch("asinh", "graph")
+def _asinh_stretch(x: Tensor, p: _StretchParams) -> Tensor:
+    """``asinh(x / a) / asinh(1 / a)``; for clipped input (``x >= 0``) through
+    ``asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a)`` (SIMD log/sqrt when compiled)."""
+    a = p.a
+    if p.clip:
+        return ((torch.log(x + torch.sqrt(x * x + a * a)) - math.log(a)) / math.asinh(1.0 / a)).clamp(0.0, 1.0)
+    return torch.asinh(x / a) / math.asinh(1.0 / a)
+
+
+@_register_stretch("asinh", "inplace")
+def _asinh_stretch_(y: Tensor, p: _StretchParams) -> Tensor:
+    # torch.asinh is a scalar loop on CPU; asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a) instead, exact
+    # for x >= 0 (with clip: x in [0, 1]); log and sqrt are SIMD-vectorised. ~1 ulp of the output.
+    a = p.a
+    norm = math.asinh(1.0 / a)
+    if p.clip:
+        r = torch.addcmul(torch.tensor(a * a, dtype=y.dtype, device=y.device), y, y).rsqrt_()
+        torch.addcdiv(y, torch.ones((), dtype=y.dtype, device=y.device), r, out=r).log_()
+        return torch.add(torch.tensor(-math.log(a) / norm, dtype=y.dtype, device=y.device), r,
+                         alpha=1.0 / norm, out=y).clamp_(0.0, 1.0)
+    y.div_(a)
+    sign = torch.sign(y)
+    t = y.abs_()
+    huge = t > 1e18 if y.dtype == torch.float32 else None  # t^2 overflows float32
+    r = torch.mul(t, t).add_(1.0).sqrt_()
+    y = r.add_(t).log_()
+    if huge is not None:
+        y = torch.where(huge, torch.log(2.0 * t), y)
+    return y.mul_(sign).div_(norm)
+
+
+@_register_stretch("asinh", "numpy")
+def _asinh_stretch_np(b, p: _StretchParams) -> None:
+    np.multiply(b, 1.0 / p.a, out=b)
+    np.arcsinh(b, out=b)
+    np.multiply(b, 1.0 / math.asinh(1.0 / p.a), out=b)
+
+
+def signed_asinh(z: Tensor) -> Tensor:
+    """``asinh(z)`` of any real ``z`` (unnormalised; the feature compression of
+    :func:`~astroprep_torch.quality.normalize_frame`) as ``sign(z) log1p(|z| + z^2 / (1 + sqrt(1 + z^2)))``
+    in a few vectorised passes, the ``log1p`` through numpy's SIMD ufunc on large CPU tensors
+    (``torch.asinh`` is a scalar loop on CPU); the same values as ``torch.asinh`` to float rounding."""
+    a = z.abs()
+    a2 = a * a
+    r = a + a2 / (1.0 + torch.sqrt(a2 + 1.0))
+    if not numpy_inplace_(r, _log1p_np):
+        r = torch.log1p(r)
+    return torch.copysign(r, z)
+
+
+def _log1p_np(b) -> None:
+    np.log1p(b, out=b)
+
+
+@_register_stretch("sinh", "graph")
+def _sinh(x: Tensor, p: _StretchParams) -> Tensor:
+    """``sinh(x / a) / sinh(1 / a)`` with ``e^t = 2^(t log2 e)`` (exp2 is SIMD-vectorised on CPU)."""
+    e = torch.exp2(x * (math.log2(math.e) / p.a))
+    return (e - 1.0 / e) * (0.5 / math.sinh(1.0 / p.a))
+
+
+@_register_stretch("sinh", "inplace")
+def _sinh_(y: Tensor, p: _StretchParams) -> Tensor:
+    e = y.mul_(math.log2(math.e) / p.a).exp2_()
+    return e.sub_(torch.reciprocal(e)).mul_(0.5 / math.sinh(1.0 / p.a))
+
+
+@_register_stretch("sinh", "numpy")
+def _sinh_np(b, p: _StretchParams) -> None:
+    np.multiply(b, 1.0 / p.a, out=b)
+    np.sinh(b, out=b)
+    np.multiply(b, 1.0 / math.sinh(1.0 / p.a), out=b)
+
+
+@_register_stretch("powerdist", "graph")
+def _powerdist(x: Tensor, p: _StretchParams) -> Tensor:
+    """``(a^x - 1) / (a - 1)``."""
+    return (torch.pow(torch.as_tensor(p.a, dtype=x.dtype, device=x.device), x) - 1.0) / (p.a - 1.0)
+
+
+@_register_stretch("powerdist", "inplace")
+def _powerdist_(y: Tensor, p: _StretchParams) -> Tensor:
+    return torch.pow(torch.as_tensor(p.a, dtype=y.dtype, device=y.device), y).sub_(1.0).div_(p.a - 1.0)
 
 
 def apply_stretch(
@@ -572,41 +815,16 @@ def apply_stretch(
     clipped after. With ``clip=False`` out-of-range input is used as is and may give NaN (sqrt/log/
     fractional power of negatives); ``invalid`` replaces those NaNs for sqrt, log and ``0 < a < 1``
     power, as astropy's ``invalid=`` keyword (ignored when ``clip``).
+
+    Eager calls that need no gradient run the ``"inplace"`` / ``"numpy"`` kernels on one output
+    buffer (:func:`_stretch_inplace`); the others the ``"graph"`` kernel. Both give the same
+    numbers to float rounding (tests compare them).
     """
     a = _check_stretch(kind, a)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and values.requires_grad):
         return _stretch_inplace(values, kind, a, clip, slope, intercept, invalid, _owned)
     x = values.clamp(0.0, 1.0) if clip else values
-    if kind == "linear":
-        y = x
-        if slope != 1:
-            y = y * slope
-        if intercept != 0:
-            y = y + intercept
-        if clip and (slope != 1 or intercept != 0):
-            y = y.clamp(0.0, 1.0)
-        return y
-    if kind == "sqrt":
-        y = torch.sqrt(x)
-    elif kind == "squared":
-        y = x * x
-    elif kind == "power":
-        if clip and not x.requires_grad:  # x >= 0: 2^(a log2 x) fuses to SIMD exp2/log2 when compiled
-            y = torch.exp2(torch.log2(x) * a)
-        else:
-            y = torch.pow(x, a)
-    elif kind == "log":
-        y = torch.log(x * a + 1.0) / math.log(a + 1.0)
-    elif kind == "asinh":
-        if clip:  # x >= 0: asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a), SIMD log/sqrt when compiled
-            y = ((torch.log(x + torch.sqrt(x * x + a * a)) - math.log(a)) / math.asinh(1.0 / a)).clamp(0.0, 1.0)
-        else:
-            y = torch.asinh(x / a) / math.asinh(1.0 / a)
-    elif kind == "sinh":
-        e = torch.exp2(x * (math.log2(math.e) / a))  # exp2 is SIMD-vectorised, sinh is not (CPU)
-        y = (e - 1.0 / e) * (0.5 / math.sinh(1.0 / a))
-    else:  # powerdist
-        y = (torch.pow(torch.as_tensor(a, dtype=x.dtype, device=x.device), x) - 1.0) / (a - 1.0)
+    y = _STRETCH_KERNELS[kind]["graph"](x, _StretchParams(a, clip, slope, intercept))
     if _makes_invalid(kind, a) and not clip and invalid is not None:
         y = torch.where(x < 0, torch.full_like(y, float(invalid)), y)
     return y
@@ -616,17 +834,18 @@ def _makes_invalid(kind: str, a: Optional[float]) -> bool:
     return kind in ("sqrt", "log") or (kind == "power" and 0 < a < 1)
 
 
-_CHUNK = 1 << 22  # elements per chunk of the eager stretch (16 MB of float32): with 2 OpenMP threads each op
-# launch costs tens of microseconds, more than a pass over L3-resident data
+# Elements per chunk of the eager stretch (16 MB of float32): few op launches, each over
+# cache-resident data.
+_CHUNK = 1 << 22
 
 
 def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, slope: float, intercept: float,
                      invalid: Optional[float], owned: bool = False) -> Tensor:
     """Same maths as :func:`apply_stretch` without autograd (eager, no gradient needed).
 
-    Works in place on one output buffer (no temporaries), in chunks of ``_CHUNK`` values; the
-    transcendental kinds run numpy's SIMD ufuncs over the buffer (see ``_NUMPY_KERNELS``).
-    ``owned``: ``values`` is a temporary of the caller and becomes the output.
+    Works in place on one output buffer (no temporaries), in chunks of ``_CHUNK`` values, with the
+    kind's ``"inplace"`` kernel, or its ``"numpy"`` kernel over the whole buffer where that applies
+    (:func:`_numpy_stretch`). ``owned``: ``values`` is a temporary of the caller and becomes the output.
     """
     neg = values < 0 if (_makes_invalid(kind, a) and not clip and invalid is not None) else None
     if owned and values.is_contiguous():
@@ -636,7 +855,8 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
         owned = False
     src = values.reshape(-1)
     dst = y.view(-1)
-    use_np = kind in _NUMPY_KERNELS and numpy_applies(dst, _NUMPY_MIN)
+    p = _StretchParams(a, clip, slope, intercept)
+    use_np = _numpy_stretch_applies(kind, dst)
     for start in range(0, dst.numel(), _CHUNK):
         out = dst[start:start + _CHUNK]
         chunk = src[start:start + _CHUNK]
@@ -645,99 +865,43 @@ def _stretch_inplace(values: Tensor, kind: str, a: Optional[float], clip: bool, 
         elif not owned:
             out.copy_(chunk)
         if not use_np:
-            res = _stretch_chunk_(out, kind, a, clip, slope, intercept)
-            if res is not out:
-                out.copy_(res)
+            _stretch_chunk_(out, kind, p)
     if use_np:
-        numpy_inplace_(dst, _numpy_kernel(kind, a), min_numel=_NUMPY_MIN)
+        numpy_inplace_(dst, _numpy_stretch(kind, p), min_numel=_NUMPY_MIN)
     if neg is not None:
         y.masked_fill_(neg, float(invalid))
     return y
 
 
+def _stretch_chunk_(out: Tensor, kind: str, p: _StretchParams) -> None:
+    """Run the kind's ``"inplace"`` kernel on ``out``, leaving the result in ``out``."""
+    res = _STRETCH_KERNELS[kind]["inplace"](out, p)
+    if res is not out:
+        out.copy_(res)
+
+
 # Transcendental stretches on CPU go through numpy's SIMD float ufuncs (the same ones astropy
 # calls), split over torch's thread count, in cache-sized blocks: ATen's CPU log/pow/asinh/sinh are
-# MKL VML or scalar loops, 2-10x slower per element on this project's AMD CPUs.
-_NUMPY_KERNELS = ("power", "log", "asinh", "sinh")  # (sqrt: ATen 1/rsqrt is as fast)
+# MKL VML or scalar loops (sqrt is not: 1/rsqrt is as fast). The measured ratios are in
+# experiments/results/stretch_kernels.md.
 _NUMPY_MIN = 1 << 16
 _NUMPY_BLOCK = 1 << 15
 
 
-def _numpy_kernel(kind: str, a: Optional[float]):
-    import numpy as np
+def _numpy_stretch_applies(kind: str, t: Tensor) -> bool:
+    """Whether the numpy kernel of ``kind`` runs on ``t`` (one exists and ``t`` is a large CPU tensor)."""
+    return "numpy" in _STRETCH_KERNELS[kind] and numpy_applies(t, _NUMPY_MIN)
 
-    if kind == "power":
-        steps = [lambda b: np.power(b, a, out=b)]
-    elif kind == "log":
-        scale = 1.0 / math.log(a + 1.0)
-        steps = [lambda b: np.multiply(b, a, out=b), lambda b: np.add(b, 1.0, out=b), lambda b: np.log(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
-    elif kind == "asinh":
-        scale = 1.0 / math.asinh(1.0 / a)
-        steps = [lambda b: np.multiply(b, 1.0 / a, out=b), lambda b: np.arcsinh(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
-    else:  # sinh
-        scale = 1.0 / math.sinh(1.0 / a)
-        steps = [lambda b: np.multiply(b, 1.0 / a, out=b), lambda b: np.sinh(b, out=b),
-                 lambda b: np.multiply(b, scale, out=b)]
 
-    def run(arr):
+def _numpy_stretch(kind: str, p: _StretchParams) -> Callable:
+    """``run(arr)``: the kind's ``"numpy"`` kernel over a numpy array in ``_NUMPY_BLOCK`` blocks."""
+    kernel = _STRETCH_KERNELS[kind]["numpy"]
+
+    def run(arr) -> None:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             for i in range(0, arr.size, _NUMPY_BLOCK):
-                blk = arr[i:i + _NUMPY_BLOCK]
-                for step in steps:
-                    step(blk)
+                kernel(arr[i:i + _NUMPY_BLOCK], p)
     return run
-
-
-def _stretch_chunk_(y: Tensor, kind: str, a: Optional[float], clip: bool, slope: float, intercept: float) -> Tensor:
-    """Stretch ``y`` (already clipped if ``clip``) in place where possible; returns the result."""
-    if kind == "linear":
-        if slope != 1:
-            y.mul_(slope)
-        if intercept != 0:
-            y.add_(intercept)
-        if clip and (slope != 1 or intercept != 0):
-            y.clamp_(0.0, 1.0)
-    elif kind == "sqrt":
-        # 1 / rsqrt(x): ATen's rsqrt and reciprocal are SIMD kernels, its sqrt goes through MKL's
-        # VML, which is ~2x slower on AMD CPUs; <= 2 ulp from sqrt, 0 -> 0, inf -> inf, x < 0 -> NaN
-        y.rsqrt_().reciprocal_()
-    elif kind == "squared":
-        y.mul_(y)
-    elif kind == "power":
-        y.pow_(a)
-    elif kind == "log":
-        # log2 is ATen's faster CPU kernel; ln 2 folds into the normalisation
-        y.mul_(a).add_(1.0).log2_().mul_(1.0 / math.log2(a + 1.0))
-    elif kind == "asinh":
-        # torch.asinh is a scalar loop on CPU (~10x slower than numpy's SIMD arcsinh); use
-        # asinh(x / a) = ln((x + sqrt(x^2 + a^2)) / a), exact for x >= 0 (with clip: x in [0, 1]);
-        # log2 and sqrt are SIMD-vectorised. Absolute error ~1 ulp of the output.
-        norm = math.asinh(1.0 / a)
-        if clip:
-            r = torch.addcmul(torch.tensor(a * a, dtype=y.dtype, device=y.device), y, y).rsqrt_()
-            torch.addcdiv(y, torch.ones((), dtype=y.dtype, device=y.device), r, out=r).log_()
-            torch.add(torch.tensor(-math.log(a) / norm, dtype=y.dtype, device=y.device), r,
-                      alpha=1.0 / norm, out=y).clamp_(0.0, 1.0)
-        else:
-            y.div_(a)
-            sign = torch.sign(y)
-            t = y.abs_()
-            huge = t > 1e18 if y.dtype == torch.float32 else None  # t^2 overflows float32
-            r = torch.mul(t, t).add_(1.0).sqrt_()
-            y = r.add_(t).log_()
-            if huge is not None:
-                y = torch.where(huge, torch.log(2.0 * t), y)
-            y.mul_(sign).div_(norm)
-    elif kind == "sinh":
-        # sinh(t) = (e^t - e^-t) / 2 with e^t = 2^(t log2 e): exp2 is a SIMD kernel in ATen, torch.exp
-        # and torch.sinh are not (MKL VML / scalar loop)
-        e = y.mul_(math.log2(math.e) / a).exp2_()
-        y = e.sub_(torch.reciprocal(e)).mul_(0.5 / math.sinh(1.0 / a))
-    else:  # powerdist
-        y = torch.pow(torch.as_tensor(a, dtype=y.dtype, device=y.device), y).sub_(1.0).div_(a - 1.0)
-    return y
 
 
 def _check_stretch(kind: str, a: Optional[float]) -> Optional[float]:
@@ -826,53 +990,72 @@ def equalize_hist(
     if not smooth and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and image.requires_grad):
         return _equalize_eager(flat, mflat, nbins).reshape(image.shape)
     bad = _bad_map(flat, mflat)
-    g, length = flat.shape
     wdt = _work_dtype(flat) if not smooth else flat.dtype
+    lo, width = _hist_bins(flat, mflat, nbins, wdt, detach=not smooth)
+    xv = torch.where(bad, lo, flat.to(wdt))
+    hist = (_smooth_histogram if smooth else _hard_histogram)(xv, bad, lo, width, nbins)
+    cdf = hist.cumsum(-1)
+    cdf = cdf / cdf[:, -1:].clamp(min=torch.finfo(wdt).tiny)
+    return _interp_cdf(flat.to(wdt), cdf, lo, width).to(image.dtype).reshape(image.shape)
+
+
+def _hist_bins(flat: Tensor, mflat: Optional[Tensor], nbins: int, wdt: torch.dtype, detach: bool):
+    """``(lo, width)`` ``(G, 1)`` of ``nbins`` equal bins over each row's good min..max (widened by
+    +-0.5 where they are equal), in ``wdt``; ``detach``: no gradient through the limits."""
     lo, hi = _masked_minmax(flat, mflat)
-    if not smooth:
+    if detach:
         lo, hi = lo.detach(), hi.detach()
     lo = lo.to(wdt)
     hi = hi.to(wdt)
     same = hi == lo
     lo = torch.where(same, lo - 0.5, lo).unsqueeze(1)
     hi = torch.where(same, hi + 0.5, hi).unsqueeze(1)
-    width = (hi - lo) / nbins
-    xv = torch.where(bad, lo, flat.to(wdt))
-    if not smooth:
-        offsets = (torch.arange(g, device=flat.device) * (nbins + 1)).unsqueeze(1)
-        idx = torch.floor((xv.detach() - lo) / width).long().clamp(0, nbins - 1)
-        idx = torch.where(bad, torch.full_like(idx, nbins), idx) + offsets
-        hist = torch.zeros(g * (nbins + 1), dtype=wdt, device=flat.device)
-        hist = hist.scatter_add(0, idx.reshape(-1), torch.ones_like(xv).reshape(-1))
-        hist = hist.view(g, nbins + 1)[:, :nbins]
-    else:
-        # each pixel splits its count linearly between the two nearest bin *edges*; the count up
-        # to edge k+1 is the smooth version of skimage's "pixels in bins 0..k" at centre k
-        offsets = (torch.arange(g, device=flat.device) * (nbins + 2)).unsqueeze(1)
-        p = ((xv - lo) / width).clamp(0.0, float(nbins))
-        i0 = torch.floor(p.detach()).long().clamp(0, nbins - 1)
-        f = p - i0.to(wdt)
-        good = (~bad).to(wdt)
-        i0 = torch.where(bad, torch.full_like(i0, nbins + 1), i0) + offsets
-        i1 = torch.where(bad, i0, i0 + 1)
-        hist = torch.zeros(g * (nbins + 2), dtype=wdt, device=flat.device)
-        hist = hist.scatter_add(0, i0.reshape(-1), ((1.0 - f) * good).reshape(-1))
-        hist = hist.scatter_add(0, i1.reshape(-1), (f * good).reshape(-1))
-        hist = hist.view(g, nbins + 2)[:, : nbins + 1]
-        hist = torch.cat([hist[:, :2].sum(-1, keepdim=True), hist[:, 2:]], dim=1)
-    cdf = hist.cumsum(-1)
-    cdf = cdf / cdf[:, -1:].clamp(min=torch.finfo(wdt).tiny)
-    # np.interp at the (uniform) bin centres lo + (k + 1/2) width
-    xin = flat.to(wdt)
+    return lo, (hi - lo) / nbins
+
+
+def _hard_histogram(xv: Tensor, bad: Tensor, lo: Tensor, width: Tensor, nbins: int) -> Tensor:
+    """Counts ``(G, nbins)`` of the good values of ``xv`` (skimage's rule: the last bin includes the maximum)."""
+    g = xv.shape[0]
+    offsets = (torch.arange(g, device=xv.device) * (nbins + 1)).unsqueeze(1)
+    idx = torch.floor((xv.detach() - lo) / width).long().clamp(0, nbins - 1)
+    idx = torch.where(bad, torch.full_like(idx, nbins), idx) + offsets
+    hist = torch.zeros(g * (nbins + 1), dtype=xv.dtype, device=xv.device)
+    hist = hist.scatter_add(0, idx.reshape(-1), torch.ones_like(xv).reshape(-1))
+    return hist.view(g, nbins + 1)[:, :nbins]
+
+
+def _smooth_histogram(xv: Tensor, bad: Tensor, lo: Tensor, width: Tensor, nbins: int) -> Tensor:
+    """Differentiable counts ``(G, nbins)``: each good pixel splits its count linearly between the two
+    nearest bin *edges*; the count up to edge k+1 is the smooth version of skimage's "pixels in bins
+    0..k" at centre k."""
+    g = xv.shape[0]
+    wdt = xv.dtype
+    offsets = (torch.arange(g, device=xv.device) * (nbins + 2)).unsqueeze(1)
+    p = ((xv - lo) / width).clamp(0.0, float(nbins))
+    i0 = torch.floor(p.detach()).long().clamp(0, nbins - 1)
+    f = p - i0.to(wdt)
+    good = (~bad).to(wdt)
+    i0 = torch.where(bad, torch.full_like(i0, nbins + 1), i0) + offsets
+    i1 = torch.where(bad, i0, i0 + 1)
+    hist = torch.zeros(g * (nbins + 2), dtype=wdt, device=xv.device)
+    hist = hist.scatter_add(0, i0.reshape(-1), ((1.0 - f) * good).reshape(-1))
+    hist = hist.scatter_add(0, i1.reshape(-1), (f * good).reshape(-1))
+    hist = hist.view(g, nbins + 2)[:, : nbins + 1]
+    return torch.cat([hist[:, :2].sum(-1, keepdim=True), hist[:, 2:]], dim=1)
+
+
+def _interp_cdf(xin: Tensor, cdf: Tensor, lo: Tensor, width: Tensor) -> Tensor:
+    """``np.interp`` of ``cdf`` ``(G, nbins)`` at the (uniform) bin centres ``lo + (k + 1/2) width``,
+    clamped outside; non-finite values stay as they are."""
+    nbins = cdf.shape[1]
     p = ((xin - lo) / width - 0.5).clamp(0.0, nbins - 1.0)
     i0 = torch.floor(p.detach()).long().clamp(0, nbins - 2)
     i0 = torch.where(torch.isfinite(xin), i0, torch.zeros_like(i0))
-    f = p - i0.to(wdt)
+    f = p - i0.to(xin.dtype)
     c0 = cdf.gather(1, i0)
     c1 = cdf.gather(1, i0 + 1)
     out = c0 + (c1 - c0) * f
-    out = torch.where(torch.isfinite(xin), out, xin)
-    return out.to(image.dtype).reshape(image.shape)
+    return torch.where(torch.isfinite(xin), out, xin)
 
 
 def _equalize_eager(flat: Tensor, mflat: Optional[Tensor], nbins: int) -> Tensor:
@@ -991,8 +1174,11 @@ def _normalize_eager(image: Tensor, vmin: Tensor, vmax: Tensor, clip: bool, stre
     scale = 1.0 / torch.where(same, torch.ones_like(span), span)
     lo_l, scale_l, same_l = lo.tolist(), scale.tolist(), same.tolist()  # one host sync
     replace = _makes_invalid(stretch.kind, stretch.a) and stretch.invalid is not None and not clip
-    use_np = stretch.kind in _NUMPY_KERNELS and not replace and numpy_applies(out[0], _NUMPY_MIN)
-    kernel = _numpy_kernel(stretch.kind, stretch.a) if use_np else None
+    use_np = not replace and _numpy_stretch_applies(stretch.kind, out[0])
+    # clipped values lie in [0, 1]: the stretch may take its non-negative branch (but a linear
+    # stretch is not clipped after, as astropy's ImageNormalize calls it with clip=False)
+    p = _StretchParams(stretch.a, clip and stretch.kind != "linear", stretch.slope, stretch.intercept)
+    kernel = _numpy_stretch(stretch.kind, p) if use_np else None
     for row in range(g):
         for start in range(0, flat.shape[1], _CHUNK):
             o = out[row, start:start + _CHUNK]
@@ -1006,12 +1192,7 @@ def _normalize_eager(image: Tensor, vmin: Tensor, vmax: Tensor, clip: bool, stre
             if use_np:
                 continue
             neg = o < 0 if replace else None
-            # clipped values lie in [0, 1]: the stretch may take its non-negative branch (but a
-            # linear stretch is not clipped after, as astropy's ImageNormalize calls it with clip=False)
-            res = _stretch_chunk_(o, stretch.kind, stretch.a, clip and stretch.kind != "linear", stretch.slope,
-                                  stretch.intercept)
-            if res is not o:
-                o.copy_(res)
+            _stretch_chunk_(o, stretch.kind, p)
             if neg is not None:
                 o.masked_fill_(neg, stretch.invalid)
         if use_np:
@@ -1115,7 +1296,23 @@ def make_lupton_rgb(
     r, g, b = (_rgb_input(x, n) for x, n in ((image_r, "image_r"), (image_g, "image_g"), (image_b, "image_b")))
     if not (r.shape == g.shape == b.shape):
         raise ValueError(f"The image shapes must match. r: {tuple(r.shape)}, g: {tuple(g.shape)} b: {tuple(b.shape)}")
-    bands = [r, g, b]
+    shifted = []
+    for band, iv in zip((r, g, b), _lupton_intervals(interval, minimum)):
+        x4 = band.reshape((-1, 1) + band.shape[-2:])
+        vmin = iv.limits(x4, None, False).vmin.reshape((-1, 1, 1)).to(band.dtype)
+        shifted.append(band.reshape((-1,) + band.shape[-2:]) - vmin)
+    rgb = _lupton_scale(torch.stack(shifted, dim=1), stretch_object, stretch, Q)  # (N, 3, H, W)
+    rgb = rgb.reshape(r.shape[:-2] + (3,) + r.shape[-2:])
+    if output_dtype == torch.uint8:
+        return to_uint8(rgb)
+    if not output_dtype.is_floating_point:
+        raise ValueError(f"output_dtype must be torch.uint8 or a float dtype, got {output_dtype}")
+    return rgb.to(output_dtype)
+
+
+def _lupton_intervals(interval, minimum) -> list:
+    """The three bands' intervals: ``interval`` (one or three), else ``minimum`` (one or three values)
+    as manual lower limits, else ``vmin = 0``."""
     if interval is None:
         if minimum is not None:
             mins = list(minimum) if isinstance(minimum, (list, tuple)) else [minimum] * 3
@@ -1127,12 +1324,12 @@ def make_lupton_rgb(
     intervals = list(interval) if isinstance(interval, (list, tuple)) else [interval] * 3
     if len(intervals) != 3:
         raise ValueError("please provide 1 or 3 intervals.")
-    shifted = []
-    for band, iv in zip(bands, intervals):
-        x4 = band.reshape((-1, 1) + band.shape[-2:])
-        vmin = iv.limits(x4, None, False).vmin.reshape((-1, 1, 1)).to(band.dtype)
-        shifted.append(band.reshape((-1,) + band.shape[-2:]) - vmin)
-    rgb = torch.stack(shifted, dim=1)  # (N, 3, H, W)
+    return intervals
+
+
+def _lupton_scale(rgb: Tensor, stretch_object: Optional[nn.Module], stretch: float, Q: float) -> Tensor:
+    """Scale ``(N, 3, H, W)`` bands by ``f(I) / I`` of their mean ``I`` (0 where ``I <= 0``), clip
+    below at 0 and divide by the largest band where it exceeds 1."""
     intensity = (rgb[:, 0:1] + rgb[:, 1:2] + rgb[:, 2:3]) / 3.0
     if stretch_object is None:
         f_i = lupton_asinh(intensity, stretch, Q)
@@ -1146,11 +1343,4 @@ def make_lupton_rgb(
     rgb = (rgb * ratio).clamp(min=0.0)
     peak = rgb.amax(dim=1, keepdim=True)
     over = peak > 1.0
-    rgb = torch.where(over, rgb / torch.where(over, peak, torch.ones_like(peak)), rgb)
-    out_shape = r.shape[:-2] + (3,) + r.shape[-2:]
-    rgb = rgb.reshape(out_shape)
-    if output_dtype == torch.uint8:
-        return to_uint8(rgb)
-    if not output_dtype.is_floating_point:
-        raise ValueError(f"output_dtype must be torch.uint8 or a float dtype, got {output_dtype}")
-    return rgb.to(output_dtype)
+    return torch.where(over, rgb / torch.where(over, peak, torch.ones_like(peak)), rgb)

@@ -253,8 +253,54 @@ def test_adapt_roundtrip_and_arguments(tmp_path):
     scorer.save(tmp_path / "adapted.pt")
     back = QualityScorer.load(tmp_path / "adapted.pt")
     assert float(back.threshold) == pytest.approx(thr) and torch.equal(back.baseline, scorer.baseline)
+    assert back.psf_reference is not None and torch.equal(back.psf_reference, scorer.psf_reference)
     with torch.no_grad():
         torch.testing.assert_close(back(good[0]).patch_error, scorer(good[0]).patch_error)
     # a frame of another size falls back to the median baseline
     with torch.no_grad():
         assert scorer(torch.cat([good[0], good[0]], -1)).patch_error.shape[-2:] == (1, 2)
+
+
+def test_adapt_finds_defocus_on_a_broad_psf_instrument():
+    """Issue 26: the autoencoder's features alone miss defocus when the instrument's own PSF is broad
+    (Moffat 5 px, bright sky); the adapted scorer's PSF check against the night's stars finds it, at
+    every amplitude, without flagging the good frames."""
+    shape = (256, 256)
+    vig = sim._flat_pattern(shape, 0.35, 0, 0.0, 0.0, torch.Generator().manual_seed(0), torch.float64).float()
+    vig = (vig / vig.max())[None, None]
+    kw = dict(psf="moffat", fwhm=5.0, sky=3000.0, n_stars=250, mag_range=(10.0, 19.0), saturation=None)
+    good = [sim.simulate_frame(shape, seed=900 + i, **kw).image * vig for i in range(8)]
+    defocused = [sim.simulate_frame(shape, seed=980 + i, defects={"defocus": a}, **kw).image * vig
+                 for i, a in enumerate((0.3, 0.6, 0.9))]
+    scorer = QualityScorer.pretrained()
+    with torch.no_grad():
+        scorer.adapt(good + defocused)  # the night's own frames, the defocused ones included
+        ok = [scorer(g) for g in good]
+        bad = [scorer(d) for d in defocused]
+    flagged_good = float(torch.cat([(r.patch_error > scorer.threshold).reshape(-1) for r in ok]).float().mean())
+    assert flagged_good <= 0.05, flagged_good
+    assert all(bool(r.rejected[0]) for r in bad), [float(r.bad_fraction[0]) for r in bad]
+    assert min(float(r.score[0]) for r in bad) > max(float(r.score[0]) for r in ok)
+
+
+def test_star_stats_width_and_count():
+    kw = dict(psf="gaussian", sky=500.0, n_stars=80, mag_range=(10.0, 16.0), saturation=None)
+    sharp = sim.simulate_frame((256, 256), fwhm=2.5, seed=1, **kw).image
+    broad = sim.simulate_frame((256, 256), fwhm=5.0, seed=1, **kw).image
+    st = quality.star_stats(torch.cat([sharp, broad]))
+    # equivalent width sqrt(flux / peak) of a Gaussian: sqrt(2 pi) sigma = 1.06 FWHM
+    assert torch.allclose(st.log_width.exp(), torch.tensor([2.5, 5.0]) * 1.06, rtol=0.25), st.log_width.exp()
+    assert float(st.log_count[0]) > float(st.log_count[1]) - 0.5 and float(st.log_count[0]) > math.log(20)
+    # masked and non-finite pixels are ignored, not counted as stars
+    holed = sharp.clone()
+    holed[..., :40, :] = float("nan")
+    cover = torch.zeros_like(sharp, dtype=torch.bool)
+    cover[..., :40, :] = True
+    a, b = quality.star_stats(holed), quality.star_stats(sharp.masked_fill(cover, 1e6), cover)
+    assert torch.isfinite(a.log_width).all() and torch.equal(a.log_count, b.log_count)
+    assert float(a.log_count[0]) <= float(st.log_count[0])
+    torch.testing.assert_close(quality._max3x3(sharp), torch.nn.functional.max_pool2d(sharp, 3, 1, 1), rtol=0, atol=0)
+    empty = quality.star_stats(torch.full((1, 1, 64, 64), 100.0) + torch.randn(1, 1, 64, 64))
+    assert float(empty.log_count[0]) < math.log(3) and bool(torch.isnan(empty.log_width[0]))
+    with pytest.raises(ValueError):
+        quality.star_stats(torch.zeros(64, 64))
