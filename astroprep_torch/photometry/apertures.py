@@ -88,12 +88,12 @@ def _stage_aper(fr: _Frame, o: dict, radii: Sequence[float], subpix: int, max_el
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
             st = fr.stamps(b, lab, cx, cy, s, reach[c])
             pix = fr.corrected(st, b, lab, cx, cy)
-            vmask = st["valid"].to(dt)
+            vmask = st.valid.to(dt)
             for i, r in enumerate(radii):
                 rr = torch.full((c.numel(), 1, 1), float(r), dtype=dt, device=dev)
-                fr_ = _circle_fraction(st["dx"], st["dy"], rr, subpix) * vmask
+                fr_ = _circle_fraction(st.dx, st.dy, rr, subpix) * vmask
                 flux[c, i] = (fr_ * pix).sum((-1, -2))
-                var[c, i] = (fr_ * st["var"]).sum((-1, -2))
+                var[c, i] = (fr_ * st.var).sum((-1, -2))
                 area[c, i] = fr_.sum((-1, -2))
     return flux, var, area
 

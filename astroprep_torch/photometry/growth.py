@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .flags import _box_flag_trunc
-from .stamps import _chunks, _Frame, _reach, _side, _size_buckets, _wbuf
+from .stamps import _chunks, _Frame, _reach, _side, _size_buckets, _Stamps, _wbuf
 
 GROWTH_NSTEP = 64
 GROWTH_OVERSAMP = 5
@@ -33,13 +33,13 @@ def _first_crossing(growth: Tensor, tv: Tensor) -> Tensor:
 
 
 
-def _growth_pixels(fr: _Frame, st: dict, o: dict, c: Tensor, rc: Tensor, s: int):
+def _growth_pixels(fr: _Frame, st: _Stamps, o: dict, c: Tensor, rc: Tensor, s: int):
     """The stamp pixels of objects ``c`` whose centre lies within ``rc`` (+1e-3): their object row
     ``oi`` in the chunk, corrected value and float64 centre offsets ``pdx, pdy``."""
     b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
-    dx32, dy32 = st["dx"], st["dy"]
+    dx32, dy32 = st.dx, st.dy
     r2f = dx32 * dx32 + dy32 * dy32
-    inside = (r2f < ((rc + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st["valid"]
+    inside = (r2f < ((rc + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st.valid
     fl = torch.nonzero(inside.view(-1)).flatten()  # flat (object, row, column) ids
     oi = torch.div(fl, s * s, rounding_mode="floor")
     yy = torch.div(fl - oi * (s * s), s, rounding_mode="floor")
@@ -47,8 +47,8 @@ def _growth_pixels(fr: _Frame, st: dict, o: dict, c: Tensor, rc: Tensor, s: int)
     pix = fr.corrected(st, b, lab, cx, cy).reshape(-1).index_select(0, fl)  # run gathers beat per-pixel ones
     # offsets as in _Frame.stamps (same float ops, no gather from the expanded stamps)
     arf = torch.arange(s, device=fl.device).to(dx32.dtype)
-    fxs = (cx.double() - st["x0"].double()).to(dx32.dtype)
-    fys = (cy.double() - st["y0"].double()).to(dx32.dtype)
+    fxs = (cx.double() - st.x0.double()).to(dx32.dtype)
+    fys = (cy.double() - st.y0.double()).to(dx32.dtype)
     pdx = (arf.index_select(0, xx) - fxs.index_select(0, oi)).double()
     pdy = (arf.index_select(0, yy) - fys.index_select(0, oi)).double()
     return oi, pix, pdx, pdy

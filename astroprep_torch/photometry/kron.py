@@ -59,14 +59,14 @@ def _kron_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
         for c in _chunks(sel, sy * s * 4, max_elems):
             b, lab = o["bi"][c], o["label"][c]
             st = fr.stamps(b, lab, o["x"][c], o["y"][c], s, rx[c], want_var=False, sy=sy, reach_y=ry[c])
-            r2 = _ellipse_r2(*ellipse, c, st["dx"], st["dy"], dt)
-            inside = (r2 <= klim2[c, None, None].to(dt)) & st["valid"]
-            good = inside & ~st["masked"]
-            pix = torch.where(good, st["pix"], torch.zeros_like(st["pix"])).double()
+            r2 = _ellipse_r2(*ellipse, c, st.dx, st.dy, dt)
+            inside = (r2 <= klim2[c, None, None].to(dt)) & st.valid
+            good = inside & ~st.masked
+            pix = torch.where(good, st.pix, torch.zeros_like(st.pix)).double()
             r1[c] = (torch.sqrt(torch.clamp(r2, min=0)).double() * pix).sum((-1, -2))
             v1[c] = pix.sum((-1, -2))
             area[c] = inside.sum((-1, -2))
-            areab[c] = (inside & st["masked"]).sum((-1, -2))
+            areab[c] = (inside & st.masked).sum((-1, -2))
     return r1, v1, area, areab
 
 
@@ -110,14 +110,14 @@ def _auto_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
         for c in _chunks(sel, sy * s * 4, max_elems):
             b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
             st = fr.stamps(b, lab, cx, cy, s, rx[c], sy=sy, reach_y=ry[c])
-            r2 = _ellipse_r2(*ellipse, c, st["dx"], st["dy"], dt)
-            inside = (r2 <= klim2[c, None, None].to(dt)) & st["valid"]
+            r2 = _ellipse_r2(*ellipse, c, st.dx, st.dy, dt)
+            inside = (r2 <= klim2[c, None, None].to(dt)) & st.valid
             pix = fr.corrected(st, b, lab, cx, cy)
             fi = inside.to(dt)
             flux[c] = (fi * pix).sum((-1, -2))
-            var[c] = (fi * st["var"]).sum((-1, -2))
+            var[c] = (fi * st.var).sum((-1, -2))
             area[c] = inside.sum((-1, -2))
-            areab[c] = (inside & st["masked"]).sum((-1, -2))
+            areab[c] = (inside & st.masked).sum((-1, -2))
     return flux, var, area, areab
 
 

@@ -13,7 +13,7 @@ only for stamps that hold a blanked pixel.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -151,6 +151,26 @@ def _chunks(idx: Tensor, per_obj: int, max_elems: int):
         yield idx[i : i + n]
 
 
+class _Stamps(NamedTuple):
+    """A batch of ``n`` stamps of ``rows x columns`` pixels: ``pix`` the image values (garbage off the
+    frame), ``valid`` on the frame, ``masked`` blanked neighbour pixels, ``dx``/``dy`` pixel-centre
+    offsets from the object's centre (expanded views), ``ix`` ``(n, 1, columns)`` / ``iy`` ``(n, rows,
+    1)`` frame columns and rows, the origin ``x0, y0``, ``flat`` the flat frame indices (autograd path
+    only, else None) and ``var`` the variance (None unless asked for)."""
+
+    pix: Tensor
+    valid: Tensor
+    masked: Tensor
+    dx: Tensor
+    dy: Tensor
+    ix: Tensor
+    iy: Tensor
+    x0: Tensor
+    y0: Tensor
+    flat: Optional[Tensor]
+    var: Optional[Tensor]
+
+
 class _Frame:
     """Flattened per-frame data plus stamp gathering."""
 
@@ -175,8 +195,8 @@ class _Frame:
                sy: Optional[int] = None, reach_y: Optional[Tensor] = None):
         """Square stamps of side ``s`` starting at ``floor(c - reach) + 1`` (``reach`` per object, from
         :func:`_reach`; ``s >= _side(reach)``): they hold every pixel whose centre lies within
-        ``reach`` of ``c`` in x and y.  Returns dict of (n, s, s) tensors and the stamp origin; dx/dy
-        are pixel-centre offsets from (cx, cy).  With ``sy`` and ``reach_y``, rectangular stamps of
+        ``reach`` of ``c`` in x and y.  Returns the :class:`_Stamps` (dx/dy are pixel-centre offsets
+        from (cx, cy)).  With ``sy`` and ``reach_y``, rectangular stamps of
         ``sy`` rows and ``s`` columns: ``reach`` then applies to x and ``reach_y`` to y."""
         H, W = self.H, self.W
         dev = self.img.device
@@ -206,17 +226,13 @@ class _Frame:
         n = x0.shape[0]
         dx = (arf[None, None, :] - fx[:, None, None]).expand(n, sy, s)
         dy = (ary.to(dt)[None, :, None] - fy[:, None, None]).expand(n, sy, s)
-        out = {"pix": pix, "valid": valid, "dx": dx, "dy": dy, "flat": flat, "ix": ix, "iy": iy,
-               "x0": x0, "y0": y0, "s": s}
         if self.blank is not None:
             bs = self._runs(self.bseg, rbase, x0, s, bad)[0] if fast else self.bseg[flat]
             masked = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None]) & valid
         else:
             masked = torch.zeros_like(valid)
-        out["masked"] = masked
-        if want_var:
-            out["var"] = self._var_at(b, iy, ix, iyr, x0, valid)
-        return out
+        var = self._var_at(b, iy, ix, iyr, x0, valid) if want_var else None
+        return _Stamps(pix, valid, masked, dx, dy, ix, iy, x0, y0, flat, var)
 
     def _runs(self, buf: Tensor, rbase: Tensor, c0: Tensor, s: int, bad=None):
         """``buf[rbase[n, i] + c0[n] + j]`` as ``(n, s, s)`` by row-run gathers (:meth:`_rows`); the
@@ -261,14 +277,14 @@ class _Frame:
             g = v[bb[:, None, None], 0, iy.clamp(0, self.H - 1), ix.clamp(0, self.W - 1)]
         return (g * g if self.var_is_rms else g).expand(shape)
 
-    def corrected(self, st: dict, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor) -> Tensor:
+    def corrected(self, st: _Stamps, b: Tensor, label: Tensor, cx: Tensor, cy: Tensor) -> Tensor:
         """Pixel values with blanked neighbours replaced as SExtractor's MASK_TYPE (CORRECT: the pixel
         symmetric about (int)(2*c + 0.49999) - x if it is usable, else 0; BLANK: 0)."""
-        pix, masked = st["pix"], st["masked"]
+        pix, masked = st.pix, st.masked
         if self.blank is None or self.mask_type == "none":
-            return torch.where(st["valid"], pix, torch.zeros_like(pix))
+            return torch.where(st.valid, pix, torch.zeros_like(pix))
         zero = torch.zeros_like(pix)
-        base = torch.where(st["valid"] & ~masked, pix, zero)
+        base = torch.where(st.valid & ~masked, pix, zero)
         if self.mask_type == "blank":
             return base
         # CORRECT: mirrored pixels only for the stamps that hold a blanked pixel
@@ -277,11 +293,11 @@ class _Frame:
             return base
         H, W = self.H, self.W
         s = pix.shape[-1]
-        b, label, x0 = b[sel], label[sel], st["x0"][sel]
+        b, label, x0 = b[sel], label[sel], st.x0[sel]
         cxm = torch.trunc(2.0 * cx[sel].double() + 0.49999).long()
         cym = torch.trunc(2.0 * cy[sel].double() + 0.49999).long()
-        x2 = cxm[:, None, None] - st["ix"][sel]  # (m, 1, s)
-        y2 = cym[:, None, None] - st["iy"][sel]  # (m, s, 1)
+        x2 = cxm[:, None, None] - st.ix[sel]  # (m, 1, s)
+        y2 = cym[:, None, None] - st.iy[sel]  # (m, s, 1)
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
         # mirrored stamp: row y2 = cym - iy, columns cxm - x0 - j (descending) = reversed run
         rbase2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W

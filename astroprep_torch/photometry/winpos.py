@@ -125,7 +125,7 @@ class _WinStamps:
             b, lab = o["bi"][gi], o["label"][gi]
             sp = fr.stamps(b, lab, st.mx[gi], st.my[gi], self.s, rch[chg], want_var=False)
             self.cache[chg] = fr.corrected(sp, b, lab, st.mx[gi], st.my[gi])
-            hm = sp["masked"].flatten(1).any(1).long()[:, None]
+            hm = sp.masked.flatten(1).any(1).long()[:, None]
             self.hasm[chg] = hm
             self.keys[chg] = torch.cat([key[chg, :2], mkey[chg] * hm], 1)
 
