@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .flags import FLAG_APER_INCOMPLETE, _box_flag_trunc
 from .kron import _stage_auto
-from .stamps import _chunks, _Frame, _geo, _helper_frame, _reach, _side, _size_buckets
+from .stamps import _chunks, _Frame, _geo, _helper_frame, _Objects, _reach, _side, _size_buckets
 
 APER_OVERSAMP = 5
 EXACT_SUBROWS = 64  # sub-rows with exact chords for the "exact" circular overlap (error << 1e-4)
@@ -70,8 +70,8 @@ def _circle_fraction(dx: Tensor, dy: Tensor, r: Tensor, subpix: int) -> Tensor:
     return frac.index_put((oi, yy, xx), val)
 
 
-def _stage_aper(fr: _Frame, o: dict, radii: Sequence[float], subpix: int, max_elems: int, gain):
-    N = o["x"].numel()
+def _stage_aper(fr: _Frame, o: _Objects, radii: Sequence[float], subpix: int, max_elems: int, gain):
+    N = o.x.numel()
     dt = fr.img.dtype
     dev = fr.img.device
     nap = len(radii)
@@ -85,7 +85,7 @@ def _stage_aper(fr: _Frame, o: dict, radii: Sequence[float], subpix: int, max_el
     per = 5 if subpix else EXACT_SUBROWS
     for sel, s in _size_buckets(_side(reach)):
         for c in _chunks(sel, s * s * per, max_elems):
-            b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
+            b, lab, cx, cy = o.bi[c], o.label[c], o.x[c], o.y[c]
             st = fr.stamps(b, lab, cx, cy, s, reach[c])
             pix = fr.corrected(st, b, lab, cx, cy)
             vmask = st.valid.to(dt)
@@ -109,8 +109,8 @@ def sum_circle(image: Tensor, x, y, r: float, *, var=None, mask: Optional[Tensor
     fr, bi, n = _helper_frame(image, mask, var, x, batch_index)
     g = _geo(bi, x, y, image.dtype)
     f, v, _ = _stage_aper(fr, g, [float(r)], subpix, max_elems, 0.0)
-    rr = torch.full_like(g["x"], float(r))
-    flag = (_box_flag_trunc(g["x"], rr, fr.W) | _box_flag_trunc(g["y"], rr, fr.H)).long() * FLAG_APER_INCOMPLETE
+    rr = torch.full_like(g.x, float(r))
+    flag = (_box_flag_trunc(g.x, rr, fr.W) | _box_flag_trunc(g.y, rr, fr.H)).long() * FLAG_APER_INCOMPLETE
     return f[:, 0], torch.sqrt(v[:, 0]), flag
 
 
@@ -121,7 +121,7 @@ def sum_ellipse(image: Tensor, x, y, a, b, theta, r=1.0, *, var=None, mask: Opti
     Returns ``(flux, fluxerr, flag)``."""
     fr, bi, n = _helper_frame(image, mask, var, x, batch_index)
     g = _geo(bi, x, y, image.dtype, a, b, theta)
-    kf = torch.as_tensor(r, device=bi.device).double().reshape(-1).expand(g["x"].shape).clone()
+    kf = torch.as_tensor(r, device=bi.device).double().reshape(-1).expand(g.x.shape).clone()
     f, v, _, _, flag = _stage_auto(fr, g, kf, 0.0, max_elems)
     return f, torch.sqrt(v), flag.long() * FLAG_APER_INCOMPLETE
 

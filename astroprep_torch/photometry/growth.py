@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .flags import _box_flag_trunc
-from .stamps import _chunks, _Frame, _reach, _side, _size_buckets, _Stamps, _wbuf
+from .stamps import _chunks, _Frame, _Objects, _reach, _side, _size_buckets, _Stamps, _wbuf
 
 GROWTH_NSTEP = 64
 GROWTH_OVERSAMP = 5
@@ -33,10 +33,10 @@ def _first_crossing(growth: Tensor, tv: Tensor) -> Tensor:
 
 
 
-def _growth_pixels(fr: _Frame, st: _Stamps, o: dict, c: Tensor, rc: Tensor, s: int):
+def _growth_pixels(fr: _Frame, st: _Stamps, o: _Objects, c: Tensor, rc: Tensor, s: int):
     """The stamp pixels of objects ``c`` whose centre lies within ``rc`` (+1e-3): their object row
     ``oi`` in the chunk, corrected value and float64 centre offsets ``pdx, pdy``."""
-    b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
+    b, lab, cx, cy = o.bi[c], o.label[c], o.x[c], o.y[c]
     dx32, dy32 = st.dx, st.dy
     r2f = dx32 * dx32 + dy32 * dy32
     inside = (r2f < ((rc + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st.valid
@@ -97,7 +97,7 @@ def _growth_bins(oi: Tensor, pix: Tensor, pdx: Tensor, pdy: Tensor, rc: Tensor, 
     return g.reshape(n_, nb)[:, :GROWTH_NSTEP]
 
 
-def _growth_curve(fr: _Frame, o: dict, idx: Tensor, rsel: Tensor, step: Tensor, max_elems: int) -> Tensor:
+def _growth_curve(fr: _Frame, o: _Objects, idx: Tensor, rsel: Tensor, step: Tensor, max_elems: int) -> Tensor:
     """Cumulative SExtractor growth curve ``(len(idx), 64)`` of objects ``idx`` from the pixels whose
     centre lies within ``rsel`` (per object): whole pixels binned at their centre radius, pixels
     within 0.75 px of a bin edge sub-sampled 5x5 (float32 sub-samples, bin edges move by ~1e-6 px)."""
@@ -111,7 +111,7 @@ def _growth_curve(fr: _Frame, o: dict, idx: Tensor, rsel: Tensor, step: Tensor, 
     for sel, s in _size_buckets(_side(reach)):
         for cl in _chunks(sel, s * s * 8, max_elems):
             c = idx[cl]
-            st = fr.stamps(o["bi"][c], o["label"][c], o["x"][c], o["y"][c], s, reach[cl], want_var=False)
+            st = fr.stamps(o.bi[c], o.label[c], o.x[c], o.y[c], s, reach[cl], want_var=False)
             oi, pix, pdx, pdy = _growth_pixels(fr, st, o, c, rs[cl], s)
             growth[cl] = _growth_bins(oi, pix, pdx, pdy, rs[cl], step[c], c.numel(), wb)
     return torch.cumsum(growth, dim=1)
@@ -130,7 +130,7 @@ def _radius_at(growth: Tensor, step: Tensor, tv: Tensor) -> Tensor:
     return step * torch.where(i > 0, inner, first)
 
 
-def _full_growth(fr: _Frame, o: dict, rlim: Tensor, rcut: Tensor, step: Tensor, fa: Tensor,
+def _full_growth(fr: _Frame, o: _Objects, rlim: Tensor, rcut: Tensor, step: Tensor, fa: Tensor,
                  fracs: Sequence[float], max_elems: int) -> Tensor:
     """The growth curve out to ``rcut``, exact up to every object's first crossing of ``fracs`` (and
     1/2) of ``fa``.  First pass: the pixels within R1 + 0.75 of a guess R1 (a Gaussian profile's radius
@@ -138,10 +138,10 @@ def _full_growth(fr: _Frame, o: dict, rlim: Tensor, rcut: Tensor, step: Tensor, 
     pixel beyond R1 + 0.75 has all its sub-samples beyond R1).  Objects whose first crossing is not
     among those exact bins are redone over all pixels (second pass), so the result equals the full
     growth curve."""
-    N = o["x"].numel()
+    N = o.x.numel()
     dev = fr.img.device
     fmax = min(max([0.5] + [float(f) for f in fracs]), 0.99)
-    r1 = o["a"].double() * (1.25 * math.sqrt(-2.0 * math.log(1.0 - fmax))) + 0.5
+    r1 = o.a.double() * (1.25 * math.sqrt(-2.0 * math.log(1.0 - fmax))) + 0.5
     rsel = torch.minimum(rcut, r1 + 0.75)
     full = rsel >= rcut
     imax = torch.where(full, torch.full_like(rlim, GROWTH_NSTEP - 1), torch.floor(r1 / step) - 1).long()
@@ -156,16 +156,16 @@ def _full_growth(fr: _Frame, o: dict, rlim: Tensor, rcut: Tensor, step: Tensor, 
     return growth
 
 
-def _stage_growth(fr: _Frame, o: dict, flux_auto: Tensor, fracs: Sequence[float], autoaper0: float,
+def _stage_growth(fr: _Frame, o: _Objects, flux_auto: Tensor, fracs: Sequence[float], autoaper0: float,
                   max_elems: int):
     """SExtractor growth curve (64 bins out to 6a) -> flux radii at ``fracs`` and hl_radius."""
-    N = o["x"].numel()
-    rlim = GROWTH_NSIG * o["a"].double()
+    N = o.x.numel()
+    rlim = GROWTH_NSIG * o.a.double()
     rlim = torch.where(rlim < autoaper0, torch.full_like(rlim, autoaper0), rlim)
     rlim = torch.clamp(rlim, min=1e-3)
     raper = rlim + 1.5
     step = rlim / GROWTH_NSTEP
-    flag = _box_flag_trunc(o["x"], raper, fr.W) | _box_flag_trunc(o["y"], raper, fr.H)
+    flag = _box_flag_trunc(o.x, raper, fr.W) | _box_flag_trunc(o.y, raper, fr.H)
     # sub-samples lie within 0.5*sqrt(2) of the centre: pixels beyond rlim + 0.71 only feed bins
     # >= GROWTH_NSTEP, which SExtractor drops, so they are skipped (exact); the stamp only needs rcut
     rcut = torch.minimum(raper, rlim + 0.71)

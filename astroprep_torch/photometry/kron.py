@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .flags import FLAG_APER_INCOMPLETE, _box_flag_round
-from .stamps import _chunks, _Frame, _geo, _helper_frame, _reach, _rect_buckets, _side
+from .stamps import _chunks, _Frame, _geo, _helper_frame, _Objects, _reach, _rect_buckets, _side
 
 KRON_NSIG = 6.0  # 3 * MARGIN_SCALE
 CROWD_THRESHOLD = 0.1
@@ -30,12 +30,12 @@ def _ellipse_extent(cxx, cyy, cxy, k):
     return dxl, dyl
 
 
-def _aperture_ellipse(o: dict, ell: Tensor):
+def _aperture_ellipse(o: _Objects, ell: Tensor):
     """``cxx, cyy, cxy`` of the objects' ellipses where ``ell``, of the unit circle elsewhere."""
-    one = torch.ones_like(o["cxx"])
-    cxx = torch.where(ell, o["cxx"], one)
-    cyy = torch.where(ell, o["cyy"], one)
-    cxy = torch.where(ell, o["cxy"], torch.zeros_like(one))
+    one = torch.ones_like(o.cxx)
+    cxx = torch.where(ell, o.cxx, one)
+    cyy = torch.where(ell, o.cyy, one)
+    cxy = torch.where(ell, o.cxy, torch.zeros_like(one))
     return cxx, cyy, cxy
 
 
@@ -45,10 +45,10 @@ def _ellipse_r2(cxx: Tensor, cyy: Tensor, cxy: Tensor, c: Tensor, dx: Tensor, dy
             + cxy[c, None, None].to(dt) * dx * dy)
 
 
-def _kron_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tensor, max_elems: int):
+def _kron_sums(fr: _Frame, o: _Objects, ellipse, klim2: Tensor, rx: Tensor, ry: Tensor, max_elems: int):
     """Per object, over the whole pixels within the scaled ellipse: ``r1 = sum(r I)`` and ``v1 = sum(I)``
     over the unblanked pixels (float64), the pixel count and the blanked pixel count."""
-    N = o["x"].numel()
+    N = o.x.numel()
     dt = fr.img.dtype
     dev = fr.img.device
     r1 = torch.zeros(N, dtype=torch.float64, device=dev)
@@ -57,8 +57,8 @@ def _kron_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
     areab = torch.zeros(N, dtype=torch.long, device=dev)
     for sel, sy, s in _rect_buckets(_side(rx), _side(ry)):
         for c in _chunks(sel, sy * s * 4, max_elems):
-            b, lab = o["bi"][c], o["label"][c]
-            st = fr.stamps(b, lab, o["x"][c], o["y"][c], s, rx[c], want_var=False, sy=sy, reach_y=ry[c])
+            b, lab = o.bi[c], o.label[c]
+            st = fr.stamps(b, lab, o.x[c], o.y[c], s, rx[c], want_var=False, sy=sy, reach_y=ry[c])
             r2 = _ellipse_r2(*ellipse, c, st.dx, st.dy, dt)
             inside = (r2 <= klim2[c, None, None].to(dt)) & st.valid
             good = inside & ~st.masked
@@ -70,18 +70,18 @@ def _kron_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
     return r1, v1, area, areab
 
 
-def _stage_kron(fr: _Frame, o: dict, kron_fact: float, min_radius: float, autoaper0: float, max_elems: int,
+def _stage_kron(fr: _Frame, o: _Objects, kron_fact: float, min_radius: float, autoaper0: float, max_elems: int,
                 nsig: float = KRON_NSIG, raw: bool = False):
     """Kron factor (SExtractor computeautoflux step 1).  Returns ``kronfactor, area, crowded, flag``
     (``raw``: the first moment ``r1 / v1`` and ``flag``)."""
-    ell = nsig * torch.sqrt(o["a"] * o["bm"]) > autoaper0 / 2.0
+    ell = nsig * torch.sqrt(o.a * o.b) > autoaper0 / 2.0
     cxx, cyy, cxy = _aperture_ellipse(o, ell)
     dxl, dyl = _ellipse_extent(cxx, cyy, cxy, nsig)
     circ = torch.full_like(dxl, autoaper0 / 2.0)
     dxl = torch.where(ell, dxl, circ)
     dyl = torch.where(ell, dyl, circ)
     klim2 = torch.where(ell, torch.full_like(dxl, nsig ** 2), circ * circ)
-    flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
+    flag = _box_flag_round(o.x, dxl, fr.W) | _box_flag_round(o.y, dyl, fr.H)
     r1, v1, area, areab = _kron_sums(fr, o, (cxx, cyy, cxy), klim2, _reach(dxl), _reach(dyl), max_elems)
     ok = (r1 > 0) & (v1 > 0)
     if raw:
@@ -94,11 +94,11 @@ def _stage_kron(fr: _Frame, o: dict, kron_fact: float, min_radius: float, autoap
     return kf, area, crowded, flag
 
 
-def _auto_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tensor, active: Tensor,
+def _auto_sums(fr: _Frame, o: _Objects, ellipse, klim2: Tensor, rx: Tensor, ry: Tensor, active: Tensor,
                max_elems: int):
     """Per object of ``active``: flux and variance of the whole pixels within the Kron ellipse (blanked
     neighbours corrected), the pixel count and the blanked pixel count."""
-    N = o["x"].numel()
+    N = o.x.numel()
     dt = fr.img.dtype
     dev = fr.img.device
     flux = torch.zeros(N, dtype=dt, device=dev)
@@ -108,7 +108,7 @@ def _auto_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
     for sel, sy, s in _rect_buckets(_side(rx[active]), _side(ry[active])):
         sel = active[sel]
         for c in _chunks(sel, sy * s * 4, max_elems):
-            b, lab, cx, cy = o["bi"][c], o["label"][c], o["x"][c], o["y"][c]
+            b, lab, cx, cy = o.bi[c], o.label[c], o.x[c], o.y[c]
             st = fr.stamps(b, lab, cx, cy, s, rx[c], sy=sy, reach_y=ry[c])
             r2 = _ellipse_r2(*ellipse, c, st.dx, st.dy, dt)
             inside = (r2 <= klim2[c, None, None].to(dt)) & st.valid
@@ -121,17 +121,17 @@ def _auto_sums(fr: _Frame, o: dict, ellipse, klim2: Tensor, rx: Tensor, ry: Tens
     return flux, var, area, areab
 
 
-def _stage_auto(fr: _Frame, o: dict, kf: Tensor, autoaper1: float, max_elems: int):
+def _stage_auto(fr: _Frame, o: _Objects, kf: Tensor, autoaper1: float, max_elems: int):
     """FLUX_AUTO (SExtractor computeautoflux step 2) in the ellipse scaled by the Kron factor ``kf``.
     Returns ``flux, var, kronfactor, crowded, flag``."""
-    ell = kf * torch.sqrt(o["a"] * o["bm"]) > autoaper1 / 2.0
+    ell = kf * torch.sqrt(o.a * o.b) > autoaper1 / 2.0
     cxx, cyy, cxy = _aperture_ellipse(o, ell)
     dxl, dyl = _ellipse_extent(cxx, cyy, cxy, 1.0)
     dxl = torch.where(ell, dxl * kf, torch.full_like(dxl, autoaper1 / 2.0))
     dyl = torch.where(ell, dyl * kf, torch.full_like(dyl, autoaper1 / 2.0))
     klim2 = torch.where(ell, kf * kf, torch.full_like(kf, (autoaper1 / 2.0) ** 2))
     kf_out = torch.where(ell, kf, torch.zeros_like(kf))
-    flag = _box_flag_round(o["x"], dxl, fr.W) | _box_flag_round(o["y"], dyl, fr.H)
+    flag = _box_flag_round(o.x, dxl, fr.W) | _box_flag_round(o.y, dyl, fr.H)
     active = torch.nonzero(kf > 0).flatten()  # kf == 0 <=> no usable pixel in step 1
     flux, var, area, areab = _auto_sums(fr, o, (cxx, cyy, cxy), klim2, _reach(dxl), _reach(dyl), active,
                                         max_elems)

@@ -33,7 +33,7 @@ from .growth import _stage_growth
 from .isophotal import _isophotal_fluxes, _isophotal_shape, _position_errors, _Shape, sextractor_filter
 from .kron import _stage_auto, _stage_kron
 from .segments import SegmentPixels, _object_pixels, _ObjectPixels
-from .stamps import _as_map, _at_pixels, _Frame
+from .stamps import _as_map, _at_pixels, _Frame, _Objects
 from .winpos import WINPOS_MAX_RADIUS, _stage_winpos
 
 _MASK_TYPES = ("correct", "blank", "none")
@@ -66,20 +66,20 @@ class _StampResults(NamedTuple):
     win_flags: Tensor  # SExtractor's windowed-moment flags
 
 
-def _split_run(fn, geo: dict, n: int, workers: int):
+def _split_run(fn, geo: _Objects, n: int, workers: int):
     """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` interleaved groups,
     each run by its own thread (the calling thread takes the first; the others come from
     :func:`~astroprep_torch._ops.thread_pool`); outputs (tuples of tensors with one row per object)
     are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for fewer than
     ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the results equal
     the one-group run's (up to the summation order inside shared stamp batches)."""
-    dev = next(iter(geo.values())).device
+    dev = geo.x.device
     k = min(int(workers), n // max(_SPLIT_MIN // 2, 1))
     if k < 2 or dev.type != "cpu":
         return fn(geo)
     # interleaved groups (object i to group i % k): each gets the same mix of stamp sizes and of
     # frame regions, so the threads finish together (contiguous halves were slower)
-    parts = [{key: v[i::k] for key, v in geo.items()} for i in range(k)]
+    parts = [geo.rows(slice(i, None, k)) for i in range(k)]
     run = with_caller_modes(fn, threads=1)  # one intra-op thread per group, as the caller's
     jobs = [thread_pool(k - 1, name="astroprep-groups").submit(run, p) for p in parts[1:]]
     try:
@@ -98,7 +98,7 @@ def _split_run(fn, geo: dict, n: int, workers: int):
     return type(res[0])(*out) if hasattr(res[0], "_fields") else tuple(out)
 
 
-def _stamp_stages(geo: dict, *, fr: _Frame, radii: Sequence[float], aper_subpix: int, kron_fact: float,
+def _stamp_stages(geo: _Objects, *, fr: _Frame, radii: Sequence[float], aper_subpix: int, kron_fact: float,
                   min_radius: float, autoapers: Sequence[float], fracs: Sequence[float], gain_v: float,
                   winpos_max_radius: Optional[float], max_elems: int) -> _StampResults:
     """The stamp stages for the objects of ``geo`` (aper, Kron, AUTO, growth curve, windowed centroid:
@@ -394,8 +394,7 @@ def measure(
     errs = _position_errors(obj, shape, varp, gain_v)
     flags = _isophotal_flags(image, segmentation, obj, shape, iso.peak, blended, saturation, background)
     fr = _measurement_frame(image, segmentation, obj, noise, filtered, mask, mask_type, detect_thresh)
-    geo = {"bi": obj.bidx, "label": obj.label, "x": shape.x, "y": shape.y, "a": shape.a, "bm": shape.b,
-           "cxx": shape.cxx, "cyy": shape.cyy, "cxy": shape.cxy}
+    geo = _Objects(obj.bidx, obj.label, shape.x, shape.y, shape.a, shape.b, shape.cxx, shape.cyy, shape.cxy)
     radii = [float(d) / 2.0 for d in phot_apertures]
     stages = functools.partial(
         _stamp_stages, fr=fr, radii=radii, aper_subpix=aper_subpix, kron_fact=kron_fact, min_radius=min_radius,

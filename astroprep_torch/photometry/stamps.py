@@ -151,6 +151,26 @@ def _chunks(idx: Tensor, per_obj: int, max_elems: int):
         yield idx[i : i + n]
 
 
+class _Objects(NamedTuple):
+    """The objects the stamp stages measure (one row each): frame ``bi``, ``label`` (-1: none, for the
+    standalone helpers), float64 centre ``x, y`` (0-based) and, for elliptical apertures, the isophotal
+    ellipse: semi-axes ``a, b`` and ``cxx, cyy, cxy``."""
+
+    bi: Tensor
+    label: Tensor
+    x: Tensor
+    y: Tensor
+    a: Optional[Tensor] = None
+    b: Optional[Tensor] = None
+    cxx: Optional[Tensor] = None
+    cyy: Optional[Tensor] = None
+    cxy: Optional[Tensor] = None
+
+    def rows(self, sel) -> "_Objects":
+        """The objects ``sel`` (an index tensor or a slice)."""
+        return _Objects(*(None if v is None else v[sel] for v in self))
+
+
 class _Stamps(NamedTuple):
     """A batch of ``n`` stamps of ``rows x columns`` pixels: ``pix`` the image values (garbage off the
     frame), ``valid`` on the frame, ``masked`` blanked neighbour pixels, ``dx``/``dy`` pixel-centre
@@ -343,16 +363,15 @@ def _helper_frame(image, mask, var, x, batch_index):
     return _Frame(image, seg, varmap, mask, H, W, "blank"), bi, n
 
 
-def _geo(bi, x, y, dtype, a=None, b=None, theta_deg=None):
+def _geo(bi, x, y, dtype, a=None, b=None, theta_deg=None) -> _Objects:
     x = torch.as_tensor(x, device=bi.device).reshape(-1).double()
     y = torch.as_tensor(y, device=bi.device).reshape(-1).double()
-    g = {"bi": bi, "label": torch.full_like(bi, -1), "x": x, "y": y}
-    if a is not None:
-        a = torch.as_tensor(a, device=bi.device).double().reshape(-1).expand(x.shape)
-        b = torch.as_tensor(b, device=bi.device).double().reshape(-1).expand(x.shape)
-        t = torch.deg2rad(torch.as_tensor(theta_deg, device=bi.device).double().reshape(-1).expand(x.shape))
-        c, s_ = torch.cos(t), torch.sin(t)
-        g.update(a=a, bm=b, cxx=c * c / a ** 2 + s_ * s_ / b ** 2, cyy=s_ * s_ / a ** 2 + c * c / b ** 2,
-                 cxy=2 * c * s_ * (1 / a ** 2 - 1 / b ** 2))
-    return g
+    if a is None:
+        return _Objects(bi, torch.full_like(bi, -1), x, y)
+    a = torch.as_tensor(a, device=bi.device).double().reshape(-1).expand(x.shape)
+    b = torch.as_tensor(b, device=bi.device).double().reshape(-1).expand(x.shape)
+    t = torch.deg2rad(torch.as_tensor(theta_deg, device=bi.device).double().reshape(-1).expand(x.shape))
+    c, s_ = torch.cos(t), torch.sin(t)
+    return _Objects(bi, torch.full_like(bi, -1), x, y, a, b, c * c / a ** 2 + s_ * s_ / b ** 2,
+                    s_ * s_ / a ** 2 + c * c / b ** 2, 2 * c * s_ * (1 / a ** 2 - 1 / b ** 2))
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .flags import FLAG_APER_INCOMPLETE, _box_flag_trunc
-from .stamps import _chunks, _Frame, _geo, _helper_frame, _reach, _side, _size_buckets, _wbuf
+from .stamps import _chunks, _Frame, _geo, _helper_frame, _Objects, _reach, _side, _size_buckets, _wbuf
 
 WINPOS_NITERMAX = 16
 WINPOS_NSIG = 4.0
@@ -58,13 +58,13 @@ class _WinState(NamedTuple):
     workspace: bool
 
 
-def _winpos_state(fr: _Frame, o: dict, sig: Tensor, max_radius: Optional[float]) -> _WinState:
+def _winpos_state(fr: _Frame, o: _Objects, sig: Tensor, max_radius: Optional[float]) -> _WinState:
     """Start positions, window radii (``4 sig``, capped at ``max_radius`` with ``flag``) and constants."""
-    N = o["x"].numel()
+    N = o.x.numel()
     dt = fr.img.dtype
     dev = fr.img.device
-    mx = o["x"].double().clone()
-    my = o["y"].double().clone()
+    mx = o.x.double().clone()
+    my = o.y.double().clone()
     sig = sig.double()
     raper = WINPOS_NSIG * sig
     flag = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -112,7 +112,7 @@ class _WinStamps:
     def buf(self, name, shape, dtype):
         return _wbuf(self.bufs, name, shape, dtype, self.dev)
 
-    def refresh(self, fr: _Frame, o: dict, st: _WinState, act: Tensor, rch: Tensor, x0: Tensor, y0: Tensor):
+    def refresh(self, fr: _Frame, o: _Objects, st: _WinState, act: Tensor, rch: Tensor, x0: Tensor, y0: Tensor):
         """Re-gather the stamps whose origin (or CORRECT mirror centre, for stamps with blanked pixels)
         changed."""
         cxm, cym = st.mx.index_select(0, act), st.my.index_select(0, act)
@@ -122,7 +122,7 @@ class _WinStamps:
         chg = torch.nonzero((key != self.keys).any(1)).flatten()
         if chg.numel():
             gi = act[chg]
-            b, lab = o["bi"][gi], o["label"][gi]
+            b, lab = o.bi[gi], o.label[gi]
             sp = fr.stamps(b, lab, st.mx[gi], st.my[gi], self.s, rch[chg], want_var=False)
             self.cache[chg] = fr.corrected(sp, b, lab, st.mx[gi], st.my[gi])
             hm = sp.masked.flatten(1).any(1).long()[:, None]
@@ -235,7 +235,7 @@ def _window_moments(loc: Tensor, dxr: Tensor, dyr: Tensor, dx2: Tensor, dy2: Ten
     return dxp, dyp, ok, wflag
 
 
-def _winpos_step(fr: _Frame, o: dict, st: _WinState, ws: _WinStamps, act: Tensor) -> Tensor:
+def _winpos_step(fr: _Frame, o: _Objects, st: _WinState, ws: _WinStamps, act: Tensor) -> Tensor:
     """One iteration of the objects ``act``: move them by ``WINPOS_FAC`` times their windowed centroid
     offset.  Returns which of them still move."""
     dt = ws.dt
@@ -262,7 +262,7 @@ def _winpos_step(fr: _Frame, o: dict, st: _WinState, ws: _WinStamps, act: Tensor
     return ok & (dxp * dxp + dyp * dyp >= WINPOS_STEPMIN ** 2) & (st.niter.index_select(0, act) < WINPOS_NITERMAX)
 
 
-def _iterate(fr: _Frame, o: dict, st: _WinState, act: Tensor, s: int, tail: int) -> Tensor:
+def _iterate(fr: _Frame, o: _Objects, st: _WinState, act: Tensor, s: int, tail: int) -> Tensor:
     """Iterate the objects ``act`` on stamps of side ``s`` until they stop; once fewer than ``tail``
     still move (after 3 iterations), return them instead (per-iteration overhead)."""
     ws = _WinStamps(act.numel(), s, fr.img.dtype, fr.img.device, st.workspace)
@@ -279,7 +279,7 @@ def _iterate(fr: _Frame, o: dict, st: _WinState, act: Tensor, s: int, tail: int)
     return act
 
 
-def _stage_winpos(fr: _Frame, o: dict, sig: Tensor, max_elems: int, max_radius: Optional[float] = None):
+def _stage_winpos(fr: _Frame, o: _Objects, sig: Tensor, max_elems: int, max_radius: Optional[float] = None):
     """SExtractor's iterative windowed centroid (compute_winpos): Gaussian window of ``sig`` within
     ``4 sig`` (11x11 sub-sampling at the window edge), step factor 2, <= 16 iterations, stop when the
     step < 1e-4 px.  ``max_radius`` (px, None = none) truncates the integration radius ``4 sig`` of
@@ -313,7 +313,7 @@ def windowed_centroid(image: Tensor, x, y, sig, *, mask: Optional[Tensor] = None
     object; SExtractor uses ``2 * flux_radius(0.5) / 2.35``).  Returns ``(xwin, ywin, niter, flag)``."""
     fr, bi, n = _helper_frame(image, mask, None, x, batch_index)
     g = _geo(bi, x, y, image.dtype)
-    s_ = torch.as_tensor(sig, device=bi.device).double().reshape(-1).expand(g["x"].shape)
+    s_ = torch.as_tensor(sig, device=bi.device).double().reshape(-1).expand(g.x.shape)
     xw, yw, flag, niter, _ = _stage_winpos(fr, g, s_, max_elems)
     return xw.to(image.dtype), yw.to(image.dtype), niter, flag.long() * FLAG_APER_INCOMPLETE
 
