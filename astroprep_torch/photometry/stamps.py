@@ -308,14 +308,23 @@ class _Frame:
         if self.mask_type == "blank":
             return base
         # CORRECT: mirrored pixels only for the stamps that hold a blanked pixel
-        sel = torch.nonzero(masked.flatten(1).any(1)).flatten()
+        nmask = masked.flatten(1).sum(1)
+        sel = torch.nonzero(nmask).flatten()
         if sel.numel() == 0:
             return base
+        cxm = torch.trunc(2.0 * cx.double() + 0.49999).long()
+        cym = torch.trunc(2.0 * cy.double() + 0.49999).long()
+        if not self.img.requires_grad and 5 * int(nmask.sum()) <= sel.numel() * masked[0].numel():
+            return self._mirror_at_masked(st, base, b, label, cxm, cym)  # few blanked pixels (large stamps)
+        return self._mirror_stamps(st, base, sel, b, label, cxm, cym)
+
+    def _mirror_stamps(self, st: _Stamps, base: Tensor, sel: Tensor, b, label, cxm, cym) -> Tensor:
+        """``base`` with the blanked pixels of stamps ``sel`` replaced by their mirror pixels (about
+        ``cxm / 2, cym / 2``; 0 where that one is off the frame or blanked too), gathered as whole
+        mirrored stamps."""
         H, W = self.H, self.W
-        s = pix.shape[-1]
-        b, label, x0 = b[sel], label[sel], st.x0[sel]
-        cxm = torch.trunc(2.0 * cx[sel].double() + 0.49999).long()
-        cym = torch.trunc(2.0 * cy[sel].double() + 0.49999).long()
+        s = base.shape[-1]
+        b, label, x0, cxm, cym = b[sel], label[sel], st.x0[sel], cxm[sel], cym[sel]
         x2 = cxm[:, None, None] - st.ix[sel]  # (m, 1, s)
         y2 = cym[:, None, None] - st.iy[sel]  # (m, s, 1)
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
@@ -332,7 +341,24 @@ class _Frame:
             bs = self.bseg[flat2]
         mblank = (bs >= 0) & (bs != label.to(bs.dtype)[:, None, None])
         rep = torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix))
-        return base.index_put((sel,), torch.where(masked[sel], rep, base[sel]))
+        if sel.numel() == base.shape[0]:
+            return torch.where(st.masked, rep, base)
+        # row copies (index_put with a row index is an element-wise scatter on CPU: much slower)
+        return base.index_copy(0, sel, torch.where(st.masked[sel], rep, base[sel]))
+
+    def _mirror_at_masked(self, st: _Stamps, base: Tensor, b, label, cxm, cym) -> Tensor:
+        """As :meth:`_mirror_stamps` (the same values), gathering only the mirror pixels of the blanked
+        pixels: cheaper where they are a small part of the stamps."""
+        H, W = self.H, self.W
+        oi, yy, xx = torch.nonzero(st.masked, as_tuple=True)
+        x2 = cxm.index_select(0, oi) - st.ix[oi, 0, xx]
+        y2 = cym.index_select(0, oi) - st.iy[oi, yy, 0]
+        ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
+        flat2 = b.index_select(0, oi) * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
+        mpix = self.img.reshape(-1).index_select(0, flat2)
+        bs = self.bseg.index_select(0, flat2)
+        mblank = (bs >= 0) & (bs != label.to(bs.dtype).index_select(0, oi))
+        return base.index_put_((oi, yy, xx), torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix)))
 
 
 def _wbuf(bufs: dict, name: str, shape, dtype, device) -> Tensor:
