@@ -393,6 +393,30 @@ def test_measure_signature_is_explicit():
         P.measure(img, torch.zeros(1, 1, 10, 10, dtype=torch.long), 1.0, _sparse={})
 
 
+def test_correct_mirror_paths_agree():
+    """MASK_TYPE CORRECT's mirror pixels gathered at the blanked pixels only (few of them) equal the
+    whole mirrored stamps' values, at the frame's edges too (mirror off the frame: 0)."""
+    g = torch.Generator().manual_seed(2)
+    H, W = 90, 70
+    img = torch.randn(1, 1, H, W, generator=g)
+    seg = torch.zeros(1, 1, H, W, dtype=torch.long)
+    seg[..., 40:50, 30:40] = 5
+    for frac in (0.05, 0.5):
+        blank = (torch.rand(1, 1, H, W, generator=g) < frac) | (seg > 0)
+        fr = P._Frame(img, seg, torch.ones(1, 1, 1, 1), blank, H, W, "correct")
+        cx = torch.tensor([35.2, 3.7, 66.1], dtype=torch.float64)
+        cy = torch.tensor([44.6, 85.0, 2.4], dtype=torch.float64)
+        b, lab = torch.zeros(3, dtype=torch.long), torch.tensor([5, 7, 9])
+        st = fr.stamps(b, lab, cx, cy, 23, P._reach(torch.full((3,), 10.5)), want_var=False)
+        base = torch.where(st.valid & ~st.masked, st.pix, torch.zeros_like(st.pix))
+        cxm, cym = torch.trunc(2.0 * cx + 0.49999).long(), torch.trunc(2.0 * cy + 0.49999).long()
+        whole = fr._mirror_stamps(st, base.clone(), torch.arange(3), b, lab, cxm, cym)
+        at = fr._mirror_at_masked(st, base.clone(), b, lab, cxm, cym)
+        assert int(st.masked.sum()) > 0 and not torch.equal(whole, base)
+        assert torch.equal(whole, at)
+        assert torch.equal(fr.corrected(st, b, lab, cx, cy), whole)
+
+
 def test_segment_pixels_equal_dense_segmentation():
     """measure() on the detector's pixel lists (SegmentPixels) equals measure() on the dense label map
     with the same filtered image; without ``blended`` the flag is inferred from touching labels."""
