@@ -18,6 +18,7 @@ import torch
 from conftest import gradcheck, require_binary, shared_file
 
 from astroprep_torch import photometry as P
+from astroprep_torch.photometry import measurement as PM  # where measure looks its steps up
 
 PARAMS = ("NUMBER X_IMAGE Y_IMAGE XWIN_IMAGE YWIN_IMAGE X2_IMAGE Y2_IMAGE XY_IMAGE A_IMAGE B_IMAGE THETA_IMAGE "
           "FLUX_APER FLUXERR_APER KRON_RADIUS FLUX_AUTO FLUXERR_AUTO FLUX_RADIUS FLAGS FLUX_ISO FLUXERR_ISO "
@@ -304,14 +305,14 @@ def test_threaded_object_groups_equal_one_group(monkeypatch):
         calls.append(workers)
         return real(fn, geo, n, workers)
 
-    monkeypatch.setattr(P, "_split_run", spy)
+    monkeypatch.setattr(PM, "_split_run", spy)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         one = P.measure(image, seg, 1.0, phot_apertures=(6.0, 10.0))
     finally:
         torch.set_num_threads(old)
-    monkeypatch.setattr(P, "_SPLIT_MIN", 20)  # this frame's ~100 objects in two groups
+    monkeypatch.setattr(PM, "_SPLIT_MIN", 20)  # this frame's ~100 objects in two groups
     two = P._measure(image, seg, 1.0, phot_apertures=(6.0, 10.0), workers=2)
     assert calls == [1, 2] and len(one["x"]) >= 40
     for k in ("x", "y", "flux_aper", "fluxerr_aper", "flux_auto", "fluxerr_auto", "kron_radius", "flux_radius"):
@@ -380,6 +381,62 @@ def test_errors():
     assert empty["x"].numel() == 0 and empty["flux_aper"].shape == (0, 1)
 
 
+def test_measure_signature_is_explicit():
+    """measure's keywords are its own (no **kwargs hiding them); unknown keywords are refused."""
+    import inspect
+
+    params = inspect.signature(P.measure).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert {"phot_apertures", "kron_fact", "isophotal", "blended", "winpos_max_radius", "workers"} <= set(params)
+    img = torch.zeros(1, 1, 10, 10)
+    with pytest.raises(TypeError):
+        P.measure(img, torch.zeros(1, 1, 10, 10, dtype=torch.long), 1.0, _sparse={})
+
+
+def test_correct_mirror_paths_agree():
+    """MASK_TYPE CORRECT's mirror pixels gathered at the blanked pixels only (few of them) equal the
+    whole mirrored stamps' values, at the frame's edges too (mirror off the frame: 0)."""
+    g = torch.Generator().manual_seed(2)
+    H, W = 90, 70
+    img = torch.randn(1, 1, H, W, generator=g)
+    seg = torch.zeros(1, 1, H, W, dtype=torch.long)
+    seg[..., 40:50, 30:40] = 5
+    for frac in (0.05, 0.5):
+        blank = (torch.rand(1, 1, H, W, generator=g) < frac) | (seg > 0)
+        fr = P._Frame(img, seg, torch.ones(1, 1, 1, 1), blank, H, W, "correct")
+        cx = torch.tensor([35.2, 3.7, 66.1], dtype=torch.float64)
+        cy = torch.tensor([44.6, 85.0, 2.4], dtype=torch.float64)
+        b, lab = torch.zeros(3, dtype=torch.long), torch.tensor([5, 7, 9])
+        st = fr.stamps(b, lab, cx, cy, 23, P._reach(torch.full((3,), 10.5)), want_var=False)
+        base = torch.where(st.valid & ~st.masked, st.pix, torch.zeros_like(st.pix))
+        cxm, cym = torch.trunc(2.0 * cx + 0.49999).long(), torch.trunc(2.0 * cy + 0.49999).long()
+        whole = fr._mirror_stamps(st, base.clone(), torch.arange(3), b, lab, cxm, cym)
+        at = fr._mirror_at_masked(st, base.clone(), b, lab, cxm, cym)
+        assert int(st.masked.sum()) > 0 and not torch.equal(whole, base)
+        assert torch.equal(whole, at)
+        assert torch.equal(fr.corrected(st, b, lab, cx, cy), whole)
+
+
+def test_segment_pixels_equal_dense_segmentation():
+    """measure() on the detector's pixel lists (SegmentPixels) equals measure() on the dense label map
+    with the same filtered image; without ``blended`` the flag is inferred from touching labels."""
+    from astroprep_torch.detect import detect_sources
+
+    img, _, _ = _star_field(n=60, seed=4)
+    image = torch.from_numpy(img).float()[None, None]
+    det = detect_sources(image, 1.0, thresh=3.0, minarea=5)
+    segs = P.SegmentPixels(*(det[k] for k in P.SegmentPixels._fields))
+    assert torch.equal(segs.dense(image.shape), det["segmentation"])
+    kw = dict(thresh_nsigma=3.0, phot_apertures=(6.0,), isophotal=det["isophotal"])
+    for blended in (det["blended"], None):
+        sparse = P.measure(image, segs, 1.0, blended=blended, **kw)
+        dense = P.measure(image, det["segmentation"], 1.0, filtered=det["filtered"], blended=blended, **kw)
+        assert len(dense["x"]) >= 40 and set(sparse) == set(dense)
+        for k in dense:
+            assert torch.equal(sparse[k], dense[k]), k
+    assert int((dense["flags"] & P.FLAG_BLENDED).sum()) > 0
+
+
 def _large_object_frame(seed=3):
     """384^2 noise (rms 1) with a huge round blob (sigma 40 px: half-light radius ~47 px, so the XWIN
     window 4 sig ~ 160 px), a 300-px vertical trail 2 px wide, and 40 small stars."""
@@ -406,7 +463,7 @@ def _spy_stamps(monkeypatch):
 
     monkeypatch.setattr(P._Frame, "stamps", stamps)
     for name in ("_stage_kron", "_stage_auto", "_stage_winpos"):
-        real = getattr(P, name)
+        real = getattr(PM, name)
 
         def wrapped(*a, _real=real, _name=name, **k):
             stage[0] = _name
@@ -414,7 +471,7 @@ def _spy_stamps(monkeypatch):
                 return _real(*a, **k)
             finally:
                 stage[0] = "?"
-        monkeypatch.setattr(P, name, wrapped)
+        monkeypatch.setattr(PM, name, wrapped)
     return calls
 
 
@@ -452,7 +509,7 @@ def test_stamp_sizes_follow_each_object_not_the_largest(monkeypatch):
     calls = _spy_stamps(monkeypatch)
     from astroprep_torch.detect import SourceExtractor
 
-    monkeypatch.setattr(P, "_WINPOS_TAIL", 10 ** 6)  # every object is a straggler after 3 iterations
+    monkeypatch.setattr(P.winpos, "_WINPOS_TAIL", 10 ** 6)  # every object is a straggler after 3 iterations
     cat = SourceExtractor(thresh=3.0, winpos_max_radius=None)(img, 1.0)
     assert len(cat) >= 30
     win = [c for c in calls if c[0] == "_stage_winpos"]

@@ -411,14 +411,14 @@ class SourceExtractor(nn.Module):
         if phot is None or not hasattr(phot, "measure"):
             return None
         rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
-        sparse = {k: det[k] for k in ("pixels", "pixel_row", "pixel_filtered", "detected", "batch_index", "label")}
+        segments = phot.SegmentPixels(*(det[k] for k in phot.SegmentPixels._fields))
         return phot.measure(
-            image, None, rms_map,
+            image, segments, rms_map,
             thresh_nsigma=self.thresh,
             phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
             autoapers=self.autoapers, flux_fracs=self.flux_fracs,
             gain=self.gain, mask=mask, mask_type=self.mask_type,
             saturation=self.saturation, background=background,
-            isophotal=det["isophotal"], blended=det["blended"], _sparse=sparse,
+            isophotal=det["isophotal"], blended=det["blended"],
             winpos_max_radius=self.winpos_max_radius,
         )
