@@ -14,13 +14,13 @@ while its fluxes and segmentation include the merged pixels (``isophotal`` x2/y2
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._moments import CentralMoments, central_moments, ellipse, segment_moments
 from .segments import _ObjectPixels, _segment_sum
 
 #: SExtractor's ``default.conv`` (3x3 pyramid, FWHM 2 px), normalised at use.
@@ -102,55 +102,31 @@ def _bounding_boxes(obj: _ObjectPixels, H: int, W: int):
 def _filtered_moments(obj: _ObjectPixels, xmin: Tensor, ymin: Tensor, isophotal: Optional[dict]):
     """Barycentre (relative to the box corner) and second moments of the filtered image over each
     object's pixels, with the detector's overrides.  Returns ``xm, ym, xm2, ym2, xym, rv``."""
-    fv, inv, n = obj.fv, obj.inv, obj.n
-    xr = (obj.px - xmin.index_select(0, inv)).double()
-    yr = (obj.py - ymin.index_select(0, inv)).double()
-    rv = _segment_sum(fv, inv, n)
-    xm = _segment_sum(fv * xr, inv, n) / rv
-    ym = _segment_sum(fv * yr, inv, n) / rv
-    mx2s, my2s, mxys = (_segment_sum(fv * xr * xr, inv, n) / rv, _segment_sum(fv * yr * yr, inv, n) / rv,
-                        _segment_sum(fv * xr * yr, inv, n) / rv)
-    xm2 = mx2s - xm * xm
-    ym2 = my2s - ym * ym
-    xym = mxys - xm * ym
-    dev = fv.device
-    ox, oy = _override(isophotal, "x", n, dev), _override(isophotal, "y", n, dev)
+    m = segment_moments(obj.inv, obj.n, obj.px.double(), obj.py.double(), obj.fv,
+                        origin=(xmin.double(), ymin.double()), guard_zero=False)
+    c = central_moments(m)
+    dev = obj.fv.device
+    ox, oy = _override(isophotal, "x", obj.n, dev), _override(isophotal, "y", obj.n, dev)
     if ox is not None and oy is not None:
         # SExtractor's ANALYSE_ROBUST branch: keep the given barycentre, moments about it
         use = torch.isfinite(ox) & torch.isfinite(oy)
-        xn = ox - xmin.double()
-        yn = oy - ymin.double()
-        xm2 = torch.where(use, mx2s + xn * xn - 2 * xm * xn, xm2)
-        ym2 = torch.where(use, my2s + yn * yn - 2 * ym * yn, ym2)
-        xym = torch.where(use, mxys + xn * yn - xm * yn - xn * ym, xym)
-        xm = torch.where(use, xn, xm)
-        ym = torch.where(use, yn, ym)
-    moments = [xm2, ym2, xym]
+        r = central_moments(m, centre=(ox, oy))
+        c = CentralMoments(*(torch.where(use, rv_, cv_) for rv_, cv_ in zip(r, c)))
+    moments = [c.x2, c.y2, c.xy]
     for i, name in enumerate(("x2", "y2", "xy")):
-        ov = _override(isophotal, name, n, dev)
+        ov = _override(isophotal, name, obj.n, dev)
         if ov is not None:
             moments[i] = torch.where(torch.isfinite(ov), ov, moments[i])
-    return xm, ym, *moments, rv
+    return c.x, c.y, *moments, m.flux
 
 
 def _ellipse_from_moments(xm2: Tensor, ym2: Tensor, xym: Tensor):
-    """SExtractor's ellipse from second moments (singular ones widened by 1/12 px^2).  Returns
-    ``xm2, ym2, singular, a, b, theta, cxx, cyy, cxy``."""
-    temp2 = xm2 * ym2 - xym * xym
-    singu = temp2 < 0.00694
-    xm2 = torch.where(singu, xm2 + 0.0833333, xm2)
-    ym2 = torch.where(singu, ym2 + 0.0833333, ym2)
-    temp2 = xm2 * ym2 - xym * xym
-    dxy = xm2 - ym2
-    theta = torch.where(dxy.abs() > 0, torch.atan2(2.0 * xym, dxy) / 2.0, torch.full_like(dxy, math.pi / 4))
-    tq = torch.sqrt(0.25 * dxy * dxy + xym * xym)
-    pm = 0.5 * (xm2 + ym2)
-    a_ = torch.sqrt(torch.clamp(pm + tq, min=0)).float().double()
-    b_ = torch.sqrt(torch.clamp(pm - tq, min=0)).float().double()
-    cxx = (ym2 / temp2).float().double()
-    cyy = (xm2 / temp2).float().double()
-    cxy = (-2 * xym / temp2).float().double()
-    return xm2, ym2, singu, a_, b_, theta, cxx, cyy, cxy
+    """SExtractor's ellipse from second moments (:func:`astroprep_torch._moments.ellipse`), the axes
+    and coefficients rounded to float32 as SExtractor stores them.  Returns ``xm2, ym2, singular, a,
+    b, theta, cxx, cyy, cxy``."""
+    e = ellipse(xm2, ym2, xym)
+    a_, b_, cxx, cyy, cxy = (t.float().double() for t in (e.a, e.b, e.cxx, e.cyy, e.cxy))
+    return e.x2, e.y2, e.singular, a_, b_, e.theta, cxx, cyy, cxy
 
 
 def _isophotal_shape(obj: _ObjectPixels, isophotal: Optional[dict], H: int, W: int) -> _Shape:
