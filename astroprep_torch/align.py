@@ -1521,6 +1521,127 @@ def _residual_loss(warped: Tensor, ref: Tensor, good: Tensor, fit_scale: bool) -
     return (res * res).sum((1, 2, 3)) / n
 
 
+class _RefineImages(NamedTuple):
+    """The pair as :func:`refine` compares it: float64, bad pixels zeroed, smoothed."""
+
+    img: Tensor
+    ref: Tensor
+    good_src: Tensor  # smoothed good-pixel weight of ``img`` (1 = all good)
+    ref_good: Tensor  # bool: finite reference pixels
+
+
+def _refine_images(image: Tensor, reference: Tensor, mask: Optional[Tensor], smooth_sigma: float) -> _RefineImages:
+    work = torch.float64
+    img = image.detach().to(work)
+    ref = reference.detach().to(work)
+    bad = ~torch.isfinite(img) if mask is None else (mask | ~torch.isfinite(img))
+    img = torch.where(bad, torch.zeros_like(img), img)
+    good_src = (~bad).to(work)
+    rbad = ~torch.isfinite(ref)
+    ref = torch.where(rbad, torch.zeros_like(ref), ref)
+    if smooth_sigma > 0:
+        k = _gaussian_1d(smooth_sigma, work, image.device)
+        img = _smooth(img, k)
+        ref = _smooth(ref, k)
+        good_src = _smooth(good_src, k)
+    return _RefineImages(img, ref, good_src, ~rbad)
+
+
+class _RefineStart(NamedTuple):
+    """Starting point of :func:`refine`: base source coordinates of every reference pixel, the centre
+    of the parametrisation, and the initial linear part and shift (source pixels)."""
+
+    bx: Tensor  # (B, H_ref, W_ref)
+    by: Tensor
+    centre: Tensor  # (B, 2)
+    lin0: Tensor  # (B, 2, 2)
+    t0: Tensor  # (B, 2)
+
+
+def _wcs_start(src_wcs, dst_wcs, image_shape, ref_shape, grid_step: int, dev) -> _RefineStart:
+    """WCS mode: source pixels through the WCS pair; identity correction around CRPIX."""
+    work = torch.float64
+    b, _, h, w = image_shape
+    bx, by = pixel_to_pixel(src_wcs, dst_wcs, ref_shape, grid_step=grid_step, batch=b, device=dev, dtype=work)
+    centre = src_wcs.crpix.to(work).to(dev).expand(b, 2) if hasattr(src_wcs, "crpix") else \
+        torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=work, device=dev).expand(b, 2)
+    lin0 = torch.eye(2, dtype=work, device=dev).expand(b, 2, 2).clone()
+    t0 = torch.zeros(b, 2, dtype=work, device=dev)
+    return _RefineStart(bx, by, centre, lin0, t0)
+
+
+def _affine_start(matrix: Optional[Tensor], b: int, ref_shape, dev) -> _RefineStart:
+    """Affine mode: reference pixels mapped by the inverse of ``matrix`` (identity when None),
+    parametrised around the reference centre."""
+    work = torch.float64
+    hr, wr = ref_shape
+    ys, xs = torch.meshgrid(torch.arange(hr, dtype=work, device=dev), torch.arange(wr, dtype=work, device=dev),
+                            indexing="ij")
+    centre = torch.tensor([(wr - 1) / 2, (hr - 1) / 2], dtype=work, device=dev).expand(b, 2)
+    if matrix is None:
+        matrix = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
+    matrix = matrix.detach().to(work).to(dev)
+    if matrix.dim() == 2:
+        matrix = matrix.expand(b, 2, 3)
+    if matrix.shape != (b, 2, 3):
+        raise ValueError(f"matrix must be shaped (2, 3) or (B={b}, 2, 3), got {tuple(matrix.shape)}")
+    init = invert_transform(matrix)  # reference px -> image px
+    # x_src = A (p - c) + A c + t0  ->  in normalised units around c
+    lin0 = init[:, :, :2].clone()
+    t0 = (init[:, :, :2] @ centre.unsqueeze(-1)).squeeze(-1) + init[:, :, 2] - centre
+    return _RefineStart(xs.expand(b, hr, wr), ys.expand(b, hr, wr), centre, lin0, t0)
+
+
+class _RefineGeometry(NamedTuple):
+    """Normalised coordinates ``(u, v)`` of the base source positions around ``(cx, cy)``, in units of ``scale``."""
+
+    u: Tensor
+    v: Tensor
+    cx: Tensor
+    cy: Tensor
+    scale: float
+
+
+def _refine_source_xy(lin: Tensor, tr: Tensor, g: _RefineGeometry) -> tuple[Tensor, Tensor]:
+    """Source pixel coordinates of every reference pixel for the linear part ``lin`` and shift ``tr``."""
+    b = lin.shape[0]
+    sx = g.cx + g.scale * (lin[:, 0, 0].view(b, 1, 1) * g.u + lin[:, 0, 1].view(b, 1, 1) * g.v
+                           + tr[:, 0].view(b, 1, 1))
+    sy = g.cy + g.scale * (lin[:, 1, 0].view(b, 1, 1) * g.u + lin[:, 1, 1].view(b, 1, 1) * g.v
+                           + tr[:, 1].view(b, 1, 1))
+    return sx, sy
+
+
+def _refine_losses(lin: Tensor, tr: Tensor, g: _RefineGeometry, data: _RefineImages, fit_scale: bool) -> Tensor:
+    """(B,) masked residual loss of the frames warped by ``(lin, tr)`` against the reference."""
+    h, w = data.img.shape[-2:]
+    sx, sy = _refine_source_xy(lin, tr, g)
+    inside = _inside(sx, sy, h, w).unsqueeze(1)
+    gx = sx * (2.0 / (w - 1)) - 1
+    gy = sy * (2.0 / (h - 1)) - 1
+    grid = torch.stack([gx, gy], -1)
+    warped = F.grid_sample(data.img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    cover = F.grid_sample(data.good_src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    good = inside & (cover.detach() > 0.999) & data.ref_good
+    return _residual_loss(warped, data.ref, good, fit_scale)
+
+
+def _refined_wcs(src_wcs, lin_d: Tensor, tr_d: Tensor, b: int):
+    """A copy of ``src_wcs`` with the correction folded in (``CRPIX' = CRPIX + t``, ``CD' = CD A^-1``),
+    or None when it has no CRPIX/CD."""
+    if not (hasattr(src_wcs, "crpix") and hasattr(src_wcs, "cd")):
+        return None
+    import copy
+
+    work = torch.float64
+    new_wcs = copy.deepcopy(src_wcs)
+    crpix = src_wcs.crpix.to(work) + tr_d[: len(src_wcs)] if len(src_wcs) == b else src_wcs.crpix.to(work) + tr_d
+    cd = src_wcs.cd.to(work) @ torch.linalg.inv(lin_d)
+    new_wcs.crpix = crpix.to(src_wcs.crpix.dtype)
+    new_wcs.cd = cd.to(src_wcs.cd.dtype)
+    return new_wcs
+
+
 def refine(
     image: Tensor,
     reference: Tensor,
@@ -1562,98 +1683,37 @@ def refine(
     hr, wr = reference.shape[-2:]
     dev = image.device
     work = torch.float64
-    img = image.detach().to(work)
-    ref = reference.detach().to(work)
-    bad = ~torch.isfinite(img) if mask is None else (mask | ~torch.isfinite(img))
-    img = torch.where(bad, torch.zeros_like(img), img)
-    good_src = (~bad).to(work)
-    rbad = ~torch.isfinite(ref)
-    ref = torch.where(rbad, torch.zeros_like(ref), ref)
-    if smooth_sigma > 0:
-        k = _gaussian_1d(smooth_sigma, work, dev)
-        img = _smooth(img, k)
-        ref = _smooth(ref, k)
-        good_src = _smooth(good_src, k)
+    data = _refine_images(image, reference, mask, smooth_sigma)
     wcs_mode = src_wcs is not None or dst_wcs is not None
     if wcs_mode and (src_wcs is None or dst_wcs is None):
         raise ValueError("WCS mode needs both src_wcs and dst_wcs")
-    ys, xs = torch.meshgrid(torch.arange(hr, dtype=work, device=dev), torch.arange(wr, dtype=work, device=dev),
-                            indexing="ij")
-    if wcs_mode:
-        bx, by = pixel_to_pixel(src_wcs, dst_wcs, (hr, wr), grid_step=grid_step, batch=b, device=dev, dtype=work)
-        centre = src_wcs.crpix.to(work).to(dev).expand(b, 2) if hasattr(src_wcs, "crpix") else \
-            torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=work, device=dev).expand(b, 2)
-        init = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
-    else:
-        bx, by = xs.expand(b, hr, wr), ys.expand(b, hr, wr)
-        centre = torch.tensor([(wr - 1) / 2, (hr - 1) / 2], dtype=work, device=dev).expand(b, 2)
-        if matrix is None:
-            matrix = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
-        matrix = matrix.detach().to(work).to(dev)
-        if matrix.dim() == 2:
-            matrix = matrix.expand(b, 2, 3)
-        if matrix.shape != (b, 2, 3):
-            raise ValueError(f"matrix must be shaped (2, 3) or (B={b}, 2, 3), got {tuple(matrix.shape)}")
-        init = invert_transform(matrix)  # reference px -> image px
+    start = _wcs_start(src_wcs, dst_wcs, image.shape, (hr, wr), grid_step, dev) if wcs_mode else \
+        _affine_start(matrix, b, (hr, wr), dev)
+    centre = start.centre
     scale = max(h, w, hr, wr) / 2.0
     cx, cy = centre[:, 0].view(b, 1, 1), centre[:, 1].view(b, 1, 1)
-    u, v = (bx - cx) / scale, (by - cy) / scale
-    if wcs_mode:
-        lin0 = torch.eye(2, dtype=work, device=dev).expand(b, 2, 2).clone()
-        t0 = torch.zeros(b, 2, dtype=work, device=dev)
-    else:
-        # x_src = A (p - c) + A c + t0  ->  in normalised units around c
-        lin0 = init[:, :, :2].clone()
-        t0 = (init[:, :, :2] @ centre.unsqueeze(-1)).squeeze(-1) + init[:, :, 2] - centre
-    lin = lin0.clone().requires_grad_(True)
-    tr = (t0 / scale).clone().requires_grad_(True)
-    refg = ~rbad
-
-    def source_xy():
-        sx = cx + scale * (lin[:, 0, 0].view(b, 1, 1) * u + lin[:, 0, 1].view(b, 1, 1) * v + tr[:, 0].view(b, 1, 1))
-        sy = cy + scale * (lin[:, 1, 0].view(b, 1, 1) * u + lin[:, 1, 1].view(b, 1, 1) * v + tr[:, 1].view(b, 1, 1))
-        return sx, sy
-
-    def losses():
-        sx, sy = source_xy()
-        inside = _inside(sx, sy, h, w).unsqueeze(1)
-        gx = sx * (2.0 / (w - 1)) - 1
-        gy = sy * (2.0 / (h - 1)) - 1
-        grid = torch.stack([gx, gy], -1)
-        warped = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        cover = F.grid_sample(good_src, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        good = inside & (cover.detach() > 0.999) & refg
-        return _residual_loss(warped, ref, good, fit_scale)
-
+    geom = _RefineGeometry((start.bx - cx) / scale, (start.by - cy) / scale, cx, cy, scale)
+    lin = start.lin0.clone().requires_grad_(True)
+    tr = (start.t0 / scale).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([lin, tr], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-14)
 
     def closure():
         opt.zero_grad()
-        loss = losses().sum()
+        loss = _refine_losses(lin, tr, geom, data, fit_scale).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        final = losses()
+        final = _refine_losses(lin, tr, geom, data, fit_scale)
         lin_d, tr_d = lin.detach(), tr.detach() * scale
-        sx, sy = source_xy()
+        sx, sy = _refine_source_xy(lin, tr, geom)
         warped, _ = sample_image(image.to(work), sx, sy, "bilinear", mask=mask)
     warped = warped.to(image.dtype)
+    # x_src = centre + A (x - centre) + t   (in WCS mode a correction in source-pixel space)
+    corr = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
     if wcs_mode:
-        # x_src = crpix + A (x_wcs - crpix) + t   (correction in source-pixel space)
-        corr = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
-        new_wcs = None
-        if hasattr(src_wcs, "crpix") and hasattr(src_wcs, "cd"):
-            import copy
-
-            new_wcs = copy.deepcopy(src_wcs)
-            crpix = src_wcs.crpix.to(work) + tr_d[: len(src_wcs)] if len(src_wcs) == b else src_wcs.crpix.to(work) + tr_d
-            cd = src_wcs.cd.to(work) @ torch.linalg.inv(lin_d)
-            new_wcs.crpix = crpix.to(src_wcs.crpix.dtype)
-            new_wcs.cd = cd.to(src_wcs.cd.dtype)
-        return RefineResult(corr.to(image.dtype), warped, final.to(image.dtype), new_wcs)
-    inv = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
-    return RefineResult(invert_transform(inv).to(image.dtype), warped, final.to(image.dtype), None)
+        return RefineResult(corr.to(image.dtype), warped, final.to(image.dtype), _refined_wcs(src_wcs, lin_d, tr_d, b))
+    return RefineResult(invert_transform(corr).to(image.dtype), warped, final.to(image.dtype), None)
