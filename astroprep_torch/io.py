@@ -319,8 +319,8 @@ def flush_to_disk(path: PathLike) -> None:
     For outputs that are written once and not read back soon. Before a rename it makes the rename
     atomic across a crash too (no empty file under the final name). Dropping the pages lets the
     next files reuse them: the kernel otherwise takes fresh pages for every file written, and on
-    virtual machines a fresh page can cost ~10 us (the host maps it in on first touch), several times
-    the copy itself (16 MB: ~50 ms of CPU against ~7 ms here). Skips what the platform lacks.
+    virtual machines a fresh page costs more than the copy itself (the host maps it in on first touch;
+    measured in ``experiments/results/pipeline_write_cost.md``). Skips what the platform lacks.
     """
     fd = os.open(str(path), os.O_RDONLY)
     try:
