@@ -569,8 +569,9 @@ def reproject(
             and measured below 1e-4 px on TAN-SIP frames); ``None`` evaluates it exactly at every
             pixel (several times slower).
         fused: run the per-chunk kernels (coordinate interpolation, gather-based sampling) through
-            ``torch.compile`` so each becomes one fused loop. About 10x faster on CPU for Lanczos3;
-            the first call pays the compilation (tens of seconds on a small CPU, cached on disk).
+            ``torch.compile`` so each becomes one fused loop (for Lanczos3 much faster on CPU:
+            ``experiments/results/align_speed.md``);
+            the first call pays the compilation (cached on disk).
         coord_dtype: dtype of the coordinate computation (float64 recommended).
         variance: optional ``(B, C, H, W)`` variance of ``image`` (pixels with independent noise;
             ``(B, C' < C, H, W)``: of its first ``C'`` channels).
@@ -892,6 +893,26 @@ def _mutual_pairs(src_t: Tensor, dst: Tensor, tol: float) -> Tensor:
     return torch.stack([i[first], j[first]], 1)
 
 
+def _check_match_args(src_xy, dst_xy, transform: str, min_matches: int, weighting: str,
+                      min_inlier_fraction: float) -> None:
+    """Argument checks of :func:`match_sources` (``AlignmentError`` for fewer than 3 points)."""
+    for name, a in (("src_xy", src_xy), ("dst_xy", dst_xy)):
+        if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != 2 or not a.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor shaped (N, 2), got "
+                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+    if transform not in ("similarity", "affine"):
+        raise ValueError(f"transform must be 'similarity' or 'affine', got {transform!r}")
+    if min_matches < 3:
+        raise ValueError(f"min_matches must be >= 3, got {min_matches}")
+    if weighting not in ("none", "flux"):
+        raise ValueError(f"weighting must be 'none' or 'flux', got {weighting!r}")
+    if not 0 <= min_inlier_fraction <= 1:
+        raise ValueError(f"min_inlier_fraction must be in [0, 1], got {min_inlier_fraction!r}")
+    if src_xy.shape[0] < 3 or dst_xy.shape[0] < 3:
+        raise AlignmentError(f"need at least 3 sources in each list to match, got {src_xy.shape[0]} and "
+                             f"{dst_xy.shape[0]}")
+
+
 def match_sources(
     src_xy: Tensor,
     dst_xy: Tensor,
@@ -955,21 +976,7 @@ def match_sources(
     The matching itself is combinatorial and runs eagerly (data-dependent sizes); all heavy steps
     are batched tensor operations.
     """
-    for name, a in (("src_xy", src_xy), ("dst_xy", dst_xy)):
-        if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != 2 or not a.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor shaped (N, 2), got "
-                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
-    if transform not in ("similarity", "affine"):
-        raise ValueError(f"transform must be 'similarity' or 'affine', got {transform!r}")
-    if min_matches < 3:
-        raise ValueError(f"min_matches must be >= 3, got {min_matches}")
-    if weighting not in ("none", "flux"):
-        raise ValueError(f"weighting must be 'none' or 'flux', got {weighting!r}")
-    if not 0 <= min_inlier_fraction <= 1:
-        raise ValueError(f"min_inlier_fraction must be in [0, 1], got {min_inlier_fraction!r}")
-    if src_xy.shape[0] < 3 or dst_xy.shape[0] < 3:
-        raise AlignmentError(f"need at least 3 sources in each list to match, got {src_xy.shape[0]} and "
-                             f"{dst_xy.shape[0]}")
+    _check_match_args(src_xy, dst_xy, transform, min_matches, weighting, min_inlier_fraction)
     dtype = torch.float64
     src = src_xy.detach().to(dtype)
     dst = dst_xy.detach().to(dtype)
@@ -1156,6 +1163,40 @@ def _windowed_centroid(flat: Tensor, bi: Tensor, x0: Tensor, y0: Tensor, bk: Ten
     return x, y
 
 
+def _local_maxima(smf: Tensor, cand: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(bi, yi, xi, value)`` of the candidates (bool ``(B, 1, H, W)``) that are the maximum of their
+    3x3 neighbourhood in the smoothed frame ``smf`` (B, H*W)."""
+    bi, _, yi, xi = cand.nonzero(as_tuple=True)
+    base = yi * w + xi
+    c = smf[bi, base]
+    is_max = torch.ones_like(c, dtype=torch.bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            nb = smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)]
+            # strict on one side so a plateau of two equal pixels still gives one peak
+            is_max &= (c > nb) if (dy, dx) < (0, 0) else (c >= nb)
+    return bi[is_max], yi[is_max], xi[is_max], c[is_max]
+
+
+def _log_parabola_offsets(smf: Tensor, bi, yi, xi, c, bk, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Sub-pixel ``(dx, dy)`` in [-0.5, 0.5] of each peak: a 3-point Gaussian (log-parabola) fit per
+    axis on the smoothed frame above its background ``bk``."""
+    tiny = torch.finfo(smf.dtype).tiny
+
+    def val(dy, dx):
+        return (smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)] - bk).clamp_min(tiny).log()
+
+    lc = (c - bk).clamp_min(tiny).log()
+    l_, r_, d_, u_ = val(0, -1), val(0, 1), val(-1, 0), val(1, 0)
+    denx = l_ - 2 * lc + r_
+    deny = d_ - 2 * lc + u_
+    dx = torch.where(denx < 0, 0.5 * (l_ - r_) / denx.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    dy = torch.where(deny < 0, 0.5 * (d_ - u_) / deny.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    return dx, dy
+
+
 def find_peaks(
     image: Tensor,
     mask: Optional[Tensor] = None,
@@ -1214,31 +1255,10 @@ def find_peaks(
         cand[..., -border:, :] = False
         cand[..., :border] = False
         cand[..., -border:] = False
-    bi, _, yi, xi = cand.nonzero(as_tuple=True)
     smf = sm.reshape(b, -1)
-    base = yi * w + xi
-    c = smf[bi, base]
-    is_max = torch.ones_like(c, dtype=torch.bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            nb = smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)]
-            # strict on one side so a plateau of two equal pixels still gives one peak
-            is_max &= (c > nb) if (dy, dx) < (0, 0) else (c >= nb)
-    bi, yi, xi, c = bi[is_max], yi[is_max], xi[is_max], c[is_max]
+    bi, yi, xi, c = _local_maxima(smf, cand, h, w)
     bk = bkg.reshape(b, -1)[bi, yi * w + xi]
-    tiny = torch.finfo(image.dtype).tiny
-
-    def val(dy, dx):
-        return (smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)] - bk).clamp_min(tiny).log()
-
-    lc = (c - bk).clamp_min(tiny).log()
-    l_, r_, d_, u_ = val(0, -1), val(0, 1), val(-1, 0), val(1, 0)
-    denx = l_ - 2 * lc + r_
-    deny = d_ - 2 * lc + u_
-    dx = torch.where(denx < 0, 0.5 * (l_ - r_) / denx.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
-    dy = torch.where(deny < 0, 0.5 * (d_ - u_) / deny.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    dx, dy = _log_parabola_offsets(smf, bi, yi, xi, c, bk, h, w)
     x = xi.to(image.dtype) + dx
     y = yi.to(image.dtype) + dy
     flux = c - bk
