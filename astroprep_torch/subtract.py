@@ -1333,6 +1333,7 @@ class _Oriented(NamedTuple):
     var_target: Tensor
     ped_a: Tensor  # (B, 1, 1, 1) median sky of the image to convolve
     ped_t: Tensor  # (B, 1, 1, 1) median sky of the target
+    conv_bad: Optional[Tensor] = None  # bool (B, 1, H, W): the zeroed pixels (None: all were finite)
 
 
 def _orient(conv_sci: Tensor, science, template, science_var, template_var, sky_s, sky_t) -> _Oriented:
@@ -1349,14 +1350,21 @@ def _orient(conv_sci: Tensor, science, template, science_var, template_var, sky_
         var_target = torch.where(sel, template_var, science_var)
     # Non-finite pixels would spread through the FFTs: zero them in the image to convolve (they are
     # excluded from the stamps already).
-    conv_img_c = conv_img if all_finite(conv_img) else torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
-    var_conv_c = var_conv if all_finite(var_conv) else torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
+    conv_bad = None
+    conv_img_c, var_conv_c = conv_img, var_conv
+    if not all_finite(conv_img):
+        conv_bad = ~torch.isfinite(conv_img.detach())
+        conv_img_c = torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
+    if not all_finite(var_conv):
+        bad_v = ~torch.isfinite(var_conv.detach())
+        conv_bad = bad_v if conv_bad is None else conv_bad | bad_v
+        var_conv_c = torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
     # Remove each image's median sky before building the stamp system (conditioning: a large
     # pedestal makes the first basis column nearly collinear with the background's constant term);
     # the constant background coefficient is corrected afterwards, so the model is unchanged.
     ped_a = torch.where(conv_sci, sky_s[0], sky_t[0]).view(-1, 1, 1, 1)  # non-finite values were ignored
     ped_t = torch.where(conv_sci, sky_t[0], sky_s[0]).view(-1, 1, 1, 1)
-    return _Oriented(conv_img_c, target, var_conv_c, var_target, ped_a, ped_t)
+    return _Oriented(conv_img_c, target, var_conv_c, var_target, ped_a, ped_t, conv_bad)
 
 
 def _noise_models(pair: _Oriented, debias: bool, calibrate_noise: bool):
@@ -1457,8 +1465,9 @@ def _solve_coefficients(st: _Stamps, build, valid: Tensor, pair: _Oriented, basi
 
 
 def _difference(pair: _Oriented, conv: Tensor, var_k: Tensor, theta_c: Tensor, conv_sci: Tensor, normalize: str,
-                n_basis: int, spatial_order: int, background_order: int, like: Tensor):
-    """``(difference, model, variance)`` from the convolved image ``conv`` and its variance ``var_k``.
+                n_basis: int, spatial_order: int, background_order: int, like: Tensor, r: int):
+    """``(difference, model, variance)`` from the convolved image ``conv`` and its variance ``var_k``
+    (NaN within ``r`` px of a non-finite pixel of the convolved image: :func:`_mark_unknown`).
 
     difference = sign (model - target) * scale with sign = +1 when the science frame was convolved;
     normalisation: "science" -> science counts, "template" -> template counts.
@@ -1479,7 +1488,19 @@ def _difference(pair: _Oriented, conv: Tensor, var_k: Tensor, theta_c: Tensor, c
         model[:, 0].baddbmm_(bg_y, bg_x)
         diff = torch.sub(model, pair.target).mul_(factor)
         variance = var_k.add_(pair.var_target).mul_(vfactor)
+    if pair.conv_bad is not None:
+        return _mark_unknown(pair.conv_bad, (diff, model, variance), r)
     return diff, model, variance
+
+
+def _mark_unknown(conv_bad: Tensor, maps: tuple, r: int) -> tuple:
+    """NaN in ``maps`` wherever the kernel (half width ``r``) reached a non-finite pixel of the
+    convolved image or its variance: those pixels were zeroed for the FFTs, so the convolution,
+    and the difference, are unknown there (a residual of -K x the true value otherwise)."""
+    reach = F.max_pool2d(conv_bad.to(maps[0].dtype), 2 * r + 1, 1, r) > 0
+    if torch.is_grad_enabled():
+        return tuple(torch.where(reach, torch.full_like(m, float("nan")), m) for m in maps)
+    return tuple(m.masked_fill_(reach, float("nan")) for m in maps)
 
 
 def _convolve_pair(pair: _Oriented, theta_c, basis, spatial_order, tile_size, variance_tile_size, var_mode: str,
@@ -1592,7 +1613,7 @@ def image_subtraction(
     conv, var_k = _convolve_pair(pair, theta_c, basis, spatial_order, tile_size, variance_tile_size,
                                  variance_convolution if given_conv else "fft", measured)
     diff, model, variance = _difference(pair, conv, var_k, theta_c, conv_sci, normalize, n_basis, spatial_order,
-                                        background_order, science)
+                                        background_order, science, r)
     return SubtractionResult(diff, model, variance, theta_c[:, 0], theta_c, stats, conv_sci)
 
 
