@@ -81,59 +81,48 @@ def _check_xy(xy: Tensor, name: str = "xy") -> Tensor:
     return xy
 
 
-def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = None, *,
-            mask: Optional[Tensor] = None, mode: str = "nearest", fill_value: float = 0.0) -> Cutouts:
-    """Cut ``(N, C, s, s)`` stamps out of ``images`` (B, C, H, W) around ``xy`` (N, 2).
-
-    Coordinates are 0-based pixel centres, ``x`` = column, ``y`` = row.
-
-    * ``mode="nearest"`` (default, ZTF / astropy ``Cutout2D`` rule): the stamp holds the original
-      pixels; its first pixel is ``round(x) - sw // 2`` (round half up), so for odd sizes the pixel
-      containing the source is the central pixel, for even sizes it is pixel ``s // 2``.
-    * ``mode="bilinear"``: the stamp is resampled so that ``xy`` falls exactly on pixel
-      ``((sw - 1) / 2, (sh - 1) / 2)``; differentiable with respect to images and positions.
-
-    ``batch_index`` (N,) int says which frame each source lies on (torchvision ROI style;
-    default all 0). Pixels outside the frame get ``fill_value`` and ``True`` in the returned mask;
-    ``mask`` (bool, broadcastable to ``images``, True = bad) is carried into the stamps' mask.
-    Vectorised: one gather, no loop over sources.
-    """
-    check_image(images, "images")
-    xy = _check_xy(xy).to(images.device)
-    sh, sw = as_pair(size, "size")
-    B, C, H, W = images.shape
-    n = xy.shape[0]
+def _check_batch_index(batch_index, n: int, B: int, device) -> Tensor:
+    """``batch_index`` (N,) long in ``[0, B)`` (all 0 when None and there is one frame)."""
     if batch_index is None:
         if B != 1 and n:
             raise ValueError(f"batch_index is required when images holds {B} frames")
-        batch_index = torch.zeros(n, dtype=torch.long, device=images.device)
-    else:
-        batch_index = torch.as_tensor(batch_index, device=images.device).long()
-        if batch_index.shape != (n,):
-            raise ValueError(f"batch_index must be shaped (N,) = ({n},), got {tuple(batch_index.shape)}")
-        if n and (batch_index.min() < 0 or batch_index.max() >= B):
-            raise ValueError(f"batch_index values must lie in [0, {B}), got range [{int(batch_index.min())}, {int(batch_index.max())}]")
+        return torch.zeros(n, dtype=torch.long, device=device)
+    batch_index = torch.as_tensor(batch_index, device=device).long()
+    if batch_index.shape != (n,):
+        raise ValueError(f"batch_index must be shaped (N,) = ({n},), got {tuple(batch_index.shape)}")
+    if n and (batch_index.min() < 0 or batch_index.max() >= B):
+        raise ValueError(f"batch_index values must lie in [0, {B}), got range [{int(batch_index.min())}, {int(batch_index.max())}]")
+    return batch_index
+
+
+def _nearest_stamps(images: Tensor, xy: Tensor, size: tuple, batch_index: Tensor, mask: Optional[Tensor],
+                    fill_value: float) -> Cutouts:
+    """``mode="nearest"`` of :func:`extract`: the original pixels, one gather."""
+    sh, sw = size
+    B, C, H, W = images.shape
+    n = xy.shape[0]
+    x0 = torch.floor(xy[:, 0] + 0.5).long() - sw // 2
+    y0 = torch.floor(xy[:, 1] + 0.5).long() - sh // 2
+    rows = y0[:, None] + torch.arange(sh, device=images.device)  # (N, sh)
+    cols = x0[:, None] + torch.arange(sw, device=images.device)  # (N, sw)
+    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+    r = rows.clamp(0, H - 1)[:, :, None]
+    c = cols.clamp(0, W - 1)[:, None, :]
+    b = batch_index[:, None, None]
+    stamps = images.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)  # (N, C, sh, sw)
+    out_mask = ~inside[:, None].expand(n, C, sh, sw)
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = bad), got {mask.dtype}")
-        mask = mask.expand_as(images)
-    if mode == "nearest":
-        x0 = torch.floor(xy[:, 0] + 0.5).long() - sw // 2
-        y0 = torch.floor(xy[:, 1] + 0.5).long() - sh // 2
-        rows = y0[:, None] + torch.arange(sh, device=images.device)  # (N, sh)
-        cols = x0[:, None] + torch.arange(sw, device=images.device)  # (N, sw)
-        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
-        r = rows.clamp(0, H - 1)[:, :, None]
-        c = cols.clamp(0, W - 1)[:, None, :]
-        b = batch_index[:, None, None]
-        stamps = images.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)  # (N, C, sh, sw)
-        out_mask = ~inside[:, None].expand(n, C, sh, sw)
-        if mask is not None:
-            out_mask = out_mask | mask.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
-        stamps = torch.where(out_mask & ~inside[:, None], torch.full_like(stamps, fill_value), stamps)
-        return Cutouts(stamps.contiguous(), out_mask.contiguous())
-    if mode != "bilinear":
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+        out_mask = out_mask | mask.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
+    stamps = torch.where(out_mask & ~inside[:, None], torch.full_like(stamps, fill_value), stamps)
+    return Cutouts(stamps.contiguous(), out_mask.contiguous())
+
+
+def _bilinear_stamps(images: Tensor, xy: Tensor, size: tuple, batch_index: Tensor, mask: Optional[Tensor],
+                     fill_value: float) -> Cutouts:
+    """``mode="bilinear"`` of :func:`extract`: resampled so that ``xy`` falls on the stamp's centre."""
+    sh, sw = size
+    B, C, H, W = images.shape
+    n = xy.shape[0]
     # bilinear: the four neighbours are gathered like the nearest stamps (no copy of the frames per
     # source) and blended with weights that depend on xy, so gradients reach images and positions.
     dt = images.dtype
@@ -166,6 +155,40 @@ def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = No
     out_mask = ~inside[:, None].expand(n, C, sh, sw) | bad.permute(0, 3, 1, 2)
     stamps = torch.where(~inside[:, None], torch.full_like(stamps, fill_value), stamps)
     return Cutouts(stamps.contiguous(), out_mask.contiguous())
+
+
+def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = None, *,
+            mask: Optional[Tensor] = None, mode: str = "nearest", fill_value: float = 0.0) -> Cutouts:
+    """Cut ``(N, C, s, s)`` stamps out of ``images`` (B, C, H, W) around ``xy`` (N, 2).
+
+    Coordinates are 0-based pixel centres, ``x`` = column, ``y`` = row.
+
+    * ``mode="nearest"`` (default, ZTF / astropy ``Cutout2D`` rule): the stamp holds the original
+      pixels; its first pixel is ``round(x) - sw // 2`` (round half up), so for odd sizes the pixel
+      containing the source is the central pixel, for even sizes it is pixel ``s // 2``.
+    * ``mode="bilinear"``: the stamp is resampled so that ``xy`` falls exactly on pixel
+      ``((sw - 1) / 2, (sh - 1) / 2)``; differentiable with respect to images and positions.
+
+    ``batch_index`` (N,) int says which frame each source lies on (torchvision ROI style;
+    default all 0). Pixels outside the frame get ``fill_value`` and ``True`` in the returned mask;
+    ``mask`` (bool, broadcastable to ``images``, True = bad) is carried into the stamps' mask.
+    Vectorised: one gather, no loop over sources.
+    """
+    check_image(images, "images")
+    xy = _check_xy(xy).to(images.device)
+    sh, sw = as_pair(size, "size")
+    B, C, H, W = images.shape
+    n = xy.shape[0]
+    batch_index = _check_batch_index(batch_index, n, B, images.device)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = bad), got {mask.dtype}")
+        mask = mask.expand_as(images)
+    if mode == "nearest":
+        return _nearest_stamps(images, xy, (sh, sw), batch_index, mask, fill_value)
+    if mode != "bilinear":
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    return _bilinear_stamps(images, xy, (sh, sw), batch_index, mask, fill_value)
 
 
 def make_triplets(science: Tensor, reference: Tensor, difference: Tensor, xy: Tensor, size=63,
