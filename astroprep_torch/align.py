@@ -643,7 +643,7 @@ def _reproject_variance(variance: Optional[Tensor], image: Tensor, mask: Optiona
     for r0 in range(0, h_out, chunk_rows):
         r1 = min(h_out, r0 + chunk_rows)
         sx, sy, det = mapping.rows_map(torch.arange(r0, r1, device=image.device))
-        vals = out[:, :, r0:r1].reshape(b, c, -1)
+        vals = out[:, :c, r0:r1].reshape(b, c, -1)  # the variance covers the first c channels only
         v = _sample_variance(variance, bad, sx.reshape(b, -1), sy.reshape(b, -1), interpolation, vals, det)
         res[:, :, r0:r1] = v.reshape(b, c, r1 - r0, w_out)
     return res
