@@ -996,10 +996,10 @@ def match_sources(
     raise last_err
 
 
-def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol, min_matches,
-                max_hypotheses, max_refine_points, flux_weights, min_fraction=0.0) -> MatchResult:
-    cs = src[_brightest(src, sflux, ncp)]
-    cd = dst[_brightest(dst, dflux, ncp)]
+def _asterism_transform(cs: Tensor, cd: Tensor, n_neighbors: int, invariant_tol: float, max_hypotheses: int,
+                        pixel_tol: float, min_matches: int) -> Tensor:
+    """The (2, 3) similarity of the best asterism hypothesis between the control points ``cs`` and
+    ``cd`` (steps 2-4 of :func:`match_sources`); ``AlignmentError`` when none matches ``min_matches``."""
     tri_s = _triangles(cs, n_neighbors)
     tri_d = _triangles(cd, n_neighbors)
     if tri_s.shape[0] == 0 or tri_d.shape[0] == 0:
@@ -1035,11 +1035,13 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
             break
     if best_score < min_matches:
         raise AlignmentError(f"best asterism hypothesis matches only {best_score} control points (< {min_matches})")
-    rs_idx = _brightest(src, sflux, max_refine_points)
-    rd_idx = _brightest(dst, dflux, max_refine_points * 2)
-    rs, rd = src[rs_idx], dst[rd_idx]
-    fs = sflux[rs_idx].clamp_min(1e-30) if sflux is not None else None
-    fd = dflux[rd_idx].clamp_min(1e-30) if dflux is not None else None
+    return matrix
+
+
+def _refit_on_pairs(matrix: Tensor, rs: Tensor, rd: Tensor, fs: Optional[Tensor], fd: Optional[Tensor],
+                    pixel_tol: float, min_matches: int, transform: str, flux_weights: bool) -> tuple[Tensor, Tensor]:
+    """Step 5 of :func:`match_sources`: three rounds of mutual nearest pairs within ``pixel_tol`` and
+    a (weighted) least-squares refit, the last with a 3-sigma clip. Returns ``(matrix, pairs)``."""
     pairs = None
     wts = None
     for it in range(3):
@@ -1063,6 +1065,20 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
                 pairs, a, b = pairs[keep], a[keep], b[keep]
                 wts = wts[keep] if wts is not None else None
         matrix = fit_transform(a, b, transform if pairs.shape[0] >= 3 else "similarity", weights=wts)
+    return matrix, pairs
+
+
+def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol, min_matches,
+                max_hypotheses, max_refine_points, flux_weights, min_fraction=0.0) -> MatchResult:
+    cs = src[_brightest(src, sflux, ncp)]
+    cd = dst[_brightest(dst, dflux, ncp)]
+    matrix = _asterism_transform(cs, cd, n_neighbors, invariant_tol, max_hypotheses, pixel_tol, min_matches)
+    rs_idx = _brightest(src, sflux, max_refine_points)
+    rd_idx = _brightest(dst, dflux, max_refine_points * 2)
+    rs, rd = src[rs_idx], dst[rd_idx]
+    fs = sflux[rs_idx].clamp_min(1e-30) if sflux is not None else None
+    fd = dflux[rd_idx].clamp_min(1e-30) if dflux is not None else None
+    matrix, pairs = _refit_on_pairs(matrix, rs, rd, fs, fd, pixel_tol, min_matches, transform, flux_weights)
     n = pairs.shape[0]
     if n < min_matches:
         raise AlignmentError(f"only {n} consistent star pairs found (< {min_matches}); cannot align")
