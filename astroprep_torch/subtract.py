@@ -84,6 +84,8 @@ and the difference is formed. What this module does, step by step:
   slower in CPU time at 4096^2 and double the variance error, so the default keeps 128). Outside the
   frame the image is
   extended by replicating edge pixels, so the outer ``kernel_half_width`` pixels are approximate.
+  Non-finite pixels of the image to convolve (or of its variance) are zeroed for the FFTs; the
+  difference, model and variance are NaN within ``kernel_half_width`` of them (unknown there).
 * **Difference**: always science minus template after matching, so a new source in the science
   frame is positive: ``science - (template (x) K) - B`` or ``(science (x) K) + B - template``.
   ``normalize="science"`` (HOTPANTS ``-n i``) expresses it in science-frame counts (divides by
