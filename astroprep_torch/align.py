@@ -569,8 +569,9 @@ def reproject(
             and measured below 1e-4 px on TAN-SIP frames); ``None`` evaluates it exactly at every
             pixel (several times slower).
         fused: run the per-chunk kernels (coordinate interpolation, gather-based sampling) through
-            ``torch.compile`` so each becomes one fused loop. About 10x faster on CPU for Lanczos3;
-            the first call pays the compilation (tens of seconds on a small CPU, cached on disk).
+            ``torch.compile`` so each becomes one fused loop (for Lanczos3 much faster on CPU:
+            ``experiments/results/align_speed.md``);
+            the first call pays the compilation (cached on disk).
         coord_dtype: dtype of the coordinate computation (float64 recommended).
         variance: optional ``(B, C, H, W)`` variance of ``image`` (pixels with independent noise;
             ``(B, C' < C, H, W)``: of its first ``C'`` channels).
@@ -642,7 +643,7 @@ def _reproject_variance(variance: Optional[Tensor], image: Tensor, mask: Optiona
     for r0 in range(0, h_out, chunk_rows):
         r1 = min(h_out, r0 + chunk_rows)
         sx, sy, det = mapping.rows_map(torch.arange(r0, r1, device=image.device))
-        vals = out[:, :, r0:r1].reshape(b, c, -1)
+        vals = out[:, :c, r0:r1].reshape(b, c, -1)  # the variance covers the first c channels only
         v = _sample_variance(variance, bad, sx.reshape(b, -1), sy.reshape(b, -1), interpolation, vals, det)
         res[:, :, r0:r1] = v.reshape(b, c, r1 - r0, w_out)
     return res
@@ -892,6 +893,26 @@ def _mutual_pairs(src_t: Tensor, dst: Tensor, tol: float) -> Tensor:
     return torch.stack([i[first], j[first]], 1)
 
 
+def _check_match_args(src_xy, dst_xy, transform: str, min_matches: int, weighting: str,
+                      min_inlier_fraction: float) -> None:
+    """Argument checks of :func:`match_sources` (``AlignmentError`` for fewer than 3 points)."""
+    for name, a in (("src_xy", src_xy), ("dst_xy", dst_xy)):
+        if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != 2 or not a.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor shaped (N, 2), got "
+                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+    if transform not in ("similarity", "affine"):
+        raise ValueError(f"transform must be 'similarity' or 'affine', got {transform!r}")
+    if min_matches < 3:
+        raise ValueError(f"min_matches must be >= 3, got {min_matches}")
+    if weighting not in ("none", "flux"):
+        raise ValueError(f"weighting must be 'none' or 'flux', got {weighting!r}")
+    if not 0 <= min_inlier_fraction <= 1:
+        raise ValueError(f"min_inlier_fraction must be in [0, 1], got {min_inlier_fraction!r}")
+    if src_xy.shape[0] < 3 or dst_xy.shape[0] < 3:
+        raise AlignmentError(f"need at least 3 sources in each list to match, got {src_xy.shape[0]} and "
+                             f"{dst_xy.shape[0]}")
+
+
 def match_sources(
     src_xy: Tensor,
     dst_xy: Tensor,
@@ -955,21 +976,7 @@ def match_sources(
     The matching itself is combinatorial and runs eagerly (data-dependent sizes); all heavy steps
     are batched tensor operations.
     """
-    for name, a in (("src_xy", src_xy), ("dst_xy", dst_xy)):
-        if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != 2 or not a.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor shaped (N, 2), got "
-                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
-    if transform not in ("similarity", "affine"):
-        raise ValueError(f"transform must be 'similarity' or 'affine', got {transform!r}")
-    if min_matches < 3:
-        raise ValueError(f"min_matches must be >= 3, got {min_matches}")
-    if weighting not in ("none", "flux"):
-        raise ValueError(f"weighting must be 'none' or 'flux', got {weighting!r}")
-    if not 0 <= min_inlier_fraction <= 1:
-        raise ValueError(f"min_inlier_fraction must be in [0, 1], got {min_inlier_fraction!r}")
-    if src_xy.shape[0] < 3 or dst_xy.shape[0] < 3:
-        raise AlignmentError(f"need at least 3 sources in each list to match, got {src_xy.shape[0]} and "
-                             f"{dst_xy.shape[0]}")
+    _check_match_args(src_xy, dst_xy, transform, min_matches, weighting, min_inlier_fraction)
     dtype = torch.float64
     src = src_xy.detach().to(dtype)
     dst = dst_xy.detach().to(dtype)
@@ -989,10 +996,10 @@ def match_sources(
     raise last_err
 
 
-def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol, min_matches,
-                max_hypotheses, max_refine_points, flux_weights, min_fraction=0.0) -> MatchResult:
-    cs = src[_brightest(src, sflux, ncp)]
-    cd = dst[_brightest(dst, dflux, ncp)]
+def _asterism_transform(cs: Tensor, cd: Tensor, n_neighbors: int, invariant_tol: float, max_hypotheses: int,
+                        pixel_tol: float, min_matches: int) -> Tensor:
+    """The (2, 3) similarity of the best asterism hypothesis between the control points ``cs`` and
+    ``cd`` (steps 2-4 of :func:`match_sources`); ``AlignmentError`` when none matches ``min_matches``."""
     tri_s = _triangles(cs, n_neighbors)
     tri_d = _triangles(cd, n_neighbors)
     if tri_s.shape[0] == 0 or tri_d.shape[0] == 0:
@@ -1028,11 +1035,13 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
             break
     if best_score < min_matches:
         raise AlignmentError(f"best asterism hypothesis matches only {best_score} control points (< {min_matches})")
-    rs_idx = _brightest(src, sflux, max_refine_points)
-    rd_idx = _brightest(dst, dflux, max_refine_points * 2)
-    rs, rd = src[rs_idx], dst[rd_idx]
-    fs = sflux[rs_idx].clamp_min(1e-30) if sflux is not None else None
-    fd = dflux[rd_idx].clamp_min(1e-30) if dflux is not None else None
+    return matrix
+
+
+def _refit_on_pairs(matrix: Tensor, rs: Tensor, rd: Tensor, fs: Optional[Tensor], fd: Optional[Tensor],
+                    pixel_tol: float, min_matches: int, transform: str, flux_weights: bool) -> tuple[Tensor, Tensor]:
+    """Step 5 of :func:`match_sources`: three rounds of mutual nearest pairs within ``pixel_tol`` and
+    a (weighted) least-squares refit, the last with a 3-sigma clip. Returns ``(matrix, pairs)``."""
     pairs = None
     wts = None
     for it in range(3):
@@ -1056,6 +1065,20 @@ def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_t
                 pairs, a, b = pairs[keep], a[keep], b[keep]
                 wts = wts[keep] if wts is not None else None
         matrix = fit_transform(a, b, transform if pairs.shape[0] >= 3 else "similarity", weights=wts)
+    return matrix, pairs
+
+
+def _match_once(src, dst, sflux, dflux, transform, ncp, n_neighbors, invariant_tol, pixel_tol, min_matches,
+                max_hypotheses, max_refine_points, flux_weights, min_fraction=0.0) -> MatchResult:
+    cs = src[_brightest(src, sflux, ncp)]
+    cd = dst[_brightest(dst, dflux, ncp)]
+    matrix = _asterism_transform(cs, cd, n_neighbors, invariant_tol, max_hypotheses, pixel_tol, min_matches)
+    rs_idx = _brightest(src, sflux, max_refine_points)
+    rd_idx = _brightest(dst, dflux, max_refine_points * 2)
+    rs, rd = src[rs_idx], dst[rd_idx]
+    fs = sflux[rs_idx].clamp_min(1e-30) if sflux is not None else None
+    fd = dflux[rd_idx].clamp_min(1e-30) if dflux is not None else None
+    matrix, pairs = _refit_on_pairs(matrix, rs, rd, fs, fd, pixel_tol, min_matches, transform, flux_weights)
     n = pairs.shape[0]
     if n < min_matches:
         raise AlignmentError(f"only {n} consistent star pairs found (< {min_matches}); cannot align")
@@ -1156,6 +1179,40 @@ def _windowed_centroid(flat: Tensor, bi: Tensor, x0: Tensor, y0: Tensor, bk: Ten
     return x, y
 
 
+def _local_maxima(smf: Tensor, cand: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(bi, yi, xi, value)`` of the candidates (bool ``(B, 1, H, W)``) that are the maximum of their
+    3x3 neighbourhood in the smoothed frame ``smf`` (B, H*W)."""
+    bi, _, yi, xi = cand.nonzero(as_tuple=True)
+    base = yi * w + xi
+    c = smf[bi, base]
+    is_max = torch.ones_like(c, dtype=torch.bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            nb = smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)]
+            # strict on one side so a plateau of two equal pixels still gives one peak
+            is_max &= (c > nb) if (dy, dx) < (0, 0) else (c >= nb)
+    return bi[is_max], yi[is_max], xi[is_max], c[is_max]
+
+
+def _log_parabola_offsets(smf: Tensor, bi, yi, xi, c, bk, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Sub-pixel ``(dx, dy)`` in [-0.5, 0.5] of each peak: a 3-point Gaussian (log-parabola) fit per
+    axis on the smoothed frame above its background ``bk``."""
+    tiny = torch.finfo(smf.dtype).tiny
+
+    def val(dy, dx):
+        return (smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)] - bk).clamp_min(tiny).log()
+
+    lc = (c - bk).clamp_min(tiny).log()
+    l_, r_, d_, u_ = val(0, -1), val(0, 1), val(-1, 0), val(1, 0)
+    denx = l_ - 2 * lc + r_
+    deny = d_ - 2 * lc + u_
+    dx = torch.where(denx < 0, 0.5 * (l_ - r_) / denx.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    dy = torch.where(deny < 0, 0.5 * (d_ - u_) / deny.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    return dx, dy
+
+
 def find_peaks(
     image: Tensor,
     mask: Optional[Tensor] = None,
@@ -1214,31 +1271,10 @@ def find_peaks(
         cand[..., -border:, :] = False
         cand[..., :border] = False
         cand[..., -border:] = False
-    bi, _, yi, xi = cand.nonzero(as_tuple=True)
     smf = sm.reshape(b, -1)
-    base = yi * w + xi
-    c = smf[bi, base]
-    is_max = torch.ones_like(c, dtype=torch.bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            nb = smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)]
-            # strict on one side so a plateau of two equal pixels still gives one peak
-            is_max &= (c > nb) if (dy, dx) < (0, 0) else (c >= nb)
-    bi, yi, xi, c = bi[is_max], yi[is_max], xi[is_max], c[is_max]
+    bi, yi, xi, c = _local_maxima(smf, cand, h, w)
     bk = bkg.reshape(b, -1)[bi, yi * w + xi]
-    tiny = torch.finfo(image.dtype).tiny
-
-    def val(dy, dx):
-        return (smf[bi, (yi + dy).clamp(0, h - 1) * w + (xi + dx).clamp(0, w - 1)] - bk).clamp_min(tiny).log()
-
-    lc = (c - bk).clamp_min(tiny).log()
-    l_, r_, d_, u_ = val(0, -1), val(0, 1), val(-1, 0), val(1, 0)
-    denx = l_ - 2 * lc + r_
-    deny = d_ - 2 * lc + u_
-    dx = torch.where(denx < 0, 0.5 * (l_ - r_) / denx.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
-    dy = torch.where(deny < 0, 0.5 * (d_ - u_) / deny.clamp_max(-tiny), torch.zeros_like(c)).clamp(-0.5, 0.5)
+    dx, dy = _log_parabola_offsets(smf, bi, yi, xi, c, bk, h, w)
     x = xi.to(image.dtype) + dx
     y = yi.to(image.dtype) + dy
     flux = c - bk
@@ -1521,6 +1557,127 @@ def _residual_loss(warped: Tensor, ref: Tensor, good: Tensor, fit_scale: bool) -
     return (res * res).sum((1, 2, 3)) / n
 
 
+class _RefineImages(NamedTuple):
+    """The pair as :func:`refine` compares it: float64, bad pixels zeroed, smoothed."""
+
+    img: Tensor
+    ref: Tensor
+    good_src: Tensor  # smoothed good-pixel weight of ``img`` (1 = all good)
+    ref_good: Tensor  # bool: finite reference pixels
+
+
+def _refine_images(image: Tensor, reference: Tensor, mask: Optional[Tensor], smooth_sigma: float) -> _RefineImages:
+    work = torch.float64
+    img = image.detach().to(work)
+    ref = reference.detach().to(work)
+    bad = ~torch.isfinite(img) if mask is None else (mask | ~torch.isfinite(img))
+    img = torch.where(bad, torch.zeros_like(img), img)
+    good_src = (~bad).to(work)
+    rbad = ~torch.isfinite(ref)
+    ref = torch.where(rbad, torch.zeros_like(ref), ref)
+    if smooth_sigma > 0:
+        k = _gaussian_1d(smooth_sigma, work, image.device)
+        img = _smooth(img, k)
+        ref = _smooth(ref, k)
+        good_src = _smooth(good_src, k)
+    return _RefineImages(img, ref, good_src, ~rbad)
+
+
+class _RefineStart(NamedTuple):
+    """Starting point of :func:`refine`: base source coordinates of every reference pixel, the centre
+    of the parametrisation, and the initial linear part and shift (source pixels)."""
+
+    bx: Tensor  # (B, H_ref, W_ref)
+    by: Tensor
+    centre: Tensor  # (B, 2)
+    lin0: Tensor  # (B, 2, 2)
+    t0: Tensor  # (B, 2)
+
+
+def _wcs_start(src_wcs, dst_wcs, image_shape, ref_shape, grid_step: int, dev) -> _RefineStart:
+    """WCS mode: source pixels through the WCS pair; identity correction around CRPIX."""
+    work = torch.float64
+    b, _, h, w = image_shape
+    bx, by = pixel_to_pixel(src_wcs, dst_wcs, ref_shape, grid_step=grid_step, batch=b, device=dev, dtype=work)
+    centre = src_wcs.crpix.to(work).to(dev).expand(b, 2) if hasattr(src_wcs, "crpix") else \
+        torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=work, device=dev).expand(b, 2)
+    lin0 = torch.eye(2, dtype=work, device=dev).expand(b, 2, 2).clone()
+    t0 = torch.zeros(b, 2, dtype=work, device=dev)
+    return _RefineStart(bx, by, centre, lin0, t0)
+
+
+def _affine_start(matrix: Optional[Tensor], b: int, ref_shape, dev) -> _RefineStart:
+    """Affine mode: reference pixels mapped by the inverse of ``matrix`` (identity when None),
+    parametrised around the reference centre."""
+    work = torch.float64
+    hr, wr = ref_shape
+    ys, xs = torch.meshgrid(torch.arange(hr, dtype=work, device=dev), torch.arange(wr, dtype=work, device=dev),
+                            indexing="ij")
+    centre = torch.tensor([(wr - 1) / 2, (hr - 1) / 2], dtype=work, device=dev).expand(b, 2)
+    if matrix is None:
+        matrix = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
+    matrix = matrix.detach().to(work).to(dev)
+    if matrix.dim() == 2:
+        matrix = matrix.expand(b, 2, 3)
+    if matrix.shape != (b, 2, 3):
+        raise ValueError(f"matrix must be shaped (2, 3) or (B={b}, 2, 3), got {tuple(matrix.shape)}")
+    init = invert_transform(matrix)  # reference px -> image px
+    # x_src = A (p - c) + A c + t0  ->  in normalised units around c
+    lin0 = init[:, :, :2].clone()
+    t0 = (init[:, :, :2] @ centre.unsqueeze(-1)).squeeze(-1) + init[:, :, 2] - centre
+    return _RefineStart(xs.expand(b, hr, wr), ys.expand(b, hr, wr), centre, lin0, t0)
+
+
+class _RefineGeometry(NamedTuple):
+    """Normalised coordinates ``(u, v)`` of the base source positions around ``(cx, cy)``, in units of ``scale``."""
+
+    u: Tensor
+    v: Tensor
+    cx: Tensor
+    cy: Tensor
+    scale: float
+
+
+def _refine_source_xy(lin: Tensor, tr: Tensor, g: _RefineGeometry) -> tuple[Tensor, Tensor]:
+    """Source pixel coordinates of every reference pixel for the linear part ``lin`` and shift ``tr``."""
+    b = lin.shape[0]
+    sx = g.cx + g.scale * (lin[:, 0, 0].view(b, 1, 1) * g.u + lin[:, 0, 1].view(b, 1, 1) * g.v
+                           + tr[:, 0].view(b, 1, 1))
+    sy = g.cy + g.scale * (lin[:, 1, 0].view(b, 1, 1) * g.u + lin[:, 1, 1].view(b, 1, 1) * g.v
+                           + tr[:, 1].view(b, 1, 1))
+    return sx, sy
+
+
+def _refine_losses(lin: Tensor, tr: Tensor, g: _RefineGeometry, data: _RefineImages, fit_scale: bool) -> Tensor:
+    """(B,) masked residual loss of the frames warped by ``(lin, tr)`` against the reference."""
+    h, w = data.img.shape[-2:]
+    sx, sy = _refine_source_xy(lin, tr, g)
+    inside = _inside(sx, sy, h, w).unsqueeze(1)
+    gx = sx * (2.0 / (w - 1)) - 1
+    gy = sy * (2.0 / (h - 1)) - 1
+    grid = torch.stack([gx, gy], -1)
+    warped = F.grid_sample(data.img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    cover = F.grid_sample(data.good_src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    good = inside & (cover.detach() > 0.999) & data.ref_good
+    return _residual_loss(warped, data.ref, good, fit_scale)
+
+
+def _refined_wcs(src_wcs, lin_d: Tensor, tr_d: Tensor, b: int):
+    """A copy of ``src_wcs`` with the correction folded in (``CRPIX' = CRPIX + t``, ``CD' = CD A^-1``),
+    or None when it has no CRPIX/CD."""
+    if not (hasattr(src_wcs, "crpix") and hasattr(src_wcs, "cd")):
+        return None
+    import copy
+
+    work = torch.float64
+    new_wcs = copy.deepcopy(src_wcs)
+    crpix = src_wcs.crpix.to(work) + tr_d[: len(src_wcs)] if len(src_wcs) == b else src_wcs.crpix.to(work) + tr_d
+    cd = src_wcs.cd.to(work) @ torch.linalg.inv(lin_d)
+    new_wcs.crpix = crpix.to(src_wcs.crpix.dtype)
+    new_wcs.cd = cd.to(src_wcs.cd.dtype)
+    return new_wcs
+
+
 def refine(
     image: Tensor,
     reference: Tensor,
@@ -1562,98 +1719,37 @@ def refine(
     hr, wr = reference.shape[-2:]
     dev = image.device
     work = torch.float64
-    img = image.detach().to(work)
-    ref = reference.detach().to(work)
-    bad = ~torch.isfinite(img) if mask is None else (mask | ~torch.isfinite(img))
-    img = torch.where(bad, torch.zeros_like(img), img)
-    good_src = (~bad).to(work)
-    rbad = ~torch.isfinite(ref)
-    ref = torch.where(rbad, torch.zeros_like(ref), ref)
-    if smooth_sigma > 0:
-        k = _gaussian_1d(smooth_sigma, work, dev)
-        img = _smooth(img, k)
-        ref = _smooth(ref, k)
-        good_src = _smooth(good_src, k)
+    data = _refine_images(image, reference, mask, smooth_sigma)
     wcs_mode = src_wcs is not None or dst_wcs is not None
     if wcs_mode and (src_wcs is None or dst_wcs is None):
         raise ValueError("WCS mode needs both src_wcs and dst_wcs")
-    ys, xs = torch.meshgrid(torch.arange(hr, dtype=work, device=dev), torch.arange(wr, dtype=work, device=dev),
-                            indexing="ij")
-    if wcs_mode:
-        bx, by = pixel_to_pixel(src_wcs, dst_wcs, (hr, wr), grid_step=grid_step, batch=b, device=dev, dtype=work)
-        centre = src_wcs.crpix.to(work).to(dev).expand(b, 2) if hasattr(src_wcs, "crpix") else \
-            torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=work, device=dev).expand(b, 2)
-        init = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
-    else:
-        bx, by = xs.expand(b, hr, wr), ys.expand(b, hr, wr)
-        centre = torch.tensor([(wr - 1) / 2, (hr - 1) / 2], dtype=work, device=dev).expand(b, 2)
-        if matrix is None:
-            matrix = torch.eye(2, 3, dtype=work, device=dev).expand(b, 2, 3)
-        matrix = matrix.detach().to(work).to(dev)
-        if matrix.dim() == 2:
-            matrix = matrix.expand(b, 2, 3)
-        if matrix.shape != (b, 2, 3):
-            raise ValueError(f"matrix must be shaped (2, 3) or (B={b}, 2, 3), got {tuple(matrix.shape)}")
-        init = invert_transform(matrix)  # reference px -> image px
+    start = _wcs_start(src_wcs, dst_wcs, image.shape, (hr, wr), grid_step, dev) if wcs_mode else \
+        _affine_start(matrix, b, (hr, wr), dev)
+    centre = start.centre
     scale = max(h, w, hr, wr) / 2.0
     cx, cy = centre[:, 0].view(b, 1, 1), centre[:, 1].view(b, 1, 1)
-    u, v = (bx - cx) / scale, (by - cy) / scale
-    if wcs_mode:
-        lin0 = torch.eye(2, dtype=work, device=dev).expand(b, 2, 2).clone()
-        t0 = torch.zeros(b, 2, dtype=work, device=dev)
-    else:
-        # x_src = A (p - c) + A c + t0  ->  in normalised units around c
-        lin0 = init[:, :, :2].clone()
-        t0 = (init[:, :, :2] @ centre.unsqueeze(-1)).squeeze(-1) + init[:, :, 2] - centre
-    lin = lin0.clone().requires_grad_(True)
-    tr = (t0 / scale).clone().requires_grad_(True)
-    refg = ~rbad
-
-    def source_xy():
-        sx = cx + scale * (lin[:, 0, 0].view(b, 1, 1) * u + lin[:, 0, 1].view(b, 1, 1) * v + tr[:, 0].view(b, 1, 1))
-        sy = cy + scale * (lin[:, 1, 0].view(b, 1, 1) * u + lin[:, 1, 1].view(b, 1, 1) * v + tr[:, 1].view(b, 1, 1))
-        return sx, sy
-
-    def losses():
-        sx, sy = source_xy()
-        inside = _inside(sx, sy, h, w).unsqueeze(1)
-        gx = sx * (2.0 / (w - 1)) - 1
-        gy = sy * (2.0 / (h - 1)) - 1
-        grid = torch.stack([gx, gy], -1)
-        warped = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        cover = F.grid_sample(good_src, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        good = inside & (cover.detach() > 0.999) & refg
-        return _residual_loss(warped, ref, good, fit_scale)
-
+    geom = _RefineGeometry((start.bx - cx) / scale, (start.by - cy) / scale, cx, cy, scale)
+    lin = start.lin0.clone().requires_grad_(True)
+    tr = (start.t0 / scale).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([lin, tr], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-14)
 
     def closure():
         opt.zero_grad()
-        loss = losses().sum()
+        loss = _refine_losses(lin, tr, geom, data, fit_scale).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        final = losses()
+        final = _refine_losses(lin, tr, geom, data, fit_scale)
         lin_d, tr_d = lin.detach(), tr.detach() * scale
-        sx, sy = source_xy()
+        sx, sy = _refine_source_xy(lin, tr, geom)
         warped, _ = sample_image(image.to(work), sx, sy, "bilinear", mask=mask)
     warped = warped.to(image.dtype)
+    # x_src = centre + A (x - centre) + t   (in WCS mode a correction in source-pixel space)
+    corr = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
     if wcs_mode:
-        # x_src = crpix + A (x_wcs - crpix) + t   (correction in source-pixel space)
-        corr = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
-        new_wcs = None
-        if hasattr(src_wcs, "crpix") and hasattr(src_wcs, "cd"):
-            import copy
-
-            new_wcs = copy.deepcopy(src_wcs)
-            crpix = src_wcs.crpix.to(work) + tr_d[: len(src_wcs)] if len(src_wcs) == b else src_wcs.crpix.to(work) + tr_d
-            cd = src_wcs.cd.to(work) @ torch.linalg.inv(lin_d)
-            new_wcs.crpix = crpix.to(src_wcs.crpix.dtype)
-            new_wcs.cd = cd.to(src_wcs.cd.dtype)
-        return RefineResult(corr.to(image.dtype), warped, final.to(image.dtype), new_wcs)
-    inv = torch.cat([lin_d, (tr_d + centre - (lin_d @ centre.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)], -1)
-    return RefineResult(invert_transform(inv).to(image.dtype), warped, final.to(image.dtype), None)
+        return RefineResult(corr.to(image.dtype), warped, final.to(image.dtype), _refined_wcs(src_wcs, lin_d, tr_d, b))
+    return RefineResult(invert_transform(corr).to(image.dtype), warped, final.to(image.dtype), None)

@@ -83,59 +83,48 @@ def _check_xy(xy: Tensor, name: str = "xy") -> Tensor:
     return xy
 
 
-def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = None, *,
-            mask: Optional[Tensor] = None, mode: str = "nearest", fill_value: float = 0.0) -> Cutouts:
-    """Cut ``(N, C, s, s)`` stamps out of ``images`` (B, C, H, W) around ``xy`` (N, 2).
-
-    Coordinates are 0-based pixel centres, ``x`` = column, ``y`` = row.
-
-    * ``mode="nearest"`` (default, ZTF / astropy ``Cutout2D`` rule): the stamp holds the original
-      pixels; its first pixel is ``round(x) - sw // 2`` (round half up), so for odd sizes the pixel
-      containing the source is the central pixel, for even sizes it is pixel ``s // 2``.
-    * ``mode="bilinear"``: the stamp is resampled so that ``xy`` falls exactly on pixel
-      ``((sw - 1) / 2, (sh - 1) / 2)``; differentiable with respect to images and positions.
-
-    ``batch_index`` (N,) int says which frame each source lies on (torchvision ROI style;
-    default all 0). Pixels outside the frame get ``fill_value`` and ``True`` in the returned mask;
-    ``mask`` (bool, broadcastable to ``images``, True = bad) is carried into the stamps' mask.
-    Vectorised: one gather, no loop over sources.
-    """
-    check_image(images, "images")
-    xy = _check_xy(xy).to(images.device)
-    sh, sw = as_pair(size, "size")
-    B, C, H, W = images.shape
-    n = xy.shape[0]
+def _check_batch_index(batch_index, n: int, B: int, device) -> Tensor:
+    """``batch_index`` (N,) long in ``[0, B)`` (all 0 when None and there is one frame)."""
     if batch_index is None:
         if B != 1 and n:
             raise ValueError(f"batch_index is required when images holds {B} frames")
-        batch_index = torch.zeros(n, dtype=torch.long, device=images.device)
-    else:
-        batch_index = torch.as_tensor(batch_index, device=images.device).long()
-        if batch_index.shape != (n,):
-            raise ValueError(f"batch_index must be shaped (N,) = ({n},), got {tuple(batch_index.shape)}")
-        if n and (batch_index.min() < 0 or batch_index.max() >= B):
-            raise ValueError(f"batch_index values must lie in [0, {B}), got range [{int(batch_index.min())}, {int(batch_index.max())}]")
+        return torch.zeros(n, dtype=torch.long, device=device)
+    batch_index = torch.as_tensor(batch_index, device=device).long()
+    if batch_index.shape != (n,):
+        raise ValueError(f"batch_index must be shaped (N,) = ({n},), got {tuple(batch_index.shape)}")
+    if n and (batch_index.min() < 0 or batch_index.max() >= B):
+        raise ValueError(f"batch_index values must lie in [0, {B}), got range [{int(batch_index.min())}, {int(batch_index.max())}]")
+    return batch_index
+
+
+def _nearest_stamps(images: Tensor, xy: Tensor, size: tuple, batch_index: Tensor, mask: Optional[Tensor],
+                    fill_value: float) -> Cutouts:
+    """``mode="nearest"`` of :func:`extract`: the original pixels, one gather."""
+    sh, sw = size
+    B, C, H, W = images.shape
+    n = xy.shape[0]
+    x0 = torch.floor(xy[:, 0] + 0.5).long() - sw // 2
+    y0 = torch.floor(xy[:, 1] + 0.5).long() - sh // 2
+    rows = y0[:, None] + torch.arange(sh, device=images.device)  # (N, sh)
+    cols = x0[:, None] + torch.arange(sw, device=images.device)  # (N, sw)
+    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+    r = rows.clamp(0, H - 1)[:, :, None]
+    c = cols.clamp(0, W - 1)[:, None, :]
+    b = batch_index[:, None, None]
+    stamps = images.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)  # (N, C, sh, sw)
+    out_mask = ~inside[:, None].expand(n, C, sh, sw)
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = bad), got {mask.dtype}")
-        mask = mask.expand_as(images)
-    if mode == "nearest":
-        x0 = torch.floor(xy[:, 0] + 0.5).long() - sw // 2
-        y0 = torch.floor(xy[:, 1] + 0.5).long() - sh // 2
-        rows = y0[:, None] + torch.arange(sh, device=images.device)  # (N, sh)
-        cols = x0[:, None] + torch.arange(sw, device=images.device)  # (N, sw)
-        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
-        r = rows.clamp(0, H - 1)[:, :, None]
-        c = cols.clamp(0, W - 1)[:, None, :]
-        b = batch_index[:, None, None]
-        stamps = images.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)  # (N, C, sh, sw)
-        out_mask = ~inside[:, None].expand(n, C, sh, sw)
-        if mask is not None:
-            out_mask = out_mask | mask.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
-        stamps = torch.where(out_mask & ~inside[:, None], torch.full_like(stamps, fill_value), stamps)
-        return Cutouts(stamps.contiguous(), out_mask.contiguous())
-    if mode != "bilinear":
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+        out_mask = out_mask | mask.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
+    stamps = torch.where(out_mask & ~inside[:, None], torch.full_like(stamps, fill_value), stamps)
+    return Cutouts(stamps.contiguous(), out_mask.contiguous())
+
+
+def _bilinear_stamps(images: Tensor, xy: Tensor, size: tuple, batch_index: Tensor, mask: Optional[Tensor],
+                     fill_value: float) -> Cutouts:
+    """``mode="bilinear"`` of :func:`extract`: resampled so that ``xy`` falls on the stamp's centre."""
+    sh, sw = size
+    B, C, H, W = images.shape
+    n = xy.shape[0]
     # bilinear: the four neighbours are gathered like the nearest stamps (no copy of the frames per
     # source) and blended with weights that depend on xy, so gradients reach images and positions.
     dt = images.dtype
@@ -168,6 +157,40 @@ def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = No
     out_mask = ~inside[:, None].expand(n, C, sh, sw) | bad.permute(0, 3, 1, 2)
     stamps = torch.where(~inside[:, None], torch.full_like(stamps, fill_value), stamps)
     return Cutouts(stamps.contiguous(), out_mask.contiguous())
+
+
+def extract(images: Tensor, xy: Tensor, size, batch_index: Optional[Tensor] = None, *,
+            mask: Optional[Tensor] = None, mode: str = "nearest", fill_value: float = 0.0) -> Cutouts:
+    """Cut ``(N, C, s, s)`` stamps out of ``images`` (B, C, H, W) around ``xy`` (N, 2).
+
+    Coordinates are 0-based pixel centres, ``x`` = column, ``y`` = row.
+
+    * ``mode="nearest"`` (default, ZTF / astropy ``Cutout2D`` rule): the stamp holds the original
+      pixels; its first pixel is ``round(x) - sw // 2`` (round half up), so for odd sizes the pixel
+      containing the source is the central pixel, for even sizes it is pixel ``s // 2``.
+    * ``mode="bilinear"``: the stamp is resampled so that ``xy`` falls exactly on pixel
+      ``((sw - 1) / 2, (sh - 1) / 2)``; differentiable with respect to images and positions.
+
+    ``batch_index`` (N,) int says which frame each source lies on (torchvision ROI style;
+    default all 0). Pixels outside the frame get ``fill_value`` and ``True`` in the returned mask;
+    ``mask`` (bool, broadcastable to ``images``, True = bad) is carried into the stamps' mask.
+    Vectorised: one gather, no loop over sources.
+    """
+    check_image(images, "images")
+    xy = _check_xy(xy).to(images.device)
+    sh, sw = as_pair(size, "size")
+    B, C, H, W = images.shape
+    n = xy.shape[0]
+    batch_index = _check_batch_index(batch_index, n, B, images.device)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = bad), got {mask.dtype}")
+        mask = mask.expand_as(images)
+    if mode == "nearest":
+        return _nearest_stamps(images, xy, (sh, sw), batch_index, mask, fill_value)
+    if mode != "bilinear":
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    return _bilinear_stamps(images, xy, (sh, sw), batch_index, mask, fill_value)
 
 
 def make_triplets(science: Tensor, reference: Tensor, difference: Tensor, xy: Tensor, size=63,
@@ -708,29 +731,40 @@ def _gauss(xx, yy, x, y, flux, sigma):
     return torch.einsum("nky,nkx->nyx", gy * w[..., None], gx)
 
 
-def simulate_triplets(n: int, size: int = 63, seed: int = 0, *, real_fraction: float = 0.5,
-                      snr_range: tuple = (6.0, 60.0), dtype=torch.float32, device=None) -> SimTriplets:
-    """Simulate ``n`` labelled alert triplets (science, reference, difference) of ``size`` x ``size``.
+class _Scene(NamedTuple):
+    """The drawn parameters shared by the steps of :func:`simulate_triplets` (``(n,)`` tensors)."""
 
-    Self-contained (Gaussian PSFs, sky + Poisson-like Gaussian noise), seeded, vectorised over
-    the samples. Every stamp has a sky level, 0-3 static field stars and possibly a host galaxy;
-    the difference is the science minus the PSF-matched reference (static sources cancel) plus
-    the noise of both. The centred candidate is one of :data:`SIM_KINDS`:
+    xx: Tensor  # (s, s) pixel-coordinate grids
+    yy: Tensor
+    kind: Tensor
+    is_real: Tensor
+    sky: Tensor
+    sig_sci: Tensor  # PSF sigma of the science epoch
+    sig_ref: Tensor
+    noise_sci: Tensor
+    noise_ref: Tensor
+    flux: Tensor  # point-source flux of the candidate
+    cx: Tensor  # candidate position
+    cy: Tensor
 
-    real (label 1): ``transient`` (new point source, on a host galaxy half the time, within 0.5 px
-    of the centre); ``asteroid`` (a point source absent from the reference, trailed over 0-6 px).
-    bogus (label 0): ``dipole`` (a star misaligned by 0.3-1.5 px between epochs, +/- lobes),
-    ``cosmic_ray`` (sharp 1-4 px track in the science only), ``hot_pixel`` (one hot pixel),
-    ``saturated`` (a clipped bright star: ring/core residual), ``edge`` (the chip edge crosses the
-    stamp: NaN beyond it, a bright gradient residual along it).
-    """
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    dt = torch.float32  # float32 is plenty for counts of ~1e6 and twice as fast as float64
+    def sel(self, k: int) -> Tensor:
+        return (self.kind == k).to(self.sky.dtype)
 
+
+_TRAIL_STEPS = 9  # points along a trail or a cosmic-ray track
+
+
+def _uniform_draws(g: torch.Generator, n: int, dt):
+    """``U(lo, hi, *shape)``: uniform draws from ``g`` ((n,) by default)."""
     def U(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(*(shape or (n,)), generator=g, dtype=dt)
+    return U
 
-    s = size
+
+def _static_scene(n: int, s: int, g: torch.Generator, U, real_fraction: float, snr_range) -> tuple:
+    """Draw the candidates' kinds, sky, PSFs and fluxes, and render what both epochs share (sky,
+    0-3 field stars, a host galaxy under half of them). Returns ``(scene, sci, ref)``."""
+    dt = torch.float32
     c = (s - 1) / 2
     yy, xx = torch.meshgrid(torch.arange(s, dtype=dt), torch.arange(s, dtype=dt), indexing="ij")
     is_real = torch.rand(n, generator=g, dtype=dt) < real_fraction
@@ -762,79 +796,129 @@ def simulate_triplets(n: int, size: int = 63, seed: int = 0, *, real_fraction: f
     host_ref = _gauss(xx, yy, hx[:, None], hy[:, None], hf[:, None], torch.sqrt(hsig ** 2 + sig_ref ** 2)[:, None])
     sci = sky[:, None, None] + stars_sci + host_sci
     ref = sky[:, None, None] + stars_ref + host_ref
-    diff = torch.zeros(n, s, s, dtype=dt)
     cx, cy = c + U(-0.5, 0.5), c + U(-0.5, 0.5)
+    scene = _Scene(xx, yy, kind, is_real, sky, sig_sci, sig_ref, noise_sci, noise_ref, flux, cx, cy)
+    return scene, sci, ref
 
-    def sel(k):
-        return (kind == k).to(dt)
 
-    # transient: new point source in the science epoch
-    t = sel(0)
-    comp = _gauss(xx, yy, cx[:, None], cy[:, None], (flux * t)[:, None], sig_sci[:, None])
+def _track(sc: _Scene, length: Tensor, angle: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, T) points of a track of ``length`` and ``angle`` centred on the candidate."""
+    frac = torch.linspace(-0.5, 0.5, _TRAIL_STEPS, dtype=sc.sky.dtype)[None]
+    return (sc.cx[:, None] + frac * (length * torch.cos(angle))[:, None],
+            sc.cy[:, None] + frac * (length * torch.sin(angle))[:, None])
+
+
+def _add_real(sc: _Scene, U, sci: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """Transients (new point sources) and asteroids (trailed, absent from the reference)."""
+    n, T = sc.kind.shape[0], _TRAIL_STEPS
+    comp = _gauss(sc.xx, sc.yy, sc.cx[:, None], sc.cy[:, None], (sc.flux * sc.sel(0))[:, None], sc.sig_sci[:, None])
     sci, diff = sci + comp, diff + comp
-    # asteroid: trailed point source absent from the reference (it moved)
-    a = sel(1)
     L, ang = U(0, 6), U(0, math.pi)
-    T = 9
-    frac = torch.linspace(-0.5, 0.5, T, dtype=dt)[None]
-    ax = cx[:, None] + frac * (L * torch.cos(ang))[:, None]
-    ay = cy[:, None] + frac * (L * torch.sin(ang))[:, None]
-    comp = _gauss(xx, yy, ax, ay, (flux * a)[:, None].expand(n, T) / T, sig_sci[:, None].expand(n, T))
-    sci, diff = sci + comp, diff + comp
-    # dipole: a star misaligned between epochs
-    d = sel(2)
+    ax, ay = _track(sc, L, ang)
+    comp = _gauss(sc.xx, sc.yy, ax, ay, (sc.flux * sc.sel(1))[:, None].expand(n, T) / T,
+                  sc.sig_sci[:, None].expand(n, T))
+    return sci + comp, diff + comp
+
+
+def _add_dipole_and_cosmic_ray(sc: _Scene, U, sci: Tensor, ref: Tensor, diff: Tensor) -> tuple:
+    """Dipoles (a star misaligned by 0.3-1.5 px between epochs) and cosmic rays (sharp short
+    tracks in the science only). Returns ``(sci, ref, diff)``."""
+    n, T = sc.kind.shape[0], _TRAIL_STEPS
+    xx, yy, cx, cy = sc.xx, sc.yy, sc.cx, sc.cy
     shift, dang = U(0.3, 1.5), U(0, 2 * math.pi)
-    dflux = torch.exp(U(math.log(5e3), math.log(3e5))) * d
-    star_s = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sig_sci[:, None])
-    star_r = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sig_ref[:, None])
+    dflux = torch.exp(U(math.log(5e3), math.log(3e5))) * sc.sel(2)
+    star_s = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sc.sig_sci[:, None])
+    star_r = _gauss(xx, yy, cx[:, None], cy[:, None], dflux[:, None], sc.sig_ref[:, None])
     mx_, my_ = cx + shift * torch.cos(dang), cy + shift * torch.sin(dang)
-    star_m = _gauss(xx, yy, mx_[:, None], my_[:, None], dflux[:, None], sig_sci[:, None])
+    star_m = _gauss(xx, yy, mx_[:, None], my_[:, None], dflux[:, None], sc.sig_sci[:, None])
     sci, ref, diff = sci + star_s, ref + star_r, diff + star_s - star_m
-    # cosmic ray: sharp short track in the science only
-    cr = sel(3)
     Lc, angc = U(0, 4), U(0, math.pi)
-    crx = cx[:, None] + frac * (Lc * torch.cos(angc))[:, None]
-    cry = cy[:, None] + frac * (Lc * torch.sin(angc))[:, None]
-    crf = (torch.exp(U(math.log(1.5), math.log(20))) * flux * cr)[:, None].expand(n, T) / T
+    crx, cry = _track(sc, Lc, angc)
+    crf = (torch.exp(U(math.log(1.5), math.log(20))) * sc.flux * sc.sel(3))[:, None].expand(n, T) / T
     comp = _gauss(xx, yy, crx, cry, crf, U(0.25, 0.45)[:, None].expand(n, T))
-    sci, diff = sci + comp, diff + comp
-    # hot pixel: one pixel
-    hp = sel(4)
+    return sci + comp, ref, diff + comp
+
+
+def _add_hot_pixel_and_saturated(sc: _Scene, U, sci: Tensor, ref: Tensor, diff: Tensor) -> tuple:
+    """Hot pixels (one pixel) and saturated stars (clipped core in the science, unclipped deeper
+    reference: a ring / core residual). Returns ``(sci, ref, diff)``."""
+    n, s = sc.kind.shape[0], sc.xx.shape[0]
+    dt = sc.sky.dtype
     hot = torch.zeros(n, s, s, dtype=dt)
-    ic = int(round(c))
-    hot[:, ic, ic] = torch.exp(U(math.log(10), math.log(300))) * noise_sci * hp
+    ic = int(round((s - 1) / 2))
+    hot[:, ic, ic] = torch.exp(U(math.log(10), math.log(300))) * sc.noise_sci * sc.sel(4)
     sci, diff = sci + hot, diff + hot
-    # saturated star: clipped core in the science, unclipped deeper reference -> ring / core residual
-    st = sel(5)
+    st = sc.sel(5)
+    xx, yy, cx, cy, sky = sc.xx, sc.yy, sc.cx, sc.cy, sc.sky
     bflux = torch.exp(U(math.log(5e5), math.log(5e6))) * st
-    b_s = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sig_sci[:, None])
-    b_r = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sig_ref[:, None])
-    b_m = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], (sig_sci * U(0.9, 1.1))[:, None])
+    b_s = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sc.sig_sci[:, None])
+    b_r = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], sc.sig_ref[:, None])
+    b_m = _gauss(xx, yy, cx[:, None], cy[:, None], bflux[:, None], (sc.sig_sci * U(0.9, 1.1))[:, None])
     sat = torch.where(st > 0, U(2e4, 6e4), torch.full((n,), float("inf"), dtype=dt))
     sci = torch.minimum(sci + b_s, sat[:, None, None])
     ref = ref + b_r
     diff = diff + torch.minimum(b_s + sky[:, None, None], sat[:, None, None]) - sky[:, None, None] - b_m
-    # noise
-    rn = lambda: torch.randn(n, s, s, generator=g, dtype=dt)  # noqa: E731
-    var_sci = (sci.clamp_min(0) / sky[:, None, None]) * noise_sci[:, None, None] ** 2
-    n_sci = torch.sqrt(var_sci) * rn()
-    n_ref = noise_ref[:, None, None] * rn()
-    sci, ref = sci + n_sci, ref + n_ref
-    diff = diff + n_sci - n_ref  # the difference carries the noise of both epochs
-    # edge: chip edge crossing the stamp (NaN beyond it, gradient residual along it)
-    e = kind == 6
+    return sci, ref, diff
+
+
+def _add_noise(sc: _Scene, g: torch.Generator, sci: Tensor, ref: Tensor, diff: Tensor) -> tuple:
+    """Poisson-like Gaussian noise in both epochs; the difference carries the noise of both."""
+    n, s = sc.kind.shape[0], sc.xx.shape[0]
+    dt = sc.sky.dtype
+    var_sci = (sci.clamp_min(0) / sc.sky[:, None, None]) * sc.noise_sci[:, None, None] ** 2
+    n_sci = torch.sqrt(var_sci) * torch.randn(n, s, s, generator=g, dtype=dt)
+    n_ref = sc.noise_ref[:, None, None] * torch.randn(n, s, s, generator=g, dtype=dt)
+    return sci + n_sci, ref + n_ref, diff + n_sci - n_ref
+
+
+def _cut_chip_edge(sc: _Scene, g: torch.Generator, U, sci: Tensor, ref: Tensor, diff: Tensor) -> tuple:
+    """``edge`` candidates: the chip edge crosses the stamp (NaN beyond it, a gradient residual
+    along it; the reference is cut too half of the time)."""
+    n, s = sc.kind.shape[0], sc.xx.shape[0]
+    xx, yy = sc.xx, sc.yy
+    e = sc.kind == 6
     side = torch.randint(0, 4, (n,), generator=g)
     depth = torch.randint(4, 24, (n,), generator=g)
     coord = torch.stack([xx, s - 1 - xx, yy, s - 1 - yy])[side]  # distance-like coordinate per side
     beyond = (coord < depth[:, None, None]) & e[:, None, None]
     dist = (coord - depth[:, None, None]).clamp_min(0)
-    ramp = torch.exp(-dist / U(1, 3)[:, None, None]) * (flux * U(0.5, 3))[:, None, None] / 10
+    ramp = torch.exp(-dist / U(1, 3)[:, None, None]) * (sc.flux * U(0.5, 3))[:, None, None] / 10
     diff = torch.where(e[:, None, None], diff + ramp, diff)
-    nan = torch.tensor(float("nan"), dtype=dt)
+    nan = torch.tensor(float("nan"), dtype=sc.sky.dtype)
     sci = torch.where(beyond, nan, sci)
     diff = torch.where(beyond, nan, diff)
     ref = torch.where(beyond & (torch.rand(n, 1, 1, generator=g) < 0.5), nan, ref)
+    return sci, ref, diff
+
+
+def simulate_triplets(n: int, size: int = 63, seed: int = 0, *, real_fraction: float = 0.5,
+                      snr_range: tuple = (6.0, 60.0), dtype=torch.float32, device=None) -> SimTriplets:
+    """Simulate ``n`` labelled alert triplets (science, reference, difference) of ``size`` x ``size``.
+
+    Self-contained (Gaussian PSFs, sky + Poisson-like Gaussian noise), seeded, vectorised over
+    the samples. Every stamp has a sky level, 0-3 static field stars and possibly a host galaxy;
+    the difference is the science minus the PSF-matched reference (static sources cancel) plus
+    the noise of both. The centred candidate is one of :data:`SIM_KINDS`:
+
+    real (label 1): ``transient`` (new point source, on a host galaxy half the time, within 0.5 px
+    of the centre); ``asteroid`` (a point source absent from the reference, trailed over 0-6 px).
+    bogus (label 0): ``dipole`` (a star misaligned by 0.3-1.5 px between epochs, +/- lobes),
+    ``cosmic_ray`` (sharp 1-4 px track in the science only), ``hot_pixel`` (one hot pixel),
+    ``saturated`` (a clipped bright star: ring/core residual), ``edge`` (the chip edge crosses the
+    stamp: NaN beyond it, a bright gradient residual along it).
+    """
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    dt = torch.float32  # float32 is plenty for counts of ~1e6 and twice as fast as float64
+    U = _uniform_draws(g, n, dt)
+    sc, sci, ref = _static_scene(n, size, g, U, real_fraction, snr_range)
+    diff = torch.zeros(n, size, size, dtype=dt)
+    # each step draws from ``g`` in turn: the order is part of the seeded result
+    sci, diff = _add_real(sc, U, sci, diff)
+    sci, ref, diff = _add_dipole_and_cosmic_ray(sc, U, sci, ref, diff)
+    sci, ref, diff = _add_hot_pixel_and_saturated(sc, U, sci, ref, diff)
+    sci, ref, diff = _add_noise(sc, g, sci, ref, diff)
+    sci, ref, diff = _cut_chip_edge(sc, g, U, sci, ref, diff)
     trip = torch.stack([sci, ref, diff], dim=1).to(dtype)
     if device is not None:
         trip = trip.to(device)
-    return SimTriplets(trip, is_real.long().to(trip.device), kind.to(trip.device))
+    return SimTriplets(trip, sc.is_real.long().to(trip.device), sc.kind.to(trip.device))

@@ -106,6 +106,90 @@ def _split_warnings(caught) -> list:
     return truncated
 
 
+def _check_read_args(path, hdu, dtype) -> Path:
+    """Argument checks of :func:`read_fits`; returns ``path`` as a ``Path`` to an existing file."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a FITS file name (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"FITS file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a FITS file, got a directory: {path}")
+    if hdu is not None and not isinstance(hdu, (int, str)) or isinstance(hdu, bool):
+        raise TypeError(f"hdu must be an HDU index (int), an EXTNAME (str) or None (the first image HDU), got {hdu!r}")
+    return path
+
+
+def _open_hdu_list(path: Path) -> tuple:
+    """``(hdul, truncation warnings)``: the whole HDU list read (raw integers, not scaled); a file
+    that is not FITS or is corrupt raises ``OSError`` naming it."""
+    fits = _fits()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False, do_not_scale_image_data=True)
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, f"cannot read FITS file {path}: permission denied", str(path)) from None
+        except Exception as exc:  # astropy raises OSError / ValueError / TypeError on garbage
+            raise OSError(f"cannot read FITS file {path}: corrupt or not FITS ({exc})") from exc
+        try:
+            hdul.readall()
+        except Exception as exc:
+            hdul.close()
+            raise OSError(f"cannot read FITS file {path}: corrupt or truncated HDU list ({exc})") from exc
+    return hdul, _split_warnings(caught)
+
+
+def _hdu_index(hdul, hdu, path: Path) -> int:
+    """Index of the HDU asked for (``None``: the first with 2-D image data); ``ValueError`` listing
+    the HDUs when there is none."""
+    if hdu is not None:
+        try:
+            index = hdul.index_of(hdu)
+            if not -len(hdul) <= index < len(hdul):
+                raise IndexError(index)
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"{path}: HDU {hdu!r} not found (HDUs: {_describe(hdul)})") from exc
+        return index
+    index = next((i for i, h in enumerate(hdul) if _is_2d(_image_shape(h))), None)
+    if index is None:
+        any_image = [i for i, h in enumerate(hdul) if _image_shape(h) is not None]
+        if any_image:
+            i = any_image[0]
+            raise ValueError(f"{path}: no 2-D image HDU; HDU {i} data of shape {_image_shape(hdul[i])} is not 2-D "
+                             f"(HDUs: {_describe(hdul)})")
+        raise ValueError(f"{path}: no HDU with image data (HDUs: {_describe(hdul)})")
+    return index
+
+
+def _read_hdu_data(h, index: int, path: Path, truncated: list) -> np.ndarray:
+    """The HDU's raw data, read in full now (while the file can be named); a non-2-D shape raises
+    ``ValueError``, a truncated or corrupt file ``OSError``."""
+    shape = _image_shape(h)
+    if shape is None:
+        raise ValueError(f"{path}: HDU {index} ({type(h).__name__}) holds no image data")
+    if not _is_2d(shape):
+        raise ValueError(f"{path}: HDU {index} data of shape {shape} is not 2-D (only extra axes of length 1 "
+                         "can be squeezed)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            raw = h.data
+            if raw is not None:
+                raw = np.array(raw)  # force a full read now, while we can name the file
+        except Exception as exc:
+            reason = "truncated" if truncated else "corrupt"
+            raise OSError(f"cannot read data of HDU {index} in {path}: file {reason} ({exc})") from exc
+    truncated = truncated + _split_warnings(caught)
+    if truncated:
+        raise OSError(f"{path}: file is truncated (HDU {index}): {truncated[0]}")
+    if raw is None or raw.size != int(np.prod(shape)):
+        raise OSError(f"{path}: HDU {index} data is missing or truncated (expected shape {shape})")
+    return raw
+
+
 def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dtype = torch.float32,
               device=None) -> FitsImage:
     """Read a 2-D FITS image into tensors.
@@ -125,71 +209,12 @@ def read_fits(path: PathLike, hdu: Union[int, str, None] = None, dtype: torch.dt
         FileNotFoundError: missing file. OSError: truncated or corrupt file. ValueError: no image HDU,
         or data that is not 2-D. Each message names the file (and the HDU).
     """
-    fits = _fits()
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a FITS file name (str or os.PathLike), got {type(path).__name__}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"FITS file not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"expected a FITS file, got a directory: {path}")
-    if hdu is not None and not isinstance(hdu, (int, str)) or isinstance(hdu, bool):
-        raise TypeError(f"hdu must be an HDU index (int), an EXTNAME (str) or None (the first image HDU), got {hdu!r}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            hdul = fits.open(path, memmap=False, do_not_scale_image_data=True)
-        except PermissionError as exc:
-            raise PermissionError(exc.errno, f"cannot read FITS file {path}: permission denied", str(path)) from None
-        except Exception as exc:  # astropy raises OSError / ValueError / TypeError on garbage
-            raise OSError(f"cannot read FITS file {path}: corrupt or not FITS ({exc})") from exc
-        try:
-            hdul.readall()
-        except Exception as exc:
-            hdul.close()
-            raise OSError(f"cannot read FITS file {path}: corrupt or truncated HDU list ({exc})") from exc
-    truncated = _split_warnings(caught)
+    path = _check_read_args(path, hdu, dtype)
+    hdul, truncated = _open_hdu_list(path)
     try:
-        if hdu is None:
-            index = next((i for i, h in enumerate(hdul) if _is_2d(_image_shape(h))), None)
-            if index is None:
-                any_image = [i for i, h in enumerate(hdul) if _image_shape(h) is not None]
-                if any_image:
-                    i = any_image[0]
-                    raise ValueError(f"{path}: no 2-D image HDU; HDU {i} data of shape {_image_shape(hdul[i])} is not 2-D "
-                                     f"(HDUs: {_describe(hdul)})")
-                raise ValueError(f"{path}: no HDU with image data (HDUs: {_describe(hdul)})")
-        else:
-            try:
-                index = hdul.index_of(hdu)
-                if not -len(hdul) <= index < len(hdul):
-                    raise IndexError(index)
-            except (KeyError, IndexError) as exc:
-                raise ValueError(f"{path}: HDU {hdu!r} not found (HDUs: {_describe(hdul)})") from exc
-        h = hdul[index]
-        shape = _image_shape(h)
-        if shape is None:
-            raise ValueError(f"{path}: HDU {index} ({type(h).__name__}) holds no image data")
-        if not _is_2d(shape):
-            raise ValueError(f"{path}: HDU {index} data of shape {shape} is not 2-D (only extra axes of length 1 "
-                             "can be squeezed)")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                raw = h.data
-                if raw is not None:
-                    raw = np.array(raw)  # force a full read now, while we can name the file
-            except Exception as exc:
-                reason = "truncated" if truncated else "corrupt"
-                raise OSError(f"cannot read data of HDU {index} in {path}: file {reason} ({exc})") from exc
-        truncated += _split_warnings(caught)
-        if truncated:
-            raise OSError(f"{path}: file is truncated (HDU {index}): {truncated[0]}")
-        if raw is None or raw.size != int(np.prod(shape)):
-            raise OSError(f"{path}: HDU {index} data is missing or truncated (expected shape {shape})")
-        header = h.header.copy()
+        index = _hdu_index(hdul, hdu, path)
+        raw = _read_hdu_data(hdul[index], index, path, truncated)
+        header = hdul[index].header.copy()
     finally:
         hdul.close()
 
@@ -294,8 +319,8 @@ def flush_to_disk(path: PathLike) -> None:
     For outputs that are written once and not read back soon. Before a rename it makes the rename
     atomic across a crash too (no empty file under the final name). Dropping the pages lets the
     next files reuse them: the kernel otherwise takes fresh pages for every file written, and on
-    virtual machines a fresh page can cost ~10 us (the host maps it in on first touch), several times
-    the copy itself (16 MB: ~50 ms of CPU against ~7 ms here). Skips what the platform lacks.
+    virtual machines a fresh page costs more than the copy itself (the host maps it in on first touch;
+    measured in ``experiments/results/pipeline_write_cost.md``). Skips what the platform lacks.
     """
     fd = os.open(str(path), os.O_RDONLY)
     try:
@@ -370,6 +395,47 @@ def remove_stale_temporaries(folder) -> list[Path]:
     return removed
 
 
+def _image_array(data, path: Path) -> np.ndarray:
+    """``data`` as a 2-D numpy array FITS can hold: tensors detached and on the CPU, leading axes of
+    length 1 dropped, bool as uint8, float16 as float32."""
+    if isinstance(data, Tensor):
+        arr = data.detach().cpu().numpy()
+    else:
+        arr = np.asarray(data)
+    if arr.ndim > 2:
+        if any(s != 1 for s in arr.shape[:-2]):
+            raise ValueError(f"write_fits writes one image: data must be (H, W), (1, H, W) or (1, 1, H, W), "
+                             f"got shape {arr.shape} (for {path})")
+        arr = arr.reshape(arr.shape[-2:])
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"write_fits needs 2-D image data, got shape {arr.shape} (for {path})")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"write_fits writes real images (float, integer or bool data), got dtype {arr.dtype} "
+                        f"(for {path}); write e.g. the real and imaginary parts as two files")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _write_atomically(hdu, path: Path, output_verify: str, flush: bool) -> None:
+    """Write ``hdu`` to a temporary file beside ``path`` and rename it (removed on any failure)."""
+    suffix = ".gz" if path.name.lower().endswith(".gz") else ""
+    tmp = temporary_path(path, ".fits" + suffix)
+    try:
+        hdu.writeto(tmp, overwrite=True, output_verify=output_verify)
+        if flush:
+            flush_to_disk(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = False, *, index: int = 0,
                flush: bool = False) -> Path:
     """Write one image to a FITS primary HDU, atomically.
@@ -396,24 +462,7 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-    if isinstance(data, Tensor):
-        arr = data.detach().cpu().numpy()
-    else:
-        arr = np.asarray(data)
-    if arr.ndim > 2:
-        if any(s != 1 for s in arr.shape[:-2]):
-            raise ValueError(f"write_fits writes one image: data must be (H, W), (1, H, W) or (1, 1, H, W), "
-                             f"got shape {arr.shape} (for {path})")
-        arr = arr.reshape(arr.shape[-2:])
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"write_fits needs 2-D image data, got shape {arr.shape} (for {path})")
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"write_fits writes real images (float, integer or bool data), got dtype {arr.dtype} "
-                        f"(for {path}); write e.g. the real and imaginary parts as two files")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    elif arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
+    arr = _image_array(data, path)
     hdr = _clean_header(header, drop_wcs=wcs is not None)
     if wcs is not None:
         from .wcs import TanWCS
@@ -425,17 +474,5 @@ def write_fits(path: PathLike, data, header=None, wcs=None, overwrite: bool = Fa
         # FITS is big-endian: one converting copy, instead of astropy's in-place swap and swap back.
         arr = arr.astype(arr.dtype.newbyteorder(">"))
     hdu = fits.PrimaryHDU(data=np.ascontiguousarray(arr), header=hdr)
-    suffix = ".gz" if path.name.lower().endswith(".gz") else ""
-    tmp = temporary_path(path, ".fits" + suffix)
-    try:
-        hdu.writeto(tmp, overwrite=True, output_verify="fix+warn" if header is not None else "exception")
-        if flush:
-            flush_to_disk(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_atomically(hdu, path, "fix+warn" if header is not None else "exception", flush)
     return path

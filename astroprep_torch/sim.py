@@ -406,6 +406,83 @@ def _draw_catalog(n_stars, shape, mag_range, alpha, zeropoint, gen, margin=-8.0)
     return x, y, mag, flux
 
 
+def _sky_defects(defects: dict, shape, sky: float, bg: Tensor, defect_mask: Tensor, gen: torch.Generator,
+                 device, work) -> tuple[Tensor, Tensor, Tensor]:
+    """Moonlight (a glow from one side), clouds (smooth extinction plus scattered light) and a
+    shutter shadow, in that order (each draws from ``gen``). Returns ``(background with their light,
+    the stars' multiplicative throughput, defect_mask where the frame changes markedly)``."""
+    star_gain = torch.ones(shape, dtype=work, device=device)
+    yy, xx = _coords(shape, device, work)
+    if "moonlight" in defects:
+        amp = defects["moonlight"]
+        side = torch.randint(0, 4, (1,), generator=gen).item()
+        t = [xx, -xx, yy, -yy][side].expand(shape)
+        glow = sky * (0.5 + 4.5 * amp) * torch.exp(2.5 * (t - 1.0))
+        bg = bg + glow
+        defect_mask |= glow > 0.1 * sky
+    if "clouds" in defects:
+        amp = defects["clouds"]
+        cloud = _smooth_field(shape, 4, 0.18, gen, device, work)
+        ext = 1.0 - (0.3 + 0.65 * amp) * cloud
+        star_gain = star_gain * ext
+        bg = bg + sky * (0.3 + 1.5 * amp) * cloud
+        defect_mask |= (cloud * (0.3 + 1.5 * amp) > 0.1) | (cloud * (0.3 + 0.65 * amp) > 0.1)
+    if "shutter" in defects:
+        amp = defects["shutter"]
+        side = torch.randint(0, 4, (1,), generator=gen).item()
+        t = [xx, -xx, yy, -yy][side].expand(shape)
+        edge = 1.0 - 2.0 * (0.25 + 0.3 * amp)  # shadow covers 25-55% of the frame
+        shade = torch.sigmoid((t - edge) * 40.0)
+        throughput = 1.0 - (0.5 + 0.45 * amp) * shade
+        star_gain = star_gain * throughput
+        bg = bg * throughput
+        defect_mask |= (1.0 - throughput) > 0.1
+    return bg, star_gain, defect_mask
+
+
+def _satellite_trail(amp: float, shape, sky: float, gen: torch.Generator, device, work) -> tuple[Tensor, Tensor]:
+    """A straight satellite trail through the frame's middle 60%: ``(light, mask)``."""
+    h, w = shape
+    p = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+    ang = math.pi * p[0]
+    cx, cy = (p[1] * 0.6 + 0.2) * (w - 1), (p[2] * 0.6 + 0.2) * (h - 1)
+    X = torch.arange(w, device=device, dtype=work)[None, :]
+    Y = torch.arange(h, device=device, dtype=work)[:, None]
+    d = (X - cx) * math.sin(ang) - (Y - cy) * math.cos(ang)
+    width = 1.0 + 2.0 * amp
+    trail = sky * (0.3 + 3.0 * amp) * torch.exp(-0.5 * (d / width) ** 2)
+    return trail, d.abs() < 3 * width + 2
+
+
+def _observe(noiseless: Tensor, gain: float, read_noise: float, saturation: Optional[float], gen: torch.Generator,
+             device, work) -> tuple[Tensor, Tensor, Tensor]:
+    """Noise (Poisson in electrons plus Gaussian read noise in electrons, back to ADU) and
+    saturation: ``(image, variance, saturated mask)``."""
+    shape = noiseless.shape
+    electrons = torch.poisson((noiseless * gain).clamp(min=0).to(torch.float32), generator=_device_gen(gen, device))
+    noise = torch.randn(shape, generator=_device_gen(gen, device), device=device, dtype=torch.float32) * read_noise
+    image = (electrons.to(work) + noise.to(work)) / gain
+    variance = noiseless.clamp(min=0) / gain + (read_noise / gain) ** 2
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    if saturation is not None:
+        mask = image >= saturation
+        image = image.clamp(max=saturation)
+    return image, variance, mask
+
+
+def _frame_header(header: fits.Header, gain: float, read_noise: float, saturation: Optional[float], fwhm: float,
+                  sky: float) -> fits.Header:
+    """A copy of ``header`` with the frame's GAIN, RDNOISE, SATURATE, FWHM, SKYLEVEL and EXPTIME."""
+    header = header.copy()
+    header["GAIN"] = (gain, "e-/ADU")
+    header["RDNOISE"] = (read_noise, "read noise, e-")
+    header["SATURATE"] = (float(saturation) if saturation is not None else 0.0, "ADU")
+    header["FWHM"] = (fwhm, "PSF FWHM, pixels")
+    header["SKYLEVEL"] = (sky, "mean sky, ADU")
+    header["EXPTIME"] = 18.0
+    return header
+
+
 def _make_frame(
     shape,
     header: fits.Header,
@@ -437,70 +514,23 @@ def _make_frame(
     work = torch.float32 if dtype == torch.float32 else torch.float64
     bg = _sky(shape, sky, sky_gradient, sky_ripple, gen, "cpu", work).to(device)
     defect_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    star_gain = torch.ones(shape, dtype=work, device=device)  # multiplicative throughput
-    yy, xx = _coords(shape, device, work)
     fl = flux.to(device=device, dtype=work)
     xs, ys = x.to(device=device, dtype=work), y.to(device=device, dtype=work)
-
     psf_kind, psf_fwhm = psf, fwhm
     if "defocus" in defects:
-        amp = defects["defocus"]
-        psf_kind, psf_fwhm = "donut", fwhm * (1.5 + 4.0 * amp)
+        psf_kind, psf_fwhm = "donut", fwhm * (1.5 + 4.0 * defects["defocus"])
         defect_mask[:] = True
-
-    if "moonlight" in defects:
-        amp = defects["moonlight"]
-        side = torch.randint(0, 4, (1,), generator=gen).item()
-        t = [xx, -xx, yy, -yy][side].expand(shape)
-        glow = sky * (0.5 + 4.5 * amp) * torch.exp(2.5 * (t - 1.0))
-        bg = bg + glow
-        defect_mask |= glow > 0.1 * sky
-    if "clouds" in defects:
-        amp = defects["clouds"]
-        cloud = _smooth_field(shape, 4, 0.18, gen, device, work)
-        ext = 1.0 - (0.3 + 0.65 * amp) * cloud
-        star_gain = star_gain * ext
-        bg = bg + sky * (0.3 + 1.5 * amp) * cloud
-        defect_mask |= (cloud * (0.3 + 1.5 * amp) > 0.1) | (cloud * (0.3 + 0.65 * amp) > 0.1)
-    if "shutter" in defects:
-        amp = defects["shutter"]
-        side = torch.randint(0, 4, (1,), generator=gen).item()
-        t = [xx, -xx, yy, -yy][side].expand(shape)
-        edge = 1.0 - 2.0 * (0.25 + 0.3 * amp)  # shadow covers 25-55% of the frame
-        shade = torch.sigmoid((t - edge) * 40.0)
-        throughput = 1.0 - (0.5 + 0.45 * amp) * shade
-        star_gain = star_gain * throughput
-        bg = bg * throughput
-        defect_mask |= (1.0 - throughput) > 0.1
-
+    bg, star_gain, defect_mask = _sky_defects(defects, shape, sky, bg, defect_mask, gen, device, work)
     img = render_stars(shape, xs, ys, fl, fwhm=psf_fwhm, psf=psf_kind, beta=beta)
     if extra is not None:
         img = img + extra.to(device=device, dtype=img.dtype)
     stars = img * star_gain
     if "trail" in defects:
-        amp = defects["trail"]
-        p = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
-        ang = math.pi * p[0]
-        cx, cy = (p[1] * 0.6 + 0.2) * (w - 1), (p[2] * 0.6 + 0.2) * (h - 1)
-        X = torch.arange(w, device=device, dtype=work)[None, :]
-        Y = torch.arange(h, device=device, dtype=work)[:, None]
-        d = (X - cx) * math.sin(ang) - (Y - cy) * math.cos(ang)
-        width = 1.0 + 2.0 * amp
-        trail = sky * (0.3 + 3.0 * amp) * torch.exp(-0.5 * (d / width) ** 2)
+        trail, trail_mask = _satellite_trail(defects["trail"], shape, sky, gen, device, work)
         stars = stars + trail
-        defect_mask |= d.abs() < 3 * width + 2
-
+        defect_mask |= trail_mask
     noiseless = bg + stars
-    # Noise: Poisson in electrons plus Gaussian read noise (electrons), back to ADU.
-    electrons = torch.poisson((noiseless * gain).clamp(min=0).to(torch.float32), generator=_device_gen(gen, device))
-    noise = torch.randn(shape, generator=_device_gen(gen, device), device=device, dtype=torch.float32) * read_noise
-    image = (electrons.to(work) + noise.to(work)) / gain
-    variance = noiseless.clamp(min=0) / gain + (read_noise / gain) ** 2
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    if saturation is not None:
-        mask = image >= saturation
-        image = image.clamp(max=saturation)
-
+    image, variance, mask = _observe(noiseless, gain, read_noise, saturation, gen, device, work)
     sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     peak = fl * star_gain[ys.round().long().clamp(0, h - 1), xs.round().long().clamp(0, w - 1)] / (2 * math.pi * sigma**2)
     catalog = {
@@ -508,13 +538,6 @@ def _make_frame(
         "ra": ra.to(device=device, dtype=torch.float64), "dec": dec.to(device=device, dtype=torch.float64),
         "peak": peak.to(dtype), "kind": kind.to(device),
     }
-    header = header.copy()
-    header["GAIN"] = (gain, "e-/ADU")
-    header["RDNOISE"] = (read_noise, "read noise, e-")
-    header["SATURATE"] = (float(saturation) if saturation is not None else 0.0, "ADU")
-    header["FWHM"] = (fwhm, "PSF FWHM, pixels")
-    header["SKYLEVEL"] = (sky, "mean sky, ADU")
-    header["EXPTIME"] = 18.0
 
     def b(t):
         return t.reshape(1, 1, h, w).to(dtype)
@@ -522,7 +545,8 @@ def _make_frame(
     return SimFrame(
         image=b(image), background=b(bg), noiseless=b(noiseless), variance=b(variance),
         mask=mask.reshape(1, 1, h, w), defect_mask=defect_mask.reshape(1, 1, h, w),
-        catalog=catalog, header=header, fwhm=fwhm, gain=gain, defects=dict(defects),
+        catalog=catalog, header=_frame_header(header, gain, read_noise, saturation, fwhm, sky), fwhm=fwhm, gain=gain,
+        defects=dict(defects),
     )
 
 

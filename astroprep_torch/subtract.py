@@ -84,6 +84,8 @@ and the difference is formed. What this module does, step by step:
   slower in CPU time at 4096^2 and double the variance error, so the default keeps 128). Outside the
   frame the image is
   extended by replicating edge pixels, so the outer ``kernel_half_width`` pixels are approximate.
+  Non-finite pixels of the image to convolve (or of its variance) are zeroed for the FFTs; the
+  difference, model and variance are NaN within ``kernel_half_width`` of them (unknown there).
 * **Difference**: always science minus template after matching, so a new source in the science
   frame is positive: ``science - (template (x) K) - B`` or ``(science (x) K) + B - template``.
   ``normalize="science"`` (HOTPANTS ``-n i``) expresses it in science-frame counts (divides by
@@ -115,6 +117,7 @@ images (stamp positions are chosen without gradient).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -586,6 +589,31 @@ def _sky_pixels(image: Tensor, var: Tensor, nsig: float = 1.0, bin_size: int = 4
     return ~src.repeat_interleave(k, 2).repeat_interleave(k, 3)[..., :h, :w]
 
 
+def _lag_ratio(img_rows: dict, var_rows: dict, dx: int, dy: int, start: Optional[Tensor] = None) -> Tensor:
+    """(B,) clipped mean of ``d^2 / (V1 + V2)`` over pixel pairs ``(dx, dy)`` apart (rows from
+    :func:`_noise_model`: ``img_rows[dy]`` are the sampled rows shifted down by ``dy``)."""
+    b = img_rows[0].shape[0]
+    a0, v0, a1, v1 = img_rows[0], var_rows[0], img_rows[dy], var_rows[dy]
+    if dx > 0:
+        a0, v0, a1, v1 = a0[..., :-dx], v0[..., :-dx], a1[..., dx:], v1[..., dx:]
+    elif dx < 0:
+        a0, v0, a1, v1 = a0[..., -dx:], v0[..., -dx:], a1[..., :dx], v1[..., :dx]
+    vs = v0 + v1
+    d = a1 - a0
+    # a sky gradient adds (gradient . lag) to every difference: remove the median of each row
+    # segment of _NOISE_SEGMENT pixels (the gradient is about constant over one; the noise's
+    # median over that many differences moves E[d^2] by < 1%, alike at every lag)
+    n_seg = max(1, d.shape[-1] // _NOISE_SEGMENT)
+    cut = n_seg * (d.shape[-1] // n_seg)
+    seg = d[..., :cut].reshape(b, d.shape[1], n_seg, -1)
+    d = (seg - seg.nanmedian(-1, keepdim=True).values).reshape(b, d.shape[1], cut)
+    vs = vs[..., :cut]
+    r = d.square_().div_(vs.clamp(min=1e-300))
+    r = torch.where(vs > 0, r, torch.nan)  # (NaN > 0 is False: left-out pairs too)
+    return _clipped_ratio(r.reshape(b, -1), start, iters=6 if start is None else 4)
+
+
+
 def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
                  min_rho: float = 0.05, samples: int = 60000, sky: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Measured noise of each frame relative to its variance model, for ``debias``.
@@ -616,25 +644,7 @@ def _noise_model(image: Tensor, var: Tensor, max_lag: int = 2, ref_lag: int = 5,
     if sky is not None:  # pairs with a non-sky pixel get a NaN variance: left out of the statistics
         var_rows = {dy: torch.where(sky[:, 0].index_select(1, rows + dy), v, torch.nan) for dy, v in var_rows.items()}
 
-    def ratio_at(dx: int, dy: int, start: Optional[Tensor] = None) -> Tensor:
-        a0, v0, a1, v1 = img_rows[0], var_rows[0], img_rows[dy], var_rows[dy]
-        if dx > 0:
-            a0, v0, a1, v1 = a0[..., :-dx], v0[..., :-dx], a1[..., dx:], v1[..., dx:]
-        elif dx < 0:
-            a0, v0, a1, v1 = a0[..., -dx:], v0[..., -dx:], a1[..., :dx], v1[..., :dx]
-        vs = v0 + v1
-        d = a1 - a0
-        # a sky gradient adds (gradient . lag) to every difference: remove the median of each row
-        # segment of _NOISE_SEGMENT pixels (the gradient is about constant over one; the noise's
-        # median over that many differences moves E[d^2] by < 1%, alike at every lag)
-        n_seg = max(1, d.shape[-1] // _NOISE_SEGMENT)
-        cut = n_seg * (d.shape[-1] // n_seg)
-        seg = d[..., :cut].reshape(b, d.shape[1], n_seg, -1)
-        d = (seg - seg.nanmedian(-1, keepdim=True).values).reshape(b, d.shape[1], cut)
-        vs = vs[..., :cut]
-        r = d.square_().div_(vs.clamp(min=1e-300))
-        r = torch.where(vs > 0, r, torch.nan)  # (NaN > 0 is False: left-out pairs too)
-        return _clipped_ratio(r.reshape(b, -1), start, iters=6 if start is None else 4)
+    ratio_at = partial(_lag_ratio, img_rows, var_rows)
 
     d_x = ratio_at(ref_lag, 0)
     d_ref = 0.5 * (d_x + ratio_at(0, ref_lag, d_x))
@@ -1035,6 +1045,37 @@ def _cat_stamps(a: _Stamps, b: _Stamps) -> _Stamps:
     return _Stamps(*[torch.cat([u, v], 2) for u, v in zip(a, b)])
 
 
+def _stamp_systems(part: _Stamps, *, n_basis: int, n_bg: int, kernels: Optional[tuple[Tensor, Tensor]]):
+    """Per-stamp pieces of the fit: normal matrices and right-hand sides, the individually fitted
+    kernel sums (constant kernel + constant background, HOTPANTS check_stamps), the spatial
+    expansion ``u`` (B, R, K, C, S) and the expected noise part of the normal matrices (empty
+    without ``kernels``)."""
+    c = part.design.shape[3]
+    normal, rhs = _normal_equations(part)
+    noise = _noise_normal(part, kernels[0], n_bg, kernels[1]) if kernels is not None else normal[..., :0, :0]
+    sub = list(range(n_basis + 1))
+    ksum = _solve(normal[..., sub, :][..., sub], rhs[..., sub])[..., 0]
+    ns_ = part.spatial.shape[-1]
+    u = part.spatial.new_zeros(*part.spatial.shape[:3], c, ns_)
+    u[..., 1:n_basis, :] = part.spatial[..., None, :]
+    u[..., 0, 0] = 1.0
+    u[..., n_basis:, 0] = 1.0
+    return normal, rhs, ksum, u, noise
+
+
+def _stamp_merit(st: _Stamps, beta: Tensor, pc: Tensor, k2: Tensor) -> Tensor:
+    """(B, R) figure of merit ``<r^2 / var>`` of the selected stamps (HOTPANTS ``-fom v``) for the
+    per-stamp coefficients ``beta`` (B, R, C); ``k2`` (B,) ~ ``sum K^2`` scales the convolved image's variance."""
+    b, nr = pc.shape
+    ar_b = torch.arange(b, device=pc.device)[:, None]
+    ar_r = torch.arange(nr, device=pc.device)[None, :]
+    d = st.design[ar_b, ar_r, pc].to(st.target.dtype)
+    model = (beta[..., None, :] @ d).squeeze(-2)
+    resid = st.target[ar_b, ar_r, pc] - model
+    var = st.var_t[ar_b, ar_r, pc] + k2.view(-1, 1, 1) * st.var_a[ar_b, ar_r, pc]
+    return (resid ** 2 / var.clamp(min=1e-30)).mean(-1)
+
+
 def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations: int, k0sq: float,
          kernels: Optional[tuple[Tensor, Tensor]] = None, valid: Optional[Tensor] = None, build=None,
          stat_sigma: float = 3.0):
@@ -1049,18 +1090,7 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
     avail = st.valid if valid is None else valid
     kc = avail.shape[2]
 
-    def systems(part: _Stamps):
-        normal, rhs = _normal_equations(part)
-        noise = _noise_normal(part, kernels[0], n_bg, kernels[1]) if kernels is not None else normal[..., :0, :0]
-        # Individual fits: constant kernel + constant background (HOTPANTS check_stamps).
-        sub = list(range(n_basis + 1))
-        ksum = _solve(normal[..., sub, :][..., sub], rhs[..., sub])[..., 0]
-        ns_ = part.spatial.shape[-1]
-        u = part.spatial.new_zeros(*part.spatial.shape[:3], c, ns_)
-        u[..., 1:n_basis, :] = part.spatial[..., None, :]
-        u[..., 0, 0] = 1.0
-        u[..., n_basis:, 0] = 1.0
-        return normal, rhs, ksum, u, noise
+    systems = partial(_stamp_systems, n_basis=n_basis, n_bg=n_bg, kernels=kernels)
 
     normal, rhs, ksum_ind, u_all, noise_all = systems(st)
     ptr = torch.zeros(b, nr, dtype=torch.long, device=st.design.device)
@@ -1112,13 +1142,7 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
         hvec = torch.einsum("zra,zras->zas", rv, u).reshape(b, c * ns)[:, idx]
         theta = _solve(g, hvec)
         full = theta.new_zeros(b, c * ns).index_copy_(1, idx, theta).view(b, 1, c, ns)
-        beta = (u * full).sum(-1)  # (B, R, C)
-        d = st.design[ar_b, ar_r, pc].to(st.target.dtype)
-        model = (beta[..., None, :] @ d).squeeze(-2)
-        resid = st.target[ar_b, ar_r, pc] - model
-        q = (theta[:, 0] ** 2 * k0sq).view(-1, 1, 1)  # ~ sum K^2: scales the convolved image's variance
-        var = st.var_t[ar_b, ar_r, pc] + q * st.var_a[ar_b, ar_r, pc]
-        merit = (resid ** 2 / var.clamp(min=1e-30)).mean(-1)
+        merit = _stamp_merit(st, (u * full).sum(-1), pc, theta[:, 0] ** 2 * k0sq)
         if it == n_iter:
             break
         # robust start: a stamp with a transient or a bad pixel has a merit >> 1 and must not hide
@@ -1140,8 +1164,14 @@ def _fit(st: _Stamps, n_basis: int, n_bg: int, clip_sigma: float, max_iterations
     return theta, act, pc, ksum_ind, merit, st
 
 
-def _check_subtraction_inputs(science, template, science_var, template_var, smask, tmask) -> None:
-    """Entry checks of :func:`image_subtraction`: dtypes, variance shapes and signs."""
+def _check_subtraction_inputs(science, template, science_var, template_var, science_mask, template_mask):
+    """Entry checks of :func:`image_subtraction`: shapes, dtypes, masks, variance shapes and signs.
+    Returns the checked masks ``(smask, tmask)``."""
+    check_image(science, "science", channels=1)
+    check_image(template, "template", channels=1)
+    check_same_shape(science, template, "science", "template")
+    smask = check_mask(science_mask, science, "science_mask")
+    tmask = check_mask(template_mask, template, "template_mask")
     check_float_dtype(science, "science")
     check_float_dtype(template, "template")
     check_batch_nonempty(science, "science")
@@ -1157,6 +1187,7 @@ def _check_subtraction_inputs(science, template, science_var, template_var, smas
         if bool(neg.any()):
             raise ValueError(f"{name} has {int(neg.sum())} negative value(s) outside the mask: a variance is >= 0 "
                              "(pass a variance map in ADU^2, or mask those pixels)")
+    return smask, tmask
 
 
 def _no_stamp_reason(science, template, smask, tmask, bad, which) -> str:
@@ -1174,6 +1205,318 @@ def _no_stamp_reason(science, template, smask, tmask, bad, which) -> str:
                     "stamps touching a bad pixel are not used: mask or repair them")
     return (f"{100 * float(bad[i].float().mean()):.3g}% of the pixels are bad; lower stamp_threshold, check "
             "saturation/masks, or pass stamp_positions")
+
+
+def _variances(science, template, science_var, template_var, gain, read_noise, calibrate: bool):
+    """The given variance maps, or :func:`_default_variance` for those not given."""
+    g_s, g_t = _pair(gain, "gain")
+    rn_s, rn_t = _pair(read_noise, "read_noise")
+    if science_var is None:
+        science_var = _default_variance(science, g_s, rn_s, calibrate)
+    if template_var is None:
+        template_var = _default_variance(template, g_t, rn_t, calibrate)
+    return science_var, template_var
+
+
+def _check_subtraction_options(stat_sigma, convolve, normalize, stamp_layout, variance_convolution, spatial_order,
+                               background_order) -> None:
+    """Entry checks of :func:`image_subtraction`'s option values."""
+    if not stat_sigma > 0:
+        raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
+    if convolve not in ("auto", "template", "science"):
+        raise ValueError(f"convolve must be 'auto', 'template' or 'science', got {convolve!r}")
+    if normalize not in ("science", "template"):
+        raise ValueError(f"normalize must be 'science' or 'template', got {normalize!r}")
+    if stamp_layout not in ("hotpants", "grid"):
+        raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
+    if variance_convolution not in ("fft", "local"):
+        raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
+    if spatial_order < 0 or background_order < 0:
+        raise ValueError("spatial_order and background_order must be >= 0")
+
+
+def _bad_stamp_pixels(science, template, smask, tmask, science_var, template_var, given_s: bool, given_t: bool,
+                      saturation: tuple, lower_limit: tuple) -> Tensor:
+    """Pixels no stamp may touch: masked | non-finite (image or given variance) | saturated | below the
+    lower limit, in either image (``|=`` in place: few passes)."""
+    sat_s, sat_t = saturation
+    lo_s, lo_t = lower_limit
+    bad_s = bad_pixels(science, smask)
+    bad_t = bad_pixels(template, tmask)
+    if given_s:
+        if not all_finite(science_var):
+            bad_s |= ~torch.isfinite(science_var)
+    if given_t:
+        if not all_finite(template_var):
+            bad_t |= ~torch.isfinite(template_var)
+    if sat_s is not None:
+        bad_s |= science >= sat_s
+    if sat_t is not None:
+        bad_t |= template >= sat_t
+    if lo_s is not None:
+        bad_s |= science <= lo_s
+    if lo_t is not None:
+        bad_t |= template <= lo_t
+    return bad_s.logical_or_(bad_t)
+
+
+def _given_stamp_positions(stamp_positions, b: int, h: int, w: int, lim: int, device):
+    """Stamp centres the caller gave (HOTPANTS ``-ssf``) as the candidates' ``(y, x, valid)``
+    (B, R, 1); those closer than ``lim`` to an edge are invalid (and parked at the frame centre)."""
+    pos = torch.as_tensor(stamp_positions, device=device).round().long()
+    if pos.dim() == 2:
+        pos = pos.expand(b, -1, -1)
+    if pos.dim() != 3 or pos.shape[0] != b or pos.shape[-1] != 2:
+        raise ValueError(f"stamp_positions must be shaped (R, 2) or (B, R, 2) of (x, y), got {tuple(pos.shape)}")
+    x, y = pos[..., 0:1], pos[..., 1:2]
+    valid = (x >= lim) & (x < w - lim) & (y >= lim) & (y < h - lim)
+    x = torch.where(valid, x, torch.full_like(x, w // 2))
+    y = torch.where(valid, y, torch.full_like(y, h // 2))
+    return y, x, valid
+
+
+def _convolve_science(convolve: str, science, template, y, x, valid, half: int, sky_s, sky_t) -> Tensor:
+    """(B,) bool: True where the science frame is the one to convolve (``"auto"``: the sharper of
+    the two by the median FWHM of the stamp candidates)."""
+    if convolve != "auto":
+        return torch.full((science.shape[0],), convolve == "science", dtype=torch.bool, device=science.device)
+    f_t = _fwhm(_cut(template.detach(), y, x, half), sky_t[0].view(-1, 1, 1, 1, 1))
+    f_s = _fwhm(_cut(science.detach(), y, x, half), sky_s[0].view(-1, 1, 1, 1, 1))
+    nan = torch.full_like(f_t, torch.nan)
+    ft = torch.where(valid, f_t, nan).flatten(1).nanmedian(1).values
+    fs = torch.where(valid, f_s, nan).flatten(1).nanmedian(1).values
+    return fs < ft
+
+
+class _Candidates(NamedTuple):
+    """Stamp candidates (B, R, K) and the direction of the convolution."""
+
+    y: Tensor
+    x: Tensor
+    valid: Tensor
+    conv_sci: Tensor  # (B,) bool: convolve the science frame
+    sky_s: tuple  # (median, robust sigma) of the science frame
+    sky_t: tuple  # the same for the template
+
+
+@torch.no_grad()
+def _stamp_candidates(science, template, smask, tmask, science_var, template_var, given: tuple, saturation: tuple,
+                      lower_limit: tuple, stamp_positions, grid, half: int, r: int, stamp_threshold: float,
+                      stars_per_cell: int, stamp_layout: str, convolve: str) -> _Candidates:
+    """Choose the stamp candidates (without gradient) and which image to convolve; raise when a
+    batch element has no usable stamp star (one host sync: refuse rather than return a garbage fit)."""
+    b, _, h, w = science.shape
+    bad = _bad_stamp_pixels(science, template, smask, tmask, science_var, template_var, given[0], given[1],
+                            saturation, lower_limit)
+    sky_t = _robust_sky(template.detach())  # (median, robust sigma) of each frame, computed once
+    sky_s = _robust_sky(science.detach())
+    if stamp_positions is None:
+        # HOTPANTS flags a frame border of half + r and wants the whole +-half box clear of it
+        border = 2 * half + r if stamp_layout == "hotpants" else half + r
+        y, x, valid = _find_candidates(template.detach(), bad, grid, half + r, max(2, half // 2), stamp_threshold,
+                                       stars_per_cell, border=border, layout=stamp_layout, r=r)
+    else:
+        y, x, valid = _given_stamp_positions(stamp_positions, b, h, w, half + r, science.device)
+    n_found = valid[..., 0].sum(1)
+    if bool((n_found == 0).any()):
+        which = torch.nonzero(n_found == 0).flatten().tolist()
+        raise ValueError(f"no usable stamp star in batch element(s) {which}: "
+                         f"{_no_stamp_reason(science, template, smask, tmask, bad, which)}")
+    conv_sci = _convolve_science(convolve, science, template, y, x, valid, half, sky_s, sky_t)
+    return _Candidates(y, x, valid, conv_sci, sky_s, sky_t)
+
+
+class _Oriented(NamedTuple):
+    """The pair ordered for the fit: the image to convolve and the target, with their variances."""
+
+    conv_img: Tensor  # non-finite pixels zeroed (they would spread through the FFTs)
+    target: Tensor
+    var_conv: Tensor  # non-finite values zeroed
+    var_target: Tensor
+    ped_a: Tensor  # (B, 1, 1, 1) median sky of the image to convolve
+    ped_t: Tensor  # (B, 1, 1, 1) median sky of the target
+    conv_bad: Optional[Tensor] = None  # bool (B, 1, H, W): the zeroed pixels (None: all were finite)
+
+
+def _orient(conv_sci: Tensor, science, template, science_var, template_var, sky_s, sky_t) -> _Oriented:
+    """Order the pair by ``conv_sci`` (no copies when the whole batch goes one way)."""
+    sel = conv_sci.view(-1, 1, 1, 1)
+    if bool(conv_sci.all()) or not bool(conv_sci.any()):  # same direction for the whole batch: no copies
+        flip = bool(conv_sci[0])
+        conv_img, target = (science, template) if flip else (template, science)
+        var_conv, var_target = (science_var, template_var) if flip else (template_var, science_var)
+    else:
+        conv_img = torch.where(sel, science, template)
+        target = torch.where(sel, template, science)
+        var_conv = torch.where(sel, science_var, template_var)
+        var_target = torch.where(sel, template_var, science_var)
+    # Non-finite pixels would spread through the FFTs: zero them in the image to convolve (they are
+    # excluded from the stamps already).
+    conv_bad = None
+    conv_img_c, var_conv_c = conv_img, var_conv
+    if not all_finite(conv_img):
+        conv_bad = ~torch.isfinite(conv_img.detach())
+        conv_img_c = torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
+    if not all_finite(var_conv):
+        bad_v = ~torch.isfinite(var_conv.detach())
+        conv_bad = bad_v if conv_bad is None else conv_bad | bad_v
+        var_conv_c = torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
+    # Remove each image's median sky before building the stamp system (conditioning: a large
+    # pedestal makes the first basis column nearly collinear with the background's constant term);
+    # the constant background coefficient is corrected afterwards, so the model is unchanged.
+    ped_a = torch.where(conv_sci, sky_s[0], sky_t[0]).view(-1, 1, 1, 1)  # non-finite values were ignored
+    ped_t = torch.where(conv_sci, sky_t[0], sky_s[0]).view(-1, 1, 1, 1)
+    return _Oriented(conv_img_c, target, var_conv_c, var_target, ped_a, ped_t, conv_bad)
+
+
+def _noise_models(pair: _Oriented, debias: bool, calibrate_noise: bool):
+    """``(noise, measured)``: the convolved image's noise in units of its variance model and its
+    pixel correlation (``debias``; correlation None when white), and the same measured on its sky
+    pixels (``calibrate_noise``); None where not asked for."""
+    img, var = pair.conv_img.detach(), pair.var_conv.detach()
+    noise = _noise_model(img, var) if debias else None
+    measured = _noise_model(img, var, sky=_sky_pixels(img, var)) if calibrate_noise else None
+    if noise is not None and bool((noise[1].abs().sum((-1, -2)) == 1).all()):  # white noise: the cheaper form
+        noise = (noise[0], None)
+    return noise, measured
+
+
+class SubtractionContext(NamedTuple):
+    """What :func:`image_subtraction` returns with ``return_context=True``: the stamp systems of
+    the first candidates (``st``) and the pair as ordered for the fit (for ``fit_gradient``)."""
+
+    st: _Stamps
+    sel: Tensor
+    conv_sci: Tensor
+    conv_img: Tensor
+    var_conv: Tensor
+    target: Tensor
+    var_target: Tensor
+    basis: KernelBasis
+    n_basis: int
+    n_bg: int
+    shape: tuple
+    dtype: torch.dtype
+    fit_dtype: torch.dtype
+    b: int
+    ped_a: Tensor
+    ped_t: Tensor
+
+
+def _given_coefficients(coefficients: Tensor, st: _Stamps, b: int, m: int, n_basis: int, fit_dtype):
+    """The fit's outputs for caller-given coefficients: theta (B, M), the first candidates as the
+    selection (act, pc) and their individually fitted kernel sums."""
+    theta = coefficients.to(fit_dtype)
+    if theta.dim() == 1:
+        theta = theta.expand(b, -1)
+    if theta.shape != (b, m):
+        raise ValueError(f"coefficients must have {m} entries (or shape ({b}, {m})), got {tuple(coefficients.shape)}")
+    act = st.valid[:, :, 0]
+    pc = torch.zeros_like(act, dtype=torch.long)
+    sub = list(range(n_basis + 1))
+    normal, rhs = _normal_equations(st)
+    normal, rhs = normal[..., sub, :][..., sub], rhs[..., sub]
+    ksum_ind = _solve(normal, rhs)[..., 0]
+    return theta, act, pc, ksum_ind
+
+
+def _restore_pedestal(theta: Tensor, pair: _Oriented, i0: int) -> Tensor:
+    """Undo the pedestal removal of the stamp system:
+    ``target - ped_t = K (x) (A - ped_a) + bg'``  ->  ``bg0 += ped_t - ksum ped_a`` (``bg0`` = theta[i0])."""
+    corr = pair.ped_t.view(-1).to(theta) - theta[:, 0] * pair.ped_a.view(-1).to(theta)
+    return torch.cat([theta[:, :i0], theta[:, i0:i0 + 1] + corr[:, None], theta[:, i0 + 1:]], 1)
+
+
+def _candidate_stamps(k0: int, k1: int, *, pair: _Oriented, cand: _Candidates, basis: KernelBasis,
+                      spatial_order: int, background_order: int, half: int, fit_dtype, noise, weighting: str) -> _Stamps:
+    """Stamp systems of candidates ``k0:k1`` of every cell (``noise``: the convolved image's
+    measured noise scale, for the debiasing; ``weighting="none"``: unit weights)."""
+    y, x, valid = cand.y[..., k0:k1], cand.x[..., k0:k1], cand.valid[..., k0:k1]
+    part = _build_stamps(pair.conv_img, pair.target, pair.var_conv, pair.var_target, y, x, valid, basis, spatial_order,
+                         background_order, tuple(pair.target.shape[-2:]), half, fit_dtype, pair.ped_a, pair.ped_t)
+    if noise is not None:
+        part = part._replace(var_a_ext=part.var_a_ext * noise[0].view(-1, 1, 1, 1, 1).to(fit_dtype))
+    if weighting == "none":
+        part = part._replace(weight=part.valid[..., None].to(fit_dtype).expand_as(part.weight).contiguous())
+    return part
+
+
+@torch.no_grad()
+def _kernel_square_sum(theta_c: Tensor, basis: KernelBasis, spatial_order: int) -> Tensor:
+    """(B,) ``sum K^2`` of the kernel's constant term."""
+    return (_term_kernels(theta_c, basis, spatial_order)[:, 0] ** 2).sum((-1, -2))
+
+
+def _solve_coefficients(st: _Stamps, build, valid: Tensor, pair: _Oriented, basis: KernelBasis, noise,
+                        coefficients: Optional[Tensor], spatial_order: int, n_bg: int, clip_sigma: float,
+                        max_iterations: int, stat_sigma: float, fit_dtype):
+    """The kernel solution: fitted with stamp rejection (:func:`_fit`) and the pedestal restored,
+    or the caller's ``coefficients``. Returns ``(theta, theta_fit, act, pc, ksum_ind, st)``:
+    ``theta_fit`` is the pedestal-free solution the stamp statistics use."""
+    n_basis = basis.kernels.shape[0]
+    ns = _n_terms(spatial_order)
+    if coefficients is not None:
+        theta, act, pc, ksum_ind = _given_coefficients(coefficients, st, st.design.shape[0],
+                                                       1 + (n_basis - 1) * ns + n_bg, n_basis, fit_dtype)
+        return theta, theta, act, pc, ksum_ind, st
+    k0sq = float((basis.kernels[0].double() ** 2).sum())
+    theta, act, pc, ksum_ind, _, st = _fit(st, n_basis, n_bg, clip_sigma, max_iterations, k0sq,
+                                           (basis.kernels, noise[1]) if noise is not None else None, valid=valid,
+                                           build=build, stat_sigma=stat_sigma)
+    return _restore_pedestal(theta, pair, 1 + (n_basis - 1) * ns), theta, act, pc, ksum_ind, st
+
+
+def _difference(pair: _Oriented, conv: Tensor, var_k: Tensor, theta_c: Tensor, conv_sci: Tensor, normalize: str,
+                n_basis: int, spatial_order: int, background_order: int, like: Tensor, r: int):
+    """``(difference, model, variance)`` from the convolved image ``conv`` and its variance ``var_k``
+    (NaN within ``r`` px of a non-finite pixel of the convolved image: :func:`_mark_unknown`).
+
+    difference = sign (model - target) * scale with sign = +1 when the science frame was convolved;
+    normalisation: "science" -> science counts, "template" -> template counts.
+    """
+    h, w = like.shape[-2:]
+    bg_y, bg_x = _background(theta_c, n_basis, spatial_order, background_order, (h, w), like, factors=True)
+    ksum = theta_c[:, 0]
+    scale_down = conv_sci if normalize == "science" else ~conv_sci
+    scale = torch.where(scale_down, 1.0 / ksum, torch.ones_like(ksum))
+    factor = (torch.where(conv_sci, 1.0, -1.0).to(ksum) * scale).view(-1, 1, 1, 1)
+    vfactor = (scale ** 2).view(-1, 1, 1, 1)
+    if torch.is_grad_enabled():
+        model = conv + (bg_y @ bg_x)[:, None]
+        diff = (model - pair.target) * factor
+        variance = (pair.var_target + var_k) * vfactor
+    else:  # in place: two frame-sized buffers fewer
+        model = conv
+        model[:, 0].baddbmm_(bg_y, bg_x)
+        diff = torch.sub(model, pair.target).mul_(factor)
+        variance = var_k.add_(pair.var_target).mul_(vfactor)
+    if pair.conv_bad is not None:
+        return _mark_unknown(pair.conv_bad, (diff, model, variance), r)
+    return diff, model, variance
+
+
+def _mark_unknown(conv_bad: Tensor, maps: tuple, r: int) -> tuple:
+    """NaN in ``maps`` wherever the kernel (half width ``r``) reached a non-finite pixel of the
+    convolved image or its variance: those pixels were zeroed for the FFTs, so the convolution,
+    and the difference, are unknown there (a residual of -K x the true value otherwise)."""
+    reach = F.max_pool2d(conv_bad.to(maps[0].dtype), 2 * r + 1, 1, r) > 0
+    if torch.is_grad_enabled():
+        return tuple(torch.where(reach, torch.full_like(m, float("nan")), m) for m in maps)
+    return tuple(m.masked_fill_(reach, float("nan")) for m in maps)
+
+
+def _convolve_pair(pair: _Oriented, theta_c, basis, spatial_order, tile_size, variance_tile_size, var_mode: str,
+                   measured) -> tuple[Tensor, Tensor]:
+    """The image to convolve and its variance through the fitted kernel; with ``measured`` (the
+    convolved image's calibrated noise correlation) the variance is scaled for correlated noise."""
+    conv, var_k = apply_kernel(pair.conv_img, theta_c, basis, spatial_order, pair.var_conv, tile_size,
+                               None if tile_size is None else variance_tile_size, var_mode)
+    if measured is not None:  # correlated (resampled) noise through the kernel
+        with torch.no_grad():
+            corr = _correlated_noise_factor(_term_kernels(theta_c, basis, spatial_order)[:, 0], measured[1])
+            corr = torch.where(measured[0] > _NOISE_FREE, corr, torch.ones_like(corr))  # nothing measured
+        var_k = var_k * corr.to(var_k.dtype).view(-1, 1, 1, 1)
+    return conv, var_k
 
 
 def image_subtraction(
@@ -1222,205 +1565,58 @@ def image_subtraction(
     a ``(science, template)`` pair). Pixels ``>= saturation`` or ``<= lower_limit`` are excluded
     from stamps. ``coefficients`` (M,) or (B, M): skip the least-squares fit and use these (the
     learnable path; ``convolve`` must then not be ``"auto"`` or is resolved per call).
+    ``return_context=True`` returns a :class:`SubtractionContext` (the stamp systems) instead.
     """
-    check_image(science, "science", channels=1)
-    check_image(template, "template", channels=1)
-    check_same_shape(science, template, "science", "template")
-    smask = check_mask(science_mask, science, "science_mask")
-    tmask = check_mask(template_mask, template, "template_mask")
-    _check_subtraction_inputs(science, template, science_var, template_var, smask, tmask)
-    if not stat_sigma > 0:
-        raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
-    if convolve not in ("auto", "template", "science"):
-        raise ValueError(f"convolve must be 'auto', 'template' or 'science', got {convolve!r}")
-    if normalize not in ("science", "template"):
-        raise ValueError(f"normalize must be 'science' or 'template', got {normalize!r}")
-    if stamp_layout not in ("hotpants", "grid"):
-        raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
-    if variance_convolution not in ("fft", "local"):
-        raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
-    if spatial_order < 0 or background_order < 0:
-        raise ValueError("spatial_order and background_order must be >= 0")
-    grid = as_pair(stamp_grid, "stamp_grid")
-    half = int(stamp_half_width)
+    smask, tmask = _check_subtraction_inputs(science, template, science_var, template_var, science_mask,
+                                             template_mask)
+    _check_subtraction_options(stat_sigma, convolve, normalize, stamp_layout, variance_convolution, spatial_order,
+                               background_order)
+    half, r = int(stamp_half_width), int(kernel_half_width)
     b, _, h, w = science.shape
-    r = int(kernel_half_width)
     if min(h, w) < 2 * (half + r) + 1:
         raise ValueError(f"images {h}x{w} are smaller than one stamp (2 * (stamp_half_width + kernel_half_width) + 1)")
-    dtype = science.dtype
-    fit_dtype = torch.float64
+    dtype, fit_dtype = science.dtype, torch.float64
     if basis is None:
         basis = kernel_basis(r, gaussians, delta=delta_basis, dtype=dtype, device=science.device)
     basis = _basis_to(basis, science)
     n_basis = basis.kernels.shape[0]
     n_bg = _n_terms(background_order)
-    g_s, g_t = _pair(gain, "gain")
-    rn_s, rn_t = _pair(read_noise, "read_noise")
-    sat_s, sat_t = _pair(saturation, "saturation")
-    lo_s, lo_t = _pair(lower_limit, "lower_limit")
     given_s, given_t = science_var is not None, template_var is not None
-    if science_var is None:
-        science_var = _default_variance(science, g_s, rn_s, calibrate_noise)
-    if template_var is None:
-        template_var = _default_variance(template, g_t, rn_t, calibrate_noise)
-
-    with torch.no_grad():
-        # bad = masked | non-finite | saturated | below the lower limit (|= in place: few passes)
-        bad_s = bad_pixels(science, smask)
-        bad_t = bad_pixels(template, tmask)
-        if given_s:
-            if not all_finite(science_var):
-                bad_s |= ~torch.isfinite(science_var)
-        if given_t:
-            if not all_finite(template_var):
-                bad_t |= ~torch.isfinite(template_var)
-        if sat_s is not None:
-            bad_s |= science >= sat_s
-        if sat_t is not None:
-            bad_t |= template >= sat_t
-        if lo_s is not None:
-            bad_s |= science <= lo_s
-        if lo_t is not None:
-            bad_t |= template <= lo_t
-        bad = bad_s.logical_or_(bad_t)
-        del bad_t
-        sky_t = _robust_sky(template.detach())  # (median, robust sigma) of each frame, computed once
-        sky_s = _robust_sky(science.detach())
-        if stamp_positions is None:
-            # HOTPANTS flags a frame border of half + r and wants the whole +-half box clear of it
-            border = 2 * half + r if stamp_layout == "hotpants" else half + r
-            y, x, valid = _find_candidates(template.detach(), bad, grid, half + r, max(2, half // 2), stamp_threshold,
-                                           stars_per_cell, border=border, layout=stamp_layout, r=r)
-        else:
-            pos = torch.as_tensor(stamp_positions, device=science.device).round().long()
-            if pos.dim() == 2:
-                pos = pos.expand(b, -1, -1)
-            if pos.dim() != 3 or pos.shape[0] != b or pos.shape[-1] != 2:
-                raise ValueError(f"stamp_positions must be shaped (R, 2) or (B, R, 2) of (x, y), got {tuple(pos.shape)}")
-            x, y = pos[..., 0:1], pos[..., 1:2]
-            lim = half + r
-            valid = (x >= lim) & (x < w - lim) & (y >= lim) & (y < h - lim)
-            x = torch.where(valid, x, torch.full_like(x, w // 2))
-            y = torch.where(valid, y, torch.full_like(y, h // 2))
-        n_found = valid[..., 0].sum(1)
-        if bool((n_found == 0).any()):  # one host sync: refuse rather than return a garbage fit
-            which = torch.nonzero(n_found == 0).flatten().tolist()
-            raise ValueError(f"no usable stamp star in batch element(s) {which}: "
-                             f"{_no_stamp_reason(science, template, smask, tmask, bad, which)}")
-        if convolve == "auto":
-            f_t = _fwhm(_cut(template.detach(), y, x, half), sky_t[0].view(-1, 1, 1, 1, 1))
-            f_s = _fwhm(_cut(science.detach(), y, x, half), sky_s[0].view(-1, 1, 1, 1, 1))
-            nan = torch.full_like(f_t, torch.nan)
-            ft = torch.where(valid, f_t, nan).flatten(1).nanmedian(1).values
-            fs = torch.where(valid, f_s, nan).flatten(1).nanmedian(1).values
-            conv_sci = fs < ft
-        else:
-            conv_sci = torch.full((b,), convolve == "science", dtype=torch.bool, device=science.device)
-    sel = conv_sci.view(-1, 1, 1, 1)
-    if bool(conv_sci.all()) or not bool(conv_sci.any()):  # same direction for the whole batch: no copies
-        flip = bool(conv_sci[0])
-        conv_img, target = (science, template) if flip else (template, science)
-        var_conv, var_target = (science_var, template_var) if flip else (template_var, science_var)
-    else:
-        conv_img = torch.where(sel, science, template)
-        target = torch.where(sel, template, science)
-        var_conv = torch.where(sel, science_var, template_var)
-        var_target = torch.where(sel, template_var, science_var)
-    # Non-finite pixels would spread through the FFTs: zero them in the image to convolve (they are
-    # excluded from the stamps already).
-    conv_img_c = conv_img if all_finite(conv_img) else torch.nan_to_num(conv_img, 0.0, 0.0, 0.0)
-    var_conv_c = var_conv if all_finite(var_conv) else torch.nan_to_num(var_conv, 0.0, 0.0, 0.0)
-    # Remove each image's median sky before building the stamp system (conditioning: a large
-    # pedestal makes the first basis column nearly collinear with the background's constant term);
-    # the constant background coefficient is corrected afterwards, so the model is unchanged.
-    ped_a = torch.where(conv_sci, sky_s[0], sky_t[0]).view(-1, 1, 1, 1)  # non-finite values were ignored
-    ped_t = torch.where(conv_sci, sky_t[0], sky_s[0]).view(-1, 1, 1, 1)
-
-    # debias: the noise of the image to convolve, as measured, in units of its variance model
-    noise = _noise_model(conv_img_c.detach(), var_conv_c.detach()) if debias and coefficients is None else None
+    science_var, template_var = _variances(science, template, science_var, template_var, gain, read_noise,
+                                           calibrate_noise)
+    cand = _stamp_candidates(science, template, smask, tmask, science_var, template_var, (given_s, given_t),
+                             _pair(saturation, "saturation"), _pair(lower_limit, "lower_limit"), stamp_positions,
+                             as_pair(stamp_grid, "stamp_grid"), half, r, stamp_threshold, stars_per_cell, stamp_layout, convolve)
+    valid, conv_sci = cand.valid, cand.conv_sci
+    pair = _orient(conv_sci, science, template, science_var, template_var, cand.sky_s, cand.sky_t)
+    # debias: the noise of the image to convolve, as measured, in units of its variance model;
     # calibrate_noise: the pixel-noise correlation of the convolved image, on its sky pixels
-    measured = _noise_model(conv_img_c.detach(), var_conv_c.detach(),
-                            sky=_sky_pixels(conv_img_c.detach(), var_conv_c.detach())) if calibrate_noise else None
-    if noise is not None and bool((noise[1].abs().sum((-1, -2)) == 1).all()):  # white noise: the cheaper form
-        noise = (noise[0], None)
+    noise, measured = _noise_models(pair, debias and coefficients is None, calibrate_noise)
 
-    def build(k0: int, k1: int) -> _Stamps:  # stamp systems of candidates k0:k1 of every cell
-        part = _build_stamps(conv_img_c, target, var_conv_c, var_target, y[..., k0:k1], x[..., k0:k1],
-                             valid[..., k0:k1], basis, spatial_order, background_order, (h, w), half, fit_dtype,
-                             ped_a, ped_t)
-        if noise is not None:
-            part = part._replace(var_a_ext=part.var_a_ext * noise[0].view(-1, 1, 1, 1, 1).to(fit_dtype))
-        if weighting == "none":
-            part = part._replace(weight=part.valid[..., None].to(fit_dtype).expand_as(part.weight).contiguous())
-        return part
-
+    build = partial(_candidate_stamps, pair=pair, cand=cand, basis=basis, spatial_order=spatial_order,
+                    background_order=background_order, half=half, fit_dtype=fit_dtype, noise=noise,
+                    weighting=weighting)  # build(k0, k1): stamp systems of candidates k0:k1 of every cell
     # Only the first candidate of every cell is built now; replacements when a rejection needs them.
     st = build(0, 1)
-    ctx = dict(st=st, sel=sel, conv_sci=conv_sci, conv_img=conv_img_c, var_conv=var_conv_c, target=target,
-               var_target=var_target, basis=basis, n_basis=n_basis, n_bg=n_bg, shape=(h, w), dtype=dtype,
-               fit_dtype=fit_dtype, b=b, ped_a=ped_a, ped_t=ped_t)
     if return_context:
-        return ctx
-    del ctx
-    ns = _n_terms(spatial_order)
-    m = 1 + (n_basis - 1) * ns + n_bg
-    if coefficients is None:
-        k0sq = float((basis.kernels[0].double() ** 2).sum())
-        theta, act, pc, ksum_ind, _, st = _fit(st, n_basis, n_bg, clip_sigma, max_iterations, k0sq,
-                                               (basis.kernels, noise[1]) if noise is not None else None, valid=valid,
-                                               build=build, stat_sigma=stat_sigma)
-    else:
-        theta = coefficients.to(fit_dtype)
-        if theta.dim() == 1:
-            theta = theta.expand(b, -1)
-        if theta.shape != (b, m):
-            raise ValueError(f"coefficients must have {m} entries (or shape ({b}, {m})), got {tuple(coefficients.shape)}")
-        act = st.valid[:, :, 0]
-        pc = torch.zeros_like(act, dtype=torch.long)
-        sub = list(range(n_basis + 1))
-        normal, rhs = _normal_equations(st)
-        normal, rhs = normal[..., sub, :][..., sub], rhs[..., sub]
-        ksum_ind = _solve(normal, rhs)[..., 0]
-    theta_fit = theta  # the stamp system is pedestal-free: its statistics use this solution
-    if coefficients is None:
-        # undo the pedestal removal: target - ped_t = K (x) (A - ped_a) + bg'  ->  bg0 += ped_t - ksum ped_a
-        i0 = 1 + (n_basis - 1) * ns
-        corr = ped_t.view(-1).to(theta) - theta[:, 0] * ped_a.view(-1).to(theta)
-        theta = torch.cat([theta[:, :i0], theta[:, i0:i0 + 1] + corr[:, None], theta[:, i0 + 1:]], 1)
+        return SubtractionContext(st, conv_sci.view(-1, 1, 1, 1), conv_sci, pair.conv_img, pair.var_conv, pair.target,
+                                  pair.var_target, basis, n_basis, n_bg, (h, w), dtype, fit_dtype, b, pair.ped_a,
+                                  pair.ped_t)
+    theta, theta_fit, act, pc, ksum_ind, st = _solve_coefficients(
+        st, build, valid, pair, basis, noise, coefficients, spatial_order, n_bg, clip_sigma, max_iterations,
+        stat_sigma, fit_dtype)
     theta_c = theta.to(dtype)
-    with torch.no_grad():
-        k2 = (_term_kernels(theta_c, basis, spatial_order)[:, 0] ** 2).sum((-1, -2))
-    stats = _stamp_stats_simple(st, theta_fit, act, pc, ksum_ind, n_basis, n_bg, k2.to(fit_dtype))
+    stats = _stamp_stats_simple(st, theta_fit, act, pc, ksum_ind, n_basis, n_bg,
+                                _kernel_square_sum(theta_c, basis, spatial_order).to(fit_dtype))
     del st  # the stamp system (~90 MB at 10x10x3 stamps) is not needed for the frame-sized passes
     # "local" applies to a variance map the caller gave for the convolved image; the Poisson
     # variance made here follows the stars and is always convolved
     given_conv = (given_s or not bool(conv_sci.any())) and (given_t or bool(conv_sci.all()))
-    conv, var_k = apply_kernel(conv_img_c, theta_c, basis, spatial_order, var_conv_c, tile_size,
-                               None if tile_size is None else variance_tile_size,
-                               variance_convolution if given_conv else "fft")
-    if calibrate_noise and measured is not None:  # correlated (resampled) noise through the kernel
-        with torch.no_grad():
-            corr = _correlated_noise_factor(_term_kernels(theta_c, basis, spatial_order)[:, 0], measured[1])
-            corr = torch.where(measured[0] > _NOISE_FREE, corr, torch.ones_like(corr))  # nothing measured
-        var_k = var_k * corr.to(var_k.dtype).view(-1, 1, 1, 1)
-    bg_y, bg_x = _background(theta_c, n_basis, spatial_order, background_order, (h, w), science, factors=True)
-    ksum = theta_c[:, 0]
-    # difference = sign (model - target) * scale with sign = +1 when the science frame was convolved;
-    # normalisation: "science" -> science counts, "template" -> template counts.
-    scale_down = conv_sci if normalize == "science" else ~conv_sci
-    scale = torch.where(scale_down, 1.0 / ksum, torch.ones_like(ksum))
-    factor = (torch.where(conv_sci, 1.0, -1.0).to(ksum) * scale).view(-1, 1, 1, 1)
-    vfactor = (scale ** 2).view(-1, 1, 1, 1)
-    if torch.is_grad_enabled():
-        model = conv + (bg_y @ bg_x)[:, None]
-        diff = (model - target) * factor
-        variance = (var_target + var_k) * vfactor
-    else:  # in place: two frame-sized buffers fewer
-        model = conv
-        model[:, 0].baddbmm_(bg_y, bg_x)
-        diff = torch.sub(model, target).mul_(factor)
-        variance = var_k.add_(var_target).mul_(vfactor)
-    return SubtractionResult(diff, model, variance, ksum, theta_c, stats, conv_sci)
+    conv, var_k = _convolve_pair(pair, theta_c, basis, spatial_order, tile_size, variance_tile_size,
+                                 variance_convolution if given_conv else "fft", measured)
+    diff, model, variance = _difference(pair, conv, var_k, theta_c, conv_sci, normalize, n_basis, spatial_order,
+                                        background_order, science, r)
+    return SubtractionResult(diff, model, variance, theta_c[:, 0], theta_c, stats, conv_sci)
 
 
 def _stamp_stats_simple(st: _Stamps, theta, act, pc, ksum_ind, n_basis, n_bg, k2) -> StampStats:
@@ -1546,10 +1742,8 @@ class ImageSubtraction(nn.Module):
         stat_sigma: float = 3.0,
     ):
         super().__init__()
-        if convolve not in ("auto", "template", "science"):
-            raise ValueError(f"convolve must be 'auto', 'template' or 'science', got {convolve!r}")
-        if normalize not in ("science", "template"):
-            raise ValueError(f"normalize must be 'science' or 'template', got {normalize!r}")
+        _check_subtraction_options(stat_sigma, convolve, normalize, stamp_layout, variance_convolution,
+                                   int(spatial_order), int(background_order))
         self.kernel_half_width = int(kernel_half_width)
         self.gaussians = _as_gaussians(gaussians)
         self.spatial_order = int(spatial_order)
@@ -1568,17 +1762,11 @@ class ImageSubtraction(nn.Module):
         self.stars_per_cell = int(stars_per_cell)
         self.tile_size = None if tile_size is None else int(tile_size)
         self.variance_tile_size = None if variance_tile_size is None else int(variance_tile_size)
-        if variance_convolution not in ("fft", "local"):
-            raise ValueError(f"variance_convolution must be 'fft' or 'local', got {variance_convolution!r}")
         self.variance_convolution = variance_convolution
         self.weighting = weighting
-        if stamp_layout not in ("hotpants", "grid"):
-            raise ValueError(f"stamp_layout must be 'hotpants' or 'grid', got {stamp_layout!r}")
         self.stamp_layout = stamp_layout
         self.debias = bool(debias)
         self.calibrate_noise = bool(calibrate_noise)
-        if not stat_sigma > 0:
-            raise ValueError(f"stat_sigma must be positive, got {stat_sigma!r}")
         self.stat_sigma = float(stat_sigma)
         basis = kernel_basis(self.kernel_half_width, self.gaussians, delta=self.delta_basis)
         self.n_basis = basis.kernels.shape[0]
@@ -1657,8 +1845,8 @@ class ImageSubtraction(nn.Module):
                                 None if science_var is None else science_var.detach(),
                                 None if template_var is None else template_var.detach(),
                                 return_context=True, **self._kwargs())
-        st = ctx["st"]
-        n_basis, n_bg = ctx["n_basis"], ctx["n_bg"]
+        st = ctx.st
+        n_basis, n_bg = ctx.n_basis, ctx.n_bg
         valid = st.valid[:, :, 0]
         e = _expand(st.spatial[:, :, 0], n_basis, n_bg)  # (B, R, C, M)
         design = e.transpose(-1, -2) @ st.design[:, :, 0].to(e.dtype)  # (B, R, M, P)
@@ -1684,6 +1872,6 @@ class ImageSubtraction(nn.Module):
             theta = (phi / norm).detach()
             i0 = 1 + (n_basis - 1) * _n_terms(self.spatial_order)
             # undo the pedestal removal of the stamp system (one solution for the whole batch)
-            theta[i0] += (ctx["ped_t"].double() - theta[0] * ctx["ped_a"].double()).mean()
+            theta[i0] += (ctx.ped_t.double() - theta[0] * ctx.ped_a.double()).mean()
             self.kernel_coefficients.copy_(theta.to(dev))
         return final.detach()

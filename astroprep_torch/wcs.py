@@ -124,9 +124,8 @@ def _num(h: dict, key: str, default=None) -> Optional[float]:
         raise ValueError(f"header keyword {key}={v!r} is not a number") from None
 
 
-def _parse_header(header, name: str = "header") -> dict:
-    h = _as_dict(header)
-    # Lookup tables and DSS plate solutions first: their CTYPE may look like TAN.
+def _reject_unsupported_kinds(h: dict, name: str) -> None:
+    """Lookup tables and DSS plate solutions are refused first: their CTYPE may look like TAN."""
     lookup = [k for k in h if k.startswith(("CPDIS", "D2IMDIS", "D2IMEXT", "CQDIS", "DP1", "DP2",
                                              "DQ1", "DQ2", "D2IM1", "D2IM2", "NPOLEXT"))]
     if lookup:
@@ -135,6 +134,11 @@ def _parse_header(header, name: str = "header") -> dict:
     if "AMDX1" in h or "PLTRAH" in h:
         raise ValueError(f"{name}: DSS plate solution (PLTRAH/AMDXn) is not supported: TanWCS supports "
                          f"{SUPPORTED_PROJECTIONS}")
+
+
+def _celestial_axes(h: dict, name: str) -> tuple[str, str, str]:
+    """``(CTYPE1, CTYPE2, projection)`` after checking that axes 1 and 2 are longitude and latitude
+    in degrees with one supported projection, not coupled to other axes."""
     naxis = int(_num(h, "WCSAXES", None) or _num(h, "NAXIS", 2) or 2)
     naxis = max(naxis, 2)
     ctypes = [str(h.get(f"CTYPE{i}", "")).strip().upper() for i in range(1, naxis + 1)]
@@ -166,8 +170,11 @@ def _parse_header(header, name: str = "header") -> dict:
             for key in (f"PC{i}_{j}", f"PC{j}_{i}", f"CD{i}_{j}", f"CD{j}_{i}"):
                 if _num(h, key, 0.0) != 0.0:
                     raise ValueError(f"{name}: {key} couples the celestial axes to axis {j}; not supported")
+    return c1, c2, proj1
 
-    # Linear part.
+
+def _linear_part(h: dict, name: str) -> np.ndarray:
+    """The invertible 2x2 CD matrix (degrees per pixel) from PCi_j * CDELTi, CDi_j or CDELTi + CROTA2."""
     has_pc = any(k in h for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2"))
     has_cd = any(k in h for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2"))
     if has_pc:
@@ -190,31 +197,49 @@ def _parse_header(header, name: str = "header") -> dict:
     if not np.all(np.isfinite(cd)) or abs(det) <= 1e-30 * max(1e-300, float(np.abs(cd).max()) ** 2) or det == 0.0:
         raise ValueError(f"{name}: singular linear transformation (CD matrix {cd.tolist()}, det={det:g}); "
                          f"TanWCS supports {SUPPORTED_PROJECTIONS} with an invertible CD (or PC*CDELT) matrix")
+    return cd
 
+
+def _reference_point(h: dict, name: str) -> tuple[list, list]:
+    """``(crpix, crval)``: the 0-based reference pixel and its (lon, lat) in degrees."""
     crpix = [_num(h, "CRPIX1", 0.0) - 1.0, _num(h, "CRPIX2", 0.0) - 1.0]
     crval = [_num(h, "CRVAL1", 0.0), _num(h, "CRVAL2", 0.0)]
     if not all(map(math.isfinite, crpix + crval)) or abs(crval[1]) > 90.0:
         raise ValueError(f"{name}: invalid CRPIX/CRVAL ({crpix}, {crval})")
+    return crpix, crval
 
-    # PV keywords.
+
+def _pv_keywords(h: dict) -> dict[tuple[int, int], float]:
+    """``{(i, j): PVi_j}`` of the header."""
     pvs: dict[tuple[int, int], float] = {}
     for k, v in h.items():
         m = _PV_KEY.match(k)
         if m:
             pvs[(int(m.group(1)), int(m.group(2)))] = float(v)
+    return pvs
+
+
+def _distortion_kind(proj: str, pvs: dict, h: dict, name: str) -> tuple[str, dict]:
+    """``("TAN" | "SIP" | "TPV", pvs)`` as astropy.wcs reads the header: SCAMP PV with CTYPE -TAN is
+    TPV, SIP keys without '-SIP' are applied, SCAMP PV next to SIP is dropped."""
     has_sip_keys = "A_ORDER" in h or "B_ORDER" in h
-    kind = {"TAN": "TAN", "TAN-SIP": "SIP", "TPV": "TPV"}[proj1]
+    kind = {"TAN": "TAN", "TAN-SIP": "SIP", "TPV": "TPV"}[proj]
     if kind == "TAN" and any(j >= 5 for (_, j) in pvs):
         kind = "TPV"  # pre-2012 SCAMP header (astropy: _fix_pre2012_scamp_tpv), SIP ignored
         if has_sip_keys:
             warnings.warn(f"{name}: SCAMP PV distortion with CTYPE -TAN: read as TPV, SIP keys ignored "
-                          "(as astropy.wcs)", stacklevel=3)
+                          "(as astropy.wcs)", stacklevel=4)
     elif kind == "TAN" and has_sip_keys and _num(h, "A_ORDER", 0) > 1:
         warnings.warn(f"{name}: SIP coefficients present but CTYPE lacks '-SIP'; applying SIP as "
-                      "astropy.wcs does", stacklevel=3)
+                      "astropy.wcs does", stacklevel=4)
         kind = "SIP"
     if kind == "SIP" and any(j >= 5 for (_, j) in pvs):
         pvs = {}  # SCAMP PV next to SIP: SIP is kept, PV dropped (astropy.wcs _fix_scamp)
+    return kind, pvs
+
+
+def _native_lonpole(kind: str, pvs: dict, h: dict, crval: list, name: str) -> float:
+    """LONPOLE (default 0 at the pole, else 180); TAN/SIP refuse a non-default native reference point."""
     lonpole = _num(h, "LONPOLE", None)
     if kind in ("TAN", "SIP"):
         if lonpole is None:
@@ -225,49 +250,72 @@ def _parse_header(header, name: str = "header") -> dict:
                              "is not supported for TAN")
     if lonpole is None:
         lonpole = 0.0 if crval[1] >= 90.0 else 180.0
+    return float(lonpole)
 
-    sip = None
-    if kind == "SIP":
-        a_order = int(_num(h, "A_ORDER", 0) or 0)
-        b_order = int(_num(h, "B_ORDER", 0) or 0)
-        if "A_ORDER" in h and "B_ORDER" not in h:
-            raise ValueError(f"{name}: A_ORDER without B_ORDER (broken SIP distortion)")
-        if "B_ORDER" in h and "A_ORDER" not in h:
-            raise ValueError(f"{name}: B_ORDER without A_ORDER (broken SIP distortion)")
-        if a_order > 1 or b_order > 1:
-            sip = {}
-            for p in ("A", "B", "AP", "BP"):
-                order = int(_num(h, f"{p}_ORDER", 0) or 0)
-                if p in ("AP", "BP") and order < 1:
-                    sip[p] = None
-                    continue
-                arr = np.zeros((order + 1, order + 1))
-                for i in range(order + 1):
-                    for j in range(order + 1 - i):
-                        arr[i, j] = _num(h, f"{p}_{i}_{j}", 0.0)
-                sip[p] = arr
-            if (sip["AP"] is None) != (sip["BP"] is None):
-                sip["AP"] = sip["BP"] = None
-        else:
-            kind = "TAN"
-    pv = None
-    if kind == "TPV":
-        kmax = max([j for (_, j) in pvs] + [2])
-        if kmax > 39:
-            raise ValueError(f"{name}: TPV term PVi_{kmax} beyond 39 is not defined")
-        pv = np.zeros((2, kmax + 1))
-        for (i, j), v in pvs.items():
-            pv[i - 1, j] = v
-        lin = np.array([[pv[0, 1], pv[0, 2]], [pv[1, 2], pv[1, 1]]])
-        if abs(np.linalg.det(lin)) == 0.0:
-            raise ValueError(f"{name}: TPV linear terms (PV1_1, PV1_2, PV2_1, PV2_2) are singular; missing "
-                             "PV coefficients are 0 as in wcslib")
+
+def _sip_coefficients(h: dict, name: str) -> Optional[dict]:
+    """``{"A", "B", "AP", "BP": (order+1, order+1) arrays or None}``; None when both orders are <= 1
+    (no distortion: plain TAN)."""
+    a_order = int(_num(h, "A_ORDER", 0) or 0)
+    b_order = int(_num(h, "B_ORDER", 0) or 0)
+    if "A_ORDER" in h and "B_ORDER" not in h:
+        raise ValueError(f"{name}: A_ORDER without B_ORDER (broken SIP distortion)")
+    if "B_ORDER" in h and "A_ORDER" not in h:
+        raise ValueError(f"{name}: B_ORDER without A_ORDER (broken SIP distortion)")
+    if not (a_order > 1 or b_order > 1):
+        return None
+    sip = {}
+    for p in ("A", "B", "AP", "BP"):
+        order = int(_num(h, f"{p}_ORDER", 0) or 0)
+        if p in ("AP", "BP") and order < 1:
+            sip[p] = None
+            continue
+        arr = np.zeros((order + 1, order + 1))
+        for i in range(order + 1):
+            for j in range(order + 1 - i):
+                arr[i, j] = _num(h, f"{p}_{i}_{j}", 0.0)
+        sip[p] = arr
+    if (sip["AP"] is None) != (sip["BP"] is None):
+        sip["AP"] = sip["BP"] = None
+    return sip
+
+
+def _tpv_coefficients(pvs: dict, name: str) -> np.ndarray:
+    """(2, K+1) TPV coefficients ``pv[i-1, j] = PVi_j`` (missing ones 0, as wcslib)."""
+    kmax = max([j for (_, j) in pvs] + [2])
+    if kmax > 39:
+        raise ValueError(f"{name}: TPV term PVi_{kmax} beyond 39 is not defined")
+    pv = np.zeros((2, kmax + 1))
+    for (i, j), v in pvs.items():
+        pv[i - 1, j] = v
+    lin = np.array([[pv[0, 1], pv[0, 2]], [pv[1, 2], pv[1, 1]]])
+    if abs(np.linalg.det(lin)) == 0.0:
+        raise ValueError(f"{name}: TPV linear terms (PV1_1, PV1_2, PV2_1, PV2_2) are singular; missing "
+                         "PV coefficients are 0 as in wcslib")
+    return pv
+
+
+def _parse_header(header, name: str = "header") -> dict:
+    """The celestial WCS of ``header`` as a dict: ``kind`` ("TAN", "SIP", "TPV"), ``crpix`` (0-based),
+    ``crval``, ``cd``, ``lonpole``, ``sip``, ``pv``, ``ctype``, ``radesys``, ``equinox``, ``shape`` (H, W)
+    or None. Raises ``ValueError`` naming ``name`` for anything TanWCS does not support."""
+    h = _as_dict(header)
+    _reject_unsupported_kinds(h, name)
+    c1, c2, proj = _celestial_axes(h, name)
+    cd = _linear_part(h, name)
+    crpix, crval = _reference_point(h, name)
+    kind, pvs = _distortion_kind(proj, _pv_keywords(h), h, name)
+    lonpole = _native_lonpole(kind, pvs, h, crval, name)
+    sip = _sip_coefficients(h, name) if kind == "SIP" else None
+    if kind == "SIP" and sip is None:
+        kind = "TAN"
+    pv = _tpv_coefficients(pvs, name) if kind == "TPV" else None
     shape = None
     if "NAXIS1" in h and "NAXIS2" in h and int(h.get("NAXIS", 2) or 0) >= 2:
         shape = (int(h["NAXIS2"]), int(h["NAXIS1"]))
     radesys = h.get("RADESYS", h.get("RADECSYS"))
     equinox = h.get("EQUINOX", h.get("EPOCH"))
-    return dict(kind=kind, crpix=crpix, crval=crval, cd=cd, lonpole=float(lonpole), sip=sip, pv=pv,
+    return dict(kind=kind, crpix=crpix, crval=crval, cd=cd, lonpole=lonpole, sip=sip, pv=pv,
                 ctype=(c1[:4], c2[:4]), radesys=str(radesys).strip() if radesys is not None else None,
                 equinox=float(equinox) if isinstance(equinox, (int, float)) else None, shape=shape)
 

@@ -656,6 +656,22 @@ def test_reproject_propagates_variance_through_the_kernel_weights(interp, conser
     assert torch.isnan(out.variance[torch.isnan(out.image)]).all()
 
 
+@pytest.mark.parametrize("grid_step", [None, 8])
+def test_reproject_variance_of_the_first_channels_only(grid_step):
+    """A variance of fewer channels than the image (a frame with extra maps along, as
+    AlignToReference's ``extra=``) covers its first channels: it used to fail with a shape error."""
+    shape = (32, 32)
+    w = TanWCS.from_header(tan_header(shape))
+    wd = TanWCS.from_header(tan_header(shape, crpix_offset=(0.3, -0.4), rotation=2.0))
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn((1, 1, *shape), generator=g, dtype=torch.float64)
+    var = torch.rand((1, 1, *shape), generator=g, dtype=torch.float64) + 0.5
+    one = reproject(img, w, wd, shape, variance=var, grid_step=grid_step)
+    two = reproject(torch.cat([img, 3 * img], 1), w, wd, shape, variance=var, grid_step=grid_step)
+    assert two.variance.shape == (1, 1, *shape)
+    torch.testing.assert_close(two.variance, one.variance, equal_nan=True)
+
+
 def test_reproject_variance_with_mask_renormalises():
     shape = (32, 32)
     w = TanWCS.from_header(tan_header(shape))

@@ -852,3 +852,26 @@ def test_raw_night_candidates_match_the_ideal_field():
     # experiments/results/calibrate_night.md)
     assert abs(raw["candidates"] - ideal["candidates"]) <= 0.2 * ideal["candidates"], r
     assert raw["transients_found"] == r["n_transients"] and raw["on_trails"] == 0, r
+
+
+def test_bad_reference_pixels_are_masked_in_the_difference():
+    """Issue 19: every bad pixel of the reference (its input mask, not only the header's saturation)
+    spreads over the kernel in the convolved template: the difference mask covers it, grown by the
+    kernel half width (it used to read the saturation mask alone, leaving a bad column's residuals)."""
+    from astroprep_torch import sim
+
+    pair = sim.simulate_pair((256, 256), n_stars=150, shift=(3.3, -2.7), n_transients=0, n_moving=0, seed=3)
+    sci, ref = pair.science, pair.reference
+    ref_mask = ref.mask.clone()
+    ref_mask[..., 40:200, 121] = True  # a bad column, its values left as they are
+    header = ref.header.copy()
+    header.remove("SATURATE", ignore_missing=True)  # no saturation level: the input mask alone
+    batch = {"image": sci.image, "mask": sci.mask, "header": [sci.header.tostring()], "name": ["s"], "path": ["s"],
+             "error": [""]}
+    graph = _gwac_graph()
+    module = P.PreprocessModule(graph, reference=ref.image, reference_mask=ref_mask, reference_header=header)
+    out = module.predict_step(batch)["outputs"]
+    r = 10  # configs/subtract: kernel_half_width
+    assert bool(out["difference_mask"][ref_mask].all())
+    grown = torch.nn.functional.max_pool2d(ref_mask.float(), 2 * r + 1, 1, r) > 0
+    assert bool(out["difference_mask"][grown].all())

@@ -587,3 +587,37 @@ def test_unmasked_nan_pixels_named_when_no_stamp_is_left():
     few[..., 5, 5] = few[..., 80, 120] = True  # a few NaN pixels: the stamps avoid them
     res = sub(torch.where(few, float("nan"), sci), tmpl)
     assert float(res.kernel_sum[0]) == pytest.approx(1.05, rel=0.05)
+
+
+@pytest.mark.parametrize("convolve", ["template", "science"])
+def test_non_finite_pixels_of_the_convolved_image_are_unknown_in_the_difference(convolve):
+    """NaN pixels of the image that is convolved were zeroed for the FFTs: the difference within a
+    kernel half width of them is NaN (unknown), not a residual of -K x the true value (issue 19)."""
+    render = star_field(seed=5)
+    g = torch.Generator().manual_seed(1)
+    sharp, broad = render(1.0) + 100.0, render(1.5) + 100.0
+    sci = (broad if convolve == "template" else sharp) + torch.randn(160, 160, generator=g, dtype=torch.float64)
+    tmpl = (sharp if convolve == "template" else broad) + torch.randn(160, 160, generator=g, dtype=torch.float64)
+    bad = sci.clone() if convolve == "science" else tmpl.clone()
+    bad[70:73, 90:94] = float("nan")
+    pair = (bad, tmpl) if convolve == "science" else (sci, bad)
+    r = 6
+    kw = dict(kernel_half_width=r, gaussians=((0.7, 4), (1.5, 2)), spatial_order=0, background_order=0,
+              stamp_grid=(3, 3), stamp_half_width=8, stamp_threshold=3.0, convolve=convolve, calibrate_noise=False)
+    res = image_subtraction(pair[0][None, None], pair[1][None, None], science_var=torch.ones(1, 1, 160, 160,
+                            dtype=torch.float64), template_var=torch.ones(1, 1, 160, 160, dtype=torch.float64), **kw)
+    reach = torch.zeros(160, 160, dtype=torch.bool)
+    reach[70 - r:73 + r, 90 - r:94 + r] = True
+    d = res.difference[0, 0]
+    assert bool(torch.isnan(d[reach]).all()) and bool(torch.isnan(res.variance[0, 0][reach]).all())
+    assert bool(torch.isfinite(d[~reach]).all())
+    z = d / res.variance[0, 0].sqrt()
+    ring = torch.zeros(160, 160, dtype=torch.bool)
+    ring[70 - 3 * r:73 + 3 * r, 90 - 3 * r:94 + 3 * r] = True
+    assert float(z[ring & ~reach].abs().max()) < 5  # no residual of the zeroed pixels just outside
+    with torch.enable_grad():  # the same on the differentiable path
+        sci_g = pair[0][None, None].clone().requires_grad_(True)
+        res_g = image_subtraction(sci_g, pair[1][None, None], science_var=torch.ones(1, 1, 160, 160,
+                                  dtype=torch.float64), template_var=torch.ones(1, 1, 160, 160, dtype=torch.float64), **kw)
+        assert bool(torch.isnan(res_g.difference[0, 0][reach]).all())
+        assert torch.equal(res_g.difference[0, 0][~reach].detach(), d[~reach])
