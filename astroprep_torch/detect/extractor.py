@@ -141,12 +141,15 @@ def _analyse_objects(o: _Objects, xd, yd, pix: _Pixels) -> Analysis:
 def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, *, minarea, clean_param, H, W):
     """CLEAN (:func:`~.clean._clean`): removed objects merge into their remover (SExtractor's
     ``mergeobject`` adds their fluxes and keeps the remover's centre). Returns ``(objects, analysis,
-    batch index, ate)``, ``ate`` marking the objects that swallowed others."""
+    batch index, ate, unblanked)``, ``ate`` marking the objects that swallowed others and ``unblanked``
+    the flat indices of the removed objects' pixels (SExtractor pastes them back into the image: no
+    measurement blanks them as neighbours)."""
     mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered)
     alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W)
     master = _follow_masters(master)
     ate = torch.zeros(o.n, dtype=torch.bool, device=bobj.device)
     ate[master[~alive]] = True
+    unblanked = _g(pix.idx, _g(~alive, o.obj))
     newid = torch.cumsum(alive.long(), 0) - 1
     obj = _g(newid, _g(master, o.obj))
     sel = alive.nonzero().squeeze(1)
@@ -154,7 +157,7 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, *, min
     an = an.take(sel)
     an = an._replace(fdflux=_segment_sum(pix.f, obj, n), fdnpix=torch.bincount(obj, minlength=n).to(torch.float64))
     o = _Objects(obj, n, _g(o.t0, sel), _g(o.blended, sel), None, None)
-    return o, an, _g(bobj, sel), _g(ate, sel)
+    return o, an, _g(bobj, sel), _g(ate, sel), unblanked
 
 
 def _labels(bobj: Tensor, B: int) -> Tensor:
@@ -195,7 +198,8 @@ def detect_sources(
 
     Always present, the sparse form: ``detected`` (P,) sorted linear indices (over B*H*W) of every
     pixel above threshold, ``pixels`` (Q,) the sorted linear indices of the labelled ones, ``pixel_row``
-    (Q,) their object (row) index and ``pixel_filtered`` (Q,) their filtered value. ``dense=False``
+    (Q,) their object (row) index, ``pixel_filtered`` (Q,) their filtered value and ``unblanked`` the
+    pixels of objects removed by CLEAN (never blanked as neighbours, as SExtractor). ``dense=False``
     leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
     thresholded strip by strip and no frame-sized array is made at all.
     """
@@ -211,8 +215,9 @@ def detect_sources(
     bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
     an = _analyse_objects(o, xd, yd, pix)
     ate = torch.zeros(o.n, dtype=torch.bool, device=image.device)
+    unblanked = pix.idx[:0]
     if clean and o.n > 1:
-        o, an, bobj, ate = _clean_objects(o, an, bobj, pix, minarea=minarea, clean_param=clean_param, H=H, W=W)
+        o, an, bobj, ate, unblanked = _clean_objects(o, an, bobj, pix, minarea=minarea, clean_param=clean_param, H=H, W=W)
     obj, n = o.obj, o.n
     label = _labels(bobj, B)
     return dict(
@@ -221,6 +226,7 @@ def detect_sources(
         pixels=pix.idx,
         pixel_row=obj,
         pixel_filtered=pix.f,
+        unblanked=unblanked,
         batch_index=bobj,
         label=label,
         blended=o.blended,

@@ -34,7 +34,7 @@ from .isophotal import _isophotal_fluxes, _isophotal_shape, _position_errors, _S
 from .kron import _stage_auto, _stage_kron
 from .segments import SegmentPixels, _object_pixels, _ObjectPixels
 from .stamps import _as_map, _at_pixels, _Frame, _Objects
-from .winpos import WINPOS_MAX_RADIUS, _stage_winpos
+from .winpos import WINPOS_MAX_RADIUS, _stage_winpos, revert_winpos
 
 _MASK_TYPES = ("correct", "blank", "none")
 _SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one thread
@@ -181,6 +181,11 @@ def _blank_labels(segmentation: SegmentPixels, obj: _ObjectPixels, mask: Optiona
     if mask is not None:
         bseg.masked_fill_(mask.reshape(-1), 0)
     bseg.index_put_((obj.pidx,), obj.label.to(torch.int32).index_select(0, obj.inv))
+    keep = segmentation.unblanked
+    if mask_type != "none" and keep is not None and keep.numel():
+        if mask is not None:
+            keep = keep[~mask.reshape(-1).index_select(0, keep)]
+        bseg.index_fill_(0, keep, -1)
     return bseg
 
 
@@ -355,8 +360,9 @@ def measure(
             (SExtractor merges the pixels and fluxes but keeps the master's moments and ISOAREA).
         blended: optional bool per object for flag 2 (default: inferred from touching labels).
         aper_subpix: 5 = SExtractor's sub-sampling of FLUX_APER; 0 = exact circular overlap.
-        winpos_revert: as SExtractor 2.25, report the isophotal position as ``xwin, ywin`` when the
-            windowed centroid wanders outside the object's bounding box (older SExtractor: False).
+        winpos_revert: as SExtractor 2.25 (winpos.c), report the isophotal position as ``xwin, ywin``
+            when the window's flux or moments are not positive or the windowed centroid lies more
+            than 1 px (in x and in y) outside the isophotal ellipse (older SExtractor: False).
         winpos_max_radius: cap (px) of the windowed centroid's integration radius ``4 sig``; ``None``
             = no cap (SExtractor's window is only truncated by its image buffer).  Only objects with a
             half-light radius above ``1.18 * winpos_max_radius / 4`` (37.6 px by default: saturated
@@ -404,11 +410,7 @@ def measure(
     res = _split_run(stages, geo, obj.n, (workers or 1) if not grad else 1)
     xw, yw = res.xwin, res.ywin
     if winpos_revert:
-        # SExtractor 2.25 keeps the isophotal position when the windowed one leaves the object's box
-        # (observed on sep's image.cat: older 2.x releases did not revert)
-        out_box = (xw < shape.xmin) | (xw > shape.xmax) | (yw < shape.ymin) | (yw > shape.ymax)
-        xw = torch.where(out_box, shape.x, xw)
-        yw = torch.where(out_box, shape.y, yw)
+        xw, yw = revert_winpos(xw, yw, shape, res.win_flags)
     flags |= _stamp_flags(res, shape, radii, H, W)
     return _columns(obj, shape, errs, iso, res, xw, yw, flags, gain_v, image.dtype)
 

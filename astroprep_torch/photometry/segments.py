@@ -28,6 +28,9 @@ class SegmentPixels(NamedTuple):
             moments are taken on it, as SExtractor does).
         detected: ``(P,)`` int64 sorted flat indices of every pixel above the detection threshold in
             the filtered image (the neighbour pixels SExtractor's MASK_TYPE blanks).
+        unblanked: ``(U,)`` int64 flat indices of detected pixels that are never blanked (None: none):
+            SExtractor pastes the pixels of objects removed by CLEAN back into the image, so they count
+            as ordinary pixels in every other object's apertures.
     """
 
     pixels: Tensor
@@ -36,6 +39,7 @@ class SegmentPixels(NamedTuple):
     label: Tensor
     pixel_filtered: Tensor
     detected: Tensor
+    unblanked: Optional[Tensor] = None
 
     def dense(self, shape) -> Tensor:
         """The ``(B, 1, H, W)`` int64 label map of ``shape`` (0 = no object)."""

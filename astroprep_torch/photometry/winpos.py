@@ -2,10 +2,11 @@
 
 An iterated Gaussian-weighted centroid with ``sigma = 2 * hl_radius / 2.35`` (``hl_radius`` from the
 growth curve), within ``4 sigma``, 11x11 sub-sampling at the window edge, step factor 2, at most 16
-iterations, stop when the step < 1e-4 px.  Debian's SExtractor 2.25 then reports the isophotal position
-for a part of the objects (crowded ones); the rule is not in the published source we could read.
-:func:`~astroprep_torch.photometry.measure` reverts when the window leaves the object's bounding box,
-which reproduces 2.25 on sep's image and most of m13 (``winpos_revert=False`` reproduces older 2.x).
+iterations, stop when the step < 1e-4 px.  SExtractor 2.25 then reports the isophotal position instead
+(:func:`revert_winpos`) when the last window's flux is not positive, its second moments are negative or
+their determinant is, or the windowed centroid is more than 1 px away in x and in y from the isophotal
+one and outside the isophotal ellipse (``cxx dx^2 + cyy dy^2 + cxy dx dy > 1``); ``winpos_revert=False``
+reproduces older 2.x releases.
 
 Vectorisation: the still moving objects of a stamp size iterate together, with the separable Gaussian
 folded into one small ``bmm``, the window edge sub-sampled per stamp row (chord ends computed once per
@@ -317,3 +318,13 @@ def windowed_centroid(image: Tensor, x, y, sig, *, mask: Optional[Tensor] = None
     xw, yw, flag, niter, _ = _stage_winpos(fr, g, s_, max_elems)
     return xw.to(image.dtype), yw.to(image.dtype), niter, flag.long() * FLAG_APER_INCOMPLETE
 
+
+
+def revert_winpos(xw: Tensor, yw: Tensor, shape, win_flags: Tensor):
+    """SExtractor 2.25's fallback (winpos.c ``win_flag``): the isophotal position ``shape.x, shape.y``
+    where the windowed fit failed (``win_flags`` != 0: flux <= 0, negative moments or determinant) or
+    wandered off: ``dx^2 > 1`` and ``dy^2 > 1`` and outside the isophotal ellipse ``shape.cxx..cxy``."""
+    dx, dy = (xw - shape.x).double(), (yw - shape.y).double()
+    far = (dx * dx > 1.0) & (dy * dy > 1.0) & (shape.cxx * dx * dx + shape.cyy * dy * dy + shape.cxy * dx * dy > 1.0)
+    back = far | (win_flags != 0)
+    return torch.where(back, shape.x.to(xw.dtype), xw), torch.where(back, shape.y.to(yw.dtype), yw)
