@@ -252,21 +252,6 @@ def _photometry_module():
         return None
 
 
-def _raw_values(image: Tensor, pix: Tensor, background) -> Tensor:
-    """``image + background`` (float64) at the labelled pixels ``pix``: the same float sum as the frame's."""
-    if background is None:
-        return image.reshape(-1).index_select(0, pix).double()
-    B, _, H, W = image.shape
-    bk = torch.as_tensor(background, dtype=image.dtype, device=image.device)
-    if bk.dim() == 4:
-        bb = pix // (H * W) if bk.shape[0] > 1 else torch.zeros_like(pix)
-        rem = pix % (H * W)
-        yy = rem // W if bk.shape[2] > 1 else torch.zeros_like(pix)
-        xx = rem % W if bk.shape[3] > 1 else torch.zeros_like(pix)
-        bk = bk[bb, 0, yy, xx]
-    return (image.reshape(-1).index_select(0, pix) + bk).double()
-
-
 def _detection_flags(det: dict, meas: dict, H: int, W: int) -> Tensor:
     """FLAGS from the measurement (its bit 2 replaced by the detector's), 2 (blended), 8 (truncated)."""
     flags = torch.zeros(len(det["label"]), dtype=torch.int64, device=det["label"].device)
@@ -277,14 +262,12 @@ def _detection_flags(det: dict, meas: dict, H: int, W: int) -> Tensor:
     return flags | torch.where(trunc, FLAG_TRUNCATED, 0)
 
 
-def _saturation_flags(image: Tensor, det: dict, saturation, background, saturated) -> Tensor:
-    """FLAGS 4: a raw pixel (``image + background``) at or above ``saturation``, or a pixel in the
-    ``saturated`` mask (calibrate.saturation_mask: saturation and bleed trails)."""
+def _saturation_flags(image: Tensor, det: dict, saturated) -> Tensor:
+    """FLAGS 4 from a ``saturated`` mask (calibrate.saturation_mask: saturated pixels and bleed
+    trails): an object touching it. SATUR_LEVEL itself is photometry's rule (SExtractor's
+    ``peak + background >= SATUR_LEVEL``, :func:`astroprep_torch.photometry.flags._saturated_flags`)."""
     n = len(det["label"])
     flags = torch.zeros(n, dtype=torch.int64, device=image.device)
-    if saturation is not None:
-        rmax = _segment_max(_raw_values(image, det["pixels"], background), det["pixel_row"], n)
-        flags |= torch.where(rmax >= saturation, FLAG_SATURATED, 0)
     if saturated is not None:
         hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
         flags |= torch.where(_segment_max(hit, det["pixel_row"], n) > 0, FLAG_SATURATED, 0)
@@ -310,8 +293,8 @@ class SourceExtractor(nn.Module):
 
     ``forward(image, rms, mask=None, *, background=None) -> Catalog``: ``image`` (B,1,H,W)
     background-subtracted; ``rms`` the background rms map (B,1,H,W), one value per image (B,) or a
-    float; ``mask`` bool (True = bad); ``background`` (optional) is only used to compare raw pixel
-    values with ``saturation``; ``saturated`` (optional bool (B,1,H,W)) flags (4) the objects that touch it.
+    float; ``mask`` bool (True = bad); ``background`` (optional) is added to an object's peak for the
+    ``saturation`` test (SExtractor's ``peak + background >= SATUR_LEVEL``, at the barycentre's pixel); ``saturated`` (optional bool (B,1,H,W)) flags (4) the objects that touch it.
     See the module docstring for the algorithm.
 
     Noise semantics: SExtractor without a weight map (``WEIGHT_TYPE NONE``, its default) thresholds
@@ -407,8 +390,7 @@ class SourceExtractor(nn.Module):
             cols[k] = det[k]
         cols.update({k: v for k, v in meas.items() if k not in ("batch_index", "label", "flags")})
         cols["thresh"] = det["thresh"]
-        cols["flags"] = _detection_flags(det, meas, H, W) | _saturation_flags(
-            image, det, self.saturation, background, saturated)
+        cols["flags"] = _detection_flags(det, meas, H, W) | _saturation_flags(image, det, saturated)
         return Catalog(cols, seg)
 
     def _measure(self, image: Tensor, rms, mask, det: dict, background) -> Optional[dict]:
