@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import all_finite, bad_pixels, check_image, check_mask
-from ._ops import serial_on_cpu
+from ._runtime import serial_on_cpu
 
 __all__ = [
     "Catalog",

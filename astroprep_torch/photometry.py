@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_image, check_mask
-from ._ops import one_intraop_thread, thread_pool, with_caller_modes
+from ._runtime import one_intraop_thread, thread_pool, with_caller_modes
 
 __all__ = [
     "measure",
@@ -271,7 +271,7 @@ _SPLIT_MIN = 2000  # objects per call below which the stamp stages run on one th
 def _split_run(fn, geo: dict, n: int, workers: int):
     """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` interleaved groups,
     each run by its own thread (the calling thread takes the first; the others come from
-    :func:`~astroprep_torch._ops.thread_pool`); outputs (tuples of tensors with one row per object)
+    :func:`~astroprep_torch._runtime.thread_pool`); outputs (tuples of tensors with one row per object)
     are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for fewer than
     ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the results equal
     the one-group run's (up to the summation order inside shared stamp batches)."""

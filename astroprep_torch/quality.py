@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import all_finite, check_image, check_mask
-from ._ops import numpy_inplace_
+from ._runtime import numpy_inplace_
 
 log = logging.getLogger(__name__)
 
