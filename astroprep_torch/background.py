@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image
-from ._runtime import cpu_workers, map_on_threads, side_by_side, sort_last
+from ._runtime import adapt_to_load, cpu_workers, map_on_threads, side_by_side, sort_last
 from ._runtime import searchsorted as _searchsorted
 
 __all__ = ["BackgroundResult", "Background2D", "background_2d", "subtract_background"]
@@ -1049,6 +1049,7 @@ def _interp_matrices(kind: str, ny: int, nx: int, bh: int, bw: int, H: int, W: i
 # ------------------------------------------------------------------------------------------------
 # functional core
 # ------------------------------------------------------------------------------------------------
+@adapt_to_load
 def background_2d(
     image: Tensor,
     mask: Optional[Tensor] = None,

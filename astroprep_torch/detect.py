@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import all_finite, bad_pixels, check_image, check_mask
-from ._runtime import serial_on_cpu
+from ._runtime import adapt_to_load, serial_on_cpu
 
 __all__ = [
     "Catalog",
@@ -1430,6 +1430,7 @@ class SourceExtractor(nn.Module):
             f"deblend_cont={self.deblend_cont}, clean={self.clean}, clean_param={self.clean_param}"
         )
 
+    @adapt_to_load
     def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
                 saturated: Optional[Tensor] = None) -> Catalog:
         check_image(image, "image", channels=1)

@@ -123,6 +123,7 @@ from torch import Tensor, nn
 
 from ._checks import (all_finite, as_pair, bad_pixels, check_batch_nonempty, check_float_dtype, check_image,
                       check_mask, check_same_shape)
+from ._runtime import adapt_to_load
 
 __all__ = [
     "KernelBasis",
@@ -1176,6 +1177,7 @@ def _no_stamp_reason(science, template, smask, tmask, bad, which) -> str:
             "saturation/masks, or pass stamp_positions")
 
 
+@adapt_to_load
 def image_subtraction(
     science: Tensor,
     template: Tensor,

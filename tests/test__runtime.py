@@ -95,3 +95,87 @@ def test_stage_module_leaves_threads_to_runtime(module):
     path = PACKAGE / f"{module}.py"
     assert not _imports(path) & {"threading", "concurrent", "ctypes", "multiprocessing"}
     assert not _thread_count_calls(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# the thread policy on a busy machine (issue 19, item 4)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threads, cores, busy, expected", [
+    (2, 2, 0.0, 2),  # quiet
+    (2, 2, 0.3, 2),  # a little background noise
+    (2, 2, 1.0, 1),  # one core taken by someone else
+    (2, 2, 6.0, 1),  # oversubscribed: never below one
+    (8, 8, 3.0, 5),
+    (4, 16, 0.0, 4),  # never more than configured
+    (1, 2, 0.0, 1),
+])
+def test_threads_for_load_uses_the_free_cores(threads, cores, busy, expected):
+    from astroprep_torch._runtime import threads_for_load
+
+    assert threads_for_load(threads, cores, busy) == expected
+
+
+def test_others_load_is_the_busy_time_of_the_cpus_less_our_own():
+    from astroprep_torch._runtime.load import CpuSample, others_busy, parse_proc_stat
+
+    stat = ("cpu  10 0 10 100 0 0 0 0 0 0\n"
+            "cpu0 1 2 3 100 9 4 5 6 0 0\n"
+            "cpu1 100 0 100 5 0 0 0 0 0 0\n"
+            "intr 12345\n")
+    assert parse_proc_stat(stat, {0}) == 1 + 2 + 3 + 4 + 5 + 6  # user nice system irq softirq steal
+    assert parse_proc_stat(stat, {0, 1}) == 21 + 200
+    assert parse_proc_stat(stat, {7}) is None
+    # 3 busy CPU-seconds in 2 s of wall time, 1 of them ours: others kept 1 core busy
+    assert others_busy(CpuSample(10.0, 5.0, 100.0), CpuSample(13.0, 6.0, 102.0)) == pytest.approx(1.0)
+    assert others_busy(CpuSample(10.0, 5.0, 100.0), CpuSample(10.5, 6.0, 101.0)) == 0.0
+
+
+@pytest.fixture
+def one_core_taken(monkeypatch):
+    from astroprep_torch._runtime import load
+
+    monkeypatch.setattr(load, "_cpus", lambda: {0, 1})
+    monkeypatch.setattr(load._MONITOR, "busy_elsewhere", lambda interval: 1.0)
+    monkeypatch.delenv("ASTROPREP_ADAPT_THREADS", raising=False)
+
+
+def test_a_stage_runs_on_the_free_cores_and_restores_the_count(two_threads, one_core_taken, monkeypatch):
+    from astroprep_torch._runtime import adapt_to_load
+
+    @adapt_to_load
+    def stage(image):
+        return torch.get_num_threads(), cpu_workers(image)
+
+    assert stage(torch.zeros(3)) == (1, 1)
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("ASTROPREP_ADAPT_THREADS", "0")
+    assert stage(torch.zeros(3)) == (2, 2)
+
+
+@pytest.mark.parametrize("module, name", [("background", "background_2d"), ("subtract", "image_subtraction"),
+                                          ("align", "reproject"), ("detect", "SourceExtractor.forward")])
+def test_stages_adapt_their_threads_to_the_load(module, name, two_threads, one_core_taken):
+    """The four stages of the busy-machine table run through the policy (1 thread here, where the
+    fixture says one of two cores is taken)."""
+    import importlib
+
+    obj = importlib.import_module(f"astroprep_torch.{module}")
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    assert getattr(obj, "adapts_to_load", False)
+
+
+def test_background_runs_on_one_thread_when_a_core_is_taken(two_threads, one_core_taken, monkeypatch):
+    from astroprep_torch import background
+
+    seen = []
+    real = background._photutils_stats
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(background, "_photutils_stats", spy)
+    img = torch.randn(1, 1, 256, 256) + 100.0
+    background.background_2d(img)
+    assert seen == [1] and torch.get_num_threads() == 2

@@ -140,3 +140,31 @@ def side_by_side(calls: Iterable[Callable[[], Any]], t: Tensor) -> list:
     first = calls[0]()
     return [first] + [j.result() for j in jobs]
 
+
+def adapt_to_load(fn):
+    """Decorator for a stage (a function or ``forward`` whose first tensor argument is the image): on
+    the CPU it runs with the intra-op threads :func:`~astroprep_torch._runtime.load.threads_now`
+    allows (fewer than torch's count while other processes hold cores), the caller's count restored
+    on exit. Off the CPU, while ``torch.compile`` traces, or with ``ASTROPREP_ADAPT_THREADS=0``,
+    ``fn`` runs as is."""
+    from .load import threads_now
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        image = next((a for a in args if isinstance(a, Tensor)), None)
+        if image is None or image.device.type != "cpu":
+            return fn(*args, **kwargs)
+        n = torch.get_num_threads()
+        k = threads_now(n)
+        if k >= n:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(k)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    run.adapts_to_load = True
+    return run
