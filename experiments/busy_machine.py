@@ -5,7 +5,8 @@ Goal: with one core taken by someone else, no stage slower than 1.3x its own one
 
 One child process per (size, stages | pipeline) measures, alternated within the same process,
 every combination of
-* load: ``quiet`` (the spinner process stopped, SIGSTOP) or ``loaded`` (it spins on a core, SIGCONT);
+* load: ``quiet`` (the spinner process stopped, SIGSTOP) or ``loaded`` (it spins on a core, SIGCONT;
+  ``--spinners N``: N such processes, e.g. 3 on 2 cores for an oversubscribed machine);
 * mode: ``1 thread`` (``torch.set_num_threads(1)``, the reference), ``fixed`` (torch's thread count
   whatever the load: ``ASTROPREP_ADAPT_THREADS=0``, the behaviour before the policy) and ``adaptive``
   (the policy: fewer intra-op threads while other processes hold cores; the default now).
@@ -92,11 +93,12 @@ def set_mode(mode: str, threads: int) -> None:
     os.environ["ASTROPREP_ADAPT_THREADS"] = "1" if mode == "adaptive" else "0"
 
 
-def settle(spin: subprocess.Popen, load: str, seconds: float) -> None:
-    """Switch the spinner and restart the policy's measurement window, then wait ``seconds``."""
+def settle(spins: list, load: str, seconds: float) -> None:
+    """Switch the spinners and restart the policy's measurement window, then wait ``seconds``."""
     from astroprep_torch._runtime import load as policy
 
-    os.kill(spin.pid, signal.SIGCONT if load == "loaded" else signal.SIGSTOP)
+    for spin in spins:
+        os.kill(spin.pid, signal.SIGCONT if load == "loaded" else signal.SIGSTOP)
     with policy._MONITOR.lock:
         policy._MONITOR.last = policy.sample()
     time.sleep(seconds)
@@ -116,14 +118,14 @@ def timed(call, mode: str, threads: int) -> tuple:
     return dt, os.getloadavg()[0], chosen
 
 
-def child(kind: str, size: int, repeat: int, settle_s: float) -> dict:
+def child(kind: str, size: int, repeat: int, settle_s: float, spinners: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import astroprep_torch  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads)
     import torch
 
     threads = torch.get_num_threads()
     calls = stage_calls(size) if kind == "stages" else pipeline_call(size)
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spins = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(spinners)]
     out = {"threads": threads, "policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "cells": {}}
     try:
         with torch.no_grad():
@@ -134,21 +136,22 @@ def child(kind: str, size: int, repeat: int, settle_s: float) -> dict:
                 log = {(load, mode): [] for load in LOADS for mode in MODES}
                 for r in range(repeat):
                     for load in (LOADS if r % 2 == 0 else LOADS[::-1]):
-                        settle(spin, load, settle_s)
+                        settle(spins, load, settle_s)
                         for mode in MODES[r % 3:] + MODES[:r % 3]:
                             log[(load, mode)].append(timed(call, mode, threads))
                 out["cells"][name] = {f"{load}|{mode}": v for (load, mode), v in log.items()}
     finally:
-        os.kill(spin.pid, signal.SIGCONT)
-        spin.kill()
-        spin.wait()
+        for spin in spins:
+            os.kill(spin.pid, signal.SIGCONT)
+            spin.kill()
+            spin.wait()
     return out
 
 
-def run_child(kind: str, size: int, repeat: int, settle_s: float) -> dict:
+def run_child(kind: str, size: int, repeat: int, settle_s: float, spinners: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     cmd = [sys.executable, __file__, "--child", kind, "--sizes", str(size), "--repeat", str(repeat),
-           "--settle", str(settle_s)]
+           "--settle", str(settle_s), "--spinners", str(spinners)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{kind} at {size}: {res.stderr[-3000:]}")
@@ -184,10 +187,11 @@ def main():
                    help="Table 2 graph frames (4096 means the GWAC 4136x4096 frame)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--settle", type=float, default=0.6, help="seconds after each switch of the spinner")
+    p.add_argument("--spinners", type=int, default=1, help="processes spinning while loaded (1: one core taken)")
     p.add_argument("--child", choices=("stages", "pipeline"))
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.sizes[0], args.repeat, args.settle)))
+        print(json.dumps(child(args.child, args.sizes[0], args.repeat, args.settle, args.spinners)))
         return
     sys.path.insert(0, str(HERE))
     from _common import git_rev, machine, write_result
@@ -196,17 +200,18 @@ def main():
     results, seen = {}, {}
     for kind, sizes in (("stages", args.sizes), ("pipeline", args.pipeline_sizes)):
         for size in sizes:
-            r = run_child(kind, size, args.repeat, args.settle)
+            r = run_child(kind, size, args.repeat, args.settle, args.spinners)
             seen[f"{kind} {size}"] = f"{r['policy']}, {r['threads']} threads"
             results.update({(f"{name} {size}^2" if kind == "stages" else name): c for name, c in r["cells"].items()})
             print("\n".join(table({k: v for k, v in results.items()})), flush=True)
     cmd = (f"python experiments/busy_machine.py --sizes {' '.join(map(str, args.sizes))} --pipeline-sizes "
-           f"{' '.join(map(str, args.pipeline_sizes))} --repeat {args.repeat}")
+           f"{' '.join(map(str, args.pipeline_sizes))} --repeat {args.repeat}"
+           + (f" --spinners {args.spinners}" if args.spinners != 1 else ""))
     lines = ["# Stage and Table 2 times on a quiet vs a loaded machine, before vs after the thread policy (issue 19, item 4)",
              "", f"Command: `PYTHONPATH=$PWD {cmd}`; git {git_rev()}; {machine()} (load average {load0:.2f} at the "
              f"start). Seconds, median of {args.repeat} alternated calls per cell; `adaptive` cells add the intra-op "
-             "thread counts the policy chose. quiet: the spinner stopped; loaded: one extra process spinning on a "
-             "core. fixed = before (torch's thread count whatever the load, `ASTROPREP_ADAPT_THREADS=0`); "
+             "thread counts the policy chose. quiet: the spinners stopped; loaded: "
+             f"{args.spinners} extra process(es) spinning, each on a core. fixed = before (torch's thread count whatever the load, `ASTROPREP_ADAPT_THREADS=0`); "
              "adaptive = after (the default: `astroprep_torch._runtime.load`).", "",
              "Goal: loaded / quiet 1 thread <= 1.3 for every stage.", ""] + table(results) + [
              "", "OpenMP wait policy and thread count seen by each child: " +
