@@ -82,8 +82,8 @@ __all__ = list(_SUBMODULES) + ["__version__", "retain_freed_memory"]
 
 
 def __getattr__(name: str):
-    if name == "retain_freed_memory":  # see astroprep_torch._ops.retain_freed_memory
-        from ._ops import retain_freed_memory
+    if name == "retain_freed_memory":  # see astroprep_torch._runtime.retain_freed_memory
+        from ._runtime import retain_freed_memory
 
         return retain_freed_memory
     if name in _SUBMODULES:

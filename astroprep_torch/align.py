@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image, check_mask, check_wcs
+from ._runtime import adapt_to_load
 
 __all__ = [
     "AlignmentError",
@@ -536,6 +537,7 @@ def _check_reproject_args(image, mask, src_wcs, dst_wcs, interpolation, variance
     return mask
 
 
+@adapt_to_load
 def reproject(
     image: Tensor,
     src_wcs,

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._ops import one_intraop_thread
+from ._runtime import one_intraop_thread
 from .align import AlignmentError, match_sources
 from .wcs import TanWCS
 

@@ -65,7 +65,6 @@ patch mask; outputs (B, 1, H, W) in the image's dtype and device. Units are the 
 from __future__ import annotations
 
 import math
-import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -73,8 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image
-from ._ops import searchsorted as _searchsorted
-from ._ops import sort_last, thread_pool
+from ._runtime import adapt_to_load, cpu_workers, map_on_threads, side_by_side, sort_last
+from ._runtime import searchsorted as _searchsorted
 
 __all__ = ["BackgroundResult", "Background2D", "background_2d", "subtract_background"]
 
@@ -358,25 +357,171 @@ def _hist_fill(xv: Tensor, badv: Optional[Tensor], w: Tensor, e0: Tensor, out: T
     idx.add_((box * (nb + 1)).to(itype).view(B, cy, 1, nx, 1))
     idx = idx.reshape(-1)
     ones = torch.ones((), dtype=out.dtype, device=dev).expand(idx.numel())
-    if dev.type == "cpu" and not _compiling() and torch.get_num_threads() > 1:
-        # ATen's CPU index_add_ is single-threaded: the two rows (counts, positions) are
-        # independent, so the second runs on a helper thread meanwhile (the GIL is released)
-        scatter = _in_mode(torch.is_inference_mode_enabled(), out[1].index_add_)
-        job = thread_pool(torch.get_num_threads()).submit(scatter, 0, idx, delta.to(out.dtype))
-        out[0].index_add_(0, idx, ones)
-        job.result()
+    # ATen's CPU index_add_ is single-threaded: the two rows (counts, positions) are independent,
+    # so they may fill at once
+    side_by_side([lambda: out[0].index_add_(0, idx, ones),
+                  lambda: out[1].index_add_(0, idx, delta.to(out.dtype))], x)
+
+
+class _Binned(NamedTuple):
+    """Histograms of many boxes, shaped (..., nb), with their prefix sums (float64, a leading 0):
+    ``h`` counts, ``sd`` sums of in-bin positions, ``P0``/``P1``/``P2`` cumulative count, sum and
+    sum of squares of the bins' pixels in bin units; ``quant`` (..., 1): one value per bin
+    (quantised data); ``lin`` and ``gedge`` (nb,): linear-zone flag and lower edge index of each bin."""
+
+    h: Tensor
+    sd: Tensor
+    P0: Tensor
+    P1: Tensor
+    P2: Tensor
+    quant: Tensor
+    lin: Tensor
+    gedge: Tensor
+
+
+def _hist_to_value(gv: Tensor) -> Tensor:
+    """Inverse of :func:`_hist_bin`: normalised value at float bin index ``gv``."""
+    a = gv.abs()
+    return torch.copysign(torch.where(a <= _HIST_LIN, a, _HIST_LIN * torch.exp((a - _HIST_LIN) / _HIST_LOG)), gv)
+
+
+def _binned(h: Tensor, sd: Tensor, quant: Tensor) -> _Binned:
+    """Prefix sums of the bins' moments: exact first moment in the linear zone (unit-width bins),
+    second moment with the uniform-bin (Sheppard) term for continuous data; bin centres in the log
+    zone. (h, sd stay in the caller's float32 buffer: counts are exact, sd / h is a position in
+    [0, 1); per-bin terms in the buffer's precision, everything summed across bins in float64.)"""
+    dev = h.device
+    f64 = torch.float64
+    _, centres = _hist_edges(dev)
+    gedge = torch.arange(-_HIST_HALF, _HIST_HALF, dtype=f64, device=dev)
+    lin = (gedge >= -_HIST_LIN) & (gedge + 1 <= _HIST_LIN)
+    qz = quant.unsqueeze(-1)
+    gc = torch.where(lin, gedge, centres).to(h.dtype)  # bin origin (linear zone) or centre (log zone)
+    lw = lin.to(h.dtype)
+    P0 = F.pad(torch.cumsum(h, -1, dtype=f64), (1, 0))
+    P1 = F.pad(torch.cumsum(torch.addcmul(h * gc, sd, lw), -1, dtype=f64), (1, 0))
+    tm = torch.addcmul(gc, sd / h.clamp(min=1.0), lw)  # mean position of each bin's pixels
+    tm = (h * tm).mul_(tm)
+    if _compiling() or bool(quant.any()):
+        tm.add_(torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=h.dtype, device=dev)))
     else:
-        out[0].index_add_(0, idx, ones)
-        out[1].index_add_(0, idx, delta.to(out.dtype))
+        tm.addcmul_(h, lw, value=1.0 / 12.0)
+    P2 = F.pad(torch.cumsum(tm, -1, dtype=f64), (1, 0))
+    return _Binned(h, sd, P0, P1, P2, qz, lin, gedge)
 
 
-def _in_mode(inference: bool, fn):
-    """``fn`` run under the caller's inference mode and without autograd (grad and inference modes
-    are thread-local: a worker thread starts with neither)."""
-    def run(*args):
-        with torch.inference_mode(inference), torch.no_grad():
-            return fn(*args)
-    return run
+# The helpers below take values of shape (B, cy, nx, k): k bounds or quantiles of every box at once
+# (one operation for both ends of a window: the cost here is per operation).
+def _bin_model(hb: _Binned, j: Tensor):
+    """Bin j of each box: count, mean position, slope of a linear density matching it, point mass?"""
+    hj = torch.gather(hb.h, -1, j)
+    mj = (torch.gather(hb.sd, -1, j) / hj.clamp(min=1.0)).clamp(0.0, 1.0)
+    slope = (12.0 * (mj - 0.5)).clamp(-2.0, 2.0)
+    pt = (hb.quant & hb.lin[j]) | (hj <= 1.0)
+    return hj, mj, slope, pt
+
+
+def _locate(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Bin index and position inside the bin of normalised values ``v``."""
+    gv = _hist_bin(v.clamp(-1e300, 1e300))
+    gv = gv.clamp(-_HIST_HALF, _HIST_HALF - 1e-9)
+    fl = torch.floor(gv)
+    return (fl + _HIST_HALF).long(), gv - fl
+
+
+def _cum(hb: _Binned, v: Tensor, inclusive: Tensor):
+    """Count, sum and sum of squares (bin units) of the pixels below v (up to v if inclusive)."""
+    j, pos = _locate(v)
+    hj, mj, a, pt = _bin_model(hb, j)
+    p = pos.clamp(0.0, 1.0)
+    fp = torch.where(inclusive, pos >= mj, pos > mj)
+    fh = torch.where(pt, fp.to(torch.float64), p + 0.5 * a * (p * p - p)) * hj
+    c = _hist_to_value(hb.gedge[j] + torch.where(pt, mj, p * 0.5))
+    return (torch.gather(hb.P0, -1, j) + fh, torch.gather(hb.P1, -1, j) + fh * c,
+            torch.gather(hb.P2, -1, j) + fh * c * c)
+
+
+def _window(hb: _Binned, lo: Tensor, hi: Tensor):
+    """Count, sum, sum of squares of the pixels in (lo, hi], and the count below lo."""
+    ends = torch.tensor([False, True], device=lo.device)  # lower bound exclusive, upper inclusive
+    c0, c1, c2 = _cum(hb, torch.stack([lo, hi], -1), ends)
+    a0 = c0[..., 0]
+    return (c0[..., 1] - a0).clamp(min=0.0), c1[..., 1] - c1[..., 0], c2[..., 1] - c2[..., 0], a0
+
+
+def _value_at(hb: _Binned, qpos: Tensor) -> Tensor:
+    """Normalised value at cumulative count ``qpos`` (inverting the bins' linear densities)."""
+    nb = hb.h.shape[-1]
+    j = (_searchsorted(hb.P0, qpos, right=True) - 1).clamp(0, nb - 1)
+    hj, mj, a, pt = _bin_model(hb, j)
+    f = ((qpos - torch.gather(hb.P0, -1, j)) / hj.clamp(min=1e-300)).clamp(0.0, 1.0)
+    b = 1.0 - 0.5 * a
+    pos = 2.0 * f / (b + torch.sqrt((b * b + 2.0 * a * f).clamp(min=0.0))).clamp(min=1e-12)
+    pos = torch.where(pt, mj, pos.clamp(0.0, 1.0))
+    return _hist_to_value(hb.gedge[j] + pos)
+
+
+def _hist_median(hb: _Binned, n: Tensor, below: Tensor) -> Tensor:
+    """Median of the ``n`` pixels above the first ``below`` ones."""
+    q1 = below + torch.floor((n - 1.0).clamp(min=0.0) / 2.0) + 0.5
+    q2 = torch.minimum(below + torch.floor(n / 2.0) + 0.5, below + n - 0.5).clamp(min=q1)
+    v = _value_at(hb, torch.stack([q1, q2], -1))
+    return 0.5 * (v[..., 0] + v[..., 1])
+
+
+def _moments(n: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population std from a count, sum and sum of squares."""
+    nn_ = n.clamp(min=1e-300)
+    mean = s1 / nn_
+    var = (s2 / nn_ - mean * mean).clamp(min=0.0)
+    return mean, torch.sqrt(var)
+
+
+def _clip_bounds(hb: _Binned, sigma: float, maxiters: int) -> tuple[Tensor, Tensor]:
+    """astropy's iterations (median +- sigma std of the kept set, the set shrinking cumulatively):
+    each box's last bounds, in bin units (+-inf for an empty box)."""
+    shape = hb.h.shape[:-1]
+    lo_c = torch.full(shape, -math.inf, dtype=torch.float64, device=hb.h.device)
+    hi_c = torch.full(shape, math.inf, dtype=torch.float64, device=hb.h.device)
+    lo_f, hi_f = lo_c.clone(), hi_c.clone()
+    n, m1, m2, below = _window(hb, lo_c, hi_c)
+    active = n > 0.5
+    for it in range(maxiters):
+        med = _hist_median(hb, n, below)
+        _, std = _moments(n, m1, m2)
+        lo = med - sigma * std
+        hi = med + sigma * std
+        lo_f = torch.where(active, lo, lo_f)
+        hi_f = torch.where(active, hi, hi_f)
+        nlo = torch.maximum(lo_c, lo)
+        nhi = torch.minimum(hi_c, hi)
+        n2, t1, t2, b2 = _window(hb, nlo, nhi)
+        still = active & ((n2 - n).abs() >= 0.5) & (n2 > 0.5)
+        lo_c = torch.where(still, nlo, lo_c)
+        hi_c = torch.where(still, nhi, hi_c)
+        n = torch.where(still, n2, n)
+        m1 = torch.where(still, t1, m1)
+        m2 = torch.where(still, t2, m2)
+        below = torch.where(still, b2, below)
+        active = still
+        if not _compiling() and it % 3 == 2 and not bool(active.any()):
+            break
+    return lo_f, hi_f
+
+
+def _hist_mad(hb: _Binned, med_t: Tensor, n: Tensor, lo_f: Tensor, hi_f: Tensor) -> Tensor:
+    """Median absolute deviation (bin units) of the final set: the radius r with half of it inside
+    med +- r (bisection on the histogram)."""
+    lo_r = torch.zeros_like(med_t)
+    hi_r = (hi_f - lo_f).nan_to_num(2.0 * _HIST_LIN, posinf=1e12).clamp(min=1.0, max=1e12)
+    half = 0.5 * n
+    for _ in range(48):
+        r = 0.5 * (lo_r + hi_r)
+        c = _window(hb, torch.maximum(med_t - r, lo_f), torch.minimum(med_t + r, hi_f))[0]
+        up = c >= half
+        hi_r = torch.where(up, r, hi_r)
+        lo_r = torch.where(up, lo_r, r)
+    return 0.5 * (lo_r + hi_r)
 
 
 def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxiters: int, need_mad: bool) -> _Stats:
@@ -390,140 +535,14 @@ def _clip_stats_hist(h: Tensor, sd: Tensor, grid: _HistGrid, sigma: float, maxit
     that value, and other bins are modelled with a linear density matching their mean position when
     a clipping bound or the median falls inside them.
     """
-    dev = h.device
-    f64 = torch.float64
-    nb = 2 * _HIST_HALF
-    quant, w, e0 = grid.quant, grid.w, grid.e0
-    B, cy, nx = h.shape[:3]
-    edges, centres = _hist_edges(dev)
-    gedge = torch.arange(-_HIST_HALF, _HIST_HALF, dtype=f64, device=dev)
-    lin = (gedge >= -_HIST_LIN) & (gedge + 1 <= _HIST_LIN)
-    qz = quant.unsqueeze(-1)
-
-    def ginv(gv):
-        a = gv.abs()
-        return torch.copysign(torch.where(a <= _HIST_LIN, a, _HIST_LIN * torch.exp((a - _HIST_LIN) / _HIST_LOG)), gv)
-
-    # moments of whole bins: exact first moment in the linear zone (unit-width bins), second moment
-    # with the uniform-bin (Sheppard) term for continuous data; bin centres in the log zone
-    # (h, sd stay in the caller's float32 buffer: counts are exact, sd / h is a position in [0, 1);
-    # everything summed across bins is float64)
-    # Per-bin terms in the buffer's precision, prefix sums (with a leading 0) accumulated in float64.
-    gc = torch.where(lin, gedge, centres).to(h.dtype)  # bin origin (linear zone) or centre (log zone)
-    lw = lin.to(h.dtype)
-    P0 = F.pad(torch.cumsum(h, -1, dtype=f64), (1, 0))
-    P1 = F.pad(torch.cumsum(torch.addcmul(h * gc, sd, lw), -1, dtype=f64), (1, 0))
-    tm = torch.addcmul(gc, sd / h.clamp(min=1.0), lw)  # mean position of each bin's pixels
-    tm = (h * tm).mul_(tm)
-    if _compiling() or bool(quant.any()):
-        tm.add_(torch.where(lin & ~qz, h / 12.0, torch.zeros((), dtype=h.dtype, device=dev)))
-    else:
-        tm.addcmul_(h, lw, value=1.0 / 12.0)
-    P2 = F.pad(torch.cumsum(tm, -1, dtype=f64), (1, 0))
-    del tm
-
-    # the helpers below take values of shape (B, cy, nx, k): k bounds or quantiles of every box at
-    # once (one operation for both ends of a window: the cost here is per operation)
-    qz1 = quant.unsqueeze(-1)
-
-    def take(t, j):
-        return torch.gather(t, -1, j)
-
-    def bin_model(j):
-        """Bin j of each box: count, slope of a linear density matching the mean position, point mass?"""
-        hj = take(h, j)
-        mj = (take(sd, j) / hj.clamp(min=1.0)).clamp(0.0, 1.0)
-        slope = (12.0 * (mj - 0.5)).clamp(-2.0, 2.0)
-        pt = (qz1 & lin[j]) | (hj <= 1.0)
-        return hj, mj, slope, pt
-
-    def locate(v):
-        gv = _hist_bin(v.clamp(-1e300, 1e300))
-        gv = gv.clamp(-_HIST_HALF, _HIST_HALF - 1e-9)
-        fl = torch.floor(gv)
-        return (fl + _HIST_HALF).long(), gv - fl
-
-    def cum(v, inclusive):
-        """Count, sum and sum of squares (bin units) of the pixels below v (up to v if inclusive)."""
-        j, pos = locate(v)
-        hj, mj, a, pt = bin_model(j)
-        p = pos.clamp(0.0, 1.0)
-        fp = torch.where(inclusive, pos >= mj, pos > mj)
-        fh = torch.where(pt, fp.to(f64), p + 0.5 * a * (p * p - p)) * hj
-        c = ginv(gedge[j] + torch.where(pt, mj, p * 0.5))
-        return take(P0, j) + fh, take(P1, j) + fh * c, take(P2, j) + fh * c * c
-
-    ends = torch.tensor([False, True], device=dev)  # lower bound exclusive, upper inclusive
-
-    def window(lo, hi):
-        c0, c1, c2 = cum(torch.stack([lo, hi], -1), ends)
-        a0 = c0[..., 0]
-        return (c0[..., 1] - a0).clamp(min=0.0), c1[..., 1] - c1[..., 0], c2[..., 1] - c2[..., 0], a0
-
-    def value_at(qpos):
-        j = (_searchsorted(P0, qpos, right=True) - 1).clamp(0, nb - 1)
-        hj, mj, a, pt = bin_model(j)
-        f = ((qpos - take(P0, j)) / hj.clamp(min=1e-300)).clamp(0.0, 1.0)
-        b = 1.0 - 0.5 * a
-        pos = 2.0 * f / (b + torch.sqrt((b * b + 2.0 * a * f).clamp(min=0.0))).clamp(min=1e-12)
-        pos = torch.where(pt, mj, pos.clamp(0.0, 1.0))
-        return ginv(gedge[j] + pos)
-
-    def median(n, below):
-        q1 = below + torch.floor((n - 1.0).clamp(min=0.0) / 2.0) + 0.5
-        q2 = torch.minimum(below + torch.floor(n / 2.0) + 0.5, below + n - 0.5).clamp(min=q1)
-        v = value_at(torch.stack([q1, q2], -1))
-        return 0.5 * (v[..., 0] + v[..., 1])
-
-    def moments(n, s1_, s2_):
-        nn_ = n.clamp(min=1e-300)
-        mean = s1_ / nn_
-        var = (s2_ / nn_ - mean * mean).clamp(min=0.0)
-        return mean, torch.sqrt(var)
-
-    shape = e0.shape
-    lo_c = torch.full(shape, -math.inf, dtype=f64, device=dev)
-    hi_c = torch.full(shape, math.inf, dtype=f64, device=dev)
-    lo_f, hi_f = lo_c.clone(), hi_c.clone()
-    n, m1, m2, below = window(lo_c, hi_c)
-    active = n > 0.5
-    for it in range(maxiters):
-        med = median(n, below)
-        _, std = moments(n, m1, m2)
-        lo = med - sigma * std
-        hi = med + sigma * std
-        lo_f = torch.where(active, lo, lo_f)
-        hi_f = torch.where(active, hi, hi_f)
-        nlo = torch.maximum(lo_c, lo)
-        nhi = torch.minimum(hi_c, hi)
-        n2, t1, t2, b2 = window(nlo, nhi)
-        still = active & ((n2 - n).abs() >= 0.5) & (n2 > 0.5)
-        lo_c = torch.where(still, nlo, lo_c)
-        hi_c = torch.where(still, nhi, hi_c)
-        n = torch.where(still, n2, n)
-        m1 = torch.where(still, t1, m1)
-        m2 = torch.where(still, t2, m2)
-        below = torch.where(still, b2, below)
-        active = still
-        if not _compiling() and it % 3 == 2 and not bool(active.any()):
-            break
-    n, m1, m2, below = window(lo_f, hi_f)
-    med_t = median(n, below)
-    mean_t, std_t = moments(n, m1, m2)
-    mad = None
-    if need_mad:
-        # radius r with half of the final set inside med +- r (bisection on the histogram)
-        lo_r = torch.zeros_like(med_t)
-        hi_r = (hi_f - lo_f).nan_to_num(2.0 * _HIST_LIN, posinf=1e12).clamp(min=1.0, max=1e12)
-        half = 0.5 * n
-        for _ in range(48):
-            r = 0.5 * (lo_r + hi_r)
-            c = window(torch.maximum(med_t - r, lo_f), torch.minimum(med_t + r, hi_f))[0]
-            up = c >= half
-            hi_r = torch.where(up, r, hi_r)
-            lo_r = torch.where(up, lo_r, r)
-        mad = 0.5 * (lo_r + hi_r) * w * _MAD_TO_STD
-    nan = torch.tensor(float("nan"), dtype=f64, device=dev)
+    w, e0 = grid.w, grid.e0
+    hb = _binned(h, sd, grid.quant)
+    lo_f, hi_f = _clip_bounds(hb, sigma, maxiters)
+    n, m1, m2, below = _window(hb, lo_f, hi_f)
+    med_t = _hist_median(hb, n, below)
+    mean_t, std_t = _moments(n, m1, m2)
+    mad = _hist_mad(hb, med_t, n, lo_f, hi_f) * w * _MAD_TO_STD if need_mad else None
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=h.device)
     empty = n <= 0.5
     med = torch.where(empty, nan, e0 + med_t * w)
     mean = torch.where(empty, nan, e0 + mean_t * w)
@@ -560,18 +579,25 @@ _SEX_MAXLEVELS = 4096
 _SEX_STEP = math.sqrt(2.0 / math.pi) * _SEX_NSIGMA / _SEX_AMIN
 
 
-def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100):
-    """SExtractor backstat + backhisto + backguess for a block of boxes.
+class _SexLevels(NamedTuple):
+    """back.c's per-box histogram frame, each (B, cy, nx): ``valid`` (at least half the box area
+    good), ``mean`` of the 2-sigma-cut pixels (float32), ``nlev`` levels of ``qscale`` starting at
+    ``qzero`` (float32), and ``cste`` = 0.499999 - qzero / qscale (float32)."""
 
-    Returns (mode, sigma, valid), each (B, cy, nx); computed without gradient.
-    """
-    B, cy, bh, nx, bw = xv.shape
-    dev = xv.device
-    x = xv.detach().to(torch.float32)
-    good = ~badv
+    valid: Tensor
+    mean: Tensor
+    nlev: Tensor
+    qscale: Tensor
+    qzero: Tensor
+    cste: Tensor
+
+
+def _sex_backstat(x: Tensor, good: Tensor, area: Tensor) -> _SexLevels:
+    """backstat: mean and sigma, one 2-sigma cut, mean and sigma again; then the histogram frame."""
+    B, cy, bh, nx, bw = x.shape
+    dev = x.device
     f64 = torch.float64
     dims = (2, 4)
-    # backstat: mean, sigma, one 2-sigma cut, mean and sigma again
     x64 = torch.where(good, x, torch.zeros((), dtype=x.dtype, device=dev)).to(f64)
     npix = good.sum(dims)
     s1 = x64.sum(dims)
@@ -591,17 +617,24 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
     var2 = (x64 * x64).sum(dims) / nf2 - mean2 * mean2
     del x64
     sig2 = torch.where(var2 > 0, torch.sqrt(var2.clamp(min=0)), torch.zeros_like(var2))
-    bm_mean = mean2.to(torch.float32)
     nlev = torch.floor(_SEX_STEP * npix2.to(f64) + 1.0).clamp(max=_SEX_MAXLEVELS).long()
     qscale = torch.where(sig2 > 0, 2 * _SEX_NSIGMA * sig2 / nlev.to(f64), torch.ones_like(sig2)).to(torch.float32)
     qzero = (mean2 - _SEX_NSIGMA * sig2).to(torch.float32)
     cste = (0.499999 - (qzero / qscale).to(f64)).to(torch.float32)
-    # backhisto
+    return _SexLevels(valid, mean2.to(torch.float32), nlev, qscale, qzero, cste)
+
+
+def _sex_histogram(x: Tensor, good: Tensor, lv: _SexLevels) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """backhisto: every box's histogram ``h`` (B, cy, nx, L) and the prefix sums of its count, level
+    and level^2 (B, cy, nx, L + 1; a leading 0), float64."""
+    B, cy, bh, nx, bw = x.shape
+    dev = x.device
+    f64 = torch.float64
     L = _SEX_MAXLEVELS
     T = B * cy * nx
-    v = x / qscale.view(B, cy, 1, nx, 1) + cste.view(B, cy, 1, nx, 1)
+    v = x / lv.qscale.view(B, cy, 1, nx, 1) + lv.cste.view(B, cy, 1, nx, 1)
     binf = torch.trunc(v)
-    inh = good & (binf >= 0) & (binf < nlev.view(B, cy, 1, nx, 1).to(torch.float32))
+    inh = good & (binf >= 0) & (binf < lv.nlev.view(B, cy, 1, nx, 1).to(torch.float32))
     base = (torch.arange(T, device=dev, dtype=torch.int64) * (L + 1)).view(B, cy, 1, nx, 1)
     # level k goes to column k + 1, pixels outside the histogram to column 0 (then zeroed), so the
     # prefix sums come out with their leading zero without a concatenation
@@ -612,21 +645,23 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
     del idx
     hv = hist.view(B, cy, nx, L + 1)
     hv[..., 0] = 0.0
-    h = hv[..., 1:]
     levp = torch.arange(-1, L, dtype=f64, device=dev).clamp_(min=0.0)  # [0, 0, 1, ..., L - 1]
-    P0 = torch.cumsum(hv, -1)
-    P1 = torch.cumsum(hv * levp, -1)
-    P2 = torch.cumsum(hv * (levp * levp), -1)
+    return hv[..., 1:], torch.cumsum(hv, -1), torch.cumsum(hv * levp, -1), torch.cumsum(hv * (levp * levp), -1)
 
-    # backguess: iterative 3-sigma clipping on the histogram
-    nlm1 = (nlev - 1)
-    lc = torch.zeros_like(nlev)
+
+def _sex_backguess(lv: _SexLevels, h: Tensor, P0: Tensor, P1: Tensor, P2: Tensor, maxiter: int):
+    """backguess: iterative 3-sigma clipping on the histograms. Returns (mean, median, sigma) in
+    levels, each (B, cy, nx) float64."""
+    f64 = torch.float64
+    L = _SEX_MAXLEVELS
+    nlm1 = (lv.nlev - 1)
+    lc = torch.zeros_like(lv.nlev)
     hc = nlm1.clone()
     sg = 10.0 * nlm1.to(f64)
     sg1 = torch.ones_like(sg)
-    mea = bm_mean.to(f64)
-    med = bm_mean.to(f64)
-    live = valid.clone()
+    mea = lv.mean.to(f64)
+    med = lv.mean.to(f64)
+    live = lv.valid.clone()
     for it in range(maxiter):
         cond = live & (sg >= 0.1) & ((sg / sg1 - 1.0).abs() > 1e-4)
         N = hc - lc + 1
@@ -670,12 +705,24 @@ def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100
         live = cond
         if not _compiling() and it % 8 == 7 and not bool(live.any()):
             break
-    qs = qscale.to(f64)
-    qz = qzero.to(f64)
+    return mea, med, sg
+
+
+def _sextractor_stats(xv: Tensor, badv: Tensor, area: Tensor, maxiter: int = 100):
+    """SExtractor backstat + backhisto + backguess for a block of boxes.
+
+    Returns (mode, sigma, valid), each (B, cy, nx); computed without gradient.
+    """
+    x = xv.detach().to(torch.float32)
+    good = ~badv
+    lv = _sex_backstat(x, good, area)
+    mea, med, sg = _sex_backguess(lv, *_sex_histogram(x, good, lv), maxiter)
+    qs = lv.qscale.to(torch.float64)
+    qz = lv.qzero.to(torch.float64)
     mode = torch.where((mea - med).abs() < 0.3 * sg.abs(), qz + (2.5 * med - 1.5 * mea) * qs, qz + med * qs)
     mode = torch.where(sg.abs() > 0, mode, qz + mea * qs)
     sigma = sg * qs
-    return mode.to(torch.float32), sigma.to(torch.float32), valid
+    return mode.to(torch.float32), sigma.to(torch.float32), lv.valid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1002,6 +1049,7 @@ def _interp_matrices(kind: str, ny: int, nx: int, bh: int, bw: int, H: int, W: i
 # ------------------------------------------------------------------------------------------------
 # functional core
 # ------------------------------------------------------------------------------------------------
+@adapt_to_load
 def background_2d(
     image: Tensor,
     mask: Optional[Tensor] = None,
@@ -1062,37 +1110,92 @@ def background_2d(
         ``min_pixels`` pixels in all: an image smaller than a box) raises ``ValueError`` naming it,
         instead of returning NaN maps.
     """
+    _check_args(image, estimator, rms_estimator, interpolation, method, sigma, maxiters, exclude_percentile)
+    bh, bw = as_pair(box_size, "box_size")
+    fsize = _check_odd_pair(filter_size, "filter_size")
+    pmask = _prepare_mask(mask, image)
+    if method == "photutils" and exact is None:
+        exact = bool(image.requires_grad and torch.is_grad_enabled())
+    boxes = _cut_boxes(image, pmask, bh, bw, chunk_pixels, may_skip_bad=method == "photutils" and not exact)
+    if method == "sextractor":
+        bkg_m, rms_m, valid = _sextractor_mesh(boxes)
+        fill_rule, edge = "nearest", "shrink"
+        kind = {"bicubic": "spline", "bilinear": "bilinear"}.get(interpolation, interpolation)
+    else:
+        st = _photutils_stats(boxes, float(sigma), int(maxiters), rms_estimator == "mad_std", exact)
+        bkg_m, rms_m = _estimate(st, estimator, rms_estimator, median_factor, mean_factor)
+        valid = (st.n >= min_pixels) & torch.isfinite(bkg_m) & torch.isfinite(rms_m)
+        if exclude_percentile is not None:
+            valid = valid & (st.n > (1.0 - exclude_percentile / 100.0) * bh * bw)
+        bkg_m, rms_m = bkg_m.to(image.dtype), rms_m.to(image.dtype)
+        fill_rule, edge = "idw", "nan"
+        kind = {"bicubic": "zoom", "bilinear": "bilinear"}.get(interpolation, interpolation)
+    _check_some_box_valid(valid, boxes.H, boxes.W, bh, bw, min_pixels)
+    if filter_edge is not None:
+        if filter_edge not in ("nan", "shrink"):
+            raise ValueError(f"filter_edge must be None, 'nan' or 'shrink', got {filter_edge!r}")
+        edge = filter_edge
+    mesh = _fill_invalid(torch.stack([bkg_m, rms_m], 1), valid, fill_rule)  # (B, 2, ny, nx)
+    mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
+    if mesh_out is not None:
+        mesh_out["mesh"] = mesh
+    # photutils clips the cubic zoom to the mesh range
+    clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
+    out = _interpolate_mesh(mesh, kind, bh, bw, boxes.H, boxes.W, clamp)  # (B, 2, H, W)
+    return BackgroundResult(out[:, 0:1], out[:, 1:2])
+
+
+def _check_args(image: Tensor, estimator: str, rms_estimator: str, interpolation: str, method: str,
+                sigma: float, maxiters: int, exclude_percentile: Optional[float]) -> None:
+    """Raise naming the first argument of :func:`background_2d` that is out of its range."""
     check_image(image, "image", channels=1)
     check_float_dtype(image, "image")
     check_batch_nonempty(image, "image")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if rms_estimator not in RMS_ESTIMATORS:
-        raise ValueError(f"rms_estimator must be one of {RMS_ESTIMATORS}, got {rms_estimator!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, value, allowed in (("estimator", estimator, ESTIMATORS), ("rms_estimator", rms_estimator, RMS_ESTIMATORS),
+                                 ("interpolation", interpolation, INTERPOLATIONS), ("method", method, METHODS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if not (sigma > 0):
         raise ValueError(f"sigma must be positive, got {sigma!r}")
     if int(maxiters) < 1:
         raise ValueError(f"maxiters must be >= 1, got {maxiters!r}")
     if exclude_percentile is not None and not (0 <= exclude_percentile <= 100):
         raise ValueError(f"exclude_percentile must be within [0, 100], got {exclude_percentile!r}")
-    bh, bw = as_pair(box_size, "box_size")
-    fsize = _check_odd_pair(filter_size, "filter_size")
-    pmask = _prepare_mask(mask, image)
 
+
+class _Boxes(NamedTuple):
+    """The frame cut into ``ny`` x ``nx`` boxes of ``bh`` x ``bw``: pixels ``x`` (B, ny bh, nx bw), padded
+    with NaN past the image's ``H`` x ``W``; ``bad`` the same shape, True for masked, NaN, inf and
+    padding (None: the frame has no bad pixel); rows of boxes go in blocks of ``rows_per_chunk``."""
+
+    x: Tensor
+    bad: Optional[Tensor]
+    H: int
+    W: int
+    bh: int
+    bw: int
+    ny: int
+    nx: int
+    rows_per_chunk: int
+
+    def rows(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """Box rows ``r0:r1`` of the pixels and the bad map as (B, r1 - r0, bh, nx, bw) views."""
+        B, bh, bw, nx = self.x.shape[0], self.bh, self.bw, self.nx
+        return (self.x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw),
+                self.bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw))
+
+
+def _cut_boxes(image: Tensor, pmask: Optional[Tensor], bh: int, bw: int, chunk_pixels: int,
+               may_skip_bad: bool) -> _Boxes:
+    """Pad the frame to whole boxes and find its bad pixels (skipped when ``may_skip_bad`` and the frame
+    has no mask and only finite pixels)."""
     B, _, H, W = image.shape
     ny, nx = -(-H // bh), -(-W // bw)
     x = image[:, 0]
-    if method == "photutils" and exact is None:
-        exact = bool(image.requires_grad and torch.is_grad_enabled())
     with torch.no_grad():
         # no mask and a finite sum: every pixel is finite (one fast reduction instead of a full-size
         # comparison); the histogram path then skips bad-pixel handling altogether
-        clean = (method == "photutils" and not exact and pmask is None and not _compiling()
-                 and bool(torch.isfinite(x.sum())))
+        clean = may_skip_bad and pmask is None and not _compiling() and bool(torch.isfinite(x.sum()))
         # masked, NaN or inf: x - x is 0 exactly for finite x and NaN otherwise (two passes instead
         # of the five of ~isfinite)
         bad = None if clean else (x - x) != 0
@@ -1104,118 +1207,86 @@ def background_2d(
         bad = torch.zeros(x.shape[0], H, W, dtype=torch.bool, device=x.device) if bad is None else bad
         bad = F.pad(bad.to(torch.uint8), (0, pw, 0, ph), value=1).bool()
     rows_per_chunk = max(1, int(chunk_pixels) // max(1, B * bh * nx * bw))
+    return _Boxes(x, bad, H, W, bh, bw, ny, nx, rows_per_chunk)
 
-    if method == "sextractor":
-        # its per-box histograms hold up to 4096 levels: smaller blocks keep the memory bounded
-        rows_per_chunk = max(1, rows_per_chunk // 4)
-        area_y = torch.full((ny,), bh, device=x.device)
-        area_y[-1] = H - (ny - 1) * bh
-        area_x = torch.full((nx,), bw, device=x.device)
-        area_x[-1] = W - (nx - 1) * bw
-        area = area_y.view(ny, 1) * area_x.view(1, nx)
-        bk, sg, vd = [], [], []
-        for r0 in range(0, ny, rows_per_chunk):
-            r1 = min(ny, r0 + rows_per_chunk)
-            xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-            bv = bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-            m_, s_, v_ = _sextractor_stats(xv, bv, area[r0:r1])
-            bk.append(m_)
-            sg.append(s_)
-            vd.append(v_)
-        bkg_m = torch.cat(bk, 1).to(image.dtype)
-        rms_m = torch.cat(sg, 1).to(image.dtype)
-        valid = torch.cat(vd, 1)
-        fill_rule, edge = "nearest", "shrink"
-        kind = {"bicubic": "spline", "bilinear": "bilinear"}.get(interpolation, interpolation)
+
+def _sextractor_mesh(boxes: _Boxes) -> tuple[Tensor, Tensor, Tensor]:
+    """SExtractor's mode, sigma and validity of every box, each (B, ny, nx), in blocks of box rows."""
+    ny, nx, H, W, bh, bw = boxes.ny, boxes.nx, boxes.H, boxes.W, boxes.bh, boxes.bw
+    dev = boxes.x.device
+    # its per-box histograms hold up to 4096 levels: smaller blocks keep the memory bounded
+    rows_per_chunk = max(1, boxes.rows_per_chunk // 4)
+    area_y = torch.full((ny,), bh, device=dev)
+    area_y[-1] = H - (ny - 1) * bh
+    area_x = torch.full((nx,), bw, device=dev)
+    area_x[-1] = W - (nx - 1) * bw
+    area = area_y.view(ny, 1) * area_x.view(1, nx)
+    parts = [_sextractor_stats(*boxes.rows(r0, min(ny, r0 + rows_per_chunk)), area[r0:r0 + rows_per_chunk])
+             for r0 in range(0, ny, rows_per_chunk)]
+    bkg, rms, valid = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+    return bkg.to(boxes.x.dtype), rms.to(boxes.x.dtype), valid
+
+
+def _photutils_stats(boxes: _Boxes, sigma: float, maxiters: int, need_mad: bool, exact: bool) -> _Stats:
+    """Sigma-clipped statistics of every box, (B, ny, nx) each: exact (sorting) or from histograms."""
+    if exact:
+        ny, rpc = boxes.ny, boxes.rows_per_chunk
+        parts = [_clip_stats_exact(*boxes.rows(r0, min(ny, r0 + rpc)), sigma, maxiters, need_mad)
+                 for r0 in range(0, ny, rpc)]
     else:
-        need_mad = rms_estimator == "mad_std"
-        parts = []
-        if exact:
-            for r0 in range(0, ny, rows_per_chunk):
-                r1 = min(ny, r0 + rows_per_chunk)
-                xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-                bv = bad[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-                parts.append(_clip_stats_exact(xv, bv, float(sigma), int(maxiters), need_mad))
-        else:
-            # 1) every box's bin frame from a subsample; then, group by group of box rows, 2) the
-            # histograms, block by block of rows (cache-sized per-pixel temporaries), into one
-            # reused buffer, and 3) the clipping, on many boxes at a time (its cost is per
-            # operation, not per box)
-            any_bad = bad is not None and (_compiling() or bool(bad.any()))
-            grid = _hist_grid(x.reshape(B, ny, bh, nx, bw), bad.reshape(B, ny, bh, nx, bw) if any_bad else None)
-            nb = 2 * _HIST_HALF
-            group = max(1, _SOLVE_BOXES // max(1, B * nx) // rows_per_chunk) * rows_per_chunk
-            group = min(group, ny)
-            n_thr = 1 if (_compiling() or x.device.type != "cpu") else torch.get_num_threads()
-            concurrent = n_thr > 1 and ny > rows_per_chunk
-            if concurrent:
-                # groups of box rows are independent until the mesh is assembled: they run on the
-                # threads at once, one intra-op thread each (the histogram scatter, index_add_, is
-                # single-threaded in ATen; 0.23 -> 0.19 s per 4096^2 frame on 2 cores); at least two
-                # groups per thread, of whole blocks of rows
-                n_groups = max(math.ceil(ny / group), 2 * n_thr)
-                group = math.ceil(math.ceil(ny / n_groups) / rows_per_chunk) * rows_per_chunk
-            starts = list(range(0, ny, group))
-            grid_bad = bad.reshape(B, ny, bh, nx, bw) if any_bad else None
+        parts = _hist_stats(boxes, sigma, maxiters, need_mad)
+    return _Stats(*[torch.cat([getattr(p, f) for p in parts], 1) if parts[0]._asdict()[f] is not None else None
+                    for f in _Stats._fields])
 
-            def clip_group(g0: int, buf: Tensor) -> _Stats:
-                g1 = min(ny, g0 + group)
-                hist = buf[:, :B * (g1 - g0) * nx * (nb + 1)]
-                hist.zero_()
-                for r0 in range(g0, g1, rows_per_chunk):
-                    r1 = min(g1, r0 + rows_per_chunk)
-                    xv = x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw)
-                    bv = grid_bad[:, r0:r1] if any_bad else None
-                    _hist_fill(xv, bv, grid.w[:, r0:r1], grid.e0[:, r0:r1], hist, (r0 - g0) * nx)
-                hist = hist.view(2, B, g1 - g0, nx, nb + 1)[..., :nb]
-                g = _HistGrid(*(t[:, g0:g1] for t in grid))
-                return _clip_stats_hist(hist[0], hist[1], g, float(sigma), int(maxiters), need_mad)
 
-            def new_buf() -> Tensor:
-                return torch.empty(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
+def _row_group(boxes: _Boxes, workers: int) -> int:
+    """Box rows clipped together: about ``_SOLVE_BOXES`` boxes, whole blocks of rows; with several
+    ``workers``, at least two groups per worker."""
+    ny, rpc = boxes.ny, boxes.rows_per_chunk
+    group = max(1, _SOLVE_BOXES // max(1, boxes.x.shape[0] * boxes.nx) // rpc) * rpc
+    group = min(group, ny)
+    if workers > 1:
+        n_groups = max(math.ceil(ny / group), 2 * workers)
+        group = math.ceil(math.ceil(ny / n_groups) / rpc) * rpc
+    return group
 
-            if concurrent:
-                from ._ops import with_caller_modes
 
-                # each thread takes the next group and keeps its own histogram buffer
-                local = threading.local()
+def _hist_stats(boxes: _Boxes, sigma: float, maxiters: int, need_mad: bool) -> list[_Stats]:
+    """Histogram estimate of the clipped statistics, one :class:`_Stats` per group of box rows.
 
-                def job(g0: int) -> _Stats:
-                    if getattr(local, "buf", None) is None:
-                        local.buf = new_buf()
-                    return clip_group(g0, local.buf)
+    1) every box's bin frame from a subsample; then, group by group of box rows, 2) the histograms,
+    block by block of rows (cache-sized per-pixel temporaries), into one reused buffer per thread,
+    and 3) the clipping, on many boxes at a time (its cost is per operation, not per box). Groups
+    are independent until the mesh is assembled: on a CPU with several threads they run on the
+    threads at once, one intra-op thread each (the histogram scatter, ``index_add_``, is
+    single-threaded in ATen)."""
+    x, B, ny, nx, bh, bw, rpc = boxes.x, boxes.x.shape[0], boxes.ny, boxes.nx, boxes.bh, boxes.bw, boxes.rows_per_chunk
+    any_bad = boxes.bad is not None and (_compiling() or bool(boxes.bad.any()))
+    grid_bad = boxes.bad.reshape(B, ny, bh, nx, bw) if any_bad else None
+    grid = _hist_grid(x.reshape(B, ny, bh, nx, bw), grid_bad)
+    nb = 2 * _HIST_HALF
+    workers = cpu_workers(x)
+    workers = workers if ny > rpc else 1
+    group = _row_group(boxes, workers)
 
-                pool = thread_pool(n_thr, name="astroprep-background")
-                run = with_caller_modes(job, threads=1)
-                parts = list(pool.map(run, starts))
-            else:
-                # one buffer for every group, freed on return (no ``del``: torch.compile traces this)
-                parts = [clip_group(g0, buf) for buf in [new_buf()] for g0 in starts]
-        st = _Stats(*[torch.cat([getattr(p, f) for p in parts], 1) if parts[0]._asdict()[f] is not None else None
-                      for f in _Stats._fields])
-        bkg_m, rms_m = _estimate(st, estimator, rms_estimator, median_factor, mean_factor)
-        valid = (st.n >= min_pixels) & torch.isfinite(bkg_m) & torch.isfinite(rms_m)
-        if exclude_percentile is not None:
-            valid = valid & (st.n > (1.0 - exclude_percentile / 100.0) * bh * bw)
-        bkg_m = bkg_m.to(image.dtype)
-        rms_m = rms_m.to(image.dtype)
-        fill_rule, edge = "idw", "nan"
-        kind = {"bicubic": "zoom", "bilinear": "bilinear"}.get(interpolation, interpolation)
+    def clip_group(g0: int, buf: Tensor) -> _Stats:
+        g1 = min(ny, g0 + group)
+        hist = buf[:, :B * (g1 - g0) * nx * (nb + 1)]
+        hist.zero_()
+        for r0 in range(g0, g1, rpc):
+            r1 = min(g1, r0 + rpc)
+            bv = grid_bad[:, r0:r1] if any_bad else None
+            _hist_fill(x[:, r0 * bh:r1 * bh].reshape(B, r1 - r0, bh, nx, bw), bv, grid.w[:, r0:r1],
+                       grid.e0[:, r0:r1], hist, (r0 - g0) * nx)
+        hist = hist.view(2, B, g1 - g0, nx, nb + 1)[..., :nb]
+        g = _HistGrid(*(t[:, g0:g1] for t in grid))
+        return _clip_stats_hist(hist[0], hist[1], g, sigma, maxiters, need_mad)
 
-    _check_some_box_valid(valid, H, W, bh, bw, min_pixels)
-    mesh = torch.stack([bkg_m, rms_m], 1)  # (B, 2, ny, nx)
-    if filter_edge is not None:
-        if filter_edge not in ("nan", "shrink"):
-            raise ValueError(f"filter_edge must be None, 'nan' or 'shrink', got {filter_edge!r}")
-        edge = filter_edge
-    mesh = _fill_invalid(mesh, valid, fill_rule)
-    mesh = _median_filter_mesh(mesh, fsize, filter_threshold, edge)
-    if mesh_out is not None:
-        mesh_out["mesh"] = mesh
-    # photutils clips the cubic zoom to the mesh range
-    clamp = (mesh.flatten(2).min(2).values, mesh.flatten(2).max(2).values) if kind == "zoom" else None
-    out = _interpolate_mesh(mesh, kind, bh, bw, H, W, clamp)  # (B, 2, H, W)
-    return BackgroundResult(out[:, 0:1], out[:, 1:2])
+    def new_buf() -> Tensor:
+        return torch.empty(2, B * group * nx * (nb + 1), dtype=x.dtype, device=x.device)
+
+    return map_on_threads(clip_group, list(range(0, ny, group)), workers=workers, state=new_buf,
+                          name="astroprep-background")
 
 
 def _check_some_box_valid(valid: Tensor, H: int, W: int, bh: int, bw: int, min_pixels: int) -> None:

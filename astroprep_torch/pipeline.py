@@ -235,13 +235,13 @@ class Pipeline(nn.Module):
         and its intra-op thread count, shared among the stages running at once."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from ._ops import thread_pool, with_caller_modes
+        from ._runtime import thread_pool, with_caller_modes
 
         deps = self.dependencies(todo)
         done: set = set()
         running: dict = {}
         started: set = set()
-        # the stages' own pool: a stage may wait on _ops.thread_pool's jobs from one of these threads
+        # the stages' own pool: a stage may wait on _runtime.thread_pool's jobs from one of these threads
         pool = thread_pool(self.workers, name="astroprep-stage")
         # Each stage runs under the caller's autograd / inference modes. Its intra-op thread count is
         # the caller's, divided among the stages running when it starts: a stage started beside k
@@ -1185,7 +1185,7 @@ def _writer_process(jobs, results, parent_pid: Optional[int] = None) -> None:
     torch.set_num_threads(1)
     from astropy.io import fits
 
-    from ._ops import retain_freed_memory
+    from ._runtime import retain_freed_memory
 
     retain_freed_memory()
     import collections
@@ -1489,7 +1489,7 @@ def run_from_config(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("retain_memory", True):
-        from ._ops import retain_freed_memory
+        from ._runtime import retain_freed_memory
 
         retain_freed_memory()  # frame after frame reuses the same pages (see its docstring)
     if cfg.get("threads"):

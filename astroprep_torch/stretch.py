@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_image, check_mask
-from ._ops import numpy_applies, numpy_inplace_
+from ._runtime import numpy_applies, numpy_inplace_
 
 __all__ = [
     "Limits",

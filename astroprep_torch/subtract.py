@@ -126,6 +126,7 @@ from torch import Tensor, nn
 
 from ._checks import (all_finite, as_pair, bad_pixels, check_batch_nonempty, check_float_dtype, check_image,
                       check_mask, check_same_shape)
+from ._runtime import adapt_to_load
 
 __all__ = [
     "KernelBasis",
@@ -1519,6 +1520,7 @@ def _convolve_pair(pair: _Oriented, theta_c, basis, spatial_order, tile_size, va
     return conv, var_k
 
 
+@adapt_to_load
 def image_subtraction(
     science: Tensor,
     template: Tensor,

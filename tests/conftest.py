@@ -9,6 +9,9 @@ from pathlib import Path
 # Idle OpenMP workers must not spin on a shared 2-core machine (set before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as astroprep_torch/__init__.py (huge pages for big tensors)
+# Stages keep torch's thread count whatever the machine's load (astroprep_torch._runtime.load), so that the
+# thread paths the tests ask for run; tests/test__runtime.py tests the policy itself.
+os.environ.setdefault("ASTROPREP_ADAPT_THREADS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

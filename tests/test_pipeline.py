@@ -121,7 +121,7 @@ def test_serial_regions_on_concurrent_threads_restore_the_setting():
     is unchanged afterwards."""
     import threading
 
-    from astroprep_torch._ops import one_intraop_thread
+    from astroprep_torch._runtime import one_intraop_thread
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

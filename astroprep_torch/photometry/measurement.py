@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_image, check_mask
-from .._ops import one_intraop_thread, thread_pool, with_caller_modes
+from .._runtime import one_intraop_thread, thread_pool, with_caller_modes
 from .apertures import APER_OVERSAMP, _stage_aper
 from .flags import (
     FLAG_APER_INCOMPLETE,
@@ -69,7 +69,7 @@ class _StampResults(NamedTuple):
 def _split_run(fn, geo: _Objects, n: int, workers: int):
     """``fn(geo)`` with the per-object tensors of ``geo`` split into ``workers`` interleaved groups,
     each run by its own thread (the calling thread takes the first; the others come from
-    :func:`~astroprep_torch._ops.thread_pool`); outputs (tuples of tensors with one row per object)
+    :func:`~astroprep_torch._runtime.thread_pool`); outputs (tuples of tensors with one row per object)
     are put back in the objects' order.  One group when ``workers < 2``, on GPU, or for fewer than
     ``_SPLIT_MIN`` objects per call.  Every object depends only on its own rows, so the results equal
     the one-group run's (up to the summation order inside shared stamp batches)."""
