@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image, check_mask, check_wcs
 from ._runtime import adapt_to_load
+from ._robust import MAD_TO_STD, mad_std
 
 __all__ = [
     "AlignmentError",
@@ -1061,7 +1062,7 @@ def _refit_on_pairs(matrix: Tensor, rs: Tensor, rd: Tensor, fs: Optional[Tensor]
         if it == 2 and pairs.shape[0] >= 20:  # 3-sigma clip of the (weighted) residuals, final fit
             r = (apply_transform(matrix, a) - b).norm(dim=-1)
             chi = r * wts.sqrt() if wts is not None else r
-            sig = 1.4826 * chi.median() * 1.5 + 1e-9
+            sig = MAD_TO_STD * chi.median() * 1.5 + 1e-9
             keep = chi < 3 * sig
             if int(keep.sum()) >= min_matches:
                 pairs, a, b = pairs[keep], a[keep], b[keep]
@@ -1262,7 +1263,7 @@ def find_peaks(
     flat_img, flat_bkg = img.reshape(b, -1), bkg.reshape(b, -1)
     step = max(1, (h * w) // 200_000) | 1
     resid = flat_img[:, ::step] - flat_bkg[:, ::step]
-    rms = 1.4826 * (resid - resid.nanmedian(-1, keepdim=True).values).abs().nanmedian(-1).values  # (B,)
+    rms = mad_std(resid, -1, ignore_nan=True)  # (B,)
     kern = _gaussian_1d(fwhm / 2.3548, image.dtype, image.device)
     gain = float((kern ** 2).sum())  # noise gain of the separable filter: sqrt(gain**2) per axis pair
     sm = _smooth(img, kern)

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from ._checks import as_pair, check_batch_nonempty, check_float_dtype, check_image
 from ._runtime import adapt_to_load, cpu_workers, map_on_threads, side_by_side, sort_last
 from ._runtime import searchsorted as _searchsorted
+from ._robust import MAD_TO_STD
 
 __all__ = ["BackgroundResult", "Background2D", "background_2d", "subtract_background"]
 
@@ -82,7 +83,7 @@ RMS_ESTIMATORS = ("std", "mad_std")
 INTERPOLATIONS = ("bicubic", "bilinear", "zoom", "spline")
 METHODS = ("photutils", "sextractor")
 
-_MAD_TO_STD = 1.482602218505602  # astropy mad_std constant
+_MAD_TO_STD = MAD_TO_STD  # astropy mad_std constant (one for the package: _robust)
 _IDW_NEIGHBOURS = 10  # photutils Background2D._interpolate_grid
 _IDW_RADIUS = 4  # boxes searched around an invalid box
 # fast histogram: linear bins of 1/32 of the robust sigma over +-8 sigma, logarithmic beyond

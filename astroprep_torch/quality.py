@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ._checks import all_finite, check_image, check_mask
 from .stretch import signed_asinh as _asinh  # asinh of the features: the stretch module's kernel
+from ._robust import MAD_TO_STD, mad_std
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,7 @@ def _frame_noise(x: Tensor) -> Tensor:
     d = (rows[..., 1:] - rows[..., :-1]).reshape(b, -1)
     if d.shape[1] == 0:
         return torch.ones(b, dtype=x.dtype, device=x.device)
-    mad = (d - d.median(dim=1, keepdim=True).values).abs().median(dim=1).values
-    return (1.4826 * mad / math.sqrt(2.0)).clamp(min=torch.finfo(x.dtype).tiny)
+    return (mad_std(d, 1) / math.sqrt(2.0)).clamp(min=torch.finfo(x.dtype).tiny)
 
 
 def _local_background(sky: Tensor) -> Tensor:
@@ -451,7 +451,7 @@ class QualityScorer(nn.Module):
         med = r.median()
         # the spread of the good patches from the lower half alone: defects only raise errors, so
         # bad frames in the night widen the upper half but not the lower one
-        sigma = 1.482602218505602 * (med - r[r <= med]).median()
+        sigma = MAD_TO_STD * (med - r[r <= med]).median()
         self.baseline = base.to(self.threshold.dtype)
         self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
         if psf:
@@ -696,7 +696,7 @@ def _robust_reference(values: Tensor, floor: float) -> tuple[float, float]:
         return float("nan"), floor
     med = v.median()
     lower, upper = (med - v[v <= med]).median(), (v[v >= med] - med).median()
-    return float(med), max(floor, float(1.482602218505602 * torch.minimum(lower, upper)))
+    return float(med), max(floor, float(MAD_TO_STD * torch.minimum(lower, upper)))
 
 
 def _psf_z(stats: StarStats, ref: Tensor) -> Tensor:
@@ -727,9 +727,9 @@ def baseline_features(image: Tensor, mask: Optional[Tensor] = None, mesh: int = 
     tiles = x[..., :hh, :ww].reshape(b, hh // mesh, mesh, ww // mesh, mesh).permute(0, 1, 3, 2, 4).reshape(b, -1, mesh * mesh)
     med = tiles.median(dim=-1).values
     d = (x[..., :, 1:] - x[..., :, :-1]).reshape(b, -1)[:, ::7]
-    noise = 1.4826 * (d - d.median(dim=1, keepdim=True).values).abs().median(dim=1).values / math.sqrt(2)
+    noise = mad_std(d, 1) / math.sqrt(2)
     grad = (med.amax(1) - med.amin(1)) / noise
-    spread = 1.4826 * (med - med.median(1, keepdim=True).values).abs().median(1).values / noise
+    spread = mad_std(med, 1) / noise
     lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).reshape(b, -1)[:, ::3]
     sharp = torch.quantile(lap.double(), 0.999, dim=1).to(x.dtype) / noise
     return torch.stack([grad, spread, sharp], dim=1)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .align import reproject
 from .wcs import TanWCS
+from ._robust import mad_std
 
 __all__ = ["COMBINES", "BACKGROUNDS", "FLUX_SCALES", "StackResult", "StackError", "FrameMatch", "stack", "stack_files",
            "coadd_grid", "Stack", "build_template", "write_stack", "read_grid", "combine_values", "match_flux_scales"]
@@ -100,12 +101,11 @@ def _tensor_reader(image: Tensor, mask: Optional[Tensor], weight: Optional[Tenso
 
 
 def robust_sigma(values: Tensor) -> Tensor:
-    """1.4826 x the median absolute deviation of the finite values (a 0-d tensor)."""
+    """MAD_TO_STD x the median absolute deviation of the finite values (a 0-d tensor)."""
     v = values[torch.isfinite(values)].reshape(-1)
     if v.numel() > 1 << 22:  # a regular subsample is plenty for a noise level
         v = v[:: v.numel() // (1 << 22) + 1]
-    med = v.median()
-    return 1.4826 * (v - med).abs().median()
+    return mad_std(v)
 
 
 def _clipped_median(values: Tensor, sigma: float = 3.0, iters: int = 5) -> float:
@@ -114,7 +114,7 @@ def _clipped_median(values: Tensor, sigma: float = 3.0, iters: int = 5) -> float
         v = v[:: v.numel() // (1 << 22) + 1]
     for _ in range(iters):
         med = v.median()
-        s = 1.4826 * (v - med).abs().median()
+        s = mad_std(v, center=med)
         v = v[(v - med).abs() <= sigma * s.clamp_min(1e-30)]
     return float(v.median())
 
@@ -506,7 +506,7 @@ def _match_flux_scales(frames: Sequence[_Frame], *, box: int = 64, aperture: Opt
                              f"{frames[0].name} (need {min_stars}): give flux_scale factors (or FLXSCALE) instead")
         ratio = (ref_flux[both] / flux[both]).to(torch.float64)
         med = ratio.median()
-        out.append(FrameMatch(float(med), int(both.sum()), float(1.4826 * (ratio - med).abs().median())))
+        out.append(FrameMatch(float(med), int(both.sum()), float(mad_std(ratio, center=med))))
     return out
 
 

@@ -127,6 +127,7 @@ from torch import Tensor, nn
 from ._checks import (all_finite, as_pair, bad_pixels, check_batch_nonempty, check_float_dtype, check_image,
                       check_mask, check_same_shape)
 from ._runtime import adapt_to_load
+from ._robust import mad_std
 
 __all__ = [
     "KernelBasis",
@@ -547,7 +548,7 @@ def _robust_sky(image: Tensor) -> tuple[Tensor, Tensor]:
     v = image[:, 0, ::step, ::step].reshape(b, -1)
     v = torch.where(torch.isfinite(v), v, torch.nan)
     med = v.nanmedian(1).values
-    mad = (v - med[:, None]).abs().nanmedian(1).values * 1.4826
+    mad = mad_std(v, 1, ignore_nan=True, center=med[:, None])
     return med, mad.clamp(min=torch.finfo(image.dtype).tiny)
 
 
@@ -585,7 +586,7 @@ def _sky_pixels(image: Tensor, var: Tensor, nsig: float = 1.0, bin_size: int = 4
     vb = F.avg_pool2d(var.double(), k, k, ceil_mode=True)
     z = (binned - binned.flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)) / vb.clamp(min=1e-300).sqrt()
     zmed = z.flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)
-    zsig = 1.4826 * (z - zmed).abs().flatten(1).nanmedian(1).values.view(-1, 1, 1, 1)
+    zsig = mad_std(z.flatten(1), 1, ignore_nan=True, center=zmed.flatten(1)).view(-1, 1, 1, 1)
     src = F.max_pool2d((z - zmed > nsig * zsig).to(image.dtype), 3, 1, 1) > 0
     return ~src.repeat_interleave(k, 2).repeat_interleave(k, 3)[..., :h, :w]
 
@@ -732,7 +733,7 @@ def _cell_sky(image: Tensor, bad: Tensor, oy, ox, sh: int, sw: int, samples: int
     out = bad[:, 0][:, ri, ci] | ~torch.isfinite(v) | (rows >= h)[:, :, None, None] | (cols >= w)[None, None]
     v = torch.where(out, torch.nan, v).permute(0, 1, 3, 2, 4).reshape(b, len(oy) * len(ox), -1)
     med = v.nanmedian(-1).values
-    mad = (v - med[..., None]).abs().nanmedian(-1).values * 1.4826
+    mad = mad_std(v, -1, ignore_nan=True, center=med[..., None])
     return med, mad.clamp(min=torch.finfo(image.dtype).tiny)
 
 
@@ -851,7 +852,7 @@ def _sigma_clip(values: Tensor, keep: Tensor, nsig: float, iters: int = 10,
     if robust_start:
         v = torch.where(keep, values, torch.nan)
         med = v.nanmedian(-1).values
-        mad = 1.4826 * (v - med[..., None]).abs().nanmedian(-1).values
+        mad = mad_std(v, -1, ignore_nan=True, center=med[..., None])
         start = keep & ((values - med[..., None]).abs() <= nsig * mad[..., None])
         m = torch.where((mad > 0)[..., None], start, keep)
     mean = std = None
