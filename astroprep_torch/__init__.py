@@ -43,8 +43,8 @@ import os
 
 # Large CPU tensors on transparent huge pages (PyTorch's documented switch, read once, before the
 # first allocation; numpy does the same by default): touching a fresh multi-MB tensor otherwise
-# costs one page fault per 4 kB, more than a pass of arithmetic over it (a 4096^2 float32 frame:
-# ~25 ms of faults vs ~5 ms). Has no effect when torch allocated before this import; an explicit
+# costs one page fault per 4 kB, more than a pass of arithmetic over it (measured in
+# experiments/results/runtime.md). Has no effect when torch allocated before this import; an explicit
 # THP_MEM_ALLOC_ENABLE in the environment wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

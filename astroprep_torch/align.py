@@ -1369,7 +1369,7 @@ def warp_affine(image: Tensor, matrix: Tensor, shape_out, *, interpolation: str 
     Pixel centres sit on integer coordinates (``align_corners=True``), as everywhere here.
     ``backend="kornia"`` calls ``kornia.geometry.transform.warp_affine``; the default ``"torch"``
     builds the same sampling grid directly from the affine coefficients (two broadcast
-    multiply-adds instead of ``affine_grid``'s batched matmul, ~3x faster on CPU) and calls
+    multiply-adds instead of ``affine_grid``'s batched matmul) and calls
     ``grid_sample`` with the same settings: both give the same image (tested). Lanczos3 uses
     :func:`sample_image`. Returns ``(warped, footprint)``: the footprint is the bilinear warp of a
     frame of ones (computed in closed form), and warped pixels with footprint < 0.999 are NaN.

@@ -788,7 +788,7 @@ class TanWCS(nn.Module):
         return x * cpsi - y * spsi, x * spsi + y * cpsi
 
     #: On CPU, points are processed in chunks of about this many elements: each of the ~100
-    #: element-wise ops then works on cache-sized temporaries (2-3x faster than one big pass).
+    #: element-wise ops then works on cache-sized temporaries instead of frame-sized ones.
     cpu_chunk: int = 1 << 16
 
     def _chunked(self, fn, a: Tensor, b: Tensor):
