@@ -666,7 +666,7 @@ def test_manifest_lines_whole_or_absent(tmp_path, monkeypatch):
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
     before = path.read_bytes()
     real_write = os.write
-    monkeypatch.setattr(P.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
     with pytest.raises(OSError) as info:
         P._append_jsonl(path, [{"name": "d", "status": "ok", "outputs": []}])
     assert info.value.errno == errno.ENOSPC
@@ -852,3 +852,16 @@ def test_raw_night_candidates_match_the_ideal_field():
     # experiments/results/calibrate_night.md)
     assert abs(raw["candidates"] - ideal["candidates"]) <= 0.2 * ideal["candidates"], r
     assert raw["transients_found"] == r["n_transients"] and raw["on_trails"] == 0, r
+
+
+def test_pipeline_package_does_not_import_the_runners():
+    """No import cycle: ``_runners`` imports the pipeline for ``astroprep run``; the pipeline package never
+    imports ``_runners`` (the simulated pair is written by ``sim.write_simulated_pair``)."""
+    import ast
+    from pathlib import Path
+
+    for f in Path(P.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not any("_runners" in n for n in names), f"pipeline/{f.name} imports _runners"
