@@ -34,10 +34,11 @@ modules between stages), :mod:`.alignment` (``AlignToReference``), :mod:`.compil
 (``compile_graph``), :mod:`.predict` (``PreprocessModule``), :mod:`.writer` (``FrameWriter``),
 :mod:`.writer_process` and :mod:`.transfer` (the writer process and its shared-memory inputs),
 :mod:`.products` (product files), :mod:`.manifest` (the manifest), :mod:`.run` (``run_from_config``
-and its summary). Every name is importable from ``astroprep_torch.pipeline``.
+and its summary), :mod:`.astrometry_step` (frames' WCS solved before alignment). Every name is importable from ``astroprep_torch.pipeline``.
 """
 
 from .alignment import AlignedFrames, AlignToReference
+from .astrometry_step import astrometry_requested, solve_inputs
 from .compiled import _GLUE as _GLUE
 from .compiled import CompiledStageModule, compile_graph
 from .compiled import _short_reason as _short_reason
@@ -84,5 +85,5 @@ __all__ = [
     "AlignedFrames", "AlignToReference", "CompiledStageModule", "compile_graph",
     "PreprocessModule", "footprints_overlap", "DEFAULT_PRODUCTS", "write_ecsv", "FrameWriter", "OutputDiskFull",
     "read_manifest", "RunInputs", "run_from_config", "pick_reference", "read_reference", "adapt_quality",
-    "summarize", "format_summary",
+    "summarize", "format_summary", "astrometry_requested", "solve_inputs",
 ]

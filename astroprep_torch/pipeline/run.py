@@ -25,6 +25,7 @@ from ..calibrate import calibrate_from_config
 from ..io import read_fits
 from ..quality import QualityScorer
 from ..sim import write_simulated_pair
+from .astrometry_step import astrometry_requested, solve_inputs
 from .graph import Pipeline
 from .manifest import OutputDiskFull, _append_jsonl, read_manifest
 from .predict import PreprocessModule
@@ -76,12 +77,15 @@ def run_from_config(cfg) -> dict:
     """What ``astroprep run`` does: see the package docstring and ``configs/config.yaml``.
 
     Steps: prepare the output folder and the process (:func:`_start_run`); the inputs (the
-    simulated field, raw frames calibrated first: :func:`_run_inputs`); the graph, its quality
+    simulated field, raw frames calibrated first: :func:`_run_inputs`; with ``astrometry.catalog``,
+    their WCS solved: :mod:`.astrometry_step`); the graph, its quality
     thresholds adapted to the night; the reference (:func:`_choose_reference`); prediction with the
     frame writer (:func:`_predict`); the summary (``metrics.json``, printed).
     """
     out_dir = _start_run(cfg)
     inputs = _run_inputs(cfg, out_dir)
+    if astrometry_requested(cfg):  # astrometry.catalog=<table>: each frame's WCS solved before alignment
+        inputs = inputs._replace(paths=solve_inputs(cfg, inputs.paths, out_dir / "solved", inputs.reference_path))
     pipeline: Pipeline = instantiate(cfg.pipeline)
     adapt_quality(pipeline, list(inputs.paths) + ([inputs.reference_path] if inputs.reference_path else []),
                   cfg.get("quality_adapt", "auto"), int(cfg.get("quality_adapt_frames", 16)))

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import io as frame_io  # the module: io.write_fits is looked up at each call (tests replace it)
 from ..detect import rows_of_image
+from .astrometry_step import SOLUTION_KEYS
 from .manifest import OutputDiskFull, _append_jsonl, _disk_full, read_manifest
 from .products import DEFAULT_PRODUCTS, _atomic, _compact, _image_header, _per_frame, write_ecsv
 from .transfer import _portable, _SharedSlots
@@ -232,7 +233,7 @@ class FrameWriter(BasePredictionWriter):
                 for key, (kind, suffix, grid, *rows_of) in self.products.items():
                     if key not in outputs or outputs[key] is None:
                         continue
-                    header = self.reference_header if grid == "reference" and self.reference_header is not None else sci_header
+                    header = _grid_header(grid, self.reference_header, sci_header)
                     catalog = outputs.get(rows_of[0]) if rows_of else None
                     written.append(self._write_one(name, outputs[key], kind, suffix, header, i, n, catalog))
                 status = "ok"
@@ -295,6 +296,21 @@ class FrameWriter(BasePredictionWriter):
         else:
             raise ValueError(f"unknown product kind {kind!r}")
         return fname
+
+
+def _grid_header(grid: str, reference_header, sci_header):
+    """The header of a product on ``grid``: the science frame's, or the reference's; a reference-grid
+    product of a frame solved by the astrometry step also gets the frame's solution keywords
+    (residual rms, pairs: ``astrometry_step.SOLUTION_KEYS``)."""
+    if grid != "reference" or reference_header is None:
+        return sci_header
+    if sci_header is None or "ASTRRMS" not in sci_header:
+        return reference_header
+    header = reference_header.copy()
+    for key in SOLUTION_KEYS:
+        if key in sci_header:
+            header[key] = (sci_header[key], sci_header.comments[key])
+    return header
 
 
 def _write_mode(value):
