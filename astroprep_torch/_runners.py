@@ -8,40 +8,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 
-def _write_frame(path: Path, frame, overwrite: bool = True) -> None:
-    from .io import write_fits
-
-    write_fits(path, frame.image, header=frame.header, overwrite=overwrite)
-
-
-def _truth_table(catalog: dict):
-    from astropy.table import Table
-
-    t = Table({k: v.detach().cpu().numpy() for k, v in catalog.items()})
-    t.meta["comment"] = ["x, y: 0-based pixel coordinates (x = column, y = row)"]
-    return t
-
-
-def write_simulated_pair(pair, outdir: Path) -> dict[str, Path]:
-    """Write a :class:`~astroprep_torch.sim.SimPair` as FITS frames plus ECSV truth catalogs."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "reference": outdir / "reference.fits",
-        "science": outdir / "science.fits",
-        "reference_truth": outdir / "reference.truth.ecsv",
-        "science_truth": outdir / "science.truth.ecsv",
-        "transients_truth": outdir / "transients.truth.ecsv",
-    }
-    _write_frame(paths["reference"], pair.reference)
-    _write_frame(paths["science"], pair.science)
-    _truth_table(pair.reference.catalog).write(paths["reference_truth"], overwrite=True)
-    _truth_table(pair.science.catalog).write(paths["science_truth"], overwrite=True)
-    _truth_table(pair.transients).write(paths["transients_truth"], overwrite=True)
-    return paths
-
-
 def run_simulate(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
+
+    from .sim import write_simulated_pair
 
     t0 = time.perf_counter()
     pair = instantiate(cfg.sim)
@@ -259,6 +229,6 @@ def run_stack(cfg: DictConfig) -> dict:
           f"-> {written['coadd']}")
     return {k: str(v) for k, v in written.items()}
 
-__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier", "write_simulated_pair",
+__all__ = ["run_simulate", "run_pipeline", "run_train_quality", "run_train_classifier",
            "run_night", "run_simulate_night", "run_serve", "run_user", "run_ingest", "run_export_labels",
            "run_astrometry", "run_stack", "run_extract", "run_background", "run_subtract", "run_reproject", "run_calibrate"]

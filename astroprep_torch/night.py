@@ -371,6 +371,20 @@ def _calibrate_night(cfg, paths: list, out_dir: Path) -> tuple:
     return paths, cfg
 
 
+def _solve_night(cfg, paths: list, out_dir: Path) -> tuple:
+    """The frames' WCS solved against ``astrometry.catalog`` into ``<output>/solved/`` (see
+    :mod:`astroprep_torch.pipeline.astrometry_step`), and the config that points at them (the
+    catalog cleared: the per-frame graph must not solve them again)."""
+    from omegaconf import OmegaConf
+
+    from .pipeline import solve_inputs
+
+    paths = solve_inputs(cfg, paths, out_dir / "solved", cfg.get("reference"))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.astrometry.catalog = None
+    return paths, cfg
+
+
 def _run_graph(cfg, frames: list, reference: Path, out_dir: Path) -> dict:
     """The per-frame graph over ``frames`` with ``reference`` (``astroprep run``'s machinery);
     returns the manifest rows by frame name."""
@@ -501,6 +515,10 @@ def run_night(cfg) -> dict:
     if any(cfg.get(k) for k in ("bias", "dark", "flat")):  # raw frames: CCD calibration first, as astroprep run
         paths, cfg = _calibrate_night(cfg, paths, out_dir)
         timings["calibrate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    if (cfg.get("astrometry") or {}).get("catalog"):  # frames' WCS solved first: the template is built through them
+        paths, cfg = _solve_night(cfg, paths, out_dir)
+        timings["astrometry"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     good, failed = frame_times(paths)
     timings["times"] = time.perf_counter() - t0

@@ -64,6 +64,7 @@ __all__ = [
     "simulate_raw",
     "simulate_calibration_frames",
     "write_raw",
+    "write_simulated_pair",
 ]
 
 #: GWAC detector size as (H, W) = (rows, columns).
@@ -1453,3 +1454,39 @@ def simulate_calibration_frames(camera: Camera, *, n_bias: int = 5, n_dark: int 
 def write_raw(path, frame: RawFrame) -> None:
     """Write a :class:`RawFrame` as a float32 FITS file (raw ADU, integer values) with its header."""
     fits.PrimaryHDU(frame.raw[0, 0].cpu().numpy(), header=frame.header).writeto(path, overwrite=True)
+
+
+def _write_frame(path, frame, overwrite: bool = True) -> None:
+    from .io import write_fits
+
+    write_fits(path, frame.image, header=frame.header, overwrite=overwrite)
+
+
+def _truth_table(catalog: dict):
+    from astropy.table import Table  # a second's import: only when truth catalogs are written
+
+    t = Table({k: v.detach().cpu().numpy() for k, v in catalog.items()})
+    t.meta["comment"] = ["x, y: 0-based pixel coordinates (x = column, y = row)"]
+    return t
+
+
+def write_simulated_pair(pair: SimPair, outdir) -> dict:
+    """Write a :class:`SimPair` as FITS frames plus ECSV truth catalogs into ``outdir`` (created);
+    returns ``{"reference", "science", "reference_truth", "science_truth", "transients_truth": path}``."""
+    from pathlib import Path
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "reference": outdir / "reference.fits",
+        "science": outdir / "science.fits",
+        "reference_truth": outdir / "reference.truth.ecsv",
+        "science_truth": outdir / "science.truth.ecsv",
+        "transients_truth": outdir / "transients.truth.ecsv",
+    }
+    _write_frame(paths["reference"], pair.reference)
+    _write_frame(paths["science"], pair.science)
+    _truth_table(pair.reference.catalog).write(paths["reference_truth"], overwrite=True)
+    _truth_table(pair.science.catalog).write(paths["science_truth"], overwrite=True)
+    _truth_table(pair.transients).write(paths["transients_truth"], overwrite=True)
+    return paths

@@ -82,7 +82,7 @@ def simulate(size: int, seed: int = 0) -> dict:
 
 
 def write_inputs(night: dict, folder: Path) -> dict:
-    from astroprep_torch._runners import write_simulated_pair
+    from astroprep_torch.sim import write_simulated_pair
 
     ideal = write_simulated_pair(night["pair"], folder / "ideal")
     rawdir = folder / "raw"
@@ -143,7 +143,7 @@ def compare(size: int, seed: int = 0) -> dict:
         unmasked = run_pair(paths["cal_sci"], paths["cal_ref"], ["saturation.enabled=false"])
         # the same ideal field clipped at the calibrated frames' saturation level (no raw effects): what
         # saturation alone costs (its brightest stars leave the kernel fit)
-        from astroprep_torch._runners import write_simulated_pair
+        from astroprep_torch.sim import write_simulated_pair
         from astropy.io import fits
 
         level = float(fits.getheader(paths["cal_sci"])["SATURATE"])

@@ -271,3 +271,31 @@ def test_night_from_raw_frames_with_bias_and_flat(tmp_path):
         assert h[0].header.get("BIASCORR") and h[0].header.get("FLATCORR") and h[0].data.shape == SIM["shape"]
     assert all(f["status"] == "ok" for f in doc["frames"]) and "calibrate" in doc["timings"]
     assert doc["n_tracklets"] >= 1
+
+
+@pytest.mark.slow
+def test_night_with_astrometry_before_alignment(tmp_path):
+    """Frames whose headers are off by 20" and 0.5 deg: with astrometry.catalog the night solves them
+    first (the template and the alignment go through the solved WCS) and finds the movers as with the
+    exact headers."""
+    import math
+
+    from astroprep_torch.sim import simulate_night
+
+    night = simulate_night(**SIM)
+    paths = N.write_simulated_night(night, tmp_path / "frames")
+    Table({"ra": night.stars["ra"].numpy(), "dec": night.stars["dec"].numpy(),
+           "mag": night.stars["mag"].numpy()}).write(tmp_path / "stars.ecsv")
+    c, s = math.cos(math.radians(0.5)), math.sin(math.radians(0.5))
+    for p in paths["frames"]:
+        with fits.open(p, mode="update") as hdul:
+            h = hdul[0].header
+            h["CRVAL1"] += 20 / 3600 / math.cos(math.radians(h["CRVAL2"]))
+            h["CRVAL2"] -= 20 / 3600
+            cd = np.array([[h["CD1_1"], h["CD1_2"]], [h["CD2_1"], h["CD2_2"]]]) @ np.array([[c, -s], [s, c]])
+            h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = cd.ravel()
+    out = tmp_path / "out"
+    run_night(f"input={tmp_path / 'frames'}", f"output={out}", f"astrometry.catalog={tmp_path / 'stars.ecsv'}")
+    assert sorted(p.name for p in (out / "solved").glob("*.fits")) == sorted(Path(p).name for p in paths["frames"])
+    score = N.score_tracklets(Table.read(out / "tracklets.ecsv"), Table.read(paths["truth"]))
+    assert score["findable"] >= 4 and score["found"] >= score["findable"] - 1 and score["purity"] == 1.0, score

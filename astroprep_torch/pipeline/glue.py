@@ -1,0 +1,154 @@
+"""Glue modules: the small steps between stages (mask union, map arithmetic, the variance of a
+difference, triplet cutouts, a reference computed once per batch), so that a graph's config spells
+out the whole flow."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..cutouts import make_triplets
+
+class MaskUnion(nn.Module):
+    """``a | b`` for bool masks (either may be None)."""
+
+    def forward(self, a: Optional[Tensor] = None, b: Optional[Tensor] = None) -> Optional[Tensor]:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a | b
+
+
+class SubtractMap(nn.Module):
+    """``image - other`` (e.g. the background)."""
+
+    def forward(self, image: Tensor, other: Tensor) -> Tensor:
+        return image - other
+
+
+class Square(nn.Module):
+    """``x ** 2`` (rms -> variance)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * x
+
+
+class SquareRoot(nn.Module):
+    """``sqrt(clamp(x, 0))`` (variance -> rms)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x.clamp(min=0)  # a new tensor: the root is taken in place (one frame-sized buffer, not two)
+        return out.sqrt_() if not (out.requires_grad and torch.is_grad_enabled()) else out.sqrt()
+
+
+class SourceVariance(nn.Module):
+    """``rms^2 + max(image, 0) / gain``: the background variance plus the sources' Poisson term.
+
+    ``image`` is background-subtracted (ADU) and ``gain`` in e-/ADU (``None``: the background term
+    alone). Without the source term the variance of a difference is too small at star cores and
+    every bright star leaves false 5-sigma peaks. A gain below the true one overstates the source
+    term (conservative)."""
+
+    def __init__(self, gain: Optional[float] = 1.0):
+        super().__init__()
+        if gain is not None and not gain > 0:
+            raise ValueError(f"gain must be positive or None, got {gain!r}")
+        self.gain = gain
+
+    def forward(self, rms: Tensor, image: Tensor) -> Tensor:
+        var = rms.square()
+        if self.gain is None:
+            return var
+        return var.add_(image.clamp(min=0), alpha=1.0 / float(self.gain)) if not var.requires_grad else \
+            var + image.clamp(min=0) / float(self.gain)
+
+
+class CandidateTriplets(nn.Module):
+    """Science / reference / difference cutouts ``(N, 3, size, size)`` at catalog positions."""
+
+    def __init__(self, size: int = 63):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, science: Tensor, reference: Tensor, difference: Tensor, catalog) -> Tensor:
+        xy = torch.stack([catalog["x"], catalog["y"]], dim=1)
+        return make_triplets(science, reference, difference, xy, size=self.size, batch_index=catalog["batch_index"]).stamps
+
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """A floating tensor's bit patterns (an integer view; other dtypes as they are): ``torch.equal``
+    on them is exact and NaN-safe, where on the floats a single NaN (a blank pixel) makes two
+    identical images unequal."""
+    if t.is_floating_point() and t.element_size() in _SAME_SIZE_INT:
+        return t.view(_SAME_SIZE_INT[t.element_size()])
+    return t
+
+
+class SharedReference(nn.Module):
+    """Run ``module`` once on the first batch element and repeat its tensor outputs over the batch.
+
+    The reference is the same for every frame of a batch; this avoids B identical computations
+    (its background, for instance). Every tensor argument is sliced to its first element.
+
+    Args:
+        module: the stage to run on the reference.
+        cache: keep the last result and reuse it while the inputs are the same: a survey run
+            processes thousands of frames against one reference, so its products are made once.
+            "The same" is checked exactly (``torch.equal`` of the bit patterns against a kept copy
+            of the inputs, one pass over them; NaN pixels compare equal to themselves), never by
+            identity or a hash, so a changed reference is never missed.
+    """
+
+    def __init__(self, module: nn.Module, cache: bool = True):
+        super().__init__()
+        self.module = module
+        self.cache = bool(cache)
+        self._kept: Optional[tuple] = None  # (inputs, output)
+
+    def _hit(self, args: dict):
+        if self._kept is None:
+            return None
+        kept, out = self._kept
+        if kept.keys() != args.keys():
+            return None
+        for k, v in args.items():
+            w = kept[k]
+            if isinstance(v, Tensor) != isinstance(w, Tensor):
+                return None
+            if isinstance(v, Tensor):
+                if (v.shape != w.shape or v.dtype != w.dtype or v.device != w.device
+                        or not (v is w or torch.equal(_bits(v), _bits(w)))):
+                    return None
+            elif v is not w:
+                try:
+                    if not bool(v == w):
+                        return None
+                except Exception:  # no plain equality (arrays, WCS objects): not the same
+                    return None
+        return out
+
+    def forward(self, **kwargs):
+        b = next(v.shape[0] for v in kwargs.values() if isinstance(v, Tensor))
+        args = {k: (v[:1] if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+        grad = torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in args.values())
+        out = None if (grad or not self.cache) else self._hit(args)
+        if out is None:
+            out = self.module(**args)
+            if self.cache and not grad:
+                self._kept = ({k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in args.items()}, out)
+
+        def rep(v):
+            return v.expand(b, *v.shape[1:]) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == 1 else v
+
+        if isinstance(out, tuple) and hasattr(out, "_fields"):
+            return type(out)(*[rep(v) for v in out])
+        if isinstance(out, tuple):
+            return tuple(rep(v) for v in out)
+        return rep(out)
