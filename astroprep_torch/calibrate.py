@@ -614,7 +614,8 @@ def saturation_mask(image: Tensor, level, *, grow: int = 2, bleed_axis: Optional
     if bleed_axis is not None:
         if bleed_axis not in (0, 1):
             raise ValueError(f"bleed_axis must be 0 (columns), 1 (rows) or None, got {bleed_axis!r}")
-        core = _bleed(core, image >= bleed_fraction * lv, dim=2 + bleed_axis)
+        if bool(core.any()):  # no saturated pixel: no trail to follow
+            core = _bleed(core, image >= bleed_fraction * lv, dim=2 + bleed_axis)
     return grow_mask(core, int(grow))
 
 
