@@ -31,7 +31,7 @@ The algorithms are those of astropy's ``ccdproc`` (the trusted reference; see
   above ``bleed_fraction * level`` connected to a saturated pixel along the readout axis) and a
   ``grow`` margin, as HOTPANTS masks ``-iu``/``-tu`` pixels and their neighbours.
 
-Memory: masters are combined from memory-mapped files (each kept open for the whole combination),
+Memory: masters are combined from files read in place (each kept open for the whole combination),
 a block of rows of every file at a time, read once per block, the block height chosen so the block
 and its sorted copies stay under ``memory_mb``: the peak does not grow with the number of frames.
 Blocks and masters are float32 (raw integer ADU up to 16 bits are exact in float32; the results agree
@@ -308,8 +308,8 @@ class RawFile:
     """A raw frame on disk: its header, sections and exposure time; rows read on demand.
 
     ``rows(r0, r1)`` returns trimmed rows ``[r0, r1)`` (numpy, float32 for raw integers up to 16 bits,
-    overscan subtracted) without reading the rest of the file (astropy memmap, the file held open
-    until :meth:`close`).
+    overscan subtracted) without reading the rest of the file (plain reads at the data's offset, the
+    file held open until :meth:`close`).
     """
 
     def __init__(self, path: PathLike, *, hdu=None, overscan: Optional[str] = None, trim: Optional[str] = None,
@@ -333,18 +333,19 @@ class RawFile:
         self.exptime = header_value(self.header, ("EXPTIME", "EXPOSURE", "ITIME"), exptime, "exptime")
         self._oscan: Optional[np.ndarray] = None
         self._hdul = None
+        self._fh = None
 
     @property
     def shape(self) -> tuple:
         return self.trim.shape if self.trim is not None else self.raw_shape
 
     def _hdu(self):
-        """The image HDU, the file kept open (memory-mapped) until :meth:`close`, so reading rows
-        block by block does not reopen the file for every block."""
+        """The image HDU (header only: the data are read by :meth:`_raw_rows`), the file kept open until
+        :meth:`close`, so reading rows block by block does not reopen the file for every block."""
         from astropy.io import fits
 
         if self._hdul is None:
-            # integer raw data (uint16 as int16 + BZERO) is scaled in _read: astropy cannot memory-map it scaled
+            # integer raw data (uint16 as int16 + BZERO) is scaled in _read
             self._hdul = fits.open(self.path, memmap=True, do_not_scale_image_data=True)
         return self._hdul[self.hdu]
 
@@ -353,6 +354,22 @@ class RawFile:
         if self._hdul is not None:
             self._hdul.close()
             self._hdul = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def _raw_rows(self, h, rows: slice, cols: slice) -> np.ndarray:
+        """The stored values of ``[rows, cols]`` read from the file (whole rows at the data's offset),
+        not memory-mapped: a memory map would keep every page read resident in this process."""
+        bitpix = int(h.header["BITPIX"])
+        dtype = np.dtype({8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}[bitpix])
+        r0, r1, _ = rows.indices(self.raw_shape[0])
+        w = self.raw_shape[1]
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(int(self._hdul.fileinfo(self.hdu)["datLoc"]) + r0 * w * dtype.itemsize)
+        data = np.fromfile(self._fh, dtype=dtype, count=max(0, r1 - r0) * w).reshape(-1, w)
+        return data[:, cols].astype(dtype.newbyteorder("="), copy=False)
 
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
         """Raw values of ``[rows, cols]`` in ADU: float32 for integers up to 16 bits and float32 files
@@ -362,7 +379,7 @@ class RawFile:
         h = self._hdu()
         if isinstance(h, fits.CompImageHDU):
             return self._read_scaled(rows, cols)
-        raw = np.asarray(h.data[rows, cols])
+        raw = self._raw_rows(h, rows, cols)
         if not np.issubdtype(raw.dtype, np.integer):
             return raw.astype(np.result_type(raw.dtype, np.float32))
         scale, zero = float(h.header.get("BSCALE", 1.0)), float(h.header.get("BZERO", 0.0))
@@ -469,7 +486,7 @@ def combine_files(files: Sequence[RawFile], *, method: str = "median", sigma_cli
     """Combine raw files block of rows by block of rows (at most ~``memory_mb`` MB at once).
 
     ``subtract(i, r0, r1)`` returns what to subtract from file ``i``'s rows (e.g. the master bias);
-    ``scale`` (per file) multiplies each file after that. Every file stays open (memory-mapped) for
+    ``scale`` (per file) multiplies each file after that. Every file stays open (read in place) for
     the whole combination and each block is read once; the results go into preallocated outputs.
     ``dtype`` (float32 by default: raw ADU and calibrated values agree with float64 within ~1e-7
     relative) is that of the block and the outputs.

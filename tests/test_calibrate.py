@@ -185,7 +185,7 @@ def test_combine_files_float32_matches_float64_and_closes_files(raw_night, tmp_p
 
     files = [C.RawFile(p) for p in raw_night["paths"]["flat"]]
     f32 = C.combine_files(files, sigma_clip=True, method="mean", memory_mb=0.05)
-    assert f32.image.dtype == torch.float32 and all(f._hdul is None for f in files)  # closed after the combination
+    assert f32.image.dtype == torch.float32 and all(f._hdul is None and f._fh is None for f in files)  # closed after the combination
     f64 = C.combine_files(files, sigma_clip=True, method="mean", dtype=torch.float64)
     rel = ((f32.image.double() - f64.image).abs().max() / f64.image.abs().max()).item()
     assert 0 < rel < 1e-6 or rel == 0.0
