@@ -552,7 +552,7 @@ class BackgroundWithGlobalRMS(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------
 # HOTPANTS command lines
 # ------------------------------------------------------------------------------------------------
-#: HOTPANTS 5.1 defaults (its usage text) as ImageSubtraction keywords
+#: HOTPANTS 5.1.11 defaults (``defaults.h`` / ``vargs.c``) as ImageSubtraction keywords
 HOTPANTS_DEFAULTS = dict(
     kernel_half_width=10, gaussians=((0.7, 6), (1.5, 4), (3.0, 2)), spatial_order=2, background_order=1,
     stamp_grid=(10, 10), stamp_half_width=15, clip_sigma=2.0, stat_sigma=3.0, stamp_threshold=20.0,
@@ -568,19 +568,64 @@ _HP_PAIR = {"-ig": ("gain", 0), "-tg": ("gain", 1), "-ir": ("read_noise", 0), "-
             "-iu": ("saturation", 0), "-tu": ("saturation", 1), "-il": ("lower_limit", 0), "-tl": ("lower_limit", 1)}
 _HP_FILES = {"-inim": "science", "-tmplim": "template", "-outim": "difference", "-oci": "convolved", "-oni": "noise",
              "-savexy": "stamps"}
-_HP_NO_EFFECT = {"-v": 1, "-okn": 0}
+_HP_NO_EFFECT = {"-v": 1}
+#: flags we do not implement -> their number of values (``-okn`` rescales the noise of flagged "OK" pixels;
+#: ``-tuk``/``-iuk`` are the kernel fit's own saturation levels; ``-tp``/``-ip`` pedestals; ``-nc`` no clobber)
 _HP_ARITY = {"-nrx": 1, "-nry": 1, "-kcs": 1, "-sft": 1, "-nft": 1, "-mins": 1, "-mous": 1, "-omi": 1, "-gd": 4,
              "-rf": 1, "-rkw": 2, "-ssf": 1, "-cmp": 1, "-afssc": 1, "-fom": 1, "-sconv": 0, "-kfm": 1, "-fi": 1,
              "-fin": 1, "-convvar": 0, "-ond": 1, "-nim": 0, "-ndm": 0, "-oki": 1, "-sht": 0, "-obs": 1, "-obz": 1,
              "-nsht": 0, "-nbs": 1, "-nbz": 1, "-tuk": 1, "-iuk": 1, "-tp": 1, "-ip": 1, "-tni": 1, "-ini": 1,
-             "-tmi": 1, "-imi": 1, "-ki": 1, "-hki": 0, "-useWeight": 0, "-c": 1, "-n": 1}
+             "-tmi": 1, "-imi": 1, "-ki": 1, "-hki": 0, "-okn": 0, "-ef": 1, "-sum": 0, "-cim": 0, "-nc": 0,
+             "-allm": 0}
+#: ``-c`` and ``-n`` values: HOTPANTS reads their first letter only (``strncmp(.., 1)``, case-sensitive)
+_HP_CONVOLVE = {"t": "template", "i": "science", "b": "auto"}
+_HP_NORMALIZE = {"t": "template", "i": "science", "u": "unconvolved"}
+
+
+def _hp_letter(flag: str, value: str, table: dict) -> str:
+    if not value or value[0] not in table:
+        raise ValueError(f"HOTPANTS flag {flag} {value!r}: expected one of {', '.join(repr(k) for k in table)} "
+                         "(its first letter is read, as HOTPANTS does)")
+    return table[value[0]]
+
+
+def _hp_check(kw: dict) -> None:
+    """HOTPANTS' own refusals (vargs.c) for the values we map."""
+    if kw["kernel_half_width"] <= 0:
+        raise ValueError(f"HOTPANTS flag -r {kw['kernel_half_width']}: cannot be negative (or zero)")
+    if kw["stamp_half_width"] < kw["kernel_half_width"]:
+        raise ValueError(f"HOTPANTS flags -rss {kw['stamp_half_width']} < -r {kw['kernel_half_width']}: conflicting requests")
+    for flag, key in (("-ko", "spatial_order"), ("-bgo", "background_order"), ("-ks", "clip_sigma"),
+                      ("-ft", "stamp_threshold"), ("-nss", "stars_per_cell")):
+        if kw[key] < 0:
+            raise ValueError(f"HOTPANTS flag {flag} {kw[key]}: cannot be negative")
+    for j, who in ((0, "i"), (1, "t")):
+        if kw["saturation"][j] <= 0 or kw["gain"][j] <= 0 or kw["read_noise"][j] < 0:
+            raise ValueError(f"HOTPANTS flags -{who}u / -{who}g / -{who}r: the saturation level and gain must be "
+                             "positive, the read noise not negative")
+        if kw["saturation"][j] < kw["lower_limit"][j]:
+            raise ValueError(f"HOTPANTS flag -{who}u ({kw['saturation'][j]}) cannot be smaller than -{who}l "
+                             f"({kw['lower_limit'][j]})")
+
+
+def _hp_unconvolved(kw: dict, unsupported: list) -> None:
+    """``-n u``: the difference stays in the flux units of the image that is not convolved."""
+    if kw["normalize"] != "unconvolved":
+        return
+    if kw["convolve"] == "auto":
+        unsupported.append("-n u with -c b (the convolved image is chosen per fit): normalised to the template "
+                           "(-n t) instead; give -c t or -c i")
+        kw["normalize"] = "template"
+    else:
+        kw["normalize"] = "template" if kw["convolve"] == "science" else "science"
 
 
 def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
     """A HOTPANTS command line (flags only, or the whole command) -> (ImageSubtraction keywords with
     HOTPANTS' defaults for what it leaves out, ``{role: file}`` of its file flags, unsupported flags).
-    ``-nsx``/``-nsy`` give ``stamp_grid`` (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i``
-    which image is convolved, ``-n t|i`` the flux normalisation."""
+    Flags are case-insensitive, as HOTPANTS' ``strcasecmp``. ``-nsx``/``-nsy`` give ``stamp_grid``
+    (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i|b`` which image is convolved (``b``:
+    both tried, ``"auto"``), ``-n t|i|u`` the flux normalisation (``u``: the unconvolved image's)."""
     import shlex
 
     tok = shlex.split(flags) if isinstance(flags, str) else [str(t) for t in flags]
@@ -599,7 +644,7 @@ def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
         return vals
 
     while i < len(tok):
-        f = tok[i]
+        f = tok[i].lower()
         if f in _HP_SCALAR:
             key, typ = _HP_SCALAR[f]
             kw[key] = typ(take(1)[0])
@@ -615,12 +660,8 @@ def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
             vals = take(1 + 2 * n)[1:]
             kw["gaussians"] = tuple((float(vals[2 * k + 1]), int(vals[2 * k])) for k in range(n))
         elif f in ("-c", "-n"):
-            v = take(1)[0].lower()
-            table = {"-c": {"t": "template", "i": "science"}, "-n": {"t": "template", "i": "science"}}[f]
-            if v not in table:
-                unsupported.append(f"{f} {v}")
-            else:
-                kw["convolve" if f == "-c" else "normalize"] = table[v]
+            v = take(1)[0]
+            kw["convolve" if f == "-c" else "normalize"] = _hp_letter(f, v, _HP_CONVOLVE if f == "-c" else _HP_NORMALIZE)
         elif f in _HP_FILES:
             files[_HP_FILES[f]] = take(1)[0]
         elif f in _HP_NO_EFFECT:
@@ -629,10 +670,12 @@ def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
             vals = take(_HP_ARITY[f])
             unsupported.append(" ".join([f] + vals))
         else:
-            raise ValueError(f"unknown HOTPANTS flag {f!r} in {flags!r}")
+            raise ValueError(f"unknown HOTPANTS flag {tok[i]!r} in {flags!r}")
     kw["stamp_grid"] = tuple(grid)
     for k in ("gain", "read_noise", "saturation", "lower_limit"):
         kw[k] = tuple(kw[k])
+    _hp_unconvolved(kw, unsupported)
+    _hp_check(kw)
     return kw, files, unsupported
 
 

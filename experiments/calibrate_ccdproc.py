@@ -7,10 +7,10 @@ scaled-dark-subtracted flats each scaled by 1/median), then the science frames (
 ``combine(method='average', sigma_clip=True)``). Reports the largest difference relative to the
 largest ccdproc value, the calibrated frame against the simulator's truth (chi = (cal - truth) /
 sqrt(variance)), the time of both (medians of alternated rounds) and the peak memory of combining
-many raw frames (a child process per measurement, ``ru_maxrss``).
+many raw frames (a child process per measurement: master bias, then every frame calibrated into a file; VmHWM).
 
     python experiments/calibrate_ccdproc.py                 # 1024^2, 10 bias / 10 dark / 10 flat / 3 frames
-    python experiments/calibrate_ccdproc.py --memory        # + peak RSS: 100 frames of 1024^2 and of 4096^2
+    python experiments/calibrate_ccdproc.py --memory-only   # peak RSS: 1 frame of 256^2, 10 and 100 raw 4096^2 frames
 """
 
 from __future__ import annotations
@@ -163,15 +163,26 @@ def write_bias_frames(folder: Path, n: int, size: int, seed: int = 0) -> list:
 
 
 def child_peak(paths_file: str, memory_mb: float) -> None:
+    """Master bias of the N raw frames, then the N frames calibrated with it into files (float32, no
+    variance files), as ``astroprep calibrate`` does; prints the peak RSS and the times."""
     paths = json.loads(Path(paths_file).read_text())
+    from astroprep_torch import data, io  # noqa: F401  (imported lazily by the calibration: not timed)
+
     t0 = time.perf_counter()
     m = C.master_bias(paths, memory_mb=memory_mb)
+    t_master = time.perf_counter() - t0
+    out_dir = Path(paths_file).parent / "calibrated"
+    written = C.calibrate_files(paths, out_dir, C.CCDCalibration(m, bad=False), write_variance=False)
     wall = time.perf_counter() - t0
     # VmHWM: this process image's peak (ru_maxrss would carry the parent's peak across fork + exec)
     status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
     hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
     peak = float(hwm[0]) / 1024.0 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"n": len(paths), "shape": list(m.image.shape), "peak_mb": peak, "wall_s": wall}))
+    out_gb = sum(p.stat().st_size for p in written) / 1e9
+    for p in written:
+        p.unlink()
+    print(json.dumps({"n": len(paths), "shape": list(m.image.shape), "peak_mb": peak, "wall_s": wall,
+                      "master_s": t_master, "calibrated": len(written), "out_gb": out_gb}))
 
 
 def memory_run(folder: Path, n: int, size: int, memory_mb: float = 512.0) -> dict:
@@ -182,23 +193,35 @@ def memory_run(folder: Path, n: int, size: int, memory_mb: float = 512.0) -> dic
     plist.write_text(json.dumps(paths))
     cmd = [sys.executable, __file__, "--child", str(plist), "--memory-mb", str(memory_mb)]
     res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    res["raw_gb"] = sum(Path(p).stat().st_size for p in paths) / 1e9
     for p in paths:
         Path(p).unlink()
-    res["stack_gb"] = n * size * size * 8 / 1e9  # what a stack of the frames in float64 would take
+    res["stack_gb"] = n * size * size * 4 / 1e9  # what a stack of the frames in float32 would take
     return res
 
 
+MEMORY_HEAD = ["| frames | size | raw on disk | calibrated written | peak RSS (VmHWM) | master bias | whole run | "
+               "a float32 stack would take |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def memory_row(n: int, size: int, r: dict) -> str:
+    return (f"| {n} | {size}x{size} (+32) | {r['raw_gb']:.2f} GB | {r['calibrated']} frames, {r['out_gb']:.2f} GB | "
+            f"{r['peak_mb']:.0f} MB | {r['master_s']:.1f} s | {r['wall_s']:.1f} s | {r['stack_gb']:.1f} GB |")
+
+
 def memory_table(args, head: list) -> None:
-    lines = head + ["", "| frames | size | peak RSS (VmHWM) | time | a float64 stack would take |",
-                    "| --- | --- | --- | --- | --- |"]
-    with tempfile.TemporaryDirectory() as tmp:
+    lines = head + [""] + MEMORY_HEAD
+    with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         for spec in args.memory_sizes.split(","):
             size, n = (int(v) for v in spec.split(":"))
             r = memory_run(Path(tmp), n, size, args.memory_mb)
-            lines.append(f"| {n} | {size}x{size} (+32) | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s | {r['stack_gb']:.1f} GB |")
+            lines.append(memory_row(n, size, r))
             print(lines[-1], flush=True)
-    lines.append(f"\n(master bias of raw uint16 files read lazily in row blocks, `memory_mb={args.memory_mb:g}`; the peak "
-                 "includes the Python/torch process itself, measured alone by a 1-frame run)\n")
+    lines.append(f"\n(each row a fresh child process: master bias of the N raw uint16 frames (BZERO 32768, as "
+                 f"cameras write them), combined from the memory-mapped files in row blocks under "
+                 f"`memory_mb={args.memory_mb:g}`, then the N frames calibrated one at a time with it by "
+                 "`calibrate.calibrate_files` and written as float32 FITS (no variance files; deleted after). "
+                 "The peak includes the Python/torch process itself, measured by the 1-frame row.)\n")
     text = "\n".join(lines)
     print(text)
     write_result("calibrate_ccdproc_memory", text)
@@ -210,16 +233,16 @@ def main() -> None:
     ap_.add_argument("--n-cal", type=int, default=10)
     ap_.add_argument("--n-sci", type=int, default=3)
     ap_.add_argument("--rounds", type=int, default=3)
-    ap_.add_argument("--memory", action="store_true", help="also measure peak RSS of 100-frame combinations")
-    ap_.add_argument("--memory-sizes", default="1024:100,4096:100")
+    ap_.add_argument("--memory-sizes", default="256:1,4096:10,4096:100")
     ap_.add_argument("--memory-only", action="store_true", help="only the memory table (calibrate_ccdproc_memory.md)")
     ap_.add_argument("--child", default=None)
     ap_.add_argument("--memory-mb", type=float, default=512.0)
+    ap_.add_argument("--tmpdir", default=None, help="folder for the memory run's files (default: the system's)")
     args = ap_.parse_args()
     if args.child:
         return child_peak(args.child, args.memory_mb)
     torch.set_num_threads(2)
-    lines = [f"# CCD calibration vs ccdproc\n", f"machine: {machine()} (shared with other jobs)  ",
+    lines = ["# CCD calibration vs ccdproc\n", f"machine: {machine()} (shared with other jobs)  ",
              f"command: `python experiments/calibrate_ccdproc.py {' '.join(sys.argv[1:])}`  ",
              f"data: simulated camera {args.size}x{args.size} + 32 overscan columns; {args.n_cal} bias, "
              f"{args.n_cal} dark (60 s), {args.n_cal} flat frames; {args.n_sci} science frames (18 s) with "
@@ -254,15 +277,7 @@ def main() -> None:
         lines.append("| --- | --- | --- | --- |")
         lines.append(f"| median of {args.rounds} alternated rounds | {mo:.2f} s | {mp:.2f} s | ours takes "
                      f"{mo / mp:.2f}x ccdproc's time |\n")
-        if args.memory:
-            lines.append("| frames | size | peak RSS | time | a float64 stack would take |")
-            lines.append("| --- | --- | --- | --- | --- |")
-            for spec in args.memory_sizes.split(","):
-                size, n = (int(v) for v in spec.split(":"))
-                r = memory_run(Path(tmp), n, size, args.memory_mb)
-                lines.append(f"| {n} | {size}x{size} (+32) | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s | {r['stack_gb']:.1f} GB |")
-            lines.append("\n(master bias of raw uint16 files read lazily, `memory_mb=512` row blocks; peak RSS "
-                         "includes the Python/torch process itself)\n")
+        lines.append("Memory of 100 raw frames: `calibrate_ccdproc_memory.md` (`--memory-only`).\n")
     text = "\n".join(lines)
     print(text)
     write_result("calibrate_ccdproc", text)

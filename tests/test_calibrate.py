@@ -180,6 +180,30 @@ def test_combine_files_is_the_same_in_small_row_blocks(raw_night):
     assert torch.equal(big.image, small.image)
 
 
+def test_combine_files_float32_matches_float64_and_closes_files(raw_night, tmp_path):
+    from astropy.io import fits as afits
+
+    files = [C.RawFile(p) for p in raw_night["paths"]["flat"]]
+    f32 = C.combine_files(files, sigma_clip=True, method="mean", memory_mb=0.05)
+    assert f32.image.dtype == torch.float32 and all(f._hdul is None and f._fh is None for f in files)  # closed after the combination
+    f64 = C.combine_files(files, sigma_clip=True, method="mean", dtype=torch.float64)
+    rel = ((f32.image.double() - f64.image).abs().max() / f64.image.abs().max()).item()
+    assert 0 < rel < 1e-6 or rel == 0.0
+    # uint16 on disk (int16 + BZERO) is read exactly in float32; a BLANK value becomes NaN
+    data = np.array([[0, 1, 65535], [40000, 2, 3]], dtype=np.uint16)
+    path = tmp_path / "u16.fits"
+    afits.PrimaryHDU(data).writeto(path)
+    f = C.RawFile(path)
+    out = f.read()
+    assert out.dtype == np.float32 and np.array_equal(out, data.astype(np.float32))
+    f.close()
+    hdu = afits.PrimaryHDU(np.array([[5, -7], [9, 3]], dtype=np.int32))
+    hdu.header["BLANK"] = -7
+    hdu.writeto(tmp_path / "blank.fits")
+    got = C.RawFile(tmp_path / "blank.fits").read()
+    assert got.dtype == np.float64 and np.isnan(got[0, 1]) and got[1, 0] == 9
+
+
 def test_ccd_calibration_module_batches_frames(raw_night):
     p = raw_night["paths"]
     bias = C.master_bias(p["bias"])

@@ -237,6 +237,61 @@ def test_hotpants_flags_defaults_and_unsupported():
         classic.parse_hotpants("-r")
 
 
+def test_hotpants_flags_are_case_insensitive_and_c_b_is_auto():
+    # vargs.c compares flags with strcasecmp; -c b (both tried) is its default; -c/-n read the first letter
+    kw, _, uns = classic.parse_hotpants("-R 6 -NSX 4 -c b -n t")
+    assert (kw["kernel_half_width"], kw["stamp_grid"], kw["convolve"], uns) == (6, (10, 4), "auto", [])
+    assert classic.parse_hotpants("-c tmpl")[0]["convolve"] == "template"
+    with pytest.raises(ValueError, match="-c 'x'"):
+        classic.parse_hotpants("-c x")
+    with pytest.raises(ValueError, match="-n 'T'"):  # strncmp is case-sensitive: HOTPANTS refuses it too
+        classic.parse_hotpants("-n T")
+
+
+def test_hotpants_n_u_normalises_to_the_unconvolved_image():
+    assert classic.parse_hotpants("-c t -n u")[0]["normalize"] == "science"
+    assert classic.parse_hotpants("-c i -n u")[0]["normalize"] == "template"
+    kw, _, uns = classic.parse_hotpants("-n u")
+    assert kw["normalize"] == "template" and uns and uns[0].startswith("-n u")
+
+
+def test_hotpants_okn_is_reported_not_silently_ignored():
+    # -okn rescales the noise of flagged 'OK' pixels (main.c rescaleOK): we do not, so it is listed
+    assert classic.parse_hotpants("-okn -v 0")[2] == ["-okn"]
+    with pytest.raises(ValueError, match="unknown HOTPANTS flag '-useWeight'"):  # not a v5.1.11 flag
+        classic.parse_hotpants("-useWeight")
+    assert classic.parse_hotpants("-allm -nc -sum -cim -ef eff.txt")[2] == ["-allm", "-nc", "-sum", "-cim", "-ef eff.txt"]
+
+
+@pytest.mark.parametrize("flags, match", [("-r 8 -rss 6", "-rss 6 < -r 8"), ("-r 0", "-r 0"), ("-ko -1", "-ko -1"),
+                                          ("-tu 10 -tl 20", "-tu"), ("-ig 0", "-iu / -ig")])
+def test_hotpants_refuses_what_hotpants_refuses(flags, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        classic.parse_hotpants(flags)
+
+
+def test_hotpants_defaults_match_the_source():
+    """HOTPANTS_DEFAULTS against the D_* constants of HOTPANTS' defaults.h (v5.1.11)."""
+    from pathlib import Path
+
+    src = Path("/tmp/hotpants/defaults.h")
+    if not src.is_file():
+        pytest.skip("HOTPANTS' C source (defaults.h) not at /tmp/hotpants")
+    d = dict(re.findall(r"#define\s+(D_\w+)\s+(\S+)", src.read_text()))
+    num = lambda k: float(d[k].rstrip("."))  # noqa: E731
+    hp = classic.HOTPANTS_DEFAULTS
+    assert hp["gaussians"] == tuple((num(f"D_SIG_GAUSS{i}"), int(num(f"D_DEG_GAUSS{i}"))) for i in (1, 2, 3))
+    assert hp["kernel_half_width"] == num("D_HWKERNEL") and hp["stamp_half_width"] == num("D_HWKSSTAMP")
+    assert hp["spatial_order"] == num("D_KORDER") and hp["background_order"] == num("D_BGORDER")
+    assert hp["stamp_grid"] == (num("D_NSTAMPS"), num("D_NSTAMPS")) and hp["stars_per_cell"] == num("D_NKSSTAMPS")
+    assert hp["clip_sigma"] == num("D_KSIGREJECT") and hp["stat_sigma"] == num("D_STATSIG")
+    assert hp["stamp_threshold"] == num("D_KFITTHRESH")
+    assert hp["saturation"] == (num("D_UTHRESH"),) * 2 and hp["lower_limit"] == (num("D_LTHRESH"),) * 2
+    assert hp["gain"] == (num("D_GAIN"),) * 2 and hp["read_noise"] == (num("D_RDNOISE"),) * 2
+    assert hp["normalize"] == classic._HP_NORMALIZE[d["D_NORMALIZE"].strip('"')]
+    assert hp["convolve"] == classic._HP_CONVOLVE[d["D_CONVOLVE"].strip('"')]
+
+
 def test_hotpants_decam_command_via_the_cli(tmp_path, shared_data):
     """``astroprep subtract ... hotpants="<COMMAND.txt flags>"`` on hotpants_decam: HOTPANTS' difference
     (SSIM over the convolved area), kernel sum and noise image."""
