@@ -140,7 +140,7 @@ class FrameWriter(BasePredictionWriter):
     def _start_process(self) -> None:
         if self._proc is not None:
             return
-        self._proc = _writer_service()
+        self._proc = _writer_service(FrameWriter)
         self._wid = self._proc.register()
         header = self.reference_header.tostring() if self.reference_header is not None else None
         self._proc.jobs.put(("config", self._wid, str(self.output_dir), self.products, header, self.max_pending,

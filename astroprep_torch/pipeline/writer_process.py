@@ -29,13 +29,13 @@ class _WriterService:
     Jobs go in one queue, in order: ``("config", id, ...)``, ``("write", id, prediction, rank)``,
     ``("flush", id)``; reports come back tagged with the writer's id."""
 
-    def __init__(self):
+    def __init__(self, writer_cls):
         resource_tracker_in_own_session()  # it cleans up after a killed run (see there)
         ctx = mp.get_context("spawn")  # not fork: the parent's OpenMP threads do not survive a fork
         self.jobs = ctx.Queue()
         self.results = ctx.Queue()
         self.proc = ctx.Process(target=_writer_process, name="astroprep-frame-writer", daemon=True,
-                                args=(self.jobs, self.results, os.getpid()))
+                                args=(writer_cls, self.jobs, self.results, os.getpid()))
         self.proc.start()
         self.pid = os.getpid()
         self._ids = itertools.count(1)
@@ -92,22 +92,20 @@ class _WriterService:
 _SERVICE: Optional[_WriterService] = None
 
 
-def _writer_service() -> _WriterService:
-    """The writer process of this process (started on first use, again after fork or its death)."""
+def _writer_service(writer_cls) -> _WriterService:
+    """The writer process of this process (started on first use, again after fork or its death);
+    ``writer_cls`` (:class:`~astroprep_torch.pipeline.FrameWriter`) writes in it."""
     global _SERVICE
     if _SERVICE is None or _SERVICE.pid != os.getpid() or not _SERVICE.alive():
-        _SERVICE = _WriterService()
+        _SERVICE = _WriterService(writer_cls)
     return _SERVICE
 
 
-def _writer_process(jobs, results, parent_pid: Optional[int] = None) -> None:
+def _writer_process(writer_cls, jobs, results, parent_pid: Optional[int] = None) -> None:
     """Body of the writer process: for each job, write in the loop with the writer its ``config``
     job set up and report back; after a writer's fatal error, its later batches are drained
     without writing (as the writer thread does). It dies with its parent (a killed run leaves no
     writer behind)."""
-    # writer.py imports this module (for the service); the process body looks the class up when it starts
-    from .writer import FrameWriter
-
     die_with_parent(parent_pid)
     torch.set_num_threads(1)
     retain_freed_memory()
@@ -121,7 +119,7 @@ def _writer_process(jobs, results, parent_pid: Optional[int] = None) -> None:
         kind, wid = job[0], job[1]
         if kind == "config":
             _, _, output_dir, products, header, ring, flush = job
-            writers[wid] = FrameWriter(output_dir, products=products, asynchronous=False, flush_to_disk=flush,
+            writers[wid] = writer_cls(output_dir, products=products, asynchronous=False, flush_to_disk=flush,
                                        reference_header=fits.Header.fromstring(header) if header is not None else None)
             if held.maxlen < ring:
                 held = collections.deque(held, maxlen=ring)
