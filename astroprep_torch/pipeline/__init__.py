@@ -43,7 +43,7 @@ from .compiled import _GLUE as _GLUE
 from .compiled import CompiledStageModule, compile_graph
 from .compiled import _short_reason as _short_reason
 from .glue import _SAME_SIZE_INT as _SAME_SIZE_INT
-from .glue import CandidateTriplets, MaskUnion, SharedReference, SourceVariance, Square, SquareRoot, SubtractMap
+from .glue import CandidateTriplets, CorrelatedNoise, MaskUnion, SharedReference, SourceVariance, Square, SquareRoot, SubtractMap
 from .glue import _bits as _bits
 from .graph import Pipeline, PipelineError, Reads, Stage, Writes
 from .graph import _sync as _sync
@@ -81,7 +81,7 @@ from .writer_process import _WriterService as _WriterService
 
 __all__ = [
     "Stage", "Pipeline", "PipelineError", "Reads", "Writes",
-    "MaskUnion", "SubtractMap", "Square", "SquareRoot", "SourceVariance", "SharedReference", "CandidateTriplets",
+    "MaskUnion", "SubtractMap", "Square", "SquareRoot", "SourceVariance", "SharedReference", "CandidateTriplets", "CorrelatedNoise",
     "AlignedFrames", "AlignToReference", "CompiledStageModule", "compile_graph",
     "PreprocessModule", "footprints_overlap", "DEFAULT_PRODUCTS", "write_ecsv", "FrameWriter", "OutputDiskFull",
     "read_manifest", "RunInputs", "run_from_config", "pick_reference", "read_reference", "adapt_quality",

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._robust import mad_std
 from ..cutouts import make_triplets
 
 class MaskUnion(nn.Module):
@@ -65,6 +66,52 @@ class SourceVariance(nn.Module):
             return var
         return var.add_(image.clamp(min=0), alpha=1.0 / float(self.gain)) if not var.requires_grad else \
             var + image.clamp(min=0) / float(self.gain)
+
+
+class CorrelatedNoise(nn.Module):
+    """The rms for detection on a resampled difference: ``rms`` times ``c >= 1``, the excess noise of
+    the *filtered* ``image / rms`` over white noise's.
+
+    Interpolation (bilinear above all) correlates neighbouring pixels: the per-pixel variance
+    propagated through the weights is right, but the detection filter averages correlated values,
+    so the filtered noise is ``c`` times what white noise of that variance gives and a threshold in
+    units of ``rms`` lets many more noise peaks through. ``c`` is the robust (MAD) std of the filtered
+    ``image / rms`` (on every ``step``-th pixel, masked and non-finite pixels left out; sources are few)
+    over ``sqrt(sum k^2)`` of the normalised kernel ``k``, per frame, floored at 1: on white noise the
+    rms is returned unchanged (within the estimate's noise, which the floor absorbs)."""
+
+    def __init__(self, kernel="default", step: int = 4):
+        super().__init__()
+        if int(step) < 1:
+            raise ValueError(f"step must be >= 1, got {step!r}")
+        self.kernel, self.step = kernel, int(step)
+
+    def forward(self, image: Tensor, rms: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        from ..detect.filter import _as_kernel
+
+        k = _as_kernel(self.kernel, torch.float64, image.device)
+        if k is None:
+            return rms
+        z = image.detach().double() / rms.detach().double()
+        bad = ~torch.isfinite(z) if mask is None else (mask | ~torch.isfinite(z))
+        z = z.masked_fill(bad, float("nan"))
+        zf = _filtered_samples(z, k, self.step)
+        c = mad_std(zf.flatten(1), 1, ignore_nan=True) / k.square().sum().sqrt()
+        c = torch.nan_to_num(c, nan=1.0).clamp(min=1.0)
+        return rms * c.to(rms.dtype).view(-1, *([1] * (rms.dim() - 1)))
+
+
+def _filtered_samples(z: Tensor, k: Tensor, step: int) -> Tensor:
+    """``k`` correlated with ``z`` (B,1,H,W) at every ``step``-th valid position, from shifted strided
+    views (no frame-sized filtered image): (B,1,h,w); NaN where any input is NaN."""
+    kh, kw = k.shape
+    H, W = z.shape[-2:]
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            v = z[..., i:H - kh + 1 + i:step, j:W - kw + 1 + j:step] * k[i, j]
+            out = v if out is None else out + v
+    return out
 
 
 class CandidateTriplets(nn.Module):
