@@ -27,7 +27,11 @@ the thresholds adapted, the calibrated run's extra candidates are false detectio
 ~1/sqrt(flat) after flat-fielding (vignetting to 0.65, dust donuts), changes faster than the 64-px
 background meshes (3x3 median filter) follow: on 512^2 frames the difference RMS map is ~9% high at
 the centre and ~1% low at the edges of the calibrated frame, against ~4% high everywhere on the
-ideal one, and the excess sits within 32 px of the edges; 32-px meshes remove it there.
+ideal one, and the excess sits within 32 px of the edges; 32-px meshes remove it there. (3) The
+calibrated frames' per-pixel variance (``<name>.var.fits``, read as the data module does) now goes
+into the graph's science/reference variance (``SourceVariance``: scaled to the frame's measured noise
+as SExtractor's MAP_VAR, plus the model's source term): ``--model-variance`` leaves it out (as before),
+``--ideal-variance`` gives the ideal frames their true maps too (like with like).
 """
 
 from __future__ import annotations

@@ -822,6 +822,9 @@ def test_source_variance_uses_a_per_pixel_map():
     sky = torch.isfinite(var)
     assert torch.allclose(m[sky].mean(), torch.tensor(9.0)) and torch.allclose(m[0, 0, 0, 0] / m[0, 0, 0, 3], torch.tensor(4.0))
     assert float(m[0, 0, 3, 3]) == 9.0
+    img[..., 1, 1] = 40.0  # a star: the model's source term (the subtraction's margin) on the map too
+    assert float(P.SourceVariance(gain=2.0, map_level="absolute")(rms, img, var)[0, 0, 1, 1]) == 18.0 + 20.0
+    assert float(P.SourceVariance(gain=2.0, map_level="absolute", map_sources=False)(rms, img, var)[0, 0, 1, 1]) == 18.0
     assert torch.equal(P.SourceVariance(gain=2.0)(rms, img, None), P.SourceVariance(gain=2.0)(rms, img))
     with pytest.raises(ValueError, match="map_level"):
         P.SourceVariance(map_level="relative")

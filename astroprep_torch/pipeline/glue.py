@@ -59,9 +59,13 @@ class SourceVariance(nn.Module):
     ``"measured"`` (default) scales each frame's map to the noise measured in the frame, as
     SExtractor's ``WEIGHT_TYPE MAP_VAR``: by ``mean(rms^2) / mean(variance)`` over its sky pixels
     (``image < 2 rms``: :func:`measured_scale`), so the map gives the pattern and the frame's own scatter (unresolved
-    sources, calibration errors) the level; ``"absolute"`` takes it as it is (``MAP_RMS``-like)."""
+    sources, calibration errors) the level; ``"absolute"`` takes it as it is (``MAP_RMS``-like).
+    ``map_sources``: the model's source term is added to the map too (the map's own source term is
+    the true Poisson noise; the model's, with a gain below the true one, is the margin that covers
+    the subtraction's residuals at stars, and without it a map gives more candidates on stars than
+    the model does)."""
 
-    def __init__(self, gain: Optional[float] = 1.0, map_level: str = "measured"):
+    def __init__(self, gain: Optional[float] = 1.0, map_level: str = "measured", map_sources: bool = True):
         super().__init__()
         if gain is not None and not gain > 0:
             raise ValueError(f"gain must be positive or None, got {gain!r}")
@@ -69,6 +73,7 @@ class SourceVariance(nn.Module):
             raise ValueError(f"map_level must be 'measured' or 'absolute', got {map_level!r}")
         self.gain = gain
         self.map_level = map_level
+        self.map_sources = bool(map_sources)
 
     def forward(self, rms: Tensor, image: Tensor, variance: Optional[Tensor] = None) -> Tensor:
         var = self.model(rms, image)
@@ -78,6 +83,8 @@ class SourceVariance(nn.Module):
         known = torch.isfinite(variance)
         if self.map_level == "measured":
             variance = variance * measured_scale(rms, image, variance, known)
+        if self.map_sources and self.gain is not None:
+            variance = variance + image.clamp(min=0) / float(self.gain)
         return torch.where(known, variance, var)
 
     def model(self, rms: Tensor, image: Tensor) -> Tensor:
