@@ -11,6 +11,8 @@ An item is a dict: ``image`` ``(1, H, W)`` float32, ``mask`` ``(1, H, W)`` bool 
 ``header`` (the FITS header as a string, so that it crosses process boundaries cheaply), ``name``
 (the file stem, used to name outputs), ``path``, ``error`` (``""`` when the read succeeded and the
 image is usable) and ``checked`` (True: the image was checked, see :func:`~astroprep_torch._checks.frame_problem`).
+A frame with a per-pixel variance map beside it (``<stem>.var.fits``, as ``astroprep calibrate``
+writes for ``<stem>.cal.fits``: :func:`variance_path`) also carries ``variance`` ``(1, H, W)`` (ADU^2).
 :func:`collate_frames` stacks same-shape images into ``(B, 1, H, W)`` and keeps the rest as lists.
 """
 
@@ -116,6 +118,41 @@ def frame_names(paths: Sequence[PathLike]) -> list[str]:
     return names
 
 
+VARIANCE_SUFFIX = ".var.fits"
+
+
+def variance_path(path: PathLike) -> Optional[Path]:
+    """The per-pixel variance map beside a frame, or None: ``<stem>.var.fits`` where ``<stem>`` is
+    the name before ``.fits`` (or ``.fit``/``.fts``), less a trailing ``.cal`` (calibrated frames are
+    ``<raw>.cal.fits`` beside ``<raw>.var.fits``: :func:`~astroprep_torch.calibrate.calibrate_files`).
+    A variance map itself has none."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(VARIANCE_SUFFIX):
+        return None
+    stem = next((name[: name.index(s)] for s in (".fits", ".fit", ".fts") if s in name), path.stem)
+    for s in (stem, stem[:-4] if stem.endswith(".cal") else None):
+        if s and (path.parent / f"{s}{VARIANCE_SUFFIX}").is_file():
+            return path.parent / f"{s}{VARIANCE_SUFFIX}"
+    return None
+
+
+def read_variance(path: PathLike, shape: Sequence[int]) -> Optional[torch.Tensor]:
+    """The variance map beside the frame ``path`` (:func:`variance_path`) as ``(1, 1, H, W)`` float32,
+    or None when there is none. Its non-finite or negative pixels become NaN (no per-pixel value
+    there: the graph uses its model). Raises ``ValueError`` naming the file when its shape is not the
+    frame's ``shape`` (``(..., H, W)``)."""
+    from .io import read_fits
+
+    vp = variance_path(path)
+    if vp is None:
+        return None
+    var = read_fits(vp).data
+    if tuple(var.shape[-2:]) != tuple(shape[-2:]):
+        raise ValueError(f"variance map {vp}: shape {tuple(var.shape[-2:])}, expected the frame's {tuple(shape[-2:])}")
+    return var.masked_fill(~(var >= 0) | ~torch.isfinite(var), float("nan"))
+
+
 class FitsFrameDataset(Dataset):
     """Map-style dataset of FITS frames (see the module docstring for the item layout).
 
@@ -153,6 +190,9 @@ class FitsFrameDataset(Dataset):
             item["mask"] = f.mask[0]
             item["header"] = f.header.tostring()
             item["error"] = frame_problem(f.data, f.mask)  # too small, empty: said here, in the reader
+            var = read_variance(path, f.data.shape)
+            if var is not None:
+                item["variance"] = var[0]
         except Exception as exc:  # a bad file is reported, never fatal
             item["error"] = f"{type(exc).__name__}: {exc}"
             item["image"] = torch.zeros(1, 1, 1)
@@ -169,6 +209,7 @@ def collate_frames(items: list[dict]) -> dict:
     any bad frame, so one odd file never stops a batched run.
     """
     items = [dict(it) for it in items]
+    variances = [it.pop("variance", None) for it in items]
     shapes = [tuple(it["image"].shape) for it in items if not it["error"]]
     if shapes:
         shape = max(dict.fromkeys(shapes), key=lambda s: (shapes.count(s), s[-1] * s[-2]))
@@ -182,6 +223,9 @@ def collate_frames(items: list[dict]) -> dict:
     batch: dict = {k: [it[k] for it in items] for k in items[0] if k not in ("image", "mask")}
     batch["image"] = torch.stack([torch.zeros(shape) if it["error"] else it["image"] for it in items])
     batch["mask"] = torch.stack([torch.ones(shape, dtype=torch.bool) if it["error"] else it["mask"] for it in items])
+    if any(v is not None for v in variances):  # frames without a map (or failed): NaN, the graph's model
+        batch["variance"] = torch.stack([torch.full(shape, float("nan")) if v is None or it["error"] else v
+                                         for v, it in zip(variances, items)])
     return batch
 
 
@@ -262,4 +306,5 @@ def _worker_context(method: str):
     return ctx
 
 
-__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "frame_names", "resolve_inputs"]
+__all__ = ["FitsFrameDataModule", "FitsFrameDataset", "collate_frames", "frame_name", "frame_names", "read_variance",
+           "resolve_inputs", "variance_path"]

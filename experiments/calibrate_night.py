@@ -27,7 +27,11 @@ the thresholds adapted, the calibrated run's extra candidates are false detectio
 ~1/sqrt(flat) after flat-fielding (vignetting to 0.65, dust donuts), changes faster than the 64-px
 background meshes (3x3 median filter) follow: on 512^2 frames the difference RMS map is ~9% high at
 the centre and ~1% low at the edges of the calibrated frame, against ~4% high everywhere on the
-ideal one, and the excess sits within 32 px of the edges; 32-px meshes remove it there.
+ideal one, and the excess sits within 32 px of the edges; 32-px meshes remove it there. (3) The
+calibrated frames' per-pixel variance (``<name>.var.fits``, read as the data module does) now goes
+into the graph's science/reference variance (``SourceVariance``: scaled to the frame's measured noise
+as SExtractor's MAP_VAR, plus the model's source term): ``--model-variance`` leaves it out (as before),
+``--ideal-variance`` gives the ideal frames their true maps too (like with like).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from astroprep_torch import sim  # noqa: E402
 
 IDEAL_HALOS = [True]  # --no-ideal-halos: the ideal field without the raw frames' halos (as before)
 EXTRA_OVERRIDES: list = []  # --overrides: Hydra overrides for every run (e.g. background.box_size=32)
+IDEAL_VARIANCE = [False]  # --ideal-variance: the ideal frames with their true per-pixel variance (.var.fits) too
+PIXEL_VARIANCE = [True]  # --model-variance: the calibrated frames without their .var.fits (the graph's mesh model)
 
 
 def graph(overrides=()):
@@ -76,16 +82,21 @@ def run_pair(sci_path, ref_path, overrides=(), adapt: bool = True) -> dict:
     background and its RMS come from the remaining ~6% of each frame: uniform noise (ideal) survives
     that, the calibrated frames' vignetting-shaped noise does not (the science RMS map stays flat).
     """
+    from astroprep_torch.data import read_variance
     from astroprep_torch.io import read_fits
     from astroprep_torch.pipeline import PreprocessModule
 
     sci, ref = read_fits(sci_path), read_fits(ref_path)
+    sci_var, ref_var = read_variance(sci_path, sci.data.shape), read_variance(ref_path, ref.data.shape)  # .var.fits, as the data module
     pipe = graph(overrides)
     if adapt:
         pipe.stages["quality"].module.adapt([sci.data, ref.data])
-    module = PreprocessModule(pipe, reference=ref.data, reference_mask=ref.mask, reference_header=ref.header)
+    module = PreprocessModule(pipe, reference=ref.data, reference_mask=ref.mask, reference_header=ref.header,
+                              reference_variance=ref_var)
     batch = {"image": sci.data, "mask": sci.mask, "header": [sci.header.tostring()], "name": ["s"], "path": ["s"],
              "error": [""]}
+    if sci_var is not None:
+        batch["variance"] = sci_var
     res = module.predict_step(batch)
     if res["failed"]:
         raise RuntimeError(res["failed"])
@@ -112,6 +123,7 @@ def add_ideal_halos(pair, seed: int) -> None:
         noise = torch.randn(halo.shape, generator=gen, dtype=torch.float64) * (halo / float(frame.gain)).sqrt()
         frame.image[0, 0] += (halo + noise).to(frame.image.dtype)
         frame.noiseless[0, 0] += halo.to(frame.noiseless.dtype)
+        frame.variance[0, 0] += (halo / float(frame.gain)).to(frame.variance.dtype)
 
 
 def simulate(size: int, seed: int = 0, ideal_halos: bool = True) -> dict:
@@ -132,6 +144,12 @@ def write_inputs(night: dict, folder: Path) -> dict:
     from astroprep_torch.sim import write_simulated_pair
 
     ideal = write_simulated_pair(night["pair"], folder / "ideal")
+    if IDEAL_VARIANCE[0]:  # the simulator's true variance beside each ideal frame (the data module's .var.fits)
+        from astroprep_torch.io import write_fits
+
+        for key in ("science", "reference"):
+            frame = getattr(night["pair"], key)
+            write_fits(folder / "ideal" / f"{key}.var.fits", frame.variance.float(), header=frame.header, overwrite=True)
     rawdir = folder / "raw"
     rawdir.mkdir()
     paths = {k: [] for k in night["cal"]}
@@ -146,7 +164,7 @@ def write_inputs(night: dict, folder: Path) -> dict:
     dark = C.master_dark(paths["dark"], bias)
     flat = C.master_flat(paths["flat"], bias, dark)
     out = C.calibrate_files([rawdir / "science.fits", rawdir / "reference.fits"], folder / "cal",
-                            C.CCDCalibration(bias, dark, flat), write_variance=False)
+                            C.CCDCalibration(bias, dark, flat), write_variance=PIXEL_VARIANCE[0])
     # the ideal frames carry SATURATE = 0 (none): nothing is masked there
     return {"ideal_sci": ideal["science"], "ideal_ref": ideal["reference"], "cal_sci": out[0], "cal_ref": out[1]}
 
@@ -235,9 +253,15 @@ def main() -> None:
     ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for every run")
     ap.add_argument("--quick", action="store_true", help="only the ideal and calibrated runs")
     ap.add_argument("--name", default="calibrate_night")
+    ap.add_argument("--ideal-variance", action="store_true",
+                    help="the ideal frames with their true per-pixel variance maps too (like with like)")
+    ap.add_argument("--model-variance", action="store_true",
+                    help="no .var.fits for the calibrated frames: the graph's variance from the background meshes (as before)")
     ap.add_argument("--no-ideal-halos", action="store_true", help="the ideal field without the halos of the raw one")
     args = ap.parse_args()
     IDEAL_HALOS[0] = not args.no_ideal_halos
+    PIXEL_VARIANCE[0] = not args.model_variance
+    IDEAL_VARIANCE[0] = args.ideal_variance
     EXTRA_OVERRIDES[:] = args.overrides
     torch.set_num_threads(2)
     lines = ["# A raw night through calibration and the GWAC graph vs the ideal simulation of the same field\n",

@@ -36,3 +36,30 @@ def test_odd_shaped_frame_is_reported_not_fatal():
     # a tie keeps the larger frame: a 1x1 file never pushes a real frame out of its batch
     tie = collate_frames([_item("tiny", (1, 1)), _item("a", (32, 32))])
     assert tie["image"].shape == (2, 1, 32, 32) and tie["error"][0] and not tie["error"][1]
+
+
+def test_variance_map_beside_a_frame_is_read_and_batched(tmp_path):
+    """Issue 26: a frame's per-pixel variance ``<stem>.var.fits`` (calibrated ``<stem>.cal.fits`` too)
+    rides with its item; a batch mixing frames with and without one gets NaN (the graph's model) for
+    the others; a map of another shape is the frame's error, naming the file."""
+    from astroprep_torch.data import read_variance, variance_path
+    from astroprep_torch.io import write_fits
+
+    img = torch.randn(1, 1, 32, 32) * 5 + 100
+    for name in ("a.cal.fits", "b.fits", "c.fits"):
+        write_fits(tmp_path / name, img)
+    var = torch.full((1, 1, 32, 32), 25.0)
+    var[..., 0, 0] = float("inf")  # a bad pixel's: unknown, NaN
+    write_fits(tmp_path / "a.var.fits", var)
+    write_fits(tmp_path / "c.var.fits", torch.ones(1, 1, 16, 16))
+    assert variance_path(tmp_path / "a.cal.fits") == tmp_path / "a.var.fits"
+    assert variance_path(tmp_path / "b.fits") is None and variance_path(tmp_path / "a.var.fits") is None
+    v = read_variance(tmp_path / "a.cal.fits", (32, 32))
+    assert v.shape == (1, 1, 32, 32) and torch.isnan(v[..., 0, 0]).all() and float(v[..., 1, 1]) == 25.0
+    ds = FitsFrameDataset([tmp_path / "a.cal.fits", tmp_path / "b.fits", tmp_path / "c.fits"])
+    assert "variance" in ds[0] and "variance" not in ds[1]
+    assert "variance map" in ds[2]["error"] and "c.var.fits" in ds[2]["error"]
+    batch = collate_frames([ds[0], ds[1]])
+    assert batch["variance"].shape == (2, 1, 32, 32) and float(batch["variance"][0, 0, 1, 1]) == 25.0
+    assert bool(torch.isnan(batch["variance"][1]).all())
+    assert "variance" not in collate_frames([ds[1]])  # no map anywhere: no key, the graph as before

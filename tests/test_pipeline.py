@@ -808,6 +808,78 @@ def test_source_variance_adds_the_poisson_term():
     with pytest.raises(ValueError, match="gain"):
         P.SourceVariance(gain=0.0)
 
+def test_source_variance_uses_a_per_pixel_map():
+    """Issue 26: a per-pixel variance map replaces the model where finite (NaN: the model), taken as it
+    is (``absolute``) or scaled to the frame's measured noise (``measured``, SExtractor's MAP_VAR)."""
+    rms = torch.full((1, 1, 4, 4), 3.0)
+    img = torch.zeros(1, 1, 4, 4)
+    var = torch.full((1, 1, 4, 4), 4.5)
+    var[..., :2] = 18.0  # half the pixels twice as noisy: mean 11.25 against the meshes' 9
+    var[..., 3, 3] = float("nan")
+    a = P.SourceVariance(gain=2.0, map_level="absolute")(rms, img, var)
+    assert float(a[0, 0, 0, 0]) == 18.0 and float(a[0, 0, 0, 3]) == 4.5 and float(a[0, 0, 3, 3]) == 9.0
+    m = P.SourceVariance(gain=2.0)(rms, img, var)
+    sky = torch.isfinite(var)
+    assert torch.allclose(m[sky].mean(), torch.tensor(9.0)) and torch.allclose(m[0, 0, 0, 0] / m[0, 0, 0, 3], torch.tensor(4.0))
+    assert float(m[0, 0, 3, 3]) == 9.0
+    img[..., 1, 1] = 40.0  # a star: the model's source term (the subtraction's margin) on the map too
+    assert float(P.SourceVariance(gain=2.0, map_level="absolute")(rms, img, var)[0, 0, 1, 1]) == 18.0 + 20.0
+    assert float(P.SourceVariance(gain=2.0, map_level="absolute", map_sources=False)(rms, img, var)[0, 0, 1, 1]) == 18.0
+    assert torch.equal(P.SourceVariance(gain=2.0)(rms, img, None), P.SourceVariance(gain=2.0)(rms, img))
+    with pytest.raises(ValueError, match="map_level"):
+        P.SourceVariance(map_level="relative")
+
+
+def _striped_noise_pair(seed=5):
+    """A pair whose noise varies in 16-px column stripes (x // 16 even: 3x the frame's sigma), which
+    the 64-px background meshes average over; with the frames' true variance maps."""
+    from astroprep_torch import sim
+
+    pair = sim.simulate_pair((256, 256), n_stars=60, shift=(0.0, 0.0), n_transients=0, n_moving=0, seed=seed)
+    noisy = (torch.arange(256) // 16 % 2 == 0).view(1, 1, 1, 256).expand(1, 1, 256, 256)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for f in (pair.science, pair.reference):
+        extra = torch.where(noisy, 8.0 * f.variance, torch.zeros_like(f.variance))  # sigma x3 in the noisy stripes
+        image = f.image + torch.randn(f.image.shape, generator=gen) * extra.sqrt()
+        out.append((image, f.variance + extra, f.header))
+    return out, noisy
+
+
+def _stripe_z(out, noisy):
+    """Robust std (MAD) of difference / its rms in the noisy and the quiet stripes (4 px off each edge)."""
+    z = (out["difference"] / out["difference_rms"])[0, 0]
+    inner = (torch.arange(256) % 16 >= 4) & (torch.arange(256) % 16 < 12)
+    inner = inner.view(1, 256).expand(256, 256).clone()
+    inner[:16], inner[-16:] = False, False
+    ok = inner & torch.isfinite(z) & ~out["difference_mask"][0, 0]
+
+    def mad(v):
+        return float(1.4826 * (v - v.median()).abs().median())
+    return mad(z[ok & noisy[0, 0]]), mad(z[ok & ~noisy[0, 0]])
+
+
+def test_difference_rms_follows_a_per_pixel_variance_map():
+    """Issue 26: frames whose noise changes faster than the background meshes (calibrated frames: 1/flat)
+    come with per-pixel variance maps (``<stem>.var.fits`` / the batch's ``variance``, the reference's
+    ``reference_variance``); the graph's science and reference variance use them, so difference / rms
+    has unit scatter in the noisy and in the quiet stripes alike. From the meshes alone, the noisy
+    stripes' scatter is ~2x the quiet ones' (false candidates there, missed ones in the quiet parts)."""
+    ((sci, sci_var, sci_hdr), (ref, ref_var, ref_hdr)), noisy = _striped_noise_pair()
+    batch = {"image": sci, "mask": torch.zeros_like(sci, dtype=torch.bool), "header": [sci_hdr.tostring()],
+             "name": ["s"], "path": ["s"], "error": [""]}
+    kw = dict(reference=ref, reference_mask=torch.zeros_like(ref, dtype=torch.bool), reference_header=ref_hdr)
+    model = P.PreprocessModule(_gwac_graph(), **kw).predict_step(dict(batch))["outputs"]
+    mapped = P.PreprocessModule(_gwac_graph(), reference_variance=ref_var, **kw).predict_step(
+        dict(batch, variance=sci_var))["outputs"]
+    z_noisy, z_quiet = _stripe_z(mapped, noisy)
+    assert 0.85 < z_noisy < 1.2 and 0.85 < z_quiet < 1.2, (z_noisy, z_quiet)
+    m_noisy, m_quiet = _stripe_z(model, noisy)
+    assert m_noisy / m_quiet > 1.5, (m_noisy, m_quiet)
+    n = {k: int(o["candidates"].columns["x"].numel()) for k, o in (("map", mapped), ("model", model))}
+    assert n["map"] < n["model"], n
+
+
 def test_saturation_masks_flow_through_the_graph():
     """Issue 26: pixels at the header's SATURATE (and their bleed trails) are left out of the background,
     alignment and subtraction, no candidate sits on them, and the science catalog flags them (4)."""

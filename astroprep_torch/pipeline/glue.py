@@ -52,15 +52,44 @@ class SourceVariance(nn.Module):
     ``image`` is background-subtracted (ADU) and ``gain`` in e-/ADU (``None``: the background term
     alone). Without the source term the variance of a difference is too small at star cores and
     every bright star leaves false 5-sigma peaks. A gain below the true one overstates the source
-    term (conservative)."""
+    term (conservative).
 
-    def __init__(self, gain: Optional[float] = 1.0):
+    ``variance`` (optional, ADU^2, on the frame's grid, NaN/inf where unknown): a per-pixel variance
+    map, e.g. a calibrated frame's (its noise follows 1/flat: vignetting, dust donuts, faster than the
+    background meshes), used instead of the model wherever it is finite. ``map_level``:
+    ``"measured"`` (default) scales each frame's map to the noise measured in the frame, as
+    SExtractor's ``WEIGHT_TYPE MAP_VAR``: by ``mean(rms^2) / mean(variance)`` over its sky pixels
+    (``image < 2 rms``: :func:`measured_scale`), so the map gives the pattern and the frame's own scatter (unresolved
+    sources, calibration errors) the level; ``"absolute"`` takes it as it is (``MAP_RMS``-like).
+    ``map_sources``: the model's source term is added to the map too (the map's own source term is
+    the true Poisson noise; the model's, with a gain below the true one, is the margin that covers
+    the subtraction's residuals at stars, and without it a map gives more candidates on stars than
+    the model does)."""
+
+    def __init__(self, gain: Optional[float] = 1.0, map_level: str = "measured", map_sources: bool = True):
         super().__init__()
         if gain is not None and not gain > 0:
             raise ValueError(f"gain must be positive or None, got {gain!r}")
+        if map_level not in ("measured", "absolute"):
+            raise ValueError(f"map_level must be 'measured' or 'absolute', got {map_level!r}")
         self.gain = gain
+        self.map_level = map_level
+        self.map_sources = bool(map_sources)
 
-    def forward(self, rms: Tensor, image: Tensor) -> Tensor:
+    def forward(self, rms: Tensor, image: Tensor, variance: Optional[Tensor] = None) -> Tensor:
+        var = self.model(rms, image)
+        if variance is None:
+            return var
+        variance = variance.to(var.device, var.dtype)
+        known = torch.isfinite(variance)
+        if self.map_level == "measured":
+            variance = variance * measured_scale(rms, image, variance, known)
+        if self.map_sources and self.gain is not None:
+            variance = variance + image.clamp(min=0) / float(self.gain)
+        return torch.where(known, variance, var)
+
+    def model(self, rms: Tensor, image: Tensor) -> Tensor:
+        """The variance model: ``rms^2`` plus the sources' Poisson term."""
         var = rms.square()
         if self.gain is None:
             return var
@@ -112,6 +141,17 @@ def _filtered_samples(z: Tensor, k: Tensor, step: int) -> Tensor:
             v = z[..., i:H - kh + 1 + i:step, j:W - kw + 1 + j:step] * k[i, j]
             out = v if out is None else out + v
     return out
+
+def measured_scale(rms: Tensor, image: Tensor, variance: Tensor, known: Tensor) -> Tensor:
+    """Per frame ``(B, 1, 1, 1)``: ``mean(rms^2) / mean(variance)`` over the sky pixels (finite map,
+    ``image < 2 rms``), a ratio of means so that a map whose pattern the meshes average over (their
+    ``rms^2`` the local mean variance) keeps its level; 1 for a frame without such pixels."""
+    sky = (known & (image < 2 * rms)).to(variance.dtype)
+    n = sky.sum(dim=(1, 2, 3))
+    mean_model = (rms.square() * sky).sum(dim=(1, 2, 3)) / n.clamp(min=1)
+    mean_map = (torch.where(known, variance, 0.0) * sky).sum(dim=(1, 2, 3)) / n.clamp(min=1)
+    scale = torch.where((n > 0) & (mean_map > 0), mean_model / mean_map.clamp(min=torch.finfo(variance.dtype).tiny), 1.0)
+    return scale.view(-1, 1, 1, 1)
 
 
 class CandidateTriplets(nn.Module):

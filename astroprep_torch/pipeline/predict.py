@@ -34,6 +34,8 @@ class PreprocessModule(_LightningModule):
         pipeline: the graph.
         reference: optional ``(1, 1, H, W)`` reference frame (repeated over each batch).
         reference_mask: its bool mask; ``reference_header``: its FITS header (for its WCS).
+        reference_variance: optional ``(1, 1, H', W')`` per-pixel variance of the reference (ADU^2;
+            NaN where unknown), e.g. its calibrated ``.var.fits``: the graph's ``reference_pixel_variance``.
         compile: compile the per-frame graph: every stage's module goes through ``torch.compile``
             (static shapes), except the glue modules and stages marked ``compile=False`` (detection:
             data-dependent shapes); the alignment uses its fused compiled resampling kernels
@@ -47,12 +49,14 @@ class PreprocessModule(_LightningModule):
     """
 
     def __init__(self, pipeline: Pipeline, reference: Optional[Tensor] = None, reference_mask: Optional[Tensor] = None,
-                 reference_header=None, compile: bool = False, compile_options: Optional[Mapping] = None):
+                 reference_header=None, compile: bool = False, compile_options: Optional[Mapping] = None,
+                 reference_variance: Optional[Tensor] = None):
         super().__init__()
         self.pipeline = pipeline
         self.reference = reference
         self.reference_mask = reference_mask
         self.reference_header = reference_header
+        self.reference_variance = reference_variance
         self.compiled = bool(compile)
         if compile:
             compile_graph(self.pipeline, **dict(compile_options or {}))
@@ -60,9 +64,15 @@ class PreprocessModule(_LightningModule):
     def forward(self, batch: dict) -> dict:
         return self.pipeline(batch)
 
-    def make_inputs(self, images: Tensor, masks: Tensor, headers: Sequence[str]) -> dict:
+    def make_inputs(self, images: Tensor, masks: Tensor, headers: Sequence[str],
+                    variances: Optional[Tensor] = None) -> dict:
+        """The graph's batch keys; ``variances``: the frames' per-pixel variance maps (``(B, 1, H, W)``,
+        NaN where unknown), given as ``science_pixel_variance`` (and the reference's, when set, as
+        ``reference_pixel_variance``); without them the graph models the variance."""
         b = images.shape[0]
         inputs = {"science": images, "science_mask": masks}
+        if variances is not None:
+            inputs["science_pixel_variance"] = variances.to(images.device, images.dtype)
         hdrs = [fits.Header.fromstring(h) if isinstance(h, str) else h for h in headers]
         inputs["science_wcs"] = _try_wcs(hdrs, images)
         inputs["science_saturation"] = header_saturation(hdrs, images)  # SATURATE (NaN: none)
@@ -74,6 +84,8 @@ class PreprocessModule(_LightningModule):
             if self.reference_header is not None:
                 inputs["reference_wcs"] = _try_wcs([self.reference_header] * b, images)
                 inputs["reference_saturation"] = header_saturation([self.reference_header] * b, images)
+            if self.reference_variance is not None:
+                inputs["reference_pixel_variance"] = self.reference_variance.to(images.device, images.dtype).expand(b, -1, -1, -1)
         return inputs
 
     def unusable(self, image: Tensor, mask: Tensor, header: str, checked: bool = False) -> str:
@@ -102,8 +114,10 @@ class PreprocessModule(_LightningModule):
             return result
         idx = torch.tensor(good, device=batch["image"].device)
         try:
+            var = batch.get("variance")
             inputs = self.make_inputs(batch["image"].index_select(0, idx), batch["mask"].index_select(0, idx),
-                                      [batch["header"][i] for i in good])
+                                      [batch["header"][i] for i in good],
+                                      var.index_select(0, idx.to(var.device)) if var is not None else None)
             with torch.no_grad():
                 result["outputs"] = self.pipeline(inputs)
             result["timings"] = dict(self.pipeline.timings)

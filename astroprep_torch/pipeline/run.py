@@ -90,6 +90,7 @@ def run_from_config(cfg) -> dict:
     adapt_quality(pipeline, list(inputs.paths) + ([inputs.reference_path] if inputs.reference_path else []),
                   cfg.get("quality_adapt", "auto"), int(cfg.get("quality_adapt_frames", 16)))
     paths, ref = _choose_reference(cfg, inputs.paths, inputs.reference_path)
+    ref_var = data_mod.read_variance(ref.path, ref.data.shape) if ref is not None else None  # <stem>.var.fits
     try:
         all_names = data_mod.frame_names(paths)
     except ValueError as exc:
@@ -99,7 +100,7 @@ def run_from_config(cfg) -> dict:
     module = PreprocessModule(pipeline, reference=ref.data if ref is not None else None,
                               reference_mask=ref.mask if ref is not None else None,
                               reference_header=ref.header if ref is not None else None,
-                              compile=bool(cfg.get("compile", False)),
+                              reference_variance=ref_var, compile=bool(cfg.get("compile", False)),
                               compile_options=dict(cfg.get("compile_options") or {}))
     trainer = instantiate(cfg.trainer, callbacks=[writer])
     rows, wall, n_todo = _predict(trainer, module, dm, writer, out_dir)
