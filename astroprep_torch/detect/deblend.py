@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._index import _argsort, _g, _unique_roots
+from ._index import _argsort, _g, _nonzero, _unique_roots
 from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
@@ -35,13 +35,18 @@ class DeblendResult(NamedTuple):
 
 
 def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
-    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged)."""
+    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged).
+    Each step follows only the entries not yet at a root (most are after one or two)."""
     r = _g(parent, x)
+    pos, cur = None, r
     while True:
-        r2 = _g(parent, r)
-        if torch.equal(r2, r):
+        nxt = _g(parent, cur)
+        moved = _nonzero(nxt != cur)
+        if moved.numel() == 0:
             return r
-        r = r2
+        pos = moved if pos is None else _g(pos, moved)
+        cur = _g(nxt, moved)
+        r.index_copy_(0, pos, cur)
 
 
 def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
@@ -49,8 +54,10 @@ def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
     hooked = False
     while u_.numel():  # the edges of higher levels are all closed
         pu, pv = _find_roots(parent, u_), _find_roots(parent, v_)
-        open_ = pu != pv
-        if not bool(open_.any()):
+        parent.index_copy_(0, u_, pu)  # path compression of the queried pixels (roots unchanged)
+        parent.index_copy_(0, v_, pv)
+        open_ = _nonzero(pu != pv)
+        if open_.numel() == 0:
             break
         u_, v_, pu, pv = _g(u_, open_), _g(v_, open_), _g(pu, open_), _g(pv, open_)
         hi = torch.maximum(pu, pv)
