@@ -65,12 +65,12 @@ def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
         hooked = True
         # the hooked roots may form long chains (a bleed trail's pixels hook one onto the next);
         # chains consist of hooked roots only, so pointer doubling over them alone flattens them
-        while True:
-            pa = _g(parent, hi)
-            gp = _g(parent, pa)
-            if torch.equal(gp, pa):
-                break
-            parent.index_copy_(0, hi, gp)
+        # (over those not yet pointing at a root: the roots do not move meanwhile)
+        while hi.numel():
+            gp = _g(parent, _g(parent, hi))
+            below = _nonzero(gp != _g(parent, hi))
+            hi = _g(hi, below)
+            parent.index_copy_(0, hi, _g(gp, below))
     return hooked
 
 
