@@ -129,6 +129,102 @@ def test_level_roots_equal_components_of_the_level_graph(seed):
     assert n_nodes > 10 * idx.numel() // 2 and torch.equal(got, want)
 
 
+def _nested_levels(seed, H=48, W=48):
+    """Pixels of a field of nested peaks and a ridge, their level counts ``L``, filtered values and edges."""
+    from astroprep_torch.detect import _pixel_edges
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img = torch.zeros(H, W, dtype=torch.float64)
+    for _ in range(6):
+        x0, y0, s = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([W, H, 6.0])).tolist()
+        img += 30 * torch.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * (s + 1.0) ** 2))
+    img[20, :] += 25.0
+    idx = torch.nonzero((img > 1.0).reshape(-1)).squeeze(1)
+    f = img.reshape(-1)[idx]
+    L = torch.clamp((f / 2.0).long(), 0, 31)
+    u, v = _pixel_edges(idx, idx % W, idx // W, H, W)
+    c = torch.minimum(L[u], L[v])
+    keep = c > 0
+    return L, f, u[keep], v[keep], c[keep]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grow_levels_equals_the_node_graph_components(seed):
+    """The per-level components grown from the top level down (no (pixel, level) nodes) are those of
+    the node labelling: same smallest pixels, levels, areas, parents, each pixel's top component, and
+    fluxes equal up to the summation order."""
+    from astroprep_torch.detect import _level_roots, _unique_roots
+    from astroprep_torch.detect.deblend import _grow_levels
+
+    L, f, u, v, c = _nested_levels(seed)
+    off = torch.cumsum(L, 0) - L
+    n_nodes = int(L.sum())
+    node_pix = torch.repeat_interleave(torch.arange(L.numel()), L)
+    node_lev = torch.arange(n_nodes) - off[node_pix] + 1
+    comp_ids, node_comp = _unique_roots(_level_roots(L, off, n_nodes, u, v, c))
+    want_pix, want_lev = node_pix[comp_ids], node_lev[comp_ids]
+    want_par = torch.where(want_lev > 1, node_comp[(off[want_pix] + want_lev - 2).clamp_min(0)], -1)
+    top = torch.where(L > 0, node_comp[(off + L - 1).clamp_min(0)], -1)
+    lv = _grow_levels(L, f, u, v, c)
+    order = torch.argsort(lv.root * 32 + lv.lev)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    assert torch.equal(lv.root[order], want_pix) and torch.equal(lv.lev[order], want_lev)
+    assert torch.equal(lv.area[order], torch.bincount(node_comp, minlength=comp_ids.numel()))
+    assert torch.equal(torch.where(lv.par[order] >= 0, rank[lv.par[order].clamp_min(0)], -1), want_par)
+    assert torch.equal(torch.where(lv.leaf >= 0, rank[lv.leaf.clamp_min(0)], -1), top)
+    assert torch.allclose(lv.flux[order], torch.zeros(comp_ids.numel(), dtype=f.dtype).index_add_(0, node_comp, f[node_pix]),
+                          rtol=1e-13, atol=0)
+    assert int(torch.bincount(want_par[want_par >= 0]).max()) >= 2  # the tree branches
+    assert comp_ids.numel() < n_nodes // 5
+
+
+def test_deblending_identical_with_the_pixel_order_fluxes(monkeypatch):
+    """The branch significance taken from the node-order (pixel-order) fluxes everywhere, the fallback
+    of ``_significant``, gives the very same detection: both paths number the components alike."""
+    import astroprep_torch.detect.deblend as deblend
+
+    stars = [(10.0 + 9 * i, 12.0 + 5 * (i % 3) + 0.3 * i, 3000.0 + 700 * i) for i in range(6)]
+    stars += [(20.0, 45.0, 9000.0), (24.0, 47.0, 2500.0), (40.0, 50.0, 6000.0), (43.0, 49.5, 5800.0)]
+    img = _gauss_field(stars=stars, sigma=1.8, dtype=torch.float32)
+    want = detect_sources(img, 5.0, thresh=2.0)
+    real = deblend._significant
+    calls = []
+
+    def exact_always(flux, area, comp_t, need, valid, exact_flux, positive):
+        calls.append(1)
+        return real(flux, area, comp_t, need, valid, exact_flux, False)
+
+    monkeypatch.setattr(deblend, "_significant", exact_always)
+    got = detect_sources(img, 5.0, thresh=2.0)
+    assert calls and int(want["blended"].sum()) >= 3
+    for k in ("segmentation", "pixel_row", "blended", "mx", "my", "cflux", "label"):
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_significance_falls_back_to_the_pixel_order_sum_near_the_cut():
+    """A flux summed in another order decides ``flux - t area > need`` only when no summation order
+    could change the decision; near the cut the pixel-order sum decides."""
+    from astroprep_torch.detect.deblend import _significant
+
+    flux = torch.tensor([10.0, 10.0], dtype=torch.float64)
+    area, t = torch.tensor([3, 3]), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    valid = torch.tensor([True, True])
+    calls = []
+
+    def exact():
+        calls.append(1)
+        return torch.tensor([10.0, 10.0 - 2 ** -48], dtype=torch.float64)
+
+    far = _significant(flux, area, t, torch.tensor([6.0, 8.0], dtype=torch.float64), valid, exact, True)
+    assert far.tolist() == [True, False] and not calls
+    near = _significant(flux, area, t, torch.tensor([6.0, 7.0 - 2 ** -49], dtype=torch.float64), valid, exact, True)
+    assert calls and near.tolist() == [True, False]
+    neg = _significant(flux, area, t, torch.tensor([6.0, 8.0], dtype=torch.float64), valid, exact, False)
+    assert len(calls) == 2 and neg.tolist() == [True, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # detection behaviour on synthetic frames
 # ---------------------------------------------------------------------------------------------

@@ -31,9 +31,10 @@ The algorithm follows SExtractor (Bertin & Arnouts 1996) and its library port se
    children holds ``sum(f - t_k) > deblend_cont * sum(f)`` of the object (``sum(f)`` the filtered
    flux of the whole object). Vectorisation: only objects with at least two local maxima of the
    filtered image and ``2 * minarea`` pixels can split (an upper level set of a function with one
-   regional maximum on a connected pixel graph is connected), and for those all levels are
-   labelled at once as one graph of ``(pixel, level)`` nodes. The tree walk is a loop over the
-   ``deblend_nthresh`` *levels* (vectorised over every node of every object), not over objects.
+   regional maximum on a connected pixel graph is connected), and for those the components of
+   every level grow from one union-find fed from the top level down (no ``(pixel, level)`` nodes).
+   The tree walk is a loop over the ``deblend_nthresh`` *levels* (vectorised over every component
+   of every object), not over objects.
    Pixels below the split are given to a branch by SExtractor's ``gatherup`` rule: each branch is a
    Gaussian of amplitude ``amp = t0 exp(npix / (2 pi abcor a b))`` (capped at ``4 x`` its filtered
    peak) and shape ``(cxx, cyy, cxy)/abcor``; SExtractor draws the branch at random from these

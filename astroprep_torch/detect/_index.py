@@ -8,10 +8,13 @@ from torch import Tensor
 
 def _g(t: Tensor, i) -> Tensor:
     """``t[i]``; a 1-D integer index goes through ``index_select``, several times faster on CPU than
-    advanced indexing (same result, same gradient); anything else is plain indexing."""
-    if isinstance(i, Tensor) and i.dim() == 1 and i.dtype in (torch.int64, torch.int32) and isinstance(t, Tensor) \
-            and t.dim() >= 1:
-        return t.index_select(0, i)
+    advanced indexing (same result, same gradient), and so does a 1-D bool mask as long as ``t``
+    (through :func:`_nonzero`); anything else is plain indexing."""
+    if isinstance(i, Tensor) and i.dim() == 1 and isinstance(t, Tensor) and t.dim() >= 1:
+        if i.dtype in (torch.int64, torch.int32):
+            return t.index_select(0, i)
+        if i.dtype == torch.bool and i.shape[0] == t.shape[0]:
+            return t.index_select(0, _nonzero(i))
     return t[i]
 
 
@@ -19,6 +22,16 @@ def _host(t: Tensor) -> bool:
     """Whether a numpy-backed kernel may replace the ATen one (CPU, no autograd, not compiling)."""
     return t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) \
         and not torch.compiler.is_compiling()
+
+
+def _nonzero(mask: Tensor) -> Tensor:
+    """``mask.nonzero().squeeze(1)`` of a 1-D bool tensor (int64 indices, ascending); on CPU through
+    numpy's ``flatnonzero``, several times faster than ATen's ``nonzero`` there."""
+    if _host(mask):
+        import numpy as np
+
+        return torch.from_numpy(np.flatnonzero(mask.detach().numpy()))
+    return mask.nonzero().squeeze(1)
 
 
 def _argsort(t: Tensor, *, descending: bool = False) -> Tensor:

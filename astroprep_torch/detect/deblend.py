@@ -5,9 +5,12 @@
 8-connected branches of at least ``min(minarea, 3)`` pixels (SExtractor's ``MAXDEBAREA``); walking the
 tree from the top, a node splits when more than one of its children holds
 ``sum(f - t_k) > deblend_cont * sum(f)`` of the object. Only objects with at least two local maxima
-can split; for those all levels are labelled at once as one graph of ``(pixel, level)`` nodes, and
-the tree walk is a loop over the levels (vectorised over every node of every object). Pixels below
-the split go to a branch by SExtractor's ``gatherup`` rule (the most probable branch, deterministic).
+can split; for those the components of every level come from one union-find fed from the top level
+down (a level's components grow from those of the level above and the pixels entering it: the cost
+is the pixels', edges' and components', not that of the ``(pixel, level)`` nodes, 6-20x more for
+saturated stars and halos), and the tree walk is a loop over the levels (vectorised over every
+component of every object). Pixels below the split go to a branch by SExtractor's ``gatherup`` rule
+(the most probable branch, deterministic).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._index import _argsort, _g, _unique_roots
+from ._index import _argsort, _g, _nonzero, _unique_roots
 from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
@@ -35,13 +38,18 @@ class DeblendResult(NamedTuple):
 
 
 def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
-    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged)."""
+    """The roots of the nodes ``x`` in the forest ``parent`` (gathers only; ``parent`` unchanged).
+    Each step follows only the entries not yet at a root (most are after one or two)."""
     r = _g(parent, x)
+    pos, cur = None, r
     while True:
-        r2 = _g(parent, r)
-        if torch.equal(r2, r):
+        nxt = _g(parent, cur)
+        moved = _nonzero(nxt != cur)
+        if moved.numel() == 0:
             return r
-        r = r2
+        pos = moved if pos is None else _g(pos, moved)
+        cur = _g(nxt, moved)
+        r.index_copy_(0, pos, cur)
 
 
 def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
@@ -49,8 +57,10 @@ def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
     hooked = False
     while u_.numel():  # the edges of higher levels are all closed
         pu, pv = _find_roots(parent, u_), _find_roots(parent, v_)
-        open_ = pu != pv
-        if not bool(open_.any()):
+        parent.index_copy_(0, u_, pu)  # path compression of the queried pixels (roots unchanged)
+        parent.index_copy_(0, v_, pv)
+        open_ = _nonzero(pu != pv)
+        if open_.numel() == 0:
             break
         u_, v_, pu, pv = _g(u_, open_), _g(v_, open_), _g(pu, open_), _g(pv, open_)
         hi = torch.maximum(pu, pv)
@@ -58,12 +68,12 @@ def _hook_level(parent: Tensor, u_: Tensor, v_: Tensor) -> bool:
         hooked = True
         # the hooked roots may form long chains (a bleed trail's pixels hook one onto the next);
         # chains consist of hooked roots only, so pointer doubling over them alone flattens them
-        while True:
-            pa = _g(parent, hi)
-            gp = _g(parent, pa)
-            if torch.equal(gp, pa):
-                break
-            parent.index_copy_(0, hi, gp)
+        # (over those not yet pointing at a root: the roots do not move meanwhile)
+        while hi.numel():
+            gp = _g(parent, _g(parent, hi))
+            below = _nonzero(gp != _g(parent, hi))
+            hi = _g(hi, below)
+            parent.index_copy_(0, hi, _g(gp, below))
     return hooked
 
 
@@ -153,10 +163,11 @@ def _candidate_pixels(obj, f, cand_pix, t0_obj, peak_obj, nthresh) -> _Candidate
 
 
 class _LevelTree(NamedTuple):
-    """The components of every level (nodes = (pixel, level)), and their place in the tree."""
+    """The components of every level (the pixels of an object above one sub-threshold, 8-connected)
+    and their place in the tree, ordered by (smallest pixel, level) as the node-graph labelling numbers
+    them (:func:`_level_roots`)."""
 
-    node_pix: Tensor  #: candidate pixel of each node
-    node_comp: Tensor  #: component of each node
+    leaf: Tensor  #: (npc,) component at each candidate pixel's highest level (-1 below level 1)
     comp_lev: Tensor  #: level of each component (1..nthresh-1)
     comp_obj: Tensor  #: object of each component
     comp_t: Tensor  #: its sub-threshold
@@ -165,39 +176,115 @@ class _LevelTree(NamedTuple):
     par: Tensor  #: parent component (n_comp + object id at level 1)
 
 
-def _level_tree(cd: _Candidates, u, v, cand_pix, fdflux_obj, *, mincont, minarea) -> _LevelTree:
-    """Label every level at once (:func:`_level_roots`) and describe its components."""
-    device = cd.L.device
+class _Levels(NamedTuple):
+    """The components of every level as :func:`_grow_levels` finds them, from the top level down."""
+
+    root: Tensor  #: smallest candidate pixel of each component
+    lev: Tensor  #: its level
+    area: Tensor  #: its pixel count
+    flux: Tensor  #: sum of its pixels' filtered values, added child by child (not in pixel order)
+    par: Tensor  #: the component one level below that holds it (-1 at level 1)
+    leaf: Tensor  #: (npc,) component at each pixel's highest level (-1 below level 1)
+
+
+def _grow_levels(L: Tensor, pf: Tensor, eu: Tensor, ev: Tensor, c: Tensor) -> _Levels:
+    """The components of every level from one union-find fed from the highest level down, the edges
+    ``(eu, ev)`` hooked at the level ``c`` both ends first reach (as :func:`_level_roots`).
+
+    A level's components are the roots reached from the components of the level above and from the
+    pixels entering at that level (``L == k``); their areas and fluxes add up from those. The cost is
+    the pixels', edges' and components', never the nodes' (pixels x levels, ~6-20x more)."""
+    dev, nl = L.device, int(L.max())
+    i64 = dict(dtype=torch.int64, device=dev)
+    small = torch.int16 if nl < 32767 else torch.int64  # numpy sorts 16-bit keys by radix sort
+    porder = _argsort(L.to(small), descending=True)  # the pixels entering at level k: a slice
+    n_ge = _count_at_or_above(L, nl)
+    eorder = _argsort(c.to(small), descending=True)
+    eu, ev = _g(eu, eorder), _g(ev, eorder)
+    e_ge = _count_at_or_above(c, nl)
+    parent = torch.arange(L.numel(), device=dev)
+    slot = torch.empty_like(parent)  # scratch: the component of each root of the current level
+    roots, area, flux = torch.empty(0, **i64), torch.empty(0, **i64), torch.empty(0, dtype=pf.dtype, device=dev)
+    leaf = torch.full_like(parent, -1)
+    out, base = [], 0
+    for k in range(nl, 0, -1):
+        _hook_level(parent, eu[e_ge[k + 1]: e_ge[k]], ev[e_ge[k + 1]: e_ge[k]])
+        new = porder[n_ge[k + 1]: n_ge[k]]
+        x = torch.cat([roots, new])
+        rx = _find_roots(parent, x)
+        parent.index_copy_(0, x, rx)  # roots and new pixels point at their root: short paths
+        roots = x[rx == x]
+        nk, n_old = roots.numel(), x.numel() - new.numel()
+        slot.index_copy_(0, roots, torch.arange(nk, **i64))
+        cid = _g(slot, rx)
+        if out:
+            out[-1][4] = cid[:n_old] + base  # the parents of the level above
+        leaf.index_copy_(0, new, cid[n_old:] + base)
+        area = torch.zeros(nk, **i64).index_add_(0, cid, torch.cat([area, torch.ones_like(new)]))
+        flux = torch.zeros(nk, dtype=pf.dtype, device=dev).index_add_(0, cid, torch.cat([flux, _g(pf, new)]))
+        out.append([roots, torch.full_like(roots, k), area, flux, torch.full_like(roots, -1)])
+        base += nk
+    return _Levels(*(torch.cat([o[i] for o in out]) for i in range(5)), leaf)
+
+
+def _node_fluxes(cd: _Candidates, eu: Tensor, ev: Tensor, c: Tensor) -> Tensor:
+    """The components' fluxes summed node by node in node order (pixel-major), by labelling every
+    (pixel, level) node (:func:`_level_roots`): the reference summation order, O(nodes)."""
     L = cd.L
     off = torch.cumsum(L, 0) - L
     n_nodes = int(L.sum())
-    node_pix = torch.repeat_interleave(torch.arange(L.numel(), device=device), L)
-    node_lev = torch.arange(n_nodes, device=device) - _g(off, node_pix) + 1
-    # edges among candidate pixels, replicated on every level both ends reach
-    ce = _g(cand_pix, u)
+    node_pix = torch.repeat_interleave(torch.arange(L.numel(), device=L.device), L)
+    comp_ids, node_comp = _unique_roots(_level_roots(L, off, n_nodes, eu, ev, c))
+    return _segment_sum(_g(cd.pf, node_pix), node_comp, comp_ids.numel())
+
+
+def _significant(flux: Tensor, area: Tensor, comp_t: Tensor, need: Tensor, valid: Tensor, exact_flux,
+                 positive: bool) -> Tensor:
+    """``valid & (flux - t area > need)`` with ``flux`` summed in pixel order (``exact_flux()``, costly).
+
+    ``flux`` summed in another order differs from it by at most ``2 (n - 1) u`` of the sum (``n``
+    ``positive`` terms, ``u = 2^-53``); the decision is taken from ``flux -+ n 2^-50 flux`` (a monotone
+    expression) when both ends agree, else from the pixel-order sum: the same decision either way."""
+    a = area.to(flux.dtype)
+    if not positive:
+        return valid & (exact_flux() - comp_t * a > need)
+    tol = a * 2.0 ** -50 * flux
+    lo = valid & (flux - tol - comp_t * a > need)
+    hi = valid & (flux + tol - comp_t * a > need)
+    if torch.equal(lo, hi):
+        return hi
+    return valid & (exact_flux() - comp_t * a > need)
+
+
+def _level_tree(cd: _Candidates, u, v, cand_pix, fdflux_obj, *, mincont, minarea) -> _LevelTree:
+    """Label every level (:func:`_grow_levels`) and describe its components."""
+    L = cd.L
+    ce = _g(cand_pix, u)  # edges among candidate pixels, by the level both ends reach
     eu, ev = _g(cd.loc, _g(u, ce)), _g(cd.loc, _g(v, ce))
-    c = torch.minimum(L[eu], L[ev])
+    c = torch.minimum(_g(L, eu), _g(L, ev))
     keep = c > 0
-    root = _level_roots(L, off, n_nodes, _g(eu, keep), _g(ev, keep), _g(c, keep))
-    comp_ids, node_comp = _unique_roots(root)
-    n_comp = comp_ids.numel()
-    comp_area = torch.bincount(node_comp, minlength=n_comp)
-    comp_lev = _g(node_lev, comp_ids)
-    comp_pix = _g(node_pix, comp_ids)  # representative (the first) pixel of the component
+    eu, ev, c = _g(eu, keep), _g(ev, keep), _g(c, keep)
+    if not bool((L > 0).any()):
+        e = torch.empty(0, dtype=torch.int64, device=L.device)
+        return _LevelTree(torch.full_like(L, -1), e, e, cd.pf[:0], e.bool(), e.bool(), e)
+    lv = _grow_levels(L, cd.pf, eu, ev, c)
+    order = _argsort(lv.root * (int(L.max()) + 1) + lv.lev)  # by (smallest pixel, level)
+    n_comp = order.numel()
+    rank = torch.empty_like(order).index_copy_(0, order, torch.arange(n_comp, device=L.device))
+    comp_lev, comp_pix = _g(lv.lev, order), _g(lv.root, order)
     comp_obj = _g(cd.po, comp_pix)
-    comp_f = _segment_sum(_g(cd.pf, node_pix), node_comp, n_comp)
     comp_t = cd.tk_obj[comp_obj, comp_lev - 1]
+    area = _g(lv.area, order)
     # SExtractor's deblending lutz keeps branches of at least min(minarea, MAXDEBAREA = 3) pixels
-    valid = comp_area >= min(minarea, MAXDEBAREA)
-    sig = valid & (comp_f - comp_t * comp_area.to(comp_f.dtype) > _g(fdflux_obj * mincont, comp_obj))
-    # parent of a level-k component: the component holding the same pixel at level k-1 (k >= 2),
-    # the object itself at k = 1 (parents are indexed n_comp + object id)
-    par = torch.where(
-        comp_lev > 1,
-        node_comp[(_g(off, comp_pix) + comp_lev - 2).clamp_min(0)],
-        n_comp + comp_obj,
-    )
-    return _LevelTree(node_pix, node_comp, comp_lev, comp_obj, comp_t, valid, sig, par)
+    valid = area >= min(minarea, MAXDEBAREA)
+    sig = _significant(_g(lv.flux, order), area, comp_t, _g(fdflux_obj * mincont, comp_obj), valid,
+                       lambda: _node_fluxes(cd, eu, ev, c), bool((cd.pf > 0).all()))
+    # parent of a level-k component: the component holding its pixels at level k-1 (k >= 2), the
+    # object itself at k = 1 (parents are indexed n_comp + object id)
+    par = _g(lv.par, order)
+    par = torch.where(par >= 0, _g(rank, par.clamp_min(0)), n_comp + comp_obj)
+    leaf = torch.where(lv.leaf >= 0, _g(rank, lv.leaf.clamp_min(0)), -1)
+    return _LevelTree(leaf, comp_lev, comp_obj, comp_t, valid, sig, par)
 
 
 def _walk_tree(tree: _LevelTree, n_obj: int, nthresh: int):
@@ -271,17 +358,31 @@ def _unsplit(obj: Tensor, n_obj: int) -> DeblendResult:
     return DeblendResult(obj, n_obj, torch.zeros(n_obj, dtype=torch.bool, device=obj.device), None, None)
 
 
+def _core_pixels(tree: _LevelTree, sel: Tensor):
+    """The pixels of the selected components ``sel`` (disjoint: no selected component holds another)
+    and the index in ``sel`` of each: ``(core_pix, core_son)``, by pixel. A pixel belongs to the
+    selected component among the ancestors of its highest-level component, found level by level."""
+    device = sel.device
+    n_comp = tree.comp_lev.numel()
+    anc = torch.full((n_comp,), -1, dtype=torch.int64, device=device)
+    anc[sel] = torch.arange(sel.numel(), device=device)
+    by_lev = _argsort(tree.comp_lev)
+    ends = torch.cumsum(torch.bincount(tree.comp_lev), 0).tolist()
+    for k in range(2, len(ends)):
+        cs = by_lev[ends[k - 1]: ends[k]]
+        a = _g(anc, cs)
+        anc[cs] = torch.where(a >= 0, a, _g(anc, _g(tree.par, cs)))
+    son = torch.where(tree.leaf >= 0, _g(anc, tree.leaf.clamp_min(0)), -1)
+    core_pix = (son >= 0).nonzero().squeeze(1)
+    return core_pix, _g(son, core_pix)
+
+
 def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj) -> DeblendResult:
     """Give every pixel of a split object to a branch: its core pixels (nodes of the selected
     component) directly, the others by :func:`_gather_free`."""
     device = obj.device
     npc, n_sel = cd.pidx.numel(), sel.numel()
-    sel_map = torch.full((tree.comp_lev.numel(),), -1, dtype=torch.int64, device=device)
-    sel_map[sel] = torch.arange(n_sel, device=device)
-    node_sel = _g(sel_map, tree.node_comp)
-    has = node_sel >= 0
-    core_pix = _g(tree.node_pix, has)  # candidate-local pixel ids
-    core_son = _g(node_sel, has)
+    core_pix, core_son = _core_pixels(tree, sel)  # candidate-local pixel ids, branch
     son_obj = _g(tree.comp_obj, sel)
     gx, gy, gval = _g(x, cd.pidx), _g(y, cd.pidx), _g(val, cd.pidx)
     an = _analyse(core_son, n_sel, _g(gx, core_pix), _g(gy, core_pix), _g(cd.pf, core_pix), _g(gval, core_pix),

@@ -90,10 +90,11 @@ def _components(pix: _Pixels, H: int, W: int, minarea: int):
 def _split_candidates(u, v, f, obj, n: int, minarea: int) -> Tensor:
     """Objects that can split: at least two local maxima of the filtered image among detected
     8-neighbours (from the edge list, no full-frame pass) and ``2 min(minarea, 3)`` pixels."""
+    fu, fv = _g(f, u), _g(f, v)
     not_max = torch.zeros(obj.numel(), dtype=torch.bool, device=obj.device)
-    not_max[u[_g(f, u) < _g(f, v)]] = True
-    not_max[v[_g(f, v) < _g(f, u)]] = True
-    nmax = torch.bincount(obj[~not_max], minlength=n)
+    not_max.index_fill_(0, _g(u, fu < fv), True)
+    not_max.index_fill_(0, _g(v, fv < fu), True)
+    nmax = torch.bincount(_g(obj, ~not_max), minlength=n)
     return (nmax >= 2) & (torch.bincount(obj, minlength=n) >= 2 * min(minarea, MAXDEBAREA))
 
 
