@@ -1055,3 +1055,27 @@ def test_astrometry_step_wrong_catalog_is_a_clear_error(rough_header_pair, catal
     with pytest.raises(InputError, match=message):
         _run_small(paths, root / f"bad_{catalog}", root / catalog)
     assert not (root / f"bad_{catalog}" / "science.diff.fits").exists()
+
+
+def test_correlated_noise_detection_rms():
+    """The detection rms of a resampled difference: white noise keeps its rms (c floored at 1); noise
+    averaged by bilinear interpolation (half-pixel shift) gets c = the filtered noise's excess over
+    white noise's, measured here directly, and fewer noise detections."""
+    from astroprep_torch.detect import default_kernel, detect_sources, filter_image
+
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(1, 1, 512, 512, generator=g)
+    cn = P.CorrelatedNoise()
+    ones = torch.ones_like(white)
+    assert torch.allclose(cn(white, ones), ones, atol=0.03)
+    avg = 0.25 * (white[..., :-1, :-1] + white[..., 1:, :-1] + white[..., :-1, 1:] + white[..., 1:, 1:])
+    rms = torch.full_like(avg, 0.5)  # the per-pixel std of a mean of 4, as the propagated variance says
+    c = float((cn(avg, rms) / rms).mean())
+    k = default_kernel(torch.float64)
+    truth = float(filter_image(avg.double(), k)[..., 4:-4, 4:-4].std() / 0.5 / k.square().sum().sqrt())
+    assert c > 1.3 and abs(c / truth - 1) < 0.05, (c, truth)
+    n_before = len(detect_sources(avg, rms, thresh=1.5)["label"])
+    n_after = len(detect_sources(avg, cn(avg, rms), thresh=1.5)["label"])
+    assert n_after < n_before / 3, (n_before, n_after)
+    with pytest.raises(ValueError, match="step"):
+        P.CorrelatedNoise(step=0)
