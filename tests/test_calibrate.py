@@ -256,3 +256,18 @@ def test_fill_bad_pixels_uses_good_neighbours_only():
     img[0, 0, 3, 3] = 1e6
     out = C.fill_bad_pixels(img, bad, size=3)
     assert float(out[0, 0, 3, 3]) == pytest.approx(24.0) and torch.equal(out[~bad], img[~bad])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 37, 53), (2, 1, 5, 3), (1, 1, 1, 9)])
+def test_grow_mask_is_a_square_dilation(shape):
+    """grow_mask (separable running counts) equals the brute-force square dilation at every radius."""
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(shape, generator=g) > 0.9
+    m.view(-1)[0] = True
+    H, W = shape[-2:]
+    for r in (0, 1, 3, 10, 60):
+        ref = torch.zeros_like(m)
+        for y in range(H):
+            for x in range(W):
+                ref[..., y, x] = m[..., max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].flatten(-2).any(-1)
+        assert torch.equal(C.grow_mask(m, r), ref), r
