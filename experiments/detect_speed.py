@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import sex_config  # noqa: E402
-from astroprep_torch import photometry  # noqa: E402
 from astroprep_torch.detect import SourceExtractor, detect_sources  # noqa: E402
 from astroprep_torch.sim import simulate_frame  # noqa: E402
 
@@ -180,7 +179,7 @@ def _memory_table(args):
     print("\n".join(lines))
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--big", action="store_true", help="add 8192^2 frames")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="frame sides (default 2048 4096 [8192])")
@@ -192,80 +191,82 @@ def main():
     ap.add_argument("--no-measure", action="store_true", help="skip ours detection+measurement")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "detect_speed.md"))
     ap.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.rss_child:
-        return _rss_child(args.rss_child[0], float(args.rss_child[1]))
-    if args.memory_only:
-        return _memory_table(args)
-    torch.set_num_threads(args.threads)
+    return ap.parse_args()
+
+
+KW = dict(thresh=1.5, minarea=5, deblend_cont=0.005, phot_apertures=(10.0,), kron_fact=2.5, min_radius=3.5)
+NAN2 = (float("nan"), float("nan"))
+
+
+def _time_ours(r: dict, img, rms: float, args, base) -> None:
+    """Ours on one thread (detection, detection + measurement, the baseline's) and on ``args.threads``."""
+    se = SourceExtractor(**KW)
+
+    def ours_detect():
+        r["N ours"] = int(detect_sources(img, rms, thresh=1.5, minarea=5, deblend_cont=0.005,
+                                         dense=False)["label"].numel())
+
+    with _threads(1):
+        r["det1"] = median_time(ours_detect, args.reps)
+        r["full1"] = NAN2 if args.no_measure else median_time(lambda: se(img, rms), args.reps)
+        if base is not None:
+            bse = base.SourceExtractor(**KW)
+            r["base1"] = median_time(lambda: bse(img, rms), args.reps)
+    r["detT"] = median_time(ours_detect, args.reps)
+    r["fullT"] = NAN2 if args.no_measure else median_time(lambda: se(img, rms), args.reps)
+
+
+def _time_sep(r: dict, data, rms: float, n: int, reps: int) -> None:
     import sep
+
+    nsep = [0]
+
+    def sep_run():
+        o = sep.extract(data, 1.5, err=rms, minarea=5, deblend_cont=0.005)
+        sep.sum_circle(data, o["x"], o["y"], 5.0, err=rms)
+        kr, _ = sep.kron_radius(data, o["x"], o["y"], o["a"], o["b"], o["theta"], 6.0)
+        sep.sum_ellipse(data, o["x"], o["y"], o["a"], o["b"], o["theta"], 2.5 * kr, err=rms, subpix=1)
+        nsep[0] = len(o)
+
+    sep.set_extract_pixstack(max(3_000_000, n * n // 8))
+    sep.set_sub_object_limit(4096)
+    r["sep"] = median_time(sep_run, reps)
+    r["N sep"] = nsep[0]
+
+
+def _time_sextractor(r: dict, data, rms: float, exe, tmp: Path, reps: int) -> None:
     from astropy.io import fits
 
-    exe = shutil.which("source-extractor")
-    tmp = Path(tempfile.mkdtemp(prefix="detect_speed_"))
-    base = _baseline_package(args.baseline, tmp) if args.baseline else None
-    (tmp / "default.conv").write_text("CONV NORM\n1 2 1\n2 4 2\n1 2 1\n")
-    (tmp / "p.param").write_text("X_IMAGE\nY_IMAGE\nFLUX_APER(1)\nFLUX_AUTO\nKRON_RADIUS\nFLAGS\n")
-    sizes = args.sizes or ([2048, 4096] + ([8192] if args.big else []))
-    rows = []
-    nan2 = (float("nan"), float("nan"))
-    up_start = _uptime()
-    print("start:", up_start, flush=True)
-    kw = dict(thresh=1.5, minarea=5, deblend_cont=0.005, phot_apertures=(10.0,), kron_fact=2.5, min_radius=3.5)
-    for n in sizes:
-        for per4k in (10000, 20000):
-            n_stars = int(round(per4k * (n / 4096) ** 2))
-            fr = simulate_frame((n, n), n_stars=n_stars, seed=1)
-            img = (fr.image - fr.background).contiguous()
-            rms = float(fr.variance.sqrt().median())
-            del fr
-            data = img[0, 0].numpy().astype(np.float32)
-            se = SourceExtractor(**kw)
-            r = {"n": n, "stars": n_stars}
+    r["sex"], r["N sex"] = NAN2, 0
+    if exe:
+        fits.writeto(tmp / "img.fits", data, overwrite=True)
+        (tmp / "s.sex").write_text(sex_config(1.5 * rms))
+        cmd = [exe, "img.fits", "-c", "s.sex"]
+        r["sex"] = median_time(lambda: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True), reps,
+                               children=True)
+        r["N sex"] = len(fits.getdata(tmp / "c.fits", 1))
+        (tmp / "img.fits").unlink()
 
-            def ours_detect():
-                r["N ours"] = int(detect_sources(img, rms, thresh=1.5, minarea=5, deblend_cont=0.005,
-                                                 dense=False)["label"].numel())
 
-            with _threads(1):
-                r["det1"] = median_time(ours_detect, args.reps)
-                r["full1"] = nan2 if args.no_measure else median_time(lambda: se(img, rms), args.reps)
-                if base is not None:
-                    bse = base.SourceExtractor(**kw)
-                    r["base1"] = median_time(lambda: bse(img, rms), args.reps)
-            r["detT"] = median_time(ours_detect, args.reps)
-            r["fullT"] = nan2 if args.no_measure else median_time(lambda: se(img, rms), args.reps)
-            if args.memory:
-                r["rss"] = _rss_of(data, rms, tmp)
-            nsep = [0]
+def _time_frame(n: int, n_stars: int, args, base, exe, tmp: Path) -> dict:
+    """Every tool on one simulated frame of side ``n`` with ``n_stars`` stars."""
+    fr = simulate_frame((n, n), n_stars=n_stars, seed=1)
+    img = (fr.image - fr.background).contiguous()
+    rms = float(fr.variance.sqrt().median())
+    del fr
+    data = img[0, 0].numpy().astype(np.float32)
+    r = {"n": n, "stars": n_stars}
+    _time_ours(r, img, rms, args, base)
+    if args.memory:
+        r["rss"] = _rss_of(data, rms, tmp)
+    _time_sep(r, data, rms, n, args.reps)
+    _time_sextractor(r, data, rms, exe, tmp, args.reps)
+    return r
 
-            def sep_run():
-                o = sep.extract(data, 1.5, err=rms, minarea=5, deblend_cont=0.005)
-                sep.sum_circle(data, o["x"], o["y"], 5.0, err=rms)
-                kr, _ = sep.kron_radius(data, o["x"], o["y"], o["a"], o["b"], o["theta"], 6.0)
-                sep.sum_ellipse(data, o["x"], o["y"], o["a"], o["b"], o["theta"], 2.5 * kr, err=rms, subpix=1)
-                nsep[0] = len(o)
 
-            sep.set_extract_pixstack(max(3_000_000, n * n // 8))
-            sep.set_sub_object_limit(4096)
-            r["sep"] = median_time(sep_run, args.reps)
-            r["N sep"] = nsep[0]
-            r["sex"], r["N sex"] = nan2, 0
-            if exe:
-                fits.writeto(tmp / "img.fits", data, overwrite=True)
-                (tmp / "s.sex").write_text(sex_config(1.5 * rms))
-                cmd = [exe, "img.fits", "-c", "s.sex"]
-                r["sex"] = median_time(lambda: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True), args.reps,
-                                       children=True)
-                r["N sex"] = len(fits.getdata(tmp / "c.fits", 1))
-                (tmp / "img.fits").unlink()
-            rows.append(r)
-            print({k: v for k, v in r.items()}, flush=True)
-            del img, data
-    shutil.rmtree(tmp, ignore_errors=True)
-    up_end = _uptime()
+def _header_lines(args, up_start: str, up_end: str) -> list:
     cmd_line = " ".join(["python experiments/detect_speed.py"] + sys.argv[1:])
-    lines = [
+    return [
         "# Detection speed (paper Table 1)",
         "",
         f"`{cmd_line}`",
@@ -285,27 +286,34 @@ def main():
         "SExtractor = whole source-extractor run (BACK_TYPE MANUAL, the frame already background-"
         "subtracted)." % args.reps,
         "",
+    ]
+
+
+def _cpu_lines(rows: list, with_base: bool) -> list:
+    hb = " | before full" if with_base else ""
+    lines = [
         "## CPU time, ours on 1 thread (user + system; SExtractor: the child process)",
         "",
-    ]
-    hb = " | before full" if base is not None else ""
-    lines += [
         f"| size | stars | N ours | N sep | N SExtractor | ours det | ours full{hb} | sep | SExtractor | det/sep | full/sep | full/SExtractor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if base is not None else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_base else ""),
     ]
     for r in rows:
-        bcol = f" | {r['base1'][1]:.3f}" if base is not None else ""
+        bcol = f" | {r['base1'][1]:.3f}" if with_base else ""
         c = lambda k: r[k][1]  # noqa: E731
         lines.append(
             f"| {r['n']}² | {r['stars']} | {r['N ours']} | {r['N sep']} | {r['N sex']} | {c('det1'):.3f} | {c('full1'):.3f}{bcol} | "
             f"{c('sep'):.3f} | {c('sex'):.3f} | {c('det1') / c('sep'):.2f} | {c('full1') / c('sep'):.2f} | "
             f"**{c('full1') / c('sex'):.2f}** |"
         )
-    lines += [
+    return lines
+
+
+def _wall_lines(rows: list, threads: int) -> list:
+    lines = [
         "",
-        f"## Wall clock (ours on 1 and {args.threads} threads)",
+        f"## Wall clock (ours on 1 and {threads} threads)",
         "",
-        f"| size | stars | ours det (1) | ours full (1) | ours det ({args.threads}) | ours full ({args.threads}) | sep | SExtractor | full({args.threads})/sep | full({args.threads})/SExtractor |",
+        f"| size | stars | ours det (1) | ours full (1) | ours det ({threads}) | ours full ({threads}) | sep | SExtractor | full({threads})/sep | full({threads})/SExtractor |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -314,6 +322,31 @@ def main():
             f"| {r['n']}² | {r['stars']} | {w('det1'):.3f} | {w('full1'):.3f} | {w('detT'):.3f} | {w('fullT'):.3f} | "
             f"{w('sep'):.3f} | {w('sex'):.3f} | {w('fullT') / w('sep'):.2f} | {w('fullT') / w('sex'):.2f} |"
         )
+    return lines
+
+
+def main():
+    args = _args()
+    if args.rss_child:
+        return _rss_child(args.rss_child[0], float(args.rss_child[1]))
+    if args.memory_only:
+        return _memory_table(args)
+    torch.set_num_threads(args.threads)
+    exe = shutil.which("source-extractor")
+    tmp = Path(tempfile.mkdtemp(prefix="detect_speed_"))
+    base = _baseline_package(args.baseline, tmp) if args.baseline else None
+    (tmp / "default.conv").write_text("CONV NORM\n1 2 1\n2 4 2\n1 2 1\n")
+    (tmp / "p.param").write_text("X_IMAGE\nY_IMAGE\nFLUX_APER(1)\nFLUX_AUTO\nKRON_RADIUS\nFLAGS\n")
+    sizes = args.sizes or ([2048, 4096] + ([8192] if args.big else []))
+    up_start = _uptime()
+    print("start:", up_start, flush=True)
+    rows = []
+    for n in sizes:
+        for per4k in (10000, 20000):
+            rows.append(_time_frame(n, int(round(per4k * (n / 4096) ** 2)), args, base, exe, tmp))
+            print(dict(rows[-1]), flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    lines = _header_lines(args, up_start, _uptime()) + _cpu_lines(rows, base is not None) + _wall_lines(rows, args.threads)
     if args.memory:
         lines += [""] + _memory_lines(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
