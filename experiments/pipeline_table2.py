@@ -189,7 +189,7 @@ def run_reproject(science: Path, reference: Path) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def _args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", type=int, nargs=2, default=(4136, 4096))
     ap.add_argument("--stars", type=int, default=20000)
@@ -204,14 +204,12 @@ def main() -> None:
     ap.add_argument("--name", default="pipeline_table2", help="results file experiments/results/<name>.md")
     ap.add_argument("--device", default="cpu", help="torch device of our pipeline (e.g. cuda); peers stay on the CPU")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the graph, e.g. pipeline.workers=1")
-    args = ap.parse_args()
-    if not args.no_retain:
-        from astroprep_torch import retain_freed_memory
+    return ap.parse_args()
 
-        retain_freed_memory()  # as `astroprep run` does (config retain_memory: true)
-    torch.set_num_threads(2)
+
+def _frames(args):
+    """The simulated pair and the graph's input batch (on ``args.device``)."""
     from astroprep_torch import sim
-    from astroprep_torch.io import write_fits
     from astroprep_torch.wcs import TanWCS
 
     shape = tuple(args.shape)
@@ -223,10 +221,16 @@ def main() -> None:
         batch = {k: v.to(args.device) for k, v in batch.items()}
         global _SYNC
         _SYNC = torch.cuda.synchronize if args.device.startswith("cuda") else _SYNC
-    pipe = build_pipeline(args.overrides)
-    warm = warm_up(pipe, batch, args.warmup)
+    return sci, ref, batch
+
+
+def _rounds(args, pipe, sci, ref, batch):
+    """Our timed calls and, per round, one run of each peer. Returns ``(log, peers, hp_args, hp, rounds)``."""
+    from astroprep_torch.io import write_fits
+
     rounds = 1 if args.no_peers else max(1, min(args.rounds, args.repeat))
     hp = None if args.no_peers else hotpants_exe()
+    hp_args = []
     log, peers = [], []  # our calls; one dict of peer times per round
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -250,14 +254,15 @@ def main() -> None:
             t["reproject"] = float("nan") if args.no_reproject else run_reproject(p_sci, p_ref)
             peers.append(t)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items() if v == v), flush=True)
+    return log, peers, hp_args, hp, rounds
+
+
+def _report(args, shape, pipe, warm, log, peers, hp_args, hp, rounds) -> list:
+    """The results file's lines."""
     calls = [c[0] for c in log]
     total = float(np.median(calls))
     cpu = float(np.median([c[1] for c in log]))
     stages = {k: float(np.median([c[2][k] for c in log if k in c[2]])) for k in log[0][2]}
-    print({k: round(v, 3) for k, v in stages.items()}, "total", round(total, 3), flush=True)
-    if args.no_peers:
-        return
-
     def med(key):
         return float(np.median([t[key] for t in peers]))
     t_se, t_sw, t_hp, t_rp = med("se"), med("swarp"), med("hotpants"), med("reproject")
@@ -301,6 +306,28 @@ def main() -> None:
     lines += ["", f"Speed-up: {correct / total:.1f}x over the SIP-correct chain (goal >= 12x; per round "
               f"{min(per_round_c):.1f}-{max(per_round_c):.1f}x), {fast / total:.1f}x over the fast chain (goal >= 6x; "
               f"per round {min(per_round):.1f}-{max(per_round):.1f}x)."]
+    return lines
+
+
+
+
+def main() -> None:
+    args = _args()
+    if not args.no_retain:
+        from astroprep_torch import retain_freed_memory
+
+        retain_freed_memory()  # as `astroprep run` does (config retain_memory: true)
+    torch.set_num_threads(2)
+    sci, ref, batch = _frames(args)
+    pipe = build_pipeline(args.overrides)
+    warm = warm_up(pipe, batch, args.warmup)
+    log, peers, hp_args, hp, rounds = _rounds(args, pipe, sci, ref, batch)
+    stages = {k: float(np.median([c[2][k] for c in log if k in c[2]])) for k in log[0][2]}
+    print({k: round(v, 3) for k, v in stages.items()}, "total", round(float(np.median([c[0] for c in log])), 3),
+          flush=True)
+    if args.no_peers:
+        return
+    lines = _report(args, tuple(args.shape), pipe, warm, log, peers, hp_args, hp, rounds)
     print("\n".join(lines))
     print(write_result(args.name, "\n".join(lines) + "\n"))
 
