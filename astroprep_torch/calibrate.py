@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._masks import grow_mask
 from ._robust import MAD_TO_STD, mad_std
 
 __all__ = [
@@ -650,29 +651,6 @@ def _bleed(core: Tensor, above: Tensor, dim: int) -> Tensor:
     fwd = forward(core, above)
     bwd = forward(core.flip(dim), above.flip(dim)).flip(dim)
     return core | fwd | bwd
-
-
-def grow_mask(mask: Tensor, radius: int) -> Tensor:
-    """``mask (B, 1, H, W)`` dilated by a square of half size ``radius`` pixels."""
-    if radius <= 0 or not bool(mask.any()):
-        return mask
-    # a square's dilation is separable (rows, then columns), and a window holds a masked pixel when
-    # its count, a difference of running sums, is positive: a few passes whatever the radius
-    return _window_any(_window_any(mask, int(radius), -2), int(radius), -1)
-
-
-def _window_any(mask: Tensor, r: int, dim: int) -> Tensor:
-    """True where the window ``[i - r, i + r]`` along ``dim`` holds a True of ``mask``."""
-    n = mask.shape[dim]
-    r = min(r, n)
-    c = torch.cumsum(mask, dim, dtype=torch.int32)  # c[i] = count of mask[:i + 1]
-    last = c.narrow(dim, n - 1, 1)
-    shape = list(last.shape)
-    shape[dim] = r
-    hi = torch.cat([c.narrow(dim, r, n - r), last.expand(shape)], dim)  # count of mask[:min(i + r, n - 1) + 1]
-    lo = torch.cat([torch.zeros_like(c.narrow(dim, 0, min(r + 1, n))), c.narrow(dim, 0, n - r - 1)], dim) \
-        if r + 1 < n else torch.zeros_like(c)  # count of mask[:max(i - r, 0)]
-    return hi > lo
 
 
 class GrowUnion(nn.Module):

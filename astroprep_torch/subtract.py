@@ -126,6 +126,7 @@ from torch import Tensor, nn
 
 from ._checks import (all_finite, as_pair, bad_pixels, check_batch_nonempty, check_float_dtype, check_image,
                       check_mask, check_same_shape)
+from ._masks import grow_mask
 from ._runtime import adapt_to_load
 from ._robust import mad_std
 
@@ -764,7 +765,7 @@ def _find_candidates(det: Tensor, bad: Tensor, grid: tuple[int, int], half: int,
     coarse = bp.view(b, hb, block, wb, block).any(4).any(2)
     del bp
     nb = -(-half // block)
-    coarse = F.max_pool2d(coarse[:, None].to(det.dtype), 2 * nb + 1, stride=1, padding=nb)[:, 0] > 0
+    coarse = grow_mask(coarse[:, None], nb)[:, 0]
     # maxima of bs x bs blocks, with their flat positions (one pass over the frame)
     bs = max(1, min(8, iso + 1))
     d2 = det[:, :1]
@@ -1501,7 +1502,7 @@ def _mark_unknown(conv_bad: Tensor, maps: tuple, r: int) -> tuple:
     """NaN in ``maps`` wherever the kernel (half width ``r``) reached a non-finite pixel of the
     convolved image or its variance: those pixels were zeroed for the FFTs, so the convolution,
     and the difference, are unknown there (a residual of -K x the true value otherwise)."""
-    reach = F.max_pool2d(conv_bad.to(maps[0].dtype), 2 * r + 1, 1, r) > 0
+    reach = grow_mask(conv_bad, r)
     if torch.is_grad_enabled():
         return tuple(torch.where(reach, torch.full_like(m, float("nan")), m) for m in maps)
     return tuple(m.masked_fill_(reach, float("nan")) for m in maps)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._robust import mad_std
 from ..cutouts import make_triplets
+from ..detect.filter import _as_kernel
 
 class MaskUnion(nn.Module):
     """``a | b`` for bool masks (either may be None)."""
@@ -116,31 +117,32 @@ class CorrelatedNoise(nn.Module):
         self.kernel, self.step = kernel, int(step)
 
     def forward(self, image: Tensor, rms: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        from ..detect.filter import _as_kernel
-
         k = _as_kernel(self.kernel, torch.float64, image.device)
         if k is None:
             return rms
-        z = image.detach().double() / rms.detach().double()
-        bad = ~torch.isfinite(z) if mask is None else (mask | ~torch.isfinite(z))
-        z = z.masked_fill(bad, float("nan"))
-        zf = _filtered_samples(z, k, self.step)
+        zf = _filtered_samples(image.detach(), rms.detach().expand_as(image),
+                               None if mask is None else mask.expand_as(image), k, self.step)
         c = mad_std(zf.flatten(1), 1, ignore_nan=True) / k.square().sum().sqrt()
         c = torch.nan_to_num(c, nan=1.0).clamp(min=1.0)
         return rms * c.to(rms.dtype).view(-1, *([1] * (rms.dim() - 1)))
 
 
-def _filtered_samples(z: Tensor, k: Tensor, step: int) -> Tensor:
-    """``k`` correlated with ``z`` (B,1,H,W) at every ``step``-th valid position, from shifted strided
-    views (no frame-sized filtered image): (B,1,h,w); NaN where any input is NaN."""
+def _filtered_samples(image: Tensor, rms: Tensor, mask: Optional[Tensor], k: Tensor, step: int) -> Tensor:
+    """``k`` correlated with ``z = image / rms`` (float64; NaN at masked or non-finite pixels) at every
+    ``step``-th valid position of ``(B,1,H,W)`` frames, from shifted strided views: only the sampled
+    pixels are read, no frame-sized temporary is made. ``(B,1,h,w)``; NaN where any input is NaN."""
     kh, kw = k.shape
-    H, W = z.shape[-2:]
+    H, W = image.shape[-2:]
     out = None
     for i in range(kh):
         for j in range(kw):
-            v = z[..., i:H - kh + 1 + i:step, j:W - kw + 1 + j:step] * k[i, j]
+            view = (..., slice(i, H - kh + 1 + i, step), slice(j, W - kw + 1 + j, step))
+            z = image[view].double() / rms[view].double()
+            bad = ~torch.isfinite(z) if mask is None else (mask[view] | ~torch.isfinite(z))
+            v = z.masked_fill_(bad, float("nan")) * k[i, j]
             out = v if out is None else out + v
     return out
+
 
 def measured_scale(rms: Tensor, image: Tensor, variance: Tensor, known: Tensor) -> Tensor:
     """Per frame ``(B, 1, 1, 1)``: ``mean(rms^2) / mean(variance)`` over the sky pixels (finite map,
