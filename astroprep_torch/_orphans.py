@@ -21,14 +21,16 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+FORKSERVER_PARENT = "ASTROPREP_FORKSERVER_PARENT"  # the process a fork server must not outlive
 
 
 def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> bool:
     """Ask for ``sig`` when this process's parent dies (Linux; elsewhere a no-op returning False).
 
     With ``parent_pid``, a parent already gone before the request (the race at start-up) ends this
-    process at once, and so does ``parent_pid`` being dead when it is not the direct parent (a
-    reader forked by a fork server checks the run's own process).
+    process at once: gone means this process was handed to another parent, or ``parent_pid`` has
+    exited, a killed parent that nobody has reaped yet (a zombie) included. ``parent_pid`` need not
+    be the direct parent (a reader forked by a fork server checks the run's own process).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -40,12 +42,20 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
             return False
     except (OSError, AttributeError):
         return False
-    if parent_pid is not None and not _alive(parent_pid):
+    if parent_pid is not None and os.getppid() != parent_pid and not _alive(parent_pid):
         os.kill(os.getpid(), sig)
     return True
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: an exited process waiting to be reaped (state Z or X) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        state = None
+    if state is not None:
+        return state not in (b"Z", b"X")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,5 +108,10 @@ def _in_forkserver_preload() -> bool:
     return False
 
 
+def _forkserver_parent() -> int | None:
+    pid = os.environ.get(FORKSERVER_PARENT, "")
+    return int(pid) if pid.isdigit() else None
+
+
 if _in_forkserver_preload():  # imported by a fork server's preload: it dies with its parent
-    die_with_parent()
+    die_with_parent(_forkserver_parent())

@@ -300,7 +300,11 @@ def _worker_context(method: str):
 
     ctx = mp.get_context(method)
     if method == "forkserver":
-        # astroprep_torch._orphans first: the fork server dies with this process (see that module)
+        from ._orphans import FORKSERVER_PARENT
+
+        # astroprep_torch._orphans first: the fork server dies with this process (see that module),
+        # also when this process dies before the fork server has asked (it checks the pid set here)
+        os.environ[FORKSERVER_PARENT] = str(os.getpid())
         ctx.set_forkserver_preload(["astroprep_torch._orphans", "torch", "astropy.io.fits", "astroprep_torch.data",
                                     "astroprep_torch.io"])
     return ctx

@@ -289,6 +289,13 @@ def _shm_files(pids) -> set:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except OSError:
+        return "?"
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -333,11 +340,11 @@ def _kill_run_and_look(demo_run, tmp_path, group: bool):
             os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (any(_alive(p) for p in helpers) or any(Path(s).exists() for s in shm)):
         time.sleep(0.2)
-    left = [p for p in helpers if _alive(p)]
-    for p in left:  # do not leave them to the next test
+    left = [(p, _cmdline(p)) for p in helpers if _alive(p)]
+    for p, _ in left:  # do not leave them to the next test
         os.kill(p, signal.SIGKILL)
     return left, sorted(s for s in shm if Path(s).exists()), helpers
 
