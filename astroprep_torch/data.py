@@ -43,7 +43,10 @@ def resolve_inputs(inputs: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
 
     Each entry may be a file, a folder (its FITS files, not recursive), a glob pattern, or a text
     file ending in ``.txt`` / ``.lst`` listing one path per line (``#`` starts a comment). A
-    missing file or a pattern that matches nothing raises ``FileNotFoundError`` naming it.
+    missing file or a pattern that matches nothing raises ``FileNotFoundError`` naming it. A folder
+    or a pattern expands to its frames only: the calibration products written beside frames (a
+    frame's variance map ``<stem>.var.fits``, the masters ``master_<kind>.fits``, see
+    :mod:`astroprep_torch.calibrate`) are not frames; a file named on its own is always taken.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -52,7 +55,7 @@ def resolve_inputs(inputs: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
         s = str(entry)
         p = Path(s).expanduser()
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.is_file() and q.name.lower().endswith(FITS_SUFFIXES))
+            out += _frames_only(sorted(q for q in p.iterdir() if q.is_file() and q.name.lower().endswith(FITS_SUFFIXES)))
         elif p.is_file() and p.suffix.lower() in (".txt", ".lst"):
             for line in p.read_text().splitlines():
                 line = line.split("#", 1)[0].strip()
@@ -65,7 +68,7 @@ def resolve_inputs(inputs: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(s)))
             if not matches:
                 raise FileNotFoundError(f"inputs: the pattern {s!r} matches no file")
-            out += [m for m in matches if m.is_file()]
+            out += _frames_only([m for m in matches if m.is_file()])
         else:
             raise FileNotFoundError(f"inputs: {s!r} is neither a file, a folder, a list file nor a glob pattern that matches")
     seen, unique = set(), []
@@ -75,6 +78,24 @@ def resolve_inputs(inputs: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
             seen.add(key)
             unique.append(q)
     return unique
+
+
+def _frames_only(paths: list[Path]) -> list[Path]:
+    """``paths`` less the calibration products among them: variance maps of frames in ``paths`` and
+    masters written by :mod:`astroprep_torch.calibrate` (``IMAGETYP`` "master ...")."""
+    claimed = {variance_path(q) for q in paths} - {None}
+    return [q for q in paths if q not in claimed and not _is_master(q)]
+
+
+def _is_master(path: Path) -> bool:
+    if not (path.name.startswith("master_") and path.name.endswith(".fits")):
+        return False
+    from astropy.io import fits
+
+    try:
+        return str(fits.getval(path, "IMAGETYP", ext=0)).lower().startswith("master")
+    except (OSError, KeyError):
+        return False
 
 
 def frame_name(path: PathLike) -> str:

@@ -63,3 +63,22 @@ def test_variance_map_beside_a_frame_is_read_and_batched(tmp_path):
     assert batch["variance"].shape == (2, 1, 32, 32) and float(batch["variance"][0, 0, 1, 1]) == 25.0
     assert bool(torch.isnan(batch["variance"][1]).all())
     assert "variance" not in collate_frames([ds[1]])  # no map anywhere: no key, the graph as before
+
+
+def test_folder_of_calibrated_frames_expands_to_the_frames_only(tmp_path):
+    """A folder (or pattern) written by calibration holds frames, their variance maps and the masters:
+    only the frames are inputs; a variance map or master named on its own is still taken, and a
+    ``master_*.fits`` that is not a master is a frame."""
+    from astroprep_torch.calibrate import Master
+    from astroprep_torch.data import resolve_inputs
+    from astroprep_torch.io import write_fits
+
+    img = torch.ones(1, 1, 16, 16)
+    for name in ("a.cal.fits", "a.var.fits", "b.fits", "b.var.fits", "lonely.var.fits", "master_m31.fits"):
+        write_fits(tmp_path / name, img)
+    Master("bias", img[0, 0], img[0, 0], img[0, 0] > 2).write(tmp_path / "master_bias.fits")
+    names = lambda ps: sorted(p.name for p in ps)  # noqa: E731
+    frames = ["a.cal.fits", "b.fits", "lonely.var.fits", "master_m31.fits"]
+    assert names(resolve_inputs(tmp_path)) == frames
+    assert names(resolve_inputs(str(tmp_path / "*.fits"))) == frames
+    assert names(resolve_inputs([tmp_path / "a.var.fits", tmp_path / "master_bias.fits"])) == ["a.var.fits", "master_bias.fits"]

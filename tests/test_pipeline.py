@@ -1079,3 +1079,25 @@ def test_correlated_noise_detection_rms():
     assert n_after < n_before / 3, (n_before, n_after)
     with pytest.raises(ValueError, match="step"):
         P.CorrelatedNoise(step=0)
+
+
+def test_astrometry_step_carries_a_frames_variance_map_to_its_solved_copy(tmp_path):
+    """The solved copy's pixels are the frame's: so is its variance map, found beside the copy."""
+    from astroprep_torch.data import variance_path
+    from astroprep_torch.io import write_fits
+    from astroprep_torch.pipeline import astrometry_step
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "solved").mkdir()
+    write_fits(tmp_path / "in" / "f.cal.fits", torch.ones(1, 1, 8, 8))
+    write_fits(tmp_path / "in" / "f.var.fits", torch.full((1, 1, 8, 8), 4.0))
+    target = tmp_path / "solved" / "f.cal.fits"
+    write_fits(target, torch.ones(1, 1, 8, 8))
+    astrometry_step._carry_variance(tmp_path / "in" / "f.cal.fits", target)
+    var = variance_path(target)
+    assert var is not None and var.parent == tmp_path / "solved"
+    assert var.read_bytes() == (tmp_path / "in" / "f.var.fits").read_bytes()
+    astrometry_step._carry_variance(tmp_path / "in" / "f.cal.fits", target)  # again: replaced, no error
+    write_fits(tmp_path / "in" / "g.fits", torch.ones(1, 1, 8, 8))
+    astrometry_step._carry_variance(tmp_path / "in" / "g.fits", tmp_path / "solved" / "g.fits")
+    assert variance_path(tmp_path / "solved" / "g.fits") is None

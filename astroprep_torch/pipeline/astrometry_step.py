@@ -16,6 +16,8 @@ WCS, with a warning (``on_failure: keep``).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -67,8 +69,8 @@ def step_options(cfg) -> StepOptions:
 
 def solve_inputs(cfg, paths: Sequence, folder: Path, reference=None) -> list:
     """Solve every frame of ``paths`` but the ``reference`` (see the module docstring); returns the
-    paths to process: the solved copies in ``folder`` (the reference, and with ``on_failure: keep``
-    a frame that failed, as given)."""
+    paths to process: the solved copies in ``folder``, each with its variance map beside it when
+    the frame had one (the reference, and with ``on_failure: keep`` a frame that failed, as given)."""
     options = step_options(cfg)
     _check_catalog(options.catalog)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,9 +125,24 @@ def _solve_frame(path: Path, target: Path, options: StepOptions, catalogs: dict)
         print(f"[astroprep] astrometry: {path.name}: FAILED ({exc}); the header's WCS is kept")
         return None
     _write_solved(path, target, result)
+    _carry_variance(path, target)
     print(f"[astroprep] astrometry: {path.name}: {result.n_matches} stars, rms {result.rms_arcsec:.3f} arcsec "
           f"({result.rms_px:.3f} px) -> {target}")
     return target
+
+
+def _carry_variance(path: Path, target: Path) -> None:
+    """The frame's variance map (:func:`astroprep_torch.data.variance_path`) goes beside its solved
+    copy (a hard link, else a copy): the pixels are the same, so is their variance."""
+    var = data_mod.variance_path(path)
+    if var is None:
+        return
+    dest = target.with_name(target.name[: -len(".fits")] + data_mod.VARIANCE_SUFFIX)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(var, dest)
+    except OSError:
+        shutil.copyfile(var, dest)
 
 
 def _write_solved(path: Path, target: Path, result: AstrometryResult) -> None:
