@@ -71,7 +71,7 @@ def test_run_end_to_end_on_embedded_field(demo_run):
 
 def test_rerun_resumes(demo_run, tmp_path):
     out, _ = demo_run
-    stdout = _astroprep("run", f"output={out}", *SMALL)
+    _astroprep("run", f"output={out}", *SMALL)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_finished"] == 1 and metrics["processed"] == 0
 

@@ -279,7 +279,7 @@ def _write_frames(tmp_path, n=3, corrupt=True):
 
 
 def test_dataset_reports_corrupt_files(tmp_path):
-    paths = _write_frames(tmp_path)
+    _write_frames(tmp_path)
     ds = FitsFrameDataset(resolve_inputs(tmp_path))
     items = [ds[i] for i in range(len(ds))]
     errors = {it["name"]: it["error"] for it in items}
