@@ -34,6 +34,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .classic_params import EXTRA_PARAMS, ColumnContext, extra_column, unimplemented_extra
+
 PathLike = Union[str, Path]
 
 #: SExtractor 2.25 defaults of the keys this module reads (``sex -dd``).
@@ -48,6 +50,7 @@ SEX_DEFAULTS = {
     "GAIN_KEY": "GAIN", "BACK_TYPE": "AUTO", "BACK_VALUE": "0.0", "BACK_SIZE": "64",
     "BACK_FILTERSIZE": "3", "BACK_FILTTHRESH": "0.0", "BACKPHOTO_TYPE": "GLOBAL",
     "CHECKIMAGE_TYPE": "NONE", "CHECKIMAGE_NAME": "check.fits",
+    "SEEING_FWHM": "1.2", "STARNNW_NAME": "default.nnw", "PIXEL_SCALE": "1.0",
 }
 #: keys that do not change the outputs (memory, verbosity, XML, threads)
 NO_EFFECT = {"MEMORY_OBJSTACK", "MEMORY_PIXSTACK", "MEMORY_BUFSIZE", "VERBOSE_TYPE", "WRITE_XML", "XML_NAME",
@@ -241,9 +244,10 @@ def _unimplemented(cfg: SexConfig) -> list[str]:
         if t and t not in CHECK_TYPES:
             out.append(f"CHECKIMAGE_TYPE {t}")
     for n in names:
-        if n not in PARAM_COLUMNS and n not in MAG_COLUMNS and n not in MAGERR_COLUMNS and n not in DERIVED:
+        if (n not in PARAM_COLUMNS and n not in MAG_COLUMNS and n not in MAGERR_COLUMNS and n not in DERIVED
+                and n not in EXTRA_PARAMS):
             out.append(f"parameter {n}")
-    return out
+    return out + unimplemented_extra(cfg, names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +362,7 @@ def _mag(flux: np.ndarray, zp: float) -> np.ndarray:
 
 def _magerr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(flux > 0, 1.0857 * err / np.where(flux > 0, flux, 1.0), 99.0)
+        return np.where(flux > 0, 1.086 * err / np.where(flux > 0, flux, 1.0), 99.0)
 
 
 def _column(cols: dict, name: str, zp: float, bkg: np.ndarray, wcs):
@@ -403,8 +407,11 @@ def catalog_table(cfg: SexConfig, result: dict, header=None):
     zp = cfg.floats("MAG_ZEROPOINT")[0]
     bkg = result["background"][0, 0].detach().cpu().numpy()
     t = Table()
+    ctx = ColumnContext(cfg, result, cols, header)
     for name, n in cfg.params:
         a = _column(cols, name, zp, bkg, wcs)
+        if a is None and name in EXTRA_PARAMS:
+            a = extra_column(name, ctx)
         if a is None:
             continue
         if a.ndim == 2:
