@@ -408,11 +408,13 @@ def catalog_table(cfg: SexConfig, result: dict, header=None):
     bkg = result["background"][0, 0].detach().cpu().numpy()
     t = Table()
     ctx = ColumnContext(cfg, result, cols, header)
+    skipped = []
     for name, n in cfg.params:
         a = _column(cols, name, zp, bkg, wcs)
         if a is None and name in EXTRA_PARAMS:
             a = extra_column(name, ctx)
         if a is None:
+            skipped.append(name)
             continue
         if a.ndim == 2:
             a = a[:, : max(n, 1)]
@@ -420,6 +422,10 @@ def catalog_table(cfg: SexConfig, result: dict, header=None):
                 a = a[:, 0]
         t[name] = a
     t.meta["comments"] = [f"SExtractor-compatible catalog from astroprep_torch ({cfg.path or 'defaults'})"]
+    made = [s for s in skipped if not any(s in u for u in cfg.unimplemented)]
+    if made:  # implemented, but not for this frame (no celestial WCS, ...)
+        warnings.warn(f"catalog parameters not written for this frame (no celestial WCS?): {', '.join(made)}",
+                      UserWarning, stacklevel=2)
     return t
 
 

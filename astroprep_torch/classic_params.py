@@ -17,6 +17,9 @@
   the objects with FLAGS 1 (crowded: neighbours within the AUTO aperture), AUTO for the others.
 * ``ERRA_IMAGE`` / ``ERRB_IMAGE`` / ``ERRTHETA_IMAGE`` / ``ERRCXX_IMAGE`` / ``ERRCYY_IMAGE`` /
   ``ERRCXY_IMAGE``: the position error ellipse from ``ERRX2/ERRY2/ERRXY_IMAGE``; ``POLAR_IMAGE``.
+* With a celestial WCS in the header: ``X2/Y2/XY/A/B/THETA/CXX/CYY/CXY_WORLD``, ``THETA_SKY``,
+  ``THETA_J2000`` and their ``ERR`` counterparts (``astrom.c``: the moments through SExtractor's local
+  Jacobian; ``THETA_J2000`` = ``THETA_SKY``, exact for equinox-2000 / ICRS frames).
 
 Objects that swallowed CLEANed neighbours: SExtractor takes ``ISO0..7`` and ``FWHM_IMAGE`` on the
 master's own pixels before the merge; here they are taken on the merged pixels (the catalog's
@@ -39,6 +42,10 @@ EXTRA_PARAMS = set(ISO_NAMES) | {
     "MAG_BEST", "MAGERR_BEST", "ERRA_IMAGE", "ERRB_IMAGE", "ERRTHETA_IMAGE", "ERRCXX_IMAGE", "ERRCYY_IMAGE",
     "ERRCXY_IMAGE", "POLAR_IMAGE",
 }
+_WORLD_SHAPE = ("X2", "Y2", "XY", "A", "B", "THETA", "CXX", "CYY", "CXY")
+WORLD_SHAPE_PARAMS = ({f"{p}{k}_WORLD" for p in ("", "ERR") for k in _WORLD_SHAPE}
+                      | {f"{p}THETA_{f}" for p in ("", "ERR") for f in ("SKY", "J2000")})
+EXTRA_PARAMS |= WORLD_SHAPE_PARAMS
 #: keys (with SExtractor 2.25's defaults) that these parameters read
 EXTRA_DEFAULTS = {"SEEING_FWHM": "1.2", "STARNNW_NAME": "default.nnw", "PIXEL_SCALE": "1.0"}
 
@@ -130,20 +137,57 @@ def object_pixels(cat, sub: torch.Tensor, own: bool = True):
     return values, rem % W, rem // W, row, len(cat)
 
 
-def wcs_pixel_area(wcs, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """deg^2 per pixel at 0-based (x, y): the determinant of the local Jacobian of (RA cos Dec, Dec)."""
+def wcs_jacobian(wcs, x: np.ndarray, y: np.ndarray):
+    """SExtractor's local Jacobian (``wcs_jacobian``) at 0-based (x, y): ``(J, lng, lat)`` with ``J``
+    (N, 2, 2), ``J[:, j, i]`` = d world_j / d pixel_i by forward differences over one pixel (deg; the
+    longitude difference wrapped to +-180 and times cos(lat)), ``lng`` / ``lat`` the world axes."""
     if wcs is None:
-        raise ValueError("PIXEL_SCALE 0 needs a celestial WCS in the frame's header")
+        raise ValueError("PIXEL_SCALE 0 and the _WORLD parameters need a celestial WCS in the frame's header")
     x, y = np.asarray(x, float), np.asarray(y, float)
-    h = 0.5
-    pts = np.concatenate([np.c_[x - h, y], np.c_[x + h, y], np.c_[x, y - h], np.c_[x, y + h]])
-    sky = wcs.all_pix2world(pts, 0).reshape(4, len(x), 2)
-    cosd = np.cos(np.deg2rad(wcs.all_pix2world(np.c_[x, y], 0)[:, 1]))
-    dra = (sky[:, :, 0] - sky[:, :, 0][[0, 0, 2, 2]] + 180.0) % 360.0 - 180.0
-    ddec = sky[:, :, 1] - sky[:, :, 1][[0, 0, 2, 2]]
-    j11, j21 = dra[1] * cosd / (2 * h), ddec[1] / (2 * h)
-    j12, j22 = dra[3] * cosd / (2 * h), ddec[3] / (2 * h)
-    return np.abs(j11 * j22 - j12 * j21)
+    pts = np.concatenate([np.c_[x, y], np.c_[x + 1.0, y], np.c_[x, y + 1.0]])
+    sky = wcs.all_pix2world(pts, 0).reshape(3, len(x), 2)
+    lng, lat = (int(wcs.wcs.lng), int(wcs.wcs.lat)) if wcs.wcs.lng >= 0 else (0, 1)
+    d = sky[1:] - sky[0]  # (pixel axis i, N, world axis j)
+    d[..., lng] = ((d[..., lng] + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(sky[0][:, lat]))
+    return np.transpose(d, (1, 2, 0)), lng, lat
+
+
+def wcs_pixel_area(wcs, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """deg^2 per pixel at 0-based (x, y): ``|det J|`` of :func:`wcs_jacobian` (SExtractor's pixscale2)."""
+    j = wcs_jacobian(wcs, x, y)[0]
+    return np.abs(j[:, 0, 0] * j[:, 1, 1] - j[:, 0, 1] * j[:, 1, 0])
+
+
+def _fmod_m90_p90(a: np.ndarray) -> np.ndarray:
+    return np.where(a > 0, np.fmod(a + 90.0, 180.0) - 90.0, np.fmod(a - 90.0, 180.0) + 90.0)
+
+
+def world_shape(mx2: np.ndarray, my2: np.ndarray, mxy: np.ndarray, jacobian, prefix: str = "") -> dict:
+    """SExtractor's ``astrom_shapeparam`` / ``astrom_errparam``: second moments (pixel^2) through the
+    local Jacobian (its formulas, including the cross term ``lm0 lm1 dxy`` as written there) ->
+    ``{prefix}X2/Y2/XY/A/B/CXX/CYY/CXY_WORLD``, ``{prefix}THETA_WORLD`` / ``_SKY`` / ``_J2000`` (deg; J2000 =
+    SKY, i.e. an equinox-2000 frame); ``jacobian`` = :func:`wcs_jacobian`'s ``(J, lng, lat)``."""
+    jac, lng, lat = jacobian
+    lm0, lm1, lm2, lm3 = jac[:, lng, lng], jac[:, lng, lat], jac[:, lat, lng], jac[:, lat, lat]
+    dx2, dy2, dxy = (np.asarray(v, np.float64) for v in (mx2, my2, mxy))
+    xm2 = lm0 * lm0 * dx2 + lm1 * lm1 * dy2 + lm0 * lm1 * dxy
+    ym2 = lm2 * lm2 * dx2 + lm3 * lm3 * dy2 + lm2 * lm3 * dxy
+    xym = lm0 * lm2 * dx2 + lm1 * lm3 * dy2 + (lm0 * lm3 + lm1 * lm2) * dxy
+    t = xm2 - ym2
+    thetaw = _fmod_m90_p90(np.where(t == 0.0, 45.0, np.rad2deg(0.5 * np.arctan2(2.0 * xym, t))))
+    thetas = _fmod_m90_p90(np.where(thetaw > 0.0, 90.0, -90.0) - thetaw) if lng < lat else thetaw
+    r = np.sqrt(0.25 * t * t + xym * xym)
+    pm2 = 0.5 * (xm2 + ym2)
+    det = xm2 * ym2 - xym * xym
+    small = det < 1e-6
+    det, xyc = np.where(small, 1e-6, det), np.where(small, xym * 0.99999, xym)
+    with np.errstate(invalid="ignore"):
+        out = {"X2": xm2, "Y2": ym2, "XY": xym, "A": np.sqrt(pm2 + r), "B": np.sqrt(pm2 - r), "THETA": thetaw,
+               "CXX": ym2 / det, "CYY": xm2 / det, "CXY": -2.0 * xyc / det}
+    res = {f"{prefix}{k}_WORLD": v.astype(np.float32) for k, v in out.items()}
+    res[f"{prefix}THETA_SKY"] = thetas.astype(np.float32)
+    res[f"{prefix}THETA_J2000"] = thetas.astype(np.float32)
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,6 +293,15 @@ def error_ellipse(ctx: ColumnContext) -> dict:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def world_shapes(ctx: ColumnContext) -> dict:
+    """The shape and position-error ellipses in world coordinates (:func:`world_shape`)."""
+    c = ctx.cols
+    jac = wcs_jacobian(ctx.wcs(), c["x"], c["y"])
+    out = world_shape(c["x2"], c["y2"], c["xy"], jac)
+    out.update(world_shape(c["errx2"], c["erry2"], c["errxy"], jac, prefix="ERR"))
+    return out
+
+
 def _mu(ctx: ColumnContext, level: np.ndarray) -> np.ndarray:
     """Surface brightness (mag / arcsec^2) of a level (ADU per pixel)."""
     area = ctx.pixel_area_deg2() * 3600.0 ** 2
@@ -293,11 +346,15 @@ def extra_column(name: str, ctx: ColumnContext) -> Optional[np.ndarray]:
         return simple[name]()
     if name.startswith("ERR") and name.endswith("_IMAGE"):
         return ctx.cached("errell", lambda: error_ellipse(ctx)).get(name)
+    if name in WORLD_SHAPE_PARAMS:
+        if ctx.wcs() is None:
+            return None
+        return ctx.cached("world_shape", lambda: world_shapes(ctx)).get(name)
     if name == "POLAR_IMAGE":
         a2, b2 = c["a"].astype(np.float64) ** 2, c["b"].astype(np.float64) ** 2
         return ((a2 - b2) / np.where(a2 + b2 > 0, a2 + b2, 1.0)).astype(np.float32)
     return None
 
 
-__all__ = ["EXTRA_PARAMS", "EXTRA_DEFAULTS", "ColumnContext", "extra_column", "object_pixels", "wcs_pixel_area",
+__all__ = ["EXTRA_PARAMS", "WORLD_SHAPE_PARAMS", "world_shape", "wcs_jacobian", "EXTRA_DEFAULTS", "ColumnContext", "extra_column", "object_pixels", "wcs_pixel_area",
            "unimplemented_extra"]
