@@ -102,6 +102,7 @@ class NeuralNetwork(nn.Module):
             with torch.no_grad():
                 lin.weight.copy_(w)
                 lin.bias.copy_(b)
+            lin.requires_grad_(False)  # the file's weights (the output stays differentiable in the inputs)
             self.layers.append(lin)
 
     def forward(self, inputs: Tensor) -> Tensor:
