@@ -4,7 +4,7 @@
 
 * ``CLASS_STAR``: the network of the ``STARNNW_NAME`` file (:mod:`astroprep_torch.photometry.classify`)
   on ``ISO0..ISO7``, ``FLUX_MAX``, the analysis threshold, ``SEEING_FWHM`` and the pixel scale
-  (``PIXEL_SCALE``, or the WCS's at the frame centre when 0).  ``SEEING_FWHM 0`` (SExtractor takes
+  (``PIXEL_SCALE``, or the WCS's when 0).  ``SEEING_FWHM 0`` (SExtractor takes
   the FWHM of a PSF model, ``PSF_NAME``) is not implemented: warned about, the column left out.
 * ``ISO0..ISO7`` and ``FWHM_IMAGE`` (:mod:`astroprep_torch.photometry.isoprofile`), ``ISOAREAF_IMAGE``
   (the object's pixels above the detection threshold), ``ISOAREA_WORLD`` / ``ISOAREAF_WORLD`` /
@@ -21,9 +21,17 @@
   ``THETA_J2000`` and their ``ERR`` counterparts (``astrom.c``: the moments through SExtractor's local
   Jacobian; ``THETA_J2000`` = ``THETA_SKY``, exact for equinox-2000 / ICRS frames).
 
-Objects that swallowed CLEANed neighbours: SExtractor takes ``ISO0..7`` and ``FWHM_IMAGE`` on the
-master's own pixels before the merge; here they are taken on the merged pixels (the catalog's
-segmentation).
+Objects that swallowed CLEANed neighbours: SExtractor takes ``ISO0..7`` and ``FWHM_IMAGE`` (and the
+peak that sets their levels) on the object's own pixels before CLEAN merges the neighbours' pixels into
+it; so do we, leaving out the pixels the detector reports as CLEANed (``SourceExtractor`` keeps them on
+its lazy segmentation as ``cleaned``).  The position errors ``ERRX2/ERRY2/ERRXY_IMAGE`` (a core column,
+:func:`astroprep_torch.photometry.measure`) are taken on the merged pixels, so the error ellipses of
+those objects differ from SExtractor's.
+
+Pixel scales: with ``PIXEL_SCALE`` > 0 every ``_WORLD`` size and ``MU_*`` use it (as SExtractor); with
+``PIXEL_SCALE 0`` the pixel area is ``|det J|`` of SExtractor's local Jacobian (one-pixel forward
+differences of the WCS at the object, :func:`wcs_jacobian`) and CLASS_STAR's scale is the WCS's at the
+frame centre.
 """
 
 from __future__ import annotations
@@ -90,16 +98,16 @@ class ColumnContext:
         return self.cached("wcs", make)
 
     def pixscale(self) -> float:
-        """arcsec per pixel: PIXEL_SCALE, or the WCS's at the frame centre when 0 (SExtractor's rule)."""
+        """arcsec per pixel: PIXEL_SCALE, or when 0 the square root of the WCS's pixel area at the frame
+        centre (SExtractor's ``wcs->pixscale``)."""
         ps = self.cfg.floats("PIXEL_SCALE")[0]
         if ps > 0:
             return ps
         w = self.wcs()
         if w is None:
             raise ValueError("PIXEL_SCALE 0 needs a celestial WCS in the frame's header")
-        from astropy.wcs.utils import proj_plane_pixel_area
-
-        return math.sqrt(proj_plane_pixel_area(w)) * 3600.0
+        H, W = self.result["sub"].shape[-2:]
+        return math.sqrt(float(wcs_pixel_area(w, [(W - 1) / 2.0], [(H - 1) / 2.0])[0])) * 3600.0
 
     def pixel_area_deg2(self) -> np.ndarray:
         """Per object, the pixel area in deg^2 (PIXEL_SCALE^2, or the WCS Jacobian at the object)."""
@@ -296,6 +304,13 @@ def error_ellipse(ctx: ColumnContext) -> dict:
 def world_shapes(ctx: ColumnContext) -> dict:
     """The shape and position-error ellipses in world coordinates (:func:`world_shape`)."""
     c = ctx.cols
+    eq = float(getattr(ctx.wcs().wcs, "equinox", float("nan")))
+    j2000 = any(n.endswith("THETA_J2000") for n, _ in ctx.cfg.params)
+    if j2000 and math.isfinite(eq) and abs(eq - 2000.0) > 0.003:
+        import warnings
+
+        warnings.warn(f"THETA_J2000 / ERRTHETA_J2000: the frame's equinox is {eq:g}; written as THETA_SKY "
+                      "(SExtractor adds the precession of the position angle)", UserWarning, stacklevel=2)
     jac = wcs_jacobian(ctx.wcs(), c["x"], c["y"])
     out = world_shape(c["x2"], c["y2"], c["xy"], jac)
     out.update(world_shape(c["errx2"], c["erry2"], c["errxy"], jac, prefix="ERR"))

@@ -178,12 +178,19 @@ def main() -> None:
 
 
 NOTES = """Notes.
-* The _WORLD columns are n/a on sep's frame (no WCS in its header; SExtractor writes them from a
-  pixel "WCS" there, we leave them out with a warning).
+* The _WORLD columns are n/a on sep's frame (no WCS in its header; we leave them out with a warning).
 * ERRA/ERRB/ERRTHETA/ERRC*_IMAGE and ERR*_WORLD derive from ERRX2/ERRY2/ERRXY_IMAGE, a core column
   (photometry.measure): for an object that swallowed CLEANed neighbours SExtractor takes them on the
   object's own pixels before the merge, photometry.measure on the merged pixels; those objects are the
-  misses of these rows (4 of 65 on sep's frame).
+  misses of these rows on sep's frame (4 of 65).  ISO0..7 and FWHM_IMAGE are taken on the own pixels.
+* m13 with SExtractor's defaults (DEBLEND_MINCONT 0.005, MASK_TYPE CORRECT, crowded DSS): the segment
+  itself (ISOAREAF_IMAGE, ISOAREA_IMAGE, FLUX_ISO) differs for about half of the objects -- the
+  detector's parity, not these columns'; every derived column agrees on the objects whose core agrees.
+* GWAC: the FWHM_IMAGE misses among "same core" objects are stars clipped at SATURATE (60000): a pixel
+  enters the FWHM fit when below SATUR_LEVEL minus the local BACKGROUND, and our BACKGROUND there is
+  0.25-0.4 ADU above SExtractor's, so the clipped pixels fall on the other side of the limit.
+* FLAGS (not a column of this table) depend on the .param in SExtractor (flag 16 only from the
+  apertures / AUTO / FLUX_RADIUS / XWIN that were asked for); photometry.measure always measures them all.
 """
 
 if __name__ == "__main__":
