@@ -18,7 +18,8 @@ SExtractor's semantics:
   ``CATALOG_TYPE`` asks (``FITS_1.0``, ``FITS_LDAC``, ``ASCII_HEAD``, ``ASCII``) under
   ``CATALOG_NAME`` in the output folder, and always as ECSV beside it.  ``CHECKIMAGE_TYPE``:
   BACKGROUND, BACKGROUND_RMS, MINIBACKGROUND, MINIBACK_RMS, -BACKGROUND, FILTERED, OBJECTS, -OBJECTS,
-  SEGMENTATION.
+  SEGMENTATION.  Beyond the core columns (:data:`PARAM_COLUMNS` ...), :mod:`astroprep_torch.classic_params`
+  makes CLASS_STAR, ISO0..7, FWHM_IMAGE, MU_MAX, FLUX_BEST, the error and world ellipses, ... when asked.
 * Keys and parameters we do not implement are listed in ONE warning (keys that only matter for a
   parameter that was not requested, and those that do not change the outputs -- memory, verbosity,
   XML -- are not).
