@@ -27,6 +27,7 @@ SExtractor's semantics:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,20 +117,21 @@ def parse_sex(path: PathLike) -> dict[str, str]:
 
 def read_param(path: PathLike) -> list[tuple[str, int]]:
     """A ``.param`` file -> ``[(NAME, n)]``: one name a line, ``NAME(n)`` for the first n elements of a
-    vector (``n`` = 0 when not given); comments (``#``) and blank lines skipped."""
+    vector (``n`` = 0 when not given; ``NAME(n,m)``, e.g. ``VIGNET(35,35)``: n*m); comments (``#``) and
+    blank lines skipped."""
     out = []
     for line in Path(path).read_text(errors="replace").splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        name = line.split()[0].upper()
+        name = ("".join(line.split()) if "(" in line else line.split()[0]).upper()
         n = 0
         if "(" in name:
             name, _, rest = name.partition("(")
             try:
-                n = int(rest.rstrip(")"))
+                n = math.prod(int(v) for v in rest.rstrip(")").split(","))
             except ValueError as e:
-                raise ValueError(f"{path}: bad parameter {line!r} (expected NAME or NAME(n))") from e
+                raise ValueError(f"{path}: bad parameter {line!r} (expected NAME, NAME(n) or NAME(n,m))") from e
         out.append((name, n))
     if not out:
         raise ValueError(f"{path}: no catalog parameters")

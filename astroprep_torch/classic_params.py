@@ -19,7 +19,8 @@
   ``ERRCXY_IMAGE``: the position error ellipse from ``ERRX2/ERRY2/ERRXY_IMAGE``; ``POLAR_IMAGE``.
 * With a celestial WCS in the header: ``X2/Y2/XY/A/B/THETA/CXX/CYY/CXY_WORLD``, ``THETA_SKY``,
   ``THETA_J2000`` and their ``ERR`` counterparts (``astrom.c``: the moments through SExtractor's local
-  Jacobian; ``THETA_J2000`` = ``THETA_SKY``, exact for equinox-2000 / ICRS frames).
+  Jacobian; ``THETA_J2000`` = ``THETA_SKY``, exact for equinox-2000 / ICRS frames); the brightest
+  pixel's ``XPEAK_WORLD`` / ``YPEAK_WORLD`` / ``ALPHAPEAK_SKY`` / ``..._J2000`` (same equinox caveat).
 
 Objects that swallowed CLEANed neighbours: SExtractor takes ``ISO0..7`` and ``FWHM_IMAGE`` (and the
 peak that sets their levels) on the object's own pixels before CLEAN merges the neighbours' pixels into
@@ -53,7 +54,9 @@ EXTRA_PARAMS = set(ISO_NAMES) | {
 _WORLD_SHAPE = ("X2", "Y2", "XY", "A", "B", "THETA", "CXX", "CYY", "CXY")
 WORLD_SHAPE_PARAMS = ({f"{p}{k}_WORLD" for p in ("", "ERR") for k in _WORLD_SHAPE}
                       | {f"{p}THETA_{f}" for p in ("", "ERR") for f in ("SKY", "J2000")})
-EXTRA_PARAMS |= WORLD_SHAPE_PARAMS
+PEAK_WORLD_PARAMS = {"XPEAK_WORLD", "YPEAK_WORLD", "ALPHAPEAK_SKY", "DELTAPEAK_SKY", "ALPHAPEAK_J2000",
+                     "DELTAPEAK_J2000"}
+EXTRA_PARAMS |= WORLD_SHAPE_PARAMS | PEAK_WORLD_PARAMS | {"XPEAK_IMAGE", "YPEAK_IMAGE"}
 #: keys (with SExtractor 2.25's defaults) that these parameters read
 EXTRA_DEFAULTS = {"SEEING_FWHM": "1.2", "STARNNW_NAME": "default.nnw", "PIXEL_SCALE": "1.0"}
 
@@ -211,6 +214,25 @@ def iso_areas(ctx: ColumnContext) -> np.ndarray:
     return ctx.cached("iso", make)
 
 
+def peak_pixel(ctx: ColumnContext) -> np.ndarray:
+    """(N, 2) 0-based (x, y) of each object's brightest pixel in the detection-filtered image
+    (SExtractor's XPEAK/YPEAK: its ``cdvalue`` maximum, the merged neighbours' included)."""
+    from .detect import filter_image
+
+    def make():
+        cat, sub = ctx.result["catalog"], ctx.result["sub"]
+        _, px, py, row, n = object_pixels(cat, sub, own=False)
+        B, _, H, W = sub.shape
+        filt = filter_image(sub, ctx.cfg.kernel).reshape(-1)
+        flat = cat.columns["batch_index"].long().index_select(0, row) * (H * W) + py * W + px
+        f = filt.index_select(0, flat)
+        best = torch.full((n,), -float("inf"), dtype=f.dtype, device=f.device).scatter_reduce(0, row, f, "amax")
+        hit = (f == best.index_select(0, row)).nonzero().squeeze(1)
+        first = torch.full((n,), len(f), dtype=torch.int64, device=f.device).scatter_reduce(0, row[hit], hit, "amin")
+        return np.c_[px[first].cpu().numpy(), py[first].cpu().numpy()] if n else np.zeros((0, 2), np.int64)
+    return ctx.cached("peak_pixel", make)
+
+
 def own_peak(ctx: ColumnContext) -> torch.Tensor:
     """The peak over an object's own pixels (FLUX_MAX before CLEAN merges neighbours into it)."""
     def make():
@@ -301,16 +323,21 @@ def error_ellipse(ctx: ColumnContext) -> dict:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def _warn_equinox(ctx: ColumnContext) -> None:
+    """Our ``*_J2000`` shape / peak columns are the native (SKY) ones: warn for other equinoxes."""
+    eq = float(getattr(ctx.wcs().wcs, "equinox", float("nan")))
+    names = [n for n, _ in ctx.cfg.params if n.endswith("_J2000") and n in EXTRA_PARAMS]
+    if names and math.isfinite(eq) and abs(eq - 2000.0) > 0.003:
+        import warnings
+
+        warnings.warn(f"{', '.join(names)}: the frame's equinox is {eq:g}; written in its native frame "
+                      "(SExtractor precesses to J2000)", UserWarning, stacklevel=3)
+
+
 def world_shapes(ctx: ColumnContext) -> dict:
     """The shape and position-error ellipses in world coordinates (:func:`world_shape`)."""
     c = ctx.cols
-    eq = float(getattr(ctx.wcs().wcs, "equinox", float("nan")))
-    j2000 = any(n.endswith("THETA_J2000") for n, _ in ctx.cfg.params)
-    if j2000 and math.isfinite(eq) and abs(eq - 2000.0) > 0.003:
-        import warnings
-
-        warnings.warn(f"THETA_J2000 / ERRTHETA_J2000: the frame's equinox is {eq:g}; written as THETA_SKY "
-                      "(SExtractor adds the precession of the position angle)", UserWarning, stacklevel=2)
+    ctx.cached("equinox", lambda: _warn_equinox(ctx))
     jac = wcs_jacobian(ctx.wcs(), c["x"], c["y"])
     out = world_shape(c["x2"], c["y2"], c["xy"], jac)
     out.update(world_shape(c["errx2"], c["erry2"], c["errxy"], jac, prefix="ERR"))
@@ -365,11 +392,19 @@ def extra_column(name: str, ctx: ColumnContext) -> Optional[np.ndarray]:
         if ctx.wcs() is None:
             return None
         return ctx.cached("world_shape", lambda: world_shapes(ctx)).get(name)
+    if name in ("XPEAK_IMAGE", "YPEAK_IMAGE"):
+        return (peak_pixel(ctx)[:, 0 if name[0] == "X" else 1] + 1).astype(np.int32)
+    if name in PEAK_WORLD_PARAMS:
+        if ctx.wcs() is None:
+            return None
+        ctx.cached("equinox", lambda: _warn_equinox(ctx))
+        sky = ctx.cached("peak_world", lambda: ctx.wcs().all_pix2world(peak_pixel(ctx).astype(float), 0))
+        return sky[:, 0 if name.startswith(("X", "ALPHA")) else 1]
     if name == "POLAR_IMAGE":
         a2, b2 = c["a"].astype(np.float64) ** 2, c["b"].astype(np.float64) ** 2
         return ((a2 - b2) / np.where(a2 + b2 > 0, a2 + b2, 1.0)).astype(np.float32)
     return None
 
 
-__all__ = ["EXTRA_PARAMS", "WORLD_SHAPE_PARAMS", "world_shape", "wcs_jacobian", "EXTRA_DEFAULTS", "ColumnContext", "extra_column", "object_pixels", "wcs_pixel_area",
+__all__ = ["EXTRA_PARAMS", "WORLD_SHAPE_PARAMS", "PEAK_WORLD_PARAMS", "world_shape", "wcs_jacobian", "EXTRA_DEFAULTS", "ColumnContext", "extra_column", "object_pixels", "wcs_pixel_area",
            "unimplemented_extra"]

@@ -47,6 +47,8 @@ TOLERANCES = {
     "A_WORLD": ("rel", 1e-3), "B_WORLD": ("rel", 1e-3), "THETA_WORLD": ("angle", 0.1),
     "THETA_J2000": ("angle", 0.1), "CXX_WORLD": ("rel", 1e-3), "ERRA_WORLD": ("rel", 1e-3),
     "ERRB_WORLD": ("rel", 1e-3), "ERRTHETA_J2000": ("angle", 0.1),
+    "XPEAK_IMAGE": ("exact", 0), "YPEAK_IMAGE": ("exact", 0),
+    "ALPHAPEAK_J2000": ("abs", 1e-7), "DELTAPEAK_J2000": ("abs", 1e-7),
 }
 CORE = ["NUMBER", "X_IMAGE", "Y_IMAGE", "ISOAREA_IMAGE", "FLUX_ISO", "FLUX_AUTO", "ERRX2_IMAGE", "ERRY2_IMAGE",
         "ERRXY_IMAGE", "FLAGS"]

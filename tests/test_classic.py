@@ -51,8 +51,8 @@ def test_parse_files_defaults_and_resolution(tmp_path, monkeypatch):
     assert ("FLUX_APER", 2) in cfg.params and ("FLAGS", 0) in cfg.params
     assert torch.equal(cfg.kernel, torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float64))
     assert cfg.unimplemented == []
-    (tmp_path / "my.param").write_text("X_IMAGE\n")  # the working directory comes first
-    assert classic.load_sex(sexf).params == [("X_IMAGE", 0)]
+    (tmp_path / "my.param").write_text("X_IMAGE\nVIGNET(35, 35)  # PSFEx's\n")  # the working directory first
+    assert classic.load_sex(sexf).params == [("X_IMAGE", 0), ("VIGNET", 35 * 35)]
     se = classic.source_extractor(cfg)
     assert (se.phot_apertures, se.saturation, se.deblend_cont, se.mask_type) == ((5.0, 10.0), 50000.0, 0.005, "correct")
     with pytest.raises(FileNotFoundError, match="FILTER_NAME 'nope.conv'"):
@@ -361,7 +361,8 @@ def test_swarp_head_parsing_and_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------
 EXTRA = ["CLASS_STAR", "FWHM_IMAGE", "ISOAREAF_IMAGE"] + [f"ISO{i}" for i in range(8)] + [
     "MU_MAX", "MU_THRESHOLD", "FLUX_ISOCOR", "FLUXERR_ISOCOR", "MAG_ISOCOR", "FLUX_BEST", "FLUXERR_BEST", "MAG_BEST",
-    "MAGERR_BEST", "ERRA_IMAGE", "ERRB_IMAGE", "ERRTHETA_IMAGE", "POLAR_IMAGE", "FWHM_WORLD"]
+    "MAGERR_BEST", "ERRA_IMAGE", "ERRB_IMAGE", "ERRTHETA_IMAGE", "POLAR_IMAGE", "FWHM_WORLD", "XPEAK_IMAGE",
+    "YPEAK_IMAGE"]
 
 
 def _neurresp(nnw, x):
@@ -448,7 +449,7 @@ def test_extra_parameters_vs_source_extractor_on_sep(tmp_path):
     assert np.abs(a - b).max() < 0.01 and b.min() < 0.1 and b.max() > 0.9  # stars and galaxies both
     a, b = col("FWHM_IMAGE")
     assert np.all(np.abs(a - b) <= 1e-3 * b)
-    for c in ["ISOAREAF_IMAGE"] + [f"ISO{i}" for i in range(8)]:
+    for c in ["ISOAREAF_IMAGE", "XPEAK_IMAGE", "YPEAK_IMAGE"] + [f"ISO{i}" for i in range(8)]:
         np.testing.assert_array_equal(*col(c), err_msg=c)
     for c in ("MU_MAX", "MU_THRESHOLD", "MAG_ISOCOR", "MAG_BEST", "MAGERR_BEST", "POLAR_IMAGE"):
         a, b = col(c)
