@@ -80,6 +80,10 @@ def test_unimplemented_keys_and_parameters_in_one_warning(tmp_path):
     ours = [x for x in w if "not implemented" in str(x.message)]
     assert len(ours) == 1 and "FLUX_PSF" in str(ours[0].message) and "CLASS_STAR" in str(ours[0].message)
     assert not [x for x in w if "not written for this frame" in str(x.message)]  # warned once, above
+    from astropy.table import Table
+
+    cols = Table.read(tmp_path / "out" / "cat.fits").colnames
+    assert "MU_MAX" in cols and "CLASS_STAR" not in cols and "FLUX_PSF" not in cols
 
 
 def test_sep_image_cat_reproduced_by_the_cli(tmp_path, monkeypatch):
