@@ -141,9 +141,13 @@ def object_pixels(cat, sub: torch.Tensor, own: bool = True):
     b = idx // (H * W)
     rem = idx % (H * W)
     bi, num = cat.columns["batch_index"].long(), cat.columns["number"].long()
-    base = int(num.max()) + 1 if num.numel() else 1
+    base = max(int(num.max()) if num.numel() else 0, int(lab.max()) if lab.numel() else 0) + 1
     key = bi * base + num
-    row = torch.searchsorted(key, b * base + lab)
+    q = b * base + lab
+    row = torch.searchsorted(key, q).clamp(max=max(len(key) - 1, 0))
+    if len(key) == 0 or not bool((key.index_select(0, row) == q).all()):  # a catalog subset: its rows only
+        keep = (key.index_select(0, row) == q) if len(key) else torch.zeros_like(q, dtype=torch.bool)
+        idx, rem, row = idx[keep], rem[keep], row[keep]
     values = sub.reshape(-1).index_select(0, idx).to(torch.float32)
     return values, rem % W, rem // W, row, len(cat)
 
