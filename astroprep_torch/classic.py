@@ -18,7 +18,8 @@ SExtractor's semantics:
   ``CATALOG_TYPE`` asks (``FITS_1.0``, ``FITS_LDAC``, ``ASCII_HEAD``, ``ASCII``) under
   ``CATALOG_NAME`` in the output folder, and always as ECSV beside it.  ``CHECKIMAGE_TYPE``:
   BACKGROUND, BACKGROUND_RMS, MINIBACKGROUND, MINIBACK_RMS, -BACKGROUND, FILTERED, OBJECTS, -OBJECTS,
-  SEGMENTATION.
+  SEGMENTATION.  Beyond the core columns (:data:`PARAM_COLUMNS` ...), :mod:`astroprep_torch.classic_params`
+  makes CLASS_STAR, ISO0..7, FWHM_IMAGE, MU_MAX, FLUX_BEST, the error and world ellipses, ... when asked.
 * Keys and parameters we do not implement are listed in ONE warning (keys that only matter for a
   parameter that was not requested, and those that do not change the outputs -- memory, verbosity,
   XML -- are not).
@@ -26,6 +27,7 @@ SExtractor's semantics:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from .classic_params import EXTRA_PARAMS, ColumnContext, extra_column, unimplemented_extra
 
 PathLike = Union[str, Path]
 
@@ -48,6 +52,7 @@ SEX_DEFAULTS = {
     "GAIN_KEY": "GAIN", "BACK_TYPE": "AUTO", "BACK_VALUE": "0.0", "BACK_SIZE": "64",
     "BACK_FILTERSIZE": "3", "BACK_FILTTHRESH": "0.0", "BACKPHOTO_TYPE": "GLOBAL",
     "CHECKIMAGE_TYPE": "NONE", "CHECKIMAGE_NAME": "check.fits",
+    "SEEING_FWHM": "1.2", "STARNNW_NAME": "default.nnw", "PIXEL_SCALE": "1.0",
 }
 #: keys that do not change the outputs (memory, verbosity, XML, threads)
 NO_EFFECT = {"MEMORY_OBJSTACK", "MEMORY_PIXSTACK", "MEMORY_BUFSIZE", "VERBOSE_TYPE", "WRITE_XML", "XML_NAME",
@@ -112,20 +117,21 @@ def parse_sex(path: PathLike) -> dict[str, str]:
 
 def read_param(path: PathLike) -> list[tuple[str, int]]:
     """A ``.param`` file -> ``[(NAME, n)]``: one name a line, ``NAME(n)`` for the first n elements of a
-    vector (``n`` = 0 when not given); comments (``#``) and blank lines skipped."""
+    vector (``n`` = 0 when not given; ``NAME(n,m)``, e.g. ``VIGNET(35,35)``: n*m); comments (``#``) and
+    blank lines skipped."""
     out = []
     for line in Path(path).read_text(errors="replace").splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        name = line.split()[0].upper()
+        name = ("".join(line.split()) if "(" in line else line.split()[0]).upper()
         n = 0
         if "(" in name:
             name, _, rest = name.partition("(")
             try:
-                n = int(rest.rstrip(")"))
+                n = math.prod(int(v) for v in rest.rstrip(")").split(","))
             except ValueError as e:
-                raise ValueError(f"{path}: bad parameter {line!r} (expected NAME or NAME(n))") from e
+                raise ValueError(f"{path}: bad parameter {line!r} (expected NAME, NAME(n) or NAME(n,m))") from e
         out.append((name, n))
     if not out:
         raise ValueError(f"{path}: no catalog parameters")
@@ -241,9 +247,10 @@ def _unimplemented(cfg: SexConfig) -> list[str]:
         if t and t not in CHECK_TYPES:
             out.append(f"CHECKIMAGE_TYPE {t}")
     for n in names:
-        if n not in PARAM_COLUMNS and n not in MAG_COLUMNS and n not in MAGERR_COLUMNS and n not in DERIVED:
+        if (n not in PARAM_COLUMNS and n not in MAG_COLUMNS and n not in MAGERR_COLUMNS and n not in DERIVED
+                and n not in EXTRA_PARAMS):
             out.append(f"parameter {n}")
-    return out
+    return out + unimplemented_extra(cfg, names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +365,7 @@ def _mag(flux: np.ndarray, zp: float) -> np.ndarray:
 
 def _magerr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(flux > 0, 1.0857 * err / np.where(flux > 0, flux, 1.0), 99.0)
+        return np.where(flux > 0, 1.086 * err / np.where(flux > 0, flux, 1.0), 99.0)
 
 
 def _column(cols: dict, name: str, zp: float, bkg: np.ndarray, wcs):
@@ -403,9 +410,14 @@ def catalog_table(cfg: SexConfig, result: dict, header=None):
     zp = cfg.floats("MAG_ZEROPOINT")[0]
     bkg = result["background"][0, 0].detach().cpu().numpy()
     t = Table()
+    ctx = ColumnContext(cfg, result, cols, header)
+    skipped = []
     for name, n in cfg.params:
         a = _column(cols, name, zp, bkg, wcs)
+        if a is None and name in EXTRA_PARAMS:
+            a = extra_column(name, ctx)
         if a is None:
+            skipped.append(name)
             continue
         if a.ndim == 2:
             a = a[:, : max(n, 1)]
@@ -413,6 +425,10 @@ def catalog_table(cfg: SexConfig, result: dict, header=None):
                 a = a[:, 0]
         t[name] = a
     t.meta["comments"] = [f"SExtractor-compatible catalog from astroprep_torch ({cfg.path or 'defaults'})"]
+    made = [s for s in skipped if not any(s in u for u in cfg.unimplemented)]
+    if made:  # implemented, but not for this frame (no celestial WCS, ...)
+        warnings.warn(f"catalog parameters not written for this frame (no celestial WCS?): {', '.join(made)}",
+                      UserWarning, stacklevel=2)
     return t
 
 

@@ -51,8 +51,8 @@ def test_parse_files_defaults_and_resolution(tmp_path, monkeypatch):
     assert ("FLUX_APER", 2) in cfg.params and ("FLAGS", 0) in cfg.params
     assert torch.equal(cfg.kernel, torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float64))
     assert cfg.unimplemented == []
-    (tmp_path / "my.param").write_text("X_IMAGE\n")  # the working directory comes first
-    assert classic.load_sex(sexf).params == [("X_IMAGE", 0)]
+    (tmp_path / "my.param").write_text("X_IMAGE\nVIGNET(35, 35)  # PSFEx's\n")  # the working directory first
+    assert classic.load_sex(sexf).params == [("X_IMAGE", 0), ("VIGNET", 35 * 35)]
     se = classic.source_extractor(cfg)
     assert (se.phot_apertures, se.saturation, se.deblend_cont, se.mask_type) == ((5.0, 10.0), 50000.0, 0.005, "correct")
     with pytest.raises(FileNotFoundError, match="FILTER_NAME 'nope.conv'"):
@@ -62,12 +62,13 @@ def test_parse_files_defaults_and_resolution(tmp_path, monkeypatch):
 
 
 def test_unimplemented_keys_and_parameters_in_one_warning(tmp_path):
-    sexf = _files(tmp_path, SEX + "BACKPHOTO_TYPE LOCAL\nPHOT_PETROPARAMS 2.0,3.5\nSEEING_FWHM 1.2\n",
-                  PARAM + "CLASS_STAR\nMU_MAX\n")
+    sexf = _files(tmp_path, SEX + "BACKPHOTO_TYPE LOCAL\nPHOT_PETROPARAMS 2.0,3.5\nPSF_NAME x.psf\nSEEING_FWHM 0\n",
+                  PARAM + "FLUX_PSF\nCLASS_STAR\nMU_MAX\n")
     cfg = classic.load_sex(sexf)
     text = "; ".join(cfg.unimplemented)
-    assert "BACKPHOTO_TYPE LOCAL" in text and "parameter CLASS_STAR" in text and "parameter MU_MAX" in text
-    assert "SEEING_FWHM" in text  # CLASS_STAR was asked for: its keys matter
+    assert "BACKPHOTO_TYPE LOCAL" in text and "parameter FLUX_PSF" in text and "MU_MAX" not in text
+    assert "PSF_NAME" in text  # FLUX_PSF was asked for: its keys matter
+    assert "SEEING_FWHM 0" in text and "CLASS_STAR not written" in text  # the PSF model's FWHM: not ours
     assert "PHOT_PETROPARAMS" not in text  # no MAG_PETRO requested
     img = torch.from_numpy(np.random.default_rng(0).normal(100, 5, (64, 64)).astype(np.float32))
     from astropy.io import fits
@@ -77,7 +78,12 @@ def test_unimplemented_keys_and_parameters_in_one_warning(tmp_path):
         warnings.simplefilter("always")
         classic.run_extract(tmp_path / "f.fits", sexf, tmp_path / "out")
     ours = [x for x in w if "not implemented" in str(x.message)]
-    assert len(ours) == 1 and "CLASS_STAR" in str(ours[0].message)
+    assert len(ours) == 1 and "FLUX_PSF" in str(ours[0].message) and "CLASS_STAR" in str(ours[0].message)
+    assert not [x for x in w if "not written for this frame" in str(x.message)]  # warned once, above
+    from astropy.table import Table
+
+    cols = Table.read(tmp_path / "out" / "cat.fits").colnames
+    assert "MU_MAX" in cols and "CLASS_STAR" not in cols and "FLUX_PSF" not in cols
 
 
 def test_sep_image_cat_reproduced_by_the_cli(tmp_path, monkeypatch):
@@ -352,3 +358,161 @@ def test_swarp_head_parsing_and_errors(tmp_path):
     (tmp_path / "bad.head").write_text("CTYPE1  = 'RA---TAN'\n")
     with pytest.raises(ValueError, match="NAXIS1 and NAXIS2"):
         classic.read_head(tmp_path / "bad.head")
+
+
+# ------------------------------------------------------------------------------------------------
+# the extra catalog parameters (astroprep_torch.classic_params)
+# ------------------------------------------------------------------------------------------------
+EXTRA = ["CLASS_STAR", "FWHM_IMAGE", "ISOAREAF_IMAGE"] + [f"ISO{i}" for i in range(8)] + [
+    "MU_MAX", "MU_THRESHOLD", "FLUX_ISOCOR", "FLUXERR_ISOCOR", "MAG_ISOCOR", "FLUX_BEST", "FLUXERR_BEST", "MAG_BEST",
+    "MAGERR_BEST", "ERRA_IMAGE", "ERRB_IMAGE", "ERRTHETA_IMAGE", "POLAR_IMAGE", "FWHM_WORLD", "XPEAK_IMAGE",
+    "YPEAK_IMAGE"]
+
+
+def _neurresp(nnw, x):
+    """SExtractor's neurresp, written out with numpy loops (the reference for the torch network)."""
+    n = [np.asarray(x, float) * nnw.inscale.numpy() + nnw.inbias.numpy()]
+    for w, b in zip(nnw.weights, nnw.biases):
+        w, b = w.numpy(), b.numpy()
+        n.append(np.array([1.0 / (1.0 + np.exp(-(b[j] + sum(w[j, i] * n[-1][i] for i in range(w.shape[1])))))
+                           for j in range(w.shape[0])]))
+    return (n[-1] - nnw.outbias.numpy()) / nnw.outscale.numpy()
+
+
+def test_nnw_file_and_network(tmp_path):
+    from astroprep_torch.photometry.classify import NeuralNetwork, class_star, class_star_inputs, read_nnw
+
+    nnw = read_nnw(shared_file("sep", "default.nnw"))
+    assert nnw.sizes == (10, 10, 1) and nnw.weights[0].shape == (10, 10) and nnw.weights[1].shape == (1, 10)
+    assert nnw.inbias[0] == -1.56604 and nnw.inscale[-1] == 3.27734 and nnw.weights[0][1, 0] == 0.462594
+    assert nnw.biases[0][0] == -5.30052 and nnw.biases[1][0] == -2.32028 and nnw.outscale[0] == 1.0
+    x = np.random.default_rng(1).normal(0, 1, (5, 10))
+    got = NeuralNetwork(nnw)(torch.from_numpy(x)).numpy()[:, 0]
+    ref = np.array([_neurresp(nnw, r)[0] for r in x])
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    # the inputs as SExtractor makes them: log10 of areas / (seeing / pixscale)^2, peak / thresh, seeing
+    iso = torch.tensor([[20, 10, 8, 6, 4, 2, 1, 0]])
+    inp = class_star_inputs(iso, torch.tensor([400.0]), 100.0, 1.2, 0.6)
+    np.testing.assert_allclose(inp[0].numpy(), np.log10([5, 4, 2.5, 2, 1.5, 1, 0.5, 0.25, 0.01, 1.2]), rtol=1e-12)
+    assert 0.0 <= float(class_star(iso, torch.tensor([400.0]), 100.0, 1.2, 0.6, nnw)[0]) <= 1.0
+    (tmp_path / "bad.nnw").write_text("NNW\n 3 10 10 1\n 1 2 3\n")
+    with pytest.raises(ValueError, match="inconsistent NNW"):
+        read_nnw(tmp_path / "bad.nnw")
+    (tmp_path / "notnnw.nnw").write_text("hello\n")
+    with pytest.raises(ValueError, match="not a NNW table"):
+        read_nnw(tmp_path / "notnnw.nnw")
+
+
+def test_isophotal_areas_and_fwhm_of_a_gaussian():
+    from astroprep_torch.photometry.isoprofile import fwhm_image, isophotal_areas
+
+    # one object: values 1..8 above a threshold of 1 with peak 8 -> levels 1 * 8^(i/8)
+    v = torch.arange(1, 9, dtype=torch.float32)
+    iso = isophotal_areas(v, torch.zeros(8, dtype=torch.int64), 1, torch.tensor([8.0]), torch.tensor([1.0]))
+    lev = 8.0 ** (np.arange(8) / 8)
+    assert iso[0].tolist() == [int((v.numpy() > t).sum()) for t in lev]
+    # a Gaussian of sigma 2 px: the log-linear fit finds 2.3548 sigma, less the 1 / (4 FWHM) correction
+    yy, xx = torch.meshgrid(torch.arange(41.0), torch.arange(41.0), indexing="ij")
+    g = (1000.0 * torch.exp(-((xx - 20) ** 2 + (yy - 20) ** 2) / 8.0)).reshape(-1)
+    keep = g > 1.0
+    row = torch.zeros(int(keep.sum()), dtype=torch.int64)
+    f = fwhm_image(g[keep], xx.reshape(-1)[keep], yy.reshape(-1)[keep], row, 1, x=torch.tensor([20.0]),
+                   y=torch.tensor([20.0]), a=torch.tensor([2.0]), b=torch.tensor([2.0]), peak=torch.tensor([1000.0]),
+                   thresh=torch.tensor([1.0]))
+    fw = 1.6651 * np.sqrt(2.0) * 2.0
+    assert abs(float(f[0]) - (fw - 1 / (4 * fw))) < 1e-4
+
+
+def test_extra_parameters_vs_source_extractor_on_sep(tmp_path):
+    """CLASS_STAR, FWHM_IMAGE, ISO0..7, MU_MAX, FLUX_BEST ... on sep's frame with its default.sex /
+    default.nnw, against source-extractor run with the same files and .param (FITS catalogs)."""
+    from astropy.table import Table
+
+    exe = require_binary("source-extractor", "sex")
+    d = shared_file("sep", "default.sex").parent
+    for f in ("image.fits", "default.sex", "default.conv", "default.nnw"):
+        (tmp_path / f).write_bytes((d / f).read_bytes())
+    (tmp_path / "x.param").write_text("\n".join(["X_IMAGE", "Y_IMAGE", "ERRX2_IMAGE"] + EXTRA) + "\n")
+    keys = {"PARAMETERS_NAME": "x.param", "CATALOG_TYPE": "FITS_1.0", "CHECKIMAGE_TYPE": "NONE"}
+    args = [a for k, v in dict(keys, CATALOG_NAME="sx.fits").items() for a in (f"-{k}", v)]
+    subprocess.run([exe, "image.fits", "-c", "default.sex"] + args, cwd=tmp_path, check=True, capture_output=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every column made: no warning
+        warnings.filterwarnings("ignore", module="astropy")
+        classic.run_extract(tmp_path / "image.fits", tmp_path / "default.sex", tmp_path / "o",
+                            dict(keys, CATALOG_NAME="o.fits"))
+    ref, t = Table.read(tmp_path / "sx.fits"), Table.read(tmp_path / "o" / "o.fits")
+    assert t.colnames == ref.colnames and len(t) == len(ref) == 65
+    from scipy.spatial import cKDTree
+
+    d_, j = cKDTree(np.c_[t["X_IMAGE"], t["Y_IMAGE"]]).query(np.c_[ref["X_IMAGE"], ref["Y_IMAGE"]])
+    assert d_.max() < 1e-3
+    t = t[j]
+    col = lambda c: (np.asarray(t[c], float), np.asarray(ref[c], float))  # noqa: E731
+    a, b = col("CLASS_STAR")
+    assert np.abs(a - b).max() < 0.01 and b.min() < 0.1 and b.max() > 0.9  # stars and galaxies both
+    a, b = col("FWHM_IMAGE")
+    assert np.all(np.abs(a - b) <= 1e-3 * b)
+    for c in ["ISOAREAF_IMAGE", "XPEAK_IMAGE", "YPEAK_IMAGE"] + [f"ISO{i}" for i in range(8)]:
+        np.testing.assert_array_equal(*col(c), err_msg=c)
+    for c in ("MU_MAX", "MU_THRESHOLD", "MAG_ISOCOR", "MAG_BEST", "MAGERR_BEST", "POLAR_IMAGE"):
+        a, b = col(c)
+        assert np.abs(a - b).max() < 1e-4, c
+    for c in ("FLUX_ISOCOR", "FLUXERR_ISOCOR", "FLUX_BEST", "FLUXERR_BEST", "FWHM_WORLD"):
+        a, b = col(c)
+        assert np.all(np.abs(a - b) <= 1e-4 * np.abs(b)), c
+    # the error ellipse follows ERRX2/ERRY2/ERRXY_IMAGE: equal where those agree (all but the objects that
+    # swallowed CLEANed neighbours, whose core position errors photometry takes on the merged pixels)
+    same = np.abs(col("ERRX2_IMAGE")[0] - col("ERRX2_IMAGE")[1]) <= 1e-4 * col("ERRX2_IMAGE")[1]
+    assert same.sum() >= 60
+    for c in ("ERRA_IMAGE", "ERRB_IMAGE"):
+        a, b = col(c)
+        assert np.all(np.abs(a - b)[same] <= 1e-4 * b[same]), c
+
+
+def test_class_star_and_world_columns_on_m13_vs_source_extractor(tmp_path):
+    """m13 (crowded DSS, TAN WCS) with PIXEL_SCALE 0: CLASS_STAR and FWHM_IMAGE/WORLD, MU_MAX and
+    A_WORLD/THETA_J2000 from the WCS Jacobian; objects whose segment agrees must agree."""
+    from astropy.table import Table
+    from scipy.spatial import cKDTree
+
+    exe = require_binary("source-extractor", "sex")
+    (tmp_path / "my.sex").write_text("STARNNW_NAME default.nnw\nPIXEL_SCALE 0\nSEEING_FWHM 3.5\n"
+                                     "CATALOG_TYPE FITS_1.0\nPARAMETERS_NAME x.param\n")
+    for f in ("default.nnw", "default.conv"):
+        (tmp_path / f).write_bytes(shared_file("sep", f).read_bytes())
+    (tmp_path / "m13.fits").write_bytes(shared_file("astropy_images", "m13.fits").read_bytes())
+    cols = ["X_IMAGE", "Y_IMAGE", "ISOAREA_IMAGE", "ISOAREAF_IMAGE", "FLUX_ISO", "CLASS_STAR", "FWHM_IMAGE",
+            "FWHM_WORLD", "MU_MAX", "A_IMAGE", "B_IMAGE", "THETA_IMAGE", "A_WORLD", "B_WORLD", "THETA_J2000"]
+    (tmp_path / "x.param").write_text("\n".join(cols) + "\n")
+    subprocess.run([exe, "m13.fits", "-c", "my.sex", "-CATALOG_NAME", "sx.fits"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classic.run_extract(tmp_path / "m13.fits", tmp_path / "my.sex", tmp_path / "o", {"CATALOG_NAME": "o.fits"})
+    ref, t = Table.read(tmp_path / "sx.fits"), Table.read(tmp_path / "o" / "o.fits")
+    assert t.colnames == ref.colnames
+    d, j = cKDTree(np.c_[t["X_IMAGE"], t["Y_IMAGE"]]).query(np.c_[ref["X_IMAGE"], ref["Y_IMAGE"]])
+    m = d < 0.01
+    t, ref = t[j[m]], ref[m]
+    assert m.mean() > 0.9
+    same = (np.asarray(t["ISOAREAF_IMAGE"]) == np.asarray(ref["ISOAREAF_IMAGE"])) & (
+        np.asarray(t["ISOAREA_IMAGE"]) == np.asarray(ref["ISOAREA_IMAGE"]))
+    same &= np.abs(np.asarray(t["FLUX_ISO"], float) / np.asarray(ref["FLUX_ISO"], float) - 1) < 1e-4
+    assert same.sum() > 100
+    dcs = np.abs(np.asarray(t["CLASS_STAR"], float) - np.asarray(ref["CLASS_STAR"], float))
+    assert np.all(dcs[same] < 0.01) and (dcs < 0.01).mean() > 0.9, (dcs < 0.01).mean()
+    for c, tol in (("FWHM_IMAGE", 1e-3), ("FWHM_WORLD", 1e-3)):
+        a, b = np.asarray(t[c], float), np.asarray(ref[c], float)
+        assert np.all(np.abs(a - b)[same] <= tol * b[same]), c
+    assert np.abs(np.asarray(t["MU_MAX"], float) - np.asarray(ref["MU_MAX"], float))[same].max() < 1e-4
+    # the world ellipse where the pixel one agrees (photometry's second moments are a core column)
+    shape = np.ones(len(t), bool)
+    for c in ("A_IMAGE", "B_IMAGE", "THETA_IMAGE"):
+        shape &= np.abs(np.asarray(t[c], float) - np.asarray(ref[c], float)) <= 1e-4 * np.abs(np.asarray(ref[c], float))
+    assert shape.sum() > 100
+    for c in ("A_WORLD", "B_WORLD"):
+        a, b = np.asarray(t[c], float), np.asarray(ref[c], float)
+        assert np.all(np.abs(a - b)[shape] <= 1e-3 * b[shape]), c
+    dth = np.abs(np.asarray(t["THETA_J2000"], float) - np.asarray(ref["THETA_J2000"], float)) % 180
+    assert np.minimum(dth, 180 - dth)[shape].max() < 0.1

@@ -384,6 +384,7 @@ class SourceExtractor(nn.Module):
             clean=self.clean, clean_param=self.clean_param, dense=False,
         )
         seg = _LazySegmentation(det["pixels"], _g(det["label"], det["pixel_row"]), (B, 1, H, W))
+        seg.cleaned = det["unblanked"]  # pixels of the objects CLEAN merged into others (classic_params)
         meas = self._measure(image, rms, mask, det, background)
         if meas is None:
             meas = isophotal_moments(image, seg.dense(), filter_image(image, self.filter_kernel))
