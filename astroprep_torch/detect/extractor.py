@@ -159,34 +159,39 @@ def _arrival(o: _Objects, parent_key: Tensor) -> Tensor:
     return rank
 
 
-def _pasted_back(o: _Objects, alive: Tensor, master: Tensor, pix: _Pixels, parent_ymax: Tensor) -> Tensor:
-    """The pixels of the objects removed by CLEAN that SExtractor leaves in the image (flat indices).
+def _pasted_back(o: _Objects, alive: Tensor, master: Tensor, pix: _Pixels, parent_ymax: Tensor):
+    """The pixels of the objects removed by CLEAN that SExtractor leaves in the image, and those it
+    blanks again (flat indices): ``(unblanked, reblanked)``.
 
     ``clean.c`` pastes a removed object's pixels back when the later of the two objects (remover and
     removed) is sorted out, i.e. while the scan reads row ``Y + 1``, ``Y`` the last row of that
     object's detection (before deblending); ``scan.c`` has then blanked the rows up to ``Y - 1``
     only, and blanks row ``Y`` at the end of that line: the removed object's pixels on row ``Y``
-    (and below it, none) are blanked again, those above stay. ``parent_ymax`` (P,) is ``Y`` of each
-    pixel's detection, ``master`` the direct remover of each object (itself for survivors)."""
+    (and below it, none) are blanked again, for every object's measurement, the remover's too (its
+    own pixel list, pasted back when it is measured, holds none of them); those above stay.
+    ``parent_ymax`` (P,) is ``Y`` of each pixel's detection, ``master`` the direct remover of each
+    object (itself for survivors)."""
     obj_ymax = _segment_max(parent_ymax, o.obj, o.n)
     later = torch.maximum(obj_ymax, _g(obj_ymax, master))
-    keep = _g(~alive, o.obj) & (pix.y.double() < _g(later, o.obj))
-    return _g(pix.idx, keep)
+    removed = _g(~alive, o.obj)
+    above = pix.y.double() < _g(later, o.obj)
+    return _g(pix.idx, removed & above), _g(pix.idx, removed & ~above)
 
 
 def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: Tensor, *, minarea,
                    clean_param, H, W):
     """CLEAN (:func:`~.clean._clean`): removed objects merge into their remover (SExtractor's
     ``mergeobject`` adds their fluxes and keeps the remover's centre). Returns ``(objects, analysis,
-    batch index, ate, unblanked)``, ``ate`` marking the objects that swallowed others and ``unblanked``
-    the flat indices of the removed objects' pixels that SExtractor pastes back into the image (no
-    measurement blanks them as neighbours; :func:`_pasted_back`)."""
+    batch index, ate, unblanked, reblanked)``, ``ate`` marking the objects that swallowed others and
+    ``unblanked`` / ``reblanked`` the flat indices of the removed objects' pixels that SExtractor
+    pastes back into the image (no measurement blanks them as neighbours) / blanks for every
+    measurement (:func:`_pasted_back`)."""
     core = o.obj if o.gathered is None else torch.where(o.gathered, o.n + comp, o.obj)  # gathered: parent's order
     order_key = lutz_order_key(pix.x, pix.y, core, H, W)
     mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered, order_key=order_key)
     parent_key = _completion_key(pix, comp, int(comp.max()) + 1, W)
     alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W, arrival=_arrival(o, parent_key))
-    unblanked = _pasted_back(o, alive, master, pix, (parent_key // (W + 1)).double())
+    unblanked, reblanked = _pasted_back(o, alive, master, pix, (parent_key // (W + 1)).double())
     master = _follow_masters(master)
     ate = torch.zeros(o.n, dtype=torch.bool, device=bobj.device)
     ate[master[~alive]] = True
@@ -197,7 +202,7 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: 
     an = an.take(sel)
     an = an._replace(fdflux=_segment_sum(pix.f, obj, n), fdnpix=torch.bincount(obj, minlength=n).to(torch.float64))
     o = _Objects(obj, n, _g(o.t0, sel), _g(o.blended, sel), None, None)
-    return o, an, _g(bobj, sel), _g(ate, sel), unblanked
+    return o, an, _g(bobj, sel), _g(ate, sel), unblanked, reblanked
 
 
 def _labels(bobj: Tensor, B: int) -> Tensor:
@@ -239,7 +244,8 @@ def detect_sources(
     Always present, the sparse form: ``detected`` (P,) sorted linear indices (over B*H*W) of every
     pixel above threshold, ``pixels`` (Q,) the sorted linear indices of the labelled ones, ``pixel_row``
     (Q,) their object (row) index, ``pixel_filtered`` (Q,) their filtered value and ``unblanked`` the
-    pixels of objects removed by CLEAN (never blanked as neighbours, as SExtractor). ``dense=False``
+    pixels of objects removed by CLEAN (never blanked as neighbours, as SExtractor), ``reblanked``
+    those of their pixels SExtractor blanks for every measurement (:func:`_pasted_back`). ``dense=False``
     leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
     thresholded strip by strip and no frame-sized array is made at all.
     """
@@ -256,9 +262,9 @@ def detect_sources(
     bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
     an = _analyse_objects(o, xd, yd, pix)
     ate = torch.zeros(o.n, dtype=torch.bool, device=image.device)
-    unblanked = pix.idx[:0]
+    unblanked = reblanked = pix.idx[:0]
     if clean and o.n > 1:
-        o, an, bobj, ate, unblanked = _clean_objects(o, an, bobj, pix, comp, minarea=minarea, clean_param=clean_param, H=H, W=W)
+        o, an, bobj, ate, unblanked, reblanked = _clean_objects(o, an, bobj, pix, comp, minarea=minarea, clean_param=clean_param, H=H, W=W)
     obj, n = o.obj, o.n
     label = _labels(bobj, B)
     return dict(
@@ -268,6 +274,7 @@ def detect_sources(
         pixel_row=obj,
         pixel_filtered=pix.f,
         unblanked=unblanked,
+        reblanked=reblanked,
         batch_index=bobj,
         label=label,
         blended=o.blended,
@@ -313,6 +320,18 @@ def _saturation_flags(image: Tensor, det: dict, saturated) -> Tensor:
         hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
         flags |= torch.where(_segment_max(hit, det["pixel_row"], n) > 0, FLAG_SATURATED, 0)
     return flags
+
+
+def _measured_segments(segment_pixels, det: dict):
+    """The :class:`~astroprep_torch.photometry.SegmentPixels` handed to the measurement: the detected
+    objects' pixels less the ``reblanked`` ones (pixels of CLEANed objects SExtractor blanks for every
+    measurement, their remover's included: still ``detected``, so blanked as neighbours)."""
+    seg = segment_pixels(*(det[k] for k in segment_pixels._fields))
+    rb = det.get("reblanked")
+    if rb is None or rb.numel() == 0:
+        return seg
+    keep = ~torch.isin(seg.pixels, rb)
+    return seg._replace(pixels=seg.pixels[keep], pixel_row=seg.pixel_row[keep], pixel_filtered=seg.pixel_filtered[keep])
 
 
 class SourceExtractor(nn.Module):
@@ -441,7 +460,7 @@ class SourceExtractor(nn.Module):
         if phot is None or not hasattr(phot, "measure"):
             return None
         rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
-        segments = phot.SegmentPixels(*(det[k] for k in phot.SegmentPixels._fields))
+        segments = _measured_segments(phot.SegmentPixels, det)
         return phot.measure(
             image, segments, rms_map,
             thresh_nsigma=self.thresh,
