@@ -84,17 +84,21 @@ def _analyse(seg, n, x, y, f, v, thresh_obj, centre=None) -> Analysis:
     )
 
 
-def _row_starts(group: Tensor, y: Tensor, x: Tensor, H: int):
-    """Per pixel, the first column of its group on its row and on the row below (y - 1; -1 where the
-    group has no pixel there)."""
-    rk = group * (H + 1) + y
-    uniq, inv = torch.unique(rk, return_inverse=True)
-    xmin = torch.full((uniq.numel(),), 2**62, dtype=torch.int64, device=x.device)
-    xmin.scatter_reduce_(0, inv, x, reduce="amin", include_self=True)
-    prev = rk - 1
-    j = torch.searchsorted(uniq, prev).clamp(max=max(uniq.numel() - 1, 0))
-    found = _g(uniq, j) == prev
-    return _g(xmin, inv), torch.where(found, _g(xmin, j), torch.full_like(j, -1))
+def _row_starts(group: Tensor, y: Tensor, x: Tensor):
+    """Per pixel, the first column of its group on the row below (y - 1; -1 on the group's first row
+    and where the group has no pixel there). One slot per (group, row) between the group's first and
+    last rows: scatters, no sort."""
+    ng = int(group.max()) + 1
+    big = torch.iinfo(torch.int64).max
+    ymin = torch.full((ng,), big, dtype=torch.int64, device=y.device).scatter_reduce_(0, group, y, reduce="amin")
+    ymax = torch.full((ng,), -1, dtype=torch.int64, device=y.device).scatter_reduce_(0, group, y, reduce="amax")
+    height = (ymax - ymin + 1).clamp_min(0)
+    start = torch.cumsum(height, 0) - height
+    slot = _g(start, group) + y - _g(ymin, group)
+    xmin = torch.full((int(height.sum()),), -1, dtype=torch.int64, device=x.device)
+    xmin.scatter_reduce_(0, slot, x, reduce="amin", include_self=False)
+    first_row = y == _g(ymin, group)
+    return torch.where(first_row, -1, _g(xmin, (slot - 1).clamp_min(0)))
 
 
 def lutz_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tensor:
@@ -105,7 +109,9 @@ def lutz_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tenso
     which the object's list so far is appended, then the rest of the row: the list is the left
     overhangs from the last row down, then the first row, then the rest of each row upwards (each part
     left to right). ``x, y`` int64 coordinates, ``group`` int64 object of each pixel."""
-    _, xprev = _row_starts(group, y, x, H)
+    if x.numel() == 0:
+        return x.clone()
+    xprev = _row_starts(group, y, x)
     overhang = (xprev >= 0) & (x < xprev)
     ykey = torch.where(overhang, H - y, H + 1 + y)
     return ykey * (W + 1) + x

@@ -186,8 +186,11 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: 
     ``unblanked`` / ``reblanked`` the flat indices of the removed objects' pixels that SExtractor
     pastes back into the image (no measurement blanks them as neighbours) / blanks for every
     measurement (:func:`_pasted_back`)."""
-    core = o.obj if o.gathered is None else torch.where(o.gathered, o.n + comp, o.obj)  # gathered: parent's order
-    order_key = lutz_order_key(pix.x, pix.y, core, H, W)
+    if o.gathered is None:
+        order_key = lutz_order_key(pix.x, pix.y, o.obj, H, W)
+    else:  # a branch's own pixels in its list's order, then those it gathered in its detection's order
+        own = lutz_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
+        order_key = torch.where(o.gathered, lutz_order_key(pix.x, pix.y, comp, H, W), own)
     mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered, order_key=order_key)
     parent_key = _completion_key(pix, comp, int(comp.max()) + 1, W)
     alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W, arrival=_arrival(o, parent_key))
