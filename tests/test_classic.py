@@ -150,6 +150,11 @@ def _vs_source_extractor(tmp_path, image: np.ndarray, sex_text: str):
     dpos = np.hypot(ox[jm] - sx[ok], oy[jm] - sy[ok])
     dwin = np.hypot(np.asarray(t["XWIN_IMAGE"], float)[jm] - np.asarray(ref["XWIN_IMAGE"], float)[ok],
                     np.asarray(t["YWIN_IMAGE"], float)[jm] - np.asarray(ref["YWIN_IMAGE"], float)[ok])
+    nb = m_ref & ((np.asarray(ref["FLAGS"]) & 2) == 0)  # not deblended: no random gatherup draw involved
+    jn = j[nb]
+    nb_ok = (np.abs(np.asarray(t["MAG_AUTO"], float)[jn] - np.asarray(ref["MAG_AUTO"], float)[nb]) < 0.01) & (np.hypot(
+        np.asarray(t["XWIN_IMAGE"], float)[jn] - np.asarray(ref["XWIN_IMAGE"], float)[nb],
+        np.asarray(t["YWIN_IMAGE"], float)[jn] - np.asarray(ref["YWIN_IMAGE"], float)[nb]) < 0.01)
     ja = j[m_ref]  # every matched object, flagged and faint ones included
     all_dmag = np.abs(np.asarray(t["MAG_AUTO"], float)[ja] - np.asarray(ref["MAG_AUTO"], float)[m_ref])
     all_pos = np.hypot(ox[ja] - sx[m_ref], oy[ja] - sy[m_ref])
@@ -158,7 +163,8 @@ def _vs_source_extractor(tmp_path, image: np.ndarray, sex_text: str):
     return {"n_ref": len(sx), "n_ours": len(ox), "n_sample": int(n), "matched_ref": m_ref.mean(),
             "matched_ours": m_ours.mean(), "dmag": (dmag < 0.01).sum() / n, "xy": (dpos < 0.01).sum() / n,
             "xywin": (dwin < 0.01).sum() / n, "all_dmag": (all_dmag < 0.01).mean(),
-            "all_xy": (all_pos < 0.01).mean(), "all_xywin": (all_win < 0.01).mean()}
+            "all_xy": (all_pos < 0.01).mean(), "all_xywin": (all_win < 0.01).mean(),
+            "not_deblended_ok": nb_ok.sum() / max(int(nb.sum()), 1)}
 
 
 def test_m13_same_sex_file_as_source_extractor(tmp_path):
@@ -168,11 +174,16 @@ def test_m13_same_sex_file_as_source_extractor(tmp_path):
     img = fits.getdata(shared_file("astropy_images", "m13.fits")).astype(np.float32)
     r = _vs_source_extractor(tmp_path, img, SEX)
     print("m13", r)
-    assert r["matched_ref"] >= 0.99 and r["matched_ours"] >= 0.99, r
+    assert r["matched_ref"] >= 0.995 and r["matched_ours"] >= 0.99, r
     assert r["dmag"] >= 0.95 and r["xy"] >= 0.99 and r["xywin"] >= 0.88, r
     # every matched object, crowded and blended ones included: CLEANed objects' pixels are not blanked
-    # and XWIN falls back to the isophotal position by SExtractor 2.25's rule (was 0.735 / 0.704)
-    assert r["all_dmag"] >= 0.79 and r["all_xywin"] >= 0.73, r
+    # and XWIN falls back to the isophotal position by SExtractor 2.25's rule (was 0.735 / 0.704); the
+    # CLEAN paste-back / re-blanking rows, remover and mthresh order of scan.c / clean.c (was 0.801 / 0.742).
+    # SExtractor against itself with rand() reseeded reaches only ~0.76 / ~0.73 here: deblending gives the
+    # pixels below a split to a branch drawn with glibc's rand() (experiments/classic_m13_parity.py)
+    assert r["all_dmag"] >= 0.81 and r["all_xywin"] >= 0.75, r
+    # objects that are not deblended involve no draw: every one within 0.01 mag and 0.01 px
+    assert r["not_deblended_ok"] == 1.0, r
 
 
 @pytest.mark.slow
@@ -185,6 +196,8 @@ def test_simulated_gwac_frame_same_sex_file_as_source_extractor(tmp_path):
     print("gwac", r)
     assert r["n_sample"] > 250 and r["matched_ref"] >= 0.99 and r["matched_ours"] >= 0.99, r
     assert r["dmag"] >= 0.98 and r["xy"] >= 0.99 and r["xywin"] >= 0.99, r
+    # every matched object (0.989 / 0.992)
+    assert r["all_dmag"] >= 0.985 and r["all_xywin"] >= 0.99 and r["not_deblended_ok"] == 1.0, r
 
 
 def test_catalog_types_and_background_command(tmp_path):

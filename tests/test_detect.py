@@ -598,3 +598,33 @@ def test_saturated_mask_sets_flag_4():
     flagged = SourceExtractor()(f.image, 10.0 / 1.5, saturated=sat)
     assert len(cat) == len(flagged) and int(((cat.columns["flags"] & 4) > 0).sum()) == 0
     assert int(((flagged.columns["flags"] & 4) > 0).sum()) == 1
+
+
+@pytest.mark.parametrize("bump_y, reblanked_rows", [(43.0, [44]), (21.0, [])])
+def test_clean_pastes_back_the_rows_scan_c_has_blanked(bump_y, reblanked_rows):
+    """SExtractor's CLEAN pastes a removed object's pixels back while the scan reads the row after the
+    later detection's last row Y: rows < Y stay (``unblanked``), row Y is blanked again (``reblanked``)."""
+    img = _gauss_field(stars=((32.0, 32.0, 2e5),), sigma=1.5, noise=1.0)
+    yy, xx = torch.meshgrid(torch.arange(64.0, dtype=img.dtype), torch.arange(64.0, dtype=img.dtype), indexing="ij")
+    img = img + 8.0 * torch.exp(-((xx - 32) ** 2 + (yy - bump_y) ** 2) / 2.0)
+    kept = detect_sources(img, 1.0, thresh=3.0, clean=False)
+    det = detect_sources(img, 1.0, thresh=3.0)
+    assert len(kept["label"]) == 2 and len(det["label"]) == 1
+    bump = kept["pixels"][kept["pixel_row"] == (1 if bump_y > 32 else 0)]
+    both = torch.cat([det["unblanked"], det["reblanked"]]).sort().values
+    assert torch.equal(both, bump)
+    assert sorted(set((det["reblanked"] // 64).tolist())) == reblanked_rows
+    assert int((det["unblanked"] // 64).max()) < (44 if reblanked_rows else 64)
+
+
+def test_lutz_order_key_follows_the_scan_pixel_list():
+    """Pixels left of the previous row's first column start a new list the older one is appended to."""
+    from astroprep_torch.detect.analyse import lutz_order_key
+
+    pts = [(2, 0), (3, 0), (1, 1), (2, 1), (3, 1), (4, 1), (0, 2), (1, 2), (2, 2)]  # (x, y), raster order
+    x = torch.tensor([p[0] for p in pts])
+    y = torch.tensor([p[1] for p in pts])
+    key = lutz_order_key(x, y, torch.zeros_like(x), 3, 5)
+    order = [pts[i] for i in torch.argsort(key).tolist()]
+    # scan.c's list: (0,2) + [(1,1) + [(2,0),(3,0)] + (2,1),(3,1),(4,1)] + (1,2),(2,2)
+    assert order == [(0, 2), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2)]

@@ -84,21 +84,57 @@ def _analyse(seg, n, x, y, f, v, thresh_obj, centre=None) -> Analysis:
     )
 
 
-def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[Tensor] = None) -> Tensor:
+def _row_starts(group: Tensor, y: Tensor, x: Tensor):
+    """Per pixel, the first column of its group on the row below (y - 1; -1 on the group's first row
+    and where the group has no pixel there). One slot per (group, row) between the group's first and
+    last rows: scatters, no sort."""
+    ng = int(group.max()) + 1
+    big = torch.iinfo(torch.int64).max
+    ymin = torch.full((ng,), big, dtype=torch.int64, device=y.device).scatter_reduce_(0, group, y, reduce="amin")
+    ymax = torch.full((ng,), -1, dtype=torch.int64, device=y.device).scatter_reduce_(0, group, y, reduce="amax")
+    height = (ymax - ymin + 1).clamp_min(0)
+    start = torch.cumsum(height, 0) - height
+    slot = _g(start, group) + y - _g(ymin, group)
+    xmin = torch.full((int(height.sum()),), -1, dtype=torch.int64, device=x.device)
+    xmin.scatter_reduce_(0, slot, x, reduce="amin", include_self=False)
+    first_row = y == _g(ymin, group)
+    return torch.where(first_row, -1, _g(xmin, (slot - 1).clamp_min(0)))
+
+
+def lutz_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tensor:
+    """A sort key (int64, per pixel, within its group) that puts the pixels of each ``group`` in the
+    order of the pixel list SExtractor's scan (``lutz``) builds, for objects with one run per row.
+
+    Scanning row ``y``, the run's pixels left of the previous row's first column start a new list to
+    which the object's list so far is appended, then the rest of the row: the list is the left
+    overhangs from the last row down, then the first row, then the rest of each row upwards (each part
+    left to right). ``x, y`` int64 coordinates, ``group`` int64 object of each pixel."""
+    if x.numel() == 0:
+        return x.clone()
+    xprev = _row_starts(group, y, x)
+    overhang = (xprev >= 0) & (x < xprev)
+    ykey = torch.where(overhang, H - y, H + 1 + y)
+    return ykey * (W + 1) + x
+
+
+def _mthresh(values: Tensor, seg: Tensor, n: int, minarea: int, last: Optional[Tensor] = None,
+             order_key: Optional[Tensor] = None) -> Tensor:
     """SExtractor's ``mthresh``: the ``minarea``-th largest ``f - t`` of an object, as its heap computes it.
 
-    ``values`` must be in raster order; ``last`` marks pixels that go after the others (pixels a
+    ``values`` must be in raster order (or ``order_key`` gives each object's pixel order, e.g.
+    :func:`lutz_order_key`); ``last`` marks pixels that go after the others (pixels a
     deblended branch gathered from its parent, appended to its list by SExtractor's ``gatherup``). SExtractor fills a heap
     with the first ``minarea`` values, spends the next pixel on sorting the heap (that value is never
     compared) and then keeps the ``minarea`` largest of the rest; an object of exactly ``minarea``
     pixels returns its first value. We reproduce that, so that cleaning decisions match.
     """
     P = values.numel()
-    if last is None:
-        order = _argsort(seg)
+    # pixels gathered by the deblender come after the branch's own pixels in SExtractor's list
+    major = seg if last is None else seg * 2 + last.long()
+    if order_key is None or P == 0:
+        order = _argsort(major)
     else:
-        # pixels gathered by the deblender come after the branch's own pixels in SExtractor's list
-        order = _argsort(seg * 2 + last.long())
+        order = _argsort(major * (int(order_key.max()) + 1) + order_key)
     seg_s = _g(seg, order)
     counts = torch.bincount(seg_s, minlength=n)
     start = torch.cumsum(counts, 0) - counts

@@ -89,8 +89,14 @@ def _eating_pairs(bidx, an: Analysis, thresh_obj, mthresh, clean_param, H, W):
     return _g(i, eats), _g(j, eats), _g(model, eats)
 
 
-def _clean(bidx, an: Analysis, thresh_obj, mthresh, clean_param, H, W):
-    """Return (survives (n,) bool, master (n,) index of the object that removed each one, or itself)."""
+def _clean(bidx, an: Analysis, thresh_obj, mthresh, clean_param, H, W, arrival=None):
+    """Return (survives (n,) bool, master (n,) index of the object that removed each one, or itself).
+
+    ``arrival`` (n,) int64, the order in which SExtractor hands the objects to ``clean.c`` (None: the
+    remover is the surviving one whose profile is highest at the removed object's centre): a removed
+    object's remover is then SExtractor's, the first surviving one already in its CLEAN list when the
+    object arrives (``clean.c`` scans that list in order and stops at the first that removes the
+    newcomer), else the first later arrival that removes it."""
     n = bidx.numel()
     device = bidx.device
     ar = torch.arange(n, device=device)
@@ -109,10 +115,17 @@ def _clean(bidx, an: Analysis, thresh_obj, mthresh, clean_param, H, W):
     master = ar.clone()
     live = _g(alive, i)
     if bool(live.any()):
-        # the surviving eater with the largest model value at the victim's centre
-        mm = _segment_max(_g(model, live), _g(j, live), n)
-        win = live & (model == _g(mm, j))
-        master.scatter_reduce_(0, _g(j, win), _g(i, win), reduce="amin", include_self=False)
+        if arrival is None:  # the surviving eater with the largest model value at the victim's centre
+            mm = _segment_max(_g(model, live), _g(j, live), n)
+            win = live & (model == _g(mm, j))
+            master.scatter_reduce_(0, _g(j, win), _g(i, win), reduce="amin", include_self=False)
+        else:  # the first earlier surviving eater, else the first later one
+            ai, aj = _g(arrival, i), _g(arrival, j)
+            key = torch.where(ai < aj, ai, ai + n)
+            best = torch.full((n,), 2 * n, dtype=torch.int64, device=device)
+            best.scatter_reduce_(0, _g(j, live), _g(key, live), reduce="amin", include_self=True)
+            win = live & (key == _g(best, j))
+            master.scatter_reduce_(0, _g(j, win), _g(i, win), reduce="amin", include_self=False)
     return alive, master
 
 

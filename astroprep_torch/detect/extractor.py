@@ -13,7 +13,8 @@ from .._checks import all_finite, bad_pixels, check_image, check_mask
 from .._runtime import adapt_to_load, serial_on_cpu
 from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
 from ._index import _argsort, _g, _unique_roots
-from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
+from .analyse import (Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments,
+                      lutz_order_key)
 from .catalog import Catalog, _LazySegmentation
 from .clean import _clean, _follow_masters
 from .deblend import MAXDEBAREA, _deblend
@@ -139,18 +140,64 @@ def _analyse_objects(o: _Objects, xd, yd, pix: _Pixels) -> Analysis:
     return an
 
 
-def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, *, minarea, clean_param, H, W):
+def _completion_key(pix: _Pixels, obj: Tensor, n: int, W: int) -> Tensor:
+    """Per pixel, when SExtractor's scan completes (``sortit``) the pixel's detection: while reading
+    the row after its last row ``ymax``, past the end of its last segment there; the key is
+    ``ymax * (W + 1) + x_end`` (``x_end`` the rightmost column on row ``ymax``, plus one)."""
+    ymax = _segment_max(pix.y.double(), obj, n)
+    last_row = pix.y.double() == _g(ymax, obj)
+    xend = _segment_max(torch.where(last_row, pix.x.double(), -1.0), obj, n) + 1
+    return _g(ymax.long() * (W + 1) + xend.long(), obj)
+
+
+def _arrival(o: _Objects, parent_key: Tensor) -> Tensor:
+    """Per object, its rank in the order SExtractor hands objects to ``clean``: by the completion of
+    its detection (:func:`_completion_key`), the branches of one detection by object index."""
+    key = _segment_max(parent_key.double(), o.obj, o.n) * o.n + torch.arange(o.n, device=o.obj.device)
+    rank = torch.empty(o.n, dtype=torch.int64, device=o.obj.device)
+    rank[_argsort(key)] = torch.arange(o.n, device=o.obj.device)
+    return rank
+
+
+def _pasted_back(o: _Objects, alive: Tensor, master: Tensor, pix: _Pixels, parent_ymax: Tensor):
+    """The pixels of the objects removed by CLEAN that SExtractor leaves in the image, and those it
+    blanks again (flat indices): ``(unblanked, reblanked)``.
+
+    ``clean.c`` pastes a removed object's pixels back when the later of the two objects (remover and
+    removed) is sorted out, i.e. while the scan reads row ``Y + 1``, ``Y`` the last row of that
+    object's detection (before deblending); ``scan.c`` has then blanked the rows up to ``Y - 1``
+    only, and blanks row ``Y`` at the end of that line: the removed object's pixels on row ``Y``
+    (and below it, none) are blanked again, for every object's measurement, the remover's too (its
+    own pixel list, pasted back when it is measured, holds none of them); those above stay.
+    ``parent_ymax`` (P,) is ``Y`` of each pixel's detection, ``master`` the direct remover of each
+    object (itself for survivors)."""
+    obj_ymax = _segment_max(parent_ymax, o.obj, o.n)
+    later = torch.maximum(obj_ymax, _g(obj_ymax, master))
+    removed = _g(~alive, o.obj)
+    above = pix.y.double() < _g(later, o.obj)
+    return _g(pix.idx, removed & above), _g(pix.idx, removed & ~above)
+
+
+def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: Tensor, *, minarea,
+                   clean_param, H, W):
     """CLEAN (:func:`~.clean._clean`): removed objects merge into their remover (SExtractor's
     ``mergeobject`` adds their fluxes and keeps the remover's centre). Returns ``(objects, analysis,
-    batch index, ate, unblanked)``, ``ate`` marking the objects that swallowed others and ``unblanked``
-    the flat indices of the removed objects' pixels (SExtractor pastes them back into the image: no
-    measurement blanks them as neighbours)."""
-    mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered)
-    alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W)
+    batch index, ate, unblanked, reblanked)``, ``ate`` marking the objects that swallowed others and
+    ``unblanked`` / ``reblanked`` the flat indices of the removed objects' pixels that SExtractor
+    pastes back into the image (no measurement blanks them as neighbours) / blanks for every
+    measurement (:func:`_pasted_back`)."""
+    if o.gathered is None:
+        order_key = lutz_order_key(pix.x, pix.y, o.obj, H, W)
+    else:  # a branch's own pixels in its list's order, then those it gathered in its detection's order
+        own = lutz_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
+        order_key = torch.where(o.gathered, lutz_order_key(pix.x, pix.y, comp, H, W), own)
+    mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered, order_key=order_key)
+    parent_key = _completion_key(pix, comp, int(comp.max()) + 1, W)
+    alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W, arrival=_arrival(o, parent_key))
+    unblanked, reblanked = _pasted_back(o, alive, master, pix, (parent_key // (W + 1)).double())
     master = _follow_masters(master)
     ate = torch.zeros(o.n, dtype=torch.bool, device=bobj.device)
     ate[master[~alive]] = True
-    unblanked = _g(pix.idx, _g(~alive, o.obj))
     newid = torch.cumsum(alive.long(), 0) - 1
     obj = _g(newid, _g(master, o.obj))
     sel = alive.nonzero().squeeze(1)
@@ -158,7 +205,7 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, *, min
     an = an.take(sel)
     an = an._replace(fdflux=_segment_sum(pix.f, obj, n), fdnpix=torch.bincount(obj, minlength=n).to(torch.float64))
     o = _Objects(obj, n, _g(o.t0, sel), _g(o.blended, sel), None, None)
-    return o, an, _g(bobj, sel), _g(ate, sel), unblanked
+    return o, an, _g(bobj, sel), _g(ate, sel), unblanked, reblanked
 
 
 def _labels(bobj: Tensor, B: int) -> Tensor:
@@ -200,7 +247,8 @@ def detect_sources(
     Always present, the sparse form: ``detected`` (P,) sorted linear indices (over B*H*W) of every
     pixel above threshold, ``pixels`` (Q,) the sorted linear indices of the labelled ones, ``pixel_row``
     (Q,) their object (row) index, ``pixel_filtered`` (Q,) their filtered value and ``unblanked`` the
-    pixels of objects removed by CLEAN (never blanked as neighbours, as SExtractor). ``dense=False``
+    pixels of objects removed by CLEAN (never blanked as neighbours, as SExtractor), ``reblanked``
+    those of their pixels SExtractor blanks for every measurement (:func:`_pasted_back`). ``dense=False``
     leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
     thresholded strip by strip and no frame-sized array is made at all.
     """
@@ -211,14 +259,15 @@ def detect_sources(
     det_idx, f, filt = _detected_pixels(image, noise, thresh, filter_kernel, _undetectable(image, mask), dense)
     pix, u, v, obj, n = _components(_pixel_table(image, det_idx, f, noise, thresh), H, W, minarea)
     xd, yd = pix.x.double(), pix.y.double()
+    comp = obj  # the detection (connected component) of each pixel
     o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont)
     o = _raster_order(pix.idx, o)
     bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
     an = _analyse_objects(o, xd, yd, pix)
     ate = torch.zeros(o.n, dtype=torch.bool, device=image.device)
-    unblanked = pix.idx[:0]
+    unblanked = reblanked = pix.idx[:0]
     if clean and o.n > 1:
-        o, an, bobj, ate, unblanked = _clean_objects(o, an, bobj, pix, minarea=minarea, clean_param=clean_param, H=H, W=W)
+        o, an, bobj, ate, unblanked, reblanked = _clean_objects(o, an, bobj, pix, comp, minarea=minarea, clean_param=clean_param, H=H, W=W)
     obj, n = o.obj, o.n
     label = _labels(bobj, B)
     return dict(
@@ -228,6 +277,7 @@ def detect_sources(
         pixel_row=obj,
         pixel_filtered=pix.f,
         unblanked=unblanked,
+        reblanked=reblanked,
         batch_index=bobj,
         label=label,
         blended=o.blended,
@@ -273,6 +323,18 @@ def _saturation_flags(image: Tensor, det: dict, saturated) -> Tensor:
         hit = saturated.expand(image.shape).reshape(-1).index_select(0, det["pixels"]).to(image.dtype)
         flags |= torch.where(_segment_max(hit, det["pixel_row"], n) > 0, FLAG_SATURATED, 0)
     return flags
+
+
+def _measured_segments(segment_pixels, det: dict):
+    """The :class:`~astroprep_torch.photometry.SegmentPixels` handed to the measurement: the detected
+    objects' pixels less the ``reblanked`` ones (pixels of CLEANed objects SExtractor blanks for every
+    measurement, their remover's included: still ``detected``, so blanked as neighbours)."""
+    seg = segment_pixels(*(det[k] for k in segment_pixels._fields))
+    rb = det.get("reblanked")
+    if rb is None or rb.numel() == 0:
+        return seg
+    keep = ~torch.isin(seg.pixels, rb)
+    return seg._replace(pixels=seg.pixels[keep], pixel_row=seg.pixel_row[keep], pixel_filtered=seg.pixel_filtered[keep])
 
 
 class SourceExtractor(nn.Module):
@@ -402,7 +464,7 @@ class SourceExtractor(nn.Module):
         if phot is None or not hasattr(phot, "measure"):
             return None
         rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
-        segments = phot.SegmentPixels(*(det[k] for k in phot.SegmentPixels._fields))
+        segments = _measured_segments(phot.SegmentPixels, det)
         return phot.measure(
             image, segments, rms_map,
             thresh_nsigma=self.thresh,
