@@ -337,6 +337,30 @@ def _measured_segments(segment_pixels, det: dict):
     return seg._replace(pixels=seg.pixels[keep], pixel_row=seg.pixel_row[keep], pixel_filtered=seg.pixel_filtered[keep])
 
 
+def _merge_reblanked_sums(meas: dict, det: dict, image: Tensor, rms_map: Tensor, gain) -> dict:
+    """The ``reblanked`` pixels (:func:`_measured_segments`) are measured outside their remover's
+    pixel list, yet SExtractor's CLEAN adds a removed object's isophotal sums to its remover
+    (``mergeobject``): they still count in its FLUX_ISO, FLUXERR_ISO, segment pixel count and
+    FLUX_MAX."""
+    rb = det.get("reblanked")
+    if rb is None or rb.numel() == 0 or "flux_iso" not in meas:
+        return meas
+    sel = torch.isin(det["pixels"], rb)
+    idx, row = det["pixels"][sel], det["pixel_row"][sel]
+    H, W = image.shape[-2:]
+    b, y, x = idx // (H * W), (idx % (H * W)) // W, idx % W
+    v = image[b, 0, y, x].to(meas["flux_iso"].dtype)
+    var = rms_map[b, 0, y, x].to(v.dtype) ** 2
+    n = meas["flux_iso"].numel()
+    poisson = (lambda f: torch.clamp(f, min=0) / gain) if gain else (lambda f: torch.zeros_like(f))
+    sig = meas["fluxerr_iso"] ** 2 - poisson(meas["flux_iso"]) + torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, row, var)
+    flux = meas["flux_iso"] + torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, row, v)
+    out = dict(meas, flux_iso=flux, fluxerr_iso=torch.sqrt(sig + poisson(flux)))
+    out["fdnpix"] = meas["fdnpix"] + torch.bincount(row, minlength=n).to(meas["fdnpix"].dtype)
+    out["peak"] = meas["peak"].scatter_reduce(0, row, v.to(meas["peak"].dtype), "amax")
+    return out
+
+
 class SourceExtractor(nn.Module):
     """SExtractor-style source extraction on background-subtracted images.
 
@@ -446,7 +470,8 @@ class SourceExtractor(nn.Module):
             clean=self.clean, clean_param=self.clean_param, dense=False,
         )
         seg = _LazySegmentation(det["pixels"], _g(det["label"], det["pixel_row"]), (B, 1, H, W))
-        seg.cleaned = det["unblanked"]  # pixels of the objects CLEAN merged into others (classic_params)
+        # pixels of the objects CLEAN merged into others (classic_params: own-pixel columns)
+        seg.cleaned = torch.cat([det["unblanked"], det["reblanked"]])
         meas = self._measure(image, rms, mask, det, background)
         if meas is None:
             meas = isophotal_moments(image, seg.dense(), filter_image(image, self.filter_kernel))
@@ -465,7 +490,7 @@ class SourceExtractor(nn.Module):
             return None
         rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
         segments = _measured_segments(phot.SegmentPixels, det)
-        return phot.measure(
+        meas = phot.measure(
             image, segments, rms_map,
             thresh_nsigma=self.thresh,
             phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
@@ -475,3 +500,4 @@ class SourceExtractor(nn.Module):
             isophotal=det["isophotal"], blended=det["blended"],
             winpos_max_radius=self.winpos_max_radius,
         )
+        return _merge_reblanked_sums(meas, det, image, rms_map, self.gain)
