@@ -230,7 +230,11 @@ def test_hotpants_flags_defaults_and_unsupported():
     assert (kw["convolve"], kw["normalize"], kw["saturation"], kw["gain"]) == ("template", "science", (30000.0, 25000.0), (1.0, 2.0))
     assert (kw["spatial_order"], kw["background_order"], kw["stamp_half_width"], kw["clip_sigma"]) == (2, 1, 15, 2.0)
     assert files == {"science": "a.fits", "template": "b.fits", "difference": "d.fits"}
-    assert uns == ["-kfm 0.9", "-convvar"]
+    assert uns == []  # -kfm and -convvar are implemented (hotpants options)
+    cmd = classic.parse_hotpants_command("-kfm 0.9 -convvar -tp 100 -iuk 20000 -fi 0 -allm -sht -obs 2 -nc -mous -1")
+    o = cmd.options
+    assert (o.kernel_fraction, o.convolve_variance, o.pedestal, o.kernel_saturation, o.fill) == (0.9, True, [0.0, 100.0], [20000.0, None], 0.0)
+    assert (o.layers, o.short, o.no_clobber, o.mask_output) == (["convolved", "sigma", "noise"], [True, 2.0, 0.0], True, False)
     with pytest.raises(ValueError, match="unknown HOTPANTS flag '-zz'"):
         classic.parse_hotpants("-zz 1")
     with pytest.raises(ValueError, match="-r needs 1 value"):
@@ -255,12 +259,15 @@ def test_hotpants_n_u_normalises_to_the_unconvolved_image():
     assert kw["normalize"] == "template" and uns and uns[0].startswith("-n u")
 
 
-def test_hotpants_okn_is_reported_not_silently_ignored():
-    # -okn rescales the noise of flagged 'OK' pixels (main.c rescaleOK): we do not, so it is listed
-    assert classic.parse_hotpants("-okn -v 0")[2] == ["-okn"]
+def test_hotpants_unimplemented_flags_are_reported_not_silently_ignored():
+    # -okn (rescale the noise of flagged 'OK' pixels) is implemented; -sum / -ef / -pca / -hki are not
+    assert classic.parse_hotpants("-okn -v 0")[2] == []
     with pytest.raises(ValueError, match="unknown HOTPANTS flag '-useWeight'"):  # not a v5.1.11 flag
         classic.parse_hotpants("-useWeight")
-    assert classic.parse_hotpants("-allm -nc -sum -cim -ef eff.txt")[2] == ["-allm", "-nc", "-sum", "-cim", "-ef eff.txt"]
+    assert classic.parse_hotpants("-allm -nc -sum -cim -ef eff.txt -hki")[2] == ["-sum", "-ef eff.txt", "-hki"]
+    assert classic.parse_hotpants("-pca 2 k0.fits k1.fits -r 5")[2] == ["-pca 2 k0.fits k1.fits"]
+    assert classic.parse_hotpants("-nrx 1 -nry 1 -fom v")[2] == []  # the defaults: nothing to warn about
+    assert classic.parse_hotpants("-nrx 2 -fom s")[2] == ["-nrx 2", "-fom s"]
 
 
 @pytest.mark.parametrize("flags, match", [("-r 8 -rss 6", "-rss 6 < -r 8"), ("-r 0", "-r 0"), ("-ko -1", "-ko -1"),
