@@ -317,7 +317,7 @@ def header_keys(header, prod: HotpantsProducts, result, kw: dict, opts: Hotpants
     for k in ("BSCALE", "BZERO", "BLANK"):
         hdr.remove(k, ignore_missing=True, remove_all=True)
     h, w = prod.difference.shape
-    hdr["SOFTNAME"] = ("astroprep_torch", "HOTPANTS drop-in (astroprep subtract hotpants=...)")
+    hdr["SOFTNAME"] = ("astroprep_torch", "HOTPANTS drop-in: astroprep subtract")
     hdr["REGION00"] = (f"[1:{w},1:{h}]", "")
     hdr["CONVOL00"] = ("IMAGE" if bool(result.convolved_science[0]) else "TEMPLATE", "")
     hdr["KSUM00"] = (f"{float(result.kernel_sum[0]):.4f}", "Kernel Sum")
