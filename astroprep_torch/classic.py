@@ -768,9 +768,15 @@ def _hp_fit(kw: dict, inp, opts, positions):
             inp.science, inp.template, inp.stamp_mask, inp.stamp_mask, inp.science_var, inp.template_var,
             stamp_positions=positions)
 
-    res = fit(kw["stamp_threshold"])
+    retry = positions is None and opts.scale_threshold < 1
+    try:
+        res = fit(kw["stamp_threshold"])
+    except ValueError as e:  # no stamp star at all: fewer than -nft of the cells
+        if not retry or "no usable stamp star" not in str(e):
+            raise
+        return fit(kw["stamp_threshold"] * opts.scale_threshold)
     cells = kw["stamp_grid"][0] * kw["stamp_grid"][1]
-    if positions is None and opts.scale_threshold < 1 and len(res.stamp_stats.x) / cells < opts.min_stamp_fraction:
+    if retry and len(res.stamp_stats.x) / cells < opts.min_stamp_fraction:
         res = fit(kw["stamp_threshold"] * opts.scale_threshold)
     return res
 

@@ -1,0 +1,210 @@
+"""HOTPANTS flags and SWarp keys of the drop-ins (``astroprep subtract hotpants=...``, ``astroprep reproject
+swarp=...``) against the real tools, one case per flag/key, on the same data in the same script.
+
+HOTPANTS cases run ``/usr/local/bin/hotpants`` (v5.1.11) and :func:`astroprep_torch.classic.run_subtract`
+with the same command line on ``../shared/data/hotpants_decam/`` (its COMMAND.txt flags), modified where
+a flag needs it (saturated blocks, mask / noise images, a stamp file); SWarp cases run Debian's ``SWarp``
+and :func:`astroprep_torch.classic.run_reproject` with the same ``.swarp`` keys on
+``../shared/data/swarp_refs/`` frames.  Writes ``experiments/results/classic_flags.md``.
+
+    PYTHONPATH=$PWD python experiments/classic_flags.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, git_rev, machine, write_result  # noqa: E402
+
+HP = SHARED_DATA / "hotpants_decam"
+SCI, TMPL = "input_sci_DEC-OBS04a_plus1000.fits", "input_tmpl_DEC-OBS18a_plus1000.fits"
+#: COMMAND.txt's flags without the file names and -okn / -savexy / -v (added per case)
+BASE = ("-tl 0 -il 0 -tu 40000 -iu 40000 -ig 3.984 -tg 4.1505 -ir 11.837 -tr 11.837 -ng 3 6 0.75 4 1.5 2 3.0 "
+        "-ko 0 -bgo 0 -nsx 3 -nsy 3 -r 8 -rss 12 -n i")
+
+
+def hotpants_inputs(work: Path, saturate: bool = False, mask_value: int = 0, noise_scale: float = 0.0,
+                    stamps: bool = False) -> dict:
+    """The DECam pair copied into ``work``: with ``saturate`` a few 3x3 blocks above -iu/-tu (away from
+    the stamp stars); ``mask_value`` a template mask image (3 blocks of that value); ``noise_scale``
+    noise images (the Poisson model times the scale); ``stamps`` a -ssf file of one star."""
+    from astropy.io import fits
+
+    sci, hs = fits.getdata(HP / SCI).astype(np.float32), fits.getheader(HP / SCI)
+    tmp, ht = fits.getdata(HP / TMPL).astype(np.float32), fits.getheader(HP / TMPL)
+    out = {"science": work / "sci.fits", "template": work / "tmpl.fits"}
+    if saturate:
+        for y, x in ((40, 40), (120, 130), (230, 120)):
+            sci[y:y + 3, x:x + 3] = 45000.0
+        tmp[90:93, 200:203] = 45000.0
+    fits.PrimaryHDU(sci, hs).writeto(out["science"], overwrite=True)
+    fits.PrimaryHDU(tmp, ht).writeto(out["template"], overwrite=True)
+    if mask_value:
+        m = np.zeros(tmp.shape, np.int16)
+        for y, x in ((60, 100), (150, 150), (220, 220)):
+            m[y:y + 4, x:x + 4] = mask_value
+        out["tmask"] = work / "tmask.fits"
+        fits.PrimaryHDU(m).writeto(out["tmask"], overwrite=True)
+    if noise_scale:
+        for key, img, g, rn in (("snoise", sci, 3.984, 11.837), ("tnoise", tmp, 4.1505, 11.837)):
+            out[key] = work / f"{key}.fits"
+            fits.PrimaryHDU((noise_scale * np.sqrt(np.abs(img) / g + (rn / g) ** 2)).astype(np.float32)).writeto(
+                out[key], overwrite=True)
+    if stamps:
+        out["ssf"] = work / "stamps.txt"
+        out["ssf"].write_text("58 181\n")  # one of the two stars HOTPANTS finds itself
+    return out
+
+
+def run_both(work: Path, inputs: dict, extra: str) -> dict:
+    """hotpants and ours with ``BASE + extra`` (``{x}`` in ``extra`` formatted from ``inputs``); the
+    outputs of each in ``work/hp`` and ``work/ours`` (difference d.fits, noise n.fits, mask m.fits)."""
+    from astroprep_torch import classic
+
+    extra = extra.format(**{k: str(v) for k, v in inputs.items()})
+    flags = f"-inim {inputs['science']} -tmplim {inputs['template']} {BASE} {extra}"
+    res = {}
+    for who in ("hp", "ours"):
+        d = work / who
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        outs = f"-outim {d}/d.fits -oni {d}/n.fits -omi {d}/m.fits"
+        if who == "hp":
+            p = subprocess.run(f"hotpants {flags} {outs} -v 0", shell=True, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"hotpants failed: {p.stderr[-500:]}")
+            res["log"] = p.stderr
+        else:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                res["ours"] = classic.run_subtract(inputs["science"], inputs["template"], f"{flags} {outs}", d)
+            res["warnings"] = [str(x.message) for x in w if "HOTPANTS" in str(x.message)]
+    return res
+
+
+def compare(work: Path, r: int = 8) -> dict:
+    """Metrics of ours against hotpants: SSIM of the differences over pixels neither masked, agreement of
+    the masked (output-bad) pixels and of the whole bit masks, the noise images' median and worst ratio."""
+    from astropy.io import fits
+    from skimage.metrics import structural_similarity
+
+    hp, us = work / "hp", work / "ours"
+    d_hp, d_us = fits.getdata(hp / "d.fits").astype(np.float64), fits.getdata(us / "d.fits").astype(np.float64)
+    m_hp, m_us = fits.getdata(hp / "m.fits").astype(np.int64), fits.getdata(us / "m.fits").astype(np.int64)
+    n_hp, n_us = fits.getdata(hp / "n.fits").astype(np.float64), fits.getdata(us / "n.fits").astype(np.float64)
+    bad_hp, bad_us = (m_hp & 0x8000) != 0, (m_us & 0x8000) != 0
+    both = ~bad_hp & ~bad_us
+    lo, hi = np.percentile(d_hp[both], [0.01, 99.99])
+    a, b = np.where(both, d_us, 0.0), np.where(both, d_hp, 0.0)
+    ssim = structural_similarity(a, b, data_range=float(hi - lo))
+    g = both & (n_hp > 0)
+    ratio = n_us[g] / n_hp[g]
+    return {"ssim": ssim, "mask_bad_agree": float((bad_hp == bad_us).mean()), "mask_bits_agree": float((m_hp == m_us).mean()),
+            "fill_agree": float(((d_hp == d_hp[0, 0]) == (d_us == d_us[0, 0])).mean()),
+            "noise_median": float(np.median(ratio)), "noise_worst": float(np.abs(ratio - 1).max()),
+            "n_bad_hp": int(bad_hp.sum()), "n_bad_us": int(bad_us.sum())}
+
+
+#: (flags, what it checks, hotpants_inputs keywords, extra flags); "{key}" is a file of hotpants_inputs
+HOTPANTS_CASES = [
+    ("COMMAND.txt", "the hotpants_decam command line (with -okn)", {}, "-okn"),
+    ("-iu/-tu, -il/-tl", "saturated blocks: output mask, fill values", {"saturate": True}, ""),
+    ("-iuk/-tuk", "stamp stars' own saturation level", {"saturate": True}, "-iuk 30000 -tuk 30000"),
+    ("-ip/-tp", "pedestals (noise model, thresholds)", {"saturate": True}, "-ip 1000 -tp 1000 -il 100 -tl 100"),
+    ("-ini/-tni", "input noise images (1.3x the model)", {"noise_scale": 1.3}, "-ini {snoise} -tni {tnoise}"),
+    ("-tmi (value 1)", "mask image without the 0x80 bit: flagged OK, not output-bad", {"mask_value": 1}, "-tmi {tmask}"),
+    ("-tmi (value 0x80)", "mask image with the 0x80 bit: output-bad through the kernel", {"mask_value": 128}, "-tmi {tmask}"),
+    ("-kfm", "kernel fraction for an OK pixel", {"saturate": True}, "-kfm 0.5"),
+    ("-mous", "negative: no masking of the outputs", {"saturate": True}, "-mous -1"),
+    ("-mins", "input mask spread for the stamps", {"saturate": True}, "-mins 3"),
+    ("-fi/-fin", "fill values of the difference / noise", {"saturate": True}, "-fi 0 -fin -1"),
+    ("-convvar", "variance convolved with K, not K^2", {}, "-convvar"),
+    ("-okn", "rescaled noise of OK pixels (saturated blocks)", {"saturate": True}, "-okn"),
+    ("-ssf -afssc 0", "one stamp centre from a file (2x2 cells: HOTPANTS wants it inside a cell's margin)",
+     {"stamps": True}, "-ssf {ssf} -afssc 0 -nsx 2 -nsy 2"),
+    ("-ft/-sft/-nft", "too few stamps: the threshold scaled down once", {}, "-ft 400 -nft 0.9 -sft 0.05"),
+    ("-c t -n t", "convolve the template, template units", {}, "-c t -n t"),
+    ("-c i -n i", "convolve the image", {}, "-c i"),
+    ("-ko 1 -bgo 1", "spatially varying kernel and background", {}, "-ko 1 -bgo 1"),
+    ("-nss/-ks/-ssig", "stamp statistics", {}, "-nss 5 -ks 3 -ssig 2.5"),
+]
+
+
+def layer_check(work: Path) -> dict:
+    """-allm / -ond / -sht / -nsht / -savexy: the files' structure and values against hotpants'."""
+    from astropy.io import fits
+
+    inp = hotpants_inputs(work, saturate=True)
+    res = {}
+    for who in ("hp", "ours"):
+        d = work / f"L{who}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        flags = (f"-inim {inp['science']} -tmplim {inp['template']} {BASE} -outim {d}/d.fits -ond {d}/s.fits "
+                 f"-allm -sht -obs 0.05 -obz 10 -savexy {d}/xy")
+        if who == "hp":
+            subprocess.run(f"hotpants {flags} -v 0", shell=True, check=True, capture_output=True)
+        else:
+            from astroprep_torch import classic
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                classic.run_subtract(inp["science"], inp["template"], flags, d)
+        with fits.open(d / "d.fits") as h:
+            res[who] = {"objects": [x.header.get("OBJECT") for x in h], "bitpix": [x.header["BITPIX"] for x in h],
+                        "data": [x.data.astype(np.float64) for x in h]}
+        res[who]["sigma"] = fits.getdata(d / "s.fits").astype(np.float64)
+        res[who]["xy"] = (d / "xy").read_text()
+    hp, us = res["hp"], res["ours"]
+    good = (np.abs(hp["data"][0]) > 0) & (hp["data"][0] != hp["data"][0][0, 0])
+    return {"same_layers": hp["objects"] == us["objects"] and hp["bitpix"] == us["bitpix"],
+            "layers": us["objects"], "bitpix": us["bitpix"],
+            "diff_int_match": float((np.abs(hp["data"][0] - us["data"][0]) <= 0.05 + 1e-9)[good].mean()),
+            "sigma_median_abs": float(np.median(np.abs(hp["sigma"] - us["sigma"])[good])),
+            "savexy_equal": hp["xy"] == us["xy"]}
+
+
+def hotpants_rows(work: Path) -> list[str]:
+    rows = []
+    for flag, what, kwargs, extra in HOTPANTS_CASES:
+        inputs = hotpants_inputs(work, **kwargs)
+        res = run_both(work, inputs, extra)
+        m = compare(work)
+        ok = m["ssim"] >= 0.999 and m["mask_bad_agree"] >= 0.999 and abs(m["noise_median"] - 1) <= 1e-3
+        rows.append(f"| `{flag}` | {what} | SSIM >= 0.999, output-bad pixels agree >= 99.9%, noise median ratio "
+                    f"within 1e-3 | SSIM {m['ssim']:.7f}; bad {m['n_bad_us']} vs {m['n_bad_hp']} "
+                    f"(agree {100 * m['mask_bad_agree']:.3f}%, all bits {100 * m['mask_bits_agree']:.2f}%); noise "
+                    f"{m['noise_median']:.6f} (worst {m['noise_worst']:.2g}); ksum {res['ours']['kernel_sum']:.4f}"
+                    f"{'; warned: ' + '; '.join(res['warnings']) if res['warnings'] else ''} | {'yes' if ok else 'NO'} |")
+        print(rows[-1], flush=True)
+    lc = layer_check(work)
+    rows.append(f"| `-allm -ond -sht -obs -obz -savexy` | layers, 16-bit output, stamp lists | same HDUs (OBJECT, BITPIX), "
+                f"int16 values within one BSCALE step | HDUs {lc['layers']} BITPIX {lc['bitpix']} same: "
+                f"{lc['same_layers']}; {100 * lc['diff_int_match']:.2f}% within 1 step; noise-scaled median |diff| "
+                f"{lc['sigma_median_abs']:.2g}; savexy identical: {lc['savexy_equal']} | "
+                f"{'yes' if lc['same_layers'] and lc['diff_int_match'] > 0.999 else 'NO'} |")
+    print(rows[-1])
+    return rows
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="classic_flags_"))
+    hp_rows = hotpants_rows(work)
+    text = ["# HOTPANTS flags and SWarp keys of the drop-ins against the real tools", "",
+            f"`PYTHONPATH=$PWD python experiments/classic_flags.py` at {git_rev()}; {machine()} (shared machine).", "",
+            "## HOTPANTS v5.1.11 (`/usr/local/bin/hotpants`) on hotpants_decam (256x256 DECam pair)", "",
+            "| flag | checks | tolerance | measured | within |", "|---|---|---|---|---|", *hp_rows, ""]
+    print(write_result("classic_flags", "\n".join(text) + "\n"))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
