@@ -324,6 +324,151 @@ def test_hotpants_decam_command_via_the_cli(tmp_path, shared_data):
     assert abs(np.median(noise[c, c] / fits.getdata(d / "hotpants_noise.fits")[c, c]) - 1) < 0.01
 
 
+# ------------------------------------------------------------------------------------------------
+# HOTPANTS flags against the real hotpants (v5.1.11) on hotpants_decam, modified per flag
+# ------------------------------------------------------------------------------------------------
+_HP_BASE = ("-tl 0 -il 0 -tu 40000 -iu 40000 -ig 3.984 -tg 4.1505 -ir 11.837 -tr 11.837 -ng 3 6 0.75 4 1.5 2 3.0 "
+            "-ko 0 -bgo 0 -nsx 3 -nsy 3 -r 8 -rss 12 -n i")
+
+
+def _hp_pair(tmp_path, saturate=False, mask_value=0, noise_scale=0.0, stamps=False) -> dict:
+    """The hotpants_decam pair in tmp_path: saturated 3x3 blocks (> -iu / -tu) away from the stamp stars,
+    a template mask image (3 blocks of ``mask_value``), noise images (the model x ``noise_scale``), a -ssf file."""
+    from astropy.io import fits
+
+    d = shared_file("hotpants_decam", "COMMAND.txt").parent
+    sci = fits.getdata(d / "input_sci_DEC-OBS04a_plus1000.fits").astype(np.float32)
+    tmp = fits.getdata(d / "input_tmpl_DEC-OBS18a_plus1000.fits").astype(np.float32)
+    if saturate:
+        for y, x in ((40, 40), (120, 130), (230, 120)):
+            sci[y:y + 3, x:x + 3] = 45000.0
+        tmp[90:93, 200:203] = 45000.0
+    out = {"science": tmp_path / "sci.fits", "template": tmp_path / "tmpl.fits"}
+    fits.PrimaryHDU(sci).writeto(out["science"], overwrite=True)
+    fits.PrimaryHDU(tmp).writeto(out["template"], overwrite=True)
+    if mask_value:
+        m = np.zeros(tmp.shape, np.int16)
+        for y, x in ((60, 100), (150, 150), (220, 220)):
+            m[y:y + 4, x:x + 4] = mask_value
+        out["tmask"] = tmp_path / "tmask.fits"
+        fits.PrimaryHDU(m).writeto(out["tmask"])
+    if noise_scale:
+        for key, img, g in (("snoise", sci, 3.984), ("tnoise", tmp, 4.1505)):
+            out[key] = tmp_path / f"{key}.fits"
+            fits.PrimaryHDU((noise_scale * np.sqrt(np.abs(img) / g + (11.837 / g) ** 2)).astype(np.float32)).writeto(out[key])
+    if stamps:
+        out["ssf"] = tmp_path / "stamps.txt"
+        out["ssf"].write_text("58 181\n")
+    return out
+
+
+def _hp_both(tmp_path, inputs: dict, extra: str) -> dict:
+    """hotpants and run_subtract with the same flags; ours / theirs: (difference, noise, mask) arrays."""
+    from astropy.io import fits
+
+    flags = f"-inim {inputs['science']} -tmplim {inputs['template']} {_HP_BASE} " + extra.format(**inputs)
+    got = {}
+    for who in ("hp", "ours"):
+        d = tmp_path / who
+        d.mkdir(exist_ok=True)
+        line = f"{flags} -outim {d}/d.fits -oni {d}/n.fits -omi {d}/m.fits"
+        if who == "hp":
+            subprocess.run(f"hotpants {line} -v 0", shell=True, check=True, capture_output=True)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # every flag here is implemented: no warning
+                got["ksum"] = classic.run_subtract(inputs["science"], inputs["template"], line, d)["kernel_sum"]
+        got[who] = tuple(fits.getdata(d / f).astype(np.float64) for f in ("d.fits", "n.fits", "m.fits"))
+    got["hp_ksum"] = float(fits.getheader(tmp_path / "hp" / "d.fits")["KSUM00"])
+    return got
+
+
+@pytest.mark.parametrize("extra, pair", [
+    ("-okn", {}), ("", {"saturate": True}), ("-iuk 30000 -tuk 30000", {"saturate": True}),
+    ("-ip 1000 -tp 1000 -il 100 -tl 100", {"saturate": True}), ("-ini {snoise} -tni {tnoise}", {"noise_scale": 1.3}),
+    ("-tmi {tmask}", {"mask_value": 1}), ("-tmi {tmask}", {"mask_value": 128}), ("-kfm 0.5", {"saturate": True}),
+    ("-mous -1", {"saturate": True}), ("-mins 3", {"saturate": True}), ("-fi 0 -fin -1", {"saturate": True}),
+    ("-convvar", {}), ("-okn", {"saturate": True}), ("-ssf {ssf} -afssc 0 -nsx 2 -nsy 2", {"stamps": True}),
+    ("-ft 400 -nft 0.9 -sft 0.05", {}), ("-c t -n t", {}),
+], ids=["command-okn", "iu-tu", "iuk-tuk", "ip-tp", "ini-tni", "tmi-1", "tmi-0x80", "kfm", "mous", "mins", "fi-fin",
+        "convvar", "okn-ok-pixels", "ssf-afssc0", "ft-sft-nft", "c-t-n-t"])
+def test_hotpants_flag_against_hotpants(tmp_path, extra, pair):
+    """One HOTPANTS flag each against hotpants on the DECam pair: the difference (SSIM >= 0.999 over
+    pixels neither masks), HOTPANTS' output-bad pixels (0x8000) identical, the whole bit masks >= 99.9%,
+    the noise image's median ratio within 1e-4 (-okn's rescaled OK pixels within 10%, HOTPANTS
+    measures their noise with its own histogram statistic), fill values where masked."""
+    from skimage.metrics import structural_similarity
+
+    require_binary("hotpants")
+    got = _hp_both(tmp_path, _hp_pair(tmp_path, **pair), extra)
+    (d_us, n_us, m_us), (d_hp, n_hp, m_hp) = got["ours"], got["hp"]
+    bad_us, bad_hp = (m_us.astype(np.int64) & 0x8000) != 0, (m_hp.astype(np.int64) & 0x8000) != 0
+    assert abs(got["ksum"] - got["hp_ksum"]) <= 1.5e-4  # KSUM00 has 4 decimals
+    assert bad_hp.any() and np.array_equal(bad_us, bad_hp)
+    assert (m_us == m_hp).mean() >= 0.999
+    both = ~bad_hp
+    lo, hi = np.percentile(d_hp[both], [0.01, 99.99])
+    assert structural_similarity(np.where(both, d_us, 0), np.where(both, d_hp, 0), data_range=hi - lo) >= 0.999
+    g = both & (n_hp > 0)
+    ratio = n_us[g] / n_hp[g]
+    assert abs(np.median(ratio) - 1) <= 1e-4 and np.abs(ratio - 1).max() <= (0.1 if "okn" in extra else 1e-3)
+    if "-mous" not in extra:  # masked pixels hold the fill values (edges always)
+        assert np.array_equal(d_us[bad_hp], d_hp[bad_hp]) and np.allclose(n_us[bad_hp], n_hp[bad_hp], rtol=1e-5)
+    else:
+        assert np.abs(d_us - d_hp)[bad_hp & ~np.isclose(d_hp, 1e-30)].max() < 1.0
+
+
+def test_hotpants_layers_short_and_stamp_lists(tmp_path):
+    """-allm (the -cim, -ndm, -nim layers), -ond, -savexy and -sht/-obs/-obz against hotpants: the same
+    HDUs in the same order, values within 0.02 sigma (float32 FFT convolution next to 45000-ADU blocks),
+    identical stamp lists, the 16-bit difference's BSCALE/BZERO and raw integers within one step."""
+    from astropy.io import fits
+
+    require_binary("hotpants")
+    inp = _hp_pair(tmp_path, saturate=True)
+    res = {}
+    for who in ("hp", "ours"):
+        for kind, extra in (("f", "-ond {d}/s.fits -allm -savexy {d}/xy"), ("s", "-sht -obs 0.05 -obz 10")):
+            d = tmp_path / f"{who}{kind}"
+            d.mkdir()
+            line = f"-inim {inp['science']} -tmplim {inp['template']} {_HP_BASE} -outim {d}/d.fits " + extra.format(d=d)
+            if who == "hp":
+                subprocess.run(f"hotpants {line} -v 0", shell=True, check=True, capture_output=True)
+            else:
+                classic.run_subtract(inp["science"], inp["template"], line, d)
+            with fits.open(d / "d.fits", do_not_scale_image_data=True) as h:
+                res[who + kind] = ([(x.header.get("OBJECT"), x.header["BITPIX"], x.header.get("BSCALE"), x.header.get("BZERO"))
+                                    for x in h], [x.data.astype(np.float64) for x in h])
+            if kind == "f":
+                res[who + kind][1].append(fits.getdata(d / "s.fits").astype(np.float64))
+                res[who + "xy"] = [(d / f"xy{s}").read_text() for s in ("", ".all", ".skipped")]
+    assert [c[:2] for c in res["oursf"][0]] == [c[:2] for c in res["hpf"][0]] == [
+        (None, -32), ("Convolved Image", -32), ("Noise-scaled (sigma) Difference Image", -32), ("HOTPanTS Noise Image", -32)]
+    noise = res["hpf"][1][3]
+    good = noise > 0
+    for a, b, unit in zip(res["oursf"][1], res["hpf"][1], (noise, noise, 1.0, noise, 1.0)):
+        assert (np.abs(a - b) / np.where(good, unit, 1.0))[good].max() <= 0.02
+    assert res["oursxy"] == res["hpxy"]
+    assert res["ourss"][0][0][1:] == res["hps"][0][0][1:] == (16, 0.05, 10.0)
+    assert (np.abs(res["ourss"][1][0] - res["hps"][1][0]) <= 1).mean() >= 0.999
+
+
+def test_hotpants_no_clobber_and_header_keys(tmp_path):
+    d = shared_file("hotpants_decam", "COMMAND.txt").parent
+    from astropy.io import fits
+
+    sci, ref = d / "input_sci_DEC-OBS04a_plus1000.fits", d / "input_tmpl_DEC-OBS18a_plus1000.fits"
+    flags = f"{_HP_BASE} -outim x.fits -nc"
+    classic.run_subtract(sci, ref, flags, tmp_path)
+    h = fits.getheader(tmp_path / "x.fits")
+    assert (h["PHOTNORM"], h["NREGION"], h["CONVOL00"], h["REGION00"]) == ("i", 1, "TEMPLATE", "[1:256,1:256]")
+    assert h["MASKVAL"] == pytest.approx(1e-30) and abs(float(h["KSUM00"]) - 1.0124) < 1e-3
+    with pytest.raises(FileExistsError, match="-nc"):
+        classic.run_subtract(sci, ref, flags, tmp_path)
+    with pytest.warns(UserWarning, match="-afssc 1 with -ssf"):
+        (tmp_path / "s.txt").write_text("58 181\n")
+        classic.run_subtract(sci, ref, f"{_HP_BASE} -outim y.fits -ssf {tmp_path / 's.txt'}", tmp_path)
+
 @pytest.mark.parametrize("case", [("m13.fits", "m13_rot30", "LANCZOS3"), ("decam_OBS04a_mini.fits", "decam_OBS04a_tan", "BILINEAR")],
                          ids=["m13-rot30-LANCZOS3", "decam-TPV-BILINEAR"])
 def test_swarp_file_and_head_via_the_cli(tmp_path, case):
