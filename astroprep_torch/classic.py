@@ -813,16 +813,19 @@ def run_subtract(science: PathLike, reference: PathLike, flags: str, output: Pat
 # ------------------------------------------------------------------------------------------------
 # SWarp: single-frame resampling onto a target .head
 # ------------------------------------------------------------------------------------------------
-#: SWarp 2.41 defaults of the keys we read
-SWARP_DEFAULTS = {"IMAGEOUT_NAME": "coadd.fits", "WEIGHTOUT_NAME": "coadd.weight.fits", "COMBINE": "Y",
-                  "RESAMPLING_TYPE": "LANCZOS3", "FSCALASTRO_TYPE": "FIXED", "SUBTRACT_BACK": "Y",
-                  "BACK_SIZE": "128", "BACK_FILTERSIZE": "3", "RESAMPLE_SUFFIX": ".resamp.fits",
-                  "HEADER_SUFFIX": ".head"}
+from .swarp import SWARP_DEFAULTS  # noqa: E402  (SWarp 2.41 defaults of the keys we read)
+
 _SWARP_RESAMPLING = {"NEAREST": "nearest", "BILINEAR": "bilinear", "LANCZOS3": "lanczos3"}
-_SWARP_NO_EFFECT = {"VERBOSE_TYPE", "WRITE_XML", "XML_NAME", "NTHREADS", "MEM_MAX", "VMEM_MAX", "VMEM_DIR",
+#: keys that do not change the resampled frame or its weights: output bookkeeping, memory, threads; the
+#: grid keys (CELESTIAL_TYPE ... IMAGE_SIZE) which the target .head overrides; the combination's own keys
+#: (one frame); GAIN / SATLEV keys (output header values and multi-frame weighting only)
+_SWARP_NO_EFFECT = {"VERBOSE_TYPE", "WRITE_XML", "XML_NAME", "XSL_URL", "NTHREADS", "MEM_MAX", "VMEM_MAX", "VMEM_DIR",
                     "COMBINE_BUFSIZE", "DELETE_TMPFILES", "RESAMPLE", "RESAMPLE_DIR", "COPY_KEYWORDS",
-                    "WRITE_FILEINFO", "HEADER_ONLY", "COMBINE_TYPE", "WEIGHT_TYPE", "CELESTIAL_TYPE",
-                    "PROJECTION_TYPE", "CENTER_TYPE", "PIXELSCALE_TYPE", "IMAGE_SIZE", "CENTER", "PIXEL_SCALE"}
+                    "WRITE_FILEINFO", "HEADER_ONLY", "HEADEROUT_NAME", "HEADER_NAME", "TILE_COMPRESS", "CELESTIAL_TYPE",
+                    "PROJECTION_TYPE", "PROJECTION_ERR", "CENTER_TYPE", "PIXELSCALE_TYPE", "IMAGE_SIZE", "CENTER",
+                    "PIXEL_SCALE", "CLIP_AMPFRAC", "CLIP_SIGMA", "CLIP_WRITELOG", "CLIP_LOGNAME", "GAIN_KEYWORD",
+                    "GAIN_DEFAULT", "SATLEV_KEYWORD", "SATLEV_DEFAULT", "NNODES", "NODE_INDEX", "NOPENFILES_MAX",
+                    "BACK_FILTTHRESH"}
 
 
 def read_head(path: PathLike):
@@ -854,56 +857,78 @@ def read_head(path: PathLike):
     return hdr
 
 
-def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLike, output: PathLike,
-                  overrides: Optional[dict] = None) -> dict:
-    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``: one frame resampled
-    onto the ``.head`` grid with SWarp's keys (RESAMPLING_TYPE, FSCALASTRO_TYPE NONE/FIXED/VARIABLE,
-    SUBTRACT_BACK with BACK_SIZE/BACK_FILTERSIZE, COMBINE: single-frame only); the input's SIP
-    distortion is honoured (SWarp ignores SIP), which the output header's HISTORY says."""
-    from astropy.io import fits
-
-    from .align import Reproject
-    from .wcs import TanWCS
+def _swarp_keys(swarp: Optional[PathLike], overrides: Optional[dict]) -> tuple[dict, list]:
+    """SWarp's defaults, the ``.swarp`` file's keys and the overrides; the keys not implemented."""
+    from .swarp import unimplemented
 
     keys = dict(SWARP_DEFAULTS)
     given = parse_sex(swarp) if swarp else {}
+    given.update({str(k).upper(): str(v) for k, v in (overrides or {}).items()})
     keys.update(given)
-    keys.update({str(k).upper(): str(v) for k, v in (overrides or {}).items()})
-    unimpl = [k for k in given if k not in SWARP_DEFAULTS and k not in _SWARP_NO_EFFECT]
+    unimpl = unimplemented(given, keys, _SWARP_NO_EFFECT)
     rt = keys["RESAMPLING_TYPE"].split(",")[0].upper()
     if rt not in _SWARP_RESAMPLING:
         unimpl.append(f"RESAMPLING_TYPE {rt} (LANCZOS3 used)")
+    return keys, unimpl
+
+
+def _swarp_prepare(keys: dict, input_path, image, header, mask):
+    """The frame after SWarp's background subtraction, its input variance (or None) and global rms."""
+    from . import swarp as sw
+
+    bkg, rms, grms = sw.background(keys, image, mask)
+    if _yes(keys["SUBTRACT_BACK"]):
+        manual = keys["BACK_TYPE"].split(",")[0].strip().upper() == "MANUAL"
+        image = image - (float(keys["BACK_DEFAULT"].split(",")[0]) if manual else bkg)
+    return image, sw.input_variance(keys, Path(input_path), image, rms, grms), grms
+
+
+def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLike, output: PathLike,
+                  overrides: Optional[dict] = None) -> dict:
+    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``: one frame resampled
+    onto the ``.head`` grid with SWarp's keys (:mod:`astroprep_torch.swarp`: RESAMPLING_TYPE,
+    FSCALASTRO_TYPE NONE/FIXED/VARIABLE, FSCALE_KEYWORD/FSCALE_DEFAULT, SUBTRACT_BACK with BACK_TYPE,
+    BACK_SIZE/BACK_FILTERSIZE, WEIGHT_TYPE and the output weight map, COMBINE: single-frame only); the
+    input's SIP distortion is honoured (SWarp ignores SIP), which the output header's HISTORY says."""
+    from astropy.io import fits
+
+    from . import swarp as sw
+    from .align import Reproject
+    from .wcs import TanWCS
+
+    keys, unimpl = _swarp_keys(swarp, overrides)
+    rt = keys["RESAMPLING_TYPE"].split(",")[0].upper()
     fs = keys["FSCALASTRO_TYPE"].upper()
     if unimpl:
         warnings.warn(f"SWarp configuration {swarp}: not implemented, ignored: " + "; ".join(unimpl), UserWarning, stacklevel=2)
     image, header, mask = _read(input_path)
-    image = image.double()
-    if _yes(keys["SUBTRACT_BACK"]):
-        from .background import background_2d
-
-        size = [int(float(v)) for v in keys["BACK_SIZE"].split(",")]
-        fsz = [int(float(v)) for v in keys["BACK_FILTERSIZE"].split(",")]
-        image = image - background_2d(image, mask, box_size=size[0] if len(size) == 1 else (size[1], size[0]),
-                                      filter_size=fsz[0] if len(fsz) == 1 else (fsz[1], fsz[0]),
-                                      method="sextractor").background
+    image, var_in, grms = _swarp_prepare(keys, input_path, image.double(), header, mask)
+    fscale = sw.flux_scale(keys, header)
     target = read_head(head)
     shape = (int(target["NAXIS2"]), int(target["NAXIS1"]))
     src, dst = TanWCS.from_header(header), TanWCS.from_header(target)
+    stack = image if var_in is None else torch.cat([image, torch.nan_to_num(var_in, posinf=0.0)], 1)
+    bad = None if var_in is None else ~torch.isfinite(var_in)
+    bad = mask if bad is None else (bad if mask is None else bad | mask)
     res = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))(
-        image, src, dst, mask)
-    out = res.image
-    if fs == "FIXED":  # flux per pixel conserved with the pixel-area ratio at the frame centres
-        out = out * (_pixel_area(target, shape) / _pixel_area(header, tuple(image.shape[-2:])))
+        stack, src, dst, bad)
+    factor = fscale * (_pixel_area(target, shape) / _pixel_area(header, tuple(image.shape[-2:])) if fs == "FIXED" else 1.0)
+    out = res.image[:, :1] * factor
+    weight = sw.output_weight(None if var_in is None else res.image[:, 1:], res.footprint, grms, factor)
+    out = torch.where(res.footprint > 0, torch.nan_to_num(out), torch.zeros_like(out))
+    if _yes(keys["BLANK_BADPIXELS"]):
+        out = torch.where(weight > 0, out, torch.zeros_like(out))
     hdr = target.copy()
     hdr["HISTORY"] = "astroprep_torch reproject (SWarp drop-in): input SIP/TPV distortion honoured"
     hdr["HISTORY"] = f"RESAMPLING_TYPE {rt} FSCALASTRO_TYPE {fs} SUBTRACT_BACK {keys['SUBTRACT_BACK']}"
+    hdr["FLXSCALE"] = (fscale, "flux scale applied (FSCALE_KEYWORD / FSCALE_DEFAULT)")
     o = Path(output)
     o.mkdir(parents=True, exist_ok=True)
     single = not _yes(keys["COMBINE"])
     name = (Path(input_path).name.split(".")[0] + keys["RESAMPLE_SUFFIX"]) if single else Path(keys["IMAGEOUT_NAME"]).name
     wname = (Path(name).name.replace(".fits", ".weight.fits")) if single else Path(keys["WEIGHTOUT_NAME"]).name
     fits.PrimaryHDU(out[0, 0].float().numpy(), header=hdr).writeto(o / name, overwrite=True)
-    fits.PrimaryHDU(res.footprint[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
+    fits.PrimaryHDU(weight[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
     print(f"{input_path} -> {o / name} ({shape[1]}x{shape[0]}, {rt}, FSCALASTRO_TYPE {fs})")
     return {"image": str(o / name), "weight": str(o / wname)}
 

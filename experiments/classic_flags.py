@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -225,3 +226,114 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------------------
+# SWarp
+# ------------------------------------------------------------------------------------------------
+SW = SHARED_DATA / "swarp_refs"
+#: frame -> (input file, target .head)
+SW_FRAMES = {"m13": ("m13.fits", "m13_rot30.head"), "decam": ("decam_OBS04a_mini.fits", "decam_OBS04a_tan.head")}
+
+
+def swarp_inputs(work: Path, frame: str, flxscale: Optional[float] = None, weights: bool = False) -> dict:
+    """The frame copied into ``work`` (``FLXSCALE`` written into its header when given), a smooth weight
+    map ``w.fits`` (0.5 .. 1.5 across the frame) with ``weights``, and the target .head."""
+    from astropy.io import fits
+
+    src, head = SW_FRAMES[frame]
+    data, hdr = fits.getdata(SW / src), fits.getheader(SW / src)
+    if flxscale is not None:
+        hdr["FLXSCALE"] = flxscale
+    out = {"image": work / "in.fits", "head": SW / head}
+    fits.PrimaryHDU(data, hdr).writeto(out["image"], overwrite=True)
+    if weights:
+        yy, xx = np.mgrid[: data.shape[0], : data.shape[1]]
+        out["weight"] = work / "w.fits"
+        fits.PrimaryHDU((0.5 + xx / data.shape[1] + 0.2 * np.sin(yy / 17.0)).astype(np.float32)).writeto(out["weight"], overwrite=True)
+    return out
+
+
+def swarp_both(work: Path, inputs: dict, keys: str) -> dict:
+    """SWarp and run_reproject with the same keys (a ``.swarp`` file); image and weight of each."""
+    from astropy.io import fits
+
+    from astroprep_torch import classic
+
+    keys = keys.format(**{k: str(v) for k, v in inputs.items()})
+    conf = work / "k.swarp"
+    conf.write_text(keys.replace(";", "\n") + "\nIMAGEOUT_NAME out.fits\nWEIGHTOUT_NAME out.weight.fits\nWRITE_XML N\n")
+    got = {}
+    for who in ("sw", "ours"):
+        d = work / who
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        if who == "sw":
+            shutil.copy(inputs["head"], d / "out.head")
+            subprocess.run(["SWarp", str(inputs["image"]), "-c", str(conf), "-VERBOSE_TYPE", "QUIET", "-RESAMPLE_DIR", str(d)],
+                           cwd=d, check=True, capture_output=True)
+        else:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                classic.run_reproject(inputs["image"], conf, inputs["head"], d)
+            got["warnings"] = [str(x.message).split(": ", 2)[-1] for x in w if "SWarp" in str(x.message)]
+        got[who] = (fits.getdata(d / "out.fits").astype(np.float64), fits.getdata(d / "out.weight.fits").astype(np.float64))
+    return got
+
+
+def swarp_compare(got: dict) -> dict:
+    """Median relative difference of the images and of the weights over pixels both cover (eroded by 5
+    px: the edges' partial coverage differs), and the agreement of the covered (weight > 0) pixels."""
+    from scipy.ndimage import binary_erosion
+
+    (i_sw, w_sw), (i_us, w_us) = got["sw"], got["ours"]
+    cov_sw, cov_us = w_sw > 0, w_us > 0
+    good = binary_erosion(cov_sw & cov_us & (i_sw != 0), iterations=5)
+    rel = np.abs(i_us[good] - i_sw[good]) / np.abs(i_sw[good])
+    wrel = np.abs(w_us[good] - w_sw[good]) / np.abs(w_sw[good])
+    return {"image": float(np.median(rel)), "weight": float(np.median(wrel)), "weight_p99": float(np.percentile(wrel, 99)),
+            "covered_agree": float((cov_sw == cov_us).mean()), "n": int(good.sum())}
+
+
+#: (key(s), what it checks, frame, swarp_inputs keywords, .swarp keys (";" separates lines))
+SWARP_CASES = [
+    ("RESAMPLING_TYPE LANCZOS3", "m13, rotated 30 deg, 1.25x pixels", "m13", {}, "RESAMPLING_TYPE LANCZOS3;SUBTRACT_BACK N;FSCALASTRO_TYPE NONE"),
+    ("RESAMPLING_TYPE BILINEAR", "DECam TPV -> TAN", "decam", {}, "RESAMPLING_TYPE BILINEAR;SUBTRACT_BACK N;FSCALASTRO_TYPE NONE"),
+    ("RESAMPLING_TYPE NEAREST", "m13", "m13", {}, "RESAMPLING_TYPE NEAREST;SUBTRACT_BACK N;FSCALASTRO_TYPE NONE"),
+    ("RESAMPLING_TYPE LANCZOS2", "not implemented (LANCZOS3 used, warned)", "m13", {}, "RESAMPLING_TYPE LANCZOS2;SUBTRACT_BACK N;FSCALASTRO_TYPE NONE"),
+    ("FSCALASTRO_TYPE FIXED", "SWarp's default: x output / input pixel area", "m13", {}, "SUBTRACT_BACK N"),
+    ("FSCALASTRO_TYPE VARIABLE", "per-pixel Jacobian", "decam", {}, "SUBTRACT_BACK N;FSCALASTRO_TYPE VARIABLE;RESAMPLING_TYPE BILINEAR"),
+    ("FSCALE_KEYWORD", "FLXSCALE 2 in the header", "m13", {"flxscale": 2.0}, "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE"),
+    ("FSCALE_DEFAULT", "0.5, no header key", "m13", {}, "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;FSCALE_DEFAULT 0.5"),
+    ("SUBTRACT_BACK Y, BACK_SIZE 128", "SWarp's default background", "decam", {}, "FSCALASTRO_TYPE NONE;RESAMPLING_TYPE BILINEAR"),
+    ("SUBTRACT_BACK Y, BACK_SIZE 64, BACK_FILTERSIZE 5", "m13 (a cluster: large background gradients)", "m13", {},
+     "FSCALASTRO_TYPE NONE;BACK_SIZE 64;BACK_FILTERSIZE 5"),
+    ("BACK_TYPE MANUAL, BACK_DEFAULT", "a constant subtracted", "decam", {}, "FSCALASTRO_TYPE NONE;RESAMPLING_TYPE BILINEAR;BACK_TYPE MANUAL;BACK_DEFAULT 1000"),
+    ("WEIGHT_TYPE NONE (output weight)", "1 / global background rms^2", "decam", {}, "SUBTRACT_BACK N;RESAMPLING_TYPE BILINEAR"),
+    ("WEIGHT_TYPE BACKGROUND", "1 / background rms map^2, resampled", "m13", {}, "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE BACKGROUND"),
+    ("WEIGHT_TYPE MAP_WEIGHT, RESCALE_WEIGHTS N", "a weight map", "m13", {"weights": True},
+     "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE MAP_WEIGHT;WEIGHT_IMAGE {weight};RESCALE_WEIGHTS N"),
+    ("WEIGHT_TYPE MAP_RMS, RESCALE_WEIGHTS N", "an rms map", "m13", {"weights": True},
+     "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE MAP_RMS;WEIGHT_IMAGE {weight};RESCALE_WEIGHTS N"),
+    ("WEIGHT_TYPE MAP_VARIANCE, RESCALE_WEIGHTS N", "a variance map", "m13", {"weights": True},
+     "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE MAP_VARIANCE;WEIGHT_IMAGE {weight};RESCALE_WEIGHTS N"),
+    ("WEIGHT_TYPE MAP_WEIGHT, RESCALE_WEIGHTS Y", "not implemented (weights as given, warned)", "m13", {"weights": True},
+     "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE MAP_WEIGHT;WEIGHT_IMAGE {weight}"),
+    ("COMBINE_TYPE MEDIAN / AVERAGE / SUM", "one frame: as resampled", "m13", {}, "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;COMBINE_TYPE SUM"),
+    ("BLANK_BADPIXELS Y", "zero-weight pixels set to 0", "m13", {"weights": True},
+     "SUBTRACT_BACK N;FSCALASTRO_TYPE NONE;WEIGHT_TYPE MAP_WEIGHT;WEIGHT_IMAGE {weight};RESCALE_WEIGHTS N;WEIGHT_THRESH 0.8;BLANK_BADPIXELS Y"),
+]
+
+
+def swarp_rows(work: Path) -> list[str]:
+    rows = []
+    for key, what, frame, kwargs, keys in SWARP_CASES:
+        got = swarp_both(work, swarp_inputs(work, frame, **kwargs), keys)
+        m = swarp_compare(got)
+        ok = m["image"] <= 1e-3 and m["weight"] <= 1e-3 and m["covered_agree"] >= 0.99
+        rows.append(f"| `{key}` | {what} ({frame}) | median relative difference <= 1e-3 (image and weight), covered "
+                    f"pixels agree >= 99% | image {m['image']:.2g}, weight {m['weight']:.2g} (99th pct {m['weight_p99']:.2g}), "
+                    f"covered {100 * m['covered_agree']:.2f}% ({m['n']} px)"
+                    f"{'; warned: ' + '; '.join(got['warnings']) if got['warnings'] else ''} | {'yes' if ok else 'NO'} |")
+        print(rows[-1], flush=True)
+    return rows
