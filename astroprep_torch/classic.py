@@ -912,10 +912,13 @@ def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLik
     bad = mask if bad is None else (bad if mask is None else bad | mask)
     res = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))(
         stack, src, dst, bad)
-    factor = fscale * (_pixel_area(target, shape) / _pixel_area(header, tuple(image.shape[-2:])) if fs == "FIXED" else 1.0)
+    factor = fscale * (_fixed_flux_factor(src, dst, tuple(image.shape[-2:])) if fs == "FIXED" else 1.0)
     out = res.image[:, :1] * factor
-    weight = sw.output_weight(None if var_in is None else res.image[:, 1:], res.footprint, grms, factor)
-    out = torch.where(res.footprint > 0, torch.nan_to_num(out), torch.zeros_like(out))
+    if fs == "VARIABLE":  # the weights follow the per-pixel Jacobian the image was scaled by
+        factor = factor * (dst.pixel_area(*_grid(shape)) / src.pixel_area(*dst.pixel_to_pixel(src, *_grid(shape)))).view(1, 1, *shape)
+    cov = (res.footprint > 0) & sw.covered(src, dst, tuple(image.shape[-2:]), shape, rt)
+    weight = sw.output_weight(None if var_in is None else res.image[:, 1:2], cov, grms, factor)
+    out = torch.where(cov, torch.nan_to_num(out), torch.zeros_like(out))
     if _yes(keys["BLANK_BADPIXELS"]):
         out = torch.where(weight > 0, out, torch.zeros_like(out))
     hdr = target.copy()
@@ -931,6 +934,21 @@ def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLik
     fits.PrimaryHDU(weight[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
     print(f"{input_path} -> {o / name} ({shape[1]}x{shape[0]}, {rt}, FSCALASTRO_TYPE {fs})")
     return {"image": str(o / name), "weight": str(o / wname)}
+
+
+def _grid(shape) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.arange(shape[0], dtype=torch.float64), torch.arange(shape[1], dtype=torch.float64),
+                            indexing="ij")
+    return xx.reshape(1, -1), yy.reshape(1, -1)
+
+
+def _fixed_flux_factor(src, dst, in_shape) -> float:
+    """SWarp's FSCALASTRO_TYPE FIXED: output / input pixel area at the input frame's centre (SIP/TPV
+    distortion included)."""
+    xc = torch.tensor([[(in_shape[1] - 1) / 2]], dtype=torch.float64)
+    yc = torch.tensor([[(in_shape[0] - 1) / 2]], dtype=torch.float64)
+    xo, yo = src.pixel_to_pixel(dst, xc, yc)
+    return float(dst.pixel_area(xo, yo).reshape(-1)[0] / src.pixel_area(xc, yc).reshape(-1)[0])
 
 
 def _pixel_area(header, shape) -> float:

@@ -104,10 +104,27 @@ def input_variance(keys: dict, input_path: Path, image: torch.Tensor, rms_map, g
     raise ValueError(f"SWarp WEIGHT_TYPE {wt!r}: expected NONE, BACKGROUND, MAP_WEIGHT, MAP_RMS or MAP_VARIANCE")
 
 
+#: half width of SWarp's interpolation kernels: an output pixel is covered when the input position of its
+#: centre lies within [h - 1, N - h] (0-based; NEAREST: within the frame)
+KERNEL_HALF_WIDTH = {"NEAREST": 0, "BILINEAR": 1, "LANCZOS2": 2, "LANCZOS3": 3, "LANCZOS4": 4}
+
+
+def covered(src, dst, in_shape, out_shape, resampling: str) -> torch.Tensor:
+    """(1, 1, H, W) bool: the output pixels SWarp resamples (their centres' input positions at least
+    ``h - 1`` px inside the input frame, ``h`` the kernel half width)."""
+    h = KERNEL_HALF_WIDTH.get(resampling, 3)
+    yy, xx = torch.meshgrid(torch.arange(out_shape[0], dtype=torch.float64),
+                            torch.arange(out_shape[1], dtype=torch.float64), indexing="ij")
+    x, y = dst.pixel_to_pixel(src, xx.reshape(1, -1), yy.reshape(1, -1))
+    lo = -0.5 if h == 0 else h - 1.0
+    ok = (x >= lo) & (y >= lo) & (x <= in_shape[1] - 1 - lo) & (y <= in_shape[0] - 1 - lo)
+    return ok.reshape(1, 1, *out_shape)
+
+
 def output_weight(var_out: Optional[torch.Tensor], footprint: torch.Tensor, global_rms, factor) -> torch.Tensor:
-    """``1 / (variance * factor^2)`` where the output pixel was resampled, 0 elsewhere (``factor``: the
-    flux scale applied to the image, a number or a per-pixel map)."""
-    covered = footprint > 0
+    """``1 / (variance * factor^2)`` where the output pixel was resampled (``footprint``: bool), 0
+    elsewhere (``factor``: the flux scale applied to the image, a number or a per-pixel map)."""
+    covered = footprint
     if var_out is None:
         var_out = (global_rms.double() ** 2).view(-1, 1, 1, 1).expand_as(footprint)
     v = var_out * (torch.as_tensor(factor, dtype=torch.float64) ** 2)
