@@ -907,17 +907,18 @@ def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLik
     target = read_head(head)
     shape = (int(target["NAXIS2"]), int(target["NAXIS1"]))
     src, dst = TanWCS.from_header(header), TanWCS.from_header(target)
-    stack = image if var_in is None else torch.cat([image, torch.nan_to_num(var_in, posinf=0.0)], 1)
-    bad = None if var_in is None else ~torch.isfinite(var_in)
-    bad = mask if bad is None else (bad if mask is None else bad | mask)
-    res = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))(
-        stack, src, dst, bad)
+    reproject = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))
+    res = reproject(image, src, dst, mask)
+    var_out = None
+    if var_in is not None:  # SWarp keeps the image through bad-weight pixels; see swarp.resample_variance
+        var_out, touched = sw.resample_variance(var_in, header, dst, reproject, rt)
     factor = fscale * (_fixed_flux_factor(src, dst, tuple(image.shape[-2:])) if fs == "FIXED" else 1.0)
     out = res.image[:, :1] * factor
     if fs == "VARIABLE":  # the weights follow the per-pixel Jacobian the image was scaled by
         factor = factor * (dst.pixel_area(*_grid(shape)) / src.pixel_area(*dst.pixel_to_pixel(src, *_grid(shape)))).view(1, 1, *shape)
     cov = (res.footprint > 0) & sw.covered(src, dst, tuple(image.shape[-2:]), shape, rt)
-    weight = sw.output_weight(None if var_in is None else res.image[:, 1:2], cov, grms, factor)
+    good = cov if var_in is None else cov & ~touched
+    weight = sw.output_weight(var_out, good, grms, factor)
     out = torch.where(cov, torch.nan_to_num(out), torch.zeros_like(out))
     if _yes(keys["BLANK_BADPIXELS"]):
         out = torch.where(weight > 0, out, torch.zeros_like(out))

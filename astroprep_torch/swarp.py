@@ -11,9 +11,12 @@ What SWarp 2.41 does to one input frame, as far as this drop-in reproduces it:
   ``BACK_FILTERSIZE``); ``BACK_TYPE MANUAL`` subtracts ``BACK_DEFAULT``.
 * weights: SWarp turns the input weights into variances (``WEIGHT_TYPE NONE``: the square of the
   frame's global background RMS -- the median of its background meshes' rms, SExtractor's "RMS" --
-  everywhere; ``BACKGROUND``: the background rms map squared; ``MAP_WEIGHT``: 1 / weight, pixels at or
+  everywhere; ``BACKGROUND``: the background rms map itself, not squared, as SWarp 2.41's weight_to_var
+  does; ``MAP_WEIGHT``: 1 / weight, pixels at or
   below ``WEIGHT_THRESH`` bad; ``MAP_RMS``: rms^2; ``MAP_VARIANCE``: as given), resamples them with the
-  image's kernel and writes ``1 / variance`` (0 where nothing was resampled) as the output weight map.
+  image's kernel (sampled ``h - 1/2`` input pixels off the image's positions, as SWarp 2.41 does: see
+  :func:`resample_variance`) and writes ``1 / variance`` as the output weight map: 0 where the kernel
+  touched a bad-weight pixel (the image keeps its interpolated value there) or reached outside the frame.
   ``RESCALE_WEIGHTS Y`` (SWarp's default) rescales ``MAP_*`` weights to the measured noise: not
   implemented (warned; ``RESCALE_WEIGHTS N`` is exact).
 * pixels no input pixel reached are 0 in the image (SWarp's blank value) and 0 in the weight map.
@@ -85,8 +88,8 @@ def input_variance(keys: dict, input_path: Path, image: torch.Tensor, rms_map, g
     wt = _first(keys["WEIGHT_TYPE"]).upper()
     if wt == "NONE":
         return None
-    if wt == "BACKGROUND":
-        return rms_map.double() ** 2
+    if wt == "BACKGROUND":  # SWarp 2.41 (weight_to_var) takes the rms map itself as the variance
+        return rms_map.double().clone()
     p = weight_file(keys, Path(input_path))
     w = torch.from_numpy(np.asarray(fits.getdata(p), dtype=np.float64))[None, None]
     if w.shape != image.shape:
@@ -119,6 +122,26 @@ def covered(src, dst, in_shape, out_shape, resampling: str) -> torch.Tensor:
     lo = -0.5 if h == 0 else h - 1.0
     ok = (x >= lo) & (y >= lo) & (x <= in_shape[1] - 1 - lo) & (y <= in_shape[0] - 1 - lo)
     return ok.reshape(1, 1, *out_shape)
+
+
+def resample_variance(var_in: torch.Tensor, header, dst, reproject, resampling: str):
+    """The input variance resampled as SWarp 2.41 resamples it: with the image's kernel, but sampled
+    ``h - 1/2`` input pixels lower in x and y than the image (``h`` the kernel half width; measured
+    against SWarp with linear weight ramps: 2.5 px for LANCZOS3, 0.5 for BILINEAR, 0 for NEAREST).
+    Returns (variance (B,1,H,W), bool map of the output pixels whose kernel touched a bad pixel, at the
+    image's positions: that agrees with SWarp's zero weights)."""
+    from .wcs import TanWCS
+
+    shift = max(KERNEL_HALF_WIDTH.get(resampling, 3) - 0.5, 0.0)
+    h = header.copy()
+    h["CRPIX1"], h["CRPIX2"] = float(h["CRPIX1"]) - shift, float(h["CRPIX2"]) - shift
+    bad = ~torch.isfinite(var_in)
+    var = reproject(torch.nan_to_num(var_in, posinf=0.0), TanWCS.from_header(h), dst, None).image
+    if not bool(bad.any()):
+        return var, torch.zeros_like(var, dtype=torch.bool)
+    # the bad pixels reach the output pixels whose kernel (at the image's own positions) touches them
+    touched = reproject(bad.to(var_in.dtype), TanWCS.from_header(header), dst, None).image
+    return var, torch.nan_to_num(touched, nan=1.0).abs() > 1e-9
 
 
 def output_weight(var_out: Optional[torch.Tensor], footprint: torch.Tensor, global_rms, factor) -> torch.Tensor:
