@@ -925,7 +925,7 @@ def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLik
     hdr = target.copy()
     hdr["HISTORY"] = "astroprep_torch reproject (SWarp drop-in): input SIP/TPV distortion honoured"
     hdr["HISTORY"] = f"RESAMPLING_TYPE {rt} FSCALASTRO_TYPE {fs} SUBTRACT_BACK {keys['SUBTRACT_BACK']}"
-    hdr["FLXSCALE"] = (fscale, "flux scale applied (FSCALE_KEYWORD / FSCALE_DEFAULT)")
+    hdr["FLXSCALE"] = (fscale, "flux scale applied (FSCALE_KEYWORD)")
     o = Path(output)
     o.mkdir(parents=True, exist_ok=True)
     single = not _yes(keys["COMBINE"])
