@@ -796,7 +796,7 @@ def run_subtract(science: PathLike, reference: PathLike, flags: str, output: Pat
     out.mkdir(parents=True, exist_ok=True)
     inp = hp.read_inputs(science, reference, cmd.kw, opts, files, _read)
     positions = read_stamp_file(files["stamp_file"]) if "stamp_file" in files else None
-    res = _hp_fit(hp.fit_keywords(cmd.kw, opts), inp, opts, positions)
+    res = _hp_fit(hp.fit_keywords(cmd.kw, opts, tuple(inp.science.shape[-2:])), inp, opts, positions)
     prod = hp.products(inp, res, cmd.kw, opts)
     stem = Path(science).name.split(".")[0]
     names = {"science": str(science), "template": str(reference), "difference": files.get("difference", f"{stem}.diff.fits")}

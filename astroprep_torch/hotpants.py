@@ -36,7 +36,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 #: HOTPANTS' mask bits (defaults.h)
 FLAG_BAD_PIXVAL, FLAG_SAT_PIXEL, FLAG_LOW_PIXEL = 0x01, 0x02, 0x04
@@ -156,10 +155,30 @@ def read_inputs(science, template, kw: dict, opts: HotpantsOptions, files: dict,
                           frames[1][2], hdr)
 
 
-def fit_keywords(kw: dict, opts: HotpantsOptions) -> dict:
+def stamp_grid(kw: dict, shape) -> tuple[int, int]:
+    """HOTPANTS' stamp grid for a frame: ``-nsy x -nsx``, unless a cell minus the kernel width is smaller
+    than a substamp (``2 -rss + 1``): then cells of ``2 -rss + 1 + 2 -r + 1`` px (odd), as many as fit
+    ("too many stamps requested", main.c)."""
+    h, w = shape
+    fw_kernel = 2 * int(kw["kernel_half_width"]) + 1
+    fw_ks = 2 * int(kw["stamp_half_width"]) + 1
+    ny, nx = kw["stamp_grid"]
+    fw = min(w // nx, h // ny) - fw_kernel
+    fw -= 1 if fw % 2 == 0 else 0
+    if fw >= fw_ks:
+        return ny, nx
+    fw = fw_ks + fw_kernel
+    fw -= 1 if fw % 2 == 0 else 0
+    return max(h // fw, 1), max(w // fw, 1)
+
+
+def fit_keywords(kw: dict, opts: HotpantsOptions, shape=None) -> dict:
     """ImageSubtraction keywords in pedestal-subtracted units; the stamp stars' saturation is
-    ``min(-iu, -iuk)`` (``-tu``, ``-tuk``): HOTPANTS refuses both for stamps."""
+    ``min(-iu, -iuk)`` (``-tu``, ``-tuk``): HOTPANTS refuses both for stamps; with the frame ``shape``
+    (H, W) HOTPANTS' own reduction of a stamp grid too fine for ``-rss`` (:func:`stamp_grid`)."""
     out = dict(kw)
+    if shape is not None:
+        out["stamp_grid"] = stamp_grid(kw, shape)
     sat = []
     for j in range(2):
         k = opts.kernel_saturation[j]
@@ -169,31 +188,82 @@ def fit_keywords(kw: dict, opts: HotpantsOptions) -> dict:
     return out
 
 
-def kernel_at(result, kw: dict, x: float, y: float, shape) -> torch.Tensor:
-    """The fitted kernel (B, 2r+1, 2r+1) at pixel ``(x, y)`` (0-based), as a true-convolution kernel."""
-    from .subtract import _term_kernels, kernel_basis, spatial_terms
+def term_kernels(result, kw: dict) -> torch.Tensor:
+    """The fitted kernel's spatial terms (B, S, 2r+1, 2r+1) (true-convolution kernels; the kernel at
+    (x, y) is ``sum_p P_p(x, y) K_p`` with :func:`~astroprep_torch.subtract.spatial_terms`)."""
+    from .subtract import _term_kernels, kernel_basis
 
     basis = kernel_basis(int(kw["kernel_half_width"]), kw["gaussians"], dtype=torch.float64)
-    kp = _term_kernels(result.kernel_coefficients.double(), basis, int(kw["spatial_order"]))
+    return _term_kernels(result.kernel_coefficients.double(), basis, int(kw["spatial_order"]))
+
+
+def kernel_at(result, kw: dict, x: float, y: float, shape) -> torch.Tensor:
+    """The fitted kernel (B, 2r+1, 2r+1) at pixel ``(x, y)`` (0-based), as a true-convolution kernel."""
+    from .subtract import spatial_terms
+
     t = spatial_terms(torch.tensor(float(x), dtype=torch.float64), torch.tensor(float(y), dtype=torch.float64),
                       int(kw["spatial_order"]), shape)
-    return torch.einsum("bsvu,s->bvu", kp, t)
+    return torch.einsum("bsvu,s->bvu", term_kernels(result, kw), t)
 
 
-def output_mask(inp: HotpantsInputs, conv_science: torch.Tensor, kernel: torch.Tensor, r: int,
+def _local_bad_fraction(bad: torch.Tensor, where: torch.Tensor, kp: torch.Tensor, order: int,
+                        chunk: int = 16384) -> torch.Tensor:
+    """``sum |K| bad / sum |K|`` at the pixels ``where`` with the kernel HOTPANTS uses there: evaluated at
+    the centre of the pixel's ``2r+1`` block (spatial_convolve's -kcs default); 0 elsewhere."""
+    from .subtract import spatial_terms
+
+    b, _, h, w = bad.shape
+    k = kp.shape[-1]
+    r = k // 2
+    out = torch.zeros(bad.shape, dtype=torch.float64)
+    padded = torch.nn.functional.pad(bad.to(torch.float64), (r, r, r, r))
+    dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    bi, _, yi, xi = torch.nonzero(where, as_tuple=True)
+    for s in range(0, len(yi), chunk):
+        bb, yy, xx = bi[s:s + chunk], yi[s:s + chunk], xi[s:s + chunk]
+        # block centres: (i - r) // k * k + 2r (main.c: i0 = i1 * kcs + r, kernel at i0 + r)
+        xc = (torch.div(xx - r, k, rounding_mode="floor") * k + 2 * r).to(torch.float64)
+        yc = (torch.div(yy - r, k, rounding_mode="floor") * k + 2 * r).to(torch.float64)
+        ak = torch.einsum("nsvu,ns->nvu", kp[bb], spatial_terms(xc, yc, order, (h, w))).abs()
+        patch = padded[bb[:, None, None], 0, yy[:, None, None] + r + dy, xx[:, None, None] + r + dx]
+        # image offset (dy, dx) meets kernel element [r - dy, r - dx]
+        frac = (ak.flip(-1, -2) * patch).sum((-1, -2)) / ak.sum((-1, -2))
+        out[bb, 0, yy, xx] = frac
+    return out
+
+
+def _convolve_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``x`` (B,1,H,W) convolved with ``kernel`` (B, k, k) (a true convolution, zero outside), same size:
+    one FFT per frame."""
+    b, _, h, w = x.shape
+    k = kernel.shape[-1]
+    r = k // 2
+    size = (h + k - 1, w + k - 1)
+    out = torch.fft.irfft2(torch.fft.rfft2(x[:, 0], s=size) * torch.fft.rfft2(kernel.to(x.dtype), s=size), s=size)
+    return out[:, r:r + h, r:r + w].unsqueeze(1)
+
+
+def output_mask(inp: HotpantsInputs, conv_science: torch.Tensor, kp: torch.Tensor, order: int,
                 kernel_fraction: float) -> torch.Tensor:
     """HOTPANTS' output mask (int32, (B,1,H,W)): spatial_convolve's propagation of the convolved frame's
-    bits through ``|K|`` (``kernel`` (B, k, k), held constant), the unconvolved frame's bits, the edges."""
+    bits through ``|K|`` (``kp``: :func:`term_kernels`; the kernel of each 2r+1 block when it varies),
+    the unconvolved frame's bits, the edges."""
     cs = conv_science.view(-1, 1, 1, 1)
     conv_bits = torch.where(cs, inp.bits_science, inp.bits_template)
     other = torch.where(cs, inp.bits_template, inp.bits_science)
-    b = conv_bits.shape[0]
-    ak = kernel.abs().flip(-1, -2).to(torch.float64)  # conv2d correlates: flip for the true convolution
-    bad = ((conv_bits & FLAG_INPUT_ISBAD) != 0).to(torch.float64)
-    flagged = (conv_bits != 0).to(torch.float64)
-    frac_bad = torch.cat([F.conv2d(bad[i:i + 1], ak[i][None, None], padding=r) for i in range(b)])
-    touched = F.conv2d(flagged, torch.ones((1, 1, 2 * r + 1, 2 * r + 1), dtype=torch.float64), padding=r) > 0.5
-    good_frac = 1.0 - frac_bad / ak.sum((-1, -2)).view(-1, 1, 1, 1)
+    from ._masks import grow_mask
+
+    r = kp.shape[-1] // 2
+    bad = (conv_bits & FLAG_INPUT_ISBAD) != 0
+    touched = grow_mask(conv_bits != 0, r)
+    if not bool(bad.any()):
+        frac_bad = torch.zeros(bad.shape, dtype=torch.float64)
+    elif order == 0:
+        ak = kp[:, 0].abs()
+        frac_bad = _convolve_same(bad.to(torch.float64), ak) / ak.sum((-1, -2)).view(-1, 1, 1, 1)
+    else:
+        frac_bad = _local_bad_fraction(bad, grow_mask(bad, r), kp, order)
+    good_frac = 1.0 - frac_bad
     m = conv_bits | torch.where((conv_bits & FLAG_INPUT_ISBAD) != 0, FLAG_OUTPUT_ISBAD, 0).to(torch.int32)
     lost = touched & (good_frac < kernel_fraction - 1e-12)
     m |= torch.where(lost, FLAG_OUTPUT_ISBAD | FLAG_BAD_CONV, torch.where(touched, FLAG_OK_CONV, 0)).to(torch.int32)
@@ -260,8 +330,8 @@ def products(inp: HotpantsInputs, result, kw: dict, opts: HotpantsOptions) -> Ho
     HOTPANTS' output mask applied (``-fi`` / ``-fin``) unless ``-mous`` < 0."""
     r = int(kw["kernel_half_width"])
     h, w = inp.science.shape[-2:]
-    kern = kernel_at(result, kw, w / 2, h / 2, (h, w))
-    mask = output_mask(inp, result.convolved_science, kern, r, opts.kernel_fraction)
+    mask = output_mask(inp, result.convolved_science, term_kernels(result, kw), int(kw["spatial_order"]),
+                       opts.kernel_fraction)
     diff = result.difference.detach().float()
     noise = noise_image(inp, result, kw, opts)
     scale = 1.0
