@@ -569,9 +569,9 @@ _HP_PAIR = {"-ig": ("gain", 0), "-tg": ("gain", 1), "-ir": ("read_noise", 0), "-
 _HP_FILES = {"-inim": "science", "-tmplim": "template", "-outim": "difference", "-oci": "convolved", "-oni": "noise",
              "-savexy": "stamps", "-ini": "science_noise", "-tni": "template_noise", "-imi": "science_mask",
              "-tmi": "template_mask", "-omi": "mask", "-ond": "sigma", "-ssf": "stamp_file"}
-#: flags that do not change the outputs here: verbosity; -sconv (one region); -kcs (the kernel is evaluated
-#: per 128-px FFT tile, not per -kcs step: exact for -ko 0)
-_HP_NO_EFFECT = {"-v": 1, "-sconv": 0, "-kcs": 1}
+#: flags that do not change the outputs here: verbosity; -kcs (the kernel is evaluated per 128-px FFT tile,
+#: not per -kcs step: exact for -ko 0)
+_HP_NO_EFFECT = {"-v": 1, "-kcs": 1}
 #: flags onto :class:`~astroprep_torch.hotpants.HotpantsOptions`: flag -> (attribute, index or None, type)
 _HP_OPTIONS = {"-ip": ("pedestal", 0, float), "-tp": ("pedestal", 1, float), "-iuk": ("kernel_saturation", 0, float),
                "-tuk": ("kernel_saturation", 1, float), "-fi": ("fill", None, float), "-fin": ("fill_noise", None, float),
@@ -579,13 +579,13 @@ _HP_OPTIONS = {"-ip": ("pedestal", 0, float), "-tp": ("pedestal", 1, float), "-i
                "-mous": ("mask_output", None, lambda v: float(v) >= 0), "-afssc": ("find_more_stamps", None, lambda v: int(v) != 0),
                "-sft": ("scale_threshold", None, float), "-nft": ("min_stamp_fraction", None, float),
                "-obs": ("short", 1, float), "-obz": ("short", 2, float), "-nbs": ("noise_short", 1, float),
-               "-nbz": ("noise_short", 2, float)}
+               "-nbz": ("noise_short", 2, float), "-nrx": ("regions", 0, int), "-nry": ("regions", 1, int)}
 #: value-less flags onto HotpantsOptions
 _HP_SWITCHES = {"-convvar": ("convolve_variance", None), "-okn": ("rescale_ok", None), "-nc": ("no_clobber", None),
                 "-sht": ("short", 0), "-nsht": ("noise_short", 0)}
 _HP_LAYERS = {"-cim": ("convolved",), "-ndm": ("sigma",), "-nim": ("noise",), "-allm": ("convolved", "sigma", "noise")}
-#: flags we do not implement -> their number of values (-pca: 1 + its count of files; -nrx/-nry other than 1)
-_HP_ARITY = {"-nrx": 1, "-nry": 1, "-gd": 4, "-rf": 1, "-rkw": 2, "-cmp": 1, "-fom": 1, "-ki": 1, "-oki": 1, "-hki": 0,
+#: flags we do not implement -> their number of values (-pca: 1 + its count of files)
+_HP_ARITY = {"-sconv": 0, "-gd": 4, "-rf": 1, "-rkw": 2, "-cmp": 1, "-fom": 1, "-ki": 1, "-oki": 1, "-hki": 0,
              "-ef": 1, "-sum": 0}
 #: ``-c`` and ``-n`` values: HOTPANTS reads their first letter only (``strncmp(.., 1)``, case-sensitive)
 _HP_CONVOLVE = {"t": "template", "i": "science", "b": "auto"}
@@ -698,7 +698,7 @@ def _hp_option_flag(f: str, tok: list, i: int, opts, files: dict, unsupported: l
     if n < 0:
         return -1
     vals = _hp_take(tok, i, n)
-    if not (f in ("-nrx", "-nry") and vals == ["1"]) and not (f == "-fom" and vals[0][:1] == "v"):
+    if not (f == "-fom" and vals[0][:1] == "v"):
         unsupported.append(" ".join([f] + vals))
     return n
 
@@ -726,6 +726,8 @@ def parse_hotpants_command(flags: Union[str, list]):
     kw["stamp_grid"] = tuple(grid)
     for k in ("gain", "read_noise", "saturation", "lower_limit"):
         kw[k] = tuple(kw[k])
+    if opts.regions == [1, 1]:  # -sconv only matters with several regions
+        unsupported[:] = [u for u in unsupported if u != "-sconv"]
     if "stamp_file" in files and opts.find_more_stamps:
         unsupported.append("-afssc 1 with -ssf (stamps are taken at the -ssf positions only; give -afssc 0)")
     _hp_unconvolved(kw, unsupported)
@@ -796,18 +798,28 @@ def run_subtract(science: PathLike, reference: PathLike, flags: str, output: Pat
     out.mkdir(parents=True, exist_ok=True)
     inp = hp.read_inputs(science, reference, cmd.kw, opts, files, _read)
     positions = read_stamp_file(files["stamp_file"]) if "stamp_file" in files else None
-    res = _hp_fit(hp.fit_keywords(cmd.kw, opts, tuple(inp.science.shape[-2:])), inp, opts, positions)
-    prod = hp.products(inp, res, cmd.kw, opts)
+    shape = tuple(inp.science.shape[-2:])
+    nrx, nry = opts.regions
+    fitted = []  # (Region, result, products) of each region, fitted independently as HOTPANTS does
+    for reg in hp.regions(shape, cmd.kw, nrx, nry):
+        part = hp.crop(inp, reg) if nrx * nry > 1 else inp
+        pos = None if positions is None else positions - torch.tensor([[reg.bx0, reg.by0]], dtype=positions.dtype)
+        res = _hp_fit(hp.fit_keywords(cmd.kw, opts, (shape[0] // nry, shape[1] // nrx)), part, opts, pos)
+        fitted.append((reg, res, hp.products(part, res, cmd.kw, opts)))
+    prod = fitted[0][2] if len(fitted) == 1 else hp.paste([(f[0], f[2]) for f in fitted], shape)
     stem = Path(science).name.split(".")[0]
     names = {"science": str(science), "template": str(reference), "difference": files.get("difference", f"{stem}.diff.fits")}
-    hdr = hp.header_keys(inp.header, prod, res, cmd.kw, opts, names)
+    hdr = hp.header_keys(inp.header, fitted, cmd.kw, opts, names)
     written = hp.write_products(prod, hdr, files, out, names["difference"], opts)
+    res = fitted[0][1]
     if "stamps" in files:
-        written["stamps"] = hp.write_savexy(res.stamp_stats, out / Path(files["stamps"]).name, cmd.kw["stamp_half_width"])[0]
+        written["stamps"] = hp.write_savexy([f[1].stamp_stats for f in fitted], out / Path(files["stamps"]).name,
+                                            cmd.kw["stamp_half_width"], [(f[0].bx0, f[0].by0) for f in fitted])[0]
     ksum = float(res.kernel_sum[0])
-    print(f"{science} - {reference}: kernel sum {ksum:.6f}, {int(res.stamp_stats.used.sum())} stamps -> "
-          + ", ".join(written.values()))
-    return {"paths": written, "kernel_sum": ksum, "result": res, "products": prod}
+    print(f"{science} - {reference}: kernel sum {ksum:.6f} ({len(fitted)} region(s)), "
+          f"{int(res.stamp_stats.used.sum())} stamps -> " + ", ".join(written.values()))
+    return {"paths": written, "kernel_sum": ksum, "result": res, "products": prod,
+            "kernel_sums": [float(f[1].kernel_sum[0]) for f in fitted]}
 
 
 # ------------------------------------------------------------------------------------------------

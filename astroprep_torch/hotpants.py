@@ -64,6 +64,7 @@ class HotpantsOptions:
     find_more_stamps: bool = True  # -afssc
     scale_threshold: float = 0.5  # -sft
     min_stamp_fraction: float = 0.1  # -nft
+    regions: list = field(default_factory=lambda: [1, 1])  # -nrx, -nry
     command: str = ""
 
 
@@ -170,6 +171,62 @@ def stamp_grid(kw: dict, shape) -> tuple[int, int]:
     fw = fw_ks + fw_kernel
     fw -= 1 if fw % 2 == 0 else 0
     return max(h // fw, 1), max(w // fw, 1)
+
+
+class Region(NamedTuple):
+    """A HOTPANTS region: its good data ``[x0, x1] x [y0, y1]`` and the buffered box fitted around it
+    (inclusive, 0-based)."""
+
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+    bx0: int
+    bx1: int
+    by0: int
+    by1: int
+
+
+def regions(shape, kw: dict, nrx: int, nry: int) -> list:
+    """HOTPANTS' ``-nrx x -nry`` regions (main.c): ``[i * xmax / nrx, (i + 1) * xmax / nrx]`` (integer
+    division, ``xmax = W - 1``: neighbours share a pixel, the later one wins), buffered by half a stamp
+    cell when there are several (by ``-r`` for one)."""
+    h, w = shape
+    xmax, ymax = w - 1, h - 1
+    if nrx * nry == 1:
+        buf = int(kw["kernel_half_width"])
+    else:
+        fw_kernel = 2 * int(kw["kernel_half_width"]) + 1
+        ny, nx = kw["stamp_grid"]
+        fw = min(w // nrx // nx, h // nry // ny) - fw_kernel
+        fw -= 1 if fw % 2 == 0 else 0
+        if fw < 2 * int(kw["stamp_half_width"]) + 1:
+            fw = 2 * int(kw["stamp_half_width"]) + 1 + fw_kernel
+            fw -= 1 if fw % 2 == 0 else 0
+        buf = fw // 2
+    out = []
+    for j in range(nry):
+        for i in range(nrx):
+            x0, y0 = i * xmax // nrx, j * ymax // nry
+            x1, y1 = min((i + 1) * xmax // nrx, xmax), min((j + 1) * ymax // nry, ymax)
+            out.append(Region(x0, x1, y0, y1, max(0, x0 - buf), min(xmax, x1 + buf), max(0, y0 - buf), min(ymax, y1 + buf)))
+    return out
+
+
+def crop(inp: HotpantsInputs, reg: Region) -> HotpantsInputs:
+    """The inputs cut to a region's buffered box."""
+    ys, xs = slice(reg.by0, reg.by1 + 1), slice(reg.bx0, reg.bx1 + 1)
+    return HotpantsInputs(*(t[..., ys, xs] for t in inp[:7]), inp.header)
+
+
+def paste(parts: list, shape) -> "HotpantsProducts":
+    """The regions' products (``[(Region, HotpantsProducts)]``) into full frames: each region's good data."""
+    full = [np.zeros(shape, dtype=a.dtype) for a in parts[0][1][:5]]
+    for reg, prod in parts:
+        oy, ox = reg.y0 - reg.by0, reg.x0 - reg.bx0
+        for f, a in zip(full, prod[:5]):
+            f[reg.y0:reg.y1 + 1, reg.x0:reg.x1 + 1] = a[oy:oy + reg.y1 - reg.y0 + 1, ox:ox + reg.x1 - reg.x0 + 1]
+    return HotpantsProducts(*full, parts[0][1].ok_noise_scale)
 
 
 def fit_keywords(kw: dict, opts: HotpantsOptions, shape=None) -> dict:
@@ -379,20 +436,20 @@ def _hdu(a: np.ndarray, short: list, header=None, primary: bool = True, bad=None
     return hdu
 
 
-def header_keys(header, prod: HotpantsProducts, result, kw: dict, opts: HotpantsOptions, names: dict):
-    """The science header with HOTPANTS' keys (one region)."""
+def header_keys(header, fits_per_region: list, kw: dict, opts: HotpantsOptions, names: dict):
+    """The science header with HOTPANTS' keys; ``fits_per_region``: ``[(Region, result, products)]``."""
     from astropy.io import fits
 
     hdr = fits.Header() if header is None else header.copy()
     for k in ("BSCALE", "BZERO", "BLANK"):
         hdr.remove(k, ignore_missing=True, remove_all=True)
-    h, w = prod.difference.shape
     hdr["SOFTNAME"] = ("astroprep_torch", "HOTPANTS drop-in: astroprep subtract")
-    hdr["REGION00"] = (f"[1:{w},1:{h}]", "")
-    hdr["CONVOL00"] = ("IMAGE" if bool(result.convolved_science[0]) else "TEMPLATE", "")
-    hdr["KSUM00"] = (f"{float(result.kernel_sum[0]):.4f}", "Kernel Sum")
-    if opts.rescale_ok:
-        hdr["NSCALO00"] = (f"{prod.ok_noise_scale:.4f}", "")
+    for i, (reg, result, prod) in enumerate(fits_per_region):
+        hdr[f"REGION{i:02d}"] = (f"[{reg.x0 + 1}:{reg.x1 + 1},{reg.y0 + 1}:{reg.y1 + 1}]", "")
+        hdr[f"CONVOL{i:02d}"] = ("IMAGE" if bool(result.convolved_science[0]) else "TEMPLATE", "")
+        hdr[f"KSUM{i:02d}"] = (f"{float(result.kernel_sum[0]):.4f}", "Kernel Sum")
+        if opts.rescale_ok:
+            hdr[f"NSCALO{i:02d}"] = (f"{prod.ok_noise_scale:.4f}", "")
     cmd = opts.command
     if len(cmd) <= 68:
         hdr["DIFFCMD"] = cmd
@@ -403,7 +460,7 @@ def header_keys(header, prod: HotpantsProducts, result, kw: dict, opts: Hotpants
     for key, role in (("TARGET", "science"), ("TEMPLATE", "template"), ("DIFFIM", "difference")):
         hdr[key] = Path(names.get(role, "")).name[:68]
     hdr["PHOTNORM"] = ({"science": "i", "template": "t"}[kw["normalize"]], "Direction of photometric normalization")
-    hdr["NREGION"] = (1, "Number of independent regions")
+    hdr["NREGION"] = (len(fits_per_region), "Number of independent regions")
     hdr["MASKVAL"] = (opts.fill, "Value of Masked Pixels")
     return hdr
 
@@ -449,19 +506,21 @@ def write_products(prod: HotpantsProducts, hdr, files: dict, out: Path, default_
     return written
 
 
-def write_savexy(stats, path: Path, stamp_half_width: int) -> list[str]:
+def write_savexy(stats, path: Path, stamp_half_width: int, offsets=((0, 0),)) -> list[str]:
     """``-savexy file``: the used stamps (``file``), all (``file.all``) and the rejected
-    (``file.skipped``) as ds9 boxes, 1-based, as HOTPANTS' savexy."""
+    (``file.skipped``) as ds9 boxes, 1-based, as HOTPANTS' savexy; ``stats`` one StampStats or a list
+    (one per region, placed by ``offsets`` (x, y))."""
     fw = 2 * int(stamp_half_width) + 1
-    x = stats.x.round().long().tolist()
-    y = stats.y.round().long().tolist()
-    used = stats.used.tolist()
+    regions = []
+    for st, (ox, oy) in zip(stats if isinstance(stats, (list, tuple)) else [stats], offsets):
+        regions.append(list(zip((st.x.round().long() + ox).tolist(), (st.y.round().long() + oy).tolist(), st.used.tolist())))
     paths = []
     for suffix, colour, want in (("", "green", (True,)), (".all", "yellow", (True, False)),
                                  (".skipped", "red", (False,))):
-        keep = [(a, b) for a, b, u in zip(x, y, used) if bool(u) in want]
-        lines = ["#%4s %4s" % ("X", "Y")] + [f"image;box({a + 1:4d},{b + 1:4d},{fw},{fw}) # color={colour}"
-                                             for a, b in keep]
+        lines = []
+        for rows in regions:  # HOTPANTS appends each region's list under its own header line
+            lines += ["#%4s %4s" % ("X", "Y")] + [f"image;box({a + 1:4d},{b + 1:4d},{fw},{fw}) # color={colour}"
+                                                  for a, b, u in rows if bool(u) in want]
         p = Path(str(path) + suffix)
         p.write_text("\n".join(lines) + "\n")
         paths.append(str(p))

@@ -140,6 +140,7 @@ HOTPANTS_CASES = [
     ("-ko 1 -bgo 1", "spatially varying kernel and background (6x6 cells, -ft 5: ~20 stamps)", {},
      "-ko 1 -bgo 1 -nsx 6 -nsy 6 -ft 5"),
     ("-nss/-ks/-ssig", "stamp statistics", {}, "-nss 5 -ks 3 -ssig 2.5"),
+    ("-nrx/-nry", "2x2 regions, each fitted on its buffered box (saturated blocks)", {"saturate": True}, "-nrx 2 -nry 2"),
 ]
 
 
@@ -403,14 +404,15 @@ HOTPANTS_FLAGS = {
     "-ft": (IMPL, "-ft/-sft/-nft", ""), "-sft / -nft": (IMPL, "-ft/-sft/-nft", "one retry with the scaled threshold"),
     "-mins": (IMPL, "-mins", "input bad pixels spread by int(r*mins)/2 for the stamps"),
     "-mous": (IMPL, "-mous", "negative: outputs not masked"), "-omi": (IMPL, "-iu/-tu, -il/-tl", "HOTPANTS' bit mask"),
-    "-gd": (WARN, "", "sub-section"), "-nrx / -nry": (WARN, "", "regions (1: no effect)"),
+    "-gd": (WARN, "", "sub-section"),
+    "-nrx / -nry": (IMPL, "-nrx/-nry", "HOTPANTS' region geometry; each region's stamp stars can differ"),
     "-rf / -rkw": (WARN, "", "region files / keywords"), "-nsx / -nsy": (IMPL, "COMMAND.txt", ""),
     "-ssf": (IMPL, "-ssf -afssc 0", "with -afssc 1 (default) warned: only the file's stars are used"),
     "-cmp": (WARN, "", ".cmp stamp file"), "-afssc": (IMPL, "-ssf -afssc 0", "0 exact; 1 warned with -ssf"),
     "-nss": (IMPL, "-nss/-ks/-ssig", ""), "-rss": (IMPL, "COMMAND.txt", ""), "-savexy": (IMPL, "layers", "ds9 box lists"),
     "-c": (IMPL, "-c t -n t", "-c i: see the -c i row (stamp selection differs)"),
     "-n": (IMPL, "-c t -n t", "-n u with -c b warned"), "-fom": (WARN, "", "v (default): no warning; s / h warned"),
-    "-sconv": (NOEFF, "", "one region"), "-ko": (IMPL, "-ko 1 -bgo 1", "see the row"), "-bgo": (IMPL, "-ko 1 -bgo 1", ""),
+    "-sconv": (WARN, "", "with several regions: each region chooses its direction (no effect with -c t / -c i)"), "-ko": (IMPL, "-ko 1 -bgo 1", "see the row"), "-bgo": (IMPL, "-ko 1 -bgo 1", ""),
     "-ssig": (IMPL, "-nss/-ks/-ssig", ""), "-ks": (IMPL, "-nss/-ks/-ssig", ""), "-kfm": (IMPL, "-kfm", ""),
     "-okn": (IMPL, "-okn", "ratio from a robust sigma (HOTPANTS: a histogram statistic)"),
     "-fi / -fin": (IMPL, "-fi/-fin", ""), "-convvar": (IMPL, "-convvar", ""), "-oni": (IMPL, "COMMAND.txt", ""),

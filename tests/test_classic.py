@@ -267,7 +267,8 @@ def test_hotpants_unimplemented_flags_are_reported_not_silently_ignored():
     assert classic.parse_hotpants("-allm -nc -sum -cim -ef eff.txt -hki")[2] == ["-sum", "-ef eff.txt", "-hki"]
     assert classic.parse_hotpants("-pca 2 k0.fits k1.fits -r 5")[2] == ["-pca 2 k0.fits k1.fits"]
     assert classic.parse_hotpants("-nrx 1 -nry 1 -fom v")[2] == []  # the defaults: nothing to warn about
-    assert classic.parse_hotpants("-nrx 2 -fom s")[2] == ["-nrx 2", "-fom s"]
+    assert classic.parse_hotpants("-nrx 2 -fom s")[2] == ["-fom s"]  # regions are implemented
+    assert classic.parse_hotpants("-sconv")[2] == [] and classic.parse_hotpants("-sconv -nrx 2")[2] == ["-sconv"]
 
 
 @pytest.mark.parametrize("flags, match", [("-r 8 -rss 6", "-rss 6 < -r 8"), ("-r 0", "-r 0"), ("-ko -1", "-ko -1"),
@@ -451,6 +452,31 @@ def test_hotpants_survey_command_line_against_hotpants(tmp_path):
     lo, hi = np.percentile(d_hp[~bad], [0.01, 99.99])
     assert structural_similarity(np.where(bad, 0, d_us), np.where(bad, 0, d_hp), data_range=hi - lo) >= 0.999
     assert abs(np.median(n_us[~bad] / n_hp[~bad]) - 1) <= 1e-4 and (d_us[bad] == 0).all()
+
+
+def test_hotpants_regions_against_hotpants(tmp_path):
+    """-nrx 2 -nry 2 on the DECam pair tiled 2x2 (512x512): HOTPANTS' region geometry (REGIONnn keys,
+    buffered fits pasted on each region's good data), output bit masks identical, noise median ratio
+    within 1e-3, each region's kernel sum within 2% of HOTPANTS' (their stamp stars differ: our candidate
+    search is not HOTPANTS' substamp search)."""
+    from astropy.io import fits
+
+    require_binary("hotpants")
+    d = shared_file("hotpants_decam", "COMMAND.txt").parent
+    inp = {}
+    for key, src in (("science", "input_sci_DEC-OBS04a_plus1000.fits"), ("template", "input_tmpl_DEC-OBS18a_plus1000.fits")):
+        inp[key] = tmp_path / f"{key}.fits"
+        fits.PrimaryHDU(np.tile(fits.getdata(d / src).astype(np.float32), (2, 2))).writeto(inp[key])
+    got = _hp_both(tmp_path, inp, "-nrx 2 -nry 2")
+    (_, n_us, m_us), (_, n_hp, m_hp) = got["ours"], got["hp"]
+    assert np.array_equal(m_us, m_hp)
+    good = (m_hp.astype(np.int64) & 0x8000) == 0
+    assert abs(np.median(n_us[good] / n_hp[good]) - 1) <= 1e-3
+    h_us, h_hp = fits.getheader(tmp_path / "ours" / "d.fits"), fits.getheader(tmp_path / "hp" / "d.fits")
+    assert h_us["NREGION"] == h_hp["NREGION"] == 4
+    for i in range(4):
+        assert h_us[f"REGION{i:02d}"] == h_hp[f"REGION{i:02d}"] and h_us[f"CONVOL{i:02d}"] == h_hp[f"CONVOL{i:02d}"]
+        assert abs(float(h_us[f"KSUM{i:02d}"]) / float(h_hp[f"KSUM{i:02d}"]) - 1) <= 0.02
 
 
 def test_hotpants_layers_short_and_stamp_lists(tmp_path):
