@@ -800,13 +800,25 @@ def run_subtract(science: PathLike, reference: PathLike, flags: str, output: Pat
     positions = read_stamp_file(files["stamp_file"]) if "stamp_file" in files else None
     shape = tuple(inp.science.shape[-2:])
     nrx, nry = opts.regions
-    fitted = []  # (Region, result, products) of each region, fitted independently as HOTPANTS does
+    fitted, empty = [], []  # (Region, result, products) of each region, fitted independently as HOTPANTS does
     for reg in hp.regions(shape, cmd.kw, nrx, nry):
         part = hp.crop(inp, reg) if nrx * nry > 1 else inp
         pos = None if positions is None else positions - torch.tensor([[reg.bx0, reg.by0]], dtype=positions.dtype)
-        res = _hp_fit(hp.fit_keywords(cmd.kw, opts, (shape[0] // nry, shape[1] // nrx)), part, opts, pos)
+        try:
+            res = _hp_fit(hp.fit_keywords(cmd.kw, opts, (shape[0] // nry, shape[1] // nrx)), part, opts, pos)
+        except ValueError as e:  # HOTPANTS skips a region without stamps: its pixels keep the fill values
+            if nrx * nry == 1 or "no usable stamp star" not in str(e):
+                raise
+            empty.append(reg)
+            continue
         fitted.append((reg, res, hp.products(part, res, cmd.kw, opts)))
-    prod = fitted[0][2] if len(fitted) == 1 else hp.paste([(f[0], f[2]) for f in fitted], shape)
+    if not fitted:
+        raise ValueError(f"HOTPANTS regions -nrx {nrx} -nry {nry}: no usable stamp star in any region")
+    if empty:
+        warnings.warn(f"HOTPANTS: no usable stamp star in {len(empty)} of {nrx * nry} regions ("
+                      + ", ".join(f"[{g.x0 + 1}:{g.x1 + 1},{g.y0 + 1}:{g.y1 + 1}]" for g in empty)
+                      + "): their pixels hold the fill value (-fi) and are flagged, as HOTPANTS leaves them", UserWarning, stacklevel=2)
+    prod = fitted[0][2] if len(fitted) == 1 and not empty else hp.paste([(f[0], f[2]) for f in fitted], shape, opts)
     stem = Path(science).name.split(".")[0]
     names = {"science": str(science), "template": str(reference), "difference": files.get("difference", f"{stem}.diff.fits")}
     hdr = hp.header_keys(inp.header, fitted, cmd.kw, opts, names)

@@ -219,9 +219,12 @@ def crop(inp: HotpantsInputs, reg: Region) -> HotpantsInputs:
     return HotpantsInputs(*(t[..., ys, xs] for t in inp[:7]), inp.header)
 
 
-def paste(parts: list, shape) -> "HotpantsProducts":
-    """The regions' products (``[(Region, HotpantsProducts)]``) into full frames: each region's good data."""
-    full = [np.zeros(shape, dtype=a.dtype) for a in parts[0][1][:5]]
+def paste(parts: list, shape, opts: HotpantsOptions) -> "HotpantsProducts":
+    """The regions' products (``[(Region, HotpantsProducts)]``) into full frames: each region's good data;
+    pixels of no fitted region hold the fill values, flagged output-bad."""
+    proto = parts[0][1][:5]
+    fills = (opts.fill, opts.fill, opts.fill_noise, opts.fill, FLAG_OUTPUT_ISBAD)
+    full = [np.full(shape, v, dtype=a.dtype) for a, v in zip(proto, fills)]
     for reg, prod in parts:
         oy, ox = reg.y0 - reg.by0, reg.x0 - reg.bx0
         for f, a in zip(full, prod[:5]):
