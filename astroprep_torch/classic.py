@@ -976,14 +976,6 @@ def _fixed_flux_factor(src, dst, in_shape) -> float:
     return float(dst.pixel_area(xo, yo).reshape(-1)[0] / src.pixel_area(xc, yc).reshape(-1)[0])
 
 
-def _pixel_area(header, shape) -> float:
-    """Pixel area (deg^2) at the frame centre, from the header's celestial WCS (astropy)."""
-    from astropy.wcs import WCS
-    from astropy.wcs.utils import proj_plane_pixel_area
-
-    return float(proj_plane_pixel_area(WCS(header).celestial))
-
-
 def run_reproject_from_hydra(cfg) -> dict:
     """The runner of ``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``."""
     head = cfg.get("head")
