@@ -583,16 +583,26 @@ _HP_SCALAR = {"-r": ("kernel_half_width", int), "-rss": ("stamp_half_width", int
 _HP_PAIR = {"-ig": ("gain", 0), "-tg": ("gain", 1), "-ir": ("read_noise", 0), "-tr": ("read_noise", 1),
             "-iu": ("saturation", 0), "-tu": ("saturation", 1), "-il": ("lower_limit", 0), "-tl": ("lower_limit", 1)}
 _HP_FILES = {"-inim": "science", "-tmplim": "template", "-outim": "difference", "-oci": "convolved", "-oni": "noise",
-             "-savexy": "stamps"}
-_HP_NO_EFFECT = {"-v": 1}
-#: flags we do not implement -> their number of values (``-okn`` rescales the noise of flagged "OK" pixels;
-#: ``-tuk``/``-iuk`` are the kernel fit's own saturation levels; ``-tp``/``-ip`` pedestals; ``-nc`` no clobber)
-_HP_ARITY = {"-nrx": 1, "-nry": 1, "-kcs": 1, "-sft": 1, "-nft": 1, "-mins": 1, "-mous": 1, "-omi": 1, "-gd": 4,
-             "-rf": 1, "-rkw": 2, "-ssf": 1, "-cmp": 1, "-afssc": 1, "-fom": 1, "-sconv": 0, "-kfm": 1, "-fi": 1,
-             "-fin": 1, "-convvar": 0, "-ond": 1, "-nim": 0, "-ndm": 0, "-oki": 1, "-sht": 0, "-obs": 1, "-obz": 1,
-             "-nsht": 0, "-nbs": 1, "-nbz": 1, "-tuk": 1, "-iuk": 1, "-tp": 1, "-ip": 1, "-tni": 1, "-ini": 1,
-             "-tmi": 1, "-imi": 1, "-ki": 1, "-hki": 0, "-okn": 0, "-ef": 1, "-sum": 0, "-cim": 0, "-nc": 0,
-             "-allm": 0}
+             "-savexy": "stamps", "-ini": "science_noise", "-tni": "template_noise", "-imi": "science_mask",
+             "-tmi": "template_mask", "-omi": "mask", "-ond": "sigma", "-ssf": "stamp_file"}
+#: flags that do not change the outputs here: verbosity; -kcs (the kernel is evaluated per 128-px FFT tile,
+#: not per -kcs step: exact for -ko 0)
+_HP_NO_EFFECT = {"-v": 1, "-kcs": 1}
+#: flags onto :class:`~astroprep_torch.hotpants.HotpantsOptions`: flag -> (attribute, index or None, type)
+_HP_OPTIONS = {"-ip": ("pedestal", 0, float), "-tp": ("pedestal", 1, float), "-iuk": ("kernel_saturation", 0, float),
+               "-tuk": ("kernel_saturation", 1, float), "-fi": ("fill", None, float), "-fin": ("fill_noise", None, float),
+               "-kfm": ("kernel_fraction", None, float), "-mins": ("mask_spread", None, float),
+               "-mous": ("mask_output", None, lambda v: float(v) >= 0), "-afssc": ("find_more_stamps", None, lambda v: int(v) != 0),
+               "-sft": ("scale_threshold", None, float), "-nft": ("min_stamp_fraction", None, float),
+               "-obs": ("short", 1, float), "-obz": ("short", 2, float), "-nbs": ("noise_short", 1, float),
+               "-nbz": ("noise_short", 2, float), "-nrx": ("regions", 0, int), "-nry": ("regions", 1, int)}
+#: value-less flags onto HotpantsOptions
+_HP_SWITCHES = {"-convvar": ("convolve_variance", None), "-okn": ("rescale_ok", None), "-nc": ("no_clobber", None),
+                "-sht": ("short", 0), "-nsht": ("noise_short", 0)}
+_HP_LAYERS = {"-cim": ("convolved",), "-ndm": ("sigma",), "-nim": ("noise",), "-allm": ("convolved", "sigma", "noise")}
+#: flags we do not implement -> their number of values (-pca: 1 + its count of files)
+_HP_ARITY = {"-sconv": 0, "-gd": 4, "-rf": 1, "-rkw": 2, "-cmp": 1, "-fom": 1, "-ki": 1, "-oki": 1, "-hki": 0,
+             "-ef": 1, "-sum": 0}
 #: ``-c`` and ``-n`` values: HOTPANTS reads their first letter only (``strncmp(.., 1)``, case-sensitive)
 _HP_CONVOLVE = {"t": "template", "i": "science", "b": "auto"}
 _HP_NORMALIZE = {"t": "template", "i": "science", "u": "unconvolved"}
@@ -636,110 +646,226 @@ def _hp_unconvolved(kw: dict, unsupported: list) -> None:
         kw["normalize"] = "template" if kw["convolve"] == "science" else "science"
 
 
-def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
-    """A HOTPANTS command line (flags only, or the whole command) -> (ImageSubtraction keywords with
-    HOTPANTS' defaults for what it leaves out, ``{role: file}`` of its file flags, unsupported flags).
-    Flags are case-insensitive, as HOTPANTS' ``strcasecmp``. ``-nsx``/``-nsy`` give ``stamp_grid``
-    (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i|b`` which image is convolved (``b``:
-    both tried, ``"auto"``), ``-n t|i|u`` the flux normalisation (``u``: the unconvolved image's)."""
+def _hp_tokens(flags: Union[str, list]) -> list[str]:
     import shlex
 
     tok = shlex.split(flags) if isinstance(flags, str) else [str(t) for t in flags]
-    if tok and not tok[0].startswith("-"):
-        tok = tok[1:]  # the program name
+    return tok[1:] if tok and not tok[0].startswith("-") else tok  # the program name
+
+
+def _hp_take(tok: list, i: int, n: int) -> list:
+    vals = tok[i + 1: i + 1 + n]
+    if len(vals) < n:
+        raise ValueError(f"HOTPANTS flag {tok[i]} needs {n} value(s)")
+    return vals
+
+
+def _hp_fit_flag(f: str, tok: list, i: int, kw: dict, grid: list) -> int:
+    """A flag of the kernel fit into ``kw`` / ``grid``; returns how many values it took (-1: not one)."""
+    if f in _HP_SCALAR:
+        key, typ = _HP_SCALAR[f]
+        kw[key] = typ(_hp_take(tok, i, 1)[0])
+    elif f in _HP_PAIR:
+        key, j = _HP_PAIR[f]
+        kw[key][j] = float(_hp_take(tok, i, 1)[0])
+    elif f in ("-nsx", "-nsy"):
+        grid[1 if f == "-nsx" else 0] = int(_hp_take(tok, i, 1)[0])
+    elif f == "-ng":
+        n = int(tok[i + 1]) if i + 1 < len(tok) and tok[i + 1].lstrip("-").isdigit() else -1
+        if n < 1:
+            raise ValueError("HOTPANTS flag -ng needs: ngauss degree0 sigma0 ... degreeN sigmaN")
+        vals = _hp_take(tok, i, 1 + 2 * n)[1:]
+        kw["gaussians"] = tuple((float(vals[2 * k + 1]), int(vals[2 * k])) for k in range(n))
+        return 1 + 2 * n
+    elif f in ("-c", "-n"):
+        v = _hp_take(tok, i, 1)[0]
+        kw["convolve" if f == "-c" else "normalize"] = _hp_letter(f, v, _HP_CONVOLVE if f == "-c" else _HP_NORMALIZE)
+    else:
+        return -1
+    return 1
+
+
+def _hp_option_flag(f: str, tok: list, i: int, opts, files: dict, unsupported: list) -> int:
+    """A flag outside the fit into ``opts`` / ``files`` / ``unsupported``; returns how many values it
+    took (-1: not a HOTPANTS v5.1.11 flag)."""
+    if f in _HP_FILES:
+        files[_HP_FILES[f]] = _hp_take(tok, i, 1)[0]
+        return 1
+    if f in _HP_OPTIONS:
+        attr, j, typ = _HP_OPTIONS[f]
+        v = typ(_hp_take(tok, i, 1)[0])
+        if j is None:
+            setattr(opts, attr, v)
+        else:
+            getattr(opts, attr)[j] = v
+        return 1
+    if f in _HP_SWITCHES:
+        attr, j = _HP_SWITCHES[f]
+        setattr(opts, attr, True) if j is None else getattr(opts, attr).__setitem__(j, True)
+        return 0
+    if f in _HP_LAYERS:
+        opts.layers.extend(x for x in _HP_LAYERS[f] if x not in opts.layers)
+        return 0
+    if f in _HP_NO_EFFECT:
+        return len(_hp_take(tok, i, _HP_NO_EFFECT[f]))
+    n = _HP_ARITY.get(f, -1)
+    if f == "-pca":
+        n = 1 + int(_hp_take(tok, i, 1)[0])
+    if n < 0:
+        return -1
+    vals = _hp_take(tok, i, n)
+    if not (f == "-fom" and vals[0][:1] == "v"):
+        unsupported.append(" ".join([f] + vals))
+    return n
+
+
+def parse_hotpants_command(flags: Union[str, list]):
+    """A HOTPANTS command line (flags only, or the whole command) -> :class:`~astroprep_torch.hotpants.HotpantsCommand`.
+    Flags are case-insensitive, as HOTPANTS' ``strcasecmp``. ``-nsx``/``-nsy`` give ``stamp_grid``
+    (rows = ``-nsy``), ``-ng n d0 s0 ...`` the Gaussians, ``-c t|i|b`` which image is convolved (``b``:
+    both tried, ``"auto"``), ``-n t|i|u`` the flux normalisation (``u``: the unconvolved image's)."""
+    from .hotpants import HotpantsCommand, HotpantsOptions
+
+    tok = _hp_tokens(flags)
     kw = {k: (list(v) if isinstance(v, tuple) and k != "gaussians" else v) for k, v in HOTPANTS_DEFAULTS.items()}
     files, unsupported, grid = {}, [], list(HOTPANTS_DEFAULTS["stamp_grid"])
+    opts = HotpantsOptions(command=" ".join(["hotpants"] + tok))
     i = 0
-
-    def take(n):
-        nonlocal i
-        vals = tok[i + 1 : i + 1 + n]
-        if len(vals) < n:
-            raise ValueError(f"HOTPANTS flag {tok[i]} needs {n} value(s)")
-        i += 1 + n
-        return vals
-
     while i < len(tok):
         f = tok[i].lower()
-        if f in _HP_SCALAR:
-            key, typ = _HP_SCALAR[f]
-            kw[key] = typ(take(1)[0])
-        elif f in _HP_PAIR:
-            key, j = _HP_PAIR[f]
-            kw[key][j] = float(take(1)[0])
-        elif f in ("-nsx", "-nsy"):
-            grid[1 if f == "-nsx" else 0] = int(take(1)[0])
-        elif f == "-ng":
-            n = int(tok[i + 1]) if i + 1 < len(tok) else -1
-            if n < 1:
-                raise ValueError("HOTPANTS flag -ng needs: ngauss degree0 sigma0 ... degreeN sigmaN")
-            vals = take(1 + 2 * n)[1:]
-            kw["gaussians"] = tuple((float(vals[2 * k + 1]), int(vals[2 * k])) for k in range(n))
-        elif f in ("-c", "-n"):
-            v = take(1)[0]
-            kw["convolve" if f == "-c" else "normalize"] = _hp_letter(f, v, _HP_CONVOLVE if f == "-c" else _HP_NORMALIZE)
-        elif f in _HP_FILES:
-            files[_HP_FILES[f]] = take(1)[0]
-        elif f in _HP_NO_EFFECT:
-            take(_HP_NO_EFFECT[f])
-        elif f in _HP_ARITY:
-            vals = take(_HP_ARITY[f])
-            unsupported.append(" ".join([f] + vals))
-        else:
+        n = _hp_fit_flag(f, tok, i, kw, grid)
+        if n < 0:
+            n = _hp_option_flag(f, tok, i, opts, files, unsupported)
+        if n < 0:
             raise ValueError(f"unknown HOTPANTS flag {tok[i]!r} in {flags!r}")
+        i += 1 + n
     kw["stamp_grid"] = tuple(grid)
     for k in ("gain", "read_noise", "saturation", "lower_limit"):
         kw[k] = tuple(kw[k])
+    if opts.regions == [1, 1]:  # -sconv only matters with several regions
+        unsupported[:] = [u for u in unsupported if u != "-sconv"]
+    if "stamp_file" in files and opts.find_more_stamps:
+        unsupported.append("-afssc 1 with -ssf (stamps are taken at the -ssf positions only; give -afssc 0)")
     _hp_unconvolved(kw, unsupported)
     _hp_check(kw)
-    return kw, files, unsupported
+    return HotpantsCommand(kw, files, unsupported, opts)
+
+
+def parse_hotpants(flags: Union[str, list]) -> tuple[dict, dict, list]:
+    """A HOTPANTS command line -> (ImageSubtraction keywords with HOTPANTS' defaults for what it leaves
+    out, ``{role: file}`` of its file flags, flags not implemented): :func:`parse_hotpants_command`
+    without the options that act outside the fit."""
+    cmd = parse_hotpants_command(flags)
+    return cmd.kw, cmd.files, cmd.unsupported
+
+
+def read_stamp_file(path: PathLike) -> torch.Tensor:
+    """HOTPANTS ``-ssf``: ``x y`` lines (1-based, other lines skipped) -> (R, 2) 0-based (x, y)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"HOTPANTS -ssf stamp file not found: {p}")
+    xy = []
+    for line in p.read_text(errors="replace").splitlines():
+        parts = line.split()
+        try:
+            xy.append((float(parts[0]) - 1, float(parts[1]) - 1))
+        except (ValueError, IndexError):
+            continue
+    if not xy:
+        raise ValueError(f"HOTPANTS -ssf {p}: no 'x y' lines")
+    return torch.tensor(xy)
+
+
+def _hp_fit(kw: dict, inp, opts, positions):
+    """ImageSubtraction on the HOTPANTS inputs; when fewer than ``-nft`` of the stamp cells got a star,
+    once more with the threshold scaled by ``-sft`` (HOTPANTS' retry)."""
+    from .subtract import ImageSubtraction
+
+    def fit(threshold):
+        return ImageSubtraction(**dict(kw, stamp_threshold=threshold))(
+            inp.science, inp.template, inp.stamp_mask, inp.stamp_mask, inp.science_var, inp.template_var,
+            stamp_positions=positions)
+
+    retry = positions is None and opts.scale_threshold < 1
+    try:
+        res = fit(kw["stamp_threshold"])
+    except ValueError as e:  # no stamp star at all: fewer than -nft of the cells
+        if not retry or "no usable stamp star" not in str(e):
+            raise
+        return fit(kw["stamp_threshold"] * opts.scale_threshold)
+    cells = kw["stamp_grid"][0] * kw["stamp_grid"][1]
+    if retry and len(res.stamp_stats.x) / cells < opts.min_stamp_fraction:
+        res = fit(kw["stamp_threshold"] * opts.scale_threshold)
+    return res
 
 
 def run_subtract(science: PathLike, reference: PathLike, flags: str, output: PathLike) -> dict:
     """``astroprep subtract input=<fits> reference=<fits> hotpants="<flags>"``: HOTPANTS' fit with its
-    flags and defaults on an aligned pair; writes the difference (``-outim`` name or
-    ``<frame>.diff.fits``), and ``-oni`` (noise = sqrt(variance)) / ``-oci`` (convolved image) when given."""
-    from astropy.io import fits
+    flags and defaults on an aligned pair, and HOTPANTS' products (:mod:`astroprep_torch.hotpants`):
+    the difference (``-outim`` name or ``<frame>.diff.fits``, bad pixels ``-fi``), ``-oni``, ``-oci``,
+    ``-ond``, ``-omi``, the ``-cim``/``-ndm``/``-nim`` layers, ``-savexy``."""
+    from . import hotpants as hp
 
-    from .subtract import ImageSubtraction
-
-    kw, files, unsupported = parse_hotpants(flags)
-    if unsupported:
-        warnings.warn("HOTPANTS flags not implemented, ignored: " + "; ".join(unsupported), UserWarning, stacklevel=2)
+    cmd = parse_hotpants_command(flags)
+    opts, files = cmd.options, cmd.files
+    if cmd.unsupported:
+        warnings.warn("HOTPANTS flags not implemented, ignored: " + "; ".join(cmd.unsupported), UserWarning, stacklevel=2)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    sci, hdr, smask = _read(science)
-    ref, _, rmask = _read(reference)
-    res = ImageSubtraction(**kw)(sci, ref, smask, rmask)
-    stem = Path(science).name.split(".")[0]
-    products = {"difference": res.difference, "noise": res.variance.clamp(min=0).sqrt(), "convolved": res.convolved}
-    written = {}
-    for role, default in (("difference", f"{stem}.diff.fits"), ("noise", None), ("convolved", None)):
-        name = files.get(role, default)
-        if name is None:
+    inp = hp.read_inputs(science, reference, cmd.kw, opts, files, _read)
+    positions = read_stamp_file(files["stamp_file"]) if "stamp_file" in files else None
+    shape = tuple(inp.science.shape[-2:])
+    nrx, nry = opts.regions
+    fitted, empty = [], []  # (Region, result, products) of each region, fitted independently as HOTPANTS does
+    for reg in hp.regions(shape, cmd.kw, nrx, nry):
+        part = hp.crop(inp, reg) if nrx * nry > 1 else inp
+        pos = None if positions is None else positions - torch.tensor([[reg.bx0, reg.by0]], dtype=positions.dtype)
+        try:
+            res = _hp_fit(hp.fit_keywords(cmd.kw, opts, (shape[0] // nry, shape[1] // nrx)), part, opts, pos)
+        except ValueError as e:  # HOTPANTS skips a region without stamps: its pixels keep the fill values
+            if nrx * nry == 1 or "no usable stamp star" not in str(e):
+                raise
+            empty.append(reg)
             continue
-        p = out / Path(name).name
-        fits.PrimaryHDU(products[role][0, 0].detach().cpu().numpy().astype(np.float32)).writeto(p, overwrite=True)
-        written[role] = str(p)
+        fitted.append((reg, res, hp.products(part, res, cmd.kw, opts)))
+    if not fitted:
+        raise ValueError(f"HOTPANTS regions -nrx {nrx} -nry {nry}: no usable stamp star in any region")
+    if empty:
+        warnings.warn(f"HOTPANTS: no usable stamp star in {len(empty)} of {nrx * nry} regions ("
+                      + ", ".join(f"[{g.x0 + 1}:{g.x1 + 1},{g.y0 + 1}:{g.y1 + 1}]" for g in empty)
+                      + "): their pixels hold the fill value (-fi) and are flagged, as HOTPANTS leaves them", UserWarning, stacklevel=2)
+    prod = fitted[0][2] if len(fitted) == 1 and not empty else hp.paste([(f[0], f[2]) for f in fitted], shape, opts)
+    stem = Path(science).name.split(".")[0]
+    names = {"science": str(science), "template": str(reference), "difference": files.get("difference", f"{stem}.diff.fits")}
+    hdr = hp.header_keys(inp.header, fitted, cmd.kw, opts, names)
+    written = hp.write_products(prod, hdr, files, out, names["difference"], opts)
+    res = fitted[0][1]
+    if "stamps" in files:
+        written["stamps"] = hp.write_savexy([f[1].stamp_stats for f in fitted], out / Path(files["stamps"]).name,
+                                            cmd.kw["stamp_half_width"], [(f[0].bx0, f[0].by0) for f in fitted])[0]
     ksum = float(res.kernel_sum[0])
-    print(f"{science} - {reference}: kernel sum {ksum:.6f}, {int(res.stamp_stats.used.sum())} stamps -> "
-          + ", ".join(written.values()))
-    return {"paths": written, "kernel_sum": ksum, "result": res}
+    print(f"{science} - {reference}: kernel sum {ksum:.6f} ({len(fitted)} region(s)), "
+          f"{int(res.stamp_stats.used.sum())} stamps -> " + ", ".join(written.values()))
+    return {"paths": written, "kernel_sum": ksum, "result": res, "products": prod,
+            "kernel_sums": [float(f[1].kernel_sum[0]) for f in fitted]}
 
 
 # ------------------------------------------------------------------------------------------------
 # SWarp: single-frame resampling onto a target .head
 # ------------------------------------------------------------------------------------------------
-#: SWarp 2.41 defaults of the keys we read
-SWARP_DEFAULTS = {"IMAGEOUT_NAME": "coadd.fits", "WEIGHTOUT_NAME": "coadd.weight.fits", "COMBINE": "Y",
-                  "RESAMPLING_TYPE": "LANCZOS3", "FSCALASTRO_TYPE": "FIXED", "SUBTRACT_BACK": "Y",
-                  "BACK_SIZE": "128", "BACK_FILTERSIZE": "3", "RESAMPLE_SUFFIX": ".resamp.fits",
-                  "HEADER_SUFFIX": ".head"}
+from .swarp import SWARP_DEFAULTS  # noqa: E402  (SWarp 2.41 defaults of the keys we read)
+
 _SWARP_RESAMPLING = {"NEAREST": "nearest", "BILINEAR": "bilinear", "LANCZOS3": "lanczos3"}
-_SWARP_NO_EFFECT = {"VERBOSE_TYPE", "WRITE_XML", "XML_NAME", "NTHREADS", "MEM_MAX", "VMEM_MAX", "VMEM_DIR",
+#: keys that do not change the resampled frame or its weights: output bookkeeping, memory, threads; the
+#: grid keys (CELESTIAL_TYPE ... IMAGE_SIZE) which the target .head overrides; the combination's own keys
+#: (one frame); GAIN / SATLEV keys (output header values and multi-frame weighting only)
+_SWARP_NO_EFFECT = {"VERBOSE_TYPE", "WRITE_XML", "XML_NAME", "XSL_URL", "NTHREADS", "MEM_MAX", "VMEM_MAX", "VMEM_DIR",
                     "COMBINE_BUFSIZE", "DELETE_TMPFILES", "RESAMPLE", "RESAMPLE_DIR", "COPY_KEYWORDS",
-                    "WRITE_FILEINFO", "HEADER_ONLY", "COMBINE_TYPE", "WEIGHT_TYPE", "CELESTIAL_TYPE",
-                    "PROJECTION_TYPE", "CENTER_TYPE", "PIXELSCALE_TYPE", "IMAGE_SIZE", "CENTER", "PIXEL_SCALE"}
+                    "WRITE_FILEINFO", "HEADER_ONLY", "HEADEROUT_NAME", "HEADER_NAME", "TILE_COMPRESS", "CELESTIAL_TYPE",
+                    "PROJECTION_TYPE", "PROJECTION_ERR", "CENTER_TYPE", "PIXELSCALE_TYPE", "IMAGE_SIZE", "CENTER",
+                    "PIXEL_SCALE", "CLIP_AMPFRAC", "CLIP_SIGMA", "CLIP_WRITELOG", "CLIP_LOGNAME", "GAIN_KEYWORD",
+                    "GAIN_DEFAULT", "SATLEV_KEYWORD", "SATLEV_DEFAULT", "NNODES", "NODE_INDEX", "NOPENFILES_MAX",
+                    "BACK_FILTTHRESH"}
 
 
 def read_head(path: PathLike):
@@ -771,66 +897,99 @@ def read_head(path: PathLike):
     return hdr
 
 
-def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLike, output: PathLike,
-                  overrides: Optional[dict] = None) -> dict:
-    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``: one frame resampled
-    onto the ``.head`` grid with SWarp's keys (RESAMPLING_TYPE, FSCALASTRO_TYPE NONE/FIXED/VARIABLE,
-    SUBTRACT_BACK with BACK_SIZE/BACK_FILTERSIZE, COMBINE: single-frame only); the input's SIP
-    distortion is honoured (SWarp ignores SIP), which the output header's HISTORY says."""
-    from astropy.io import fits
-
-    from .align import Reproject
-    from .wcs import TanWCS
+def _swarp_keys(swarp: Optional[PathLike], overrides: Optional[dict]) -> tuple[dict, list]:
+    """SWarp's defaults, the ``.swarp`` file's keys and the overrides; the keys not implemented."""
+    from .swarp import unimplemented
 
     keys = dict(SWARP_DEFAULTS)
     given = parse_sex(swarp) if swarp else {}
+    given.update({str(k).upper(): str(v) for k, v in (overrides or {}).items()})
     keys.update(given)
-    keys.update({str(k).upper(): str(v) for k, v in (overrides or {}).items()})
-    unimpl = [k for k in given if k not in SWARP_DEFAULTS and k not in _SWARP_NO_EFFECT]
+    unimpl = unimplemented(given, keys, _SWARP_NO_EFFECT)
     rt = keys["RESAMPLING_TYPE"].split(",")[0].upper()
     if rt not in _SWARP_RESAMPLING:
         unimpl.append(f"RESAMPLING_TYPE {rt} (LANCZOS3 used)")
+    return keys, unimpl
+
+
+def _swarp_prepare(keys: dict, input_path, image, header, mask):
+    """The frame after SWarp's background subtraction, its input variance (or None) and global rms."""
+    from . import swarp as sw
+
+    bkg, rms, grms = sw.background(keys, image, mask)
+    if _yes(keys["SUBTRACT_BACK"]):
+        manual = keys["BACK_TYPE"].split(",")[0].strip().upper() == "MANUAL"
+        image = image - (float(keys["BACK_DEFAULT"].split(",")[0]) if manual else bkg)
+    return image, sw.input_variance(keys, Path(input_path), image, rms, grms), grms
+
+
+def run_reproject(input_path: PathLike, swarp: Optional[PathLike], head: PathLike, output: PathLike,
+                  overrides: Optional[dict] = None) -> dict:
+    """``astroprep reproject input=<fits> swarp=<file.swarp> head=<target.head>``: one frame resampled
+    onto the ``.head`` grid with SWarp's keys (:mod:`astroprep_torch.swarp`: RESAMPLING_TYPE,
+    FSCALASTRO_TYPE NONE/FIXED/VARIABLE, FSCALE_KEYWORD/FSCALE_DEFAULT, SUBTRACT_BACK with BACK_TYPE,
+    BACK_SIZE/BACK_FILTERSIZE, WEIGHT_TYPE and the output weight map, COMBINE: single-frame only); the
+    input's SIP distortion is honoured (SWarp ignores SIP), which the output header's HISTORY says."""
+    from astropy.io import fits
+
+    from . import swarp as sw
+    from .align import Reproject
+    from .wcs import TanWCS
+
+    keys, unimpl = _swarp_keys(swarp, overrides)
+    rt = keys["RESAMPLING_TYPE"].split(",")[0].upper()
     fs = keys["FSCALASTRO_TYPE"].upper()
     if unimpl:
         warnings.warn(f"SWarp configuration {swarp}: not implemented, ignored: " + "; ".join(unimpl), UserWarning, stacklevel=2)
     image, header, mask = _read(input_path)
-    image = image.double()
-    if _yes(keys["SUBTRACT_BACK"]):
-        from .background import background_2d
-
-        size = [int(float(v)) for v in keys["BACK_SIZE"].split(",")]
-        fsz = [int(float(v)) for v in keys["BACK_FILTERSIZE"].split(",")]
-        image = image - background_2d(image, mask, box_size=size[0] if len(size) == 1 else (size[1], size[0]),
-                                      filter_size=fsz[0] if len(fsz) == 1 else (fsz[1], fsz[0]),
-                                      method="sextractor").background
+    image, var_in, grms = _swarp_prepare(keys, input_path, image.double(), header, mask)
+    fscale = sw.flux_scale(keys, header)
     target = read_head(head)
     shape = (int(target["NAXIS2"]), int(target["NAXIS1"]))
     src, dst = TanWCS.from_header(header), TanWCS.from_header(target)
-    res = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))(
-        image, src, dst, mask)
-    out = res.image
-    if fs == "FIXED":  # flux per pixel conserved with the pixel-area ratio at the frame centres
-        out = out * (_pixel_area(target, shape) / _pixel_area(header, tuple(image.shape[-2:])))
+    reproject = Reproject(shape, interpolation=_SWARP_RESAMPLING.get(rt, "lanczos3"), conserve_flux=(fs == "VARIABLE"))
+    res = reproject(image, src, dst, mask)
+    var_out = None
+    if var_in is not None:  # SWarp keeps the image through bad-weight pixels; see swarp.resample_variance
+        var_out, touched = sw.resample_variance(var_in, header, dst, reproject, rt)
+    factor = fscale * (_fixed_flux_factor(src, dst, tuple(image.shape[-2:])) if fs == "FIXED" else 1.0)
+    out = res.image[:, :1] * factor
+    if fs == "VARIABLE":  # the weights follow the per-pixel Jacobian the image was scaled by
+        factor = factor * (dst.pixel_area(*_grid(shape)) / src.pixel_area(*dst.pixel_to_pixel(src, *_grid(shape)))).view(1, 1, *shape)
+    cov = (res.footprint > 0) & sw.covered(src, dst, tuple(image.shape[-2:]), shape, rt)
+    good = cov if var_in is None else cov & ~touched
+    weight = sw.output_weight(var_out, good, grms, factor)
+    out = torch.where(cov, torch.nan_to_num(out), torch.zeros_like(out))
+    if _yes(keys["BLANK_BADPIXELS"]):
+        out = torch.where(weight > 0, out, torch.zeros_like(out))
     hdr = target.copy()
     hdr["HISTORY"] = "astroprep_torch reproject (SWarp drop-in): input SIP/TPV distortion honoured"
     hdr["HISTORY"] = f"RESAMPLING_TYPE {rt} FSCALASTRO_TYPE {fs} SUBTRACT_BACK {keys['SUBTRACT_BACK']}"
+    hdr["FLXSCALE"] = (fscale, "flux scale applied (FSCALE_KEYWORD)")
     o = Path(output)
     o.mkdir(parents=True, exist_ok=True)
     single = not _yes(keys["COMBINE"])
     name = (Path(input_path).name.split(".")[0] + keys["RESAMPLE_SUFFIX"]) if single else Path(keys["IMAGEOUT_NAME"]).name
     wname = (Path(name).name.replace(".fits", ".weight.fits")) if single else Path(keys["WEIGHTOUT_NAME"]).name
     fits.PrimaryHDU(out[0, 0].float().numpy(), header=hdr).writeto(o / name, overwrite=True)
-    fits.PrimaryHDU(res.footprint[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
+    fits.PrimaryHDU(weight[0, 0].float().numpy(), header=hdr).writeto(o / wname, overwrite=True)
     print(f"{input_path} -> {o / name} ({shape[1]}x{shape[0]}, {rt}, FSCALASTRO_TYPE {fs})")
     return {"image": str(o / name), "weight": str(o / wname)}
 
 
-def _pixel_area(header, shape) -> float:
-    """Pixel area (deg^2) at the frame centre, from the header's celestial WCS (astropy)."""
-    from astropy.wcs import WCS
-    from astropy.wcs.utils import proj_plane_pixel_area
+def _grid(shape) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.arange(shape[0], dtype=torch.float64), torch.arange(shape[1], dtype=torch.float64),
+                            indexing="ij")
+    return xx.reshape(1, -1), yy.reshape(1, -1)
 
-    return float(proj_plane_pixel_area(WCS(header).celestial))
+
+def _fixed_flux_factor(src, dst, in_shape) -> float:
+    """SWarp's FSCALASTRO_TYPE FIXED: output / input pixel area at the input frame's centre (SIP/TPV
+    distortion included)."""
+    xc = torch.tensor([[(in_shape[1] - 1) / 2]], dtype=torch.float64)
+    yc = torch.tensor([[(in_shape[0] - 1) / 2]], dtype=torch.float64)
+    xo, yo = src.pixel_to_pixel(dst, xc, yc)
+    return float(dst.pixel_area(xo, yo).reshape(-1)[0] / src.pixel_area(xc, yc).reshape(-1)[0])
 
 
 def run_reproject_from_hydra(cfg) -> dict:
