@@ -29,6 +29,7 @@ from .apertures import APER_OVERSAMP, _stage_aper
 from .flags import (
     FLAG_APER_INCOMPLETE,
     FLAG_CROWDED,
+    MeshBackground,
     _aperture_box_flags,
     _blended_flags,
     _border_flags,
@@ -271,8 +272,10 @@ def _isophotal_flags(image: Tensor, segmentation, obj: _ObjectPixels, shape: _Sh
         seg = segmentation.dense(image.shape)  # touching labels need the dense map
     flags |= _blended_flags(blended, seg, obj.pidx, obj.inv, obj.n)
     if saturation is not None:
-        bkgmap = _as_map(background if background is not None else 0.0, image, "background")
-        flags |= _saturated_flags(peak, bkgmap, obj.bidx, shape.x, shape.y, saturation)
+        bkg = background
+        if not isinstance(background, MeshBackground):
+            bkg = _as_map(background if background is not None else 0.0, image, "background")
+        flags |= _saturated_flags(peak, bkg, obj.bidx, shape.x, shape.y, saturation)
     return flags
 
 
@@ -389,7 +392,7 @@ def measure(
         gain: e-/ADU (None or 0: no Poisson term, as SExtractor's GAIN 0).
         mask: bool ``(B,1,H,W)``, True = bad pixel: treated as blanked (like a zero-weight pixel).
         mask_type: "correct" (SExtractor's default), "blank" or "none" (MASK_TYPE).
-        saturation, background: SATUR_LEVEL and the background map/scalar for flag 4.
+        saturation, background: SATUR_LEVEL and the background (map, scalar, :class:`MeshBackground`): flag 4.
         isophotal: optional per-object overrides (NaN = compute) of what SExtractor fixes before the
             final segmentation exists: ``x``, ``y`` (0-based) of deblended objects (SExtractor keeps the
             deblending-branch barycentre; second moments are then taken about it over all pixels);

@@ -336,9 +336,8 @@ class _Frame:
             bs = self._runs(self.bseg, rbase2, c2, s, bad)[0].flip(-1)
             # column -1 of the run read as column 0 (SExtractor's truncation toward zero): the value
             # of the next stamp column, whose mirror column is 0
-            edge = cxm.m[:, None, None] - st.ix[sel] == -1
-            if bool((edge & (x2 == 0)).any()):
-                edge = edge & (x2 == 0)
+            if bool(((cxm.m + 1 - x0 < s) & cxm.frac).any()):  # column cxm + 1 in a stamp: near the left edge
+                edge = (cxm.m[:, None, None] - st.ix[sel] == -1) & (x2 == 0)
                 mpix = torch.where(edge, torch.cat([mpix[..., :1], mpix[..., :-1]], -1), mpix)
                 bs = torch.where(edge, torch.cat([bs[..., :1], bs[..., :-1]], -1), bs)
         else:
