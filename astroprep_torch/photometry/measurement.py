@@ -468,7 +468,7 @@ class Photometry(nn.Module):
     """``nn.Module`` wrapper of :func:`measure` holding SExtractor's photometry settings (plain values,
     Hydra-friendly).  ``forward(image, segmentation, rms, **per_call)`` returns the dict of
     :func:`measure`; per-call keyword arguments (``filtered``, ``thresh``, ``detect_thresh``, ``mask``,
-    ``background``, ``isophotal``, ``blended``, ``var``) are passed through."""
+    ``background``, ``isophotal``, ``blended``, ``unblanked``, ``always_blanked``, ``var``) are passed through."""
 
     def __init__(self, phot_apertures: Sequence[float] = (10.0,), kron_fact: float = 2.5,
                  min_radius: float = 3.5, autoapers: Sequence[float] = (0.0, 0.0),
