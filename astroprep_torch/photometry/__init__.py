@@ -44,6 +44,7 @@ from .flags import (
     FLAG_ISO_INCOMPLETE,
     FLAG_SATURATED,
     FLAG_TRUNCATED,
+    MeshBackground,
     _box_flag_round,
     _box_flag_trunc,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "measure",
     "Photometry",
     "SegmentPixels",
+    "MeshBackground",
     "sum_circle",
     "sum_ellipse",
     "kron_radius",

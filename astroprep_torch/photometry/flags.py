@@ -1,7 +1,9 @@
 """SExtractor's FLAGS bits and the rules that set them in photometry.
 
 1 crowded (> 10 % of the Kron area blanked: set by :mod:`.kron`), 2 blended (given by the detector, or
-inferred: the object touches another label), 4 saturated (``peak + background >= saturation``), 8 object
+inferred: the object touches another label), 4 saturated (``peak + background >= saturation`` in float32,
+the background at the pixel nearest the barycentre: SExtractor takes it bilinearly from its background
+mesh, :class:`MeshBackground`, not from the spline-interpolated BACKGROUND map), 8 object
 pixels on the image border, 16 an aperture (APER, AUTO, growth curve or window) box clipped by the image
 border (SExtractor's rounding of the box).  32 (isophotal data incomplete) is only raised by
 SExtractor's strip buffering and never here.
@@ -9,7 +11,7 @@ SExtractor's strip buffering and never here.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +74,52 @@ def _blended_flags(blended: Optional[Tensor], seg: Tensor, pidx: Tensor, inv: Te
     return bl.long() * FLAG_BLENDED
 
 
-def _saturated_flags(peak: Tensor, background: Optional[Tensor], bidx: Tensor, x: Tensor, y: Tensor,
-                     saturation: float) -> Tensor:
+class MeshBackground(NamedTuple):
+    """SExtractor's background mesh (its MINIBACKGROUND check image: ``(B|1, 1, ny, nx)``, the filtered
+    box values) and the box size ``(BACK_SIZE rows, columns)``, for FLAGS 4: SExtractor adds to the peak
+    the mesh bilinearly interpolated at the pixel (back.c ``back()``), which differs from the BACKGROUND
+    map by a fraction of an ADU -- enough to flip the flag of a star clipped at the saturation level."""
+
+    mesh: Tensor
+    box: tuple[int, int]
+
+    def at(self, bidx: Tensor, ix: Tensor, iy: Tensor) -> Tensor:
+        """back.c ``back(field, ix, iy)`` (float64 weights, float32 result) at integer pixels."""
+        m = self.mesh.detach()
+        ny, nx = m.shape[-2:]
+        vals = m.reshape(m.shape[0], ny * nx)[bidx if m.shape[0] > 1 else torch.zeros_like(bidx)].double()
+        dx, xl = self._cell(ix.double() / self.box[1] - 0.5, nx)
+        dy, yl = self._cell(iy.double() / self.box[0] - 0.5, ny)
+        x1 = xl + (1 if nx > 1 else 0)
+        y1 = yl + (1 if ny > 1 else 0)
+
+        def g(yy, xx):
+            return vals.gather(1, (yy * nx + xx)[:, None])[:, 0]
+
+        b0, b1, b2, b3 = g(yl, xl), g(yl, x1), g(y1, x1), g(y1, xl)
+        return ((1 - dy) * ((1 - dx) * b0 + dx * b1) + dy * (dx * b2 + (1 - dx) * b3)).float()
+
+    @staticmethod
+    def _cell(d: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Cell index (C truncation, clamped to the mesh as back.c does) and the offset in it."""
+        lo = torch.trunc(d)
+        off = d - lo
+        lo = lo.long()
+        off = torch.where(lo < 0, off - 1.0, torch.where(lo >= n - 1, off + 1.0, off))
+        return off, lo.clamp(0, max(n - 2, 0))
+
+
+def _saturated_flags(peak: Tensor, background, bidx: Tensor, x: Tensor, y: Tensor, saturation: float) -> Tensor:
     """FLAG_SATURATED where ``peak`` plus the background at the object's nearest pixel reaches
-    ``saturation`` (``background``: a broadcastable ``(B|1, 1, H|1, W|1)`` map)."""
+    ``saturation``, summed in float32 as SExtractor does (``background``: a broadcastable ``(B|1, 1, H|1,
+    W|1)`` map or a :class:`MeshBackground`)."""
     ixr = torch.floor(x + 0.5).long()
     iyr = torch.floor(y + 0.5).long()
-    bk = _per_object(None, background.detach(), bidx, ixr, iyr).double()
-    return ((peak.detach().double() + bk) >= saturation).long() * FLAG_SATURATED
+    if isinstance(background, MeshBackground):
+        bk = background.at(bidx, ixr, iyr)
+    else:
+        bk = _per_object(None, background.detach(), bidx, ixr, iyr).float()
+    return ((peak.detach().float() + bk) >= saturation).long() * FLAG_SATURATED
 
 
 def _aperture_box_flags(x: Tensor, y: Tensor, radii: Sequence[float], H: int, W: int) -> Tensor:

@@ -3,7 +3,9 @@
 ``KRON_RADIUS``: first moment of the (unfiltered) image within the isophotal ellipse scaled by 6
 (``KRON_NSIG = 3*MARGIN_SCALE``), whole pixels, then ``kron_fact * r1/v1`` floored at ``min_radius``.
 ``FLUX_AUTO`` sums *whole pixels* whose centre lies in the Kron ellipse (no sub-pixel overlap: the main
-reason sep's ``sum_ellipse`` disagrees at the percent level).  Neighbours (MASK_TYPE CORRECT) are
+reason sep's ``sum_ellipse`` disagrees at the percent level).  As photom.c, both steps work with the
+centre rounded to float32 (``float mx, my``) and the squared Kron factor in float32: a pixel centre on
+the ellipse's edge is in or out as SExtractor has it (at x ~ 2,000 px a float32 ulp is 1.2e-4 px).  Neighbours (MASK_TYPE CORRECT) are
 excluded from the Kron moment and replaced by their mirror pixel in the flux; an object is crowded
 (FLAGS 1) when more than 10 % of its Kron area is blanked.
 """
@@ -70,10 +72,16 @@ def _kron_sums(fr: _Frame, o: _Objects, ellipse, klim2: Tensor, rx: Tensor, ry: 
     return r1, v1, area, areab
 
 
+def _float_centres(o: _Objects) -> _Objects:
+    """The objects with their centres rounded to float32 (photom.c's ``float mx, my``), kept float64."""
+    return o._replace(x=o.x.float().double(), y=o.y.float().double())
+
+
 def _stage_kron(fr: _Frame, o: _Objects, kron_fact: float, min_radius: float, autoaper0: float, max_elems: int,
                 nsig: float = KRON_NSIG, raw: bool = False):
     """Kron factor (SExtractor computeautoflux step 1).  Returns ``kronfactor, area, crowded, flag``
     (``raw``: the first moment ``r1 / v1`` and ``flag``)."""
+    o = _float_centres(o)
     ell = nsig * torch.sqrt(o.a * o.b) > autoaper0 / 2.0
     cxx, cyy, cxy = _aperture_ellipse(o, ell)
     dxl, dyl = _ellipse_extent(cxx, cyy, cxy, nsig)
@@ -90,7 +98,9 @@ def _stage_kron(fr: _Frame, o: _Objects, kron_fact: float, min_radius: float, au
     kf = torch.clamp(kf, min=min_radius)
     kf = torch.where(ok, kf, torch.full_like(kf, min_radius))
     kf = torch.where(area > 0, kf, torch.zeros_like(kf))
-    crowded = (area > 0) & (areab.double() / area.clamp(min=1).double() > CROWD_THRESHOLD)
+    # photom.c: ``(float)areab/area > CROWD_THRESHOLD``, a float32 ratio against the double 0.1 (10 % exactly
+    # is crowded: 0.1f > 0.1)
+    crowded = (area > 0) & ((areab.float() / area.clamp(min=1).float()).double() > CROWD_THRESHOLD)
     return kf, area, crowded, flag
 
 
@@ -124,12 +134,14 @@ def _auto_sums(fr: _Frame, o: _Objects, ellipse, klim2: Tensor, rx: Tensor, ry: 
 def _stage_auto(fr: _Frame, o: _Objects, kf: Tensor, autoaper1: float, max_elems: int):
     """FLUX_AUTO (SExtractor computeautoflux step 2) in the ellipse scaled by the Kron factor ``kf``.
     Returns ``flux, var, kronfactor, crowded, flag``."""
+    o = _float_centres(o)
     ell = kf * torch.sqrt(o.a * o.b) > autoaper1 / 2.0
     cxx, cyy, cxy = _aperture_ellipse(o, ell)
     dxl, dyl = _ellipse_extent(cxx, cyy, cxy, 1.0)
     dxl = torch.where(ell, dxl * kf, torch.full_like(dxl, autoaper1 / 2.0))
     dyl = torch.where(ell, dyl * kf, torch.full_like(dyl, autoaper1 / 2.0))
-    klim2 = torch.where(ell, kf * kf, torch.full_like(kf, (autoaper1 / 2.0) ** 2))
+    kf32 = kf.float()  # SExtractor's float kronfactor, squared in float
+    klim2 = torch.where(ell, (kf32 * kf32).to(kf.dtype), torch.full_like(kf, (autoaper1 / 2.0) ** 2))
     kf_out = torch.where(ell, kf, torch.zeros_like(kf))
     flag = _box_flag_round(o.x, dxl, fr.W) | _box_flag_round(o.y, dyl, fr.H)
     active = torch.nonzero(kf > 0).flatten()  # kf == 0 <=> no usable pixel in step 1

@@ -7,7 +7,12 @@ position (:mod:`.winpos`) -- and the flags (:mod:`.flags`).
 Neighbours (MASK_TYPE CORRECT, SExtractor's default): every pixel above the detection threshold in the
 filtered image that is not the object's own is "blanked": excluded from the Kron moment, and in every
 flux sum replaced by the pixel symmetric about the centre (or 0 when that one is blanked too / outside
-the image).  ``BLANK`` replaces by 0; ``NONE`` does nothing.
+the image; SExtractor's ``(int)(2 c + 0.49999 - x)`` truncates toward zero, so a mirror coordinate in
+(-1, 0) reads pixel 0).  ``BLANK`` replaces by 0; ``NONE`` does nothing.  SExtractor's CLEAN changes
+that state: the pixels of a swallowed object are pasted back into the image (``unblanked``) except the
+rows its scan had not blanked yet, which stay blanked for every object (``always_blanked``); the
+detector (or, on SExtractor's own segmentation, a CLEAN N run: experiments/photometry_parity.py)
+supplies them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .apertures import APER_OVERSAMP, _stage_aper
 from .flags import (
     FLAG_APER_INCOMPLETE,
     FLAG_CROWDED,
+    MeshBackground,
     _aperture_box_flags,
     _blended_flags,
     _border_flags,
@@ -170,8 +176,27 @@ def _filtered_image(image: Tensor, segmentation, filtered: Optional[Tensor], fil
     return filtered
 
 
+class _CleanBlanking(NamedTuple):
+    """Where SExtractor's blanking of detected pixels departs from "every neighbour pixel above the
+    detection threshold" (MASK_TYPE CORRECT / BLANK), as bool ``(B, 1, H, W)`` maps or None.
+
+    ``unblanked``: detected pixels no aperture treats as blanked (SExtractor pastes the pixels of an object
+    removed by CLEAN back into the image once their rows have been blanked by the scan).  ``always``:
+    pixels blanked in every object's apertures, its own included (the rows of a CLEANed object that
+    the scan had not yet blanked when it was pasted back -- the last row of the detection whose
+    completion triggered the CLEAN -- are blanked afterwards, also for the object that swallowed it)."""
+
+    unblanked: Optional[Tensor] = None
+    always: Optional[Tensor] = None
+
+    @staticmethod
+    def of(unblanked, always_blanked, image: Tensor) -> "_CleanBlanking":
+        return _CleanBlanking(check_mask(unblanked, image, "unblanked"),
+                              check_mask(always_blanked, image, "always_blanked"))
+
+
 def _blank_labels(segmentation: SegmentPixels, obj: _ObjectPixels, mask: Optional[Tensor], mask_type: str,
-                  n_pixels: int) -> Optional[Tensor]:
+                  n_pixels: int, clean: _CleanBlanking) -> Optional[Tensor]:
     """Label of blanked pixels, -1 elsewhere (as :class:`_Frame` builds it), from the pixel lists."""
     if mask_type == "none" and mask is None:
         return None
@@ -182,17 +207,22 @@ def _blank_labels(segmentation: SegmentPixels, obj: _ObjectPixels, mask: Optiona
         bseg.masked_fill_(mask.reshape(-1), 0)
     bseg.index_put_((obj.pidx,), obj.label.to(torch.int32).index_select(0, obj.inv))
     keep = segmentation.unblanked
+    if mask_type != "none" and clean.unblanked is not None:
+        extra = torch.nonzero(clean.unblanked.reshape(-1)).flatten()
+        keep = extra if keep is None else torch.cat([keep, extra])
     if mask_type != "none" and keep is not None and keep.numel():
         if mask is not None:
             keep = keep[~mask.reshape(-1).index_select(0, keep)]
         bseg.index_fill_(0, keep, -1)
+    if mask_type != "none" and clean.always is not None:
+        bseg.masked_fill_(clean.always.reshape(-1), 0)
     return bseg
 
 
 def _blank_map(image: Tensor, filtered: Tensor, noise: _Noise, mask: Optional[Tensor], mask_type: str,
-               detect_thresh) -> Optional[Tensor]:
+               detect_thresh, clean: _CleanBlanking) -> Optional[Tensor]:
     """The blanked pixels of a dense segmentation: above the detection threshold in ``filtered``
-    (unless MASK_TYPE NONE) or bad in ``mask``."""
+    (unless MASK_TYPE NONE; less ``clean.unblanked``, plus ``clean.always``) or bad in ``mask``."""
     blank = None
     if mask_type != "none":
         if detect_thresh is not None:
@@ -202,19 +232,26 @@ def _blank_map(image: Tensor, filtered: Tensor, noise: _Noise, mask: Optional[Te
         else:
             dthreshmap = noise.nsigma_thresh(noise.map)
         blank = filtered.detach() > dthreshmap
+        if clean.unblanked is not None:
+            blank &= ~clean.unblanked
+        if clean.always is not None:
+            blank |= clean.always
     if mask is not None:
         blank = mask if blank is None else (blank | mask)
     return blank
 
 
 def _measurement_frame(image: Tensor, segmentation, obj: _ObjectPixels, noise: _Noise, filtered, mask,
-                       mask_type: str, detect_thresh) -> _Frame:
+                       mask_type: str, detect_thresh, clean: _CleanBlanking) -> _Frame:
     """The :class:`_Frame` the stamp stages gather from, with the blanked neighbour pixels."""
     B, _, H, W = image.shape
     if isinstance(segmentation, SegmentPixels):
-        blank, bseg = None, _blank_labels(segmentation, obj, mask, mask_type, B * H * W)
+        blank, bseg = None, _blank_labels(segmentation, obj, mask, mask_type, B * H * W, clean)
     else:
-        blank, bseg = _blank_map(image, filtered, noise, mask, mask_type, detect_thresh), None
+        blank, bseg = _blank_map(image, filtered, noise, mask, mask_type, detect_thresh, clean), None
+        if clean.always is not None and mask_type != "none":  # blanked for their own object too: label 0
+            bseg = obj.seg.reshape(-1).to(torch.int32, copy=True).masked_fill_(~blank.reshape(-1), -1)
+            bseg.masked_fill_(clean.always.reshape(-1), 0)
     fr = _Frame(image, obj.seg, noise.map, blank, H, W, mask_type if mask_type != "none" else "correct",
                 bseg=bseg, var_is_rms=noise.is_rms)
     if mask_type == "none" and mask is not None:
@@ -235,8 +272,10 @@ def _isophotal_flags(image: Tensor, segmentation, obj: _ObjectPixels, shape: _Sh
         seg = segmentation.dense(image.shape)  # touching labels need the dense map
     flags |= _blended_flags(blended, seg, obj.pidx, obj.inv, obj.n)
     if saturation is not None:
-        bkgmap = _as_map(background if background is not None else 0.0, image, "background")
-        flags |= _saturated_flags(peak, bkgmap, obj.bidx, shape.x, shape.y, saturation)
+        bkg = background
+        if not isinstance(background, MeshBackground):
+            bkg = _as_map(background if background is not None else 0.0, image, "background")
+        flags |= _saturated_flags(peak, bkg, obj.bidx, shape.x, shape.y, saturation)
     return flags
 
 
@@ -325,7 +364,8 @@ def measure(
     phot_apertures: Sequence[float] = (10.0,), kron_fact: float = 2.5, min_radius: float = 3.5,
     autoapers: Sequence[float] = (0.0, 0.0), flux_fracs: Sequence[float] = (0.5,), gain: Optional[float] = None,
     mask: Optional[Tensor] = None, mask_type: str = "correct", saturation: Optional[float] = None, background=None,
-    isophotal: Optional[dict] = None, blended: Optional[Tensor] = None, aper_subpix: int = APER_OVERSAMP,
+    isophotal: Optional[dict] = None, blended: Optional[Tensor] = None, unblanked: Optional[Tensor] = None,
+    always_blanked: Optional[Tensor] = None, aper_subpix: int = APER_OVERSAMP,
     winpos_revert: bool = True, winpos_max_radius: Optional[float] = WINPOS_MAX_RADIUS,
     max_elems: int = 1 << 22, workers: Optional[int] = None,
 ) -> dict[str, Tensor]:
@@ -352,13 +392,16 @@ def measure(
         gain: e-/ADU (None or 0: no Poisson term, as SExtractor's GAIN 0).
         mask: bool ``(B,1,H,W)``, True = bad pixel: treated as blanked (like a zero-weight pixel).
         mask_type: "correct" (SExtractor's default), "blank" or "none" (MASK_TYPE).
-        saturation, background: SATUR_LEVEL and the background map/scalar for flag 4.
+        saturation, background: SATUR_LEVEL and the background (map, scalar, :class:`MeshBackground`): flag 4.
         isophotal: optional per-object overrides (NaN = compute) of what SExtractor fixes before the
             final segmentation exists: ``x``, ``y`` (0-based) of deblended objects (SExtractor keeps the
             deblending-branch barycentre; second moments are then taken about it over all pixels);
             ``x2``, ``y2``, ``xy`` and ``npix`` of objects that swallowed CLEANed neighbours
             (SExtractor merges the pixels and fluxes but keeps the master's moments and ISOAREA).
         blended: optional bool per object for flag 2 (default: inferred from touching labels).
+        unblanked, always_blanked: optional bool ``(B, 1, H, W)`` maps of detected pixels never blanked /
+            blanked for every object, its own included (SExtractor's CLEAN paste-back, ignored under
+            MASK_TYPE NONE: see :class:`_CleanBlanking`).
         aper_subpix: 5 = SExtractor's sub-sampling of FLUX_APER; 0 = exact circular overlap.
         winpos_revert: as SExtractor 2.25 (winpos.c), report the isophotal position as ``xwin, ywin``
             when the window's flux or moments are not positive or the windowed centroid lies more
@@ -399,7 +442,8 @@ def measure(
     iso = _isophotal_fluxes(obj, v, varp, noise.thresh_at(obj.pidx, B, H, W), gain_v, isophotal)
     errs = _position_errors(obj, shape, varp, gain_v)
     flags = _isophotal_flags(image, segmentation, obj, shape, iso.peak, blended, saturation, background)
-    fr = _measurement_frame(image, segmentation, obj, noise, filtered, mask, mask_type, detect_thresh)
+    fr = _measurement_frame(image, segmentation, obj, noise, filtered, mask, mask_type, detect_thresh,
+                            _CleanBlanking.of(unblanked, always_blanked, image))
     geo = _Objects(obj.bidx, obj.label, shape.x, shape.y, shape.a, shape.b, shape.cxx, shape.cyy, shape.cxy)
     radii = [float(d) / 2.0 for d in phot_apertures]
     stages = functools.partial(
@@ -424,7 +468,7 @@ class Photometry(nn.Module):
     """``nn.Module`` wrapper of :func:`measure` holding SExtractor's photometry settings (plain values,
     Hydra-friendly).  ``forward(image, segmentation, rms, **per_call)`` returns the dict of
     :func:`measure`; per-call keyword arguments (``filtered``, ``thresh``, ``detect_thresh``, ``mask``,
-    ``background``, ``isophotal``, ``blended``, ``var``) are passed through."""
+    ``background``, ``isophotal``, ``blended``, ``unblanked``, ``always_blanked``, ``var``) are passed through."""
 
     def __init__(self, phot_apertures: Sequence[float] = (10.0,), kron_fact: float = 2.5,
                  min_radius: float = 3.5, autoapers: Sequence[float] = (0.0, 0.0),

@@ -312,8 +312,7 @@ class _Frame:
         sel = torch.nonzero(nmask).flatten()
         if sel.numel() == 0:
             return base
-        cxm = torch.trunc(2.0 * cx.double() + 0.49999).long()
-        cym = torch.trunc(2.0 * cy.double() + 0.49999).long()
+        cxm, cym = _MirrorCentre.of(cx), _MirrorCentre.of(cy)
         if not self.img.requires_grad and 5 * int(nmask.sum()) <= sel.numel() * masked[0].numel():
             return self._mirror_at_masked(st, base, b, label, cxm, cym)  # few blanked pixels (large stamps)
         return self._mirror_stamps(st, base, sel, b, label, cxm, cym)
@@ -324,17 +323,23 @@ class _Frame:
         mirrored stamps."""
         H, W = self.H, self.W
         s = base.shape[-1]
-        b, label, x0, cxm, cym = b[sel], label[sel], st.x0[sel], cxm[sel], cym[sel]
-        x2 = cxm[:, None, None] - st.ix[sel]  # (m, 1, s)
-        y2 = cym[:, None, None] - st.iy[sel]  # (m, s, 1)
+        b, label, x0, cxm, cym = b[sel], label[sel], st.x0[sel], cxm.rows(sel), cym.rows(sel)
+        x2 = cxm.mirror(st.ix[sel])  # (m, 1, s)
+        y2 = cym.mirror(st.iy[sel])  # (m, s, 1)
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
         # mirrored stamp: row y2 = cym - iy, columns cxm - x0 - j (descending) = reversed run
         rbase2 = b[:, None] * (H * W) + y2[:, :, 0].clamp(0, H - 1) * W
         if not self.img.requires_grad:
-            c2 = cxm - x0 - (s - 1)
+            c2 = cxm.m - x0 - (s - 1)
             mpix, bad = self._runs(self.img, rbase2, c2, s)
             mpix = mpix.flip(-1)
             bs = self._runs(self.bseg, rbase2, c2, s, bad)[0].flip(-1)
+            # column -1 of the run read as column 0 (SExtractor's truncation toward zero): the value
+            # of the next stamp column, whose mirror column is 0
+            if bool(((cxm.m + 1 - x0 < s) & cxm.frac).any()):  # column cxm + 1 in a stamp: near the left edge
+                edge = (cxm.m[:, None, None] - st.ix[sel] == -1) & (x2 == 0)
+                mpix = torch.where(edge, torch.cat([mpix[..., :1], mpix[..., :-1]], -1), mpix)
+                bs = torch.where(edge, torch.cat([bs[..., :1], bs[..., :-1]], -1), bs)
         else:
             flat2 = b[:, None, None] * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
             mpix = self.img[flat2]
@@ -351,14 +356,39 @@ class _Frame:
         pixels: cheaper where they are a small part of the stamps."""
         H, W = self.H, self.W
         oi, yy, xx = torch.nonzero(st.masked, as_tuple=True)
-        x2 = cxm.index_select(0, oi) - st.ix[oi, 0, xx]
-        y2 = cym.index_select(0, oi) - st.iy[oi, yy, 0]
+        x2 = cxm.rows(oi).mirror(st.ix[oi, 0, xx])
+        y2 = cym.rows(oi).mirror(st.iy[oi, yy, 0])
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
         flat2 = b.index_select(0, oi) * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
         mpix = self.img.reshape(-1).index_select(0, flat2)
         bs = self.bseg.index_select(0, flat2)
         mblank = (bs >= 0) & (bs != label.to(bs.dtype).index_select(0, oi))
         return base.index_put_((oi, yy, xx), torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix)))
+
+
+class _MirrorCentre(NamedTuple):
+    """SExtractor's CORRECT mirror about a centre ``c`` (MASK_TYPE CORRECT in photom.c / winpos.c): the
+    pixel ``i`` is replaced by ``(int)(2 c + 0.49999 - i)``, a truncation toward zero, so that a mirror
+    coordinate in ``(-1, 0)`` reads pixel 0 (as a usable pixel) rather than falling off the frame.
+    ``m = trunc(2 c + 0.49999)`` and ``frac`` (True where ``2 c + 0.49999`` is not an integer) per object."""
+
+    m: Tensor
+    frac: Tensor
+
+    @staticmethod
+    def of(c: Tensor) -> "_MirrorCentre":
+        a = 2.0 * c.double() + 0.49999
+        t = torch.trunc(a)
+        return _MirrorCentre(t.long(), a != t)
+
+    def rows(self, sel) -> "_MirrorCentre":
+        return _MirrorCentre(self.m[sel], self.frac[sel])
+
+    def mirror(self, i: Tensor) -> Tensor:
+        """Mirror coordinates of the pixel coordinates ``i`` (per-object leading dimension)."""
+        shape = (-1,) + (1,) * (i.dim() - 1)
+        i2 = self.m.view(shape) - i
+        return torch.where((i2 == -1) & self.frac.view(shape), torch.zeros_like(i2), i2)
 
 
 def _wbuf(bufs: dict, name: str, shape, dtype, device) -> Tensor:
