@@ -156,6 +156,12 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
         which gradients do not inflate). The autoencoder sees channels 0-1 and must predict 2-3 from
         them: good frames tie flux to sharp peaks, a defocused frame has the flux without the peaks.
     """
+    return _normalize(image, mask, bin_factor)[0]
+
+
+def _normalize(image: Tensor, mask: Optional[Tensor], bin_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`normalize_frame`'s channels with the frame median ``m`` and noise ``sigma`` they were
+    normalised by, each ``(B, 1, 1, 1)``."""
     image = check_image(image, "image", channels=1)
     mask = check_mask(mask, image)
     k = int(bin_factor)
@@ -163,7 +169,7 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
         raise ValueError(f"normalize_frame: bin_factor must be an even integer >= 2, got {bin_factor}")
     x, m = _fill_bad_with_median(image, mask)[:2]
     sigma = _frame_noise(x).view(-1, 1, 1, 1)
-    return _asinh(_block_features(x, k, m, sigma))
+    return _asinh(_block_features(x, k, m, sigma)), m, sigma
 
 
 def _fill_bad_with_median(image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -363,6 +369,8 @@ class QualityScorer(nn.Module):
         self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
         self.register_buffer("baseline", None)  # log patch errors typical of the instrument (see adapt)
         self.register_buffer("psf_reference", None)  # the night's star width and count (see adapt)
+        self.register_buffer("sky_pattern", None)  # the night's log relative sky per patch (see adapt)
+        self.register_buffer("sky_reference", None)  # [spread, k] of the sky check (see adapt)
         self.scope = ""  # what the model was trained on (set by pretrained())
 
     # -- core -------------------------------------------------------------------------------
@@ -377,8 +385,15 @@ class QualityScorer(nn.Module):
 
     def patch_errors(self, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Patch errors ``(B, 1, nh, nw)`` (see the class docstring)."""
-        res = self.residual(image, mask)
+        return self._errors_and_sky(image, mask)[0]
+
+    def _errors_and_sky(self, image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """The patch errors and the patches' log relative sky (:func:`_patch_log_sky`), ``(B, 1, nh, nw)``
+        each, from one pass of the features."""
+        x, m, sigma = _normalize(image, mask, self.bin_factor)
+        res = self.model(x) - x
         k, s = self.patch_size // self.bin_factor, self.stride // self.bin_factor
+        log_sky = _patch_log_sky(x, m, sigma, k, s)
         err = res.square().mean(dim=1, keepdim=True)
         if self.peak_weight > 0 and res.shape[1] > 2:
             # Channel 0 is the squared error, channel 1 the signed residual of the peak channels.
@@ -392,7 +407,20 @@ class QualityScorer(nn.Module):
         pe = pooled if self.baseline is None else pooled / self._typical(pooled)
         if self.psf_reference is not None:
             pe = torch.maximum(pe, self._psf_error(image, mask).to(pe.dtype).view(-1, 1, 1, 1))
-        return pe
+        if self.sky_reference is not None:
+            pe = torch.maximum(pe, self._sky_error(log_sky).to(pe.dtype))
+        return pe, log_sky
+
+    def _sky_error(self, log_sky: Tensor) -> Tensor:
+        """The sky check as patch errors ``(B, 1, nh, nw)``: ``threshold x exp(_PSF_SLOPE (|z| - k))``,
+        ``z`` each patch's :func:`_sky_z` against the adapted night's pattern, so that a patch whose sky
+        departs ``k`` of the night's spreads from the frame's clear sky reaches the threshold; 0 for
+        frames of another patch grid (no pattern to divide the vignetting out)."""
+        pattern, ref = self.sky_pattern.to(log_sky.dtype), self.sky_reference.double()
+        if pattern.shape[-2:] != log_sky.shape[-2:]:
+            return torch.zeros_like(log_sky)
+        z = (_sky_deviation(log_sky - pattern).double().abs() / ref[0]).nan_to_num(0.0)
+        return self.threshold.double() * torch.exp((_PSF_SLOPE * (z - ref[1])).clamp(max=30.0))
 
     def _psf_error(self, image: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The PSF check as a patch error ``(B,)`` for every patch of a frame: ``threshold x
@@ -411,7 +439,8 @@ class QualityScorer(nn.Module):
         return base.exp()
 
     @torch.no_grad()
-    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True) -> float:
+    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True,
+              sky: bool = True) -> float:
         """Adapt the thresholds to an instrument from frames of one night (or a few good frames).
 
         No retraining: the patch errors of ``frames`` (a ``(B, 1, H, W)`` tensor or a list of them)
@@ -430,16 +459,25 @@ class QualityScorer(nn.Module):
         A frame ``z`` of these sigmas broader or sparser scores ``threshold x exp(2 (z - k))`` on
         every patch: the autoencoder's features, binned 4 x 4, cannot tell a defocused frame from a sharp one
         when the instrument's own PSF is broad and its field sparse; the night's own stars can.
+
+        ``sky`` (per position only): also check each patch's sky against the frame's clear sky
+        (:func:`_night_sky_reference`). The autoencoder sees the sky in noise units relative to the
+        frame's median: a faint glow (moonlight where it adds ~10% to a dark sky) or a trail's light
+        over an edge patch sits within what it reconstructs, and where moonlight covers most of the
+        frame the median itself is lit. The relative sky (``log(sky / frame median)`` per patch, the
+        night's median pattern divided out: vignetting and flat cancel) against its half-sample
+        mode over the frame (the level most of the frame shares) shows them; a patch ``|z|`` of the
+        night's spreads off scores ``threshold x exp(2 (|z| - k))``.
         """
         frames = [frames] if isinstance(frames, Tensor) else list(frames)
         if not frames:
             raise ValueError("adapt: frames is empty")
-        self.baseline = None
-        self.psf_reference = None
-        errs = [self.patch_errors(f if f.dim() == 4 else f.unsqueeze(0), mask).double().clamp(min=1e-12).log()
-                for f in frames]
+        self.baseline = self.psf_reference = self.sky_pattern = self.sky_reference = None
+        pairs = [self._errors_and_sky(f if f.dim() == 4 else f.unsqueeze(0), mask) for f in frames]
+        errs = [e.double().clamp(min=1e-12).log() for e, _ in pairs]
         same = len({tuple(e.shape[-2:]) for e in errs}) == 1
-        if per_position and same and sum(e.shape[0] for e in errs) >= 3:
+        per_position = per_position and same and sum(e.shape[0] for e in errs) >= 3
+        if per_position:
             logs = torch.cat(errs, 0)
             base = logs.median(dim=0, keepdim=True).values
             r = _leave_one_out_residuals(logs)
@@ -456,6 +494,8 @@ class QualityScorer(nn.Module):
         self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
         if psf:
             self.psf_reference = self._night_psf_reference(frames, float(k), mask)
+        if sky and per_position:
+            self.sky_pattern, self.sky_reference = _night_sky_reference(torch.cat([s for _, s in pairs]), float(k))
         return float(self.threshold)
 
     def _night_psf_reference(self, frames: list, k: float, mask) -> Tensor:
@@ -527,6 +567,8 @@ class QualityScorer(nn.Module):
             "threshold": float(self.threshold),
             **({"baseline": self.baseline.cpu()} if self.baseline is not None else {}),
             **({"psf_reference": self.psf_reference.cpu()} if self.psf_reference is not None else {}),
+            **({"sky_pattern": self.sky_pattern.cpu(), "sky_reference": self.sky_reference.cpu()}
+               if self.sky_reference is not None else {}),
             **extra,
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -556,6 +598,8 @@ class QualityScorer(nn.Module):
             scorer.baseline = payload["baseline"]
         if payload.get("psf_reference") is not None:
             scorer.psf_reference = payload["psf_reference"]
+        if payload.get("sky_reference") is not None:
+            scorer.sky_pattern, scorer.sky_reference = payload["sky_pattern"], payload["sky_reference"]
         return scorer
 
     @classmethod
@@ -583,6 +627,62 @@ def _leave_one_out_residuals(logs: Tensor) -> Tensor:
     lo = others.kthvalue((n - 1 + 1) // 2, dim=1).values
     hi = others.kthvalue((n - 1) // 2 + 1, dim=1).values
     return logs - 0.5 * (lo + hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Sky check of adapted scorers: a patch's sky against the frame's clear sky, vignetting divided out
+# --------------------------------------------------------------------------------------------
+# Floor of the night's spread of the relative sky (log units): a k = 3 flag then needs a patch at least
+# ~6% brighter or darker than the frame's clear sky, whatever a night of uniform skies says (a good
+# night's own gradients move patches by a few per cent; the simulator marks > 10% as a defect).
+_SKY_MIN_SPREAD = 0.02
+# |z| of a half-normal at its 75th percentile: the spread from the upper quartile of |deviations|,
+# which the defect patches of a night (a minority) raise less than its tail.
+_HALF_NORMAL_Q75 = 1.1503
+
+
+def _patch_log_sky(x: Tensor, m: Tensor, sigma: Tensor, k: int, s: int) -> Tensor:
+    """``log`` of each patch's mean block sky over the frame median ``(B, 1, nh, nw)`` from the
+    features ``x`` of :func:`_normalize` (the sky channel inverted: ``m + 3 sigma sinh(x_0)``;
+    stars do not raise it); NaN where the frame median is not positive (no sky to compare)."""
+    sky = 1.0 + (3.0 * sigma / m) * torch.sinh(x[:, :1])
+    rel = F.avg_pool2d(sky, k, stride=s, ceil_mode=True, count_include_pad=False)
+    out = rel.clamp(min=1e-6).log()
+    return torch.where(m > 0, out, torch.full_like(out, float("nan")))
+
+
+def _half_sample_mode(v: Tensor) -> Tensor:
+    """The half-sample mode of each row of ``v (B, n)`` (Bickel & Fruehwirth 2006): the shortest
+    interval holding half the values, repeatedly, then the mean of the last two."""
+    v = v.sort(dim=1).values
+    while v.shape[1] > 2:
+        n = v.shape[1]
+        h = (n + 1) // 2
+        width = v[:, h - 1:] - v[:, : n - h + 1]
+        start = width.argmin(dim=1, keepdim=True)
+        v = v.gather(1, start + torch.arange(h, device=v.device))
+    return v.mean(dim=1)
+
+
+def _sky_deviation(d: Tensor) -> Tensor:
+    """``d (B, 1, nh, nw)`` less each frame's half-sample mode over its patches: a frame's sky level
+    is free (it changes through the night), its structure is not."""
+    b = d.shape[0]
+    return d - _half_sample_mode(d.reshape(b, -1)).view(b, 1, 1, 1)
+
+
+def _night_sky_reference(log_sky: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """``(pattern, [spread, k])`` of the sky check from the night's ``log_sky (N, 1, nh, nw)``
+    (N >= 3): the median over frames per patch, and the spread of each frame's deviations from the
+    median of the *other* frames (:func:`_sky_deviation`), from their upper quartile, at least
+    ``_SKY_MIN_SPREAD``."""
+    log_sky = log_sky.double()
+    pattern = log_sky.median(dim=0, keepdim=True).values
+    dev = _sky_deviation(_leave_one_out_residuals(log_sky)).abs()
+    dev = dev[torch.isfinite(dev)]
+    spread = float(torch.quantile(dev, 0.75)) / _HALF_NORMAL_Q75 if dev.numel() else 0.0
+    ref = torch.tensor([max(spread, _SKY_MIN_SPREAD), k], dtype=torch.float64, device=log_sky.device)
+    return pattern.float(), ref
 
 
 # --------------------------------------------------------------------------------------------
