@@ -419,7 +419,7 @@ class QualityScorer(nn.Module):
         pattern, ref = self.sky_pattern.to(log_sky.dtype), self.sky_reference.double()
         if pattern.shape[-2:] != log_sky.shape[-2:]:
             return torch.zeros_like(log_sky)
-        z = (_sky_deviation(log_sky - pattern).double().abs() / ref[0]).nan_to_num(0.0)
+        z = (_sky_deviation(log_sky - pattern).double() / ref[0]).nan_to_num(0.0)
         return self.threshold.double() * torch.exp((_PSF_SLOPE * (z - ref[1])).clamp(max=30.0))
 
     def _psf_error(self, image: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -489,7 +489,9 @@ class QualityScorer(nn.Module):
         med = r.median()
         # the spread of the good patches from the lower half alone: defects only raise errors, so
         # bad frames in the night widen the upper half but not the lower one
-        sigma = MAD_TO_STD * (med - r[r <= med]).median()
+        # at least _MIN_LOG_SPREAD: a few frames alike in seeing and sky understate how much the
+        # next ones differ
+        sigma = (MAD_TO_STD * (med - r[r <= med]).median()).clamp(min=_MIN_LOG_SPREAD)
         self.baseline = base.to(self.threshold.dtype)
         self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
         if psf:
@@ -629,6 +631,11 @@ def _leave_one_out_residuals(logs: Tensor) -> Tensor:
     return logs - 0.5 * (lo + hi)
 
 
+# Floor of the spread (log units) of the adapted patch-error ratios: a k = 3 flag then needs a patch
+# error at least e^0.6 = 1.8x the instrument's typical one at that position, whatever few frames say.
+_MIN_LOG_SPREAD = 0.2
+
+
 # --------------------------------------------------------------------------------------------
 # Sky check of adapted scorers: a patch's sky against the frame's clear sky, vignetting divided out
 # --------------------------------------------------------------------------------------------
@@ -636,6 +643,8 @@ def _leave_one_out_residuals(logs: Tensor) -> Tensor:
 # ~6% brighter or darker than the frame's clear sky, whatever a night of uniform skies says (a good
 # night's own gradients move patches by a few per cent; the simulator marks > 10% as a defect).
 _SKY_MIN_SPREAD = 0.02
+# The frame's clear sky: this quantile of its patches' relative sky.
+_SKY_CLEAR_QUANTILE = 0.1
 # |z| of a half-normal at its 75th percentile: the spread from the upper quartile of |deviations|,
 # which the defect patches of a night (a minority) raise less than its tail.
 _HALF_NORMAL_Q75 = 1.1503
@@ -651,24 +660,13 @@ def _patch_log_sky(x: Tensor, m: Tensor, sigma: Tensor, k: int, s: int) -> Tenso
     return torch.where(m > 0, out, torch.full_like(out, float("nan")))
 
 
-def _half_sample_mode(v: Tensor) -> Tensor:
-    """The half-sample mode of each row of ``v (B, n)`` (Bickel & Fruehwirth 2006): the shortest
-    interval holding half the values, repeatedly, then the mean of the last two."""
-    v = v.sort(dim=1).values
-    while v.shape[1] > 2:
-        n = v.shape[1]
-        h = (n + 1) // 2
-        width = v[:, h - 1:] - v[:, : n - h + 1]
-        start = width.argmin(dim=1, keepdim=True)
-        v = v.gather(1, start + torch.arange(h, device=v.device))
-    return v.mean(dim=1)
-
-
 def _sky_deviation(d: Tensor) -> Tensor:
-    """``d (B, 1, nh, nw)`` less each frame's half-sample mode over its patches: a frame's sky level
-    is free (it changes through the night), its structure is not."""
+    """``d (B, 1, nh, nw)`` less each frame's clear sky, the ``_SKY_CLEAR_QUANTILE`` quantile of its
+    patches: a frame's sky level is free (it changes through the night), its structure is not; and
+    light that defects add (moonlight, scattered light, trails) only raises patches, so the clear
+    sky lies low even when most of the frame is lit."""
     b = d.shape[0]
-    return d - _half_sample_mode(d.reshape(b, -1)).view(b, 1, 1, 1)
+    return d - torch.quantile(d.reshape(b, -1), _SKY_CLEAR_QUANTILE, dim=1).view(b, 1, 1, 1)
 
 
 def _night_sky_reference(log_sky: Tensor, k: float) -> tuple[Tensor, Tensor]:
@@ -678,7 +676,7 @@ def _night_sky_reference(log_sky: Tensor, k: float) -> tuple[Tensor, Tensor]:
     ``_SKY_MIN_SPREAD``."""
     log_sky = log_sky.double()
     pattern = log_sky.median(dim=0, keepdim=True).values
-    dev = _sky_deviation(_leave_one_out_residuals(log_sky)).abs()
+    dev = _sky_deviation(_leave_one_out_residuals(log_sky))
     dev = dev[torch.isfinite(dev)]
     spread = float(torch.quantile(dev, 0.75)) / _HALF_NORMAL_Q75 if dev.numel() else 0.0
     ref = torch.tensor([max(spread, _SKY_MIN_SPREAD), k], dtype=torch.float64, device=log_sky.device)

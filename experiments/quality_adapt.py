@@ -13,6 +13,7 @@ good frames; trails: patches the trail's band covers by more than 5%).
 
     python experiments/quality_adapt.py            # 512^2 frames, 20 good + 15 defect frames per night
     python experiments/quality_adapt.py --quick
+    python experiments/quality_adapt.py --seed 7 --amps 0.2 0.5 --name quality_adapt_seed7   # another night
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def auc(pos, neg) -> float:
     return ((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean()).item()
 
 
-def night(kw: dict, vignetting: float, shape, n_good: int, seed: int) -> list:
+def night(kw: dict, vignetting: float, shape, n_good: int, seed: int, amps=AMPS) -> list:
     """[(image, defect_mask, defect name or '')] for one night of one instrument."""
     vig = sim._flat_pattern(shape, vignetting, 0, 0.0, 0.0, torch.Generator().manual_seed(seed), torch.float64).float()
     vig = (vig / vig.max())[None, None]
@@ -85,7 +86,7 @@ def night(kw: dict, vignetting: float, shape, n_good: int, seed: int) -> list:
         img, dm = one(None, i)
         frames.append((img, dm, ""))
     for j, name in enumerate(sim.DEFECTS):
-        for a, amp in enumerate(AMPS):
+        for a, amp in enumerate(amps):
             img, dm = one({name: amp}, 100 + 10 * j + a)
             frames.append((img, dm, name))
     return frames
@@ -129,22 +130,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--good", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=500, help="seed of the first instrument's night (+1 per instrument)")
+    ap.add_argument("--amps", type=float, nargs="+", default=list(AMPS), help="defect amplitudes in [0, 1]")
+    ap.add_argument("--name", default="quality_adapt", help="result file experiments/results/<name>.md")
     args = ap.parse_args()
     torch.set_num_threads(2)
     shape = (256, 256) if args.quick else (args.size, args.size)
     n_good = 8 if args.quick else args.good
+    amps = tuple(args.amps)
     lines = ["# Quality scoring on other instruments: shipped thresholds vs QualityScorer.adapt\n",
              f"machine: {machine()} (shared with other jobs)  ",
              f"command: `python experiments/quality_adapt.py {' '.join(sys.argv[1:])}`  ",
-             f"frames: {shape[0]}x{shape[1]}, per night {n_good} good frames + {len(sim.DEFECTS) * len(AMPS)} "
-             f"defect frames ({', '.join(sim.DEFECTS)} at amplitudes {AMPS}); sky level x0.8-1.2 and FWHM "
+             f"frames: {shape[0]}x{shape[1]}, per night {n_good} good frames + {len(sim.DEFECTS) * len(amps)} "
+             f"defect frames ({', '.join(sim.DEFECTS)} at amplitudes {amps}); seeds {args.seed}+; sky level x0.8-1.2 and FWHM "
              "x0.85-1.15 from frame to frame; the uncalibrated frames carry the vignetting\n"]
-    cols = ["good_flagged", "defect_flagged"] + [f"{d}_frame_auc" for d in sim.DEFECTS] + [f"{d}_patch_auc" for d in sim.DEFECTS]
     head = "| instrument | thresholds | adapt time | good patches flagged | defect patches flagged | " + \
         " | ".join(f"AUC {d} (frame / patch)" for d in sim.DEFECTS) + " |"
     lines += [head, "|" + " --- |" * (5 + len(sim.DEFECTS))]
     for k, (name, kw, vig) in enumerate(INSTRUMENTS):
-        frames = night(kw, vig, shape, n_good, seed=500 + k)
+        frames = night(kw, vig, shape, n_good, seed=args.seed + k, amps=amps)
         variants = [("shipped (GWAC)", None)]
         variants.append(("adapted: whole night", [f for f, _, _ in frames]))
         variants.append(("adapted: 3 good frames", [f for f, _, n in frames if not n][:3]))
@@ -167,7 +171,7 @@ def main() -> None:
     lines.append(NOTE)
     text = "\n".join(lines)
     print(text)
-    write_result("quality_adapt", text)
+    write_result(args.name, text)
 
 
 if __name__ == "__main__":
