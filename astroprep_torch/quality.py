@@ -412,10 +412,11 @@ class QualityScorer(nn.Module):
         return pe, log_sky
 
     def _sky_error(self, log_sky: Tensor) -> Tensor:
-        """The sky check as patch errors ``(B, 1, nh, nw)``: ``threshold x exp(_PSF_SLOPE (|z| - k))``,
-        ``z`` each patch's :func:`_sky_z` against the adapted night's pattern, so that a patch whose sky
-        departs ``k`` of the night's spreads from the frame's clear sky reaches the threshold; 0 for
-        frames of another patch grid (no pattern to divide the vignetting out)."""
+        """The sky check as patch errors ``(B, 1, nh, nw)``: ``threshold x exp(_PSF_SLOPE (z - k))``,
+        ``z`` each patch's relative sky above the frame's clear sky (:func:`_sky_deviation`, the
+        adapted night's pattern divided out) in the night's spreads, so that a patch ``k`` spreads
+        brighter reaches the threshold; 0 for frames of another patch grid (no pattern to divide
+        the vignetting out)."""
         pattern, ref = self.sky_pattern.to(log_sky.dtype), self.sky_reference.double()
         if pattern.shape[-2:] != log_sky.shape[-2:]:
             return torch.zeros_like(log_sky)
@@ -465,9 +466,12 @@ class QualityScorer(nn.Module):
         frame's median: a faint glow (moonlight where it adds ~10% to a dark sky) or a trail's light
         over an edge patch sits within what it reconstructs, and where moonlight covers most of the
         frame the median itself is lit. The relative sky (``log(sky / frame median)`` per patch, the
-        night's median pattern divided out: vignetting and flat cancel) against its half-sample
-        mode over the frame (the level most of the frame shares) shows them; a patch ``|z|`` of the
-        night's spreads off scores ``threshold x exp(2 (|z| - k))``.
+        night's median pattern divided out: vignetting and flat cancel) above the frame's clear sky
+        (a low quantile of its patches: added light only raises patches) shows them; a patch ``z`` of
+        the night's spreads brighter scores ``threshold x exp(2 (z - k))`` (the spread from the upper
+        quartile of each frame's deviations against the other frames' pattern, at least 0.02: a
+        flag needs >= ~6% of the sky). One-sided: a darker patch (a shutter shadow) makes the rest of
+        its frame stand out instead, which rejects that frame all the same.
         """
         frames = [frames] if isinstance(frames, Tensor) else list(frames)
         if not frames:
@@ -645,8 +649,8 @@ _MIN_LOG_SPREAD = 0.2
 _SKY_MIN_SPREAD = 0.02
 # The frame's clear sky: this quantile of its patches' relative sky.
 _SKY_CLEAR_QUANTILE = 0.1
-# |z| of a half-normal at its 75th percentile: the spread from the upper quartile of |deviations|,
-# which the defect patches of a night (a minority) raise less than its tail.
+# The spread is the upper quartile of the night's deviations over this (|z| of a half-normal at its
+# 75th percentile): the defect patches of a night (a minority) raise it less than its tail.
 _HALF_NORMAL_Q75 = 1.1503
 
 

@@ -57,7 +57,22 @@ NOTE = ("Defocus: the shipped model's features (block sky, flux, brightest pixel
         "sqrt(flux / peak) of each frame's brightest stars and the number of 5-sigma peaks) and scores a frame "
         "whose stars are k of the night's robust sigmas broader, or fewer, than the night's median "
         "(`threshold x exp(2 (z - k))` on every patch, spreads floored at 0.2 / 0.25 in log and twice "
-        "Poisson's for counts).\n")
+        "Poisson's for counts).\n\n"
+        "Sky check (issue 26): before it, the adapted scorer's patch AUC was 0.919 for trails on the 1-m "
+        "instrument (whole night) and 0.945 / 0.949 for moonlight on the 0.5-m one, frame AUCs all 1.000. "
+        "The autoencoder sees the sky in noise units relative to the frame's median: on a dark sky (300 ADU) "
+        "a glow adding 10-30% of the sky is under 1 noise sigma per pixel, within what it reconstructs, and "
+        "where the glow covers most of the frame the median itself is lit, so those patches read as normal "
+        "sky; a trail crossing a vignetted corner adds light to a patch whose error is dominated by the "
+        "vignetting the model cannot reconstruct (the trail's light even lowers the sky residual there), so "
+        "its ratio to the per-position baseline stays near 1. `adapt` now also keeps the night's per-patch "
+        "relative sky (log(sky / frame median), median over frames: vignetting and flat divide out) and "
+        "scores each patch's relative sky above the frame's clear sky (its 10th percentile of patches) in "
+        "the night's spreads (upper quartile of leave-one-out deviations, floored at 0.02 in log), as "
+        "`threshold x exp(2 (z - k))` like the PSF check. The spread of the error ratios is floored at 0.2 in "
+        "log: 3 good frames alike in seeing and sky understated it (seed 7: 12.8% of good patches flagged "
+        "before the floor). Another night, other amplitudes: `python experiments/quality_adapt.py --seed 7 "
+        "--amps 0.2 0.5 --name quality_adapt_seed7` (experiments/results/quality_adapt_seed7.md).\n")
 
 
 def auc(pos, neg) -> float:
