@@ -371,6 +371,7 @@ class QualityScorer(nn.Module):
         self.register_buffer("psf_reference", None)  # the night's star width and count (see adapt)
         self.register_buffer("sky_pattern", None)  # the night's log relative sky per patch (see adapt)
         self.register_buffer("sky_reference", None)  # [spread, k] of the sky check (see adapt)
+        self.register_buffer("sky_flat", None)  # the night's sky channel per block (see adapt)
         self.scope = ""  # what the model was trained on (set by pretrained())
 
     # -- core -------------------------------------------------------------------------------
@@ -387,13 +388,15 @@ class QualityScorer(nn.Module):
         """Patch errors ``(B, 1, nh, nw)`` (see the class docstring)."""
         return self._errors_and_sky(image, mask)[0]
 
-    def _errors_and_sky(self, image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _errors_and_sky(self, image: Tensor, mask: Optional[Tensor], feats=None) -> tuple[Tensor, Tensor]:
         """The patch errors and the patches' log relative sky (:func:`_patch_log_sky`), ``(B, 1, nh, nw)``
-        each, from one pass of the features."""
-        x, m, sigma = _normalize(image, mask, self.bin_factor)
-        res = self.model(x) - x
+        each, from one pass of the features (``feats``: those of :func:`_normalize`, if computed)."""
+        x, m, sigma = _normalize(image, mask, self.bin_factor) if feats is None else feats
         k, s = self.patch_size // self.bin_factor, self.stride // self.bin_factor
         log_sky = _patch_log_sky(x, m, sigma, k, s)
+        if self.sky_flat is not None and self.sky_flat.shape[-2:] == x.shape[-2:]:
+            x = torch.cat([x[:, :1] - self.sky_flat.to(x.dtype), x[:, 1:]], dim=1)
+        res = self.model(x) - x
         err = res.square().mean(dim=1, keepdim=True)
         if self.peak_weight > 0 and res.shape[1] > 2:
             # Channel 0 is the squared error, channel 1 the signed residual of the peak channels.
@@ -441,7 +444,7 @@ class QualityScorer(nn.Module):
 
     @torch.no_grad()
     def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True,
-              sky: bool = True) -> float:
+              sky: bool = True, flat: bool = True) -> float:
         """Adapt the thresholds to an instrument from frames of one night (or a few good frames).
 
         No retraining: the patch errors of ``frames`` (a ``(B, 1, H, W)`` tensor or a list of them)
@@ -461,6 +464,12 @@ class QualityScorer(nn.Module):
         every patch: the autoencoder's features, binned 4 x 4, cannot tell a defocused frame from a sharp one
         when the instrument's own PSF is broad and its field sparse; the night's own stars can.
 
+        ``flat`` (per position only): subtract the night's median sky channel per block (channel 0 of
+        :func:`normalize_frame`) from every frame's features before the autoencoder, a flat field for
+        the features: the model learned frames without vignetting, and an edge's dimmed sky, which
+        it cannot reconstruct, would dominate the errors of the edge's patches (a trail crossing them
+        then scored like a good patch).
+
         ``sky`` (per position only): also check each patch's sky against the frame's clear sky
         (:func:`_night_sky_reference`). The autoencoder sees the sky in noise units relative to the
         frame's median: a faint glow (moonlight where it adds ~10% to a dark sky) or a trail's light
@@ -468,19 +477,24 @@ class QualityScorer(nn.Module):
         frame the median itself is lit. The relative sky (``log(sky / frame median)`` per patch, the
         night's median pattern divided out: vignetting and flat cancel) above the frame's clear sky
         (a low quantile of its patches: added light only raises patches) shows them; a patch ``z`` of
-        the night's spreads brighter scores ``threshold x exp(2 (z - k))`` (the spread from the upper
-        quartile of each frame's deviations against the other frames' pattern, at least 0.02: a
+        the night's spreads brighter scores ``threshold x exp(2 (z - k))`` (the spread from the median
+        of each frame's deviations against the other frames' pattern, at least 0.02: a
         flag needs >= ~6% of the sky). One-sided: a darker patch (a shutter shadow) makes the rest of
         its frame stand out instead, which rejects that frame all the same.
         """
         frames = [frames] if isinstance(frames, Tensor) else list(frames)
         if not frames:
             raise ValueError("adapt: frames is empty")
-        self.baseline = self.psf_reference = self.sky_pattern = self.sky_reference = None
-        pairs = [self._errors_and_sky(f if f.dim() == 4 else f.unsqueeze(0), mask) for f in frames]
+        self.baseline = self.psf_reference = self.sky_pattern = self.sky_reference = self.sky_flat = None
+        frames = [f if f.dim() == 4 else f.unsqueeze(0) for f in frames]
+        feats = [_normalize(f, mask, self.bin_factor) for f in frames]
+        same = len({tuple(x.shape[-2:]) for x, _, _ in feats}) == 1
+        per_position = per_position and same and sum(x.shape[0] for x, _, _ in feats) >= 3
+        if per_position and flat:
+            self.sky_flat = torch.cat([x[:, :1] for x, _, _ in feats]).median(dim=0, keepdim=True).values
+        pairs = [self._errors_and_sky(f, mask, ft) for f, ft in zip(frames, feats)]
+        del feats
         errs = [e.double().clamp(min=1e-12).log() for e, _ in pairs]
-        same = len({tuple(e.shape[-2:]) for e in errs}) == 1
-        per_position = per_position and same and sum(e.shape[0] for e in errs) >= 3
         if per_position:
             logs = torch.cat(errs, 0)
             base = logs.median(dim=0, keepdim=True).values
@@ -575,6 +589,7 @@ class QualityScorer(nn.Module):
             **({"psf_reference": self.psf_reference.cpu()} if self.psf_reference is not None else {}),
             **({"sky_pattern": self.sky_pattern.cpu(), "sky_reference": self.sky_reference.cpu()}
                if self.sky_reference is not None else {}),
+            **({"sky_flat": self.sky_flat.cpu()} if self.sky_flat is not None else {}),
             **extra,
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -606,6 +621,8 @@ class QualityScorer(nn.Module):
             scorer.psf_reference = payload["psf_reference"]
         if payload.get("sky_reference") is not None:
             scorer.sky_pattern, scorer.sky_reference = payload["sky_pattern"], payload["sky_reference"]
+        if payload.get("sky_flat") is not None:
+            scorer.sky_flat = payload["sky_flat"]
         return scorer
 
     @classmethod
@@ -649,9 +666,10 @@ _MIN_LOG_SPREAD = 0.2
 _SKY_MIN_SPREAD = 0.02
 # The frame's clear sky: this quantile of its patches' relative sky.
 _SKY_CLEAR_QUANTILE = 0.1
-# The spread is the upper quartile of the night's deviations over this (|z| of a half-normal at its
-# 75th percentile): the defect patches of a night (a minority) raise it less than its tail.
-_HALF_NORMAL_Q75 = 1.1503
+# The spread is the median of the night's deviations over this (|z| of a half-normal at its median):
+# the defect patches of a night (a minority; moonlit frames raise most of their patches) move it
+# less than any upper quantile.
+_HALF_NORMAL_MEDIAN = 0.6745
 
 
 def _patch_log_sky(x: Tensor, m: Tensor, sigma: Tensor, k: int, s: int) -> Tensor:
@@ -676,13 +694,13 @@ def _sky_deviation(d: Tensor) -> Tensor:
 def _night_sky_reference(log_sky: Tensor, k: float) -> tuple[Tensor, Tensor]:
     """``(pattern, [spread, k])`` of the sky check from the night's ``log_sky (N, 1, nh, nw)``
     (N >= 3): the median over frames per patch, and the spread of each frame's deviations from the
-    median of the *other* frames (:func:`_sky_deviation`), from their upper quartile, at least
+    median of the *other* frames (:func:`_sky_deviation`), from their median, at least
     ``_SKY_MIN_SPREAD``."""
     log_sky = log_sky.double()
     pattern = log_sky.median(dim=0, keepdim=True).values
     dev = _sky_deviation(_leave_one_out_residuals(log_sky))
     dev = dev[torch.isfinite(dev)]
-    spread = float(torch.quantile(dev, 0.75)) / _HALF_NORMAL_Q75 if dev.numel() else 0.0
+    spread = float(dev.median()) / _HALF_NORMAL_MEDIAN if dev.numel() else 0.0
     ref = torch.tensor([max(spread, _SKY_MIN_SPREAD), k], dtype=torch.float64, device=log_sky.device)
     return pattern.float(), ref
 
