@@ -156,6 +156,12 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
         which gradients do not inflate). The autoencoder sees channels 0-1 and must predict 2-3 from
         them: good frames tie flux to sharp peaks, a defocused frame has the flux without the peaks.
     """
+    return _normalize(image, mask, bin_factor)[0]
+
+
+def _normalize(image: Tensor, mask: Optional[Tensor], bin_factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`normalize_frame`'s channels with the frame median ``m`` and noise ``sigma`` they were
+    normalised by, each ``(B, 1, 1, 1)``."""
     image = check_image(image, "image", channels=1)
     mask = check_mask(mask, image)
     k = int(bin_factor)
@@ -163,7 +169,7 @@ def normalize_frame(image: Tensor, mask: Optional[Tensor] = None, bin_factor: in
         raise ValueError(f"normalize_frame: bin_factor must be an even integer >= 2, got {bin_factor}")
     x, m = _fill_bad_with_median(image, mask)[:2]
     sigma = _frame_noise(x).view(-1, 1, 1, 1)
-    return _asinh(_block_features(x, k, m, sigma))
+    return _asinh(_block_features(x, k, m, sigma)), m, sigma
 
 
 def _fill_bad_with_median(image: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -363,6 +369,9 @@ class QualityScorer(nn.Module):
         self.register_buffer("threshold", torch.tensor(float("inf") if threshold is None else float(threshold)))
         self.register_buffer("baseline", None)  # log patch errors typical of the instrument (see adapt)
         self.register_buffer("psf_reference", None)  # the night's star width and count (see adapt)
+        self.register_buffer("sky_pattern", None)  # the night's log relative sky per patch (see adapt)
+        self.register_buffer("sky_reference", None)  # [spread, k] of the sky check (see adapt)
+        self.register_buffer("sky_flat", None)  # the night's sky channel per block (see adapt)
         self.scope = ""  # what the model was trained on (set by pretrained())
 
     # -- core -------------------------------------------------------------------------------
@@ -377,8 +386,17 @@ class QualityScorer(nn.Module):
 
     def patch_errors(self, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Patch errors ``(B, 1, nh, nw)`` (see the class docstring)."""
-        res = self.residual(image, mask)
+        return self._errors_and_sky(image, mask)[0]
+
+    def _errors_and_sky(self, image: Tensor, mask: Optional[Tensor], feats=None) -> tuple[Tensor, Tensor]:
+        """The patch errors and the patches' log relative sky (:func:`_patch_log_sky`), ``(B, 1, nh, nw)``
+        each, from one pass of the features (``feats``: those of :func:`_normalize`, if computed)."""
+        x, m, sigma = _normalize(image, mask, self.bin_factor) if feats is None else feats
         k, s = self.patch_size // self.bin_factor, self.stride // self.bin_factor
+        log_sky = _patch_log_sky(x, m, sigma, k, s)
+        if self.sky_flat is not None and self.sky_flat.shape[-2:] == x.shape[-2:]:
+            x = torch.cat([x[:, :1] - self.sky_flat.to(x.dtype), x[:, 1:]], dim=1)
+        res = self.model(x) - x
         err = res.square().mean(dim=1, keepdim=True)
         if self.peak_weight > 0 and res.shape[1] > 2:
             # Channel 0 is the squared error, channel 1 the signed residual of the peak channels.
@@ -392,7 +410,21 @@ class QualityScorer(nn.Module):
         pe = pooled if self.baseline is None else pooled / self._typical(pooled)
         if self.psf_reference is not None:
             pe = torch.maximum(pe, self._psf_error(image, mask).to(pe.dtype).view(-1, 1, 1, 1))
-        return pe
+        if self.sky_reference is not None:
+            pe = torch.maximum(pe, self._sky_error(log_sky).to(pe.dtype))
+        return pe, log_sky
+
+    def _sky_error(self, log_sky: Tensor) -> Tensor:
+        """The sky check as patch errors ``(B, 1, nh, nw)``: ``threshold x exp(_PSF_SLOPE (z - k))``,
+        ``z`` each patch's relative sky above the frame's clear sky (:func:`_sky_deviation`, the
+        adapted night's pattern divided out) in the night's spreads, so that a patch ``k`` spreads
+        brighter reaches the threshold; 0 for frames of another patch grid (no pattern to divide
+        the vignetting out)."""
+        pattern, ref = self.sky_pattern.to(log_sky.dtype), self.sky_reference.double()
+        if pattern.shape[-2:] != log_sky.shape[-2:]:
+            return torch.zeros_like(log_sky)
+        z = (_sky_deviation(log_sky - pattern).double() / ref[0]).nan_to_num(0.0)
+        return self.threshold.double() * torch.exp((_PSF_SLOPE * (z - ref[1])).clamp(max=30.0))
 
     def _psf_error(self, image: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The PSF check as a patch error ``(B,)`` for every patch of a frame: ``threshold x
@@ -411,7 +443,8 @@ class QualityScorer(nn.Module):
         return base.exp()
 
     @torch.no_grad()
-    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True) -> float:
+    def adapt(self, frames, k: float = 3.0, per_position: bool = True, mask=None, psf: bool = True,
+              sky: bool = True, flat: bool = True) -> float:
         """Adapt the thresholds to an instrument from frames of one night (or a few good frames).
 
         No retraining: the patch errors of ``frames`` (a ``(B, 1, H, W)`` tensor or a list of them)
@@ -430,16 +463,39 @@ class QualityScorer(nn.Module):
         A frame ``z`` of these sigmas broader or sparser scores ``threshold x exp(2 (z - k))`` on
         every patch: the autoencoder's features, binned 4 x 4, cannot tell a defocused frame from a sharp one
         when the instrument's own PSF is broad and its field sparse; the night's own stars can.
+
+        ``flat`` (per position only): subtract the night's median sky channel per block (channel 0 of
+        :func:`normalize_frame`) from every frame's features before the autoencoder, a flat field for
+        the features: the model learned frames without vignetting, and an edge's dimmed sky, which
+        it cannot reconstruct, would dominate the errors of the edge's patches (a trail crossing them
+        then scored like a good patch).
+
+        ``sky`` (per position only): also check each patch's sky against the frame's clear sky
+        (:func:`_night_sky_reference`). The autoencoder sees the sky in noise units relative to the
+        frame's median: a faint glow (moonlight where it adds ~10% to a dark sky) or a trail's light
+        over an edge patch sits within what it reconstructs, and where moonlight covers most of the
+        frame the median itself is lit. The relative sky (``log(sky / frame median)`` per patch, the
+        night's median pattern divided out: vignetting and flat cancel) above the frame's clear sky
+        (a low quantile of its patches: added light only raises patches) shows them; a patch ``z`` of
+        the night's spreads brighter scores ``threshold x exp(2 (z - k))`` (the spread from the median
+        of each frame's deviations against the other frames' pattern, at least 0.02: a
+        flag needs >= ~6% of the sky). One-sided: a darker patch (a shutter shadow) makes the rest of
+        its frame stand out instead, which rejects that frame all the same.
         """
         frames = [frames] if isinstance(frames, Tensor) else list(frames)
         if not frames:
             raise ValueError("adapt: frames is empty")
-        self.baseline = None
-        self.psf_reference = None
-        errs = [self.patch_errors(f if f.dim() == 4 else f.unsqueeze(0), mask).double().clamp(min=1e-12).log()
-                for f in frames]
-        same = len({tuple(e.shape[-2:]) for e in errs}) == 1
-        if per_position and same and sum(e.shape[0] for e in errs) >= 3:
+        self.baseline = self.psf_reference = self.sky_pattern = self.sky_reference = self.sky_flat = None
+        frames = [f if f.dim() == 4 else f.unsqueeze(0) for f in frames]
+        feats = [_normalize(f, mask, self.bin_factor) for f in frames]
+        same = len({tuple(x.shape[-2:]) for x, _, _ in feats}) == 1
+        per_position = per_position and same and sum(x.shape[0] for x, _, _ in feats) >= 3
+        if per_position and flat:
+            self.sky_flat = torch.cat([x[:, :1] for x, _, _ in feats]).median(dim=0, keepdim=True).values
+        pairs = [self._errors_and_sky(f, mask, ft) for f, ft in zip(frames, feats)]
+        del feats
+        errs = [e.double().clamp(min=1e-12).log() for e, _ in pairs]
+        if per_position:
             logs = torch.cat(errs, 0)
             base = logs.median(dim=0, keepdim=True).values
             r = _leave_one_out_residuals(logs)
@@ -451,11 +507,15 @@ class QualityScorer(nn.Module):
         med = r.median()
         # the spread of the good patches from the lower half alone: defects only raise errors, so
         # bad frames in the night widen the upper half but not the lower one
-        sigma = MAD_TO_STD * (med - r[r <= med]).median()
+        # at least _MIN_LOG_SPREAD: a few frames alike in seeing and sky understate how much the
+        # next ones differ
+        sigma = (MAD_TO_STD * (med - r[r <= med]).median()).clamp(min=_MIN_LOG_SPREAD)
         self.baseline = base.to(self.threshold.dtype)
         self.threshold.fill_(float(torch.exp(med + float(k) * sigma)))
         if psf:
             self.psf_reference = self._night_psf_reference(frames, float(k), mask)
+        if sky and per_position:
+            self.sky_pattern, self.sky_reference = _night_sky_reference(torch.cat([s for _, s in pairs]), float(k))
         return float(self.threshold)
 
     def _night_psf_reference(self, frames: list, k: float, mask) -> Tensor:
@@ -527,6 +587,9 @@ class QualityScorer(nn.Module):
             "threshold": float(self.threshold),
             **({"baseline": self.baseline.cpu()} if self.baseline is not None else {}),
             **({"psf_reference": self.psf_reference.cpu()} if self.psf_reference is not None else {}),
+            **({"sky_pattern": self.sky_pattern.cpu(), "sky_reference": self.sky_reference.cpu()}
+               if self.sky_reference is not None else {}),
+            **({"sky_flat": self.sky_flat.cpu()} if self.sky_flat is not None else {}),
             **extra,
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -556,6 +619,10 @@ class QualityScorer(nn.Module):
             scorer.baseline = payload["baseline"]
         if payload.get("psf_reference") is not None:
             scorer.psf_reference = payload["psf_reference"]
+        if payload.get("sky_reference") is not None:
+            scorer.sky_pattern, scorer.sky_reference = payload["sky_pattern"], payload["sky_reference"]
+        if payload.get("sky_flat") is not None:
+            scorer.sky_flat = payload["sky_flat"]
         return scorer
 
     @classmethod
@@ -583,6 +650,59 @@ def _leave_one_out_residuals(logs: Tensor) -> Tensor:
     lo = others.kthvalue((n - 1 + 1) // 2, dim=1).values
     hi = others.kthvalue((n - 1) // 2 + 1, dim=1).values
     return logs - 0.5 * (lo + hi)
+
+
+# Floor of the spread (log units) of the adapted patch-error ratios: a k = 3 flag then needs a patch
+# error at least e^0.6 = 1.8x the instrument's typical one at that position, whatever few frames say.
+_MIN_LOG_SPREAD = 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Sky check of adapted scorers: a patch's sky against the frame's clear sky, vignetting divided out
+# --------------------------------------------------------------------------------------------
+# Floor of the night's spread of the relative sky (log units): a k = 3 flag then needs a patch at least
+# ~6% brighter or darker than the frame's clear sky, whatever a night of uniform skies says (a good
+# night's own gradients move patches by a few per cent; the simulator marks > 10% as a defect).
+_SKY_MIN_SPREAD = 0.02
+# The frame's clear sky: this quantile of its patches' relative sky.
+_SKY_CLEAR_QUANTILE = 0.1
+# The spread is the median of the night's deviations over this (|z| of a half-normal at its median):
+# the defect patches of a night (a minority; moonlit frames raise most of their patches) move it
+# less than any upper quantile.
+_HALF_NORMAL_MEDIAN = 0.6745
+
+
+def _patch_log_sky(x: Tensor, m: Tensor, sigma: Tensor, k: int, s: int) -> Tensor:
+    """``log`` of each patch's mean block sky over the frame median ``(B, 1, nh, nw)`` from the
+    features ``x`` of :func:`_normalize` (the sky channel inverted: ``m + 3 sigma sinh(x_0)``;
+    stars do not raise it); NaN where the frame median is not positive (no sky to compare)."""
+    sky = 1.0 + (3.0 * sigma / m) * torch.sinh(x[:, :1])
+    rel = F.avg_pool2d(sky, k, stride=s, ceil_mode=True, count_include_pad=False)
+    out = rel.clamp(min=1e-6).log()
+    return torch.where(m > 0, out, torch.full_like(out, float("nan")))
+
+
+def _sky_deviation(d: Tensor) -> Tensor:
+    """``d (B, 1, nh, nw)`` less each frame's clear sky, the ``_SKY_CLEAR_QUANTILE`` quantile of its
+    patches: a frame's sky level is free (it changes through the night), its structure is not; and
+    light that defects add (moonlight, scattered light, trails) only raises patches, so the clear
+    sky lies low even when most of the frame is lit."""
+    b = d.shape[0]
+    return d - torch.quantile(d.reshape(b, -1), _SKY_CLEAR_QUANTILE, dim=1).view(b, 1, 1, 1)
+
+
+def _night_sky_reference(log_sky: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """``(pattern, [spread, k])`` of the sky check from the night's ``log_sky (N, 1, nh, nw)``
+    (N >= 3): the median over frames per patch, and the spread of each frame's deviations from the
+    median of the *other* frames (:func:`_sky_deviation`), from their median, at least
+    ``_SKY_MIN_SPREAD``."""
+    log_sky = log_sky.double()
+    pattern = log_sky.median(dim=0, keepdim=True).values
+    dev = _sky_deviation(_leave_one_out_residuals(log_sky))
+    dev = dev[torch.isfinite(dev)]
+    spread = float(dev.median()) / _HALF_NORMAL_MEDIAN if dev.numel() else 0.0
+    ref = torch.tensor([max(spread, _SKY_MIN_SPREAD), k], dtype=torch.float64, device=log_sky.device)
+    return pattern.float(), ref
 
 
 # --------------------------------------------------------------------------------------------
