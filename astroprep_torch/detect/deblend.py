@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._index import _argsort, _g, _nonzero, _unique_roots
 from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
+from .gatherup_random import gather_random
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
 
@@ -377,7 +378,8 @@ def _core_pixels(tree: _LevelTree, sel: Tensor):
     return core_pix, _g(son, core_pix)
 
 
-def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj) -> DeblendResult:
+def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj,
+                   scan=None) -> DeblendResult:
     """Give every pixel of a split object to a branch: its core pixels (nodes of the selected
     component) directly, the others by :func:`_gather_free`."""
     device = obj.device
@@ -393,7 +395,8 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
     assign[core_pix] = core_son
     fp = ((assign < 0) & _g(split_obj, cd.po)).nonzero().squeeze(1)
     if fp.numel():
-        assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp)
+        assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp) if scan is None \
+            else gather_random(fp, cd, tree, sel, n_obj, gx, gy, an, amp, scan)
     new_obj = obj.clone()
     moved = _g(split_obj, cd.po)
     new_obj[_g(cd.pidx, moved)] = n_obj + _g(assign, moved)
@@ -406,7 +409,7 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
 
 
 def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nthresh, mincont, minarea,
-             candidates) -> DeblendResult:
+             candidates, scan=None) -> DeblendResult:
     """Deblend the ``candidates`` (n_obj,) bool objects: see the module docstring.
 
     ``obj`` (P,) object of each pixel; ``u, v`` 8-neighbour pixel edges; ``x, y`` float64 coordinates,
@@ -424,4 +427,4 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     if not bool(split_obj.any()):
         return _unsplit(obj, n_obj)
     sel = (selected & _g(split_obj, tree.comp_obj)).nonzero().squeeze(1)
-    return _split_objects(obj, n_obj, cd, tree, sel, split_obj, x, y, val, t0_obj)
+    return _split_objects(obj, n_obj, cd, tree, sel, split_obj, x, y, val, t0_obj, scan)

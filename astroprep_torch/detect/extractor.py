@@ -18,6 +18,7 @@ from .analyse import (Analysis, _analyse, _mthresh, _overrides, _segment_max, _s
 from .catalog import Catalog, _LazySegmentation
 from .clean import _clean, _follow_masters
 from .deblend import MAXDEBAREA, _deblend
+from .gatherup_random import ScanOrder, list_order_key
 from .filter import filter_image
 from .labels import _pixel_edges, connected_components
 from .threshold import _detected_pixels, _noise_base, _noise_map, _undetectable, check_rms
@@ -99,7 +100,7 @@ def _split_candidates(u, v, f, obj, n: int, minarea: int) -> Tensor:
     return (nmax >= 2) & (torch.bincount(obj, minlength=n) >= 2 * min(minarea, MAXDEBAREA))
 
 
-def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthresh, cont) -> _Objects:
+def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthresh, cont, scan=None) -> _Objects:
     """Deblend the objects (:func:`~.deblend._deblend`) and compact the ids of the split ones."""
     t0_obj = _segment_min(pix.tp, obj, n)
     blended = torch.zeros(n, dtype=torch.bool, device=obj.device)
@@ -108,6 +109,7 @@ def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthres
     r = _deblend(
         obj, n, u, v, xd, yd, pix.f, pix.val, t0_obj, _segment_max(pix.f, obj, n), _segment_sum(pix.f, obj, n),
         nthresh=nthresh, mincont=cont, minarea=minarea, candidates=_split_candidates(u, v, pix.f, obj, n, minarea),
+        scan=scan,
     )
     if r.n == n:
         return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered)
@@ -150,6 +152,12 @@ def _completion_key(pix: _Pixels, obj: Tensor, n: int, W: int) -> Tensor:
     return _g(ymax.long() * (W + 1) + xend.long(), obj)
 
 
+def _scan_order(pix: _Pixels, obj: Tensor, n: int, H: int, W: int) -> ScanOrder:
+    """The order in which SExtractor's scan deblends each detected pixel's detection (its completion:
+    :func:`_completion_key`); :mod:`.gatherup_random` adds the place in the detection's pixel list."""
+    return ScanOrder(pix.b, _completion_key(pix, obj, n, W))
+
+
 def _arrival(o: _Objects, parent_key: Tensor) -> Tensor:
     """Per object, its rank in the order SExtractor hands objects to ``clean``: by the completion of
     its detection (:func:`_completion_key`), the branches of one detection by object index."""
@@ -187,10 +195,10 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: 
     pastes back into the image (no measurement blanks them as neighbours) / blanks for every
     measurement (:func:`_pasted_back`)."""
     if o.gathered is None:
-        order_key = lutz_order_key(pix.x, pix.y, o.obj, H, W)
+        order_key = list_order_key(pix.x, pix.y, o.obj, H, W)
     else:  # a branch's own pixels in its list's order, then those it gathered in its detection's order
-        own = lutz_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
-        order_key = torch.where(o.gathered, lutz_order_key(pix.x, pix.y, comp, H, W), own)
+        own = list_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
+        order_key = torch.where(o.gathered, list_order_key(pix.x, pix.y, comp, H, W), own)
     mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered, order_key=order_key)
     parent_key = _completion_key(pix, comp, int(comp.max()) + 1, W)
     alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W, arrival=_arrival(o, parent_key))
@@ -236,6 +244,7 @@ def detect_sources(
     clean: bool = True,
     clean_param: float = 1.0,
     dense: bool = True,
+    gatherup: str = "sextractor",
 ) -> dict:
     """Segment a background-subtracted (B,1,H,W) image. Returns a dict of tensors.
 
@@ -251,7 +260,14 @@ def detect_sources(
     those of their pixels SExtractor blanks for every measurement (:func:`_pasted_back`). ``dense=False``
     leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
     thresholded strip by strip and no frame-sized array is made at all.
+
+    ``gatherup``: how the deblender gives a split detection's pixels below its branches to a branch:
+    ``"sextractor"`` draws it at random exactly as SExtractor 2.25 does (glibc's unseeded ``rand()``,
+    in SExtractor's order: :mod:`.gatherup_random`), ``"probable"`` takes the most probable branch
+    (deterministic, independent of the other detections).
     """
+    if gatherup not in ("sextractor", "probable"):
+        raise ValueError(f"gatherup must be 'sextractor' or 'probable', got {gatherup!r}")
     check_image(image, "image", channels=1)
     mask = check_mask(mask, image)
     B, _, H, W = image.shape
@@ -260,7 +276,9 @@ def detect_sources(
     pix, u, v, obj, n = _components(_pixel_table(image, det_idx, f, noise, thresh), H, W, minarea)
     xd, yd = pix.x.double(), pix.y.double()
     comp = obj  # the detection (connected component) of each pixel
-    o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont)
+    scan = _scan_order(pix, obj, n, H, W) if gatherup == "sextractor" else None
+    o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont,
+                         scan=scan)
     o = _raster_order(pix.idx, o)
     bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
     an = _analyse_objects(o, xd, yd, pix)
