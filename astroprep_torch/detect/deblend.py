@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._index import _argsort, _g, _nonzero, _unique_roots
 from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
-from .gatherup_random import gather_random
+from .gatherup_random import branch_list_key, gather_random
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
 
@@ -36,6 +36,8 @@ class DeblendResult(NamedTuple):
     blended: Tensor  #: (n,) bool: a deblended branch
     centre: Optional[tuple]  #: (mx, my) (n,) core barycentre of each branch (NaN for the others)
     gathered: Optional[Tensor]  #: (P,) bool: pixel given to its branch by ``gatherup``
+    #: (n,) int64 order of the branches of one detection in SExtractor's list (``parcelout``), 0 for others
+    list_key: Optional[Tensor] = None
 
 
 def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
@@ -391,12 +393,13 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
                   _g(tree.comp_t, sel))
     # gatherup amplitudes (thresholds reset to the detection threshold first)
     amp = _branch_amplitudes(an, _g(t0_obj, son_obj))
+    son_key = _g(branch_list_key(tree.comp_lev, tree.comp_obj, tree.par, tree.leaf, gx, gy), sel)
     assign = torch.full((npc,), -1, dtype=torch.int64, device=device)
     assign[core_pix] = core_son
     fp = ((assign < 0) & _g(split_obj, cd.po)).nonzero().squeeze(1)
     if fp.numel():
         assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp) if scan is None \
-            else gather_random(fp, cd, tree, sel, n_obj, gx, gy, an, amp, scan)
+            else gather_random(fp, cd, son_key, son_obj, n_obj, gx, gy, an, amp, scan)
     new_obj = obj.clone()
     moved = _g(split_obj, cd.po)
     new_obj[_g(cd.pidx, moved)] = n_obj + _g(assign, moved)
@@ -405,7 +408,9 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
     nan = torch.full((n_obj,), math.nan, dtype=torch.float64, device=device)
     gathered = torch.zeros(obj.numel(), dtype=torch.bool, device=device)
     gathered[_g(cd.pidx, fp)] = True
-    return DeblendResult(new_obj, n_obj + n_sel, blended, (torch.cat([nan, an.mx]), torch.cat([nan, an.my])), gathered)
+    list_key = torch.cat([torch.zeros(n_obj, dtype=torch.int64, device=device), son_key])
+    return DeblendResult(new_obj, n_obj + n_sel, blended, (torch.cat([nan, an.mx]), torch.cat([nan, an.my])), gathered,
+                         list_key)
 
 
 def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nthresh, mincont, minarea,

@@ -13,8 +13,7 @@ from .._checks import all_finite, bad_pixels, check_image, check_mask
 from .._runtime import adapt_to_load, serial_on_cpu
 from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
 from ._index import _argsort, _g, _unique_roots
-from .analyse import (Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments,
-                      lutz_order_key)
+from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
 from .catalog import Catalog, _LazySegmentation
 from .clean import _clean, _follow_masters
 from .deblend import MAXDEBAREA, _deblend
@@ -53,6 +52,7 @@ class _Objects(NamedTuple):
     blended: Tensor
     centre: Optional[tuple]
     gathered: Optional[Tensor]
+    list_key: Optional[Tensor] = None  #: order of a detection's branches in SExtractor's list
 
 
 def _pixel_table(image: Tensor, idx: Tensor, f: Tensor, noise: Tensor, thresh: float) -> _Pixels:
@@ -112,14 +112,14 @@ def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthres
         scan=scan,
     )
     if r.n == n:
-        return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered)
+        return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered, r.list_key)
     # objects that were split leave empty ids: compact and carry per-object data along
     present = torch.bincount(r.obj, minlength=r.n) > 0
     t0_full = torch.cat([t0_obj, _segment_min(pix.tp, r.obj, r.n)[n:]])
     newid = torch.cumsum(present.long(), 0) - 1
     centre = (r.centre[0][present], r.centre[1][present])
     return _Objects(_g(newid, r.obj), int(present.sum()), _g(t0_full, present), _g(r.blended, present), centre,
-                    r.gathered)
+                    r.gathered, None if r.list_key is None else _g(r.list_key, present))
 
 
 def _raster_order(idx: Tensor, o: _Objects) -> _Objects:
@@ -129,7 +129,8 @@ def _raster_order(idx: Tensor, o: _Objects) -> _Objects:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(o.n, device=order.device)
     centre = None if o.centre is None else (o.centre[0][order], o.centre[1][order])
-    return _Objects(_g(rank, o.obj), o.n, _g(o.t0, order), _g(o.blended, order), centre, o.gathered)
+    return _Objects(_g(rank, o.obj), o.n, _g(o.t0, order), _g(o.blended, order), centre, o.gathered,
+                    None if o.list_key is None else _g(o.list_key, order))
 
 
 def _analyse_objects(o: _Objects, xd, yd, pix: _Pixels) -> Analysis:
@@ -160,8 +161,12 @@ def _scan_order(pix: _Pixels, obj: Tensor, n: int, H: int, W: int) -> ScanOrder:
 
 def _arrival(o: _Objects, parent_key: Tensor) -> Tensor:
     """Per object, its rank in the order SExtractor hands objects to ``clean``: by the completion of
-    its detection (:func:`_completion_key`), the branches of one detection by object index."""
-    key = _segment_max(parent_key.double(), o.obj, o.n) * o.n + torch.arange(o.n, device=o.obj.device)
+    its detection (:func:`_completion_key`), the branches of one detection in the order SExtractor's
+    deblender lists them (``list_key``; by object index without it)."""
+    within = torch.arange(o.n, device=o.obj.device)
+    if o.list_key is not None:
+        within = _argsort(o.list_key * o.n + within).argsort()
+    key = _segment_max(parent_key.double(), o.obj, o.n) * o.n + within
     rank = torch.empty(o.n, dtype=torch.int64, device=o.obj.device)
     rank[_argsort(key)] = torch.arange(o.n, device=o.obj.device)
     return rank

@@ -210,13 +210,12 @@ def sextractor_gather(fpo: Tensor, order: ScanOrder, son_obj: Tensor, son_key: T
     return _g(pair_son, (first + pick).clamp(max=max(pair_son.numel() - 1, 0)))
 
 
-def gather_random(fp: Tensor, cd, tree, sel: Tensor, n_obj: int, gx: Tensor, gy: Tensor, an, amp: Tensor,
-                  scan: ScanOrder) -> Tensor:
+def gather_random(fp: Tensor, cd, son_key: Tensor, son_obj: Tensor, n_obj: int, gx: Tensor, gy: Tensor, an,
+                  amp: Tensor, scan: ScanOrder) -> Tensor:
     """:func:`sextractor_gather` for the free candidate pixels ``fp`` of ``deblend._split_objects``
-    (``cd`` its candidates, ``tree`` its level tree, ``sel`` the selected components, ``gx, gy`` the
-    candidates' coordinates, ``scan`` the :class:`ScanOrder` of every detected pixel, its key the
-    completion of the pixel's detection: the place in the detection's list is added here)."""
-    key = _g(branch_list_key(tree.comp_lev, tree.comp_obj, tree.par, tree.leaf, gx, gy), sel)
+    (``cd`` its candidates, ``son_key`` / ``son_obj`` the branches' :func:`branch_list_key` and object,
+    ``gx, gy`` the candidates' coordinates, ``scan`` the :class:`ScanOrder` of every detected pixel,
+    its key the completion of the pixel's detection: the place in the detection's list is added here)."""
     fpo = _g(cd.po, fp)
     # the pixel lists of the detections that draw
     has_free = torch.zeros(n_obj, dtype=torch.bool, device=fp.device)
@@ -229,7 +228,7 @@ def gather_random(fp: Tensor, cd, tree, sel: Tensor, n_obj: int, gx: Tensor, gy:
     pid = _g(cd.pidx, fp)
     span = int(rank.max()) + 1
     order = ScanOrder(_g(scan.batch, pid), _g(scan.key, pid) * span + _g(rank, fp))
-    return sextractor_gather(fpo, order, _g(tree.comp_obj, sel), key, n_obj, _g(gx, fp), _g(gy, fp), an, amp)
+    return sextractor_gather(fpo, order, son_obj, son_key, n_obj, _g(gx, fp), _g(gy, fp), an, amp)
 
 
 class _Runs(NamedTuple):
