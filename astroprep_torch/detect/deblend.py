@@ -9,8 +9,9 @@ can split; for those the components of every level come from one union-find fed 
 down (a level's components grow from those of the level above and the pixels entering it: the cost
 is the pixels', edges' and components', not that of the ``(pixel, level)`` nodes, 6-20x more for
 saturated stars and halos), and the tree walk is a loop over the levels (vectorised over every
-component of every object). Pixels below the split go to a branch by SExtractor's ``gatherup`` rule
-(the most probable branch, deterministic).
+component of every object). Pixels below the split go to a branch by SExtractor's ``gatherup`` rule:
+drawn at random exactly as SExtractor draws (:mod:`.gatherup_random`, when a scan order is given), or
+the most probable branch (deterministic).
 """
 
 from __future__ import annotations

@@ -172,17 +172,19 @@ def _probabilities(x: Tensor, y: Tensor, son: Tensor, an, amp: Tensor):
     return d, q
 
 
-def _running_sums(q: Tensor, row: Tensor, j: Tensor, n_rows: int) -> Tensor:
-    """Per pair, the float running sum ``p`` of ``q`` over the pairs of its row up to column ``j``,
-    added one column at a time as SExtractor's loop does (float rounding at each step)."""
+def _running_sums(q: Tensor, j: Tensor) -> Tensor:
+    """Per pair, the float running sum ``p`` of ``q`` over the pairs of its row up to its column ``j``
+    (the pairs of a row contiguous, by column), added one column at a time as SExtractor's loop does
+    (float rounding at each step)."""
+    p = q.clone()
     if q.numel() == 0:
-        return q.clone()
-    n_col = int(j.max()) + 1
-    grid = torch.zeros(n_rows, n_col, dtype=q.dtype, device=q.device)
-    grid[row, j] = q
-    for c in range(1, n_col):
-        grid[:, c] += grid[:, c - 1]
-    return grid[row, j]
+        return p
+    by_col = _argsort(j)
+    ends = torch.cumsum(torch.bincount(j), 0).tolist()
+    for c in range(1, len(ends)):
+        idx = by_col[ends[c - 1]: ends[c]]
+        p[idx] = _g(p, idx - 1) + _g(q, idx)
+    return p
 
 
 def sextractor_gather(fpo: Tensor, order: ScanOrder, son_obj: Tensor, son_key: Tensor, n_obj: int,
@@ -196,7 +198,7 @@ def sextractor_gather(fpo: Tensor, order: ScanOrder, son_obj: Tensor, son_key: T
     pair_row, pair_son, first, cnt = _son_pairs(fpo, son_obj, son_key, n_obj)
     d, q = _probabilities(_g(gx, pair_row), _g(gy, pair_row), pair_son, an, amp)
     j = torch.arange(pair_row.numel(), device=fpo.device) - _g(first, pair_row)
-    p = _running_sums(q, pair_row, j, npp)
+    p = _running_sums(q, j)
     last = first + cnt - 1
     p_last = torch.where(cnt > 0, _g(p, last.clamp_min(0)), torch.zeros(npp, dtype=p.dtype, device=p.device))
     u = _draws(order.batch, order.key, p_last)
@@ -266,19 +268,38 @@ def _row_links(r: _Runs, prev: np.ndarray, cur: np.ndarray, span: int):
     return ci, pi
 
 
+def _components(a: np.ndarray, b: np.ndarray, n: int):
+    """Connected components of ``n`` vertices and edges ``(a, b)``: ``(count, label)``, labels
+    numbered by smallest vertex (min-label propagation with pointer jumping; the graphs of one row are
+    small and shallow)."""
+    lab = np.arange(n)
+    while a.size:
+        m = np.minimum(lab[a], lab[b])
+        new = lab.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        new = new[new]
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    roots, lab = np.unique(lab, return_inverse=True)
+    return roots.size, lab
+
+
 def lutz_list_rank(x: np.ndarray, y: np.ndarray, det: np.ndarray) -> np.ndarray:
     """Per pixel, its place in the pixel list SExtractor's scan (``lutz``) builds for its detection.
 
     Scanning row ``y``, the partial objects of rows ``<= y`` are rebuilt: each is the concatenation,
     by column, of the lists of the partial objects of rows ``<= y - 1`` it joins (each placed at the
     first column it has on row ``y - 1``, before a pixel of that column) and of its pixels on row ``y``.
-    A loop over rows, vectorised over the runs of a row (all detections at once)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    A loop over the rows of the tallest detection, vectorised over the runs of every detection's row."""
     if x.size == 0:
         return np.zeros(0, dtype=np.int64)
-    r = _runs(x, y, det)
+    # detections are independent: scan them side by side, each from its first row (fewer, fuller rows)
+    _, det = np.unique(det, return_inverse=True)
+    ymin = np.full(int(det.max()) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(ymin, det, y)
+    r = _runs(x, y - ymin[det], det)
     span = int(x.max()) + 3
     nrun = r.y.size
     bounds = np.flatnonzero(np.r_[True, r.y[1:] != r.y[:-1], True])
@@ -297,9 +318,7 @@ def lutz_list_rank(x: np.ndarray, y: np.ndarray, det: np.ndarray) -> np.ndarray:
             ci = pi = np.zeros(0, dtype=np.int64)
         old_nodes = node_of_run[prev] if prev.size else np.zeros(0, dtype=np.int64)
         uo, inv = np.unique(old_nodes[pi], return_inverse=True)  # old nodes that continue
-        nv = cur.size + uo.size
-        g = coo_matrix((np.ones(ci.size), (ci, cur.size + inv)), shape=(nv, nv))
-        ncomp, lab = connected_components(g, directed=False)
+        ncomp, lab = _components(ci, cur.size + inv, cur.size + uo.size)
         node_of_run[cur] = n_nodes + lab[:cur.size]
         child_parent.append(n_nodes + lab[cur.size:])
         child_key.append((uo, 2 * _node_minx_prev(r, prev, node_of_run, uo)))
