@@ -370,27 +370,34 @@ def _list_positions(r: _Runs, node_of_run, child_parent, child_key, n_nodes: int
 def list_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tensor:
     """A sort key (int64, per pixel, within its group) for the order of each group's pixel list as
     SExtractor's ``lutz`` builds it: :func:`~.analyse.lutz_order_key` for groups with one run per row,
-    :func:`lutz_list_rank` for the others (the few with several runs on a row)."""
-    from .analyse import lutz_order_key
+    :func:`lutz_list_rank` for the others (those with several runs on a row). Groups are 8-connected
+    (a group's rows are those from its first to its last); pixels in raster order per image are
+    fastest (any order is sorted first)."""
+    from .analyse import _segment_max, _segment_min, lutz_order_key
 
     key = lutz_order_key(x, y, group, H, W)
     if x.numel() == 0:
         return key
-    # runs per (group, row): a pixel whose left neighbour on its row is not in its group starts one
-    gx = group * (H + 1) * (W + 2) + y * (W + 2) + x
-    o = _argsort(gx)
-    gs = _g(gx, o)
-    starts = torch.ones_like(gs, dtype=torch.bool)
-    starts[1:] = gs[1:] != gs[:-1] + 1
-    row_id = _g(group * (H + 1) + y, o)
-    nrun = torch.zeros(int(row_id.max()) + 1, dtype=torch.int64, device=x.device).index_add_(0, row_id, starts.long())
-    multi_rows = (nrun > 1).nonzero().squeeze(1)
-    if multi_rows.numel() == 0:
+    lin = y * (W + 2) + x
+    if not bool((lin[1:] >= lin[:-1]).all()):  # not raster order: sort (stable) by group, then raster
+        o = _argsort(group * (H + 1) * (W + 2) + lin)
+        x, y, group, lin = _g(x, o), _g(y, o), _g(group, o), _g(lin, o)
+    else:
+        o = None
+    # a pixel starts a run unless the pixel before it is its left neighbour in the same group
+    start = torch.ones_like(lin, dtype=torch.bool)
+    start[1:] = (lin[1:] != lin[:-1] + 1) | (group[1:] != group[:-1])
+    n = int(group.max()) + 1
+    runs = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, group, start.long())
+    rows = _segment_max(y.double(), group, n) - _segment_min(y.double(), group, n) + 1
+    multi = runs > rows.clamp_min(0).long()
+    if not bool(multi.any()):
         return key
-    multi = torch.zeros(int(group.max()) + 1, dtype=torch.bool, device=x.device)
-    multi[multi_rows // (H + 1)] = True
     sel = _g(multi, group).nonzero().squeeze(1)
-    rank = lutz_list_rank(_g(x, sel).cpu().numpy(), _g(y, sel).cpu().numpy(), _g(group, sel).cpu().numpy())
+    rank = torch.from_numpy(lutz_list_rank(_g(x, sel).cpu().numpy(), _g(y, sel).cpu().numpy(),
+                                           _g(group, sel).cpu().numpy())).to(key.device)
+    if o is not None:
+        sel = _g(o, sel)
     key = key.clone()
-    key[sel] = torch.from_numpy(rank).to(key.device)
+    key[sel] = rank
     return key
