@@ -116,3 +116,16 @@ def test_blended_pair_gathers_free_pixels_as_source_extractor(tmp_path, monkeypa
     monkeypatch.setattr(gr, "glibc_rand", lambda n: np.random.default_rng(7).integers(0, 2**31 - 1, n))
     _, c = _segmentations(tmp_path, "ours_other_stream")
     assert not _same_partition(a, c)
+
+
+def test_detect_sources_gatherup_modes():
+    from astroprep_torch.detect import detect_sources
+
+    img = torch.from_numpy(_pair_image() - 100.0)[None, None]
+    a = detect_sources(img, 3.0, gatherup="sextractor")
+    b = detect_sources(img, 3.0, gatherup="probable")
+    assert a["label"].numel() == b["label"].numel() == 2 and bool(a["blended"].all())
+    # same branches, same pixels overall: only the pixels below the split may change hands
+    assert torch.equal(a["segmentation"] > 0, b["segmentation"] > 0)
+    with pytest.raises(ValueError, match="gatherup must be"):
+        detect_sources(img, 3.0, gatherup="random")
