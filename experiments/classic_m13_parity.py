@@ -9,7 +9,8 @@ SExtractor's deblending gives the pixels below the branches' split to a branch d
 (``refine.c: gatherup``, glibc ``rand()`` with its default seed, in the order of the scan's pixel
 lists).  To measure what that alone does, source-extractor is run again with ``rand()`` replaced
 (``LD_PRELOAD`` of a 64-bit LCG, two seeds): SExtractor against itself gives the floor any
-reimplementation without glibc's generator and lutz's pixel-list order meets.  Each disagreement is
+reimplementation without glibc's generator and lutz's pixel-list order meets.  Ours reproduces that draw
+(``astroprep_torch.detect.gatherup_random``: glibc's stream, SExtractor's draw and branch order).  Each disagreement is
 classed: sensitive to the draw (SExtractor's own value moves beyond the tolerance under a reseed),
 deblended branch, or plain object; the segmentations are compared as connected groups of
 overlapping objects (identical, same objects with other boundaries, other splits / CLEAN merges).

@@ -175,13 +175,14 @@ def test_m13_same_sex_file_as_source_extractor(tmp_path):
     r = _vs_source_extractor(tmp_path, img, SEX)
     print("m13", r)
     assert r["matched_ref"] >= 0.995 and r["matched_ours"] >= 0.99, r
-    assert r["dmag"] >= 0.95 and r["xy"] >= 0.99 and r["xywin"] >= 0.88, r
+    assert r["dmag"] >= 0.99 and r["xy"] >= 0.99 and r["xywin"] >= 0.99, r
     # every matched object, crowded and blended ones included: CLEANed objects' pixels are not blanked
     # and XWIN falls back to the isophotal position by SExtractor 2.25's rule (was 0.735 / 0.704); the
     # CLEAN paste-back / re-blanking rows, remover and mthresh order of scan.c / clean.c (was 0.801 / 0.742).
     # SExtractor against itself with rand() reseeded reaches only ~0.76 / ~0.73 here: deblending gives the
-    # pixels below a split to a branch drawn with glibc's rand() (experiments/classic_m13_parity.py)
-    assert r["all_dmag"] >= 0.81 and r["all_xywin"] >= 0.75, r
+    # pixels below a split to a branch drawn with glibc's rand(), which we reproduce draw for draw
+    # (gatherup_random; was 0.8125 / 0.7535; 0.976 / 0.969 with it, the rest CLEAN decisions)
+    assert r["all_dmag"] >= 0.97 and r["all_xywin"] >= 0.96 and r["all_xy"] >= 0.99, r
     # objects that are not deblended involve no draw: every one within 0.01 mag and 0.01 px
     assert r["not_deblended_ok"] == 1.0, r
 
@@ -196,8 +197,8 @@ def test_simulated_gwac_frame_same_sex_file_as_source_extractor(tmp_path):
     print("gwac", r)
     assert r["n_sample"] > 250 and r["matched_ref"] >= 0.99 and r["matched_ours"] >= 0.99, r
     assert r["dmag"] >= 0.98 and r["xy"] >= 0.99 and r["xywin"] >= 0.99, r
-    # every matched object (0.989 / 0.992)
-    assert r["all_dmag"] >= 0.985 and r["all_xywin"] >= 0.99 and r["not_deblended_ok"] == 1.0, r
+    # every matched object (0.989 / 0.992; 1.0 / 1.0 with SExtractor's random gatherup reproduced)
+    assert r["all_dmag"] >= 0.998 and r["all_xywin"] >= 0.998 and r["not_deblended_ok"] == 1.0, r
 
 
 def test_catalog_types_and_background_command(tmp_path):

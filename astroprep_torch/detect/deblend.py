@@ -9,8 +9,9 @@ can split; for those the components of every level come from one union-find fed 
 down (a level's components grow from those of the level above and the pixels entering it: the cost
 is the pixels', edges' and components', not that of the ``(pixel, level)`` nodes, 6-20x more for
 saturated stars and halos), and the tree walk is a loop over the levels (vectorised over every
-component of every object). Pixels below the split go to a branch by SExtractor's ``gatherup`` rule
-(the most probable branch, deterministic).
+component of every object). Pixels below the split go to a branch by SExtractor's ``gatherup`` rule:
+drawn at random exactly as SExtractor draws (:mod:`.gatherup_random`, when a scan order is given), or
+the most probable branch (deterministic).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from ._index import _argsort, _g, _nonzero, _unique_roots
 from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
+from .gatherup_random import branch_list_key, gather_random
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
 
@@ -35,6 +37,8 @@ class DeblendResult(NamedTuple):
     blended: Tensor  #: (n,) bool: a deblended branch
     centre: Optional[tuple]  #: (mx, my) (n,) core barycentre of each branch (NaN for the others)
     gathered: Optional[Tensor]  #: (P,) bool: pixel given to its branch by ``gatherup``
+    #: (n,) int64 order of the branches of one detection in SExtractor's list (``parcelout``), 0 for others
+    list_key: Optional[Tensor] = None
 
 
 def _find_roots(parent: Tensor, x: Tensor) -> Tensor:
@@ -377,7 +381,8 @@ def _core_pixels(tree: _LevelTree, sel: Tensor):
     return core_pix, _g(son, core_pix)
 
 
-def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj) -> DeblendResult:
+def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj, x, y, val, t0_obj,
+                   scan=None) -> DeblendResult:
     """Give every pixel of a split object to a branch: its core pixels (nodes of the selected
     component) directly, the others by :func:`_gather_free`."""
     device = obj.device
@@ -389,11 +394,13 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
                   _g(tree.comp_t, sel))
     # gatherup amplitudes (thresholds reset to the detection threshold first)
     amp = _branch_amplitudes(an, _g(t0_obj, son_obj))
+    son_key = _g(branch_list_key(tree.comp_lev, tree.comp_obj, tree.par, tree.leaf, gx, gy), sel)
     assign = torch.full((npc,), -1, dtype=torch.int64, device=device)
     assign[core_pix] = core_son
     fp = ((assign < 0) & _g(split_obj, cd.po)).nonzero().squeeze(1)
     if fp.numel():
-        assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp)
+        assign[fp] = _gather_free(fp, cd.po, son_obj, n_obj, gx, gy, an, amp) if scan is None \
+            else gather_random(fp, cd, son_key, son_obj, n_obj, gx, gy, an, amp, scan)
     new_obj = obj.clone()
     moved = _g(split_obj, cd.po)
     new_obj[_g(cd.pidx, moved)] = n_obj + _g(assign, moved)
@@ -402,11 +409,13 @@ def _split_objects(obj, n_obj, cd: _Candidates, tree: _LevelTree, sel, split_obj
     nan = torch.full((n_obj,), math.nan, dtype=torch.float64, device=device)
     gathered = torch.zeros(obj.numel(), dtype=torch.bool, device=device)
     gathered[_g(cd.pidx, fp)] = True
-    return DeblendResult(new_obj, n_obj + n_sel, blended, (torch.cat([nan, an.mx]), torch.cat([nan, an.my])), gathered)
+    list_key = torch.cat([torch.zeros(n_obj, dtype=torch.int64, device=device), son_key])
+    return DeblendResult(new_obj, n_obj + n_sel, blended, (torch.cat([nan, an.mx]), torch.cat([nan, an.my])), gathered,
+                         list_key)
 
 
 def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nthresh, mincont, minarea,
-             candidates) -> DeblendResult:
+             candidates, scan=None) -> DeblendResult:
     """Deblend the ``candidates`` (n_obj,) bool objects: see the module docstring.
 
     ``obj`` (P,) object of each pixel; ``u, v`` 8-neighbour pixel edges; ``x, y`` float64 coordinates,
@@ -424,4 +433,4 @@ def _deblend(obj, n_obj, u, v, x, y, f, val, t0_obj, peak_obj, fdflux_obj, *, nt
     if not bool(split_obj.any()):
         return _unsplit(obj, n_obj)
     sel = (selected & _g(split_obj, tree.comp_obj)).nonzero().squeeze(1)
-    return _split_objects(obj, n_obj, cd, tree, sel, split_obj, x, y, val, t0_obj)
+    return _split_objects(obj, n_obj, cd, tree, sel, split_obj, x, y, val, t0_obj, scan)

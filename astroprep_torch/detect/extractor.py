@@ -13,11 +13,11 @@ from .._checks import all_finite, bad_pixels, check_image, check_mask
 from .._runtime import adapt_to_load, serial_on_cpu
 from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
 from ._index import _argsort, _g, _unique_roots
-from .analyse import (Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments,
-                      lutz_order_key)
+from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
 from .catalog import Catalog, _LazySegmentation
 from .clean import _clean, _follow_masters
 from .deblend import MAXDEBAREA, _deblend
+from .gatherup_random import ScanOrder, list_order_key
 from .filter import filter_image
 from .labels import _pixel_edges, connected_components
 from .threshold import _detected_pixels, _noise_base, _noise_map, _undetectable, check_rms
@@ -52,6 +52,7 @@ class _Objects(NamedTuple):
     blended: Tensor
     centre: Optional[tuple]
     gathered: Optional[Tensor]
+    list_key: Optional[Tensor] = None  #: order of a detection's branches in SExtractor's list
 
 
 def _pixel_table(image: Tensor, idx: Tensor, f: Tensor, noise: Tensor, thresh: float) -> _Pixels:
@@ -99,7 +100,7 @@ def _split_candidates(u, v, f, obj, n: int, minarea: int) -> Tensor:
     return (nmax >= 2) & (torch.bincount(obj, minlength=n) >= 2 * min(minarea, MAXDEBAREA))
 
 
-def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthresh, cont) -> _Objects:
+def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthresh, cont, scan=None) -> _Objects:
     """Deblend the objects (:func:`~.deblend._deblend`) and compact the ids of the split ones."""
     t0_obj = _segment_min(pix.tp, obj, n)
     blended = torch.zeros(n, dtype=torch.bool, device=obj.device)
@@ -108,16 +109,17 @@ def _deblend_objects(pix: _Pixels, u, v, obj, n: int, xd, yd, *, minarea, nthres
     r = _deblend(
         obj, n, u, v, xd, yd, pix.f, pix.val, t0_obj, _segment_max(pix.f, obj, n), _segment_sum(pix.f, obj, n),
         nthresh=nthresh, mincont=cont, minarea=minarea, candidates=_split_candidates(u, v, pix.f, obj, n, minarea),
+        scan=scan,
     )
     if r.n == n:
-        return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered)
+        return _Objects(r.obj, n, t0_obj, r.blended, r.centre, r.gathered, r.list_key)
     # objects that were split leave empty ids: compact and carry per-object data along
     present = torch.bincount(r.obj, minlength=r.n) > 0
     t0_full = torch.cat([t0_obj, _segment_min(pix.tp, r.obj, r.n)[n:]])
     newid = torch.cumsum(present.long(), 0) - 1
     centre = (r.centre[0][present], r.centre[1][present])
     return _Objects(_g(newid, r.obj), int(present.sum()), _g(t0_full, present), _g(r.blended, present), centre,
-                    r.gathered)
+                    r.gathered, None if r.list_key is None else _g(r.list_key, present))
 
 
 def _raster_order(idx: Tensor, o: _Objects) -> _Objects:
@@ -127,7 +129,8 @@ def _raster_order(idx: Tensor, o: _Objects) -> _Objects:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(o.n, device=order.device)
     centre = None if o.centre is None else (o.centre[0][order], o.centre[1][order])
-    return _Objects(_g(rank, o.obj), o.n, _g(o.t0, order), _g(o.blended, order), centre, o.gathered)
+    return _Objects(_g(rank, o.obj), o.n, _g(o.t0, order), _g(o.blended, order), centre, o.gathered,
+                    None if o.list_key is None else _g(o.list_key, order))
 
 
 def _analyse_objects(o: _Objects, xd, yd, pix: _Pixels) -> Analysis:
@@ -150,10 +153,20 @@ def _completion_key(pix: _Pixels, obj: Tensor, n: int, W: int) -> Tensor:
     return _g(ymax.long() * (W + 1) + xend.long(), obj)
 
 
+def _scan_order(pix: _Pixels, obj: Tensor, n: int, H: int, W: int) -> ScanOrder:
+    """The order in which SExtractor's scan deblends each detected pixel's detection (its completion:
+    :func:`_completion_key`); :mod:`.gatherup_random` adds the place in the detection's pixel list."""
+    return ScanOrder(pix.b, _completion_key(pix, obj, n, W))
+
+
 def _arrival(o: _Objects, parent_key: Tensor) -> Tensor:
     """Per object, its rank in the order SExtractor hands objects to ``clean``: by the completion of
-    its detection (:func:`_completion_key`), the branches of one detection by object index."""
-    key = _segment_max(parent_key.double(), o.obj, o.n) * o.n + torch.arange(o.n, device=o.obj.device)
+    its detection (:func:`_completion_key`), the branches of one detection in the order SExtractor's
+    deblender lists them (``list_key``; by object index without it)."""
+    within = torch.arange(o.n, device=o.obj.device)
+    if o.list_key is not None:
+        within = _argsort(o.list_key * o.n + within).argsort()
+    key = _segment_max(parent_key.double(), o.obj, o.n) * o.n + within
     rank = torch.empty(o.n, dtype=torch.int64, device=o.obj.device)
     rank[_argsort(key)] = torch.arange(o.n, device=o.obj.device)
     return rank
@@ -187,10 +200,10 @@ def _clean_objects(o: _Objects, an: Analysis, bobj: Tensor, pix: _Pixels, comp: 
     pastes back into the image (no measurement blanks them as neighbours) / blanks for every
     measurement (:func:`_pasted_back`)."""
     if o.gathered is None:
-        order_key = lutz_order_key(pix.x, pix.y, o.obj, H, W)
+        order_key = list_order_key(pix.x, pix.y, o.obj, H, W)
     else:  # a branch's own pixels in its list's order, then those it gathered in its detection's order
-        own = lutz_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
-        order_key = torch.where(o.gathered, lutz_order_key(pix.x, pix.y, comp, H, W), own)
+        own = list_order_key(pix.x, pix.y, torch.where(o.gathered, o.n + o.obj, o.obj), H, W)
+        order_key = torch.where(o.gathered, list_order_key(pix.x, pix.y, comp, H, W), own)
     mthresh = _mthresh(pix.f - pix.tp, o.obj, o.n, minarea, o.gathered, order_key=order_key)
     parent_key = _completion_key(pix, comp, int(comp.max()) + 1, W)
     alive, master = _clean(bobj, an, o.t0, mthresh, clean_param, H, W, arrival=_arrival(o, parent_key))
@@ -236,6 +249,7 @@ def detect_sources(
     clean: bool = True,
     clean_param: float = 1.0,
     dense: bool = True,
+    gatherup: str = "sextractor",
 ) -> dict:
     """Segment a background-subtracted (B,1,H,W) image. Returns a dict of tensors.
 
@@ -251,7 +265,14 @@ def detect_sources(
     those of their pixels SExtractor blanks for every measurement (:func:`_pasted_back`). ``dense=False``
     leaves out ``segmentation`` and ``filtered`` (None): on CPU the image is then filtered and
     thresholded strip by strip and no frame-sized array is made at all.
+
+    ``gatherup``: how the deblender gives a split detection's pixels below its branches to a branch:
+    ``"sextractor"`` draws it at random exactly as SExtractor 2.25 does (glibc's unseeded ``rand()``,
+    in SExtractor's order: :mod:`.gatherup_random`), ``"probable"`` takes the most probable branch
+    (deterministic, independent of the other detections).
     """
+    if gatherup not in ("sextractor", "probable"):
+        raise ValueError(f"gatherup must be 'sextractor' or 'probable', got {gatherup!r}")
     check_image(image, "image", channels=1)
     mask = check_mask(mask, image)
     B, _, H, W = image.shape
@@ -260,7 +281,9 @@ def detect_sources(
     pix, u, v, obj, n = _components(_pixel_table(image, det_idx, f, noise, thresh), H, W, minarea)
     xd, yd = pix.x.double(), pix.y.double()
     comp = obj  # the detection (connected component) of each pixel
-    o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont)
+    scan = _scan_order(pix, obj, n, H, W) if gatherup == "sextractor" else None
+    o = _deblend_objects(pix, u, v, obj, n, xd, yd, minarea=minarea, nthresh=deblend_nthresh, cont=deblend_cont,
+                         scan=scan)
     o = _raster_order(pix.idx, o)
     bobj = torch.zeros(o.n, dtype=torch.int64, device=image.device).scatter_(0, o.obj, pix.b)
     an = _analyse_objects(o, xd, yd, pix)
