@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import all_finite, bad_pixels, check_image, check_mask
-from .._runtime import adapt_to_load, serial_on_cpu
+from .._runtime import adapt_to_load, freed_memory_kept, serial_on_cpu
 from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
 from ._index import _argsort, _g, _unique_roots
 from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
@@ -371,6 +371,11 @@ class SourceExtractor(nn.Module):
     @adapt_to_load
     def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
                 saturated: Optional[Tensor] = None) -> Catalog:
+        # the call's many large temporaries reuse the pages freed before them (no fresh page faults)
+        with freed_memory_kept():
+            return self._extract(image, rms, mask, background, saturated)
+
+    def _extract(self, image: Tensor, rms, mask, background, saturated) -> Catalog:
         check_image(image, "image", channels=1)
         mask = check_mask(mask, image)
         mask = check_rms(rms, image, mask)
