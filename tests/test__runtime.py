@@ -232,3 +232,13 @@ def test_freed_memory_kept_reuses_the_pages_of_a_freed_tensor():
     with freed_memory_kept():
         inside = faults_of_second_tensor()
     assert outside >= 20 and inside < outside / 4
+
+
+def test_flat_nonzero_equals_torch_nonzero():
+    from astroprep_torch._runtime import flat_nonzero
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(7, 13, 11, generator=g) < 0.2
+    for t in (m, m[2:5], m.transpose(1, 2), m[:0]):  # contiguous, a slice, strided, empty
+        got = flat_nonzero(t)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.nonzero(t.reshape(-1)).flatten())

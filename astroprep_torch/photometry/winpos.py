@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._runtime import flat_nonzero
 from .flags import FLAG_APER_INCOMPLETE, _box_flag_trunc
 from .stamps import _chunks, _Frame, _geo, _helper_frame, _Objects, _reach, _side, _size_buckets, _wbuf
 
@@ -214,7 +215,7 @@ def _window_pixels(ws: _WinStamps, st: _WinState, act: Tensor, fx: Tensor, dyr: 
         inner = r2 < st.rring2.index_select(0, act)[:, None, None]
         ring = inner & (r2 > st.rint2.index_select(0, act)[:, None, None])
         loc = torch.where(inner, cache, torch.zeros_like(cache))
-    fl = torch.nonzero(ring.view(-1)).flatten()  # flat (object, row, column) ids
+    fl = flat_nonzero(ring)  # flat (object, row, column) ids
     if fl.numel():
         # 11x11 sub-sampling only on the window's edge pixels
         cnt = _edge_counts(ws, fl, fx, dyr, st.rap2.index_select(0, act), st.ksub)
