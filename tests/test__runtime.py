@@ -179,3 +179,66 @@ def test_background_runs_on_one_thread_when_a_core_is_taken(two_threads, one_cor
     img = torch.randn(1, 1, 256, 256) + 100.0
     background.background_2d(img)
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return 1
+
+
+def test_freed_memory_kept_sets_and_restores_only_at_the_outermost_block(monkeypatch):
+    from astroprep_torch._runtime import freed_memory_kept, memory
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: fake)
+    monkeypatch.setattr(memory, "_RETAINED", False)
+    with freed_memory_kept():
+        assert fake.calls == [(memory.M_MMAP_MAX, 0), (memory.M_TRIM_THRESHOLD, memory._INT_MAX)]
+        with freed_memory_kept():
+            pass
+        assert len(fake.calls) == 2  # the inner block neither sets nor restores
+    assert fake.calls[2:] == [(memory.M_MMAP_MAX, 65536), (memory.M_MMAP_THRESHOLD, 32 << 20),
+                              (memory.M_TRIM_THRESHOLD, 64 << 20), ("trim", 0)]
+    monkeypatch.setattr(memory, "_RETAINED", True)  # retain_freed_memory() in force: nothing to do
+    with freed_memory_kept():
+        pass
+    assert len(fake.calls) == 6 and memory._SCOPE["depth"] == 0
+
+
+def test_freed_memory_kept_reuses_the_pages_of_a_freed_tensor():
+    """A 96 MB tensor freed and made again: fresh pages (faults) outside the block, the same inside."""
+    import resource
+
+    from astroprep_torch._runtime import freed_memory_kept, memory
+
+    if memory._libc() is None or memory._RETAINED:
+        pytest.skip("needs glibc and the default malloc settings (retain_freed_memory() not called)")
+
+    def faults_of_second_tensor():
+        torch.ones(24 << 20)  # made and freed
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(24 << 20)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    outside = faults_of_second_tensor()
+    with freed_memory_kept():
+        inside = faults_of_second_tensor()
+    assert outside >= 20 and inside < outside / 4
+
+
+def test_flat_nonzero_equals_torch_nonzero():
+    from astroprep_torch._runtime import flat_nonzero
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(7, 13, 11, generator=g) < 0.2
+    for t in (m, m[2:5], m.transpose(1, 2), m[:0]):  # contiguous, a slice, strided, empty
+        got = flat_nonzero(t)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.nonzero(t.reshape(-1)).flatten())

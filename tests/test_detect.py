@@ -628,3 +628,22 @@ def test_lutz_order_key_follows_the_scan_pixel_list():
     order = [pts[i] for i in torch.argsort(key).tolist()]
     # scan.c's list: (0,2) + [(1,1) + [(2,0),(3,0)] + (2,1),(3,1),(4,1)] + (1,2),(2,2)
     assert order == [(0, 2), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2)]
+
+def test_components_on_host_equal_the_edge_graph_labelling():
+    """scipy's labelling of the detected pixels (dense detections on CPU) numbers the components as
+    the union-find over the 8-neighbour edges does, with pixels of two images never joined (objects
+    at the bottom row of one image and the top row of the next)."""
+    from astroprep_torch.detect._index import _unique_roots
+    from astroprep_torch.detect.labels import _components_on_host, _pixel_edges, connected_components
+
+    g = torch.Generator().manual_seed(4)
+    B, H, W = 2, 37, 41
+    m = torch.rand(B, H, W, generator=g) < 0.45
+    m[0, -1, :] = True
+    m[1, 0, :] = True
+    idx = m.reshape(-1).nonzero().squeeze(1)
+    rem = idx % (H * W)
+    u, v = _pixel_edges(idx, rem % W, rem // W, H, W)
+    _, ref = _unique_roots(connected_components(idx.numel(), u, v))
+    got = _components_on_host(idx, H, W)
+    assert int(ref.max()) > 20 and torch.equal(got, ref)

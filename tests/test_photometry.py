@@ -766,3 +766,39 @@ def test_stamp_sizes_follow_each_object_not_the_largest(monkeypatch):
         assert max(rows, cols) <= 2.2 * need + 4, (rows, cols, n, need)
     kron = [c for c in calls if c[0] == "_stage_kron" and c[1] > 300]  # the trail's and the blob's
     assert any(c[2] <= 0.25 * c[1] for c in kron), kron  # the trail: a tall, narrow stamp
+
+
+def test_winpos_remirror_equals_fresh_stamps(monkeypatch):
+    """Windowed positions whose CORRECT mirror centre moved (stamp origin unchanged) replace only the
+    blanked pixels of the cached stamp: the same XWIN/YWIN, bit for bit, as stamps gathered anew at
+    every iteration."""
+    from astroprep_torch.photometry import winpos
+    from astroprep_torch.sim import simulate_frame
+
+    fr = simulate_frame((256, 256), n_stars=400, seed=5)
+    img = (fr.image - fr.background).float()
+    rms = float(fr.variance.sqrt().median())
+    real_remirror, real_refresh = winpos._WinStamps._remirror, winpos._WinStamps.refresh
+    used = []
+
+    def spy(self, *args):
+        used.append(args[3].numel())
+        return real_remirror(self, *args)
+
+    monkeypatch.setattr(winpos._WinStamps, "_remirror", spy)
+    cat = P.measure(img, _segment_of(img, rms), rms)
+    assert sum(used) > 0  # the partial path ran
+
+    def fresh(self, *args):
+        self.keys.fill_(-(1 << 40))  # every stamp gathered and corrected anew
+        return real_refresh(self, *args)
+
+    monkeypatch.setattr(winpos._WinStamps, "refresh", fresh)
+    ref = P.measure(img, _segment_of(img, rms), rms)
+    assert torch.equal(cat["xwin"], ref["xwin"]) and torch.equal(cat["ywin"], ref["ywin"])
+
+
+def _segment_of(img, rms):
+    from astroprep_torch.detect import detect_sources
+
+    return detect_sources(img, rms)["segmentation"]

@@ -1,5 +1,5 @@
 """CPU fast paths of single ops with the same results as torch's: serial small searches, numpy's
-SIMD sort and in-place ufuncs split over the pool's threads. Each falls back to the torch op
+SIMD sort, numpy's ``flatnonzero`` and in-place ufuncs split over the pool's threads. Each falls back to the torch op
 off the CPU, under autograd or while ``torch.compile`` traces."""
 
 from __future__ import annotations
@@ -63,3 +63,15 @@ def sort_last(t: Tensor) -> Tensor:
 
         return torch.from_numpy(np.sort(t.detach().numpy(), axis=-1))
     return torch.sort(t, dim=-1).values
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """``torch.nonzero(mask.reshape(-1)).flatten()``: the flat (row-major) indices of the True entries
+    of a bool tensor, int64, ascending; on CPU through numpy's ``flatnonzero``, several times faster
+    than ATen's ``nonzero`` there."""
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        import numpy as np
+
+        return torch.from_numpy(np.flatnonzero(mask.detach().numpy()))
+    return torch.nonzero(mask.reshape(-1)).flatten()
+

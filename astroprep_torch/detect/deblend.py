@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._index import _argsort, _g, _nonzero, _unique_roots
-from .analyse import _analyse, _segment_max, _segment_min, _segment_sum
+from .analyse import _analyse, _segment_sum
 from .gatherup_random import branch_list_key, gather_random
 
 MAXDEBAREA = 3  # SExtractor: minimum area of a deblending branch is min(minarea, MAXDEBAREA)
@@ -260,14 +260,23 @@ def _significant(flux: Tensor, area: Tensor, comp_t: Tensor, need: Tensor, valid
     return valid & (exact_flux() - comp_t * a > need)
 
 
+def _level_edges(cd: _Candidates, u: Tensor, v: Tensor, n_pix: int):
+    """The pixel edges ``(u, v)`` whose ends both reach sub-level 1, in candidate-local ids, and ``c``
+    the number of sub-levels both ends reach (a small integer type), in edge order. Edges join pixels
+    of one object, so those of objects that may not split drop out with their level 0; the levels are
+    gathered from a frame-pixel table of the smallest integer type (less memory traffic per edge)."""
+    nl = int(cd.L.max()) if cd.L.numel() else 0
+    small = torch.int8 if nl < 127 else (torch.int16 if nl < 32767 else torch.int64)
+    lev = torch.zeros(n_pix, dtype=small, device=cd.L.device).index_copy_(0, cd.pidx, cd.L.to(small))
+    c = torch.minimum(_g(lev, u), _g(lev, v))
+    keep = _nonzero(c > 0)
+    return _g(cd.loc, _g(u, keep)), _g(cd.loc, _g(v, keep)), _g(c, keep)
+
+
 def _level_tree(cd: _Candidates, u, v, cand_pix, fdflux_obj, *, mincont, minarea) -> _LevelTree:
     """Label every level (:func:`_grow_levels`) and describe its components."""
     L = cd.L
-    ce = _g(cand_pix, u)  # edges among candidate pixels, by the level both ends reach
-    eu, ev = _g(cd.loc, _g(u, ce)), _g(cd.loc, _g(v, ce))
-    c = torch.minimum(_g(L, eu), _g(L, ev))
-    keep = c > 0
-    eu, ev, c = _g(eu, keep), _g(ev, keep), _g(c, keep)
+    eu, ev, c = _level_edges(cd, u, v, cand_pix.numel())
     if not bool((L > 0).any()):
         e = torch.empty(0, dtype=torch.int64, device=L.device)
         return _LevelTree(torch.full_like(L, -1), e, e, cd.pf[:0], e.bool(), e.bool(), e)
@@ -322,40 +331,50 @@ def _branch_amplitudes(an, t_det: Tensor) -> Tensor:
     return torch.minimum(amp, 4.0 * an.fdpeak)
 
 
-def _pair_free_pixels(fp: Tensor, po: Tensor, son_obj: Tensor, n_obj: int):
-    """Every (free pixel, branch of its object) pair: ``(pair_pix, pair_son, rep)``."""
-    device = fp.device
-    order = _argsort(son_obj)  # sons of each split object, contiguous after sorting by object
-    cnt = torch.bincount(_g(son_obj, order), minlength=n_obj)
+def _free_pixel_rows(fp: Tensor, po: Tensor, son_obj: Tensor, n_obj: int):
+    """The free pixels ordered by the number of branches of their object, most first (stable), so
+    that the pixels with more than ``j`` branches are a prefix: ``(rows, base, n_gt, order)`` with
+    ``rows`` the order (into ``fp``), ``base`` the place of each one's first branch in ``order`` (the
+    branches grouped by object, ascending ids) and ``n_gt[j]`` the number with more than ``j``."""
+    order = _argsort(son_obj)
+    cnt = torch.bincount(son_obj, minlength=n_obj)
     start = torch.cumsum(cnt, 0) - cnt
-    rep = _g(cnt, _g(po, fp))
-    pair_pix = torch.repeat_interleave(fp, rep)
-    pair_off = torch.cumsum(rep, 0) - rep
-    j = torch.arange(pair_pix.numel(), device=device) - torch.repeat_interleave(pair_off, rep)
-    return pair_pix, _g(order, _g(start, _g(po, pair_pix)) + j), rep
+    fobj = _g(po, fp)
+    k = _g(cnt, fobj)
+    rows = _argsort(k, descending=True)
+    n_gt = _count_at_or_above(k, int(k.max()))[1:]
+    return rows, _g(start, _g(fobj, rows)), n_gt[:-1], order
 
 
 def _gather_free(fp, po, son_obj, n_obj, gx, gy, an, amp) -> Tensor:
     """SExtractor's ``gatherup`` for the free pixels ``fp`` of split objects: the branch of largest
     probability ``amp exp(-d)`` (``d`` the ellipse distance / abcor); the closest branch in that metric
-    when every probability vanishes."""
-    device = fp.device
-    pair_pix, pair_son, rep = _pair_free_pixels(fp, po, son_obj, n_obj)
-    dx = _g(gx, pair_pix) - an.mx[pair_son]
-    dy = _g(gy, pair_pix) - an.my[pair_son]
-    d = 0.5 * (an.cxx[pair_son] * dx * dx + an.cyy[pair_son] * dy * dy + an.cxy[pair_son] * dx * dy)
-    d = d / an.abcor[pair_son]
-    prob = torch.where(d < 70.0, _g(amp, pair_son) * torch.exp(-d.clamp(max=70.0)), torch.zeros_like(d))
+    when every probability vanishes; the highest branch id among equals. Branch ``j`` of every pixel's
+    object is one dense column over the pixels that have it (a prefix, :func:`_free_pixel_rows`), its
+    running maximum, sum and minimum taken branch after branch (the order of a per-pixel loop)."""
+    rows, base, n_gt, order = _free_pixel_rows(fp, po, son_obj, n_obj)
+    px, py = _g(gx, _g(fp, rows)), _g(gy, _g(fp, rows))
     npp = fp.numel()
-    pair_row = torch.repeat_interleave(torch.arange(npp, device=device), rep)
-    pmax = _segment_max(prob, pair_row, npp)
-    psum = _segment_sum(prob, pair_row, npp)
-    dmin = _segment_min(d, pair_row, npp)
-    use_p = _g(psum, pair_row) > 1e-31
-    win = torch.where(use_p, prob == _g(pmax, pair_row), d == _g(dmin, pair_row))
-    best = torch.full((npp,), -1, dtype=torch.int64, device=device)
-    best.scatter_reduce_(0, _g(pair_row, win), _g(pair_son, win), reduce="amax", include_self=True)
-    return best
+    pmax = torch.full((npp,), -math.inf, dtype=px.dtype, device=px.device)
+    psum, dmin = torch.zeros_like(pmax), torch.full_like(pmax, math.inf)
+    cols = []
+    for j, n in enumerate(n_gt):
+        son = _g(order, base[:n] + j)
+        dx = px[:n] - _g(an.mx, son)
+        dy = py[:n] - _g(an.my, son)
+        d = 0.5 * (_g(an.cxx, son) * dx * dx + _g(an.cyy, son) * dy * dy + _g(an.cxy, son) * dx * dy)
+        d = d / _g(an.abcor, son)
+        prob = torch.where(d < 70.0, _g(amp, son) * torch.exp(-d.clamp(max=70.0)), torch.zeros_like(d))
+        torch.maximum(pmax[:n], prob, out=pmax[:n])
+        psum[:n] += prob
+        torch.minimum(dmin[:n], d, out=dmin[:n])
+        cols.append((son, prob, d))
+    use_p = psum > 1e-31
+    best = torch.full((npp,), -1, dtype=torch.int64, device=px.device)
+    for (son, prob, d), n in zip(cols, n_gt):
+        win = torch.where(use_p[:n], prob == pmax[:n], d == dmin[:n])
+        best[:n] = torch.where(win, son, best[:n])  # a later (higher) branch wins a tie
+    return torch.empty_like(best).index_copy_(0, rows, best)
 
 
 def _unsplit(obj: Tensor, n_obj: int) -> DeblendResult:

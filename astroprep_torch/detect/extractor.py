@@ -10,16 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import all_finite, bad_pixels, check_image, check_mask
-from .._runtime import adapt_to_load, serial_on_cpu
+from .._runtime import adapt_to_load, freed_memory_kept, serial_on_cpu
 from ..photometry import FLAG_BLENDED, FLAG_SATURATED, FLAG_TRUNCATED
-from ._index import _argsort, _g, _unique_roots
+from ._index import _argsort, _g, _host, _unique_roots
 from .analyse import Analysis, _analyse, _mthresh, _overrides, _segment_max, _segment_min, _segment_sum, isophotal_moments
 from .catalog import Catalog, _LazySegmentation
 from .clean import _clean, _follow_masters
 from .deblend import MAXDEBAREA, _deblend
 from .gatherup_random import ScanOrder, list_order_key
 from .filter import filter_image
-from .labels import _pixel_edges, connected_components
+from .labels import _components_on_host, _pixel_edges, connected_components
 from .threshold import _detected_pixels, _noise_base, _noise_map, _undetectable, check_rms
 
 
@@ -74,8 +74,13 @@ def _components(pix: _Pixels, H: int, W: int, minarea: int):
     pixels, their 8-neighbour edges and their object (0..n-1)."""
     P = pix.idx.numel()
     u, v = _pixel_edges(pix.idx, pix.x, pix.y, H, W)
-    roots, obj = _unique_roots(connected_components(P, u, v))
-    big = torch.bincount(obj, minlength=roots.numel()) >= minarea
+    if P and _host(pix.idx) and H * W * (int(pix.idx[-1]) // (H * W) + 1) <= 8 * P:
+        obj = _components_on_host(pix.idx, H, W)  # the same labels, one pass over a frame-sized mask
+        n_comp = int(obj.max()) + 1
+    else:
+        roots, obj = _unique_roots(connected_components(P, u, v))
+        n_comp = roots.numel()
+    big = torch.bincount(obj, minlength=n_comp) >= minarea
     keep_pix = _g(big, obj)
     if not bool(keep_pix.all()):  # drop small components, renumber
         newid = torch.cumsum(big.long(), 0) - 1
@@ -480,6 +485,11 @@ class SourceExtractor(nn.Module):
     @adapt_to_load
     def forward(self, image: Tensor, rms, mask: Optional[Tensor] = None, *, background: Optional[Tensor] = None,
                 saturated: Optional[Tensor] = None) -> Catalog:
+        # the call's many large temporaries reuse the pages freed before them (no fresh page faults)
+        with freed_memory_kept():
+            return self._extract(image, rms, mask, background, saturated)
+
+    def _extract(self, image: Tensor, rms, mask, background, saturated) -> Catalog:
         check_image(image, "image", channels=1)
         mask = check_mask(mask, image)
         mask = check_rms(rms, image, mask)

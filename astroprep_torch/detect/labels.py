@@ -46,6 +46,26 @@ def connected_components(n: int, u: Tensor, v: Tensor) -> Tensor:
         parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
 
 
+def _components_on_host(idx: Tensor, H: int, W: int) -> Tensor:
+    """The 8-connected component (0, 1, ...) of every pixel of the sorted linear-index list ``idx``
+    (over B*H*W), numbered by first pixel: what ``_unique_roots(connected_components(...))`` gives
+    from :func:`_pixel_edges`'s edges, through ``scipy.ndimage.label`` on a frame-sized mask (CPU,
+    no autograd; pixels of different images never connect). Its labels follow the raster order of
+    each component's first pixel, which is the list order."""
+    import numpy as np
+    from scipy import ndimage
+
+    n_img = int(idx[-1]) // (H * W) + 1
+    mask = np.zeros(n_img * H * W, dtype=bool)
+    ix = idx.numpy()
+    mask[ix] = True
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected within an image, nothing across images
+    lab = np.empty((n_img, H, W), dtype=np.int32)
+    ndimage.label(mask.reshape(n_img, H, W), structure=structure, output=lab)
+    return torch.from_numpy(lab.reshape(-1)[ix].astype(np.int64) - 1)
+
+
 def _pixel_edges(idx: Tensor, x: Tensor, y: Tensor, H: int, W: int):
     """8-neighbour edges between entries of the sorted linear-index list ``idx`` (forward half).
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._runtime import flat_nonzero
 from .flags import _box_flag_trunc
 from .stamps import _chunks, _Frame, _Objects, _reach, _side, _size_buckets, _Stamps, _wbuf
 
@@ -40,7 +41,7 @@ def _growth_pixels(fr: _Frame, st: _Stamps, o: _Objects, c: Tensor, rc: Tensor, 
     dx32, dy32 = st.dx, st.dy
     r2f = dx32 * dx32 + dy32 * dy32
     inside = (r2f < ((rc + 1e-3) ** 2).to(r2f.dtype)[:, None, None]) & st.valid
-    fl = torch.nonzero(inside.view(-1)).flatten()  # flat (object, row, column) ids
+    fl = flat_nonzero(inside)  # flat (object, row, column) ids
     oi = torch.div(fl, s * s, rounding_mode="floor")
     yy = torch.div(fl - oi * (s * s), s, rounding_mode="floor")
     xx = fl - oi * (s * s) - yy * s

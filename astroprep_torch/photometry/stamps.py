@@ -354,16 +354,25 @@ class _Frame:
     def _mirror_at_masked(self, st: _Stamps, base: Tensor, b, label, cxm, cym) -> Tensor:
         """As :meth:`_mirror_stamps` (the same values), gathering only the mirror pixels of the blanked
         pixels: cheaper where they are a small part of the stamps."""
-        H, W = self.H, self.W
         oi, yy, xx = torch.nonzero(st.masked, as_tuple=True)
-        x2 = cxm.rows(oi).mirror(st.ix[oi, 0, xx])
-        y2 = cym.rows(oi).mirror(st.iy[oi, yy, 0])
+        vals = self.mirror_values(b.index_select(0, oi), label.index_select(0, oi), cxm.rows(oi), cym.rows(oi),
+                                  st.ix[oi, 0, xx], st.iy[oi, yy, 0])
+        return base.index_put_((oi, yy, xx), vals)
+
+    def mirror_values(self, b: Tensor, label: Tensor, cxm: "_MirrorCentre", cym: "_MirrorCentre", ix: Tensor,
+                      iy: Tensor) -> Tensor:
+        """CORRECT's value for the blanked pixels ``(ix, iy)`` of image ``b`` (flat lists, one entry per
+        pixel, with its object's ``label`` and mirror centres ``cxm, cym``, one row per pixel): the pixel
+        symmetric about the centre (:class:`_MirrorCentre`), 0 where that one is off the frame or blanked too."""
+        H, W = self.H, self.W
+        x2 = cxm.mirror(ix)
+        y2 = cym.mirror(iy)
         ok = ((x2 >= 0) & (x2 < W)) & ((y2 >= 0) & (y2 < H))
-        flat2 = b.index_select(0, oi) * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
+        flat2 = b * (H * W) + y2.clamp(0, H - 1) * W + x2.clamp(0, W - 1)
         mpix = self.img.reshape(-1).index_select(0, flat2)
         bs = self.bseg.index_select(0, flat2)
-        mblank = (bs >= 0) & (bs != label.to(bs.dtype).index_select(0, oi))
-        return base.index_put_((oi, yy, xx), torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix)))
+        mblank = (bs >= 0) & (bs != label.to(bs.dtype))
+        return torch.where(ok & ~mblank, mpix, torch.zeros_like(mpix))
 
 
 class _MirrorCentre(NamedTuple):

@@ -25,8 +25,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._runtime import flat_nonzero
 from .flags import FLAG_APER_INCOMPLETE, _box_flag_trunc
-from .stamps import _chunks, _Frame, _geo, _helper_frame, _Objects, _reach, _side, _size_buckets, _wbuf
+from .stamps import _chunks, _Frame, _geo, _helper_frame, _MirrorCentre, _Objects, _reach, _side, _size_buckets, _wbuf
 
 WINPOS_NITERMAX = 16
 WINPOS_NSIG = 4.0
@@ -109,26 +110,48 @@ class _WinStamps:
         self.cache = torch.zeros(n0, s, s, dtype=dt, device=dev)
         self.keys = torch.full((n0, 4), -(1 << 40), dtype=torch.long, device=dev)
         self.hasm = torch.zeros(n0, 1, dtype=torch.long, device=dev)  # stamp holds blanked pixels
+        self.masked = torch.zeros(n0, s, s, dtype=torch.bool, device=dev)  # its blanked pixels
 
     def buf(self, name, shape, dtype):
         return _wbuf(self.bufs, name, shape, dtype, self.dev)
 
     def refresh(self, fr: _Frame, o: _Objects, st: _WinState, act: Tensor, rch: Tensor, x0: Tensor, y0: Tensor):
-        """Re-gather the stamps whose origin (or CORRECT mirror centre, for stamps with blanked pixels)
-        changed."""
-        cxm, cym = st.mx.index_select(0, act), st.my.index_select(0, act)
-        mkey = torch.stack([torch.trunc(2.0 * cxm + 0.49999).long(),
-                            torch.trunc(2.0 * cym + 0.49999).long()], 1)
+        """Re-gather the stamps whose origin changed; where only the CORRECT mirror centre moved (stamps
+        with blanked pixels), replace only their blanked pixels (:meth:`_remirror`)."""
+        cxm, cym = _MirrorCentre.of(st.mx.index_select(0, act)), _MirrorCentre.of(st.my.index_select(0, act))
+        mkey = torch.stack([2 * cxm.m + cxm.frac.long(), 2 * cym.m + cym.frac.long()], 1)  # the mirror maps
         key = torch.cat([torch.stack([x0, y0], 1), mkey * self.hasm], 1)
-        chg = torch.nonzero((key != self.keys).any(1)).flatten()
+        diff = key != self.keys
+        moved = diff[:, :2].any(1)
+        chg = torch.nonzero(moved).flatten()
         if chg.numel():
             gi = act[chg]
             b, lab = o.bi[gi], o.label[gi]
             sp = fr.stamps(b, lab, st.mx[gi], st.my[gi], self.s, rch[chg], want_var=False)
             self.cache[chg] = fr.corrected(sp, b, lab, st.mx[gi], st.my[gi])
+            self.masked.index_copy_(0, chg, sp.masked)
             hm = sp.masked.flatten(1).any(1).long()[:, None]
             self.hasm[chg] = hm
             self.keys[chg] = torch.cat([key[chg, :2], mkey[chg] * hm], 1)
+        mir = torch.nonzero(diff[:, 2:].any(1) & ~moved).flatten()
+        if mir.numel():
+            self._remirror(fr, o, act, mir, mkey, x0, y0)
+            self.keys[mir] = key[mir]
+
+    def _remirror(self, fr: _Frame, o: _Objects, act: Tensor, mir: Tensor, mkey: Tensor, x0: Tensor, y0: Tensor):
+        """The cached stamps ``mir`` (same origin, new mirror centre ``mkey``) with their blanked pixels
+        replaced anew as :meth:`_Frame.corrected` does (the other pixels do not depend on the centre)."""
+        if fr.blank is None or fr.mask_type != "correct":
+            return  # blanked pixels are 0 (BLANK) or kept (NONE) wherever the centre is
+        oi, yy, xx = torch.nonzero(self.masked.index_select(0, mir), as_tuple=True)
+        rows = mir.index_select(0, oi)
+        gi = act.index_select(0, rows)
+        kx, ky = mkey[rows, 0], mkey[rows, 1]
+        vals = fr.mirror_values(o.bi.index_select(0, gi), o.label.index_select(0, gi),
+                                _MirrorCentre(torch.div(kx, 2, rounding_mode="floor"), kx % 2 == 1),
+                                _MirrorCentre(torch.div(ky, 2, rounding_mode="floor"), ky % 2 == 1),
+                                x0.index_select(0, rows) + xx, y0.index_select(0, rows) + yy)
+        self.cache.index_put_((rows, yy, xx), vals)
 
     def keep(self, keep: Tensor):
         """Drop the objects that stopped (``keep``: the rows still moving)."""
@@ -139,6 +162,7 @@ class _WinStamps:
             self.cache = self.cache[keep]
         self.keys = self.keys[keep]
         self.hasm = self.hasm[keep]
+        self.masked = self.masked[keep]
 
 
 def _edge_counts(ws: _WinStamps, fl: Tensor, fx: Tensor, dyr: Tensor, rap2: Tensor, ksub: Tensor) -> Tensor:
@@ -193,7 +217,7 @@ def _window_pixels(ws: _WinStamps, st: _WinState, act: Tensor, fx: Tensor, dyr: 
         inner = r2 < st.rring2.index_select(0, act)[:, None, None]
         ring = inner & (r2 > st.rint2.index_select(0, act)[:, None, None])
         loc = torch.where(inner, cache, torch.zeros_like(cache))
-    fl = torch.nonzero(ring.view(-1)).flatten()  # flat (object, row, column) ids
+    fl = flat_nonzero(ring)  # flat (object, row, column) ids
     if fl.numel():
         # 11x11 sub-sampling only on the window's edge pixels
         cnt = _edge_counts(ws, fl, fx, dyr, st.rap2.index_select(0, act), st.ksub)
