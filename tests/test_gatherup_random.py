@@ -129,3 +129,20 @@ def test_detect_sources_gatherup_modes():
     assert torch.equal(a["segmentation"] > 0, b["segmentation"] > 0)
     with pytest.raises(ValueError, match="gatherup must be"):
         detect_sources(img, 3.0, gatherup="random")
+
+
+def test_list_order_key_exact_up_to_the_row_limit_then_one_run_order(monkeypatch):
+    """A U shape (two runs per row) gets lutz's exact list order while it is at most
+    EXACT_LIST_MAX_ROWS tall, and lutz_order_key's (one run per row) order beyond: the cost of the
+    exact order is a loop over a group's rows."""
+    H, W = 12, 6
+    pts = [(x, y) for y in range(H) for x in range(W) if x in (0, 1, 4, 5) or y == H - 1]
+    x = torch.tensor([p[0] for p in pts])
+    y = torch.tensor([p[1] for p in pts])
+    g = torch.zeros_like(x)
+    exact = torch.from_numpy(gr.lutz_list_rank(x.numpy(), y.numpy(), g.numpy()))
+    one_run = lutz_order_key(x, y, g, H, W)
+    assert not torch.equal(torch.argsort(exact), torch.argsort(one_run))
+    assert torch.equal(torch.argsort(gr.list_order_key(x, y, g, H, W)), torch.argsort(exact))
+    monkeypatch.setattr(gr, "EXACT_LIST_MAX_ROWS", H - 1)
+    assert torch.equal(gr.list_order_key(x, y, g, H, W), one_run)

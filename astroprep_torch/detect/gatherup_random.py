@@ -223,10 +223,10 @@ def gather_random(fp: Tensor, cd, son_key: Tensor, son_obj: Tensor, n_obj: int, 
     has_free = torch.zeros(n_obj, dtype=torch.bool, device=fp.device)
     has_free[fpo] = True
     mem = _g(has_free, cd.po).nonzero().squeeze(1)
-    rank_np = lutz_list_rank(_g(gx, mem).long().cpu().numpy(), _g(gy, mem).long().cpu().numpy(),
-                             _g(cd.po, mem).cpu().numpy())
+    mx, my = _g(gx, mem).long(), _g(gy, mem).long()
+    key = list_order_key(mx, my, _g(cd.po, mem), int(my.max()) + 1, int(mx.max()) + 1)
     rank = torch.full((cd.po.numel(),), -1, dtype=torch.int64, device=fp.device)
-    rank[mem] = torch.from_numpy(rank_np).to(fp.device)
+    rank[mem] = key
     pid = _g(cd.pidx, fp)
     span = int(rank.max()) + 1
     order = ScanOrder(_g(scan.batch, pid), _g(scan.key, pid) * span + _g(rank, fp))
@@ -284,6 +284,10 @@ def _components(a: np.ndarray, b: np.ndarray, n: int):
         lab = new
     roots, lab = np.unique(lab, return_inverse=True)
     return roots.size, lab
+
+
+#: groups taller than this (rows) get the one-run-per-row list order (:func:`list_order_key`)
+EXACT_LIST_MAX_ROWS = 256
 
 
 def lutz_list_rank(x: np.ndarray, y: np.ndarray, det: np.ndarray) -> np.ndarray:
@@ -370,7 +374,11 @@ def _list_positions(r: _Runs, node_of_run, child_parent, child_key, n_nodes: int
 def list_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tensor:
     """A sort key (int64, per pixel, within its group) for the order of each group's pixel list as
     SExtractor's ``lutz`` builds it: :func:`~.analyse.lutz_order_key` for groups with one run per row,
-    :func:`lutz_list_rank` for the others (those with several runs on a row). Groups are 8-connected
+    :func:`lutz_list_rank` for the others (those with several runs on a row) up to
+    :data:`EXACT_LIST_MAX_ROWS` rows tall; taller ones (saturated stars' halos and trails, vignetted
+    edges: a few groups holding most of such a frame's pixels, whose exact list costs a loop over
+    their rows) keep :func:`~.analyse.lutz_order_key`'s order, so their deblended fragments and CLEAN
+    threshold may differ from SExtractor's (the pixels SExtractor hands out at random, a few). Groups are 8-connected
     (a group's rows are those from its first to its last); pixels in raster order per image are
     fastest (any order is sorted first)."""
     from .analyse import _segment_max, _segment_min, lutz_order_key
@@ -390,7 +398,7 @@ def list_order_key(x: Tensor, y: Tensor, group: Tensor, H: int, W: int) -> Tenso
     n = int(group.max()) + 1
     runs = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, group, start.long())
     rows = _segment_max(y.double(), group, n) - _segment_min(y.double(), group, n) + 1
-    multi = runs > rows.clamp_min(0).long()
+    multi = (runs > rows.clamp_min(0).long()) & (rows <= EXACT_LIST_MAX_ROWS)
     if not bool(multi.any()):
         return key
     sel = _g(multi, group).nonzero().squeeze(1)
