@@ -36,7 +36,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .classic_params import EXTRA_PARAMS, ColumnContext, extra_column, unimplemented_extra
+from .classic_params import EXTRA_PARAMS, ColumnContext, _mag, _magerr, extra_column, resolve_file, unimplemented_extra
 
 PathLike = Union[str, Path]
 
@@ -164,18 +164,6 @@ def _floats(text: str, key: str) -> list[float]:
 
 def _yes(text: str) -> bool:
     return text.strip().upper().startswith("Y")
-
-
-def resolve_file(name: str, sex_path: Optional[Path], key: str) -> Path:
-    """SExtractor's resolution of a file name: as given (relative to the working directory), then
-    beside the ``.sex`` file."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
-    if sex_path is not None and not p.is_absolute() and (sex_path.parent / p).is_file():
-        return sex_path.parent / p
-    raise FileNotFoundError(f"{key} {name!r}: no such file in the working directory"
-                            + (f" nor beside {sex_path}" if sex_path is not None else ""))
 
 
 @dataclass
@@ -358,16 +346,6 @@ def extract(cfg: SexConfig, image: torch.Tensor, header=None, mask: Optional[tor
 # ------------------------------------------------------------------------------------------------
 # catalogs
 # ------------------------------------------------------------------------------------------------
-def _mag(flux: np.ndarray, zp: float) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(flux > 0, zp - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), 99.0)
-
-
-def _magerr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(flux > 0, 1.086 * err / np.where(flux > 0, flux, 1.0), 99.0)
-
-
 def _column(cols: dict, name: str, zp: float, bkg: np.ndarray, wcs):
     """One catalog column (numpy) for a .param name, or None when not implemented."""
     if name in PARAM_COLUMNS:

@@ -38,6 +38,7 @@ frame centre.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -59,6 +60,28 @@ PEAK_WORLD_PARAMS = {"XPEAK_WORLD", "YPEAK_WORLD", "ALPHAPEAK_SKY", "DELTAPEAK_S
 EXTRA_PARAMS |= WORLD_SHAPE_PARAMS | PEAK_WORLD_PARAMS | {"XPEAK_IMAGE", "YPEAK_IMAGE"}
 #: keys (with SExtractor 2.25's defaults) that these parameters read
 EXTRA_DEFAULTS = {"SEEING_FWHM": "1.2", "STARNNW_NAME": "default.nnw", "PIXEL_SCALE": "1.0"}
+
+
+def resolve_file(name: str, sex_path: Optional[Path], key: str) -> Path:
+    """SExtractor's resolution of a file name: as given (relative to the working directory), then
+    beside the ``.sex`` file."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if sex_path is not None and not p.is_absolute() and (sex_path.parent / p).is_file():
+        return sex_path.parent / p
+    raise FileNotFoundError(f"{key} {name!r}: no such file in the working directory"
+                            + (f" nor beside {sex_path}" if sex_path is not None else ""))
+
+
+def _mag(flux: np.ndarray, zp: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, zp - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), 99.0)
+
+
+def _magerr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, 1.086 * err / np.where(flux > 0, flux, 1.0), 99.0)
 
 
 def unimplemented_extra(cfg, names) -> list[str]:
@@ -277,7 +300,6 @@ def analysis_threshold(ctx: ColumnContext) -> float:
 
 
 def class_star(ctx: ColumnContext) -> Optional[np.ndarray]:
-    from .classic import resolve_file
     from .photometry.classify import class_star as _class_star
 
     seeing = ctx.cfg.floats("SEEING_FWHM")[0]
@@ -365,7 +387,6 @@ def _world_scale(ctx: ColumnContext, power: int) -> np.ndarray:
 
 def extra_column(name: str, ctx: ColumnContext) -> Optional[np.ndarray]:
     """One of :data:`EXTRA_PARAMS` (numpy, one row per object), or None when it cannot be made."""
-    from .classic import _mag, _magerr
 
     c, zp = ctx.cols, ctx.cfg.floats("MAG_ZEROPOINT")[0]
     if name in ISO_NAMES:

@@ -228,7 +228,13 @@ def main():
     ap.add_argument("--baseline", default=None, help="git revision of ours to time as well")
     ap.add_argument("--only", default=None, help="comma-separated frame-name prefixes")
     ap.add_argument("--out", default="detect_large_objects")
+    ap.add_argument("--retain-memory", action="store_true",
+                    help="keep freed memory in the process as `astroprep run` does (retain_freed_memory)")
     args = ap.parse_args()
+    if args.retain_memory:
+        from astroprep_torch._runtime import retain_freed_memory
+
+        retain_freed_memory()
     exe = shutil.which("source-extractor") or shutil.which("sex")
     if exe is None:
         sys.exit("source-extractor not found")
@@ -258,7 +264,9 @@ def main():
     lines = ["# Detection + measurement on frames with large objects vs SExtractor", "",
              f"`{cmd}` (git {git_rev()})", "", f"- {machine()}",
              "- shared machine (other jobs running): compare the ratios, measured in the same script, "
-             "alternated, medians of CPU time; ours on one thread, SExtractor single-threaded", "",
+             "alternated, medians of CPU time; ours on one thread, SExtractor single-threaded"
+             + ("; freed memory kept in the process (`retain_freed_memory`, as `astroprep run`)" if args.retain_memory
+                else ""), "",
              head, sep]
     worst = 0.0
     for name, shape, r in rows:
