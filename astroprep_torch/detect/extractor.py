@@ -353,40 +353,16 @@ def _saturation_flags(image: Tensor, det: dict, saturated) -> Tensor:
     return flags
 
 
-def _measured_segments(segment_pixels, det: dict):
-    """The :class:`~astroprep_torch.photometry.SegmentPixels` handed to the measurement: the detected
-    objects' pixels less the ``reblanked`` ones (pixels of CLEANed objects SExtractor blanks for every
-    measurement, their remover's included: still ``detected``, so blanked as neighbours)."""
-    seg = segment_pixels(*(det[k] for k in segment_pixels._fields))
+def _always_blanked(det: dict, image: Tensor) -> Optional[Tensor]:
+    """The ``reblanked`` pixels as a bool map (``photometry.measure(always_blanked=)``): pixels of
+    CLEANed objects SExtractor blanks for every measurement, their remover's included, while they stay
+    in the remover's pixel list (its isophotal sums, as ``mergeobject``); None when there are none."""
     rb = det.get("reblanked")
     if rb is None or rb.numel() == 0:
-        return seg
-    keep = ~torch.isin(seg.pixels, rb)
-    return seg._replace(pixels=seg.pixels[keep], pixel_row=seg.pixel_row[keep], pixel_filtered=seg.pixel_filtered[keep])
-
-
-def _merge_reblanked_sums(meas: dict, det: dict, image: Tensor, rms_map: Tensor, gain) -> dict:
-    """The ``reblanked`` pixels (:func:`_measured_segments`) are measured outside their remover's
-    pixel list, yet SExtractor's CLEAN adds a removed object's isophotal sums to its remover
-    (``mergeobject``): they still count in its FLUX_ISO, FLUXERR_ISO, segment pixel count and
-    FLUX_MAX."""
-    rb = det.get("reblanked")
-    if rb is None or rb.numel() == 0 or "flux_iso" not in meas:
-        return meas
-    sel = torch.isin(det["pixels"], rb)
-    idx, row = det["pixels"][sel], det["pixel_row"][sel]
-    H, W = image.shape[-2:]
-    b, y, x = idx // (H * W), (idx % (H * W)) // W, idx % W
-    v = image[b, 0, y, x].to(meas["flux_iso"].dtype)
-    var = rms_map[b, 0, y, x].to(v.dtype) ** 2
-    n = meas["flux_iso"].numel()
-    poisson = (lambda f: torch.clamp(f, min=0) / gain) if gain else (lambda f: torch.zeros_like(f))
-    sig = meas["fluxerr_iso"] ** 2 - poisson(meas["flux_iso"]) + torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, row, var)
-    flux = meas["flux_iso"] + torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, row, v)
-    out = dict(meas, flux_iso=flux, fluxerr_iso=torch.sqrt(sig + poisson(flux)))
-    out["fdnpix"] = meas["fdnpix"] + torch.bincount(row, minlength=n).to(meas["fdnpix"].dtype)
-    out["peak"] = meas["peak"].scatter_reduce(0, row, v.to(meas["peak"].dtype), "amax")
-    return out
+        return None
+    out = torch.zeros(image.numel(), dtype=torch.bool, device=image.device)
+    out[rb] = True
+    return out.view(image.shape)
 
 
 class SourceExtractor(nn.Module):
@@ -522,8 +498,8 @@ class SourceExtractor(nn.Module):
         if phot is None or not hasattr(phot, "measure"):
             return None
         rms_map = _noise_map(rms, image)  # a view: thresholds are made where they are used
-        segments = _measured_segments(phot.SegmentPixels, det)
-        meas = phot.measure(
+        segments = phot.SegmentPixels(*(det[k] for k in phot.SegmentPixels._fields))
+        return phot.measure(
             image, segments, rms_map,
             thresh_nsigma=self.thresh,
             phot_apertures=self.phot_apertures, kron_fact=self.kron_fact, min_radius=self.min_radius,
@@ -531,6 +507,5 @@ class SourceExtractor(nn.Module):
             gain=self.gain, mask=mask, mask_type=self.mask_type,
             saturation=self.saturation, background=background,
             isophotal=det["isophotal"], blended=det["blended"],
-            winpos_max_radius=self.winpos_max_radius,
+            winpos_max_radius=self.winpos_max_radius, always_blanked=_always_blanked(det, image),
         )
-        return _merge_reblanked_sums(meas, det, image, rms_map, self.gain)
